@@ -1,0 +1,346 @@
+//! The long-running daemon (`keap-sync run`): wake up, claim, deliver, repeat.
+//!
+//! ```text
+//!   NOTIFY keap_sync ─┐
+//!   poll interval ────┼─▶ claim ≤ free slots (lease, committed) ─▶ read users ─▶ spawn deliveries
+//!   next due time ────┤                                                          │ (≤ concurrency)
+//!   a delivery ends ──┘◀──────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Concurrency lives here and nowhere else. One dispatcher loop owns the claiming; deliveries run
+//! as tasks in a `JoinSet`, at most `delivery.concurrency` at a time. Never two calls for one
+//! user: a user has one outbox row, and a claimed row is invisible to other claims until its
+//! lease ends (the lease outlives the longest possible call, which the config enforces).
+//!
+//! NOTIFY is only a wake-up (invariant 1): every session starts by draining, the loop also
+//! wakes on the poll interval and at the next scheduled retry, so a lost notification costs
+//! latency, never data. A lost database connection ends the session; the daemon reconnects
+//! with backoff and drains again. It never exits on its own except for a stop request.
+//!
+//! Stopping (mini-redis style): the caller passes a shutdown future; when it completes the
+//! loop stops claiming, gives deliveries in flight `shutdown_grace` to finish and record their
+//! results, aborts the rest and releases their claims so the next run retries them at once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_postgres::Config as PgConfig;
+
+use crate::config::{Config, ConfigError, Credential};
+use crate::db::{self, DbError};
+use crate::deliver::{Deliverer, Outcome};
+use crate::keap::KeapClient;
+use crate::outbox::{self, ClaimTiming};
+use crate::ratelimit::Limiter;
+use crate::schema::{self, SchemaError, UserTable};
+use crate::token::{TokenPolicy, TokenSource};
+
+/// The NOTIFY channel the trigger signals.
+pub const CHANNEL: &str = "keap_sync";
+
+/// While paused for authorisation, how often the token store is checked (a NOTIFY from
+/// `auth import` wakes the loop sooner).
+const AUTH_RECHECK: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not start. Once running it does not fail: it waits and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs until `shutdown` completes. Returns an error only for problems found at start-up
+/// (bad config, unreachable database, schema not migrated), so a misconfigured service fails
+/// loudly instead of idling.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let pg = db::parse(config.database()?)?;
+    let credential = config.credential()?.clone();
+    let first = db::connect(&pg).await?;
+    schema::ensure_current(&first).await?;
+    let table = UserTable::resolve(&first, &config.users).await?;
+    if !schema::trigger_installed(&first, &table).await? {
+        return Err(RunError::Setup(format!(
+            "the capture trigger is not installed on {} (or its columns differ from the config): run `keap-sync migrate`",
+            table.qualified
+        )));
+    }
+
+    let limiter = Arc::new(Limiter::new(&config.limits));
+    let keap = KeapClient::new(
+        &config.keap.api_url,
+        config.keap.request_timeout,
+        config.keap.connect_timeout,
+        limiter,
+    )
+    .map_err(RunError::Setup)?;
+    let tokens = Arc::new(
+        TokenSource::new(
+            &credential,
+            &config.keap.token_url,
+            pg.clone(),
+            TokenPolicy::default(),
+            config.keap.request_timeout,
+            config.keap.connect_timeout,
+        )
+        .map_err(RunError::Setup)?,
+    );
+    let instance = instance_id();
+    tracing::info!(
+        table = %table.qualified,
+        credential = match credential { Credential::ApiKey(_) => "api key", Credential::OAuth { .. } => "oauth" },
+        concurrency = config.delivery.concurrency,
+        instance = %instance,
+        "keap-sync started"
+    );
+
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let ctx = Context {
+        pg,
+        table,
+        keap,
+        tokens,
+        config,
+        instance,
+    };
+    let mut client = Some(first);
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        let result = ctx.session(client.take(), stop.clone()).await;
+        if *stop.borrow() {
+            tracing::info!("keap-sync stopped");
+            return Ok(());
+        }
+        let Err(e) = result else { continue };
+        // A session that ran a while before failing starts the backoff afresh.
+        failures = if started.elapsed() > Duration::from_secs(60) {
+            1
+        } else {
+            failures + 1
+        };
+        let delay = db::reconnect_delay(failures);
+        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database connection lost; reconnecting");
+        let mut stop_wait = stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop_wait.wait_for(|s| *s) => {}
+        }
+    }
+}
+
+struct Context {
+    pg: PgConfig,
+    table: UserTable,
+    keap: KeapClient,
+    tokens: Arc<TokenSource>,
+    config: Config,
+    instance: String,
+}
+
+impl Context {
+    /// One connected stretch: LISTEN, drain, deliver until the connection drops or a stop is
+    /// requested. Returns `Ok` only on a stop.
+    async fn session(
+        &self,
+        client: Option<tokio_postgres::Client>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), DbError> {
+        let wake = Arc::new(Notify::new());
+        let mut listener = db::connect_listener(&self.pg, CHANNEL, wake.clone()).await?;
+        let client = match client {
+            Some(c) => c,
+            None => db::connect(&self.pg).await?,
+        };
+        let db = Arc::new(client);
+        // Claims this process held in an earlier session have no task any more.
+        outbox::release_all(&db, &self.instance).await?;
+        let deliverer = Arc::new(Deliverer {
+            db: db.clone(),
+            keap: self.keap.clone(),
+            tokens: self.tokens.clone(),
+            delivery: self.config.delivery.clone(),
+            instance: self.instance.clone(),
+        });
+        let d = &self.config.delivery;
+        let timing = ClaimTiming {
+            lease: d.lease,
+            settle: d.settle,
+            max_settle: d.settle * 10,
+        };
+        tracing::info!("listening for changes; draining the outbox");
+
+        let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let mut paused: Option<String> = None;
+        let mut lost: Option<DbError> = None;
+        let result = loop {
+            if *stop.borrow() {
+                break Ok(());
+            }
+            if let Some(e) = lost.take() {
+                break Err(e);
+            }
+            let mut wait = d.poll_interval;
+            if paused.is_some() {
+                match self.tokens.usable_again(&db).await {
+                    Ok(true) => {
+                        tracing::info!("Keap credential usable again; resuming deliveries");
+                        paused = None;
+                        continue;
+                    }
+                    Ok(false) => wait = AUTH_RECHECK,
+                    Err(crate::token::TokenError::Db(e)) => break Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the token store");
+                        wait = AUTH_RECHECK;
+                    }
+                }
+            } else {
+                let free = d.concurrency.saturating_sub(tasks.len());
+                if free > 0 {
+                    let claimed = match self
+                        .claim_and_spawn(&db, &deliverer, &mut tasks, free, timing)
+                        .await
+                    {
+                        Ok(n) => n,
+                        Err(e) => break Err(e),
+                    };
+                    if claimed < free {
+                        match outbox::next_due_in(&db, timing).await {
+                            Ok(Some(due)) => wait = wait.min(due.max(Duration::from_millis(5))),
+                            Ok(None) => {}
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+            }
+
+            tokio::select! {
+                _ = wake.notified() => {}
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    handle(joined, &mut paused, &mut lost);
+                }
+                _ = tokio::time::sleep(wait) => {}
+                reason = listener.lost.recv() => {
+                    lost = Some(DbError::Connect {
+                        target: db::describe(&self.pg),
+                        message: reason.unwrap_or_else(|| "listener ended".into()),
+                    });
+                }
+                _ = stop.changed() => {}
+            }
+        };
+
+        self.finish(&db, &mut tasks, result.is_ok()).await;
+        drop(listener.client);
+        result
+    }
+
+    /// Claims up to `free` changes and starts a delivery for each. Returns how many.
+    async fn claim_and_spawn(
+        &self,
+        db: &tokio_postgres::Client,
+        deliverer: &Arc<Deliverer>,
+        tasks: &mut JoinSet<Outcome>,
+        free: usize,
+        timing: ClaimTiming,
+    ) -> Result<usize, DbError> {
+        let claimed_at = Instant::now();
+        let claims = outbox::claim(db, &self.instance, free as i64, timing).await?;
+        // Our clock's view of the lease end, with a margin for clock steps and the result write.
+        let deadline = claimed_at + timing.lease.mul_f64(0.9);
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = claims.iter().map(|c| c.user_key.clone()).collect();
+        let mut rows = outbox::read_users(db, &self.table, &keys).await?;
+        let n = claims.len();
+        for claim in claims {
+            let row = rows.remove(&claim.user_key);
+            let deliverer = deliverer.clone();
+            tasks.spawn(async move { deliverer.deliver(claim, row, deadline).await });
+        }
+        Ok(n)
+    }
+
+    /// Lets deliveries in flight finish. On a stop they get `shutdown_grace`; after a lost
+    /// connection their results cannot be recorded anyway, so they are aborted at once. What
+    /// is unfinished is released (or, without a connection, left to its lease).
+    async fn finish(
+        &self,
+        db: &tokio_postgres::Client,
+        tasks: &mut JoinSet<Outcome>,
+        stopping: bool,
+    ) {
+        if stopping && !tasks.is_empty() {
+            tracing::info!(
+                in_flight = tasks.len(),
+                "stopping: waiting for deliveries in flight"
+            );
+            let deadline = Instant::now() + self.config.delivery.shutdown_grace;
+            while let Ok(Some(_)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {}
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        match outbox::release_all(db, &self.instance).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "released unfinished claims"),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not release claims; their leases will expire")
+            }
+        }
+    }
+}
+
+fn handle(
+    joined: Result<Outcome, tokio::task::JoinError>,
+    paused: &mut Option<String>,
+    lost: &mut Option<DbError>,
+) {
+    match joined {
+        Ok(Outcome::Handled) => {}
+        Ok(Outcome::NeedsAuthorization(reason)) => {
+            if paused.is_none() {
+                tracing::error!(reason = %reason, "deliveries paused: Keap authorisation needed; every change stays queued");
+            }
+            *paused = Some(reason);
+        }
+        Ok(Outcome::DbLost(e)) => {
+            lost.get_or_insert(e);
+        }
+        Err(e) if e.is_cancelled() => {}
+        Err(e) => {
+            tracing::error!(error = %e, "a delivery task failed; its change will be retried when the claim expires")
+        }
+    }
+}
+
+/// A name for this process's claims: host, pid and a random part (pids repeat across hosts
+/// and restarts; the random part keeps a restarted daemon from mistaking old claims for its own).
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}

@@ -1,0 +1,200 @@
+//! Postgres connections: TLS when the server offers it (or `sslmode=require` demands it), a
+//! connect timeout, and a driver task per connection.
+//!
+//! tokio-postgres splits a connection into a `Client` (cheap to share; queries from many tasks
+//! are pipelined over the one socket) and a `Connection` that must be polled to make progress.
+//! [`connect`] spawns the `Connection`; [`connect_listener`] polls it by hand instead, because
+//! that is the only way to receive `NOTIFY` messages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::poll_fn;
+use tokio::sync::{mpsc, Notify};
+use tokio_postgres::{AsyncMessage, Client, Config as PgConfig};
+
+use crate::config::DatabaseConfig;
+
+/// A database problem, classified so callers can tell "try again later" from "fix the setup".
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL ({0}): check DATABASE_URL or [database] url")]
+    BadUrl(String),
+    #[error("cannot connect to the database ({target}): {message}")]
+    Connect { target: String, message: String },
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl DbError {
+    /// True when the connection is gone (as opposed to a bad statement), so the caller should
+    /// reconnect rather than give up.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            DbError::Connect { .. } => true,
+            DbError::Query(e) => e.is_closed() || e.code().is_none(),
+            DbError::BadUrl(_) => false,
+        }
+    }
+}
+
+/// Parses the configured URL (either a `postgresql://` URL or a `key=value` string).
+pub fn parse(db: &DatabaseConfig) -> Result<PgConfig, DbError> {
+    let mut cfg: PgConfig = db
+        .url
+        .expose()
+        .parse()
+        .map_err(|e: tokio_postgres::Error| DbError::BadUrl(redact_password(&e.to_string())))?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(db.connect_timeout);
+    }
+    if cfg.get_application_name().is_none() {
+        cfg.application_name("keap-sync");
+    }
+    Ok(cfg)
+}
+
+/// "host H port P database D user U": what to print instead of the URL, which may hold a password.
+pub fn describe(cfg: &PgConfig) -> String {
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "host {} port {} database {} user {}",
+        if hosts.is_empty() {
+            "localhost".into()
+        } else {
+            hosts.join(",")
+        },
+        port,
+        cfg.get_dbname().unwrap_or("(default)"),
+        cfg.get_user().unwrap_or("(default)")
+    )
+}
+
+fn redact_password(message: &str) -> String {
+    // tokio-postgres' parse errors do not echo the input, but be safe if that ever changes.
+    if message.contains("password") {
+        "the URL could not be parsed".into()
+    } else {
+        message.to_owned()
+    }
+}
+
+fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
+    crate::install_crypto_provider();
+    use rustls_platform_verifier::BuilderVerifierExt;
+    let config = rustls::ClientConfig::builder()
+        .with_platform_verifier()
+        .map(|b| b.with_no_client_auth())
+        .unwrap_or_else(|_| {
+            // No usable system trust store: still allow plaintext/unix-socket servers; a TLS
+            // server will then fail verification with a clear error instead of being trusted.
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// Opens a connection whose driver runs in a spawned task. The returned `Client` fails with a
+/// "closed" error once the connection is lost.
+pub async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
+    let (client, connection) = cfg.connect(tls()).await.map_err(|e| DbError::Connect {
+        target: describe(cfg),
+        message: e.to_string(),
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// A connection that has run `LISTEN channel`. Every notification wakes `wake` (a permit is
+/// stored if nobody is waiting, so a notification between two waits is never missed); `lost`
+/// yields once when the connection ends.
+pub struct Listener {
+    pub client: Client,
+    pub lost: mpsc::Receiver<String>,
+}
+
+pub async fn connect_listener(
+    cfg: &PgConfig,
+    channel: &str,
+    wake: Arc<Notify>,
+) -> Result<Listener, DbError> {
+    let (client, mut connection) = cfg.connect(tls()).await.map_err(|e| DbError::Connect {
+        target: describe(cfg),
+        message: e.to_string(),
+    })?;
+    let (lost_tx, lost) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let reason = loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break e.to_string(),
+                None => break "connection closed".to_owned(),
+            }
+        };
+        let _ = lost_tx.send(reason).await;
+    });
+    client
+        .batch_execute(&format!("listen {}", quote_ident(channel)))
+        .await?;
+    Ok(Listener { client, lost })
+}
+
+/// Quotes an SQL identifier (`"a""b"`). Callers validate names against the catalog first; this
+/// makes odd but legal names (capitals, spaces) work and keeps injection impossible.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (`'it''s'`).
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// How long to wait before reconnect attempt `n` (1-based): 0.5 s doubling to 30 s.
+pub fn reconnect_delay(attempt: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << attempt.saturating_sub(1).min(6));
+    Duration::from_millis(ms.min(30_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("Users"), "\"Users\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn describe_hides_the_password() {
+        let db = DatabaseConfig {
+            url: crate::secret::Secret::new("postgresql://app:s3cret@db.internal:6543/crm"),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let text = describe(&parse(&db).unwrap());
+        assert_eq!(text, "host db.internal port 6543 database crm user app");
+    }
+
+    #[test]
+    fn reconnect_backoff_is_capped() {
+        assert_eq!(reconnect_delay(1), Duration::from_millis(500));
+        assert_eq!(reconnect_delay(2), Duration::from_millis(1000));
+        assert_eq!(reconnect_delay(50), Duration::from_secs(30));
+    }
+}

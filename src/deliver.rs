@@ -1,0 +1,260 @@
+//! Delivering one claimed change: read state → decide → at most one Keap write → record.
+//!
+//! The decision table (design invariants 4–6):
+//!
+//! | user row | mapping | fingerprint | action |
+//! | --- | --- | --- | --- |
+//! | gone | any | – | `on_delete`: keep the contact, or `DELETE` it and forget the mapping |
+//! | no email | any | – | park: only a new change can fix it |
+//! | present | mapped | equal | nothing: Keap already has this payload |
+//! | present | mapped | differs | `PATCH /v1/contacts/{id}`; a 404 re-links by upsert |
+//! | present | none | – | `PUT /v1/contacts` (upsert by email): links an existing contact |
+//!
+//! Results: success completes the claim; a transient failure schedules a retry with
+//! exponential backoff and jitter; a rejection parks the change with Keap's message; a 401
+//! refreshes the token and retries once. Nothing is ever dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+use crate::config::{DeliveryConfig, OnDelete};
+use crate::db::DbError;
+use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
+use crate::mapping::{ContactPayload, UPDATE_MASK};
+use crate::outbox::{self, Claim, Done, UserRow};
+use crate::token::{TokenError, TokenSource};
+
+/// What the delivery loop needs to know about one finished delivery.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The claim was resolved (synced, skipped, retried later, or parked).
+    Handled,
+    /// No credential can be had until a person acts; the claim was released.
+    NeedsAuthorization(String),
+    /// The database connection failed while recording; the lease will expire and the change
+    /// will be delivered again (the upsert and PATCH are safe to repeat).
+    DbLost(DbError),
+}
+
+/// Everything a delivery task shares with the others.
+pub struct Deliverer {
+    pub db: Arc<Client>,
+    pub keap: KeapClient,
+    pub tokens: Arc<TokenSource>,
+    pub delivery: DeliveryConfig,
+    pub instance: String,
+}
+
+impl Deliverer {
+    /// Delivers one claimed change. `row` is the user's current row, `None` if deleted.
+    ///
+    /// `deadline` is when the claim's lease ends (less a margin); no call starts that could
+    /// end after it.
+    pub async fn deliver(&self, claim: Claim, row: Option<UserRow>, deadline: Instant) -> Outcome {
+        match self.attempt(&claim, row, deadline).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(user = %claim.user_key, error = %e, "could not record a delivery result");
+                Outcome::DbLost(e)
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        claim: &Claim,
+        row: Option<UserRow>,
+        deadline: Instant,
+    ) -> Result<Outcome, DbError> {
+        let Some(row) = row else {
+            return self.deleted(claim, deadline).await;
+        };
+        let payload = match ContactPayload::from_row(&row) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(user = %claim.user_key, reason = %e, "parked a change that cannot be mapped");
+                outbox::park(&self.db, claim, &self.instance, &e.to_string()).await?;
+                return Ok(Outcome::Handled);
+            }
+        };
+        let fingerprint = payload.fingerprint();
+        if claim.contact_id.is_some() && claim.fingerprint.as_deref() == Some(fingerprint.as_str())
+        {
+            tracing::debug!(user = %claim.user_key, "payload unchanged; no call");
+            outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
+            return Ok(Outcome::Handled);
+        }
+
+        let result = self
+            .with_auth(claim, |auth| {
+                let payload = &payload;
+                async move {
+                    match claim.contact_id {
+                        Some(id) => match self.keap.update_contact(&auth, id, &payload.patch_body(), &UPDATE_MASK, deadline).await {
+                            Err(e) if e.kind == ErrorKind::NotFound => {
+                                tracing::info!(user = %claim.user_key, contact = id, "contact gone in Keap; re-linking by email");
+                                self.keap.upsert_contact(&auth, &payload.upsert_body(), deadline).await
+                            }
+                            other => other,
+                        },
+                        None => self.keap.upsert_contact(&auth, &payload.upsert_body(), deadline).await,
+                    }
+                }
+            })
+            .await?;
+        match result {
+            Ok(contact) => {
+                tracing::debug!(user = %claim.user_key, contact = contact.id, "delivered");
+                outbox::complete(
+                    &self.db,
+                    claim,
+                    &self.instance,
+                    &Done::Synced {
+                        contact_id: contact.id,
+                        fingerprint,
+                    },
+                )
+                .await?;
+                Ok(Outcome::Handled)
+            }
+            Err(failure) => self.failed(claim, failure).await,
+        }
+    }
+
+    async fn deleted(&self, claim: &Claim, deadline: Instant) -> Result<Outcome, DbError> {
+        let (OnDelete::DeleteContact, Some(id)) = (self.delivery.on_delete, claim.contact_id)
+        else {
+            // Kept in Keap (or never synced): nothing to call. The mapping stays, so a user
+            // restored under the same key updates the same contact.
+            outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
+            return Ok(Outcome::Handled);
+        };
+        let result = self
+            .with_auth(claim, |auth| async move {
+                self.keap.delete_contact(&auth, id, deadline).await
+            })
+            .await?;
+        match result {
+            Ok(()) => {
+                tracing::info!(user = %claim.user_key, contact = id, "user deleted; deleted the Keap contact");
+                outbox::complete(&self.db, claim, &self.instance, &Done::Forgotten).await?;
+                Ok(Outcome::Handled)
+            }
+            Err(failure) => self.failed(claim, failure).await,
+        }
+    }
+
+    /// Runs `call` with the current credential; on a 401, refreshes once and runs it again.
+    async fn with_auth<T, F, Fut>(
+        &self,
+        claim: &Claim,
+        call: F,
+    ) -> Result<Result<T, Failure>, DbError>
+    where
+        F: Fn(Auth) -> Fut,
+        Fut: std::future::Future<Output = Result<T, KeapError>>,
+    {
+        let auth = match self.tokens.auth(&self.db).await {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(Failure::Token(e))),
+        };
+        match call(auth.clone()).await {
+            Err(e) if e.kind == ErrorKind::Unauthorized => {
+                tracing::info!(user = %claim.user_key, "Keap answered 401; refreshing the credential and retrying once");
+                let fresh = match self.tokens.after_unauthorized(&auth).await {
+                    Ok(a) => a,
+                    Err(e) => return Ok(Err(Failure::Token(e))),
+                };
+                Ok(call(fresh).await.map_err(Failure::Keap))
+            }
+            other => Ok(other.map_err(Failure::Keap)),
+        }
+    }
+
+    async fn failed(&self, claim: &Claim, failure: Failure) -> Result<Outcome, DbError> {
+        match failure {
+            Failure::Token(TokenError::NeedsAuthorization(message)) => {
+                outbox::release(&self.db, claim, &self.instance).await?;
+                Ok(Outcome::NeedsAuthorization(message))
+            }
+            Failure::Token(TokenError::Db(e)) => Err(e),
+            Failure::Token(TokenError::Transient(message)) => {
+                let delay = backoff(&self.delivery, claim.attempts);
+                tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %message, "token refresh failed; will retry");
+                outbox::retry_later(&self.db, claim, &self.instance, delay, &message).await?;
+                Ok(Outcome::Handled)
+            }
+            Failure::Keap(e) if e.kind == ErrorKind::Unauthorized => {
+                // Still 401 right after a refresh: the grant or key is not accepted at all.
+                outbox::release(&self.db, claim, &self.instance).await?;
+                Ok(Outcome::NeedsAuthorization(format!(
+                    "{e} even with a fresh credential; {}",
+                    crate::token::REAUTHORIZE_HINT
+                )))
+            }
+            Failure::Keap(e) if e.kind.is_retryable() => {
+                let delay = backoff(&self.delivery, claim.attempts);
+                tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %e, "delivery failed; will retry");
+                outbox::retry_later(&self.db, claim, &self.instance, delay, &e.to_string()).await?;
+                Ok(Outcome::Handled)
+            }
+            Failure::Keap(e) => {
+                tracing::warn!(user = %claim.user_key, error = %e, "Keap rejected the change; parked until the user changes again");
+                let record = match &e.body {
+                    Some(body) if !body.is_empty() => format!("{e} — body: {body}"),
+                    _ => e.to_string(),
+                };
+                outbox::park(&self.db, claim, &self.instance, &record).await?;
+                Ok(Outcome::Handled)
+            }
+        }
+    }
+}
+
+enum Failure {
+    Token(TokenError),
+    Keap(KeapError),
+}
+
+/// Exponential backoff with jitter: base × 2^(attempt-1), capped, then a random point in its
+/// upper half so that many changes failing together do not retry together.
+pub fn backoff(d: &DeliveryConfig, attempt: i32) -> Duration {
+    let exp = attempt.saturating_sub(1).clamp(0, 30) as u32;
+    let full = d
+        .retry_base
+        .saturating_mul(1u32 << exp.min(20))
+        .min(d.retry_max);
+    let half = full / 2;
+    half + full.mul_f64(rand::rng().random_range(0.0..0.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DeliveryConfig {
+        DeliveryConfig {
+            concurrency: 1,
+            poll_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(100),
+            settle: Duration::ZERO,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            on_delete: OnDelete::Keep,
+            shutdown_grace: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let d = cfg();
+        for (attempt, full) in [(1, 1.0), (2, 2.0), (3, 4.0), (7, 60.0), (1000, 60.0)] {
+            let b = backoff(&d, attempt).as_secs_f64();
+            assert!(b >= full / 2.0 && b <= full, "attempt {attempt}: {b}");
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The Keap REST v1 contact client.
+//!
+//! Three calls are all the daemon needs: upsert by email (`PUT /v1/contacts` with
+//! `duplicate_option=Email`), update by id (`PATCH /v1/contacts/{id}` with an `update_mask`
+//! naming only the fields we own, so Keap's other fields are never touched) and delete by id.
+//! Every call waits for the shared rate limiter first and has a timeout.
+//!
+//! Errors carry a [`ErrorKind`] so the delivery loop can decide without parsing text: retry
+//! later, refresh the token, re-link, or park the change for a human. Keap's error bodies come
+//! in several shapes (API notes, section 8); all of them are reduced to one message.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use reqwest::{Method, StatusCode};
+
+use super::model::{Contact, ContactWrite, ErrorBody};
+use crate::ratelimit::Limiter;
+use crate::secret::Secret;
+
+/// How a request is authenticated.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// OAuth access token: `Authorization: Bearer …`.
+    Bearer(Secret),
+    /// Personal Access Token / Service Account Key: `X-Keap-API-Key: …`.
+    ApiKey(Secret),
+}
+
+/// What the caller should do about a failed call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Network trouble, timeout, 5xx, or an unreadable reply: try again later.
+    Transient,
+    /// 429: everyone should slow down, then try again.
+    Throttled,
+    /// 401: the credential was refused; refresh it (OAuth) or fix it (API key).
+    Unauthorized,
+    /// 404 on a contact id: the contact is gone in Keap; re-link by email.
+    NotFound,
+    /// Any other 4xx: this payload will never be accepted as it is.
+    Rejected,
+}
+
+impl ErrorKind {
+    /// Retrying the same request later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorKind::Transient | ErrorKind::Throttled)
+    }
+}
+
+/// A failed Keap call. `Display` is one line for logs and the failure list; no credential is
+/// ever part of it (bodies are Keap's answers, which hold contact data, not tokens).
+#[derive(Debug, Clone)]
+pub struct KeapError {
+    pub kind: ErrorKind,
+    /// HTTP status, if an answer arrived.
+    pub status: Option<u16>,
+    /// `PUT /v1/contacts` etc.
+    pub request: String,
+    pub message: String,
+    /// The raw answer body (trimmed to 2,000 bytes), for the failure record.
+    pub body: Option<String>,
+}
+
+impl fmt::Display for KeapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some(status) => write!(
+                f,
+                "Keap answered {status} to {}: {}",
+                self.request, self.message
+            ),
+            None => write!(f, "{} failed: {}", self.request, self.message),
+        }
+    }
+}
+
+impl std::error::Error for KeapError {}
+
+/// Client for Keap's REST v1 contacts API.
+#[derive(Clone)]
+pub struct KeapClient {
+    http: reqwest::Client,
+    api_url: String,
+    limiter: Arc<Limiter>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl KeapClient {
+    /// `api_url` is the REST base, e.g. `https://api.infusionsoft.com/crm/rest`.
+    pub fn new(
+        api_url: &str,
+        request_timeout: Duration,
+        connect_timeout: Duration,
+        limiter: Arc<Limiter>,
+    ) -> Result<Self, String> {
+        Ok(KeapClient {
+            http: http_client(request_timeout, connect_timeout)?,
+            api_url: api_url.trim_end_matches('/').to_owned(),
+            limiter,
+            request_timeout,
+            connect_timeout,
+        })
+    }
+
+    /// Creates the contact, or updates the one that already has this email
+    /// (`PUT /v1/contacts`, `duplicate_option` in the body). Safe to repeat: a retry after a
+    /// lost reply finds the contact the first attempt created.
+    pub async fn upsert_contact(
+        &self,
+        auth: &Auth,
+        body: &ContactWrite,
+        deadline: Instant,
+    ) -> Result<Contact, KeapError> {
+        let req = Request {
+            method: Method::PUT,
+            path: "/v1/contacts".into(),
+            query: Vec::new(),
+            deadline,
+        };
+        self.call(auth, req, Some(body)).await
+    }
+
+    /// Updates only the fields named in `mask` on contact `id` (`PATCH /v1/contacts/{id}`).
+    pub async fn update_contact(
+        &self,
+        auth: &Auth,
+        id: i64,
+        body: &ContactWrite,
+        mask: &[&'static str],
+        deadline: Instant,
+    ) -> Result<Contact, KeapError> {
+        let req = Request {
+            method: Method::PATCH,
+            path: format!("/v1/contacts/{id}"),
+            query: mask.iter().map(|m| ("update_mask", *m)).collect(),
+            deadline,
+        };
+        self.call(auth, req, Some(body)).await
+    }
+
+    /// Deletes contact `id`; a contact that is already gone counts as deleted.
+    pub async fn delete_contact(
+        &self,
+        auth: &Auth,
+        id: i64,
+        deadline: Instant,
+    ) -> Result<(), KeapError> {
+        let req = Request {
+            method: Method::DELETE,
+            path: format!("/v1/contacts/{id}"),
+            query: Vec::new(),
+            deadline,
+        };
+        match self.send(auth, req, None::<&()>).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn call<B: serde::Serialize>(
+        &self,
+        auth: &Auth,
+        req: Request,
+        body: Option<&B>,
+    ) -> Result<Contact, KeapError> {
+        let name = req.name();
+        let text = self.send(auth, req, body).await?;
+        serde_json::from_str::<Contact>(&text).map_err(|e| KeapError {
+            kind: ErrorKind::Transient,
+            status: None,
+            request: name,
+            message: format!("unreadable contact in Keap's answer ({e})"),
+            body: Some(truncate(&text)),
+        })
+    }
+
+    async fn send<B: serde::Serialize>(
+        &self,
+        auth: &Auth,
+        req: Request,
+        body: Option<&B>,
+    ) -> Result<String, KeapError> {
+        let request = req.name();
+        self.limiter.until_ready().await;
+        // The caller's claim must outlive this call; if the limiter kept us waiting too long,
+        // give the claim back rather than risk a second delivery of the same user.
+        if Instant::now() + self.request_timeout + self.connect_timeout > req.deadline {
+            return Err(KeapError {
+                kind: ErrorKind::Transient,
+                status: None,
+                request,
+                message: "not sent: the claim's lease would run out before the call could finish"
+                    .into(),
+                body: None,
+            });
+        }
+        let mut builder = self
+            .http
+            .request(req.method, format!("{}{}", self.api_url, req.path))
+            .query(&req.query);
+        builder = match auth {
+            Auth::Bearer(token) => builder.bearer_auth(token.expose()),
+            Auth::ApiKey(key) => builder.header("X-Keap-API-Key", key.expose()),
+        };
+        if let Some(body) = body {
+            builder = builder.json(body);
+        }
+        let response = builder.send().await.map_err(|e| KeapError {
+            kind: ErrorKind::Transient,
+            status: None,
+            request: request.clone(),
+            message: describe_reqwest(&e),
+            body: None,
+        })?;
+        let status = response.status();
+        self.limiter.observe(response.headers());
+        let text = response.text().await.map_err(|e| KeapError {
+            kind: ErrorKind::Transient,
+            status: Some(status.as_u16()),
+            request: request.clone(),
+            message: format!("reply cut off ({})", describe_reqwest(&e)),
+            body: None,
+        })?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        Err(classify(status, request, &text))
+    }
+}
+
+/// One call to make: where, and by when it must be done.
+struct Request {
+    method: Method,
+    /// Below the API base, e.g. `/v1/contacts/7`.
+    path: String,
+    query: Vec<(&'static str, &'static str)>,
+    deadline: Instant,
+}
+
+impl Request {
+    /// `PATCH /v1/contacts/7`, for messages.
+    fn name(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+/// Builds the HTTP client every Keap call uses: rustls with the platform's trust store,
+/// timeouts on connect and on the whole request.
+pub(crate) fn http_client(
+    request_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, String> {
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(request_timeout)
+        .connect_timeout(connect_timeout)
+        .user_agent(concat!("keap-sync/", env!("CARGO_PKG_VERSION")))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+fn classify(status: StatusCode, request: String, text: &str) -> KeapError {
+    let parsed: Option<ErrorBody> = serde_json::from_str(text).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(ErrorBody::summary)
+        .unwrap_or_else(|| match status.canonical_reason() {
+            Some(reason) if text.trim().is_empty() => reason.to_owned(),
+            _ => truncate(text.trim()),
+        });
+    let kind = match status.as_u16() {
+        401 => ErrorKind::Unauthorized,
+        404 => ErrorKind::NotFound,
+        408 | 425 => ErrorKind::Transient,
+        429 => ErrorKind::Throttled,
+        400..=499 => ErrorKind::Rejected,
+        _ => ErrorKind::Transient,
+    };
+    KeapError {
+        kind,
+        status: Some(status.as_u16()),
+        request,
+        message,
+        body: Some(truncate(text)),
+    }
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    // reqwest's Display includes the URL, which never holds a credential here (ids only);
+    // add the innermost cause, which is where "connection refused" and friends live.
+    let mut message = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "could not connect".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(s) = source {
+        last = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(last) = last {
+        message.push_str(": ");
+        message.push_str(&last);
+    }
+    message
+}
+
+fn truncate(text: &str) -> String {
+    const MAX: usize = 2_000;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        let k = |s: u16, body: &str| {
+            classify(
+                StatusCode::from_u16(s).unwrap(),
+                "PUT /v1/contacts".into(),
+                body,
+            )
+        };
+        assert_eq!(
+            k(400, r#"{"message":"Email address is invalid"}"#).kind,
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            k(400, r#"{"message":"Email address is invalid"}"#).message,
+            "Email address is invalid"
+        );
+        assert_eq!(k(401, "").kind, ErrorKind::Unauthorized);
+        assert_eq!(
+            k(404, r#"{"code":404,"message":"Record not found"}"#).kind,
+            ErrorKind::NotFound
+        );
+        let throttled = k(
+            429,
+            r#"{"code":"429","message":"Quota Exceeded","status":"Request Throttled","details":null}"#,
+        );
+        assert_eq!(throttled.kind, ErrorKind::Throttled);
+        assert_eq!(throttled.message, "Quota Exceeded");
+        assert_eq!(k(500, "<html>oops</html>").kind, ErrorKind::Transient);
+        assert_eq!(k(503, "").message, "Service Unavailable");
+        assert!(k(502, "").kind.is_retryable());
+        assert!(!k(400, "{}").kind.is_retryable());
+    }
+
+    #[test]
+    fn display_is_one_line() {
+        let e = classify(
+            StatusCode::BAD_REQUEST,
+            "PUT /v1/contacts".into(),
+            r#"{"message":"bad"}"#,
+        );
+        assert_eq!(e.to_string(), "Keap answered 400 to PUT /v1/contacts: bad");
+    }
+
+    #[test]
+    fn long_bodies_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(3_000);
+        let cut = truncate(&long);
+        assert!(cut.len() <= 2_000 + '…'.len_utf8());
+    }
+}

@@ -1,0 +1,1999 @@
+//! A stateful fake of Keap's REST v1 contact API and OAuth token endpoint, served over real
+//! HTTP/1.1 on 127.0.0.1 for the integration tests, the benchmarks and the `demo` command.
+//!
+//! It follows `shared/keap/API-NOTES.md` and, wherever the notes call a behaviour unverified,
+//! plays the strictest variant, so a client that survives the fake survives Keap:
+//! - refresh tokens are single use with no grace period (a reused one answers 400
+//!   `invalid_grant`); the access token issued with a spent refresh token stays valid until its
+//!   own expiry; the refresh grant accepts client credentials only as HTTP Basic;
+//! - `PUT /v1/contacts` answers 200 for both create and update (the only declared status) and
+//!   needs `duplicate_option`; when several contacts share the email the lowest id wins;
+//! - 429s carry no `Retry-After`; requests refused with 429 do not use up quota;
+//! - unmodelled JSON properties, non-JSON write bodies and `Authorization: Bearer <api key>`
+//!   are rejected; `update_mask` takes repeated parameters only (no comma lists);
+//! - FullContact answers carry properties the daemon does not model, so its parser must
+//!   ignore unknown fields as it has to with Keap.
+//!
+//! The server never listens beyond loopback: its credentials are fixed and guessable.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rand::distr::Alphanumeric;
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::model::{
+    Contact, ContactList, ContactWrite, DuplicateOption, EmailAddress, EmailField, TokenResponse,
+};
+
+/// The `scope` Keap returns with every grant: `full|<app>.infusionsoft.com` names the tenant.
+pub const FAKE_SCOPE: &str = "full|fake123.infusionsoft.com";
+/// Largest request body read; anything bigger answers 413 instead of growing memory.
+const MAX_BODY: usize = 1 << 20;
+/// Field length limits of the v2 specs, which describe the same contact record (API-NOTES 3.6).
+const MAX_NAME: usize = 40;
+/// First contact id handed out, so ids never look like small row numbers by accident.
+const FIRST_ID: i64 = 1001;
+const DAY_MS: u64 = 86_400_000;
+/// Property names `update_mask` accepts on `PATCH /v1/contacts/{id}` (API-NOTES 3.3).
+const UPDATE_MASK_VALUES: &str = "addresses anniversary birthday company contact_type \
+    custom_fields email_addresses family_name fax_numbers given_name job_title lead_source_id \
+    middle_name notes opt_in_reason origin owner_id phone_numbers preferred_locale \
+    preferred_name prefix social_accounts source_type spouse_name suffix time_zone website";
+/// Keap v1's answer to a body it cannot read as a contact.
+const BAD_INPUT: &str = "Input could not be converted to a valid request";
+const REDACTED: &str = "<redacted>";
+
+/// How the fake starts: credentials, limits and speed. Limits left `None` are not enforced,
+/// but the throttle/quota headers still report Keap's documented defaults (1,500/min and
+/// 150,000/day for OAuth, 240/min and 30,000/day for API keys) so header readers see real values.
+#[derive(Clone)]
+pub struct FakeOptions {
+    /// Lifetime of every access token minted from now on (Keap: 24 h).
+    pub access_token_lifetime: Duration,
+    /// OAuth client id the token endpoint accepts.
+    pub client_id: String,
+    /// OAuth client secret the token endpoint accepts.
+    pub client_secret: String,
+    /// Spike limit: requests per rolling second per credential.
+    pub per_second_limit: Option<u32>,
+    /// Throttle: requests per rolling 60 s per credential.
+    pub per_minute_limit: Option<u32>,
+    /// Quota: requests per UTC day per credential.
+    pub daily_quota: Option<u64>,
+    /// Added before every `/crm/rest` answer, to model a distant server.
+    pub latency: Duration,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        FakeOptions {
+            access_token_lifetime: Duration::from_secs(86_400),
+            client_id: "fake-client-id".into(),
+            client_secret: "fake-client-secret".into(),
+            per_second_limit: None,
+            per_minute_limit: None,
+            daily_quota: None,
+            latency: Duration::ZERO,
+        }
+    }
+}
+
+/// Hand-written so a debug print of the options never shows the client secret.
+impl fmt::Debug for FakeOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeOptions")
+            .field("access_token_lifetime", &self.access_token_lifetime)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &REDACTED)
+            .field("per_second_limit", &self.per_second_limit)
+            .field("per_minute_limit", &self.per_minute_limit)
+            .field("daily_quota", &self.daily_quota)
+            .field("latency", &self.latency)
+            .finish()
+    }
+}
+
+/// Which kind of credential a request presented, so tests can assert how the client
+/// authenticated without the log ever holding a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    /// No credential header (or an `Authorization` scheme other than Bearer/Basic).
+    None,
+    /// `Authorization: Bearer …`.
+    Bearer,
+    /// `X-Keap-API-Key: …` (and no `Authorization` header).
+    ApiKey,
+    /// `Authorization: Basic …` (the token endpoint's client authentication).
+    Basic,
+}
+
+/// One request as the fake received it. Holds no credential: `/token` bodies and queries are
+/// stored as `<redacted>`, headers are reduced to [`AuthKind`], so `Debug` is safe to print.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// HTTP method, e.g. `PUT`.
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// Raw query string ("" when none).
+    pub query: String,
+    /// Status answered; 0 when no answer was sent (dropped connection, cut by `set_down`).
+    pub status: u16,
+    /// Request body as text (lossy UTF-8); `<redacted>` for `/token`.
+    pub body: String,
+    /// When the request (head and body) had been received.
+    pub at: Instant,
+    /// Which credential header was presented (never its value).
+    pub auth: AuthKind,
+}
+
+/// Which requests a [`FaultRule`] applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Every request, whatever the path.
+    Any,
+    /// Everything under `/crm/rest`.
+    Contacts,
+    /// `/token`.
+    Token,
+}
+
+/// What a firing [`FaultRule`] does to the request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaultAction {
+    /// Answer this status and body without touching state (a gateway error).
+    Status(u16, String),
+    /// Wait, then go on with the remaining rules and normal processing.
+    Delay(Duration),
+    /// Close the connection without answering and without performing the request.
+    Drop,
+    /// Perform the request, then close the connection without answering: a lost reply.
+    DropAfterCommit,
+}
+
+/// A fault to inject. Rules are checked in insertion order before a request is processed
+/// (after the configured latency); `Delay` rules add up, the first other rule that fires decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultRule {
+    /// Requests the rule applies to.
+    pub route: Route,
+    /// What it does when it fires.
+    pub action: FaultAction,
+    /// How many more times the rule may fire; `None` = forever. Only firings count.
+    pub times: Option<u32>,
+    /// Chance that the rule fires on a matching request, 0..=1.
+    pub probability: f64,
+}
+
+impl FaultRule {
+    /// A rule that fires on every matching request, forever.
+    pub fn new(route: Route, action: FaultAction) -> Self {
+        let (times, probability) = (None, 1.0);
+        FaultRule {
+            route,
+            action,
+            times,
+            probability,
+        }
+    }
+    /// Limits the rule to its next `n` firings.
+    pub fn times(self, n: u32) -> Self {
+        FaultRule {
+            times: Some(n),
+            ..self
+        }
+    }
+    /// Makes the rule fire on a matching request with probability `p` only.
+    pub fn probability(self, p: f64) -> Self {
+        FaultRule {
+            probability: p,
+            ..self
+        }
+    }
+}
+
+/// Handle to a running fake Keap server. Clones share one server; it stops when the last
+/// clone is dropped or when [`FakeKeap::shutdown`] is called on any clone.
+#[derive(Clone)]
+pub struct FakeKeap {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+    rt: tokio::runtime::Handle,
+    /// Bumped to cut every open connection (down, shutdown); dropping it does the same.
+    cut: watch::Sender<u64>,
+    control: Arc<Mutex<Control>>,
+}
+
+#[derive(Default)]
+struct Control {
+    stopped: bool,
+    down: bool,
+    /// A duplicate of the listening socket, kept to shut the socket down synchronously.
+    listener: Option<StdListener>,
+    accept: Option<JoinHandle<()>>,
+    /// Duplicates of the open connections' sockets, by connection number, for the same reason.
+    conns: HashMap<u64, std::net::TcpStream>,
+    next_conn: u64,
+}
+
+/// Registers a connection's socket for `take_down` and unregisters it when the connection
+/// task ends (or is dropped), so the duplicate never keeps a finished socket open.
+struct ConnGuard {
+    control: Arc<Mutex<Control>>,
+    id: u64,
+}
+
+impl ConnGuard {
+    fn new(control: &Arc<Mutex<Control>>, stream: &tokio::net::TcpStream) -> ConnGuard {
+        let mut ctl = lock(control);
+        let id = ctl.next_conn;
+        ctl.next_conn += 1;
+        if let Some(dup) = dup_stream(stream) {
+            ctl.conns.insert(id, dup);
+        }
+        ConnGuard {
+            control: Arc::clone(control),
+            id,
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.control).conns.remove(&self.id);
+    }
+}
+
+#[cfg(unix)]
+fn dup_stream(stream: &tokio::net::TcpStream) -> Option<std::net::TcpStream> {
+    use std::os::fd::AsFd;
+    let fd = stream.as_fd().try_clone_to_owned().ok()?;
+    Some(std::net::TcpStream::from(fd))
+}
+
+#[cfg(not(unix))]
+fn dup_stream(_: &tokio::net::TcpStream) -> Option<std::net::TcpStream> {
+    None
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refresh {
+    Live,
+    Spent,
+    Revoked,
+}
+
+/// Rolling windows and daily count of one credential.
+#[derive(Default)]
+struct Bucket {
+    second: VecDeque<Instant>,
+    minute: VecDeque<Instant>,
+    day: u64,
+    day_used: u64,
+}
+
+/// A credential that passed authentication; limits are counted per credential.
+enum Cred {
+    OAuth,
+    Key(String),
+}
+
+#[derive(Default)]
+struct State {
+    opts: FakeOptions,
+    api_keys: HashSet<String>,
+    /// Access token -> expiry (`None`: the lifetime overflowed `Instant`, i.e. never).
+    access: HashMap<String, Option<Instant>>,
+    refresh: HashMap<String, Refresh>,
+    /// Authorization code -> (redirect_uri, used).
+    codes: HashMap<String, (String, bool)>,
+    contacts: BTreeMap<i64, Contact>,
+    next_id: i64,
+    requests: Vec<RecordedRequest>,
+    faults: Vec<FaultRule>,
+    buckets: HashMap<String, Bucket>,
+    refresh_count: usize,
+    spent_reuse: usize,
+    throttled: usize,
+}
+
+/// Locks, recovering from poisoning: a panicking test thread must not take the server down.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl FakeKeap {
+    /// Starts a fake on a random free port of 127.0.0.1.
+    pub async fn start(opts: FakeOptions) -> io::Result<FakeKeap> {
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), opts).await
+    }
+
+    /// Starts a fake on `addr` (port 0 = random), which must be a loopback address.
+    pub async fn start_on(addr: SocketAddr, opts: FakeOptions) -> io::Result<FakeKeap> {
+        if !addr.ip().is_loopback() {
+            let msg = "the fake Keap server only listens on loopback";
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        }
+        let listener = StdListener::bind(addr)?;
+        let state = State {
+            opts,
+            next_id: FIRST_ID,
+            ..State::default()
+        };
+        let inner = Inner {
+            state: Arc::new(Mutex::new(state)),
+            addr: listener.local_addr()?,
+            rt: tokio::runtime::Handle::try_current().map_err(io::Error::other)?,
+            cut: watch::channel(0).0,
+            control: Arc::default(),
+        };
+        inner.listen(&mut lock(&inner.control), listener)?;
+        Ok(FakeKeap {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The bound address (stable across `set_down`).
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// REST base URL, like `https://api.infusionsoft.com/crm/rest`; the client appends `/v1/…`.
+    pub fn api_url(&self) -> String {
+        format!("http://{}/crm/rest", self.inner.addr)
+    }
+
+    /// Token endpoint URL, like `https://api.infusionsoft.com/token`.
+    pub fn token_url(&self) -> String {
+        format!("http://{}/token", self.inner.addr)
+    }
+
+    /// Where Keap's consent page would be, for code that builds the authorize link. The fake
+    /// serves no page there (404): tests get codes from [`FakeKeap::issue_code`] instead.
+    pub fn authorize_url(&self) -> String {
+        format!("http://{}/app/oauth/authorize", self.inner.addr)
+    }
+
+    /// Accepts `key` from now on as `X-Keap-API-Key: <key>` (a PAT/SAK).
+    pub fn add_api_key(&self, key: &str) {
+        self.state().api_keys.insert(key.to_owned());
+    }
+
+    /// Mints a fresh access + refresh pair, as if a user had just authorised the app.
+    pub fn issue_grant(&self) -> TokenResponse {
+        self.state().mint()
+    }
+
+    /// Mints a single-use authorization code bound to `redirect_uri` for the code grant.
+    pub fn issue_code(&self, redirect_uri: &str) -> String {
+        let code = random_token("fake-code-");
+        let entry = (redirect_uri.to_owned(), false);
+        self.state().codes.insert(code.clone(), entry);
+        code
+    }
+
+    /// The user removed the app: every access token answers 401, every refresh token and
+    /// unused code answers `invalid_grant`. API keys are unaffected.
+    pub fn revoke_all_grants(&self) {
+        let mut st = self.state();
+        st.access.clear();
+        st.codes.clear();
+        for s in st.refresh.values_mut().filter(|s| **s == Refresh::Live) {
+            *s = Refresh::Revoked;
+        }
+    }
+
+    /// Every access token issued so far answers 401 from now on (refresh tokens still work).
+    pub fn expire_access_tokens(&self) {
+        let now = Some(Instant::now());
+        self.state().access.values_mut().for_each(|e| *e = now);
+    }
+
+    /// Lifetime of access tokens minted from now on.
+    pub fn set_access_token_lifetime(&self, d: Duration) {
+        self.state().opts.access_token_lifetime = d;
+    }
+
+    /// Delay added before every `/crm/rest` answer.
+    pub fn set_latency(&self, d: Duration) {
+        self.state().opts.latency = d;
+    }
+
+    /// Changes the enforced per-second and per-minute limits (`None` = not enforced).
+    pub fn set_limits(&self, per_second: Option<u32>, per_minute: Option<u32>) {
+        let mut st = self.state();
+        st.opts.per_second_limit = per_second;
+        st.opts.per_minute_limit = per_minute;
+    }
+
+    /// `true`: the listening socket is shut at once (new connections are refused) and every
+    /// open connection is cut. `false`: listens again on the same port. Synchronous, so the
+    /// outage is in force when the call returns.
+    pub fn set_down(&self, down: bool) {
+        let inner = &self.inner;
+        let mut ctl = lock(&inner.control);
+        if ctl.stopped || ctl.down == down {
+            return;
+        }
+        ctl.down = down;
+        if down {
+            take_down(&mut ctl);
+            inner.cut.send_modify(|g| *g += 1);
+            return;
+        }
+        let bound = StdListener::bind(inner.addr).and_then(|l| inner.listen(&mut ctl, l));
+        if bound.is_err() {
+            // The port is still held (or was taken meanwhile): keep trying in the background.
+            let (state, control) = (Arc::clone(&inner.state), Arc::clone(&inner.control));
+            let task = rebind(inner.addr, state, control, inner.cut.subscribe());
+            ctl.accept = Some(inner.rt.spawn(task));
+        }
+    }
+
+    /// Adds a fault rule after the existing ones.
+    pub fn inject(&self, rule: FaultRule) {
+        self.state().faults.push(rule);
+    }
+
+    /// Removes every fault rule.
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// All contacts, by increasing id.
+    pub fn contacts(&self) -> Vec<Contact> {
+        self.state().contacts.values().cloned().collect()
+    }
+
+    /// The contact with this id, if any.
+    pub fn contact(&self, id: i64) -> Option<Contact> {
+        self.state().contacts.get(&id).cloned()
+    }
+
+    /// Contacts having `email` (case-insensitive) in any of EMAIL1..3, by increasing id.
+    pub fn contacts_with_email(&self, email: &str) -> Vec<Contact> {
+        let st = self.state();
+        let found = st.contacts.values().filter(|c| has_email(c, email));
+        found.cloned().collect()
+    }
+
+    /// Creates a contact as if it had existed before the test: no auth, not logged and not
+    /// validated, so tests can seed data Keap accepted in the past.
+    pub fn seed_contact(&self, w: ContactWrite) -> Contact {
+        self.state().insert_new(&w)
+    }
+
+    /// Deletes a contact as someone working in Keap's UI would (no auth, not logged). Returns
+    /// whether it existed.
+    pub fn delete_contact(&self, id: i64) -> bool {
+        self.state().contacts.remove(&id).is_some()
+    }
+
+    /// Every request received, in order of arrival.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state().requests.clone()
+    }
+
+    /// Number of recorded requests matching `f`. `f` runs under the fake's lock, so it must
+    /// not call back into the `FakeKeap`.
+    pub fn count(&self, f: impl Fn(&RecordedRequest) -> bool) -> usize {
+        self.state().requests.iter().filter(|r| f(r)).count()
+    }
+
+    /// Successful refresh-token grants.
+    pub fn refresh_count(&self) -> usize {
+        self.state().refresh_count
+    }
+
+    /// Times an already used refresh token was presented (the rotation bug this fake catches).
+    pub fn spent_refresh_reuse_count(&self) -> usize {
+        self.state().spent_reuse
+    }
+
+    /// 429 answers given.
+    pub fn throttled_count(&self) -> usize {
+        self.state().throttled
+    }
+
+    /// Stops the server for every clone: listener closed, connections cut, tasks ended.
+    pub async fn shutdown(self) {
+        self.inner.stop();
+        tokio::task::yield_now().await;
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner.state)
+    }
+}
+
+impl Inner {
+    /// Serves `listener`, keeping a duplicate of it so `set_down` can shut it synchronously.
+    fn listen(&self, ctl: &mut Control, listener: StdListener) -> io::Result<()> {
+        let (dup, listener) = {
+            let _runtime = self.rt.enter();
+            to_tokio(listener)?
+        };
+        ctl.listener = Some(dup);
+        let (state, control) = (Arc::clone(&self.state), Arc::clone(&self.control));
+        let task = accept_loop(listener, state, control, self.cut.subscribe());
+        ctl.accept = Some(self.rt.spawn(task));
+        Ok(())
+    }
+
+    fn stop(&self) {
+        let mut ctl = lock(&self.control);
+        ctl.stopped = true;
+        take_down(&mut ctl);
+        self.cut.send_modify(|g| *g += 1);
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+type Listeners = (StdListener, tokio::net::TcpListener);
+
+fn to_tokio(listener: StdListener) -> io::Result<Listeners> {
+    listener.set_nonblocking(true)?;
+    let dup = listener.try_clone()?;
+    Ok((dup, tokio::net::TcpListener::from_std(listener)?))
+}
+
+/// Closes the listening socket and every open connection now, and ends the accept loop.
+fn take_down(ctl: &mut Control) {
+    if let Some(listener) = ctl.listener.take() {
+        shutdown_listener(listener);
+    }
+    for (_, conn) in ctl.conns.drain() {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }
+    if let Some(task) = ctl.accept.take() {
+        task.abort();
+    }
+}
+
+/// `shutdown(2)` on a listening socket makes Linux stop listening at once (new SYNs are
+/// refused) even while the accept task still owns a descriptor; aborting that task closes it
+/// only at its next poll, too late for a test that connects right after `set_down(true)`.
+/// std only exposes `shutdown` on streams, hence the (safe) descriptor conversion.
+fn shutdown_listener(listener: StdListener) {
+    #[cfg(unix)]
+    {
+        let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(listener));
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    #[cfg(not(unix))]
+    drop(listener);
+}
+
+/// Retries binding the fixed port after `set_down(false)` found it busy, then serves it.
+async fn rebind(
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    control: Arc<Mutex<Control>>,
+    cut: watch::Receiver<u64>,
+) {
+    for _ in 0..500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let Ok((dup, listener)) = StdListener::bind(addr).and_then(to_tokio) else {
+            continue;
+        };
+        {
+            let mut ctl = lock(&control);
+            if ctl.stopped || ctl.down {
+                return;
+            }
+            ctl.listener = Some(dup);
+        }
+        return accept_loop(listener, state, control, cut).await;
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    state: Arc<Mutex<State>>,
+    control: Arc<Mutex<Control>>,
+    mut cut: watch::Receiver<u64>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // The socket was shut down under us: we are going down.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => return,
+                // Out of descriptors and the like: back off instead of spinning.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = cut.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let mut conn_cut = cut.clone();
+        let guard = ConnGuard::new(&control, &stream);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let svc = service_fn(move |req| handle(Arc::clone(&state), req));
+            // No header-read timer: idle keep-alive connections stay open until the client
+            // drops them, so long tests never race a server-side idle close.
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            // A cut (down, shutdown) drops the connection future, which closes the socket;
+            // `take_down` has already shut it, so the peer sees the close at once.
+            tokio::select! {
+                _ = conn => {}
+                _ = conn_cut.changed() => {}
+            }
+        });
+    }
+}
+
+/// The service's error: hyper closes the connection without writing a response.
+#[derive(Debug)]
+struct DropConnection;
+
+impl fmt::Display for DropConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("connection dropped by fault injection")
+    }
+}
+
+impl std::error::Error for DropConnection {}
+
+/// Which part of the fake a path belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Rest,
+    Token,
+    Other,
+}
+
+impl Kind {
+    fn of(path: &str) -> Kind {
+        match path {
+            "/token" => Kind::Token,
+            p if p == "/crm/rest" || p.starts_with("/crm/rest/") => Kind::Rest,
+            _ => Kind::Other,
+        }
+    }
+    fn matches(self, route: Route) -> bool {
+        match route {
+            Route::Any => true,
+            Route::Contacts => self == Kind::Rest,
+            Route::Token => self == Kind::Token,
+        }
+    }
+}
+
+/// The parts of a request the handlers look at, body fully read.
+struct Req {
+    method: Method,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// An answer before it becomes a hyper response; `content_type` "" sends none.
+struct Reply {
+    status: u16,
+    body: String,
+    content_type: &'static str,
+    headers: Vec<(String, String)>,
+}
+
+type Headers = Vec<(String, String)>;
+
+fn reply(status: u16, body: String, content_type: &'static str) -> Reply {
+    Reply {
+        status,
+        body,
+        content_type,
+        headers: Vec::new(),
+    }
+}
+
+fn json_reply(status: u16, v: &Value) -> Reply {
+    reply(status, v.to_string(), "application/json")
+}
+
+/// Keap v1's error shape.
+fn msg(status: u16, text: &str) -> Reply {
+    json_reply(status, &json!({ "message": text }))
+}
+
+/// The gateway / v2 error shape (also that of Keap's 429).
+fn v2_error(status: u16, code: Value, text: &str, status_text: &str) -> Reply {
+    let body = json!({"code": code, "message": text, "status": status_text, "details": null});
+    json_reply(status, &body)
+}
+
+/// The token endpoint's OAuth error shape.
+fn oauth(status: u16, error: &str, description: &str) -> Reply {
+    json_reply(
+        status,
+        &json!({ "error": error, "error_description": description }),
+    )
+}
+
+impl Reply {
+    fn with_headers(mut self, mut headers: Headers) -> Reply {
+        self.headers.append(&mut headers);
+        self
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from(self.body)));
+        let status = StatusCode::from_u16(self.status);
+        *resp.status_mut() = status.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let h = resp.headers_mut();
+        if !self.content_type.is_empty() {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        }
+        for (name, value) in self.headers {
+            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                h.insert(n, v);
+            }
+        }
+        resp
+    }
+}
+
+type HttpResult = Result<Response<Full<Bytes>>, DropConnection>;
+
+/// Entry point of every request: read, record, then serve (latency, faults, dispatch).
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> HttpResult {
+    let (parts, body) = req.into_parts();
+    let (body, too_large) = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => (b.to_bytes(), false),
+        Err(e) if e.is::<LengthLimitError>() => (Bytes::new(), true),
+        Err(_) => return Err(DropConnection), // the client went away mid-body
+    };
+    let (path, query) = (parts.uri.path(), parts.uri.query().unwrap_or(""));
+    let kind = Kind::of(path);
+    let secret = kind == Kind::Token;
+    let redact = |s: String| {
+        if secret && !s.is_empty() {
+            REDACTED.into()
+        } else {
+            s
+        }
+    };
+    let record = RecordedRequest {
+        method: parts.method.to_string(),
+        path: path.to_owned(),
+        query: redact(query.to_owned()),
+        status: 0,
+        body: redact(String::from_utf8_lossy(&body).into_owned()),
+        at: Instant::now(),
+        auth: auth_kind(&parts.headers),
+    };
+    let idx = {
+        let mut st = lock(&state);
+        st.requests.push(record);
+        st.requests.len() - 1
+    };
+    let req = Req {
+        method: parts.method,
+        path: path.to_owned(),
+        query: query.to_owned(),
+        headers: parts.headers,
+        body,
+    };
+    let result = if too_large {
+        Ok(msg(413, "Request body too large"))
+    } else {
+        serve(&state, &req, kind).await
+    };
+    let result = result.map(Reply::into_response);
+    if let (Ok(resp), Some(r)) = (&result, lock(&state).requests.get_mut(idx)) {
+        r.status = resp.status().as_u16();
+    }
+    result
+}
+
+async fn serve(state: &Mutex<State>, req: &Req, kind: Kind) -> Result<Reply, DropConnection> {
+    let latency = lock(state).opts.latency;
+    if kind == Kind::Rest && !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (mut next_rule, mut drop_after) = (0, false);
+    loop {
+        let action = lock(state).next_fault(kind, &mut next_rule);
+        match action {
+            None => break,
+            Some(FaultAction::Delay(d)) => tokio::time::sleep(d).await,
+            Some(FaultAction::Status(status, body)) => {
+                let json = body.trim_start().starts_with(['{', '[']);
+                let ctype = if json {
+                    "application/json"
+                } else {
+                    "text/plain"
+                };
+                return Ok(reply(status, body, ctype));
+            }
+            Some(FaultAction::Drop) => return Err(DropConnection),
+            Some(FaultAction::DropAfterCommit) => {
+                drop_after = true;
+                break;
+            }
+        }
+    }
+    let answer = lock(state).dispatch(req, kind);
+    if drop_after {
+        return Err(DropConnection);
+    }
+    Ok(answer)
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Whether the media type of `Content-Type` is `want` (parameters like charset ignored).
+fn content_type_is(h: &HeaderMap, want: &str) -> bool {
+    let ct = header(h, CONTENT_TYPE.as_str()).unwrap_or("");
+    ct.split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case(want))
+}
+
+fn auth_kind(h: &HeaderMap) -> AuthKind {
+    let Some(v) = h.get(AUTHORIZATION) else {
+        let key = h.contains_key("x-keap-api-key");
+        return if key {
+            AuthKind::ApiKey
+        } else {
+            AuthKind::None
+        };
+    };
+    let scheme = v.to_str().unwrap_or("").split(' ').next().unwrap_or("");
+    if scheme.eq_ignore_ascii_case("bearer") {
+        AuthKind::Bearer
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        AuthKind::Basic
+    } else {
+        AuthKind::None
+    }
+}
+
+/// The credential of an `Authorization: <scheme> <credential>` header.
+fn auth_param<'a>(h: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
+    let (s, rest) = header(h, AUTHORIZATION.as_str())?.split_once(' ')?;
+    s.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+fn basic_credentials(h: &HeaderMap) -> Option<(String, String)> {
+    let raw = base64::engine::general_purpose::STANDARD.decode(auth_param(h, "basic")?);
+    let text = String::from_utf8(raw.ok()?).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+fn random_token(prefix: &str) -> String {
+    let chars = rand::rng().sample_iter(&Alphanumeric).take(40);
+    prefix.chars().chain(chars.map(char::from)).collect()
+}
+
+/// The first value of `key` in decoded query/form pairs, if not empty.
+fn field<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    let found = pairs.iter().find(|(k, _)| k == key);
+    found.map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+}
+
+impl State {
+    /// The next fault rule at or after `*from` that fires for this request, using one firing.
+    fn next_fault(&mut self, kind: Kind, from: &mut usize) -> Option<FaultAction> {
+        while let Some(rule) = self.faults.get_mut(*from) {
+            *from += 1;
+            let p = rule.probability;
+            let lucky = p >= 1.0 || (p > 0.0 && rand::random::<f64>() < p);
+            if kind.matches(rule.route) && rule.times != Some(0) && lucky {
+                if let Some(n) = rule.times.as_mut() {
+                    *n -= 1;
+                }
+                return Some(rule.action.clone());
+            }
+        }
+        None
+    }
+
+    fn dispatch(&mut self, req: &Req, kind: Kind) -> Reply {
+        match kind {
+            Kind::Rest => self.rest(req),
+            Kind::Token => self.token(req),
+            Kind::Other => msg(404, "Not Found"),
+        }
+    }
+
+    fn mint(&mut self) -> TokenResponse {
+        let lifetime = self.opts.access_token_lifetime;
+        let (access, refresh) = (random_token("fake-at-"), random_token("fake-rt-"));
+        let expiry = Instant::now().checked_add(lifetime);
+        self.access.insert(access.clone(), expiry);
+        self.refresh.insert(refresh.clone(), Refresh::Live);
+        TokenResponse {
+            access_token: access,
+            token_type: Some("bearer".into()),
+            expires_in: i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX).max(1),
+            refresh_token: refresh,
+            scope: Some(FAKE_SCOPE.into()),
+        }
+    }
+
+    fn client_ok(&self, (id, secret): &(String, String)) -> bool {
+        *id == self.opts.client_id && *secret == self.opts.client_secret
+    }
+
+    /// `POST /token`: form-encoded refresh and authorization-code grants.
+    fn token(&mut self, req: &Req) -> Reply {
+        if req.method != Method::POST {
+            return oauth(405, "invalid_request", "Method not allowed");
+        }
+        // A JSON (or any non-form) body carries no readable field, as at Keap.
+        let form = if content_type_is(&req.headers, "application/x-www-form-urlencoded") {
+            let Some(form) = std::str::from_utf8(&req.body).ok().and_then(parse_pairs) else {
+                return oauth(400, "invalid_request", "Malformed form body");
+            };
+            form
+        } else {
+            Vec::new()
+        };
+        let get = |k: &str| field(&form, k);
+        let basic = basic_credentials(&req.headers);
+        let invalid_client = || oauth(401, "invalid_client", "Invalid client credentials");
+        match get("grant_type") {
+            None => oauth(
+                400,
+                "invalid_request",
+                "response_type or grant_type is required",
+            ),
+            Some("refresh_token") => {
+                // Strict: client credentials only as HTTP Basic for this grant (API-NOTES 2.2).
+                if !basic.is_some_and(|c| self.client_ok(&c)) {
+                    return invalid_client();
+                }
+                let Some(rt) = get("refresh_token") else {
+                    return oauth(400, "invalid_request", "refresh_token is required");
+                };
+                match self.refresh.get_mut(rt) {
+                    Some(s @ Refresh::Live) => *s = Refresh::Spent,
+                    Some(Refresh::Spent) => {
+                        self.spent_reuse += 1;
+                        return oauth(400, "invalid_grant", "Invalid refresh token");
+                    }
+                    _ => return oauth(400, "invalid_grant", "Invalid refresh token"),
+                }
+                self.refresh_count += 1;
+                self.token_reply()
+            }
+            Some("authorization_code") => {
+                // The PHP SDK sends the client credentials in the body here; Basic works too.
+                let body_creds = || Some((get("client_id")?.into(), get("client_secret")?.into()));
+                if !basic
+                    .or_else(body_creds)
+                    .is_some_and(|c| self.client_ok(&c))
+                {
+                    return invalid_client();
+                }
+                let (code, redirect) = (get("code").unwrap_or(""), get("redirect_uri"));
+                match self.codes.get_mut(code) {
+                    Some((uri, used)) if !*used && Some(uri.as_str()) == redirect => *used = true,
+                    _ => return oauth(400, "invalid_grant", "Invalid authorization code"),
+                }
+                self.token_reply()
+            }
+            Some(_) => oauth(400, "unsupported_grant_type", "grant_type is not supported"),
+        }
+    }
+
+    fn token_reply(&mut self) -> Reply {
+        let body = serde_json::to_value(self.mint()).unwrap_or(Value::Null);
+        let no_store = vec![("cache-control".into(), "no-store".into())];
+        json_reply(200, &body).with_headers(no_store)
+    }
+
+    /// Bearer token or API key; anything else is 401. Bearer failures answer the v1 shape,
+    /// API-key and missing-credential failures the gateway (v2) shape: the 401 body is not
+    /// captured anywhere (API-NOTES 11.13), so clients must go by the status.
+    fn authenticate(&self, h: &HeaderMap, now: Instant) -> Result<Cred, Reply> {
+        if h.contains_key(AUTHORIZATION) {
+            let expiry = auth_param(h, "bearer").and_then(|t| self.access.get(t));
+            // Strict: an API key sent as Bearer is not accepted (API-NOTES 11.10).
+            return match expiry {
+                Some(e) if e.is_none_or(|e| now < e) => Ok(Cred::OAuth),
+                _ => Err(msg(401, "Invalid Access Token")),
+            };
+        }
+        let unauthorized = |text| v2_error(401, json!(401), text, "Unauthorized");
+        match header(h, "x-keap-api-key") {
+            Some(k) if self.api_keys.contains(k) => Ok(Cred::Key(k.to_owned())),
+            Some(_) => Err(unauthorized("Invalid API Key")),
+            None => Err(unauthorized("Missing credentials")),
+        }
+    }
+
+    /// Counts the request against its credential's windows. Returns whether it is admitted and
+    /// the throttle/quota headers Keap sends (API-NOTES 7).
+    fn admit(&mut self, cred: &Cred, now: Instant) -> (bool, Headers) {
+        let (key, default_minute, default_day) = match cred {
+            Cred::OAuth => ("oauth".to_owned(), 1_500, 150_000),
+            Cred::Key(k) => (format!("key:{k}"), 240, 30_000),
+        };
+        let o = &self.opts;
+        let (per_second, per_minute, daily) =
+            (o.per_second_limit, o.per_minute_limit, o.daily_quota);
+        let b = self.buckets.entry(key).or_default();
+        for (window, span) in [(&mut b.second, 1), (&mut b.minute, 60)] {
+            let span = Duration::from_secs(span);
+            while window
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= span)
+            {
+                window.pop_front();
+            }
+        }
+        let today = unix_ms() / DAY_MS;
+        if b.day != today {
+            (b.day, b.day_used) = (today, 0);
+        }
+        let over = per_second.is_some_and(|l| b.second.len() >= l as usize)
+            || per_minute.is_some_and(|l| b.minute.len() >= l as usize)
+            || daily.is_some_and(|l| b.day_used >= l);
+        if !over {
+            b.second.push_back(now);
+            b.minute.push_back(now);
+            b.day_used += 1;
+        }
+        let minute_limit = per_minute.map_or(default_minute, u64::from);
+        let minute_used = b.minute.len() as u64;
+        let day_limit = daily.unwrap_or(default_day);
+        let headers = [
+            ("product-throttle-limit", minute_limit.to_string()),
+            ("product-throttle-time-unit", "minute".into()),
+            ("product-throttle-interval", "1".into()),
+            (
+                "product-throttle-available",
+                minute_limit.saturating_sub(minute_used).to_string(),
+            ),
+            ("product-throttle-used", minute_used.to_string()),
+            ("product-quota-limit", day_limit.to_string()),
+            ("product-quota-time-unit", "day".into()),
+            ("product-quota-interval", "1".into()),
+            (
+                "product-quota-available",
+                day_limit.saturating_sub(b.day_used).to_string(),
+            ),
+            ("product-quota-used", b.day_used.to_string()),
+            (
+                "product-quota-expiry-time",
+                ((today + 1) * DAY_MS).to_string(),
+            ),
+            ("tenant-id", "fake123.infusionsoft.com".into()),
+        ];
+        (
+            !over,
+            headers
+                .into_iter()
+                .map(|(n, v)| (format!("x-keap-{n}"), v))
+                .collect(),
+        )
+    }
+
+    /// Everything under `/crm/rest`: auth, rate limits, then the contact endpoints.
+    fn rest(&mut self, req: &Req) -> Reply {
+        let now = Instant::now();
+        let cred = match self.authenticate(&req.headers, now) {
+            Ok(cred) => cred,
+            Err(answer) => return answer,
+        };
+        let (admitted, headers) = self.admit(&cred, now);
+        if !admitted {
+            self.throttled += 1;
+            // Strictest: no Retry-After (API-NOTES 7, 11.12).
+            let answer = v2_error(429, json!("429"), "Quota Exceeded", "Request Throttled");
+            return answer.with_headers(headers);
+        }
+        self.contacts_api(req).with_headers(headers)
+    }
+
+    fn contacts_api(&mut self, req: &Req) -> Reply {
+        let Some(rest) = req.path.strip_prefix("/crm/rest/v1/contacts") else {
+            return msg(404, "Not Found");
+        };
+        let id = match rest.strip_prefix('/') {
+            None if rest.is_empty() => None,
+            Some(s) if !s.is_empty() && !s.contains('/') => match s.parse::<i64>() {
+                Ok(id) => Some(id),
+                Err(_) => return msg(400, "Invalid contact id"),
+            },
+            _ => return msg(404, "Not Found"),
+        };
+        let writes = matches!(req.method, Method::PUT | Method::POST | Method::PATCH);
+        if writes && !content_type_is(&req.headers, "application/json") {
+            return msg(415, "Content-Type must be application/json");
+        }
+        let Some(query) = parse_pairs(&req.query) else {
+            return msg(400, "Malformed query string");
+        };
+        let body = &req.body[..];
+        let result = match (&req.method, id) {
+            (&Method::GET, None) => self.list(&query),
+            (&Method::PUT, None) => self.upsert(body),
+            (&Method::POST, None) => parse_write(body, Write::Create)
+                .and_then(|w| self.create(&w))
+                .map(|c| json_reply(201, &full_json(&c))),
+            (&Method::GET, Some(id)) => self
+                .contacts
+                .get(&id)
+                .map(ok_contact)
+                .ok_or_else(|| not_found(id)),
+            (&Method::PATCH, Some(id)) => self.patch(id, body, &query),
+            (&Method::DELETE, Some(id)) => match self.contacts.remove(&id) {
+                Some(_) => Ok(reply(204, String::new(), "")),
+                None => Err(not_found(id)),
+            },
+            _ => Err(msg(405, "Method Not Allowed")),
+        };
+        result.unwrap_or_else(|e| e)
+    }
+
+    /// `GET /v1/contacts`: exact, case-insensitive `email` filter over EMAIL1..3, paged.
+    fn list(&self, query: &[(String, String)]) -> Result<Reply, Reply> {
+        let number = |k: &str, default: usize| field(query, k).map_or(Ok(default), str::parse);
+        let (Ok(limit), Ok(offset)) = (number("limit", 1000), number("offset", 0)) else {
+            return Err(msg(400, "limit and offset must be non-negative integers"));
+        };
+        let email = field(query, "email");
+        let all = self.contacts.values();
+        let matching: Vec<&Contact> = all
+            .filter(|c| email.is_none_or(|e| has_email(c, e)))
+            .collect();
+        let page = matching.iter().skip(offset).take(limit.min(1000));
+        let list = ContactList {
+            count: i64::try_from(matching.len()).unwrap_or(i64::MAX),
+            contacts: page.map(|c| (*c).clone()).collect(),
+            ..ContactList::default()
+        };
+        Ok(json_reply(
+            200,
+            &serde_json::to_value(&list).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// `PUT /v1/contacts`: update the duplicate found by `duplicate_option`, else create.
+    fn upsert(&mut self, body: &[u8]) -> Result<Reply, Reply> {
+        let w = parse_write(body, Write::Upsert)?;
+        match self
+            .find_duplicate(&w)
+            .and_then(|id| self.contacts.get_mut(&id))
+        {
+            Some(c) => {
+                apply(c, &w, None);
+                Ok(ok_contact(c))
+            }
+            None => self.create(&w).map(|c| ok_contact(&c)),
+        }
+    }
+
+    /// Lowest-id contact sharing one of the request's emails (EMAIL1 tried first) and, for
+    /// `EmailAndName`, the same given and family name (case-insensitive).
+    fn find_duplicate(&self, w: &ContactWrite) -> Option<i64> {
+        let by_name = w.duplicate_option == Some(DuplicateOption::EmailAndName);
+        let norm = |s: &Option<String>| s.as_deref().unwrap_or("").trim().to_lowercase();
+        let same_name = |c: &Contact| {
+            norm(&c.given_name) == norm(&w.given_name)
+                && norm(&c.family_name) == norm(&w.family_name)
+        };
+        let mut emails: Vec<&EmailAddress> = w.email_addresses.iter().flatten().collect();
+        emails.sort_by_key(|e| slot(e.field));
+        emails
+            .iter()
+            .filter_map(|e| e.email.as_deref())
+            .find_map(|email| {
+                let mut all = self.contacts.values();
+                all.find(|c| has_email(c, email) && (!by_name || same_name(c)))
+                    .map(|c| c.id)
+            })
+    }
+
+    fn patch(&mut self, id: i64, body: &[u8], query: &[(String, String)]) -> Result<Reply, Reply> {
+        let mask: Vec<String> = query
+            .iter()
+            .filter(|(k, _)| k == "update_mask")
+            .map(|(_, v)| v.clone())
+            .collect();
+        let known = |m: &&String| UPDATE_MASK_VALUES.split_whitespace().any(|v| v == *m);
+        if let Some(bad) = mask.iter().find(|m| !known(m)) {
+            return Err(msg(400, &format!("Invalid update_mask value: {bad}")));
+        }
+        let c = self.contacts.get_mut(&id).ok_or_else(|| not_found(id))?;
+        let w = parse_write(body, Write::Patch)?;
+        apply(c, &w, (!mask.is_empty()).then_some(mask.as_slice()));
+        Ok(ok_contact(c))
+    }
+
+    /// Validated create: a new contact needs at least one email address (no phones modelled).
+    fn create(&mut self, w: &ContactWrite) -> Result<Contact, Reply> {
+        let mut emails = w.email_addresses.iter().flatten();
+        if !emails.any(|e| e.email.is_some()) {
+            return Err(msg(
+                400,
+                "At least one email address or phone number is required",
+            ));
+        }
+        Ok(self.insert_new(w))
+    }
+
+    fn insert_new(&mut self, w: &ContactWrite) -> Contact {
+        let id = self.next_id;
+        self.next_id += 1;
+        let now = Some(rfc3339_ms(unix_ms()));
+        let mut c = Contact {
+            id,
+            date_created: now,
+            ..Contact::default()
+        };
+        apply(&mut c, w, None);
+        self.contacts.insert(id, c.clone());
+        c
+    }
+}
+
+fn not_found(id: i64) -> Reply {
+    msg(404, &format!("Contact {id} not found"))
+}
+
+fn ok_contact(c: &Contact) -> Reply {
+    json_reply(200, &full_json(c))
+}
+
+fn has_email(c: &Contact, email: &str) -> bool {
+    let mut all = c.email_addresses.iter().filter_map(|e| e.email.as_deref());
+    all.any(|have| have.eq_ignore_ascii_case(email))
+}
+
+fn slot(f: EmailField) -> u8 {
+    match f {
+        EmailField::Email1 => 1,
+        EmailField::Email2 => 2,
+        EmailField::Email3 => 3,
+    }
+}
+
+/// Applies the provided fields (only those in `mask` when given); an email item replaces the
+/// slot of its `field`, an item without `email` empties the slot.
+fn apply(c: &mut Contact, w: &ContactWrite, mask: Option<&[String]>) {
+    let allowed = |name: &str| mask.is_none_or(|m| m.iter().any(|x| x == name));
+    if let (Some(v), true) = (&w.given_name, allowed("given_name")) {
+        c.given_name = Some(v.clone());
+    }
+    if let (Some(v), true) = (&w.family_name, allowed("family_name")) {
+        c.family_name = Some(v.clone());
+    }
+    if let (Some(items), true) = (&w.email_addresses, allowed("email_addresses")) {
+        for item in items {
+            c.email_addresses.retain(|e| e.field != item.field);
+            if item.email.is_some() {
+                c.email_addresses.push(item.clone());
+            }
+        }
+        c.email_addresses.sort_by_key(|e| slot(e.field));
+    }
+    c.last_updated = Some(rfc3339_ms(unix_ms()));
+}
+
+/// A FullContact: the modelled fields plus properties the daemon does not model, so a client
+/// that fails on unknown fields fails here as it would against Keap.
+fn full_json(c: &Contact) -> Value {
+    let mut v = serde_json::to_value(c).unwrap_or_else(|_| json!({}));
+    let extra = json!({"email_status": "UnengagedMarketable", "email_opted_in": false,
+        "tag_ids": [], "ScoreValue": "0", "phone_numbers": []});
+    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+        m.extend(e);
+    }
+    v
+}
+
+/// Which operation a contact body is for: only PUT takes `duplicate_option`, and needs it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Upsert,
+    Create,
+    Patch,
+}
+
+/// Reads a contact body the way Keap's v1 validation would, answering v1 `{"message"}` 400s.
+/// Properties the fake does not model are rejected rather than silently dropped.
+fn parse_write(body: &[u8], kind: Write) -> Result<ContactWrite, Reply> {
+    let bad = |text: &str| msg(400, text);
+    let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(body) else {
+        return Err(bad(BAD_INPUT));
+    };
+    let mut top = vec!["given_name", "family_name", "email_addresses"];
+    if kind == Write::Upsert {
+        top.push("duplicate_option");
+    }
+    let items = v
+        .get("email_addresses")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    let unknown = v
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .find(|k| !top.contains(&k.as_str()));
+    let unknown = unknown.or_else(|| {
+        let mut keys = items.filter_map(Value::as_object).flat_map(|m| m.keys());
+        keys.find(|k| *k != "email" && *k != "field")
+    });
+    if let Some(k) = unknown {
+        return Err(bad(&format!("Unrecognized field \"{k}\"")));
+    }
+    // Type errors, a missing `field` or one outside EMAIL1..3 fail here, with serde's words.
+    let w: ContactWrite = serde_json::from_value(v).map_err(|e| bad(&e.to_string()))?;
+    for (name, value) in [
+        ("given_name", &w.given_name),
+        ("family_name", &w.family_name),
+    ] {
+        if value.as_ref().is_some_and(|v| v.chars().count() > MAX_NAME) {
+            return Err(bad(&format!(
+                "{name} must be at most {MAX_NAME} characters"
+            )));
+        }
+    }
+    let emails = w.email_addresses.as_deref().unwrap_or_default();
+    for (i, e) in emails.iter().enumerate() {
+        // EMAIL1 holds at most 75 characters, EMAIL2/3 100 (API-NOTES 3.6).
+        let max = if e.field == EmailField::Email1 {
+            75
+        } else {
+            100
+        };
+        match e.email.as_deref() {
+            Some(a) if a.chars().count() > max => {
+                return Err(bad(&format!(
+                    "Email address is too long (at most {max} characters)"
+                )))
+            }
+            Some(a) if !email_is_valid(a) => return Err(bad("Email address is invalid")),
+            _ if emails[..i].iter().any(|o| o.field == e.field) => {
+                return Err(bad("Each email field may appear only once"))
+            }
+            _ => {}
+        }
+    }
+    if kind == Write::Upsert && w.duplicate_option.is_none() {
+        return Err(bad("duplicate_option is required: Email or EmailAndName"));
+    }
+    Ok(w)
+}
+
+/// A plain `local@domain.tld` check: ASCII only, no spaces, dotted domain with an alphabetic
+/// TLD of two or more letters. Stricter than RFC 5322, like most CRM validators.
+fn email_is_valid(e: &str) -> bool {
+    let Some((local, domain)) = e.split_once('@') else {
+        return false;
+    };
+    let local_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c);
+    let local_ok = !local.is_empty()
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.chars().all(local_char);
+    let label_ok = |l: &&str| {
+        let chars_ok = l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        !l.is_empty() && !l.starts_with('-') && !l.ends_with('-') && chars_ok
+    };
+    let labels: Vec<&str> = domain.split('.').collect();
+    let tld_ok = labels
+        .last()
+        .is_some_and(|t| t.len() >= 2 && t.chars().all(|c| c.is_ascii_alphabetic()));
+    local_ok && labels.len() >= 2 && labels.iter().all(label_ok) && tld_ok
+}
+
+/// Splits `a=1&b=2` (query or form body) into decoded pairs; `None` on bad percent-encoding.
+fn parse_pairs(s: &str) -> Option<Vec<(String, String)>> {
+    let pairs = s.split('&').filter(|p| !p.is_empty());
+    pairs
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((url_decode(k)?, url_decode(v)?))
+        })
+        .collect()
+}
+
+fn url_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn unix_ms() -> u64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH);
+    since_epoch.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `2024-08-14T12:34:56.789Z`, the timestamp style of Keap's v1 examples.
+fn rfc3339_ms(ms: u64) -> String {
+    let (days, rem) = (i64::try_from(ms / DAY_MS).unwrap_or(0), ms % DAY_MS);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::model::ErrorBody;
+    use super::*;
+    use reqwest::{RequestBuilder, Response as HttpResponse};
+
+    /// A started fake, a plain-HTTP client (no proxy from the environment) and a live token.
+    struct Kit {
+        fake: FakeKeap,
+        http: reqwest::Client,
+        token: String,
+    }
+
+    impl Kit {
+        async fn new(opts: FakeOptions) -> Kit {
+            let fake = FakeKeap::start(opts).await.expect("start");
+            let token = fake.issue_grant().access_token;
+            Kit {
+                fake,
+                http: client(),
+                token,
+            }
+        }
+        fn url(&self, rest: &str) -> String {
+            format!("{}/v1/contacts{rest}", self.fake.api_url())
+        }
+        fn get(&self, rest: &str) -> RequestBuilder {
+            self.http.get(self.url(rest)).bearer_auth(&self.token)
+        }
+        fn put(&self, body: &Value) -> RequestBuilder {
+            self.http
+                .put(self.url(""))
+                .bearer_auth(&self.token)
+                .json(body)
+        }
+        fn refresh(&self, rt: &str, secret: &str) -> RequestBuilder {
+            let form = [("grant_type", "refresh_token"), ("refresh_token", rt)];
+            let req = self.http.post(self.fake.token_url()).form(&form);
+            req.basic_auth("fake-client-id", Some(secret))
+        }
+    }
+
+    fn client() -> reqwest::Client {
+        // reqwest is built without a rustls provider; same as `crate::install_crypto_provider`.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client")
+    }
+
+    async fn send(req: RequestBuilder) -> HttpResponse {
+        req.send().await.expect("send")
+    }
+
+    async fn status(req: RequestBuilder) -> u16 {
+        send(req).await.status().as_u16()
+    }
+
+    async fn error(req: RequestBuilder) -> ErrorBody {
+        send(req).await.json().await.expect("error body")
+    }
+
+    async fn contact(req: RequestBuilder) -> Contact {
+        send(req).await.json().await.expect("contact")
+    }
+
+    fn upsert(email: &str, given: &str) -> Value {
+        let emails = json!([{"email": email, "field": "EMAIL1"}]);
+        json!({"given_name": given, "email_addresses": emails, "duplicate_option": "Email"})
+    }
+
+    #[test]
+    fn handle_is_send_sync_and_clone() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<FakeKeap>();
+    }
+
+    #[tokio::test]
+    async fn upsert_creates_then_updates_the_same_contact() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let created = contact(k.put(&upsert("Ada@Example.com", "Ada"))).await;
+        assert!(created.id >= FIRST_ID);
+        let updated = contact(k.put(&upsert("ada@example.COM", "Ada L."))).await;
+        assert_eq!(updated.id, created.id);
+        assert_eq!(updated.given_name.as_deref(), Some("Ada L."));
+        assert_eq!(updated.email1(), Some("ada@example.COM"));
+        assert_eq!(k.fake.contacts().len(), 1);
+        // EmailAndName with another name finds no duplicate: a second contact.
+        let mut other = upsert("ada@example.com", "Bob");
+        other["duplicate_option"] = json!("EmailAndName");
+        assert_ne!(contact(k.put(&other)).await.id, created.id);
+        assert_eq!(k.fake.contacts_with_email("ADA@example.com").len(), 2);
+        // POST always creates, with 201.
+        let body = json!({"email_addresses": [{"email": "ada@example.com", "field": "EMAIL1"}]});
+        let post = k.http.post(k.url("")).bearer_auth(&k.token).json(&body);
+        assert_eq!(status(post).await, 201);
+        assert_eq!(k.fake.contacts().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn get_list_and_delete() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let email = EmailAddress {
+            email: Some("x@y.io".into()),
+            field: EmailField::Email2,
+        };
+        let w = ContactWrite {
+            email_addresses: Some(vec![email]),
+            ..ContactWrite::default()
+        };
+        let seeded = k.fake.seed_contact(w);
+        assert!(k.fake.requests().is_empty(), "seeding is not logged");
+        let list: ContactList = send(k.get("").query(&[("email", "X@Y.IO")]))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!((list.count, list.contacts[0].id), (1, seeded.id));
+        let one = format!("/{}", seeded.id);
+        assert_eq!(status(k.get(&one)).await, 200);
+        assert_eq!(
+            status(k.http.delete(k.url(&one)).bearer_auth(&k.token)).await,
+            204
+        );
+        assert_eq!(status(k.get(&one)).await, 404);
+        assert_eq!(status(k.get("/abc")).await, 400);
+    }
+
+    #[tokio::test]
+    async fn patch_honours_update_mask() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let id = contact(k.put(&upsert("p@q.io", "Old"))).await.id;
+        let patch = |mask: &[&str]| {
+            let query: Vec<(&str, &str)> = mask.iter().map(|m| ("update_mask", *m)).collect();
+            let body = json!({"given_name": "New", "family_name": "Fam"});
+            k.http
+                .patch(k.url(&format!("/{id}")))
+                .bearer_auth(&k.token)
+                .query(&query)
+                .json(&body)
+        };
+        assert_eq!(status(patch(&["family_name"])).await, 200);
+        let after = k.fake.contact(id).unwrap();
+        assert_eq!(
+            (after.given_name.as_deref(), after.family_name.as_deref()),
+            (Some("Old"), Some("Fam"))
+        );
+        assert_eq!(status(patch(&["family_name", "given_name"])).await, 200);
+        assert_eq!(
+            k.fake.contact(id).unwrap().given_name.as_deref(),
+            Some("New")
+        );
+        assert_eq!(status(patch(&["given_name,family_name"])).await, 400);
+        let missing = k
+            .http
+            .patch(k.url("/999999"))
+            .bearer_auth(&k.token)
+            .json(&json!({}));
+        assert_eq!(status(missing).await, 404);
+    }
+
+    #[tokio::test]
+    async fn calls_without_valid_credentials_get_401() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let resp = send(k.http.get(k.url(""))).await;
+        assert_eq!(resp.status(), 401);
+        assert!(resp
+            .headers()
+            .get("x-keap-product-throttle-limit")
+            .is_none());
+        assert_eq!(
+            resp.json::<ErrorBody>().await.unwrap().code,
+            Some(json!(401))
+        );
+        let err = error(k.http.get(k.url("")).bearer_auth("nope")).await;
+        assert_eq!(err.message.as_deref(), Some("Invalid Access Token"));
+        assert_eq!(status(k.http.get(k.url("")).bearer_auth("k1")).await, 401);
+        k.fake.add_api_key("k1");
+        let resp = send(k.http.get(k.url("")).header("X-Keap-API-Key", "k1")).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-keap-product-throttle-limit"], "240");
+        let auths: Vec<AuthKind> = k.fake.requests().iter().map(|r| r.auth).collect();
+        assert_eq!(
+            auths,
+            [
+                AuthKind::None,
+                AuthKind::Bearer,
+                AuthKind::Bearer,
+                AuthKind::ApiKey
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn refresh_tokens_rotate_and_are_single_use() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let grant = k.fake.issue_grant();
+        let next: TokenResponse = send(k.refresh(&grant.refresh_token, "fake-client-secret"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_ne!(next.refresh_token, grant.refresh_token);
+        assert_eq!(
+            (next.token_type.as_deref(), next.expires_in),
+            (Some("bearer"), 86_400)
+        );
+        assert_eq!(next.scope.as_deref(), Some(FAKE_SCOPE));
+        let reuse = send(k.refresh(&grant.refresh_token, "fake-client-secret")).await;
+        assert_eq!(reuse.status(), 400);
+        assert_eq!(
+            reuse.json::<ErrorBody>().await.unwrap().error.as_deref(),
+            Some("invalid_grant")
+        );
+        assert_eq!(
+            (k.fake.refresh_count(), k.fake.spent_refresh_reuse_count()),
+            (1, 1)
+        );
+        // The old access token lives until its own expiry; the new one works too.
+        for t in [&grant.access_token, &next.access_token] {
+            assert_eq!(status(k.http.get(k.url("")).bearer_auth(t)).await, 200);
+        }
+        let err = error(k.refresh(&next.refresh_token, "wrong")).await;
+        assert_eq!(err.error.as_deref(), Some("invalid_client"));
+        let json_body = json!({"grant_type": "refresh_token", "refresh_token": next.refresh_token});
+        let as_json = k
+            .http
+            .post(k.fake.token_url())
+            .basic_auth("fake-client-id", Some("fake-client-secret"));
+        let err = error(as_json.json(&json_body)).await;
+        assert_eq!(
+            err.error_description.as_deref(),
+            Some("response_type or grant_type is required")
+        );
+
+        k.fake.revoke_all_grants();
+        assert_eq!(
+            status(k.refresh(&next.refresh_token, "fake-client-secret")).await,
+            400
+        );
+        assert_eq!(
+            status(k.http.get(k.url("")).bearer_auth(&next.access_token)).await,
+            401
+        );
+        assert_eq!(
+            k.fake.spent_refresh_reuse_count(),
+            1,
+            "revoked is not reuse"
+        );
+        let log = format!("{:?}", k.fake.requests());
+        assert!(
+            log.contains(REDACTED)
+                && !log.contains(&grant.refresh_token)
+                && !log.contains(&next.access_token)
+        );
+    }
+
+    #[tokio::test]
+    async fn authorization_code_grant_is_single_use_and_checks_redirect() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let code = k.fake.issue_code("https://app.example/cb");
+        let exchange = |redirect: &str| {
+            let form = [
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("client_id", "fake-client-id"),
+                ("client_secret", "fake-client-secret"),
+                ("redirect_uri", redirect),
+            ];
+            k.http.post(k.fake.token_url()).form(&form)
+        };
+        assert_eq!(status(exchange("https://evil.example/cb")).await, 400);
+        let grant: TokenResponse = send(exchange("https://app.example/cb"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await,
+            200
+        );
+        let err = error(exchange("https://app.example/cb")).await;
+        assert_eq!(err.error.as_deref(), Some("invalid_grant"));
+    }
+
+    #[tokio::test]
+    async fn expired_access_tokens_get_401() {
+        let k = Kit::new(FakeOptions::default()).await;
+        k.fake.expire_access_tokens();
+        assert_eq!(status(k.get("")).await, 401);
+        k.fake.set_access_token_lifetime(Duration::from_millis(300));
+        let grant = k.fake.issue_grant();
+        assert_eq!(grant.expires_in, 1, "expires_in is at least one second");
+        assert_eq!(
+            status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await,
+            401
+        );
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_answers_429_with_keap_headers() {
+        let k = Kit::new(FakeOptions {
+            per_second_limit: Some(2),
+            ..FakeOptions::default()
+        })
+        .await;
+        assert_eq!(status(k.get("")).await, 200);
+        assert_eq!(status(k.get("")).await, 200);
+        let resp = send(k.get("")).await;
+        assert_eq!(resp.status(), 429);
+        let h = resp.headers();
+        assert!(h.get("retry-after").is_none());
+        for (name, want) in [
+            ("throttle-limit", "1500"),
+            ("throttle-used", "2"),
+            ("throttle-available", "1498"),
+            ("throttle-time-unit", "minute"),
+            ("throttle-interval", "1"),
+            ("quota-used", "2"),
+            ("quota-limit", "150000"),
+        ] {
+            assert_eq!(h[format!("x-keap-product-{name}").as_str()], want, "{name}");
+        }
+        let expiry: u64 = h["x-keap-product-quota-expiry-time"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(expiry % DAY_MS, 0);
+        assert!(expiry > unix_ms() && expiry <= unix_ms() + DAY_MS);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"code":"429","message":"Quota Exceeded","status":"Request Throttled","details":null})
+        );
+        assert_eq!(
+            (k.fake.throttled_count(), k.fake.count(|r| r.status == 429)),
+            (1, 1)
+        );
+        k.fake.set_limits(None, Some(2));
+        assert_eq!(
+            status(k.get("")).await,
+            429,
+            "the minute window still holds two requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn drop_closes_the_connection_and_other_faults() {
+        let k = Kit::new(FakeOptions::default()).await;
+        k.fake
+            .inject(FaultRule::new(Route::Contacts, FaultAction::Drop).times(1));
+        assert!(
+            k.put(&upsert("d@e.io", "D")).send().await.is_err(),
+            "no answer"
+        );
+        assert!(k.fake.contacts().is_empty(), "not performed");
+        assert_eq!(k.fake.requests()[0].status, 0);
+        k.fake
+            .inject(FaultRule::new(Route::Contacts, FaultAction::DropAfterCommit).times(1));
+        assert!(k.put(&upsert("d@e.io", "D")).send().await.is_err());
+        assert_eq!(k.fake.contacts().len(), 1, "a lost reply still commits");
+        k.fake
+            .inject(FaultRule::new(Route::Any, FaultAction::Status(503, "busy".into())).times(1));
+        k.fake.inject(FaultRule::new(
+            Route::Token,
+            FaultAction::Status(500, "{}".into()),
+        ));
+        k.fake
+            .inject(FaultRule::new(Route::Contacts, FaultAction::Drop).probability(0.0));
+        assert_eq!(status(k.put(&upsert("d@e.io", "D"))).await, 503);
+        assert_eq!(status(k.put(&upsert("d@e.io", "D"))).await, 200);
+        assert_eq!(status(k.refresh("x", "y")).await, 500);
+        k.fake.clear_faults();
+        k.fake.inject(FaultRule::new(
+            Route::Contacts,
+            FaultAction::Delay(Duration::from_millis(50)),
+        ));
+        let t0 = Instant::now();
+        assert_eq!(status(k.get("")).await, 200);
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn set_down_refuses_connections_until_back_up_on_the_same_port() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let addr = k.fake.addr();
+        assert_eq!(status(k.get("")).await, 200);
+        k.fake.set_down(true);
+        let refused = tokio::net::TcpStream::connect(addr)
+            .await
+            .err()
+            .map(|e| e.kind());
+        assert_eq!(refused, Some(io::ErrorKind::ConnectionRefused));
+        assert!(
+            k.get("").send().await.is_err(),
+            "the keep-alive connection was cut too"
+        );
+        k.fake.set_down(false);
+        assert_eq!(k.fake.addr(), addr);
+        assert_eq!(status(k.get("")).await, 200);
+        assert_eq!(
+            status(client().get(k.url("")).bearer_auth(&k.token)).await,
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_the_server() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let addr = k.fake.addr();
+        k.fake.shutdown().await;
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn invalid_bodies_get_400_with_a_v1_message() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let (long_name, long_email) = ("x".repeat(41), format!("{}@b.io", "x".repeat(72)));
+        let item = |field: &str| json!({"email_addresses": [{"email": "a@b.io", "field": field}], "duplicate_option": "Email"});
+        let cases = [
+            (upsert("not-an-email", "A"), "Email address is invalid"),
+            (upsert("a@b", "A"), "Email address is invalid"),
+            (
+                upsert("a@b.io", &long_name),
+                "given_name must be at most 40 characters",
+            ),
+            (
+                upsert(&long_email, "A"),
+                "Email address is too long (at most 75 characters)",
+            ),
+            (
+                json!({"email_addresses": [{"email": "a@b.io"}], "duplicate_option": "Email"}),
+                "missing field `field`",
+            ),
+            (item("EMAIL4"), "unknown variant `EMAIL4`"),
+            (
+                json!({"email_addresses": [{"email": "a@b.io", "field": "EMAIL1"}]}),
+                "duplicate_option is required",
+            ),
+            (
+                json!({"given_name": "A", "duplicate_option": "Email"}),
+                "At least one email",
+            ),
+            (
+                json!({"given_name": "A", "nickname": "B", "duplicate_option": "Email"}),
+                "Unrecognized field",
+            ),
+            (
+                json!({"given_name": "A", "duplicate_option": "EmailAndNameAndCompany"}),
+                "unknown variant",
+            ),
+            (json!([1, 2]), BAD_INPUT),
+        ];
+        for (body, want) in cases {
+            let resp = send(k.put(&body)).await;
+            assert_eq!(resp.status(), 400, "{body}");
+            assert!(resp.headers().contains_key("x-keap-product-quota-limit"));
+            let text = resp
+                .json::<ErrorBody>()
+                .await
+                .unwrap()
+                .message
+                .unwrap_or_default();
+            assert!(text.starts_with(want), "{body}: {text}");
+        }
+        let broken = k
+            .http
+            .put(k.url(""))
+            .bearer_auth(&k.token)
+            .header("content-type", "application/json");
+        assert_eq!(status(broken.body("{oops")).await, 400);
+        assert_eq!(
+            status(k.http.put(k.url("")).bearer_auth(&k.token).body("{}")).await,
+            415
+        );
+        let v2 = format!("{}/v2/contacts", k.fake.api_url());
+        assert_eq!(status(k.http.get(v2).bearer_auth(&k.token)).await, 404);
+        assert!(k.fake.contacts().is_empty());
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(rfc3339_ms(1_723_680_000_123), "2024-08-15T00:00:00.123Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(url_decode("a%20b+c%7C"), Some("a b c|".into()));
+        for bad in ["%zz", "%+5", "%4", "%FF"] {
+            assert_eq!(url_decode(bad), None, "{bad}");
+        }
+        assert!(email_is_valid("first.last+tag@sub.example.co"));
+        for bad in [
+            "",
+            "a",
+            "@b.io",
+            "a@b",
+            "a@.io",
+            "a b@c.io",
+            "a@b.c",
+            "a..b@c.io",
+            "é@c.io",
+            "a@b.i1",
+        ] {
+            assert!(!email_is_valid(bad), "{bad}");
+        }
+        assert!(format!("{:?}", FakeOptions::default()).contains(REDACTED));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let remote = FakeKeap::start_on("10.0.0.1:0".parse().unwrap(), FakeOptions::default());
+        assert!(
+            rt.block_on(remote).is_err(),
+            "never listens beyond loopback"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! Everything that speaks Keap's language: the REST v1 client the daemon uses, the wire types
+//! it sends and reads, and a fake Keap server that plays the API for tests, benchmarks and the
+//! demo.
+
+mod client;
+pub mod fake;
+pub mod model;
+
+pub(crate) use client::http_client;
+pub use client::{Auth, ErrorKind, KeapClient, KeapError};

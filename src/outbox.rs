@@ -1,0 +1,330 @@
+//! The outbox: claiming pending user changes and recording what became of them.
+//!
+//! Every function here is a single SQL statement, so each is atomic on its own and none holds
+//! a transaction open across a Keap call (design invariant 3): [`claim`] commits its lease
+//! before the caller does any HTTP, and the result functions check `leased_by` so a daemon
+//! whose lease expired (it was paused, partitioned, or assumed dead) cannot overwrite the work
+//! of whoever claimed the row after it.
+//!
+//! A row's `version` is bumped by the trigger on every change. A result is final only if the
+//! version is still the one claimed; otherwise the row is released and stays queued, and the
+//! next delivery reads the newer state (invariant 2).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::db::DbError;
+use crate::schema::UserTable;
+
+/// A claimed outbox row, joined with what we know of its Keap contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub user_key: String,
+    pub version: i64,
+    /// Including this one.
+    pub attempts: i32,
+    pub contact_id: Option<i64>,
+    pub fingerprint: Option<String>,
+}
+
+/// The synced columns of one user, as text.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserRow {
+    pub email: Option<String>,
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+}
+
+/// Timing knobs for [`claim`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimTiming {
+    pub lease: Duration,
+    /// A change is claimed once the user has been quiet this long...
+    pub settle: Duration,
+    /// ...or once it has waited this long, so a user who never goes quiet still syncs.
+    pub max_settle: Duration,
+}
+
+/// Claims up to `limit` due rows for `instance`, oldest schedule first.
+pub async fn claim(
+    client: &Client,
+    instance: &str,
+    limit: i64,
+    t: ClaimTiming,
+) -> Result<Vec<Claim>, DbError> {
+    let rows = client
+        .query(
+            "with due as (
+                 select user_key from keap_sync.outbox
+                  where parked_at is null
+                    and next_attempt_at <= now()
+                    and (changed_at <= now() - make_interval(secs => $3)
+                         or first_changed_at <= now() - make_interval(secs => $4))
+                    and (lease_until is null or lease_until < now())
+                  order by next_attempt_at
+                  limit $1
+                  for update skip locked
+             )
+             update keap_sync.outbox o
+                set lease_until = now() + make_interval(secs => $2),
+                    leased_by   = $5,
+                    attempts    = o.attempts + 1
+               from due
+               left join keap_sync.contact_map m on m.user_key = due.user_key
+              where o.user_key = due.user_key
+          returning o.user_key, o.version, o.attempts, m.contact_id, m.fingerprint",
+            &[
+                &limit,
+                &t.lease.as_secs_f64(),
+                &t.settle.as_secs_f64(),
+                &t.max_settle.as_secs_f64(),
+                &instance,
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Claim {
+            user_key: r.get(0),
+            version: r.get(1),
+            attempts: r.get(2),
+            contact_id: r.get(3),
+            fingerprint: r.get(4),
+        })
+        .collect())
+}
+
+/// Reads the current rows of `keys` from the users table. A key with no row was deleted.
+///
+/// Values go through `to_jsonb` exactly as in the trigger, so the key text matches the outbox
+/// key for any key type, and any column type (citext, varchar, …) reads as text.
+pub async fn read_users(
+    client: &Client,
+    table: &UserTable,
+    keys: &[String],
+) -> Result<HashMap<String, UserRow>, DbError> {
+    let col = |c: &Option<String>| {
+        c.as_deref()
+            .map_or("null".to_owned(), |c| format!("t.{c}::text"))
+    };
+    let sql = format!(
+        "select pg_catalog.to_jsonb(t) ->> $2, t.{email}::text, {given}, {family}
+           from {table} t
+          where t.{key} = any($1::text[]::{key_type}[])",
+        email = table.email,
+        given = col(&table.given_name),
+        family = col(&table.family_name),
+        table = table.qualified,
+        key = table.key,
+        key_type = table.key_type,
+    );
+    let rows = client.query(&sql, &[&keys, &table.key_name]).await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let key: Option<String> = r.get(0);
+            key.map(|k| {
+                (
+                    k,
+                    UserRow {
+                        email: r.get(1),
+                        given_name: r.get(2),
+                        family_name: r.get(3),
+                    },
+                )
+            })
+        })
+        .collect())
+}
+
+/// How a claimed change ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    /// Keap holds this payload on this contact.
+    Synced {
+        contact_id: i64,
+        fingerprint: String,
+    },
+    /// The user row is gone; its mapping is forgotten (the contact was deleted or kept per config).
+    Forgotten,
+    /// Nothing to do (payload unchanged, or a deleted user that was never synced).
+    Nothing,
+}
+
+/// Records a success: the contact map is updated, and the outbox row is deleted if no newer
+/// change arrived meanwhile, else released for the next delivery. Returns true if the row was
+/// deleted.
+pub async fn complete(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    done: &Done,
+) -> Result<bool, DbError> {
+    // `gone` must be evaluated before `kept` decides; the CTE reference guarantees that, and the
+    // two never touch the same row (one deletes it, the other runs only if it was not deleted).
+    let (map_sql, contact_id, fingerprint) = match done {
+        Done::Synced { contact_id, fingerprint } => (
+            "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, synced_at)
+             values ($1, $4, $5, now())
+             on conflict (user_key) do update
+                set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint, synced_at = now()",
+            Some(*contact_id),
+            Some(fingerprint.as_str()),
+        ),
+        Done::Forgotten => (
+            "delete from keap_sync.contact_map where user_key = $1 and $4::int8 is null and $5::text is null",
+            None,
+            None,
+        ),
+        Done::Nothing => (
+            "select where $4::int8 is null and $5::text is null",
+            None,
+            None,
+        ),
+    };
+    let sql = format!(
+        "with gone as (
+             delete from keap_sync.outbox
+              where user_key = $1 and version = $2 and leased_by = $3
+             returning 1
+         ), kept as (
+             update keap_sync.outbox
+                set lease_until = null, leased_by = null, attempts = 0, last_error = null,
+                    next_attempt_at = now(), first_changed_at = now()
+              where user_key = $1 and leased_by = $3 and not exists (select from gone)
+             returning 1
+         ), mapped as (
+             {map_sql}
+         )
+         select exists (select from gone)"
+    );
+    let row = client
+        .query_one(
+            &sql,
+            &[
+                &claim.user_key,
+                &claim.version,
+                &instance,
+                &contact_id,
+                &fingerprint,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Puts a transiently failed change back with a retry time; the schedule lives in the row so
+/// it survives restarts.
+pub async fn retry_later(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    delay: Duration,
+    error: &str,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "update keap_sync.outbox
+                set lease_until = null, leased_by = null, last_error = $4,
+                    next_attempt_at = now() + make_interval(secs => $3)
+              where user_key = $1 and leased_by = $2",
+            &[&claim.user_key, &instance, &delay.as_secs_f64(), &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Parks a change that cannot succeed as it is (Keap's 400, a row we cannot map). It stays
+/// visible with its reason and is tried again on the user's next change. If a newer change
+/// already arrived, the row is released for it instead of parked.
+pub async fn park(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    error: &str,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "update keap_sync.outbox
+                set lease_until = null, leased_by = null, last_error = $4,
+                    parked_at = case when version = $2 then now() end,
+                    next_attempt_at = now()
+              where user_key = $1 and leased_by = $3",
+            &[&claim.user_key, &claim.version, &instance, &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Gives back a claim without a result (shutdown, lost token), so it is retried at once by
+/// whoever runs next. The attempt is not counted.
+pub async fn release(client: &Client, claim: &Claim, instance: &str) -> Result<(), DbError> {
+    client
+        .execute(
+            "update keap_sync.outbox
+                set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0)
+              where user_key = $1 and leased_by = $2",
+            &[&claim.user_key, &instance],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Gives back every claim `instance` still holds (graceful stop).
+pub async fn release_all(client: &Client, instance: &str) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "update keap_sync.outbox
+                set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0)
+              where leased_by = $1",
+            &[&instance],
+        )
+        .await?)
+}
+
+/// How long until the next row becomes claimable, if any row is pending. Looks at the 1,000
+/// earliest schedules only; anything later is found by the regular poll.
+pub async fn next_due_in(client: &Client, t: ClaimTiming) -> Result<Option<Duration>, DbError> {
+    let row = client
+        .query_one(
+            "select extract(epoch from min(greatest(
+                        next_attempt_at,
+                        least(changed_at + make_interval(secs => $1), first_changed_at + make_interval(secs => $2)),
+                        coalesce(lease_until, '-infinity'))) - now())::float8
+               from (select next_attempt_at, changed_at, first_changed_at, lease_until
+                       from keap_sync.outbox
+                      where parked_at is null
+                      order by next_attempt_at
+                      limit 1000) s",
+            &[&t.settle.as_secs_f64(), &t.max_settle.as_secs_f64()],
+        )
+        .await?;
+    let secs: Option<f64> = row.get(0);
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// Rows not yet delivered (including parked ones).
+pub async fn pending(client: &Client) -> Result<i64, DbError> {
+    Ok(client
+        .query_one("select count(*) from keap_sync.outbox", &[])
+        .await?
+        .get(0))
+}
+
+/// Waits until the outbox is empty (every change delivered or skipped; a parked change keeps
+/// it non-empty), polling every 20 ms. Returns false if `timeout` passes first. The outbox row
+/// outlives its delivery, so "empty" also means "nothing in flight".
+pub async fn wait_until_empty(client: &Client, timeout: Duration) -> Result<bool, DbError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if pending(client).await? == 0 {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,56 @@
+//! A wrapper that keeps credentials out of logs, errors, `Debug` output and panics.
+//!
+//! Every client secret, access token, refresh token and API key in the daemon lives in a
+//! [`Secret`] from the moment it is read until the moment it is written into an HTTP header or a
+//! database parameter. `Debug` and `Display` print `<redacted>`, so a `tracing` field, an error
+//! message or a `dbg!` can never leak one by accident; reading the value takes an explicit
+//! [`Secret::expose`], which is easy to grep for in review.
+
+use std::fmt;
+
+/// A string that is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The raw value, for the one place that must send or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_value() {
+        let s = Secret::new("hunter2-token");
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert_eq!(format!("{s}"), "<redacted>");
+        assert_eq!(format!("{:?}", Some(s.clone())), "Some(<redacted>)");
+        assert_eq!(s.expose(), "hunter2-token");
+    }
+}

@@ -1,0 +1,403 @@
+//! Test harness: a real Postgres (one throwaway cluster per test binary, a fresh database per
+//! test), the fake Keap, and the real daemon — in-process via [`TestApp::start_daemon`], or as
+//! a child process via [`TestApp::spawn_process`] when a test needs to SIGKILL it.
+//!
+//! Nothing here sleeps to synchronise: tests wait for a condition with a deadline
+//! ([`TestApp::wait_idle`], [`eventually`]).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
+
+use keap_sync::config::Config;
+use keap_sync::daemon::RunError;
+use keap_sync::keap::fake::{FakeKeap, FakeOptions};
+use keap_sync::pgcluster::Cluster;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+/// The application's table as a typical app has it: `plan` is not synced.
+pub const USERS_DDL: &str = "create table public.users (
+    id          bigserial primary key,
+    email       text,
+    first_name  text,
+    last_name   text,
+    plan        text not null default 'free'
+)";
+
+/// Test settings: fast retries, a lease short enough for crash tests, limits out of the way.
+pub const TEST_TOML: &str = r#"
+[keap]
+request_timeout_secs = 3
+connect_timeout_secs = 1
+
+[delivery]
+lease_secs = 10
+poll_interval_ms = 500
+retry_base_ms = 50
+retry_max_secs = 1
+shutdown_grace_secs = 5
+
+[limits]
+per_second = 5000
+per_minute = 300000
+per_day = 10000000
+"#;
+
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        Cluster::start().unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}"))
+    })
+}
+
+fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("KEAP_SYNC_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+pub struct Options {
+    pub fake: FakeOptions,
+    pub start_daemon: bool,
+    /// Appended to [`TEST_TOML`]'s values by editing the loaded config.
+    pub tweak: fn(&mut Config),
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            fake: FakeOptions::default(),
+            start_daemon: true,
+            tweak: |_| {},
+        }
+    }
+}
+
+struct Daemon {
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<Result<(), RunError>>,
+}
+
+pub struct TestApp {
+    /// The application's own connection (plays the app writing `users`).
+    pub db: Client,
+    pub conninfo: String,
+    pub fake: FakeKeap,
+    tweak: fn(&mut Config),
+    daemon: Option<Daemon>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    init_tracing();
+    let conninfo = cluster().fresh_database("t").await.expect("fresh database");
+    let fake = FakeKeap::start(options.fake).await.expect("fake Keap");
+    fake.add_api_key(API_KEY);
+    let mut db = connect(&conninfo).await;
+    db.batch_execute(USERS_DDL).await.expect("users table");
+    let app = TestApp {
+        db: connect(&conninfo).await,
+        conninfo,
+        fake,
+        tweak: options.tweak,
+        daemon: None,
+    };
+    keap_sync::schema::migrate(&mut db, &app.config().users)
+        .await
+        .expect("migrate");
+    let mut app = app;
+    if options.start_daemon {
+        app.start_daemon().await;
+    }
+    app
+}
+
+pub async fn connect(conninfo: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+impl TestApp {
+    /// The environment the daemon sees.
+    pub fn env(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("DATABASE_URL".to_owned(), self.conninfo.clone()),
+            ("KEAP_API_URL".to_owned(), self.fake.api_url()),
+            ("KEAP_TOKEN_URL".to_owned(), self.fake.token_url()),
+            ("KEAP_API_KEY".to_owned(), API_KEY.to_owned()),
+        ])
+    }
+
+    pub fn config(&self) -> Config {
+        let env = self.env();
+        let mut config =
+            Config::from_toml(TEST_TOML, &|k| env.get(k).cloned()).expect("test config");
+        (self.tweak)(&mut config);
+        config
+    }
+
+    pub async fn start_daemon(&mut self) {
+        self.start_daemon_with(self.config()).await;
+    }
+
+    pub async fn start_daemon_with(&mut self, config: Config) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(keap_sync::daemon::run(config, async {
+            let _ = stopped.await;
+        }));
+        self.daemon = Some(Daemon { stop, handle });
+    }
+
+    /// Graceful stop; panics if the daemon failed.
+    pub async fn stop_daemon(&mut self) {
+        let daemon = self.daemon.take().expect("daemon running");
+        let _ = daemon.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), daemon.handle)
+            .await
+            .expect("daemon stops within 30 s")
+            .expect("daemon task")
+            .expect("daemon ran without error");
+    }
+
+    /// Waits until every change is delivered (the outbox is empty), or panics with the
+    /// outbox's contents after `timeout`.
+    pub async fn wait_idle_for(&self, timeout: Duration) {
+        if keap_sync::outbox::wait_until_empty(&self.db, timeout)
+            .await
+            .expect("outbox query")
+        {
+            return;
+        }
+        let rows = self
+            .db
+            .query(
+                "select user_key, version, attempts, lease_until is not null, parked_at is not null, last_error
+                   from keap_sync.outbox order by user_key limit 10",
+                &[],
+            )
+            .await
+            .expect("outbox dump");
+        let dump: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} v{} attempts={} leased={} parked={} error={:?}",
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1),
+                    r.get::<_, i32>(2),
+                    r.get::<_, bool>(3),
+                    r.get::<_, bool>(4),
+                    r.get::<_, Option<String>>(5)
+                )
+            })
+            .collect();
+        panic!("outbox not empty after {timeout:?}:\n{}", dump.join("\n"));
+    }
+
+    pub async fn wait_idle(&self) {
+        self.wait_idle_for(Duration::from_secs(30)).await;
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.db
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// Contact calls the fake has seen (PUT/PATCH/DELETE/GET under /v1/contacts).
+    pub fn contact_calls(&self, method: &str) -> usize {
+        self.fake
+            .count(|r| r.method == method && r.path.starts_with("/crm/rest/v1/contacts"))
+    }
+
+    /// Asserts that Keap holds exactly one contact per user, equal to the user's row.
+    pub async fn assert_keap_matches_users(&self) {
+        let rows = self
+            .db
+            .query(
+                "select u.id, u.email, u.first_name, u.last_name, m.contact_id
+                   from users u left join keap_sync.contact_map m on m.user_key = u.id::text
+                  where u.email is not null order by u.id",
+                &[],
+            )
+            .await
+            .expect("users");
+        let contacts = self.fake.contacts();
+        assert_eq!(
+            contacts.len(),
+            rows.len(),
+            "one contact per user with an email"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for row in rows {
+            let id: i64 = row.get(0);
+            let email: String = row.get(1);
+            let contact_id: Option<i64> = row.get(4);
+            let contact_id =
+                contact_id.unwrap_or_else(|| panic!("user {id} has no contact mapping"));
+            assert!(seen.insert(contact_id), "contact {contact_id} mapped twice");
+            let c = self
+                .fake
+                .contact(contact_id)
+                .unwrap_or_else(|| panic!("contact {contact_id} missing"));
+            assert_eq!(c.email1(), Some(email.as_str()), "user {id} email");
+            assert_eq!(
+                c.given_name,
+                row.get::<_, Option<String>>(2),
+                "user {id} given name"
+            );
+            assert_eq!(
+                c.family_name,
+                row.get::<_, Option<String>>(3),
+                "user {id} family name"
+            );
+            assert_eq!(
+                self.fake.contacts_with_email(&email).len(),
+                1,
+                "no duplicate for {email}"
+            );
+        }
+    }
+
+    /// Writes the test configuration (with database and fake URLs) to a file for a child
+    /// process; the API key goes through the environment.
+    pub fn write_config_file(&self, extra: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "keap-sync-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let path = dir.join("keap-sync.toml");
+        let text = format!(
+            "{}\n{}",
+            TEST_TOML.replacen(
+                "[keap]",
+                &format!(
+                    "[keap]\napi_url = \"{}\"\ntoken_url = \"{}\"",
+                    self.fake.api_url(),
+                    self.fake.token_url()
+                ),
+                1
+            ),
+            extra
+        );
+        std::fs::write(
+            &path,
+            format!("[database]\nurl = \"{}\"\n{text}", self.conninfo),
+        )
+        .expect("write config");
+        path
+    }
+
+    /// Starts `keap-sync run` as a child process. Killed when the guard drops.
+    pub fn spawn_process(&self, config: &std::path::Path) -> ChildDaemon {
+        let log = config.with_extension(format!("log.{}", rand_suffix()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+            .args(["--config", config.to_str().expect("utf-8 path"), "run"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KEAP_API_KEY", API_KEY)
+            .env("KEAP_SYNC_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn keap-sync");
+        ChildDaemon { child, log }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.handle.abort();
+        }
+    }
+}
+
+/// A `keap-sync run` child process; SIGKILLed on drop so a failing test leaves nothing behind.
+pub struct ChildDaemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl ChildDaemon {
+    /// SIGKILL: no chance to release claims or finish calls.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (N.fetch_add(1, Ordering::Relaxed) << 32)
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes; panics with `what`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
