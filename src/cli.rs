@@ -12,11 +12,7 @@ use crate::db::{self, DbError};
 use crate::schema::{self, SchemaError};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "keap-sync",
-    version,
-    about = "Keeps Keap contacts in step with a Postgres users table"
-)]
+#[command(name = "keap-sync", version, about = "Keeps Keap contacts in step with a Postgres users table")]
 struct Cli {
     /// TOML configuration file (see keap-sync.example.toml); environment variables override it.
     #[arg(long, global = true, env = "KEAP_SYNC_CONFIG")]
@@ -96,10 +92,7 @@ pub fn main() -> ExitCode {
     // The demo narrates on stdout; its daemon's routine log lines would only interleave.
     let default_level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
     init_logging(cli.log_format, default_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -121,12 +114,9 @@ fn one_line(s: &str) -> String {
 
 fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("KEAP_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
+    let filter = EnvFilter::try_from_env("KEAP_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -145,9 +135,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             let config = load(&cli.config)?;
             Ok(crate::daemon::run(config, stop_signal()).await?)
         }
-        Command::Demo { keep_running } => crate::demo::run(keep_running)
-            .await
-            .map_err(CliError::Other),
+        Command::Demo { keep_running } => crate::demo::run(keep_running).await.map_err(CliError::Other),
         Command::Auth(AuthCommand::Import) => crate::token::cli::import(load(&cli.config)?).await,
         Command::Auth(AuthCommand::Status) => crate::token::cli::status(load(&cli.config)?).await,
     }

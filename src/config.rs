@@ -25,10 +25,7 @@ pub const DEFAULT_TOKEN_URL: &str = "https://api.infusionsoft.com/token";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -81,10 +78,7 @@ pub enum Credential {
     /// Personal Access Token or Service Account Key, sent as `X-Keap-API-Key`; never refreshed.
     ApiKey(Secret),
     /// OAuth2 client; the access/refresh pair lives in `keap_sync.oauth_token`.
-    OAuth {
-        client_id: String,
-        client_secret: Secret,
-    },
+    OAuth { client_id: String, client_secret: Secret },
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +91,11 @@ pub struct KeapConfig {
     pub credential: Option<Credential>,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// OAuth: refresh when the access token expires within this margin.
+    pub refresh_margin: Duration,
+    /// OAuth: refresh a grant whose refresh token is this old even when idle (Keap's refresh
+    /// tokens lapse after 45 days).
+    pub refresh_token_max_age: Duration,
 }
 
 /// What happens in Keap when a user row is deleted.
@@ -136,16 +135,8 @@ pub struct LimitsConfig {
 }
 
 impl LimitsConfig {
-    pub const OAUTH: LimitsConfig = LimitsConfig {
-        per_second: 25,
-        per_minute: 1_500,
-        per_day: 150_000,
-    };
-    pub const API_KEY: LimitsConfig = LimitsConfig {
-        per_second: 10,
-        per_minute: 240,
-        per_day: 30_000,
-    };
+    pub const OAUTH: LimitsConfig = LimitsConfig { per_second: 25, per_minute: 1_500, per_day: 150_000 };
+    pub const API_KEY: LimitsConfig = LimitsConfig { per_second: 10, per_minute: 240, per_day: 30_000 };
 }
 
 /// The whole, validated configuration.
@@ -184,16 +175,11 @@ impl Config {
     ///
     /// `env` is a lookup function rather than `std::env::var` so tests can pass a map without
     /// touching the process environment (which is shared by every test thread).
-    pub fn load(
-        path: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let file = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
                 toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
                     path: path.to_owned(),
                     message: one_line(&e.to_string()),
@@ -212,10 +198,7 @@ impl Config {
 
     /// Configuration from TOML text (relative `*_file` paths resolve against the current
     /// directory). For tests and embedding; the CLI uses [`Config::load`].
-    pub fn from_toml(
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let file = toml::from_str::<FileConfig>(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<inline>"),
             message: one_line(&e.to_string()),
@@ -253,27 +236,19 @@ impl Config {
             family_name: optional_column(u.family_name, "last_name"),
         };
         validate_identifier("users.table", &users.table, true)?;
-        for (key, col) in [
-            ("users.key", Some(&users.key)),
-            ("users.email", Some(&users.email)),
-        ]
-        .into_iter()
-        .chain([
-            ("users.given_name", users.given_name.as_ref()),
-            ("users.family_name", users.family_name.as_ref()),
-        ]) {
+        for (key, col) in
+            [("users.key", Some(&users.key)), ("users.email", Some(&users.email))].into_iter().chain([
+                ("users.given_name", users.given_name.as_ref()),
+                ("users.family_name", users.family_name.as_ref()),
+            ])
+        {
             if let Some(col) = col {
                 validate_identifier(key, col, false)?;
             }
         }
 
         let k = file.keap;
-        let api_key = read_secret(
-            "KEAP_API_KEY",
-            "keap.api_key_file",
-            &k.api_key_file,
-            "keap-api-key",
-        )?;
+        let api_key = read_secret("KEAP_API_KEY", "keap.api_key_file", &k.api_key_file, "keap-api-key")?;
         let client_id = env("KEAP_CLIENT_ID").or(k.client_id);
         let client_secret = read_secret(
             "KEAP_CLIENT_SECRET",
@@ -300,29 +275,20 @@ impl Config {
             (None, None, None) => None,
         };
         let keap = KeapConfig {
-            api_url: url(
-                "KEAP_API_URL",
-                env("KEAP_API_URL").or(k.api_url),
-                DEFAULT_API_URL,
-            )?,
-            token_url: url(
-                "KEAP_TOKEN_URL",
-                env("KEAP_TOKEN_URL").or(k.token_url),
-                DEFAULT_TOKEN_URL,
-            )?,
+            api_url: url("KEAP_API_URL", env("KEAP_API_URL").or(k.api_url), DEFAULT_API_URL)?,
+            token_url: url("KEAP_TOKEN_URL", env("KEAP_TOKEN_URL").or(k.token_url), DEFAULT_TOKEN_URL)?,
             authorize_url: url(
                 "keap.authorize_url",
                 k.authorize_url,
                 "https://accounts.infusionsoft.com/app/oauth/authorize",
             )?,
             redirect_uri: k.redirect_uri,
-            request_timeout: secs(
-                "keap.request_timeout_secs",
-                k.request_timeout_secs.unwrap_or(30),
-            )?,
-            connect_timeout: secs(
-                "keap.connect_timeout_secs",
-                k.connect_timeout_secs.unwrap_or(10),
+            request_timeout: secs("keap.request_timeout_secs", k.request_timeout_secs.unwrap_or(30))?,
+            connect_timeout: secs("keap.connect_timeout_secs", k.connect_timeout_secs.unwrap_or(10))?,
+            refresh_margin: secs("keap.refresh_margin_secs", k.refresh_margin_secs.unwrap_or(300))?,
+            refresh_token_max_age: secs(
+                "keap.refresh_token_max_age_days",
+                k.refresh_token_max_age_days.unwrap_or(30).saturating_mul(86_400),
             )?,
             credential,
         };
@@ -330,20 +296,20 @@ impl Config {
         let d = file.delivery;
         let delivery = DeliveryConfig {
             concurrency: d.concurrency.unwrap_or(4),
-            poll_interval: millis(
-                "delivery.poll_interval_ms",
-                d.poll_interval_ms.unwrap_or(5_000),
-            )?,
+            poll_interval: millis("delivery.poll_interval_ms", d.poll_interval_ms.unwrap_or(5_000))?,
             lease: secs("delivery.lease_secs", d.lease_secs.unwrap_or(120))?,
             settle: Duration::from_millis(d.settle_ms.unwrap_or(100)),
             retry_base: millis("delivery.retry_base_ms", d.retry_base_ms.unwrap_or(1_000))?,
             retry_max: secs("delivery.retry_max_secs", d.retry_max_secs.unwrap_or(3_600))?,
             on_delete: d.on_delete.unwrap_or(OnDelete::Keep),
-            shutdown_grace: secs(
-                "delivery.shutdown_grace_secs",
-                d.shutdown_grace_secs.unwrap_or(20),
-            )?,
+            shutdown_grace: secs("delivery.shutdown_grace_secs", d.shutdown_grace_secs.unwrap_or(20))?,
         };
+        if keap.refresh_token_max_age >= Duration::from_secs(45 * 86_400) {
+            return Err(ConfigError::Invalid(
+                "keap.refresh_token_max_age_days must be below 45: Keap's refresh tokens lapse after 45 days"
+                    .into(),
+            ));
+        }
         if !(1..=64).contains(&delivery.concurrency) {
             return Err(ConfigError::Invalid(format!(
                 "delivery.concurrency = {} is out of range: use 1 to 64",
@@ -368,24 +334,12 @@ impl Config {
         };
         let l = file.limits;
         let limits = LimitsConfig {
-            per_second: positive(
-                "limits.per_second",
-                l.per_second.unwrap_or(defaults.per_second),
-            )?,
-            per_minute: positive(
-                "limits.per_minute",
-                l.per_minute.unwrap_or(defaults.per_minute),
-            )?,
+            per_second: positive("limits.per_second", l.per_second.unwrap_or(defaults.per_second))?,
+            per_minute: positive("limits.per_minute", l.per_minute.unwrap_or(defaults.per_minute))?,
             per_day: positive("limits.per_day", l.per_day.unwrap_or(defaults.per_day))?,
         };
 
-        Ok(Config {
-            database,
-            users,
-            keap,
-            delivery,
-            limits,
-        })
+        Ok(Config { database, users, keap, delivery, limits })
     }
 }
 
@@ -401,31 +355,17 @@ fn optional_column(value: Option<String>, default: &str) -> Option<String> {
 /// Identifiers are later checked against the catalog and always quoted; this early check only
 /// turns an obviously broken value into an error that names the key.
 fn validate_identifier(key: &str, value: &str, qualified: bool) -> Result<(), ConfigError> {
-    let parts: Vec<&str> = if qualified {
-        value.split('.').collect()
-    } else {
-        vec![value]
-    };
+    let parts: Vec<&str> = if qualified { value.split('.').collect() } else { vec![value] };
     let ok = !parts.is_empty()
         && parts.len() <= 2
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 63 && !p.contains('\0') && !p.contains('"'));
+        && parts.iter().all(|p| !p.is_empty() && p.len() <= 63 && !p.contains('\0') && !p.contains('"'));
     if ok {
         Ok(())
     } else {
         Err(ConfigError::Invalid(format!(
             "{key} = {value:?} is not a valid {}: use 1 to 63 characters without double quotes{}",
-            if qualified {
-                "table name"
-            } else {
-                "column name"
-            },
-            if qualified {
-                ", optionally as schema.table"
-            } else {
-                ""
-            }
+            if qualified { "table name" } else { "column name" },
+            if qualified { ", optionally as schema.table" } else { "" }
         )))
     }
 }
@@ -442,24 +382,16 @@ fn read_secret(
         return Ok(Some(Secret::new(v.trim())));
     }
     let from_file = |path: &Path, what: &str| -> Result<Option<Secret>, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::Invalid(format!("cannot read {what} {}: {e}", path.display()))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Invalid(format!("cannot read {what} {}: {e}", path.display())))?;
         let value = text.trim();
         if value.is_empty() {
-            return Err(ConfigError::Invalid(format!(
-                "{what} {} is empty",
-                path.display()
-            )));
+            return Err(ConfigError::Invalid(format!("{what} {} is empty", path.display())));
         }
         Ok(Some(Secret::new(value)))
     };
     if let Some(path) = file {
-        let path = if path.is_relative() {
-            base_dir.join(path)
-        } else {
-            path.to_owned()
-        };
+        let path = if path.is_relative() { base_dir.join(path) } else { path.to_owned() };
         return from_file(&path, file_key);
     }
     if let Some(dir) = env("CREDENTIALS_DIRECTORY") {
@@ -477,9 +409,7 @@ fn url(key: &str, value: Option<String>, default: &str) -> Result<String, Config
     if trimmed.starts_with("https://") || trimmed.starts_with("http://") {
         Ok(trimmed)
     } else {
-        Err(ConfigError::Invalid(format!(
-            "{key} = {value:?} is not an http(s) URL"
-        )))
+        Err(ConfigError::Invalid(format!("{key} = {value:?} is not an http(s) URL")))
     }
 }
 
@@ -509,9 +439,7 @@ fn one_line(message: &str) -> String {
     message
         .lines()
         .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
-        })
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -562,6 +490,8 @@ struct FileKeap {
     api_key_file: Option<PathBuf>,
     request_timeout_secs: Option<u64>,
     connect_timeout_secs: Option<u64>,
+    refresh_margin_secs: Option<u64>,
+    refresh_token_max_age_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -599,10 +529,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("keap-sync.toml");
         std::fs::write(&path, toml_text).unwrap();
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let result = Config::load(Some(&path), &|k| env.get(k).cloned());
         std::fs::remove_dir_all(&dir).ok();
         result
@@ -613,10 +540,7 @@ mod tests {
         let c = load_str("", &[]).unwrap();
         assert!(c.database.is_none());
         assert_eq!(c.users.table, "public.users");
-        assert_eq!(
-            c.users.synced_columns(),
-            vec!["email", "first_name", "last_name"]
-        );
+        assert_eq!(c.users.synced_columns(), vec!["email", "first_name", "last_name"]);
         assert_eq!(c.keap.api_url, DEFAULT_API_URL);
         assert_eq!(c.delivery.concurrency, 4);
         assert_eq!(c.limits, LimitsConfig::OAUTH);
@@ -625,17 +549,14 @@ mod tests {
 
     #[test]
     fn the_example_file_parses_to_the_defaults() {
-        let example =
-            Config::from_toml(include_str!("../keap-sync.example.toml"), &|_| None).unwrap();
+        let example = Config::from_toml(include_str!("../keap-sync.example.toml"), &|_| None).unwrap();
         let defaults = Config::from_toml("", &|_| None).unwrap();
         assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = load_str("[delivery]\nconcurency = 3\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_str("[delivery]\nconcurency = 3\n", &[]).unwrap_err().to_string();
         assert!(err.contains("concurency"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
     }
@@ -661,17 +582,13 @@ mod tests {
 
     #[test]
     fn half_an_oauth_client_is_an_error() {
-        let err = load_str("", &[("KEAP_CLIENT_ID", "abc")])
-            .unwrap_err()
-            .to_string();
+        let err = load_str("", &[("KEAP_CLIENT_ID", "abc")]).unwrap_err().to_string();
         assert!(err.contains("KEAP_CLIENT_SECRET"), "{err}");
     }
 
     #[test]
     fn lease_shorter_than_a_call_is_refused() {
-        let err = load_str("[delivery]\nlease_secs = 60\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_str("[delivery]\nlease_secs = 60\n", &[]).unwrap_err().to_string();
         assert!(err.contains("delivery.lease_secs"), "{err}");
     }
 
@@ -683,9 +600,7 @@ mod tests {
 
     #[test]
     fn quoted_identifier_is_refused() {
-        let err = load_str("[users]\ntable = 'x\"; drop table y'\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_str("[users]\ntable = 'x\"; drop table y'\n", &[]).unwrap_err().to_string();
         assert!(err.contains("users.table"), "{err}");
     }
 }

@@ -91,7 +91,7 @@ pub async fn run(
             &credential,
             &config.keap.token_url,
             pg.clone(),
-            TokenPolicy::default(),
+            TokenPolicy::from_config(&config.keap),
             config.keap.request_timeout,
             config.keap.connect_timeout,
         )
@@ -112,14 +112,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
 
-    let ctx = Context {
-        pg,
-        table,
-        keap,
-        tokens,
-        config,
-        instance,
-    };
+    let ctx = Context { pg, table, keap, tokens, config, instance };
     let mut client = Some(first);
     let mut failures = 0u32;
     loop {
@@ -131,11 +124,7 @@ pub async fn run(
         }
         let Err(e) = result else { continue };
         // A session that ran a while before failing starts the backoff afresh.
-        failures = if started.elapsed() > Duration::from_secs(60) {
-            1
-        } else {
-            failures + 1
-        };
+        failures = if started.elapsed() > Duration::from_secs(60) { 1 } else { failures + 1 };
         let delay = db::reconnect_delay(failures);
         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database connection lost; reconnecting");
         let mut stop_wait = stop.clone();
@@ -180,11 +169,7 @@ impl Context {
             instance: self.instance.clone(),
         });
         let d = &self.config.delivery;
-        let timing = ClaimTiming {
-            lease: d.lease,
-            settle: d.settle,
-            max_settle: d.settle * 10,
-        };
+        let timing = ClaimTiming { lease: d.lease, settle: d.settle, max_settle: d.settle * 10 };
         tracing::info!("listening for changes; draining the outbox");
 
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
@@ -215,9 +200,7 @@ impl Context {
             } else {
                 let free = d.concurrency.saturating_sub(tasks.len());
                 if free > 0 {
-                    let claimed = match self
-                        .claim_and_spawn(&db, &deliverer, &mut tasks, free, timing)
-                        .await
+                    let claimed = match self.claim_and_spawn(&db, &deliverer, &mut tasks, free, timing).await
                     {
                         Ok(n) => n,
                         Err(e) => break Err(e),
@@ -283,17 +266,9 @@ impl Context {
     /// Lets deliveries in flight finish. On a stop they get `shutdown_grace`; after a lost
     /// connection their results cannot be recorded anyway, so they are aborted at once. What
     /// is unfinished is released (or, without a connection, left to its lease).
-    async fn finish(
-        &self,
-        db: &tokio_postgres::Client,
-        tasks: &mut JoinSet<Outcome>,
-        stopping: bool,
-    ) {
+    async fn finish(&self, db: &tokio_postgres::Client, tasks: &mut JoinSet<Outcome>, stopping: bool) {
         if stopping && !tasks.is_empty() {
-            tracing::info!(
-                in_flight = tasks.len(),
-                "stopping: waiting for deliveries in flight"
-            );
+            tracing::info!(in_flight = tasks.len(), "stopping: waiting for deliveries in flight");
             let deadline = Instant::now() + self.config.delivery.shutdown_grace;
             while let Ok(Some(_)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {}
         }
@@ -338,9 +313,5 @@ fn instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "host".into());
-    format!(
-        "{host}:{}:{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
+    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
 }

@@ -67,11 +67,7 @@ pub fn describe(cfg: &PgConfig) -> String {
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     format!(
         "host {} port {} database {} user {}",
-        if hosts.is_empty() {
-            "localhost".into()
-        } else {
-            hosts.join(",")
-        },
+        if hosts.is_empty() { "localhost".into() } else { hosts.join(",") },
         port,
         cfg.get_dbname().unwrap_or("(default)"),
         cfg.get_user().unwrap_or("(default)")
@@ -106,10 +102,10 @@ fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
 /// Opens a connection whose driver runs in a spawned task. The returned `Client` fails with a
 /// "closed" error once the connection is lost.
 pub async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
-    let (client, connection) = cfg.connect(tls()).await.map_err(|e| DbError::Connect {
-        target: describe(cfg),
-        message: e.to_string(),
-    })?;
+    let (client, connection) = cfg
+        .connect(tls())
+        .await
+        .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection ended");
@@ -126,15 +122,11 @@ pub struct Listener {
     pub lost: mpsc::Receiver<String>,
 }
 
-pub async fn connect_listener(
-    cfg: &PgConfig,
-    channel: &str,
-    wake: Arc<Notify>,
-) -> Result<Listener, DbError> {
-    let (client, mut connection) = cfg.connect(tls()).await.map_err(|e| DbError::Connect {
-        target: describe(cfg),
-        message: e.to_string(),
-    })?;
+pub async fn connect_listener(cfg: &PgConfig, channel: &str, wake: Arc<Notify>) -> Result<Listener, DbError> {
+    let (client, mut connection) = cfg
+        .connect(tls())
+        .await
+        .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
     let (lost_tx, lost) = mpsc::channel(1);
     tokio::spawn(async move {
         let reason = loop {
@@ -147,9 +139,7 @@ pub async fn connect_listener(
         };
         let _ = lost_tx.send(reason).await;
     });
-    client
-        .batch_execute(&format!("listen {}", quote_ident(channel)))
-        .await?;
+    client.batch_execute(&format!("listen {}", quote_ident(channel))).await?;
     Ok(Listener { client, lost })
 }
 

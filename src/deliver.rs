@@ -82,8 +82,7 @@ impl Deliverer {
             }
         };
         let fingerprint = payload.fingerprint();
-        if claim.contact_id.is_some() && claim.fingerprint.as_deref() == Some(fingerprint.as_str())
-        {
+        if claim.contact_id.is_some() && claim.fingerprint.as_deref() == Some(fingerprint.as_str()) {
             tracing::debug!(user = %claim.user_key, "payload unchanged; no call");
             outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
             return Ok(Outcome::Handled);
@@ -113,10 +112,7 @@ impl Deliverer {
                     &self.db,
                     claim,
                     &self.instance,
-                    &Done::Synced {
-                        contact_id: contact.id,
-                        fingerprint,
-                    },
+                    &Done::Synced { contact_id: contact.id, fingerprint },
                 )
                 .await?;
                 Ok(Outcome::Handled)
@@ -126,17 +122,14 @@ impl Deliverer {
     }
 
     async fn deleted(&self, claim: &Claim, deadline: Instant) -> Result<Outcome, DbError> {
-        let (OnDelete::DeleteContact, Some(id)) = (self.delivery.on_delete, claim.contact_id)
-        else {
+        let (OnDelete::DeleteContact, Some(id)) = (self.delivery.on_delete, claim.contact_id) else {
             // Kept in Keap (or never synced): nothing to call. The mapping stays, so a user
             // restored under the same key updates the same contact.
             outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
             return Ok(Outcome::Handled);
         };
         let result = self
-            .with_auth(claim, |auth| async move {
-                self.keap.delete_contact(&auth, id, deadline).await
-            })
+            .with_auth(claim, |auth| async move { self.keap.delete_contact(&auth, id, deadline).await })
             .await?;
         match result {
             Ok(()) => {
@@ -149,11 +142,7 @@ impl Deliverer {
     }
 
     /// Runs `call` with the current credential; on a 401, refreshes once and runs it again.
-    async fn with_auth<T, F, Fut>(
-        &self,
-        claim: &Claim,
-        call: F,
-    ) -> Result<Result<T, Failure>, DbError>
+    async fn with_auth<T, F, Fut>(&self, claim: &Claim, call: F) -> Result<Result<T, Failure>, DbError>
     where
         F: Fn(Auth) -> Fut,
         Fut: std::future::Future<Output = Result<T, KeapError>>,
@@ -224,10 +213,7 @@ enum Failure {
 /// upper half so that many changes failing together do not retry together.
 pub fn backoff(d: &DeliveryConfig, attempt: i32) -> Duration {
     let exp = attempt.saturating_sub(1).clamp(0, 30) as u32;
-    let full = d
-        .retry_base
-        .saturating_mul(1u32 << exp.min(20))
-        .min(d.retry_max);
+    let full = d.retry_base.saturating_mul(1u32 << exp.min(20)).min(d.retry_max);
     let half = full / 2;
     half + full.mul_f64(rand::rng().random_range(0.0..0.5))
 }

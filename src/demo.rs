@@ -24,10 +24,7 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot start a throwaway PostgreSQL: {e}"))?;
-    let conninfo = cluster
-        .create_database("demo")
-        .await
-        .map_err(|e| e.to_string())?;
+    let conninfo = cluster.create_database("demo").await.map_err(|e| e.to_string())?;
     let fake = FakeKeap::start(FakeOptions::default())
         .await
         .map_err(|e| format!("cannot start the fake Keap: {e}"))?;
@@ -41,14 +38,8 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
         }]),
         duplicate_option: None,
     });
-    println!(
-        "1. PostgreSQL is up (database \"demo\"); the fake Keap listens at {}",
-        fake.api_url()
-    );
-    println!(
-        "   Keap already holds contact {} for grace@example.com, as a real account would.",
-        existing.id
-    );
+    println!("1. PostgreSQL is up (database \"demo\"); the fake Keap listens at {}", fake.api_url());
+    println!("   Keap already holds contact {} for grace@example.com, as a real account would.", existing.id);
 
     let env: HashMap<&str, String> = HashMap::from([
         ("DATABASE_URL", conninfo.clone()),
@@ -64,9 +55,7 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
     )
     .await
     .map_err(|e| e.to_string())?;
-    let report = schema::migrate(&mut app, &config.users)
-        .await
-        .map_err(|e| e.to_string())?;
+    let report = schema::migrate(&mut app, &config.users).await.map_err(|e| e.to_string())?;
     println!(
         "2. keap-sync migrate: applied {}; capture trigger installed on public.users",
         report.applied.join(", ")
@@ -81,10 +70,7 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
     let step = |n: &str, text: &str| println!("{n} {text}");
     let calls = |f: &FakeKeap| f.count(|r| r.path.starts_with("/crm/rest/v1/contacts"));
 
-    step(
-        "4.",
-        "The app inserts three users, one of them with grace@example.com:",
-    );
+    step("4.", "The app inserts three users, one of them with grace@example.com:");
     let before = calls(&fake);
     let t = Instant::now();
     sql(
@@ -96,54 +82,27 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
     )
     .await?;
     settle(&app).await?;
-    println!(
-        "   synced in {} ms with {} calls:",
-        t.elapsed().as_millis(),
-        calls(&fake) - before
-    );
+    println!("   synced in {} ms with {} calls:", t.elapsed().as_millis(), calls(&fake) - before);
     show(&app, &fake).await?;
 
-    step(
-        "5.",
-        "The app updates Ada 50 times in a burst (the last name wins):",
-    );
+    step("5.", "The app updates Ada 50 times in a burst (the last name wins):");
     let before = calls(&fake);
     for i in 1..=50 {
-        let name = if i == 50 {
-            "King".to_owned()
-        } else {
-            format!("Lovelace-{i}")
-        };
-        app.execute(
-            "update users set last_name = $1 where email = 'ada@example.com'",
-            &[&name],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let name = if i == 50 { "King".to_owned() } else { format!("Lovelace-{i}") };
+        app.execute("update users set last_name = $1 where email = 'ada@example.com'", &[&name])
+            .await
+            .map_err(|e| e.to_string())?;
     }
     settle(&app).await?;
-    println!(
-        "   50 changes cost {} call(s) to Keap.",
-        calls(&fake) - before
-    );
+    println!("   50 changes cost {} call(s) to Keap.", calls(&fake) - before);
 
     step("6.", "Alan changes his email address:");
     let before = calls(&fake);
-    sql(
-        &app,
-        "update users set email = 'alan.turing@example.org' where email = 'alan@example.com'",
-    )
-    .await?;
+    sql(&app, "update users set email = 'alan.turing@example.org' where email = 'alan@example.com'").await?;
     settle(&app).await?;
-    println!(
-        "   {} call: the same contact was updated, not a new one.",
-        calls(&fake) - before
-    );
+    println!("   {} call: the same contact was updated, not a new one.", calls(&fake) - before);
 
-    step(
-        "7.",
-        "An update touching no synced column (last_login), and one rewriting the same values:",
-    );
+    step("7.", "An update touching no synced column (last_login), and one rewriting the same values:");
     let before = calls(&fake);
     sql(&app, "update users set last_login = now()").await?;
     sql(&app, "update users set first_name = first_name").await?;
@@ -176,10 +135,7 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
 }
 
 async fn sql(client: &Client, statement: &str) -> Result<(), String> {
-    client
-        .batch_execute(statement)
-        .await
-        .map_err(|e| e.to_string())
+    client.batch_execute(statement).await.map_err(|e| e.to_string())
 }
 
 async fn settle(client: &Client) -> Result<(), String> {
@@ -201,17 +157,15 @@ async fn show(app: &Client, fake: &FakeKeap) -> Result<(), String> {
     for row in rows {
         let id: i64 = row.get(0);
         let contact: Option<i64> = row.get(1);
-        let shown = contact
-            .and_then(|c| fake.contact(c))
-            .map_or("(not synced)".to_owned(), |c| {
-                format!(
-                    "contact {:>4}  {} {} <{}>",
-                    c.id,
-                    c.given_name.as_deref().unwrap_or_default(),
-                    c.family_name.as_deref().unwrap_or_default(),
-                    c.email1().unwrap_or("")
-                )
-            });
+        let shown = contact.and_then(|c| fake.contact(c)).map_or("(not synced)".to_owned(), |c| {
+            format!(
+                "contact {:>4}  {} {} <{}>",
+                c.id,
+                c.given_name.as_deref().unwrap_or_default(),
+                c.family_name.as_deref().unwrap_or_default(),
+                c.email1().unwrap_or("")
+            )
+        });
         println!("   user {id} → {shown}");
     }
     Ok(())

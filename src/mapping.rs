@@ -33,12 +33,8 @@ pub const UPDATE_MASK: [&str; 3] = ["email_addresses", "given_name", "family_nam
 
 impl ContactPayload {
     pub fn from_row(row: &UserRow) -> Result<ContactPayload, MappingError> {
-        let email = row
-            .email
-            .as_deref()
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .ok_or(MappingError::NoEmail)?;
+        let email =
+            row.email.as_deref().map(str::trim).filter(|e| !e.is_empty()).ok_or(MappingError::NoEmail)?;
         Ok(ContactPayload {
             email: email.to_owned(),
             given_name: row.given_name.clone(),
@@ -50,11 +46,7 @@ impl ContactPayload {
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
         // Length-prefixed fields, so ("ab", "c") and ("a", "bc") differ, and None differs from "".
-        for field in [
-            Some(&self.email),
-            self.given_name.as_ref(),
-            self.family_name.as_ref(),
-        ] {
+        for field in [Some(&self.email), self.given_name.as_ref(), self.family_name.as_ref()] {
             match field {
                 Some(v) => {
                     h.update([1u8]);
@@ -64,18 +56,11 @@ impl ContactPayload {
                 None => h.update([0u8]),
             }
         }
-        h.finalize()
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
     }
 
     fn emails(&self) -> Option<Vec<EmailAddress>> {
-        Some(vec![EmailAddress {
-            email: Some(self.email.clone()),
-            field: EmailField::Email1,
-        }])
+        Some(vec![EmailAddress { email: Some(self.email.clone()), field: EmailField::Email1 }])
     }
 
     /// Body of `PUT /v1/contacts`: find by email or create. Empty names are left out so an
@@ -115,14 +100,8 @@ mod tests {
 
     #[test]
     fn no_email_is_a_mapping_error() {
-        assert_eq!(
-            ContactPayload::from_row(&row(None, Some("A"), None)),
-            Err(MappingError::NoEmail)
-        );
-        assert_eq!(
-            ContactPayload::from_row(&row(Some("  "), None, None)),
-            Err(MappingError::NoEmail)
-        );
+        assert_eq!(ContactPayload::from_row(&row(None, Some("A"), None)), Err(MappingError::NoEmail));
+        assert_eq!(ContactPayload::from_row(&row(Some("  "), None, None)), Err(MappingError::NoEmail));
     }
 
     #[test]

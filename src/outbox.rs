@@ -105,10 +105,7 @@ pub async fn read_users(
     table: &UserTable,
     keys: &[String],
 ) -> Result<HashMap<String, UserRow>, DbError> {
-    let col = |c: &Option<String>| {
-        c.as_deref()
-            .map_or("null".to_owned(), |c| format!("t.{c}::text"))
-    };
+    let col = |c: &Option<String>| c.as_deref().map_or("null".to_owned(), |c| format!("t.{c}::text"));
     let sql = format!(
         "select pg_catalog.to_jsonb(t) ->> $2, t.{email}::text, {given}, {family}
            from {table} t
@@ -125,16 +122,7 @@ pub async fn read_users(
         .iter()
         .filter_map(|r| {
             let key: Option<String> = r.get(0);
-            key.map(|k| {
-                (
-                    k,
-                    UserRow {
-                        email: r.get(1),
-                        given_name: r.get(2),
-                        family_name: r.get(3),
-                    },
-                )
-            })
+            key.map(|k| (k, UserRow { email: r.get(1), given_name: r.get(2), family_name: r.get(3) }))
         })
         .collect())
 }
@@ -143,10 +131,7 @@ pub async fn read_users(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Done {
     /// Keap holds this payload on this contact.
-    Synced {
-        contact_id: i64,
-        fingerprint: String,
-    },
+    Synced { contact_id: i64, fingerprint: String },
     /// The user row is gone; its mapping is forgotten (the contact was deleted or kept per config).
     Forgotten,
     /// Nothing to do (payload unchanged, or a deleted user that was never synced).
@@ -156,12 +141,7 @@ pub enum Done {
 /// Records a success: the contact map is updated, and the outbox row is deleted if no newer
 /// change arrived meanwhile, else released for the next delivery. Returns true if the row was
 /// deleted.
-pub async fn complete(
-    client: &Client,
-    claim: &Claim,
-    instance: &str,
-    done: &Done,
-) -> Result<bool, DbError> {
+pub async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Done) -> Result<bool, DbError> {
     // `gone` must be evaluated before `kept` decides; the CTE reference guarantees that, and the
     // two never touch the same row (one deletes it, the other runs only if it was not deleted).
     let (map_sql, contact_id, fingerprint) = match done {
@@ -178,11 +158,7 @@ pub async fn complete(
             None,
             None,
         ),
-        Done::Nothing => (
-            "select where $4::int8 is null and $5::text is null",
-            None,
-            None,
-        ),
+        Done::Nothing => ("select where $4::int8 is null and $5::text is null", None, None),
     };
     let sql = format!(
         "with gone as (
@@ -201,16 +177,7 @@ pub async fn complete(
          select exists (select from gone)"
     );
     let row = client
-        .query_one(
-            &sql,
-            &[
-                &claim.user_key,
-                &claim.version,
-                &instance,
-                &contact_id,
-                &fingerprint,
-            ],
-        )
+        .query_one(&sql, &[&claim.user_key, &claim.version, &instance, &contact_id, &fingerprint])
         .await?;
     Ok(row.get(0))
 }
@@ -239,12 +206,7 @@ pub async fn retry_later(
 /// Parks a change that cannot succeed as it is (Keap's 400, a row we cannot map). It stays
 /// visible with its reason and is tried again on the user's next change. If a newer change
 /// already arrived, the row is released for it instead of parked.
-pub async fn park(
-    client: &Client,
-    claim: &Claim,
-    instance: &str,
-    error: &str,
-) -> Result<(), DbError> {
+pub async fn park(client: &Client, claim: &Claim, instance: &str, error: &str) -> Result<(), DbError> {
     client
         .execute(
             "update keap_sync.outbox
@@ -307,10 +269,7 @@ pub async fn next_due_in(client: &Client, t: ClaimTiming) -> Result<Option<Durat
 
 /// Rows not yet delivered (including parked ones).
 pub async fn pending(client: &Client) -> Result<i64, DbError> {
-    Ok(client
-        .query_one("select count(*) from keap_sync.outbox", &[])
-        .await?
-        .get(0))
+    Ok(client.query_one("select count(*) from keap_sync.outbox", &[]).await?.get(0))
 }
 
 /// Waits until the outbox is empty (every change delivered or skipped; a parked change keeps

@@ -362,23 +362,15 @@ impl Cluster {
         let context = || format!("creating database {name:?} in {}", self.root.display());
         let (client, connection) = tokio_postgres::connect(&self.conninfo("postgres"), NoTls)
             .await
-            .map_err(|source| ClusterError::Sql {
-                context: context(),
-                source,
-            })?;
+            .map_err(|source| ClusterError::Sql { context: context(), source })?;
         // The connection future does the actual I/O; it ends when `client` is dropped.
         let connection = tokio::spawn(connection);
-        let created = client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await;
+        let created = client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await;
         drop(client);
         if let Ok(Err(error)) = connection.await {
             tracing::debug!(%error, "throwaway cluster admin connection ended with an error");
         }
-        created.map_err(|source| ClusterError::Sql {
-            context: context(),
-            source,
-        })?;
+        created.map_err(|source| ClusterError::Sql { context: context(), source })?;
         Ok(self.conninfo(name))
     }
 
@@ -513,10 +505,9 @@ impl Cluster {
             }
             let failure = match watchdog.child.try_wait() {
                 Ok(Some(status)) => Some(format!("the server exited during startup ({status})")),
-                Ok(None) if Instant::now() >= deadline => Some(format!(
-                    "{} did not report \"ready\" within {READY_TIMEOUT:?}",
-                    pid_file.display()
-                )),
+                Ok(None) if Instant::now() >= deadline => {
+                    Some(format!("{} did not report \"ready\" within {READY_TIMEOUT:?}", pid_file.display()))
+                }
                 Ok(None) => None,
                 Err(error) => Some(format!("cannot check on the server process: {error}")),
             };
@@ -564,10 +555,8 @@ impl Cluster {
             .stderr(log_for_stderr);
         let described = describe(&command);
         tracing::debug!(command = %described, "spawning under watchdog");
-        let mut child = command.spawn().map_err(|source| ClusterError::Spawn {
-            command: described.clone(),
-            source,
-        })?;
+        let mut child =
+            command.spawn().map_err(|source| ClusterError::Spawn { command: described.clone(), source })?;
         let control = child.stdin.take();
         Ok((Watchdog { child, control }, described))
     }
@@ -626,11 +615,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let watchdog = self
-            .server
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let watchdog = self.server.get_mut().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(watchdog) = watchdog {
             // Closing the pipe makes the watchdog stop the server and delete
             // the directory itself; the removal below covers everything else.
@@ -679,22 +664,15 @@ fn find_binaries() -> Result<Binaries, ClusterError> {
         .flatten()
         .filter_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
-            let version = name
-                .split('.')
-                .map(|part| part.parse::<u64>().ok())
-                .collect::<Option<Vec<u64>>>()?;
+            let version =
+                name.split('.').map(|part| part.parse::<u64>().ok()).collect::<Option<Vec<u64>>>()?;
             Some((version, entry.path().join("bin")))
         })
-        .filter(|(_, bin)| {
-            is_executable(&bin.join("initdb")) && is_executable(&bin.join("postgres"))
-        })
+        .filter(|(_, bin)| is_executable(&bin.join("initdb")) && is_executable(&bin.join("postgres")))
         .collect();
     versions.sort();
     let (_, bin) = versions.pop().ok_or(ClusterError::BinariesNotFound)?;
-    Ok(Binaries {
-        initdb: bin.join("initdb"),
-        postgres: bin.join("postgres"),
-    })
+    Ok(Binaries { initdb: bin.join("initdb"), postgres: bin.join("postgres") })
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -726,11 +704,7 @@ enum Runner {
     /// Not root: run directly.
     CurrentUser,
     /// Root: run as the server's OS user through a privilege-drop tool.
-    AsServerUser {
-        uid: u32,
-        gid: u32,
-        tool: PrivilegeDrop,
-    },
+    AsServerUser { uid: u32, gid: u32, tool: PrivilegeDrop },
 }
 
 #[derive(Debug)]
@@ -757,9 +731,7 @@ impl Runner {
         } else if let Some(path) = find_tool("su") {
             PrivilegeDrop::Su(path)
         } else {
-            return Err(ClusterError::NoPrivilegeDropTool {
-                user: SERVER_OS_USER,
-            });
+            return Err(ClusterError::NoPrivilegeDropTool { user: SERVER_OS_USER });
         };
         Ok(Runner::AsServerUser { uid, gid, tool })
     }
@@ -779,22 +751,12 @@ impl Runner {
                 command.args(args);
                 command
             }
-            Runner::AsServerUser {
-                tool: PrivilegeDrop::Runuser(runuser),
-                ..
-            } => {
+            Runner::AsServerUser { tool: PrivilegeDrop::Runuser(runuser), .. } => {
                 let mut command = Command::new(runuser);
-                command
-                    .args(["-u", SERVER_OS_USER, "--"])
-                    .arg(program)
-                    .args(args);
+                command.args(["-u", SERVER_OS_USER, "--"]).arg(program).args(args);
                 command
             }
-            Runner::AsServerUser {
-                tool: PrivilegeDrop::Setpriv(setpriv),
-                uid,
-                gid,
-            } => {
+            Runner::AsServerUser { tool: PrivilegeDrop::Setpriv(setpriv), uid, gid } => {
                 let mut command = Command::new(setpriv);
                 command
                     .arg(format!("--reuid={uid}"))
@@ -804,19 +766,14 @@ impl Runner {
                     .args(args);
                 command
             }
-            Runner::AsServerUser {
-                tool: PrivilegeDrop::Su(su),
-                ..
-            } => {
+            Runner::AsServerUser { tool: PrivilegeDrop::Su(su), .. } => {
                 let mut line = shell_quote(program.as_os_str());
                 for arg in args {
                     line.push(' ');
                     line.push_str(&shell_quote(arg));
                 }
                 let mut command = Command::new(su);
-                command
-                    .args(["-s", "/bin/sh", SERVER_OS_USER, "-c"])
-                    .arg(line);
+                command.args(["-s", "/bin/sh", SERVER_OS_USER, "-c"]).arg(line);
                 command
             }
         }
@@ -859,10 +816,7 @@ fn run_id(args: &[&str]) -> Result<u32, String> {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(format!("`id {}` failed: {}", args.join(" "), stderr.trim()));
     }
-    stdout
-        .trim()
-        .parse()
-        .map_err(|_| format!("`id {}` printed {:?}", args.join(" "), stdout.trim()))
+    stdout.trim().parse().map_err(|_| format!("`id {}` printed {:?}", args.join(" "), stdout.trim()))
 }
 
 /// Create a new, uniquely named directory under the system temp directory,
@@ -884,30 +838,18 @@ fn create_private_dir(runner: &Runner) -> Result<PathBuf, ClusterError> {
     let mut attempts = 0;
     let dir = loop {
         let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.subsec_nanos());
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.subsec_nanos());
         let dir = base.join(format!("keap-pg-{pid}-{count}-{nanos}"));
         match fs::create_dir(&dir) {
             Ok(()) => break dir,
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists && attempts < 100 => {
                 attempts += 1;
             }
-            Err(source) => {
-                return Err(ClusterError::Io {
-                    action: "create directory",
-                    path: dir,
-                    source,
-                })
-            }
+            Err(source) => return Err(ClusterError::Io { action: "create directory", path: dir, source }),
         }
     };
     let prepared = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-        .map_err(|source| ClusterError::Io {
-            action: "set permissions of",
-            path: dir.clone(),
-            source,
-        })
+        .map_err(|source| ClusterError::Io { action: "set permissions of", path: dir.clone(), source })
         .and_then(|()| chown_for_server(&dir, runner));
     if let Err(error) = prepared {
         // Best effort: the directory is empty and of no use to anybody.
@@ -919,15 +861,9 @@ fn create_private_dir(runner: &Runner) -> Result<PathBuf, ClusterError> {
 
 fn chown_for_server(path: &Path, runner: &Runner) -> Result<(), ClusterError> {
     match runner.owner() {
-        Some((uid, gid)) => {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| {
-                ClusterError::Io {
-                    action: "hand over to the postgres user",
-                    path: path.to_owned(),
-                    source,
-                }
-            })
-        }
+        Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| {
+            ClusterError::Io { action: "hand over to the postgres user", path: path.to_owned(), source }
+        }),
         None => Ok(()),
     }
 }
@@ -939,11 +875,7 @@ fn open_log(path: &Path, runner: &Runner) -> Result<File, ClusterError> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|source| ClusterError::Io {
-            action: "open server log",
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(|source| ClusterError::Io { action: "open server log", path: path.to_owned(), source })?;
     if let Some((uid, _)) = runner.owner() {
         let owned = file.metadata().is_ok_and(|meta| meta.uid() == uid);
         if !owned {
@@ -1013,29 +945,20 @@ fn validate_database_name(name: &str) -> Result<(), ClusterError> {
         Some("empty")
     } else if name.len() > 63 {
         Some("longer than 63 bytes")
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
+    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
         Some("only lowercase ASCII letters, digits and '_' are allowed")
     } else {
         None
     };
     match reason {
-        Some(reason) => Err(ClusterError::InvalidDatabaseName {
-            name: name.to_owned(),
-            reason,
-        }),
+        Some(reason) => Err(ClusterError::InvalidDatabaseName { name: name.to_owned(), reason }),
         None => Ok(()),
     }
 }
 
 /// Quote a libpq/tokio-postgres key=value value if it needs it.
 fn conninfo_value(value: &str) -> String {
-    let plain = !value.is_empty()
-        && !value
-            .chars()
-            .any(|c| c.is_whitespace() || c == '\'' || c == '\\');
+    let plain = !value.is_empty() && !value.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\');
     if plain {
         return value.to_owned();
     }
@@ -1082,10 +1005,7 @@ fn describe(command: &Command) -> String {
     for arg in command.get_args() {
         line.push(' ');
         // Also inside the single `su -c` argument.
-        line.push_str(
-            &arg.to_string_lossy()
-                .replace(WATCHDOG_SCRIPT, "<watchdog script>"),
-        );
+        line.push_str(&arg.to_string_lossy().replace(WATCHDOG_SCRIPT, "<watchdog script>"));
     }
     line
 }
@@ -1096,9 +1016,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
 
     async fn query_one_int(conninfo: &str, sql: &str) -> i64 {
-        let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
-            .await
-            .expect("connect");
+        let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
         let connection = tokio::spawn(connection);
         let value: i64 = client.query_one(sql, &[]).await.expect("query").get(0);
         drop(client);
@@ -1112,8 +1030,7 @@ mod tests {
     }
 
     fn postmaster_pid(cluster: &Cluster) -> u32 {
-        let contents =
-            fs::read_to_string(cluster.data_dir().join("postmaster.pid")).expect("postmaster.pid");
+        let contents = fs::read_to_string(cluster.data_dir().join("postmaster.pid")).expect("postmaster.pid");
         contents
             .lines()
             .next()
@@ -1142,24 +1059,17 @@ mod tests {
         assert!(root.join(format!(".s.PGSQL.{}", cluster.port())).exists());
 
         let created = Instant::now();
-        let first = cluster
-            .create_database("alpha")
-            .await
-            .expect("create alpha");
+        let first = cluster.create_database("alpha").await.expect("create alpha");
         let second = cluster.fresh_database("beta").await.expect("create beta");
         eprintln!("two CREATE DATABASE took {:?}", created.elapsed());
         assert!(second.contains("dbname=beta_"), "{second}");
         assert_eq!(first, cluster.conninfo("alpha"));
 
         for (conninfo, value) in [(&first, 1_i64), (&second, 2)] {
-            let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
-                .await
-                .expect("connect");
+            let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
             let connection = tokio::spawn(connection);
             client
-                .batch_execute(&format!(
-                    "CREATE TABLE t (v bigint); INSERT INTO t VALUES ({value})"
-                ))
+                .batch_execute(&format!("CREATE TABLE t (v bigint); INSERT INTO t VALUES ({value})"))
                 .await
                 .expect("create table");
             drop(client);
@@ -1168,20 +1078,14 @@ mod tests {
         assert_eq!(query_one_int(&first, "SELECT v FROM t").await, 1);
         assert_eq!(query_one_int(&second, "SELECT v FROM t").await, 2);
         // The URL form reaches the same database.
-        assert_eq!(
-            query_one_int(&cluster.url("alpha"), "SELECT v FROM t").await,
-            1
-        );
+        assert_eq!(query_one_int(&cluster.url("alpha"), "SELECT v FROM t").await, 1);
 
         let old_pid = postmaster_pid(&cluster);
         let stopped = Instant::now();
         cluster.stop().expect("stop");
         eprintln!("stop took {:?}", stopped.elapsed());
         assert!(!cluster.is_running());
-        assert!(
-            !process_alive(old_pid),
-            "postmaster {old_pid} survived stop"
-        );
+        assert!(!process_alive(old_pid), "postmaster {old_pid} survived stop");
         assert!(cluster.data_dir().join("PG_VERSION").exists(), "data kept");
         assert!(tokio_postgres::connect(&first, NoTls).await.is_err());
         cluster.stop().expect("stopping twice is a no-op");
@@ -1240,10 +1144,7 @@ mod tests {
         let error = cluster.restart().unwrap_err();
         assert!(started.elapsed() < READY_TIMEOUT, "did not fail fast");
         let message = error.to_string();
-        assert!(
-            matches!(error, ClusterError::StartFailed { .. }),
-            "{message}"
-        );
+        assert!(matches!(error, ClusterError::StartFailed { .. }), "{message}");
         assert!(message.contains("no_such_setting"), "{message}");
         assert!(!cluster.is_running());
     }
@@ -1255,10 +1156,7 @@ mod tests {
         // The data directory is in use and not empty: initdb must refuse.
         let error = cluster.initdb(&initdb).unwrap_err();
         let message = error.to_string();
-        assert!(
-            matches!(error, ClusterError::CommandFailed { .. }),
-            "{message}"
-        );
+        assert!(matches!(error, ClusterError::CommandFailed { .. }), "{message}");
         assert!(message.contains("initdb"), "{message}");
         assert!(message.contains("not empty"), "{message}");
         assert!(cluster.is_running(), "the running server is untouched");
@@ -1269,10 +1167,7 @@ mod tests {
         let cluster = Cluster::start().expect("start cluster");
         for name in ["", "Upper", "semi;colon", "quo\"te", &"x".repeat(64)] {
             let error = cluster.create_database(name).await.unwrap_err();
-            assert!(
-                matches!(error, ClusterError::InvalidDatabaseName { .. }),
-                "{name:?}: {error}"
-            );
+            assert!(matches!(error, ClusterError::InvalidDatabaseName { .. }), "{name:?}: {error}");
         }
         // Duplicate names are reported by the server, with context.
         cluster.create_database("dup").await.expect("first");
@@ -1286,16 +1181,10 @@ mod tests {
         assert_eq!(conninfo_value("/tmp/a b"), "'/tmp/a b'");
         assert_eq!(conninfo_value(r"it's\"), r"'it\'s\\'");
         assert_eq!(conninfo_value(""), "''");
-        assert_eq!(
-            percent_encode("/tmp/keap-pg-1_2.x"),
-            "%2Ftmp%2Fkeap-pg-1_2.x"
-        );
+        assert_eq!(percent_encode("/tmp/keap-pg-1_2.x"), "%2Ftmp%2Fkeap-pg-1_2.x");
         assert_eq!(quote_guc_list_item(r#"/a,"b""#), r#""/a,""b""""#);
         assert_eq!(shell_quote(OsStr::new("it's")), r"'it'\''s'");
-        assert_eq!(
-            pid_file_status("1\n/d\n2\n5432\n/s\n\n3 4\nready   \n"),
-            Some("ready")
-        );
+        assert_eq!(pid_file_status("1\n/d\n2\n5432\n/s\n\n3 4\nready   \n"), Some("ready"));
         assert_eq!(pid_file_status("1\n/d\n2\n5432\n"), None);
     }
 
@@ -1331,12 +1220,7 @@ mod tests {
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("spawn");
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(b"hello\n")
-                .expect("write");
+            child.stdin.take().expect("stdin").write_all(b"hello\n").expect("write");
             let output = child.wait_with_output().expect("wait");
             assert_eq!(
                 String::from_utf8_lossy(&output.stdout).trim(),
@@ -1347,17 +1231,9 @@ mod tests {
             let cluster = Cluster::start_with(runner).expect(&label);
             let root = cluster.socket_dir().to_owned();
             let conninfo = cluster.fresh_database("tool").await.expect(&label);
-            assert_eq!(
-                query_one_int(&conninfo, "SELECT 7::int8").await,
-                7,
-                "{label}"
-            );
+            assert_eq!(query_one_int(&conninfo, "SELECT 7::int8").await, 7, "{label}");
             cluster.restart().expect(&label);
-            assert_eq!(
-                query_one_int(&conninfo, "SELECT 8::int8").await,
-                8,
-                "{label}"
-            );
+            assert_eq!(query_one_int(&conninfo, "SELECT 8::int8").await, 8, "{label}");
             let pid = postmaster_pid(&cluster);
             drop(cluster);
             assert!(!root.exists(), "{label}");
@@ -1370,20 +1246,15 @@ mod tests {
     const CHILD_ENV: &str = "PGCLUSTER_WATCHDOG_TEST_CHILD";
     const CHILD_MARKER: &str = "PGCLUSTER-CHILD-READY";
 
-    /// Run only as the child of `server_dies_with_its_owner`: start a cluster,
-    /// report it, then wait to be SIGKILLed.
+    /// The child half of `server_dies_with_its_owner`: with the marker variable set it starts a
+    /// cluster, reports it, then waits to be SIGKILLed. In a normal run it does nothing.
     #[test]
-    #[ignore = "helper process for server_dies_with_its_owner"]
     fn watchdog_child_process() {
         if std::env::var_os(CHILD_ENV).is_none() {
             return;
         }
         let cluster = Cluster::start().expect("start cluster");
-        println!(
-            "{CHILD_MARKER} {} {}",
-            postmaster_pid(&cluster),
-            cluster.socket_dir().display()
-        );
+        println!("{CHILD_MARKER} {} {}", postmaster_pid(&cluster), cluster.socket_dir().display());
         io::stdout().flush().expect("flush stdout");
         loop {
             std::thread::sleep(Duration::from_secs(60));
@@ -1394,14 +1265,11 @@ mod tests {
     /// destructors, no atexit) and the server and its directory still go away.
     #[test]
     fn server_dies_with_its_owner() {
-        let this_module = module_path!()
-            .split_once("::")
-            .map_or(module_path!(), |(_crate, path)| path);
+        let this_module = module_path!().split_once("::").map_or(module_path!(), |(_crate, path)| path);
         let mut child = Command::new(std::env::current_exe().expect("current_exe"))
             .args([
                 &format!("{this_module}::watchdog_child_process"),
                 "--exact",
-                "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -1415,16 +1283,10 @@ mod tests {
             .lines()
             .map_while(Result::ok)
             // libtest prints "test <name> ... " on the same line before the output.
-            .find_map(|line| {
-                line.split_once(CHILD_MARKER)
-                    .map(|(_, rest)| rest.to_owned())
-            });
+            .find_map(|line| line.split_once(CHILD_MARKER).map(|(_, rest)| rest.to_owned()));
         let Some(ready) = ready else {
             let _ = child.kill();
-            panic!(
-                "child exited without starting a cluster: {:?}",
-                child.wait()
-            );
+            panic!("child exited without starting a cluster: {:?}", child.wait());
         };
         let (pid, dir) = ready.trim().split_once(' ').expect("pid and dir");
         let pid: u32 = pid.parse().expect("pid");

@@ -57,10 +57,7 @@ impl Limiter {
     /// Remembers the quota headers of an answer.
     pub fn observe(&self, headers: &reqwest::header::HeaderMap) {
         let read = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<i64>().ok())
+            headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok())
         };
         if let Some(v) = read("x-keap-product-throttle-available") {
             self.throttle_available.store(v, Ordering::Relaxed);

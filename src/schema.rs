@@ -24,11 +24,8 @@ pub struct Migration {
 
 /// Every file in `sql/` named `NNNN_*.sql`, in order. A unit test checks this list against the
 /// folder, so a new file cannot be forgotten here.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_core.sql",
-    sql: include_str!("../sql/0001_core.sql"),
-}];
+pub const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "0001_core.sql", sql: include_str!("../sql/0001_core.sql") }];
 
 /// Name of the row trigger installed on the users table.
 pub const TRIGGER_NAME: &str = "keap_sync_capture";
@@ -41,17 +38,9 @@ pub enum SchemaError {
     #[error("table {0} does not exist: create it or set `table` under [users] in the config file")]
     MissingTable(String),
     #[error("column {column} does not exist in table {table}: fix `{key}` under [users] in the config file")]
-    MissingColumn {
-        table: String,
-        column: String,
-        key: &'static str,
-    },
+    MissingColumn { table: String, column: String, key: &'static str },
     #[error("migration {name} was changed after it was applied (checksum {applied} in the database, {embedded} in this binary); migrations are forward-only: restore the file and add a new one")]
-    ChecksumMismatch {
-        name: String,
-        applied: String,
-        embedded: String,
-    },
+    ChecksumMismatch { name: String, applied: String, embedded: String },
     #[error("the database has migration {0}, newer than this binary knows: upgrade keap-sync")]
     TooNew(i32),
     #[error("schema keap_sync is not installed: run `keap-sync migrate` first")]
@@ -89,10 +78,7 @@ pub struct UserTable {
 
 impl UserTable {
     /// Looks up the configured table and columns; any missing one is an error naming it.
-    pub async fn resolve(
-        client: &impl GenericClient,
-        users: &UsersConfig,
-    ) -> Result<UserTable, SchemaError> {
+    pub async fn resolve(client: &impl GenericClient, users: &UsersConfig) -> Result<UserTable, SchemaError> {
         let (schema, table) = users.schema_and_table();
         let shown = format!("{schema}.{table}");
         let rel = client
@@ -118,11 +104,7 @@ impl UserTable {
                     .await?;
                 match row {
                     Some(row) => Ok::<String, SchemaError>(row.get(0)),
-                    None => Err(SchemaError::MissingColumn {
-                        table: shown,
-                        column: name,
-                        key,
-                    }),
+                    None => Err(SchemaError::MissingColumn { table: shown, column: name, key }),
                 }
             }
         };
@@ -142,20 +124,14 @@ impl UserTable {
             email: quote_ident(&users.email),
             given_name: users.given_name.as_deref().map(quote_ident),
             family_name: users.family_name.as_deref().map(quote_ident),
-            synced: users
-                .synced_columns()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            synced: users.synced_columns().into_iter().map(str::to_owned).collect(),
             key_name: users.key.clone(),
         })
     }
 
     /// The trigger arguments: key column, then synced columns.
     fn trigger_args(&self) -> Vec<String> {
-        std::iter::once(self.key_name.clone())
-            .chain(self.synced.iter().cloned())
-            .collect()
+        std::iter::once(self.key_name.clone()).chain(self.synced.iter().cloned()).collect()
     }
 }
 
@@ -173,13 +149,9 @@ fn checksum(sql: &str) -> String {
 
 /// Applies pending migrations and installs (or updates) the capture trigger, all in one
 /// transaction under an advisory lock. Running it again changes nothing.
-pub async fn migrate(
-    client: &mut Client,
-    users: &UsersConfig,
-) -> Result<MigrateReport, SchemaError> {
+pub async fn migrate(client: &mut Client, users: &UsersConfig) -> Result<MigrateReport, SchemaError> {
     let tx = client.transaction().await?;
-    tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
+    tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
         "create schema if not exists keap_sync;
          create table if not exists keap_sync.schema_migrations (
@@ -192,10 +164,7 @@ pub async fn migrate(
     .await?;
 
     let applied = tx
-        .query(
-            "select version, name, checksum from keap_sync.schema_migrations order by version",
-            &[],
-        )
+        .query("select version, name, checksum from keap_sync.schema_migrations order by version", &[])
         .await?;
     let newest_known = MIGRATIONS.last().map_or(0, |m| m.version);
     let mut report = MigrateReport::default();
@@ -261,10 +230,7 @@ async fn installed_args(
 }
 
 /// True when the capture trigger is installed with exactly the configured columns.
-pub async fn trigger_installed(
-    client: &impl GenericClient,
-    table: &UserTable,
-) -> Result<bool, SchemaError> {
+pub async fn trigger_installed(client: &impl GenericClient, table: &UserTable) -> Result<bool, SchemaError> {
     Ok(installed_args(client, table).await?.as_ref() == Some(&table.trigger_args()))
 }
 
@@ -277,12 +243,8 @@ async fn install_trigger(
     match installed_args(tx, table).await? {
         Some(have) if have == want => return Ok(false),
         Some(_) => {
-            tx.batch_execute(&format!(
-                "drop trigger {} on {}",
-                quote_ident(TRIGGER_NAME),
-                table.qualified
-            ))
-            .await?
+            tx.batch_execute(&format!("drop trigger {} on {}", quote_ident(TRIGGER_NAME), table.qualified))
+                .await?
         }
         None => {}
     }
@@ -305,8 +267,7 @@ pub async fn uninstall(
     drop_schema: bool,
 ) -> Result<(), SchemaError> {
     let tx = client.transaction().await?;
-    tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
+    tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     let (schema, table) = users.schema_and_table();
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let exists = tx
@@ -315,15 +276,11 @@ pub async fn uninstall(
         .and_then(|r| r.get::<_, Option<u32>>(0))
         .is_some();
     if exists {
-        tx.batch_execute(&format!(
-            "drop trigger if exists {} on {qualified}",
-            quote_ident(TRIGGER_NAME)
-        ))
-        .await?;
+        tx.batch_execute(&format!("drop trigger if exists {} on {qualified}", quote_ident(TRIGGER_NAME)))
+            .await?;
     }
     if drop_schema {
-        tx.batch_execute("drop schema if exists keap_sync cascade")
-            .await?;
+        tx.batch_execute("drop schema if exists keap_sync cascade").await?;
     }
     tx.commit().await?;
     Ok(())
@@ -333,20 +290,14 @@ pub async fn uninstall(
 /// outdated schema (the daemon checks this before it starts).
 pub async fn ensure_current(client: &Client) -> Result<(), SchemaError> {
     let exists: bool = client
-        .query_one(
-            "select pg_catalog.to_regclass('keap_sync.schema_migrations') is not null",
-            &[],
-        )
+        .query_one("select pg_catalog.to_regclass('keap_sync.schema_migrations') is not null", &[])
         .await?
         .get(0);
     if !exists {
         return Err(SchemaError::NotMigrated);
     }
     let have: i32 = client
-        .query_one(
-            "select coalesce(max(version), 0) from keap_sync.schema_migrations",
-            &[],
-        )
+        .query_one("select coalesce(max(version), 0) from keap_sync.schema_migrations", &[])
         .await?
         .get(0);
     let want = MIGRATIONS.last().map_or(0, |m| m.version);
@@ -370,9 +321,7 @@ mod tests {
             .unwrap()
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| {
-                n.len() > 5 && n[..4].chars().all(|c| c.is_ascii_digit()) && n.ends_with(".sql")
-            })
+            .filter(|n| n.len() > 5 && n[..4].chars().all(|c| c.is_ascii_digit()) && n.ends_with(".sql"))
             .collect();
         files.sort();
         let embedded: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();

@@ -56,12 +56,9 @@ pub struct TokenPolicy {
     pub max_refresh_token_age: Duration,
 }
 
-impl Default for TokenPolicy {
-    fn default() -> Self {
-        TokenPolicy {
-            refresh_margin: Duration::from_secs(300),
-            max_refresh_token_age: Duration::from_secs(30 * 86_400),
-        }
+impl TokenPolicy {
+    pub fn from_config(keap: &crate::config::KeapConfig) -> TokenPolicy {
+        TokenPolicy { refresh_margin: keap.refresh_margin, max_refresh_token_age: keap.refresh_token_max_age }
     }
 }
 
@@ -109,10 +106,7 @@ impl TokenSource {
     ) -> Result<TokenSource, String> {
         let inner = match credential {
             Credential::ApiKey(key) => Inner::ApiKey(key.clone()),
-            Credential::OAuth {
-                client_id,
-                client_secret,
-            } => Inner::OAuth(Box::new(OAuth {
+            Credential::OAuth { client_id, client_secret } => Inner::OAuth(Box::new(OAuth {
                 client_id: client_id.clone(),
                 client_secret: client_secret.clone(),
                 token_url: token_url.to_owned(),
@@ -138,10 +132,7 @@ impl TokenSource {
                 let stored = read(db).await?;
                 check_state(&stored)?;
                 if o.needs_refresh(&stored) {
-                    return o
-                        .refresh(Some(&stored.access_token))
-                        .await
-                        .map(Auth::Bearer);
+                    return o.refresh(Some(&stored.access_token)).await.map(Auth::Bearer);
                 }
                 Ok(Auth::Bearer(stored.access_token))
             }
@@ -211,10 +202,7 @@ impl OAuth {
             .http
             .post(&self.token_url)
             .basic_auth(&self.client_id, Some(self.client_secret.expose()))
-            .form(&[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", stored.refresh_token.expose()),
-            ])
+            .form(&[("grant_type", "refresh_token"), ("refresh_token", stored.refresh_token.expose())])
             .send()
             .await;
         let response = match answer {
@@ -244,10 +232,7 @@ impl OAuth {
             };
             store(&tx, &parsed, false).await?;
             tx.commit().await?;
-            tracing::info!(
-                expires_in_secs = parsed.expires_in,
-                "refreshed the Keap access token"
-            );
+            tracing::info!(expires_in_secs = parsed.expires_in, "refreshed the Keap access token");
             return Ok(Secret::new(parsed.access_token));
         }
 
@@ -274,14 +259,10 @@ impl OAuth {
             )
             .await?;
             tx.commit().await?;
-            return Err(TokenError::NeedsAuthorization(format!(
-                "{detail}; {REAUTHORIZE_HINT}"
-            )));
+            return Err(TokenError::NeedsAuthorization(format!("{detail}; {REAUTHORIZE_HINT}")));
         }
         tx.rollback().await.ok();
-        Err(TokenError::Transient(format!(
-            "token endpoint answered {status}: {describe}"
-        )))
+        Err(TokenError::Transient(format!("token endpoint answered {status}: {describe}")))
     }
 }
 
@@ -301,12 +282,7 @@ impl ClassifyName for serde_json::Error {
 }
 
 fn without_url(e: &reqwest::Error) -> String {
-    let mut message = if e.is_timeout() {
-        "timed out"
-    } else {
-        "request failed"
-    }
-    .to_owned();
+    let mut message = if e.is_timeout() { "timed out" } else { "request failed" }.to_owned();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         message = format!("{message}: {s}");
@@ -321,9 +297,7 @@ fn check_state(s: &Stored) -> Result<(), TokenError> {
     }
     Err(TokenError::NeedsAuthorization(format!(
         "{}; {REAUTHORIZE_HINT}",
-        s.state_detail
-            .as_deref()
-            .unwrap_or("the Keap grant needs re-authorisation")
+        s.state_detail.as_deref().unwrap_or("the Keap grant needs re-authorisation")
     )))
 }
 
@@ -343,9 +317,7 @@ async fn read(db: &Client) -> Result<Stored, TokenError> {
 
 fn stored_from(row: Option<tokio_postgres::Row>) -> Result<Stored, TokenError> {
     let row = row.ok_or_else(|| {
-        TokenError::NeedsAuthorization(format!(
-            "no Keap OAuth tokens are stored yet; {REAUTHORIZE_HINT}"
-        ))
+        TokenError::NeedsAuthorization(format!("no Keap OAuth tokens are stored yet; {REAUTHORIZE_HINT}"))
     })?;
     Ok(Stored {
         access_token: Secret::new(row.get::<_, String>(0)),
@@ -366,7 +338,8 @@ pub async fn store(
 ) -> Result<(), TokenError> {
     if t.access_token.is_empty() || t.refresh_token.is_empty() || t.expires_in <= 0 {
         return Err(TokenError::NeedsAuthorization(
-            "the token response needs a non-empty access_token and refresh_token and a positive expires_in".into(),
+            "the token response needs a non-empty access_token and refresh_token and a positive expires_in"
+                .into(),
         ));
     }
     db.execute(
@@ -410,9 +383,7 @@ pub mod cli {
         let pg = db::parse(config.database()?)?;
         let client = db::connect(&pg).await?;
         schema::ensure_current(&client).await?;
-        super::store(&client, &tokens, true)
-            .await
-            .map_err(|e| CliError::Other(e.to_string()))?;
+        super::store(&client, &tokens, true).await.map_err(|e| CliError::Other(e.to_string()))?;
         // Wake any paused daemon now rather than at its next recheck.
         client
             .execute("select pg_notify($1, 'token')", &[&crate::daemon::CHANNEL])
@@ -496,20 +467,14 @@ pub mod cli {
             }
         }
         if expires_in >= 0.0 {
-            println!(
-                "access token expires: {expires_at} (in {})",
-                human(expires_in)
-            );
+            println!("access token expires: {expires_at} (in {})", human(expires_in));
         } else {
             println!(
                 "access token expired: {expires_at} ({} ago; refreshed on next use)",
                 human(-expires_in)
             );
         }
-        println!(
-            "refresh token age: {} (Keap's lapse after 45 days; refreshed at 30)",
-            human(age)
-        );
+        println!("refresh token age: {} (Keap's lapse after 45 days; refreshed at 30)", human(age));
         println!("last refresh: {}", refreshed.as_deref().unwrap_or("never"));
         println!("grant stored: {granted}");
         if let Some(scope) = scope {

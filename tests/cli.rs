@@ -12,9 +12,7 @@ use keap_sync::keap::fake::{FaultAction, FaultRule, Route};
 
 fn keap_sync(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keap-sync"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -34,11 +32,8 @@ fn assert_one_line_error(out: &Output, needles: &[&str]) {
 }
 
 fn temp_config(text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "keap-sync-cli-{}-{}",
-        std::process::id(),
-        common::rand_suffix()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("keap-sync-cli-{}-{}", std::process::id(), common::rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("keap-sync.toml");
     std::fs::write(&path, text).unwrap();
@@ -48,10 +43,7 @@ fn temp_config(text: &str) -> std::path::PathBuf {
 #[test]
 fn an_unknown_key_is_named() {
     let path = temp_config("[delivery]\nconcurrency = 4\nbatch_sise = 10\n");
-    let out = keap_sync(
-        &["--config", path.to_str().unwrap(), "run"],
-        &[("KEAP_API_KEY", "k")],
-    );
+    let out = keap_sync(&["--config", path.to_str().unwrap(), "run"], &[("KEAP_API_KEY", "k")]);
     assert_one_line_error(&out, &["batch_sise"]);
     assert_eq!(out.status.code(), Some(2));
 }
@@ -64,10 +56,7 @@ fn a_missing_database_url_says_how_to_set_it() {
 
 #[test]
 fn a_missing_credential_says_how_to_set_it() {
-    let out = keap_sync(
-        &["run"],
-        &[("DATABASE_URL", "host=127.0.0.1 port=1 user=x")],
-    );
+    let out = keap_sync(&["run"], &[("DATABASE_URL", "host=127.0.0.1 port=1 user=x")]);
     assert_one_line_error(&out, &["KEAP_API_KEY", "KEAP_CLIENT_ID"]);
 }
 
@@ -76,31 +65,18 @@ fn an_unreachable_database_is_one_line_without_the_password() {
     let out = keap_sync(
         &["run"],
         &[
-            (
-                "DATABASE_URL",
-                "postgresql://app:hunter2@127.0.0.1:1/crm?connect_timeout=2",
-            ),
+            ("DATABASE_URL", "postgresql://app:hunter2@127.0.0.1:1/crm?connect_timeout=2"),
             ("KEAP_API_KEY", "k"),
         ],
     );
-    assert_one_line_error(
-        &out,
-        &["cannot connect to the database", "127.0.0.1", "port 1"],
-    );
+    assert_one_line_error(&out, &["cannot connect to the database", "127.0.0.1", "port 1"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_or_column_is_named() {
-    let app = spawn_app_with(Options {
-        start_daemon: false,
-        ..Options::default()
-    })
-    .await;
-    let env = [
-        ("DATABASE_URL", app.conninfo.as_str()),
-        ("KEAP_API_KEY", API_KEY),
-    ];
+    let app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    let env = [("DATABASE_URL", app.conninfo.as_str()), ("KEAP_API_KEY", API_KEY)];
 
     let path = temp_config("[users]\ntable = \"public.members\"\n");
     let out = keap_sync(&["--config", path.to_str().unwrap(), "migrate"], &env);
@@ -117,60 +93,30 @@ async fn a_missing_table_or_column_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_twice_is_a_no_op_and_uninstall_removes_the_trigger() {
-    let app = spawn_app_with(Options {
-        start_daemon: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
     let env = [("DATABASE_URL", app.conninfo.as_str())];
     let out = keap_sync(&["migrate"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
-    assert_eq!(
-        app.count("select count(*) from keap_sync.schema_migrations")
-            .await,
-        1
-    );
+    assert_eq!(app.count("select count(*) from keap_sync.schema_migrations").await, 1);
 
     let out = keap_sync(&["uninstall"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    app.exec("insert into users (email) values ('after@example.com')")
-        .await;
-    assert_eq!(
-        app.count("select count(*) from keap_sync.outbox").await,
-        0,
-        "no capture after uninstall"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    app.exec("insert into users (email) values ('after@example.com')").await;
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0, "no capture after uninstall");
 
     let out = keap_sync(&["uninstall", "--drop-schema"], &env);
     assert!(out.status.success());
-    assert_eq!(
-        app.count("select count(*) from pg_namespace where nspname = 'keap_sync'")
-            .await,
-        0
-    );
+    assert_eq!(app.count("select count(*) from pg_namespace where nspname = 'keap_sync'").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_then_restart_delivers_everything_once() {
-    let app = spawn_app_with(Options {
-        start_daemon: false,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
     // Slow Keap, so the kill lands while calls are in flight; and now and then a reply lost
     // after Keap committed the write, which only an idempotent upsert survives.
     app.fake.set_latency(Duration::from_millis(30));
-    app.fake
-        .inject(FaultRule::new(Route::Contacts, FaultAction::DropAfterCommit).probability(0.05));
+    app.fake.inject(FaultRule::new(Route::Contacts, FaultAction::DropAfterCommit).probability(0.05));
     let config = app.write_config_file("");
     app.exec(
         "insert into users (email, first_name, last_name)
@@ -179,22 +125,17 @@ async fn sigkill_mid_batch_then_restart_delivers_everything_once() {
     .await;
 
     let mut daemon = app.spawn_process(&config);
-    common::eventually(
-        Duration::from_secs(30),
-        "a third of the users delivered",
-        || async { app.contact_calls("PUT") >= 100 },
-    )
+    common::eventually(Duration::from_secs(30), "a third of the users delivered", || async {
+        app.contact_calls("PUT") >= 100
+    })
     .await;
     daemon.kill();
     let at_kill = app.contact_calls("PUT");
-    let leased = app
-        .count("select count(*) from keap_sync.outbox where lease_until > now()")
-        .await;
+    let leased = app.count("select count(*) from keap_sync.outbox where lease_until > now()").await;
     eprintln!("killed after {at_kill} upserts with {leased} claims held");
 
     // Changes keep coming while it is down.
-    app.exec("update users set last_name = 'after-kill' where id % 5 = 0")
-        .await;
+    app.exec("update users set last_name = 'after-kill' where id % 5 = 0").await;
 
     let _daemon = app.spawn_process(&config);
     app.wait_idle_for(Duration::from_secs(60)).await;

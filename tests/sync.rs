@@ -13,10 +13,7 @@ fn write(email: &str, given: &str, family: &str) -> ContactWrite {
     ContactWrite {
         given_name: Some(given.into()),
         family_name: Some(family.into()),
-        email_addresses: Some(vec![EmailAddress {
-            email: Some(email.into()),
-            field: EmailField::Email1,
-        }]),
+        email_addresses: Some(vec![EmailAddress { email: Some(email.into()), field: EmailField::Email1 }]),
         duplicate_option: None,
     }
 }
@@ -24,8 +21,10 @@ fn write(email: &str, given: &str, family: &str) -> ContactWrite {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_creates_one_contact_and_update_patches_it() {
     let app = spawn_app().await;
-    app.exec("insert into users (email, first_name, last_name) values ('ada@example.com', 'Ada', 'Lovelace')")
-        .await;
+    app.exec(
+        "insert into users (email, first_name, last_name) values ('ada@example.com', 'Ada', 'Lovelace')",
+    )
+    .await;
     app.wait_idle().await;
 
     let contacts = app.fake.contacts();
@@ -36,8 +35,7 @@ async fn insert_creates_one_contact_and_update_patches_it() {
     assert_eq!(created.family_name.as_deref(), Some("Lovelace"));
     assert_eq!(app.contact_calls("PUT"), 1);
 
-    app.exec("update users set last_name = 'King' where email = 'ada@example.com'")
-        .await;
+    app.exec("update users set last_name = 'King' where email = 'ada@example.com'").await;
     app.wait_idle().await;
 
     let contacts = app.fake.contacts();
@@ -46,36 +44,26 @@ async fn insert_creates_one_contact_and_update_patches_it() {
     assert_eq!(contacts[0].family_name.as_deref(), Some("King"));
     assert_eq!(app.contact_calls("PUT"), 1);
     assert_eq!(app.contact_calls("PATCH"), 1);
-    let patch = app
-        .fake
-        .requests()
-        .into_iter()
-        .find(|r| r.method == "PATCH")
-        .expect("a PATCH");
+    let patch = app.fake.requests().into_iter().find(|r| r.method == "PATCH").expect("a PATCH");
     assert_eq!(patch.path, format!("/crm/rest/v1/contacts/{}", created.id));
-    assert!(
-        patch.query.contains("update_mask=given_name"),
-        "PATCH names what it owns: {}",
-        patch.query
-    );
+    assert!(patch.query.contains("update_mask=given_name"), "PATCH names what it owns: {}", patch.query);
     app.assert_keap_matches_users().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_200_updates_costs_far_fewer_calls() {
     let app = spawn_app().await;
-    app.exec("insert into users (id, email, first_name, last_name) values (1, 'burst@example.com', 'B', 'v0')")
-        .await;
+    app.exec(
+        "insert into users (id, email, first_name, last_name) values (1, 'burst@example.com', 'B', 'v0')",
+    )
+    .await;
     app.wait_idle().await;
     let before = app.contact_calls("PATCH") + app.contact_calls("PUT");
 
     let started = Instant::now();
     for i in 1..=200 {
         app.db
-            .execute(
-                "update users set last_name = $1 where id = 1",
-                &[&format!("v{i}")],
-            )
+            .execute("update users set last_name = $1 where id = 1", &[&format!("v{i}")])
             .await
             .expect("update");
     }
@@ -92,34 +80,20 @@ async fn a_burst_of_200_updates_costs_far_fewer_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_stopped_are_all_delivered_once() {
-    let mut app = spawn_app_with(Options {
-        start_daemon: false,
-        ..Options::default()
-    })
-    .await;
+    let mut app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
     app.exec(
         "insert into users (email, first_name, last_name)
          select 'user' || g || '@example.com', 'First' || g, 'Last' || g from generate_series(1, 1000) g",
     )
     .await;
-    app.exec("update users set first_name = first_name || '-edited' where id % 2 = 0")
-        .await;
-    app.exec("update users set last_name = 'Changed' where id % 3 = 0")
-        .await;
-    assert_eq!(
-        app.count("select count(*) from keap_sync.outbox").await,
-        1000,
-        "one outbox row per user"
-    );
+    app.exec("update users set first_name = first_name || '-edited' where id % 2 = 0").await;
+    app.exec("update users set last_name = 'Changed' where id % 3 = 0").await;
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 1000, "one outbox row per user");
 
     app.start_daemon().await;
     app.wait_idle_for(Duration::from_secs(60)).await;
 
-    assert_eq!(
-        app.contact_calls("PUT"),
-        1000,
-        "one upsert per user, net of all changes"
-    );
+    assert_eq!(app.contact_calls("PUT"), 1000, "one upsert per user, net of all changes");
     assert_eq!(app.contact_calls("PATCH"), 0);
     app.assert_keap_matches_users().await;
 }
@@ -128,17 +102,17 @@ async fn changes_made_while_stopped_are_all_delivered_once() {
 async fn an_existing_contact_with_the_same_email_is_linked() {
     let app = spawn_app().await;
     let existing = app.fake.seed_contact(write("grace@example.com", "G", "H"));
-    app.exec("insert into users (email, first_name, last_name) values ('grace@example.com', 'Grace', 'Hopper')")
-        .await;
+    app.exec(
+        "insert into users (email, first_name, last_name) values ('grace@example.com', 'Grace', 'Hopper')",
+    )
+    .await;
     app.wait_idle().await;
 
     let contacts = app.fake.contacts();
     assert_eq!(contacts.len(), 1, "linked, not duplicated");
     assert_eq!(contacts[0].id, existing.id);
     assert_eq!(contacts[0].given_name.as_deref(), Some("Grace"));
-    let mapped: i64 = app
-        .count("select contact_id from keap_sync.contact_map")
-        .await;
+    let mapped: i64 = app.count("select contact_id from keap_sync.contact_map").await;
     assert_eq!(mapped, existing.id);
 }
 
@@ -163,10 +137,7 @@ async fn an_email_change_updates_the_same_contact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_that_change_nothing_synced_cost_no_call() {
     let app = spawn_app().await;
-    app.exec(
-        "insert into users (email, first_name, last_name) values ('same@example.com', 'S', 'T')",
-    )
-    .await;
+    app.exec("insert into users (email, first_name, last_name) values ('same@example.com', 'S', 'T')").await;
     app.wait_idle().await;
     let calls = app.fake.requests().len();
 
@@ -174,12 +145,10 @@ async fn updates_that_change_nothing_synced_cost_no_call() {
     app.exec("update users set plan = 'pro'").await;
     assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0);
     // The same values rewritten: nothing enqueued either.
-    app.exec("update users set first_name = first_name, email = email")
-        .await;
+    app.exec("update users set first_name = first_name, email = email").await;
     assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0);
     // Changed and changed back: enqueued, but the payload's fingerprint is unchanged.
-    app.exec("update users set first_name = 'X'; update users set first_name = 'S'")
-        .await;
+    app.exec("update users set first_name = 'X'; update users set first_name = 'S'").await;
     app.wait_idle().await;
 
     assert_eq!(app.fake.requests().len(), calls, "no Keap call");
@@ -192,23 +161,14 @@ async fn a_row_without_email_is_parked_and_the_others_flow() {
         "insert into users (id, email, first_name) values (1, null, 'NoMail'), (2, 'ok@example.com', 'Ok')",
     )
     .await;
-    common::eventually(
-        Duration::from_secs(10),
-        "user 1 parked, user 2 delivered",
-        || async {
-            app.count("select count(*) from keap_sync.outbox where parked_at is not null")
-                .await
-                == 1
-                && app.count("select count(*) from keap_sync.outbox").await == 1
-        },
-    )
+    common::eventually(Duration::from_secs(10), "user 1 parked, user 2 delivered", || async {
+        app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
+            && app.count("select count(*) from keap_sync.outbox").await == 1
+    })
     .await;
     let reason: String = app
         .db
-        .query_one(
-            "select last_error from keap_sync.outbox where user_key = '1'",
-            &[],
-        )
+        .query_one("select last_error from keap_sync.outbox where user_key = '1'", &[])
         .await
         .unwrap()
         .get(0);
@@ -216,8 +176,7 @@ async fn a_row_without_email_is_parked_and_the_others_flow() {
     assert_eq!(app.fake.contacts().len(), 1);
 
     // Fixing the row un-parks it.
-    app.exec("update users set email = 'fixed@example.com' where id = 1")
-        .await;
+    app.exec("update users set email = 'fixed@example.com' where id = 1").await;
     app.wait_idle().await;
     app.assert_keap_matches_users().await;
 }
@@ -225,17 +184,12 @@ async fn a_row_without_email_is_parked_and_the_others_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_user_keeps_its_contact_by_default() {
     let app = spawn_app().await;
-    app.exec("insert into users (email) values ('gone@example.com')")
-        .await;
+    app.exec("insert into users (email) values ('gone@example.com')").await;
     app.wait_idle().await;
     let calls = app.fake.requests().len();
     app.exec("delete from users").await;
     app.wait_idle().await;
-    assert_eq!(
-        app.fake.requests().len(),
-        calls,
-        "no call for a kept contact"
-    );
+    assert_eq!(app.fake.requests().len(), calls, "no call for a kept contact");
     assert_eq!(app.fake.contacts().len(), 1);
 }
 
@@ -246,25 +200,19 @@ async fn a_deleted_user_can_delete_its_contact() {
         ..Options::default()
     })
     .await;
-    app.exec("insert into users (email) values ('gone@example.com')")
-        .await;
+    app.exec("insert into users (email) values ('gone@example.com')").await;
     app.wait_idle().await;
     app.exec("delete from users").await;
     app.wait_idle().await;
     assert_eq!(app.contact_calls("DELETE"), 1);
     assert!(app.fake.contacts().is_empty());
-    assert_eq!(
-        app.count("select count(*) from keap_sync.contact_map")
-            .await,
-        0
-    );
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contact_deleted_in_keap_is_relinked_by_email() {
     let app = spawn_app().await;
-    app.exec("insert into users (email, first_name) values ('re@example.com', 'A')")
-        .await;
+    app.exec("insert into users (email, first_name) values ('re@example.com', 'A')").await;
     app.wait_idle().await;
     let first = app.fake.contacts()[0].id;
     app.fake.delete_contact(first);
@@ -285,15 +233,12 @@ async fn a_graceful_stop_leaves_nothing_claimed() {
     app.exec("insert into users (email) select 'stop' || g || '@example.com' from generate_series(1, 50) g")
         .await;
     common::eventually(Duration::from_secs(10), "deliveries in flight", || async {
-        app.count("select count(*) from keap_sync.outbox where lease_until is not null")
-            .await
-            > 0
+        app.count("select count(*) from keap_sync.outbox where lease_until is not null").await > 0
     })
     .await;
     app.stop_daemon().await;
     assert_eq!(
-        app.count("select count(*) from keap_sync.outbox where lease_until is not null")
-            .await,
+        app.count("select count(*) from keap_sync.outbox where lease_until is not null").await,
         0,
         "every claim released"
     );

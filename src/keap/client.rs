@@ -69,11 +69,7 @@ pub struct KeapError {
 impl fmt::Display for KeapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.status {
-            Some(status) => write!(
-                f,
-                "Keap answered {status} to {}: {}",
-                self.request, self.message
-            ),
+            Some(status) => write!(f, "Keap answered {status} to {}: {}", self.request, self.message),
             None => write!(f, "{} failed: {}", self.request, self.message),
         }
     }
@@ -117,12 +113,7 @@ impl KeapClient {
         body: &ContactWrite,
         deadline: Instant,
     ) -> Result<Contact, KeapError> {
-        let req = Request {
-            method: Method::PUT,
-            path: "/v1/contacts".into(),
-            query: Vec::new(),
-            deadline,
-        };
+        let req = Request { method: Method::PUT, path: "/v1/contacts".into(), query: Vec::new(), deadline };
         self.call(auth, req, Some(body)).await
     }
 
@@ -145,12 +136,7 @@ impl KeapClient {
     }
 
     /// Deletes contact `id`; a contact that is already gone counts as deleted.
-    pub async fn delete_contact(
-        &self,
-        auth: &Auth,
-        id: i64,
-        deadline: Instant,
-    ) -> Result<(), KeapError> {
+    pub async fn delete_contact(&self, auth: &Auth, id: i64, deadline: Instant) -> Result<(), KeapError> {
         let req = Request {
             method: Method::DELETE,
             path: format!("/v1/contacts/{id}"),
@@ -196,15 +182,12 @@ impl KeapClient {
                 kind: ErrorKind::Transient,
                 status: None,
                 request,
-                message: "not sent: the claim's lease would run out before the call could finish"
-                    .into(),
+                message: "not sent: the claim's lease would run out before the call could finish".into(),
                 body: None,
             });
         }
-        let mut builder = self
-            .http
-            .request(req.method, format!("{}{}", self.api_url, req.path))
-            .query(&req.query);
+        let mut builder =
+            self.http.request(req.method, format!("{}{}", self.api_url, req.path)).query(&req.query);
         builder = match auth {
             Auth::Bearer(token) => builder.bearer_auth(token.expose()),
             Auth::ApiKey(key) => builder.header("X-Keap-API-Key", key.expose()),
@@ -269,10 +252,8 @@ pub(crate) fn http_client(
 
 fn classify(status: StatusCode, request: String, text: &str) -> KeapError {
     let parsed: Option<ErrorBody> = serde_json::from_str(text).ok();
-    let message = parsed
-        .as_ref()
-        .and_then(ErrorBody::summary)
-        .unwrap_or_else(|| match status.canonical_reason() {
+    let message =
+        parsed.as_ref().and_then(ErrorBody::summary).unwrap_or_else(|| match status.canonical_reason() {
             Some(reason) if text.trim().is_empty() => reason.to_owned(),
             _ => truncate(text.trim()),
         });
@@ -284,13 +265,7 @@ fn classify(status: StatusCode, request: String, text: &str) -> KeapError {
         400..=499 => ErrorKind::Rejected,
         _ => ErrorKind::Transient,
     };
-    KeapError {
-        kind,
-        status: Some(status.as_u16()),
-        request,
-        message,
-        body: Some(truncate(text)),
-    }
+    KeapError { kind, status: Some(status.as_u16()), request, message, body: Some(truncate(text)) }
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {
@@ -334,26 +309,12 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        let k = |s: u16, body: &str| {
-            classify(
-                StatusCode::from_u16(s).unwrap(),
-                "PUT /v1/contacts".into(),
-                body,
-            )
-        };
-        assert_eq!(
-            k(400, r#"{"message":"Email address is invalid"}"#).kind,
-            ErrorKind::Rejected
-        );
-        assert_eq!(
-            k(400, r#"{"message":"Email address is invalid"}"#).message,
-            "Email address is invalid"
-        );
+        let k =
+            |s: u16, body: &str| classify(StatusCode::from_u16(s).unwrap(), "PUT /v1/contacts".into(), body);
+        assert_eq!(k(400, r#"{"message":"Email address is invalid"}"#).kind, ErrorKind::Rejected);
+        assert_eq!(k(400, r#"{"message":"Email address is invalid"}"#).message, "Email address is invalid");
         assert_eq!(k(401, "").kind, ErrorKind::Unauthorized);
-        assert_eq!(
-            k(404, r#"{"code":404,"message":"Record not found"}"#).kind,
-            ErrorKind::NotFound
-        );
+        assert_eq!(k(404, r#"{"code":404,"message":"Record not found"}"#).kind, ErrorKind::NotFound);
         let throttled = k(
             429,
             r#"{"code":"429","message":"Quota Exceeded","status":"Request Throttled","details":null}"#,
@@ -368,11 +329,7 @@ mod tests {
 
     #[test]
     fn display_is_one_line() {
-        let e = classify(
-            StatusCode::BAD_REQUEST,
-            "PUT /v1/contacts".into(),
-            r#"{"message":"bad"}"#,
-        );
+        let e = classify(StatusCode::BAD_REQUEST, "PUT /v1/contacts".into(), r#"{"message":"bad"}"#);
         assert_eq!(e.to_string(), "Keap answered 400 to PUT /v1/contacts: bad");
     }
 

@@ -70,10 +70,7 @@ pub struct Contact {
 impl Contact {
     /// The address in slot EMAIL1, which is the one this daemon owns.
     pub fn email1(&self) -> Option<&str> {
-        self.email_addresses
-            .iter()
-            .find(|e| e.field == EmailField::Email1)
-            .and_then(|e| e.email.as_deref())
+        self.email_addresses.iter().find(|e| e.field == EmailField::Email1).and_then(|e| e.email.as_deref())
     }
 }
 
@@ -191,10 +188,7 @@ mod tests {
     #[test]
     fn every_known_error_shape_has_a_summary() {
         let shapes = [
-            (
-                r#"{"message":"BILLING Region is invalid"}"#,
-                "BILLING Region is invalid",
-            ),
+            (r#"{"message":"BILLING Region is invalid"}"#, "BILLING Region is invalid"),
             (
                 r#"{"code":"429","message":"Quota Exceeded","status":"Request Throttled","details":null}"#,
                 "Quota Exceeded",

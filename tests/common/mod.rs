@@ -53,9 +53,8 @@ per_day = 10000000
 
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        Cluster::start().unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}"))
-    })
+    CLUSTER
+        .get_or_init(|| Cluster::start().unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}")))
 }
 
 fn init_tracing() {
@@ -63,10 +62,7 @@ fn init_tracing() {
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_env("KEAP_SYNC_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     });
 }
 
@@ -79,11 +75,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            fake: FakeOptions::default(),
-            start_daemon: true,
-            tweak: |_| {},
-        }
+        Options { fake: FakeOptions::default(), start_daemon: true, tweak: |_| {} }
     }
 }
 
@@ -112,16 +104,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     fake.add_api_key(API_KEY);
     let mut db = connect(&conninfo).await;
     db.batch_execute(USERS_DDL).await.expect("users table");
-    let app = TestApp {
-        db: connect(&conninfo).await,
-        conninfo,
-        fake,
-        tweak: options.tweak,
-        daemon: None,
-    };
-    keap_sync::schema::migrate(&mut db, &app.config().users)
-        .await
-        .expect("migrate");
+    let app = TestApp { db: connect(&conninfo).await, conninfo, fake, tweak: options.tweak, daemon: None };
+    keap_sync::schema::migrate(&mut db, &app.config().users).await.expect("migrate");
     let mut app = app;
     if options.start_daemon {
         app.start_daemon().await;
@@ -130,9 +114,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 }
 
 pub async fn connect(conninfo: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
-        .await
-        .expect("connect");
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -152,8 +134,7 @@ impl TestApp {
 
     pub fn config(&self) -> Config {
         let env = self.env();
-        let mut config =
-            Config::from_toml(TEST_TOML, &|k| env.get(k).cloned()).expect("test config");
+        let mut config = Config::from_toml(TEST_TOML, &|k| env.get(k).cloned()).expect("test config");
         (self.tweak)(&mut config);
         config
     }
@@ -185,10 +166,7 @@ impl TestApp {
     /// Waits until every change is delivered (the outbox is empty), or panics with the
     /// outbox's contents after `timeout`.
     pub async fn wait_idle_for(&self, timeout: Duration) {
-        if keap_sync::outbox::wait_until_empty(&self.db, timeout)
-            .await
-            .expect("outbox query")
-        {
+        if keap_sync::outbox::wait_until_empty(&self.db, timeout).await.expect("outbox query") {
             return;
         }
         let rows = self
@@ -222,24 +200,16 @@ impl TestApp {
     }
 
     pub async fn exec(&self, sql: &str) {
-        self.db
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.db.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        self.db
-            .query_one(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .get(0)
+        self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 
     /// Contact calls the fake has seen (PUT/PATCH/DELETE/GET under /v1/contacts).
     pub fn contact_calls(&self, method: &str) -> usize {
-        self.fake
-            .count(|r| r.method == method && r.path.starts_with("/crm/rest/v1/contacts"))
+        self.fake.count(|r| r.method == method && r.path.starts_with("/crm/rest/v1/contacts"))
     }
 
     /// Asserts that Keap holds exactly one contact per user, equal to the user's row.
@@ -255,50 +225,27 @@ impl TestApp {
             .await
             .expect("users");
         let contacts = self.fake.contacts();
-        assert_eq!(
-            contacts.len(),
-            rows.len(),
-            "one contact per user with an email"
-        );
+        assert_eq!(contacts.len(), rows.len(), "one contact per user with an email");
         let mut seen = std::collections::HashSet::new();
         for row in rows {
             let id: i64 = row.get(0);
             let email: String = row.get(1);
             let contact_id: Option<i64> = row.get(4);
-            let contact_id =
-                contact_id.unwrap_or_else(|| panic!("user {id} has no contact mapping"));
+            let contact_id = contact_id.unwrap_or_else(|| panic!("user {id} has no contact mapping"));
             assert!(seen.insert(contact_id), "contact {contact_id} mapped twice");
-            let c = self
-                .fake
-                .contact(contact_id)
-                .unwrap_or_else(|| panic!("contact {contact_id} missing"));
+            let c = self.fake.contact(contact_id).unwrap_or_else(|| panic!("contact {contact_id} missing"));
             assert_eq!(c.email1(), Some(email.as_str()), "user {id} email");
-            assert_eq!(
-                c.given_name,
-                row.get::<_, Option<String>>(2),
-                "user {id} given name"
-            );
-            assert_eq!(
-                c.family_name,
-                row.get::<_, Option<String>>(3),
-                "user {id} family name"
-            );
-            assert_eq!(
-                self.fake.contacts_with_email(&email).len(),
-                1,
-                "no duplicate for {email}"
-            );
+            assert_eq!(c.given_name, row.get::<_, Option<String>>(2), "user {id} given name");
+            assert_eq!(c.family_name, row.get::<_, Option<String>>(3), "user {id} family name");
+            assert_eq!(self.fake.contacts_with_email(&email).len(), 1, "no duplicate for {email}");
         }
     }
 
     /// Writes the test configuration (with database and fake URLs) to a file for a child
     /// process; the API key goes through the environment.
     pub fn write_config_file(&self, extra: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "keap-sync-test-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("keap-sync-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).expect("config dir");
         let path = dir.join("keap-sync.toml");
         let text = format!(
@@ -314,11 +261,8 @@ impl TestApp {
             ),
             extra
         );
-        std::fs::write(
-            &path,
-            format!("[database]\nurl = \"{}\"\n{text}", self.conninfo),
-        )
-        .expect("write config");
+        std::fs::write(&path, format!("[database]\nurl = \"{}\"\n{text}", self.conninfo))
+            .expect("write config");
         path
     }
 
@@ -394,10 +338,7 @@ where
         if condition().await {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
