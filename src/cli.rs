@@ -58,6 +58,13 @@ enum AuthCommand {
     /// Store a token response (JSON with access_token, refresh_token, expires_in) read from
     /// standard input. Tokens never go on the command line, where process lists show them.
     Import,
+    /// Authorise via the browser (authorization-code flow) and store the grant.
+    Login {
+        /// Receive the redirect on this loopback address instead of pasting it, e.g.
+        /// 127.0.0.1:8700 (behind the HTTPS redirect URL registered with Keap).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Show which credential is in use and the state of the stored grant (never a secret).
     Status,
 }
@@ -137,6 +144,9 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Demo { keep_running } => crate::demo::run(keep_running).await.map_err(CliError::Other),
         Command::Auth(AuthCommand::Import) => crate::token::cli::import(load(&cli.config)?).await,
+        Command::Auth(AuthCommand::Login { listen }) => {
+            crate::token::cli::login(load(&cli.config)?, listen).await
+        }
         Command::Auth(AuthCommand::Status) => crate::token::cli::status(load(&cli.config)?).await,
     }
 }

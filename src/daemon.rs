@@ -37,7 +37,7 @@ use crate::keap::KeapClient;
 use crate::outbox::{self, ClaimTiming};
 use crate::ratelimit::Limiter;
 use crate::schema::{self, SchemaError, UserTable};
-use crate::token::{TokenPolicy, TokenSource};
+use crate::token::{TokenError, TokenPolicy, TokenSource};
 
 /// The NOTIFY channel the trigger signals.
 pub const CHANNEL: &str = "keap_sync";
@@ -45,6 +45,10 @@ pub const CHANNEL: &str = "keap_sync";
 /// While paused for authorisation, how often the token store is checked (a NOTIFY from
 /// `auth import` wakes the loop sooner).
 const AUTH_RECHECK: Duration = Duration::from_secs(5);
+
+/// How often an idle daemon checks whether its OAuth grant needs a refresh (near expiry, or
+/// a refresh token old enough that it could lapse).
+const TOKEN_CHECK: Duration = Duration::from_secs(60);
 
 /// Why the daemon could not start. Once running it does not fail: it waits and retries.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +179,7 @@ impl Context {
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut paused: Option<String> = None;
         let mut lost: Option<DbError> = None;
+        let mut token_checked = Instant::now();
         let result = loop {
             if *stop.borrow() {
                 break Ok(());
@@ -182,7 +187,7 @@ impl Context {
             if let Some(e) = lost.take() {
                 break Err(e);
             }
-            let mut wait = d.poll_interval;
+            let mut wait = d.poll_interval.min(TOKEN_CHECK);
             if paused.is_some() {
                 match self.tokens.usable_again(&db).await {
                     Ok(true) => {
@@ -191,13 +196,25 @@ impl Context {
                         continue;
                     }
                     Ok(false) => wait = AUTH_RECHECK,
-                    Err(crate::token::TokenError::Db(e)) => break Err(e),
+                    Err(TokenError::Db(e)) => break Err(e),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the token store");
                         wait = AUTH_RECHECK;
                     }
                 }
             } else {
+                if self.tokens.is_oauth() && token_checked.elapsed() >= TOKEN_CHECK {
+                    token_checked = Instant::now();
+                    match self.tokens.auth(&db).await {
+                        Ok(_) => {}
+                        Err(TokenError::NeedsAuthorization(reason)) => {
+                            handle(Ok(Outcome::NeedsAuthorization(reason)), &mut paused, &mut lost);
+                            continue;
+                        }
+                        Err(TokenError::Db(e)) => break Err(e),
+                        Err(e) => tracing::warn!(error = %e, "idle token check failed; will retry"),
+                    }
+                }
                 let free = d.concurrency.saturating_sub(tasks.len());
                 if free > 0 {
                     let claimed = match self.claim_and_spawn(&db, &deliverer, &mut tasks, free, timing).await

@@ -396,6 +396,166 @@ pub mod cli {
         Ok(())
     }
 
+    /// `auth login`: the authorization-code flow. Prints the consent URL, takes the redirected
+    /// URL (pasted on standard input, or received by a loopback listener), checks `state`,
+    /// exchanges the code and stores the grant.
+    pub async fn login(config: Config, listen: Option<std::net::SocketAddr>) -> Result<(), CliError> {
+        let Credential::OAuth { client_id, client_secret } = config.credential()? else {
+            return Err(CliError::Other(
+                "`auth login` is for OAuth clients (KEAP_CLIENT_ID and KEAP_CLIENT_SECRET); an API key needs no login"
+                    .into(),
+            ));
+        };
+        let redirect_uri = config.keap.redirect_uri.clone().ok_or_else(|| {
+            CliError::Other(
+                "set `redirect_uri` under [keap] to the redirect URL registered for your Keap app; \
+                 Keap sends the browser there with ?code=…"
+                    .into(),
+            )
+        })?;
+        let pg = db::parse(config.database()?)?;
+        let client = db::connect(&pg).await?;
+        schema::ensure_current(&client).await?;
+
+        let state = format!("{:032x}", rand::random::<u128>());
+        let url = reqwest::Url::parse_with_params(
+            &config.keap.authorize_url,
+            [
+                ("client_id", client_id.as_str()),
+                ("redirect_uri", redirect_uri.as_str()),
+                ("response_type", "code"),
+                ("scope", "full"),
+                ("state", state.as_str()),
+            ],
+        )
+        .map_err(|e| CliError::Other(format!("keap.authorize_url is not a URL: {e}")))?;
+        println!("Open this URL in a browser, sign in to Keap and allow access:\n\n  {url}\n");
+        let answer = match listen {
+            Some(addr) => {
+                println!("Waiting for the redirect on http://{addr}/ …");
+                receive_redirect(addr).await?
+            }
+            None => {
+                println!(
+                    "Then paste the address the browser was sent to (or just its code) and press Enter:"
+                );
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
+                line
+            }
+        };
+        let code = code_from_redirect(&answer, &state)?;
+
+        let http = crate::keap::http_client(config.keap.request_timeout, config.keap.connect_timeout)
+            .map_err(CliError::Other)?;
+        let response = http
+            .post(&config.keap.token_url)
+            .form(&[
+                ("client_id", client_id.as_str()),
+                ("client_secret", client_secret.expose()),
+                ("code", code.as_str()),
+                ("grant_type", "authorization_code"),
+                ("redirect_uri", redirect_uri.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(|e| {
+                CliError::Other(format!("cannot reach the token endpoint: {}", super::without_url(&e)))
+            })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let body: crate::keap::model::ErrorBody = serde_json::from_str(&text).unwrap_or_default();
+            return Err(CliError::Other(format!(
+                "Keap refused the code ({status}: {}); codes are single-use and expire quickly: run `keap-sync auth login` again",
+                body.summary().unwrap_or_default()
+            )));
+        }
+        let tokens = parse_token_response(&text)?;
+        super::store(&client, &tokens, true).await.map_err(|e| CliError::Other(e.to_string()))?;
+        client
+            .execute("select pg_notify($1, 'token')", &[&crate::daemon::CHANNEL])
+            .await
+            .map_err(db::DbError::from)?;
+        println!("Authorised. The grant is stored; the daemon refreshes it from now on.");
+        Ok(())
+    }
+
+    /// The authorization code from what the user pasted: the redirected URL (whose `state`
+    /// must match ours — a mismatch means the redirect is not from this login), its query
+    /// string, or the bare code.
+    pub fn code_from_redirect(answer: &str, expected_state: &str) -> Result<String, CliError> {
+        let answer = answer.trim();
+        if answer.is_empty() {
+            return Err(CliError::Other("nothing was pasted: run `keap-sync auth login` again".into()));
+        }
+        if !answer.contains('=') {
+            return Ok(answer.to_owned());
+        }
+        let query = answer.split_once('?').map_or(answer, |(_, q)| q);
+        let query = query.split('#').next().unwrap_or(query);
+        let pairs: Vec<(String, String)> = reqwest::Url::parse(&format!("http://x/?{query}"))
+            .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+            .unwrap_or_default();
+        let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        if let Some(error) = get("error") {
+            return Err(CliError::Other(format!(
+                "Keap did not authorise: {error} {}",
+                get("error_description").unwrap_or_default()
+            )));
+        }
+        if get("state").as_deref() != Some(expected_state) {
+            return Err(CliError::Other(
+                "the redirect's state does not match this login (it belongs to another attempt, or was forged); \
+                 run `keap-sync auth login` again"
+                    .into(),
+            ));
+        }
+        get("code").filter(|c| !c.is_empty()).ok_or_else(|| {
+            CliError::Other("the redirect has no code: paste the full address the browser was sent to".into())
+        })
+    }
+
+    /// Accepts one HTTP request on a loopback address and returns its target (`/path?query`).
+    async fn receive_redirect(addr: std::net::SocketAddr) -> Result<String, CliError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if !addr.ip().is_loopback() {
+            return Err(CliError::Other(format!(
+                "--listen {addr}: only loopback addresses are allowed (forward the redirect to it)"
+            )));
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))?;
+        loop {
+            let (mut socket, _) =
+                listener.accept().await.map_err(|e| CliError::Other(format!("accept failed: {e}")))?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 2048];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                match socket.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let target = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("");
+            if !target.contains("code=") && !target.contains("error=") {
+                let _ = socket.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+                continue;
+            }
+            let body = "keap-sync received the authorisation; you can close this window.";
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(reply.as_bytes()).await;
+            return Ok(target.to_owned());
+        }
+    }
+
     /// Accepts the token endpoint's JSON as is (extra fields such as `token_type` are ignored).
     pub fn parse_token_response(text: &str) -> Result<TokenResponse, CliError> {
         let parsed: TokenResponse = serde_json::from_str(text.trim()).map_err(|e| {

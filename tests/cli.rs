@@ -117,7 +117,7 @@ async fn sigkill_mid_batch_then_restart_delivers_everything_once() {
     // after Keap committed the write, which only an idempotent upsert survives.
     app.fake.set_latency(Duration::from_millis(30));
     app.fake.inject(FaultRule::new(Route::Contacts, FaultAction::DropAfterCommit).probability(0.05));
-    let config = app.write_config_file("");
+    let config = app.write_config_file("", "");
     app.exec(
         "insert into users (email, first_name, last_name)
          select 'kill' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, 300) g",

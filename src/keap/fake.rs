@@ -291,6 +291,8 @@ struct State {
     /// Access token -> expiry (`None`: the lifetime overflowed `Instant`, i.e. never).
     access: HashMap<String, Option<Instant>>,
     refresh: HashMap<String, Refresh>,
+    /// Every access and refresh token ever minted, for leak checks.
+    issued: Vec<String>,
     /// Authorization code -> (redirect_uri, used).
     codes: HashMap<String, (String, bool)>,
     contacts: BTreeMap<i64, Contact>,
@@ -461,6 +463,17 @@ impl FakeKeap {
     /// validated, so tests can seed data Keap accepted in the past.
     pub fn seed_contact(&self, w: ContactWrite) -> Contact {
         self.state().insert_new(&w)
+    }
+
+    /// Every secret this fake ever handed out or knows: all access and refresh tokens minted,
+    /// authorization codes, API keys and the client secret. Tests grep logs for these.
+    pub fn issued_secrets(&self) -> Vec<String> {
+        let st = self.state();
+        let mut all = st.issued.clone();
+        all.extend(st.codes.keys().cloned());
+        all.extend(st.api_keys.iter().cloned());
+        all.push(st.opts.client_secret.clone());
+        all
     }
 
     /// Deletes a contact as someone working in Keap's UI would (no auth, not logged). Returns
@@ -895,6 +908,8 @@ impl State {
         let expiry = Instant::now().checked_add(lifetime);
         self.access.insert(access.clone(), expiry);
         self.refresh.insert(refresh.clone(), Refresh::Live);
+        self.issued.push(access.clone());
+        self.issued.push(refresh.clone());
         TokenResponse {
             access_token: access,
             token_type: Some("bearer".into()),

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Once, OnceLock};
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::Duration;
 
 use keap_sync::config::Config;
@@ -37,6 +37,7 @@ pub const TEST_TOML: &str = r#"
 [keap]
 request_timeout_secs = 3
 connect_timeout_secs = 1
+refresh_margin_secs = 1
 
 [delivery]
 lease_secs = 10
@@ -57,25 +58,52 @@ pub fn cluster() -> &'static Cluster {
         .get_or_init(|| Cluster::start().unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}")))
 }
 
+/// Every log line of this test process, at debug level, so tests can grep them for secrets.
+/// Lines are also printed when `KEAP_SYNC_LOG` is set.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+}
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        if std::env::var_os("KEAP_SYNC_LOG").is_some() {
+            eprint!("{}", String::from_utf8_lossy(buf));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("KEAP_SYNC_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_ansi(false)
+            .with_writer(|| Capture)
+            .try_init();
     });
 }
 
 pub struct Options {
     pub fake: FakeOptions,
     pub start_daemon: bool,
+    /// OAuth client credentials (and a grant imported before start) instead of an API key.
+    pub oauth: bool,
     /// Appended to [`TEST_TOML`]'s values by editing the loaded config.
     pub tweak: fn(&mut Config),
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { fake: FakeOptions::default(), start_daemon: true, tweak: |_| {} }
+        Options { fake: FakeOptions::default(), start_daemon: true, oauth: false, tweak: |_| {} }
     }
 }
 
@@ -89,8 +117,9 @@ pub struct TestApp {
     pub db: Client,
     pub conninfo: String,
     pub fake: FakeKeap,
+    pub oauth: bool,
     tweak: fn(&mut Config),
-    daemon: Option<Daemon>,
+    daemons: Vec<Daemon>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -104,9 +133,19 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     fake.add_api_key(API_KEY);
     let mut db = connect(&conninfo).await;
     db.batch_execute(USERS_DDL).await.expect("users table");
-    let app = TestApp { db: connect(&conninfo).await, conninfo, fake, tweak: options.tweak, daemon: None };
+    let mut app = TestApp {
+        db: connect(&conninfo).await,
+        conninfo,
+        fake,
+        oauth: options.oauth,
+        tweak: options.tweak,
+        daemons: Vec::new(),
+    };
     keap_sync::schema::migrate(&mut db, &app.config().users).await.expect("migrate");
-    let mut app = app;
+    if app.oauth {
+        let grant = app.fake.issue_grant();
+        app.import_grant(&grant).await;
+    }
     if options.start_daemon {
         app.start_daemon().await;
     }
@@ -124,12 +163,24 @@ pub async fn connect(conninfo: &str) -> Client {
 impl TestApp {
     /// The environment the daemon sees.
     pub fn env(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut env = HashMap::from([
             ("DATABASE_URL".to_owned(), self.conninfo.clone()),
             ("KEAP_API_URL".to_owned(), self.fake.api_url()),
             ("KEAP_TOKEN_URL".to_owned(), self.fake.token_url()),
-            ("KEAP_API_KEY".to_owned(), API_KEY.to_owned()),
-        ])
+        ]);
+        if self.oauth {
+            let opts = FakeOptions::default();
+            env.insert("KEAP_CLIENT_ID".to_owned(), opts.client_id);
+            env.insert("KEAP_CLIENT_SECRET".to_owned(), opts.client_secret);
+        } else {
+            env.insert("KEAP_API_KEY".to_owned(), API_KEY.to_owned());
+        }
+        env
+    }
+
+    /// Stores a grant as `keap-sync auth import` would (without waking a daemon).
+    pub async fn import_grant(&self, grant: &keap_sync::keap::model::TokenResponse) {
+        keap_sync::token::store(&self.db, grant, true).await.expect("store grant");
     }
 
     pub fn config(&self) -> Config {
@@ -143,24 +194,31 @@ impl TestApp {
         self.start_daemon_with(self.config()).await;
     }
 
+    /// Starts one more in-process daemon (several may run, as several instances would).
     pub async fn start_daemon_with(&mut self, config: Config) {
-        assert!(self.daemon.is_none(), "daemon already running");
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(keap_sync::daemon::run(config, async {
             let _ = stopped.await;
         }));
-        self.daemon = Some(Daemon { stop, handle });
+        self.daemons.push(Daemon { stop, handle });
     }
 
-    /// Graceful stop; panics if the daemon failed.
+    /// True while every started daemon is still running.
+    pub fn daemons_running(&self) -> bool {
+        !self.daemons.is_empty() && self.daemons.iter().all(|d| !d.handle.is_finished())
+    }
+
+    /// Graceful stop of every daemon; panics if one failed.
     pub async fn stop_daemon(&mut self) {
-        let daemon = self.daemon.take().expect("daemon running");
-        let _ = daemon.stop.send(());
-        tokio::time::timeout(Duration::from_secs(30), daemon.handle)
-            .await
-            .expect("daemon stops within 30 s")
-            .expect("daemon task")
-            .expect("daemon ran without error");
+        assert!(!self.daemons.is_empty(), "no daemon running");
+        for daemon in self.daemons.drain(..) {
+            let _ = daemon.stop.send(());
+            tokio::time::timeout(Duration::from_secs(30), daemon.handle)
+                .await
+                .expect("daemon stops within 30 s")
+                .expect("daemon task")
+                .expect("daemon ran without error");
+        }
     }
 
     /// Waits until every change is delivered (the outbox is empty), or panics with the
@@ -243,7 +301,7 @@ impl TestApp {
 
     /// Writes the test configuration (with database and fake URLs) to a file for a child
     /// process; the API key goes through the environment.
-    pub fn write_config_file(&self, extra: &str) -> PathBuf {
+    pub fn write_config_file(&self, keap_extra: &str, extra: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("keap-sync-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).expect("config dir");
@@ -253,7 +311,7 @@ impl TestApp {
             TEST_TOML.replacen(
                 "[keap]",
                 &format!(
-                    "[keap]\napi_url = \"{}\"\ntoken_url = \"{}\"",
+                    "[keap]\napi_url = \"{}\"\ntoken_url = \"{}\"\n{keap_extra}",
                     self.fake.api_url(),
                     self.fake.token_url()
                 ),
@@ -274,7 +332,7 @@ impl TestApp {
             .args(["--config", config.to_str().expect("utf-8 path"), "run"])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("KEAP_API_KEY", API_KEY)
+            .envs(self.env())
             .env("KEAP_SYNC_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -287,7 +345,7 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(d) = self.daemon.take() {
+        for d in self.daemons.drain(..) {
             d.handle.abort();
         }
     }

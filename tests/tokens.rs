@@ -1,0 +1,254 @@
+//! The OAuth grant keeps itself alive: refresh before expiry and on 401, rotation safe across
+//! two instances, a lost grant pauses (not loses) deliveries until new tokens are imported,
+//! the authorization-code login, and no secret in any log line or error.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{spawn_app_with, Options, TestApp};
+use keap_sync::keap::fake::{FakeOptions, FaultAction, FaultRule, Route};
+
+const REDIRECT: &str = "https://app.example.com/keap/callback";
+
+fn oauth(lifetime: Duration) -> Options {
+    Options {
+        oauth: true,
+        fake: FakeOptions { access_token_lifetime: lifetime, ..FakeOptions::default() },
+        ..Options::default()
+    }
+}
+
+fn bin(app: &TestApp, config: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keap-sync"));
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(app.env());
+    cmd
+}
+
+/// Every secret the fake ever issued, and the client secret, is absent from every log line of
+/// this process and from `extra` (child process output, error messages).
+fn assert_no_secrets(app: &TestApp, extra: &str) {
+    let logs = common::captured_logs();
+    assert!(!logs.is_empty(), "logs were captured");
+    for secret in app.fake.issued_secrets() {
+        assert!(secret.len() >= 8, "secret long enough to grep: {}", secret.len());
+        assert!(!logs.contains(&secret), "a secret appears in the logs");
+        assert!(!extra.contains(&secret), "a secret appears in command output or errors");
+    }
+}
+
+/// Inserts users at a steady pace for `duration`; returns how many.
+async fn steady_stream(app: &TestApp, duration: Duration) -> usize {
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < duration {
+        n += 1;
+        app.db
+            .execute(
+                "insert into users (email, first_name) values ($1, 'Stream')",
+                &[&format!("stream{n}@example.com")],
+            )
+            .await
+            .expect("insert");
+        // Pacing the load generator, not synchronisation: the assertions wait on conditions.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    n
+}
+
+fn unauthorized_contact_calls(app: &TestApp) -> usize {
+    app.fake.count(|r| r.status == 401 && r.path.starts_with("/crm/rest/v1/contacts"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_are_refreshed_under_a_steady_stream() {
+    let app = spawn_app_with(oauth(Duration::from_secs(2))).await;
+    let started = Instant::now();
+    let users = steady_stream(&app, Duration::from_secs(10)).await;
+    app.wait_idle().await;
+    let elapsed = started.elapsed().as_secs_f64();
+
+    app.assert_keap_matches_users().await;
+    assert_eq!(app.fake.contacts().len(), users);
+    let refreshes = app.fake.refresh_count();
+    let expiries = (elapsed / 2.0).ceil() as usize;
+    let rejected = unauthorized_contact_calls(&app);
+    eprintln!(
+        "{users} users in {elapsed:.1} s: {refreshes} refreshes, {rejected} contact calls answered 401"
+    );
+    assert!(refreshes >= 4, "tokens were refreshed ({refreshes})");
+    assert!(rejected <= expiries, "at most one 401 per expiry: {rejected} for {expiries}");
+    assert_eq!(app.fake.spent_refresh_reuse_count(), 0);
+    assert_no_secrets(&app, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_refresh_once_per_expiry_and_never_reuse_a_refresh_token() {
+    let mut app = spawn_app_with(oauth(Duration::from_secs(2))).await;
+    app.start_daemon().await; // a second instance on the same database
+                              // A slow token endpoint widens the race: while one refresh is in flight, deliveries of
+                              // both instances find the old token near expiry and queue up for the row lock.
+    app.fake.inject(FaultRule::new(Route::Token, FaultAction::Delay(Duration::from_millis(300))));
+    let started = Instant::now();
+    let users = steady_stream(&app, Duration::from_secs(8)).await;
+    app.wait_idle().await;
+    let elapsed = started.elapsed().as_secs_f64();
+
+    // A token is refreshed when 1 s of its 2 s is left, so one refresh per second is one per
+    // expiry; two instances refreshing independently would double it.
+    let refreshes = app.fake.refresh_count();
+    let per_expiry_bound = elapsed.ceil() as usize + 1;
+    eprintln!(
+        "two instances, {users} users in {elapsed:.1} s: {refreshes} refreshes (bound {per_expiry_bound})"
+    );
+    assert!(refreshes >= 3, "tokens were refreshed ({refreshes})");
+    assert!(refreshes <= per_expiry_bound, "{refreshes} refreshes > {per_expiry_bound}");
+    assert_eq!(app.fake.spent_refresh_reuse_count(), 0, "a spent refresh token was sent");
+    assert_eq!(app.contact_calls("PUT"), users, "each user delivered once");
+    app.assert_keap_matches_users().await;
+    assert!(app.daemons_running());
+    assert_no_secrets(&app, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_grant_pauses_deliveries_until_a_new_grant_is_imported() {
+    let app = spawn_app_with(Options {
+        tweak: |c| c.delivery.poll_interval = Duration::from_millis(200),
+        ..oauth(Duration::from_secs(3600))
+    })
+    .await;
+    app.exec("insert into users (email) values ('before@example.com')").await;
+    app.wait_idle().await;
+
+    app.fake.revoke_all_grants();
+    app.exec("insert into users (email) select 'during' || g || '@example.com' from generate_series(1, 5) g")
+        .await;
+    common::eventually(Duration::from_secs(10), "re-authorisation needed", || async {
+        app.count("select count(*) from keap_sync.oauth_token where state = 'reauthorization_needed'").await
+            == 1
+    })
+    .await;
+    let calls = app.fake.requests().len();
+    let token_calls = app.fake.count(|r| r.path == "/token");
+    assert!(token_calls <= 1, "one refresh attempt, then none: {token_calls}");
+
+    // Paused, not stopped: changes queue up and no call is made. Observe several poll cycles.
+    app.exec("insert into users (email) select 'paused' || g || '@example.com' from generate_series(1, 5) g")
+        .await;
+    let observe_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < observe_until {
+        assert_eq!(app.fake.requests().len(), calls, "no call while paused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 10, "every change queued");
+    assert!(app.daemons_running(), "the daemon keeps running");
+
+    let config = app.write_config_file("", "");
+    let status = bin(&app, &config, &["auth", "status"]).output().expect("auth status");
+    let status_text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(status_text.contains("re-authorisation needed"), "{status_text}");
+    assert!(status_text.contains("keap-sync auth login"), "says what to run: {status_text}");
+
+    let grant = app.fake.issue_grant();
+    let mut import =
+        bin(&app, &config, &["auth", "import"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    import.stdin.take().unwrap().write_all(serde_json::to_string(&grant).unwrap().as_bytes()).unwrap();
+    let imported = import.wait_with_output().unwrap();
+    assert!(imported.status.success());
+
+    app.wait_idle_for(Duration::from_secs(15)).await;
+    app.assert_keap_matches_users().await;
+    assert!(app.daemons_running(), "resumed without a restart");
+    assert_no_secrets(&app, &format!("{status_text}{}", String::from_utf8_lossy(&imported.stdout)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_with_a_valid_looking_token_refreshes_once_and_retries() {
+    let app = spawn_app_with(oauth(Duration::from_secs(3600))).await;
+    app.exec("insert into users (email, first_name) values ('r@example.com', 'A')").await;
+    app.wait_idle().await;
+    assert_eq!(app.fake.refresh_count(), 0);
+
+    app.fake.expire_access_tokens();
+    app.exec("update users set first_name = 'B'").await;
+    app.wait_idle().await;
+
+    assert_eq!(unauthorized_contact_calls(&app), 1);
+    assert_eq!(app.fake.refresh_count(), 1);
+    assert_eq!(app.fake.contacts()[0].given_name.as_deref(), Some("B"));
+    assert_no_secrets(&app, "");
+}
+
+/// Runs `auth login`, answers its prompt with `answer(state)`, returns (success, stdout+stderr).
+async fn login(app: &TestApp, answer: impl Fn(&str) -> String) -> (bool, String, String) {
+    let config = app.write_config_file(
+        &format!("redirect_uri = \"{REDIRECT}\"\nauthorize_url = \"{}\"", app.fake.authorize_url()),
+        "",
+    );
+    let mut child = bin(app, &config, &["auth", "login"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("auth login");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let state = loop {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "login ended before printing the URL: {printed}");
+        printed.push_str(&line);
+        if let Some(url) = line.trim().strip_prefix("http") {
+            let url = reqwest::Url::parse(&format!("http{url}")).expect("authorize URL");
+            let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+            assert_eq!(q.get("response_type").map(String::as_str), Some("code"));
+            assert_eq!(q.get("scope").map(String::as_str), Some("full"));
+            assert_eq!(q.get("redirect_uri").map(String::as_str), Some(REDIRECT));
+            assert_eq!(
+                q.get("client_id").map(String::as_str),
+                Some(FakeOptions::default().client_id.as_str())
+            );
+            break q.get("state").cloned().expect("state");
+        }
+    };
+    child.stdin.take().unwrap().write_all(format!("{}\n", answer(&state)).as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    printed.push_str(&String::from_utf8_lossy(&out.stdout));
+    (out.status.success(), printed, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_login_exchanges_the_code_and_checks_state() {
+    let mut app = spawn_app_with(Options { start_daemon: false, ..oauth(Duration::from_secs(3600)) }).await;
+    app.exec("delete from keap_sync.oauth_token").await;
+
+    // A redirect carrying another login's state is refused, and nothing is stored.
+    let code = app.fake.issue_code(REDIRECT);
+    let (ok, _, stderr) = login(&app, |_| format!("{REDIRECT}?code={code}&state=forged")).await;
+    assert!(!ok);
+    assert!(stderr.contains("state does not match"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(app.count("select count(*) from keap_sync.oauth_token").await, 0);
+
+    let code = app.fake.issue_code(REDIRECT);
+    let (ok, stdout, stderr) = login(&app, |state| {
+        format!("{REDIRECT}?code={code}&scope=full%7Cfake123.infusionsoft.com&state={state}")
+    })
+    .await;
+    assert!(ok, "{stderr}");
+    assert_eq!(app.count("select count(*) from keap_sync.oauth_token where state = 'ok'").await, 1);
+
+    // The stored grant works.
+    app.start_daemon().await;
+    app.exec("insert into users (email) values ('login@example.com')").await;
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts().len(), 1);
+    assert_no_secrets(&app, &format!("{stdout}{stderr}"));
+}
