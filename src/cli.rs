@@ -51,6 +51,31 @@ enum Command {
     /// Manage the Keap OAuth grant.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// See and replay changes Keap rejected (or that could not be mapped).
+    #[command(subcommand)]
+    Failures(FailuresCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum FailuresCommand {
+    /// List parked changes with the reason, Keap's answer and the payload sent.
+    List {
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try parked changes again now (after fixing the cause in Keap or in the row).
+    Retry {
+        /// The user key (the users table's key column) to retry.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        user_key: Option<String>,
+        /// Retry every parked change.
+        #[arg(long)]
+        all: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +169,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Demo { keep_running } => crate::demo::run(keep_running).await.map_err(CliError::Other),
         Command::Auth(AuthCommand::Import) => crate::token::cli::import(load(&cli.config)?).await,
+        Command::Failures(cmd) => failures(load(&cli.config)?, cmd).await,
         Command::Auth(AuthCommand::Login { listen }) => {
             crate::token::cli::login(load(&cli.config)?, listen).await
         }
@@ -178,6 +204,61 @@ async fn uninstall(config: Config, drop_schema: bool) -> Result<(), CliError> {
     println!("removed the capture trigger from {}", config.users.table);
     if drop_schema {
         println!("dropped schema keap_sync (outbox, contact map, tokens)");
+    }
+    Ok(())
+}
+
+async fn failures(config: Config, cmd: FailuresCommand) -> Result<(), CliError> {
+    let pg = db::parse(config.database()?)?;
+    let client = db::connect(&pg).await?;
+    schema::ensure_current(&client).await?;
+    match cmd {
+        FailuresCommand::List { json } => {
+            let parked = crate::failures::list(&client).await?;
+            if json {
+                let text =
+                    serde_json::to_string_pretty(&parked).map_err(|e| CliError::Other(e.to_string()))?;
+                println!("{text}");
+            } else if parked.is_empty() {
+                println!("no parked changes");
+            } else {
+                for p in &parked {
+                    println!(
+                        "user {}: parked {} after {} attempt(s): {}",
+                        p.user_key,
+                        p.parked_at,
+                        p.attempts,
+                        p.reason.as_deref().unwrap_or("(no reason recorded)")
+                    );
+                    if let Some(payload) = &p.payload {
+                        println!("    sent: {payload}");
+                    }
+                }
+                println!(
+                    "{} parked; replay with `keap-sync failures retry USER_KEY` or `--all`",
+                    parked.len()
+                );
+            }
+        }
+        FailuresCommand::Retry { user_key, all: _, json } => {
+            let which = match user_key {
+                Some(k) => crate::failures::Which::User(k),
+                None => crate::failures::Which::All,
+            };
+            let n = crate::failures::retry(&client, &which).await?;
+            if json {
+                println!("{}", serde_json::json!({ "retried": n }));
+            } else if n == 0 {
+                if let crate::failures::Which::User(k) = &which {
+                    return Err(CliError::Other(format!(
+                        "user {k} has no parked change (see `keap-sync failures list`)"
+                    )));
+                }
+                println!("no parked changes");
+            } else {
+                println!("{n} change(s) queued for delivery again");
+            }
+        }
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::config::{DeliveryConfig, OnDelete};
 use crate::db::DbError;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
 use crate::mapping::{ContactPayload, UPDATE_MASK};
-use crate::outbox::{self, Claim, Done, UserRow};
+use crate::outbox::{self, Claim, Done, FailureRecord, UserRow};
 use crate::token::{TokenError, TokenSource};
 
 /// What the delivery loop needs to know about one finished delivery.
@@ -77,7 +77,8 @@ impl Deliverer {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(user = %claim.user_key, reason = %e, "parked a change that cannot be mapped");
-                outbox::park(&self.db, claim, &self.instance, &e.to_string()).await?;
+                let record = FailureRecord { message: e.to_string(), ..FailureRecord::default() };
+                outbox::park(&self.db, claim, &self.instance, &record).await?;
                 return Ok(Outcome::Handled);
             }
         };
@@ -117,7 +118,13 @@ impl Deliverer {
                 .await?;
                 Ok(Outcome::Handled)
             }
-            Err(failure) => self.failed(claim, failure).await,
+            Err(failure) => {
+                let sent = match claim.contact_id {
+                    Some(_) => payload.patch_body(),
+                    None => payload.upsert_body(),
+                };
+                self.failed(claim, failure, serde_json::to_value(sent).ok()).await
+            }
         }
     }
 
@@ -137,7 +144,7 @@ impl Deliverer {
                 outbox::complete(&self.db, claim, &self.instance, &Done::Forgotten).await?;
                 Ok(Outcome::Handled)
             }
-            Err(failure) => self.failed(claim, failure).await,
+            Err(failure) => self.failed(claim, failure, None).await,
         }
     }
 
@@ -164,20 +171,35 @@ impl Deliverer {
         }
     }
 
-    async fn failed(&self, claim: &Claim, failure: Failure) -> Result<Outcome, DbError> {
-        match failure {
+    async fn failed(
+        &self,
+        claim: &Claim,
+        failure: Failure,
+        payload: Option<serde_json::Value>,
+    ) -> Result<Outcome, DbError> {
+        let e = match failure {
             Failure::Token(TokenError::NeedsAuthorization(message)) => {
                 outbox::release(&self.db, claim, &self.instance).await?;
-                Ok(Outcome::NeedsAuthorization(message))
+                return Ok(Outcome::NeedsAuthorization(message));
             }
-            Failure::Token(TokenError::Db(e)) => Err(e),
+            Failure::Token(TokenError::Db(e)) => return Err(e),
             Failure::Token(TokenError::Transient(message)) => {
                 let delay = backoff(&self.delivery, claim.attempts);
                 tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %message, "token refresh failed; will retry");
-                outbox::retry_later(&self.db, claim, &self.instance, delay, &message).await?;
-                Ok(Outcome::Handled)
+                let record = FailureRecord { message, payload, ..FailureRecord::default() };
+                outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
+                return Ok(Outcome::Handled);
             }
-            Failure::Keap(e) if e.kind == ErrorKind::Unauthorized => {
+            Failure::Keap(e) => e,
+        };
+        let record = FailureRecord {
+            message: e.to_string(),
+            status: e.status.map(i32::from),
+            body: e.body.clone(),
+            payload,
+        };
+        match e.kind {
+            ErrorKind::Unauthorized => {
                 // Still 401 right after a refresh: the grant or key is not accepted at all.
                 outbox::release(&self.db, claim, &self.instance).await?;
                 Ok(Outcome::NeedsAuthorization(format!(
@@ -185,18 +207,15 @@ impl Deliverer {
                     crate::token::REAUTHORIZE_HINT
                 )))
             }
-            Failure::Keap(e) if e.kind.is_retryable() => {
-                let delay = backoff(&self.delivery, claim.attempts);
+            kind if kind.is_retryable() => {
+                // After a 429 the limiter has paused every sender; retry when it reopens.
+                let delay = e.retry_after.unwrap_or_else(|| backoff(&self.delivery, claim.attempts));
                 tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %e, "delivery failed; will retry");
-                outbox::retry_later(&self.db, claim, &self.instance, delay, &e.to_string()).await?;
+                outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
                 Ok(Outcome::Handled)
             }
-            Failure::Keap(e) => {
+            _ => {
                 tracing::warn!(user = %claim.user_key, error = %e, "Keap rejected the change; parked until the user changes again");
-                let record = match &e.body {
-                    Some(body) if !body.is_empty() => format!("{e} — body: {body}"),
-                    _ => e.to_string(),
-                };
                 outbox::park(&self.db, claim, &self.instance, &record).await?;
                 Ok(Outcome::Handled)
             }

@@ -24,6 +24,7 @@
 //! - [`outbox`] — claim with a lease, record results; every function one atomic statement.
 //! - [`daemon`] — the run loop: LISTEN, poll, dispatch, reconnect, graceful stop.
 //! - [`deliver`] — one change: decide, call Keap at most once, classify the result.
+//! - [`failures`] — parked changes: list and replay.
 //! - [`mapping`] — user row → contact payload and its fingerprint.
 //! - [`keap`] — the REST client, wire types, and the fake Keap server used by tests and the demo.
 //! - [`token`] — API key or OAuth grant: refresh under a row lock, re-authorisation state.
@@ -40,6 +41,7 @@ pub mod daemon;
 pub mod db;
 pub mod deliver;
 pub mod demo;
+pub mod failures;
 pub mod keap;
 pub mod mapping;
 pub mod outbox;

@@ -63,7 +63,7 @@ pub async fn claim(
                     and (changed_at <= now() - make_interval(secs => $3)
                          or first_changed_at <= now() - make_interval(secs => $4))
                     and (lease_until is null or lease_until < now())
-                  order by next_attempt_at
+                  order by priority, next_attempt_at
                   limit $1
                   for update skip locked
              )
@@ -182,39 +182,79 @@ pub async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Don
     Ok(row.get(0))
 }
 
-/// Puts a transiently failed change back with a retry time; the schedule lives in the row so
-/// it survives restarts.
+/// What is recorded about a failed delivery, for the retry schedule and `failures list`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FailureRecord {
+    /// One line: what failed and why.
+    pub message: String,
+    /// Keap's HTTP status, if it answered.
+    pub status: Option<i32>,
+    /// Keap's answer body, if any.
+    pub body: Option<String>,
+    /// The payload that was sent.
+    pub payload: Option<serde_json::Value>,
+}
+
+/// Puts a transiently failed change back with a retry time, as a retry (priority 1, so live
+/// changes go first). The schedule lives in the row, so it survives restarts.
 pub async fn retry_later(
     client: &Client,
     claim: &Claim,
     instance: &str,
     delay: Duration,
-    error: &str,
+    failure: &FailureRecord,
 ) -> Result<(), DbError> {
     client
         .execute(
             "update keap_sync.outbox
-                set lease_until = null, leased_by = null, last_error = $4,
-                    next_attempt_at = now() + make_interval(secs => $3)
+                set lease_until = null, leased_by = null,
+                    next_attempt_at = now() + make_interval(secs => $3),
+                    priority = greatest(priority, 1),
+                    last_error = $4, last_status = $5, last_body = $6, payload = $7,
+                    first_failed_at = coalesce(first_failed_at, now()), last_failed_at = now()
               where user_key = $1 and leased_by = $2",
-            &[&claim.user_key, &instance, &delay.as_secs_f64(), &error],
+            &[
+                &claim.user_key,
+                &instance,
+                &delay.as_secs_f64(),
+                &failure.message,
+                &failure.status,
+                &failure.body,
+                &failure.payload,
+            ],
         )
         .await?;
     Ok(())
 }
 
 /// Parks a change that cannot succeed as it is (Keap's 400, a row we cannot map). It stays
-/// visible with its reason and is tried again on the user's next change. If a newer change
-/// already arrived, the row is released for it instead of parked.
-pub async fn park(client: &Client, claim: &Claim, instance: &str, error: &str) -> Result<(), DbError> {
+/// visible with its reason and is tried again on the user's next change or on
+/// `keap-sync failures retry`. If a newer change already arrived, the row is released for it
+/// instead of parked.
+pub async fn park(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    failure: &FailureRecord,
+) -> Result<(), DbError> {
     client
         .execute(
             "update keap_sync.outbox
-                set lease_until = null, leased_by = null, last_error = $4,
+                set lease_until = null, leased_by = null,
                     parked_at = case when version = $2 then now() end,
-                    next_attempt_at = now()
+                    next_attempt_at = now(),
+                    last_error = $4, last_status = $5, last_body = $6, payload = $7,
+                    first_failed_at = coalesce(first_failed_at, now()), last_failed_at = now()
               where user_key = $1 and leased_by = $3",
-            &[&claim.user_key, &claim.version, &instance, &error],
+            &[
+                &claim.user_key,
+                &claim.version,
+                &instance,
+                &failure.message,
+                &failure.status,
+                &failure.body,
+                &failure.payload,
+            ],
         )
         .await?;
     Ok(())

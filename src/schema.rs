@@ -24,8 +24,14 @@ pub struct Migration {
 
 /// Every file in `sql/` named `NNNN_*.sql`, in order. A unit test checks this list against the
 /// folder, so a new file cannot be forgotten here.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "0001_core.sql", sql: include_str!("../sql/0001_core.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "0001_core.sql", sql: include_str!("../sql/0001_core.sql") },
+    Migration {
+        version: 2,
+        name: "0002_priorities_and_failures.sql",
+        sql: include_str!("../sql/0002_priorities_and_failures.sql"),
+    },
+];
 
 /// Name of the row trigger installed on the users table.
 pub const TRIGGER_NAME: &str = "keap_sync_capture";

@@ -16,7 +16,7 @@ const REDIRECT: &str = "https://app.example.com/keap/callback";
 fn oauth(lifetime: Duration) -> Options {
     Options {
         oauth: true,
-        fake: FakeOptions { access_token_lifetime: lifetime, ..FakeOptions::default() },
+        fake: FakeOptions { access_token_lifetime: lifetime, ..common::fake_options() },
         ..Options::default()
     }
 }

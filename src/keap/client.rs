@@ -64,6 +64,8 @@ pub struct KeapError {
     pub message: String,
     /// The raw answer body (trimmed to 2,000 bytes), for the failure record.
     pub body: Option<String>,
+    /// For a 429: how long every sender now pauses.
+    pub retry_after: Option<Duration>,
 }
 
 impl fmt::Display for KeapError {
@@ -164,6 +166,7 @@ impl KeapClient {
             request: name,
             message: format!("unreadable contact in Keap's answer ({e})"),
             body: Some(truncate(&text)),
+            retry_after: None,
         })
     }
 
@@ -184,6 +187,7 @@ impl KeapClient {
                 request,
                 message: "not sent: the claim's lease would run out before the call could finish".into(),
                 body: None,
+                retry_after: None,
             });
         }
         let mut builder =
@@ -201,20 +205,24 @@ impl KeapClient {
             request: request.clone(),
             message: describe_reqwest(&e),
             body: None,
+            retry_after: None,
         })?;
         let status = response.status();
-        self.limiter.observe(response.headers());
+        self.limiter.observe(status.as_u16(), response.headers());
+        let retry_after =
+            (status == StatusCode::TOO_MANY_REQUESTS).then(|| self.limiter.throttled(response.headers()));
         let text = response.text().await.map_err(|e| KeapError {
             kind: ErrorKind::Transient,
             status: Some(status.as_u16()),
             request: request.clone(),
             message: format!("reply cut off ({})", describe_reqwest(&e)),
             body: None,
+            retry_after: None,
         })?;
         if status.is_success() {
             return Ok(text);
         }
-        Err(classify(status, request, &text))
+        Err(KeapError { retry_after, ..classify(status, request, &text) })
     }
 }
 
@@ -265,7 +273,14 @@ fn classify(status: StatusCode, request: String, text: &str) -> KeapError {
         400..=499 => ErrorKind::Rejected,
         _ => ErrorKind::Transient,
     };
-    KeapError { kind, status: Some(status.as_u16()), request, message, body: Some(truncate(text)) }
+    KeapError {
+        kind,
+        status: Some(status.as_u16()),
+        request,
+        message,
+        body: Some(truncate(text)),
+        retry_after: None,
+    }
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {

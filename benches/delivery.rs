@@ -1,0 +1,213 @@
+//! Delivery benchmark: does the daemon run at full speed *within* Keap's limits?
+//!
+//! A throwaway Postgres and the fake Keap (enforcing `--limit` requests per rolling second and
+//! `60 × limit` per rolling minute, answering 429 above them) are started; `--changes` users are
+//! inserted while no daemon runs (a backlog), then the real daemon is started in-process with
+//! `[limits] per_second = limit` and `[delivery] concurrency = 4`. While it drains the backlog,
+//! `--probes` more users are inserted one at a time, evenly spread over the expected drain time,
+//! and their change-to-delivery latency (commit → `keap_sync.contact_map.synced_at`) is measured.
+//!
+//! Printed: contact calls, drain wall time, sustained calls/s (calls after the first ÷ time from
+//! the first to the last contact request, as the fake recorded them) and its ratio to the limit,
+//! 429s, the most calls the fake saw in any sliding 1-second window, and probe latency
+//! p50/p95/max. Figures only, no pass/fail.
+//!
+//! ```text
+//! cargo bench --bench delivery -- [--limit N] [--changes N] [--probes N]
+//! ```
+//! Defaults: `--limit 25 --changes 2000 --probes 20`. The drain takes about changes ÷ limit
+//! seconds. Daemon logs go to stderr at `warn` unless `KEAP_SYNC_LOG` says otherwise.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use keap_sync::config::Config;
+use keap_sync::keap::fake::{FakeKeap, FakeOptions};
+use keap_sync::pgcluster::Cluster;
+use tokio_postgres::{Client, NoTls};
+
+const API_KEY: &str = "bench-key";
+const USERS_DDL: &str =
+    "create table users (id bigserial primary key, email text, first_name text, last_name text)";
+
+struct Args {
+    limit: u32,
+    changes: u32,
+    probes: u32,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args { limit: 25, changes: 2000, probes: 20 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--limit" => &mut args.limit,
+            "--changes" => &mut args.changes,
+            "--probes" => &mut args.probes,
+            "--bench" => continue, // added by `cargo bench`
+            _ => usage(&flag),
+        };
+        *slot = it.next().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or_else(|| usage(&flag));
+    }
+    args
+}
+
+fn usage(bad: &str) -> ! {
+    eprintln!(
+        "bad argument {bad:?}\nusage: cargo bench --bench delivery -- [--limit N] [--changes N] [--probes N]"
+    );
+    std::process::exit(2)
+}
+
+fn main() {
+    let args = parse_args();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEAP_SYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let cluster = Cluster::start().unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL: {e}"));
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(bench(&cluster, &args));
+}
+
+async fn connect(conninfo: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+async fn bench(cluster: &Cluster, a: &Args) {
+    let conninfo = cluster.create_database("bench").await.expect("create database");
+    let fake = FakeKeap::start(FakeOptions {
+        per_second_limit: Some(a.limit),
+        // Set so the fake's throttle header agrees with the config: left unset, it reports the
+        // API-key default (240/min), which the daemon adopts, and the test would measure that.
+        per_minute_limit: Some(a.limit * 60),
+        ..Default::default()
+    })
+    .await
+    .expect("fake Keap");
+    fake.add_api_key(API_KEY);
+
+    let mut client = connect(&conninfo).await;
+    client.batch_execute(USERS_DDL).await.expect("users table");
+    let env = HashMap::from([
+        ("DATABASE_URL", conninfo.clone()),
+        ("KEAP_API_URL", fake.api_url()),
+        ("KEAP_API_KEY", API_KEY.to_owned()),
+    ]);
+    let toml = format!(
+        "[delivery]\nconcurrency = 4\n\n[limits]\nper_second = {}\nper_minute = {}\nper_day = 10000000\n",
+        a.limit,
+        a.limit * 60
+    );
+    let config = Config::from_toml(&toml, &|k| env.get(k).cloned()).expect("config");
+    keap_sync::schema::migrate(&mut client, &config.users).await.expect("migrate");
+
+    // The backlog, in one statement, before any daemon runs.
+    client
+        .execute(
+            "insert into users (email, first_name, last_name)
+             select 'user' || n || '@example.com', 'First' || n, 'Last' || n from generate_series(1, $1) n",
+            &[&(a.changes as i32)],
+        )
+        .await
+        .expect("backlog insert");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let daemon = tokio::spawn(keap_sync::daemon::run(config, async {
+        let _ = stop_rx.await;
+    }));
+
+    // Probes: single-row commits spread over the expected drain time.
+    let gap = Duration::from_secs_f64(f64::from(a.changes) / f64::from(a.limit) / f64::from(a.probes));
+    let mut probes: Vec<(String, SystemTime)> = Vec::new();
+    for i in 0..a.probes {
+        tokio::time::sleep_until((started + gap * i).into()).await;
+        let row = client
+            .query_one(
+                "insert into users (email, first_name, last_name) values ($1, 'Probe', $2) returning id",
+                &[&format!("probe{i}@example.com"), &i.to_string()],
+            )
+            .await
+            .expect("probe insert");
+        probes.push((row.get::<_, i64>(0).to_string(), SystemTime::now()));
+    }
+
+    let timeout = Duration::from_secs(u64::from(a.changes / a.limit) * 2 + 60);
+    let drained = keap_sync::outbox::wait_until_empty(&client, timeout).await.expect("outbox query");
+    let wall = started.elapsed();
+
+    // Contact calls as the fake received them (429s included: they show the client's pacing).
+    let mut at: Vec<Instant> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/crm/rest/v1/contacts"))
+        .map(|r| r.at)
+        .collect();
+    at.sort();
+    let calls = at.len();
+    let span = match (at.first(), at.last()) {
+        (Some(first), Some(last)) => last.duration_since(*first).as_secs_f64(),
+        _ => 0.0,
+    };
+    let sustained = if span > 0.0 { (calls - 1) as f64 / span } else { 0.0 };
+    let (mut max_window, mut lo) = (0, 0);
+    for hi in 0..at.len() {
+        while at[hi].duration_since(at[lo]) >= Duration::from_secs(1) {
+            lo += 1;
+        }
+        max_window = max_window.max(hi - lo + 1);
+    }
+
+    // Probe latency: commit → the contact map row the daemon wrote on delivery.
+    let keys: Vec<String> = probes.iter().map(|(k, _)| k.clone()).collect();
+    let synced: HashMap<String, SystemTime> = client
+        .query("select user_key, synced_at from keap_sync.contact_map where user_key = any($1)", &[&keys])
+        .await
+        .expect("contact map")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut latency_ms: Vec<f64> = probes
+        .iter()
+        .filter_map(|(k, committed)| synced.get(k).map(|s| s.duration_since(*committed).unwrap_or_default()))
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    latency_ms.sort_by(f64::total_cmp);
+    let pct = |q: f64| match latency_ms.len() {
+        0 => f64::NAN,
+        n => latency_ms[((q * n as f64).ceil() as usize).clamp(1, n) - 1],
+    };
+
+    println!("limit:                {}/s (and {}/min)", a.limit, a.limit * 60);
+    println!("changes:              {} backlog + {} probes", a.changes, a.probes);
+    println!("contact calls:        {calls}");
+    println!(
+        "drain wall time:      {:.2} s{}",
+        wall.as_secs_f64(),
+        if drained { "" } else { " (TIMED OUT)" }
+    );
+    println!("sustained rate:       {sustained:.2} calls/s over {span:.2} s");
+    println!("ratio to limit:       {:.3}", sustained / f64::from(a.limit));
+    println!("429 answers:          {}", fake.throttled_count());
+    println!("max calls in any 1 s: {max_window}");
+    println!("Keap contacts:        {}", fake.contacts().len());
+    println!(
+        "probe latency (ms):   p50 {:.0}, p95 {:.0}, max {:.0} ({} of {} delivered)",
+        pct(0.50),
+        pct(0.95),
+        pct(1.0),
+        latency_ms.len(),
+        probes.len()
+    );
+
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(Duration::from_secs(60), daemon).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => eprintln!("daemon failed: {e}"),
+        Ok(Err(e)) => eprintln!("daemon task: {e}"),
+        Err(_) => eprintln!("daemon did not stop within 60 s"),
+    }
+}

@@ -1,0 +1,246 @@
+//! Limits and faults: full speed within Keap's limits, and nothing lost or duplicated through
+//! throttling, error storms, outages, rejections, SIGTERM and SIGKILL.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{spawn_app_with, Options, TestApp};
+use keap_sync::keap::fake::{FakeOptions, FaultAction, FaultRule, Route};
+
+fn stopped() -> Options {
+    Options { start_daemon: false, ..Options::default() }
+}
+
+async fn insert_users(app: &TestApp, n: usize) {
+    app.exec(&format!(
+        "insert into users (email, first_name, last_name)
+         select 'u' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g"
+    ))
+    .await;
+}
+
+fn contact_times(app: &TestApp) -> Vec<Instant> {
+    app.fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/crm/rest/v1/contacts") && r.status != 429)
+        .map(|r| r.at)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_20_per_second_the_limit_is_used_and_respected() {
+    let mut app = spawn_app_with(Options {
+        fake: FakeOptions { per_second_limit: Some(20), ..common::fake_options() },
+        tweak: |c| {
+            c.limits.per_second = 20;
+            c.limits.per_minute = 100_000;
+        },
+        ..stopped()
+    })
+    .await;
+    insert_users(&app, 2000).await;
+    app.start_daemon().await;
+    app.wait_idle_for(Duration::from_secs(300)).await;
+
+    let times = contact_times(&app);
+    let span = times.last().unwrap().duration_since(times[0]).as_secs_f64();
+    let rate = (times.len() - 1) as f64 / span;
+    let throttled = app.fake.throttled_count();
+    eprintln!("2000 changes: {} calls in {span:.1} s = {rate:.2}/s, {throttled} answered 429", times.len());
+    assert!((18.0..=22.0).contains(&rate), "throughput {rate:.2}/s not within 10% of 20/s");
+    assert!(throttled <= 5, "{throttled} 429s");
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_errors_and_dropped_connections_lose_and_duplicate_nothing() {
+    let mut app = spawn_app_with(stopped()).await;
+    // Three independent 11.2% chances: 1 - 0.888^3 ≈ 30% of contact calls fail. A reply lost
+    // after Keap committed the write is the case that would duplicate with a non-idempotent call.
+    for action in [
+        FaultAction::Status(500, r#"{"message":"Internal Server Error"}"#.into()),
+        FaultAction::Drop,
+        FaultAction::DropAfterCommit,
+    ] {
+        app.fake.inject(FaultRule::new(Route::Contacts, action).probability(0.112));
+    }
+    insert_users(&app, 2000).await;
+    app.start_daemon().await;
+    app.wait_idle_for(Duration::from_secs(120)).await;
+
+    let failed =
+        app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && (r.status == 0 || r.status >= 500));
+    let total = app.contact_calls("PUT") + app.contact_calls("PATCH");
+    eprintln!("{failed} of {total} contact calls failed");
+    assert!(failed > 400, "faults were injected ({failed})");
+    assert_eq!(app.count("select count(*) from keap_sync.outbox where parked_at is not null").await, 0);
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20_second_keap_outage_mid_stream_loses_nothing() {
+    let app = spawn_app_with(Options::default()).await;
+    let started = Instant::now();
+    let mut n = 0;
+    let mut went_down = false;
+    let mut came_back = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        let t = started.elapsed();
+        if !went_down && t >= Duration::from_secs(5) {
+            app.fake.set_down(true);
+            went_down = true;
+        }
+        if !came_back && t >= Duration::from_secs(25) {
+            app.fake.set_down(false);
+            came_back = true;
+        }
+        n += 1;
+        app.db
+            .execute("insert into users (email) values ($1)", &[&format!("stream{n}@example.com")])
+            .await
+            .unwrap();
+        // Pacing the load, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.wait_idle_for(Duration::from_secs(60)).await;
+    eprintln!("{n} users through a 20 s outage; {} contact calls", app.contact_calls("PUT"));
+    assert_eq!(app.fake.contacts().len(), n);
+    app.assert_keap_matches_users().await;
+}
+
+fn failures_json(app: &TestApp) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+        .args(["failures", "list", "--json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(app.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
+    let app = spawn_app_with(Options::default()).await;
+    insert_users(&app, 999).await;
+    app.exec("insert into users (id, email, first_name) values (100000, 'not-an-email', 'Bad')").await;
+    common::eventually(Duration::from_secs(60), "999 delivered, 1 parked", || async {
+        app.count("select count(*) from keap_sync.outbox").await == 1
+            && app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
+    })
+    .await;
+    assert_eq!(app.fake.contacts().len(), 999);
+
+    let list = failures_json(&app);
+    let parked = &list.as_array().unwrap()[0];
+    assert_eq!(parked["user_key"], "100000");
+    assert_eq!(parked["keap_status"], 400);
+    let body = parked["keap_body"].as_str().unwrap();
+    let message: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(parked["reason"].as_str().unwrap().contains(message["message"].as_str().unwrap()));
+    assert_eq!(parked["payload"]["email_addresses"][0]["email"], "not-an-email");
+
+    // Fixing the row syncs it and clears the failure.
+    app.exec("update users set email = 'fixed@example.com' where id = 100000").await;
+    app.wait_idle().await;
+    assert_eq!(failures_json(&app), serde_json::json!([]));
+    app.assert_keap_matches_users().await;
+
+    // A rejection fixed on Keap's side is replayed with `failures retry`.
+    app.fake.inject(
+        FaultRule::new(
+            Route::Contacts,
+            FaultAction::Status(400, r#"{"message":"Custom field is invalid"}"#.into()),
+        )
+        .times(1),
+    );
+    app.exec("update users set first_name = 'Replayed' where id = 1").await;
+    common::eventually(Duration::from_secs(10), "user 1 parked", || async {
+        app.count("select count(*) from keap_sync.outbox where parked_at is not null and user_key = '1'")
+            .await
+            == 1
+    })
+    .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+        .args(["failures", "retry", "1"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(app.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    app.wait_idle().await;
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_busy_run_exits_0_and_releases_every_claim() {
+    let app = spawn_app_with(stopped()).await;
+    app.fake.set_latency(Duration::from_millis(300));
+    insert_users(&app, 200).await;
+    let config = app.write_config_file("", "");
+    let mut daemon = app.spawn_process(&config);
+    common::eventually(Duration::from_secs(20), "calls in flight", || async {
+        app.contact_calls("PUT") >= 8
+            && app.count("select count(*) from keap_sync.outbox where lease_until is not null").await > 0
+    })
+    .await;
+
+    let signalled = Instant::now();
+    let kill = Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("exited {status} {:?} after SIGTERM", signalled.elapsed());
+    assert!(status.success(), "exit status {status}; log:\n{}", daemon.log_text());
+    assert_eq!(
+        app.count("select count(*) from keap_sync.outbox where lease_until is not null").await,
+        0,
+        "nothing claimed stays stuck"
+    );
+    assert!(daemon.log_text().contains("stopped"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_sigkills_during_a_5000_change_run_lose_and_duplicate_nothing() {
+    let app = spawn_app_with(stopped()).await;
+    app.fake.set_latency(Duration::from_millis(2));
+    insert_users(&app, 5000).await;
+    let config = app.write_config_file("", "");
+    let mut daemon = app.spawn_process(&config);
+    let mut rng_state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    for round in 1..=5 {
+        let target = app.contact_calls("PUT") + 200 + (next() % 600) as usize;
+        common::eventually(Duration::from_secs(60), "progress before the kill", || async {
+            app.contact_calls("PUT") >= target
+        })
+        .await;
+        daemon.kill();
+        // Changes keep arriving while it is down, some to users already synced.
+        app.exec(&format!("update users set last_name = 'round{round}' where id % 7 = {round}")).await;
+        daemon = app.spawn_process(&config);
+    }
+    app.wait_idle_for(Duration::from_secs(120)).await;
+    eprintln!(
+        "5 kills: {} upserts, {} patches for 5000 users",
+        app.contact_calls("PUT"),
+        app.contact_calls("PATCH")
+    );
+    app.assert_keap_matches_users().await;
+    drop(daemon);
+}
