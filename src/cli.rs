@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, ConfigError};
-use crate::daemon::RunError;
+use crate::daemon::{RunError, RunOptions};
 use crate::db::{self, DbError};
 use crate::schema::{self, SchemaError};
 
@@ -41,7 +41,24 @@ enum Command {
         drop_schema: bool,
     },
     /// Run the sync daemon until SIGTERM or Ctrl-C.
-    Run,
+    Run {
+        /// Also enqueue every existing user (resumes an unfinished backfill; a finished one is
+        /// not repeated unless `--backfill=restart`).
+        #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "resume")]
+        backfill: Option<BackfillMode>,
+    },
+    /// Sync every existing user, then exit (resumable; live changes still go first).
+    Backfill {
+        /// Start over even if a backfill already finished.
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Queue depth, lag, failures, backfill progress, token state and running instances.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try it on a throwaway Postgres and the built-in fake Keap; touches nothing else.
     Demo {
         /// Keep the demo running (and print how to connect with psql) until Ctrl-C.
@@ -76,6 +93,21 @@ enum FailuresCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackfillMode {
+    Resume,
+    Restart,
+}
+
+impl From<BackfillMode> for crate::backfill::Mode {
+    fn from(m: BackfillMode) -> Self {
+        match m {
+            BackfillMode::Resume => crate::backfill::Mode::Resume,
+            BackfillMode::Restart => crate::backfill::Mode::Restart,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,10 +195,22 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Migrate => migrate(load(&cli.config)?).await,
         Command::Uninstall { drop_schema } => uninstall(load(&cli.config)?, drop_schema).await,
-        Command::Run => {
+        Command::Run { backfill } => {
             let config = load(&cli.config)?;
-            Ok(crate::daemon::run(config, stop_signal()).await?)
+            let options = RunOptions { backfill: backfill.map(Into::into), ..RunOptions::default() };
+            Ok(crate::daemon::run_with(config, options, stop_signal()).await?)
         }
+        Command::Backfill { restart } => {
+            let config = load(&cli.config)?;
+            let mode = if restart { crate::backfill::Mode::Restart } else { crate::backfill::Mode::Resume };
+            let options = RunOptions {
+                backfill: Some(mode),
+                exit_when_backfilled: true,
+                progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            Ok(crate::daemon::run_with(config, options, stop_signal()).await?)
+        }
+        Command::Status { json } => status(load(&cli.config)?, json).await,
         Command::Demo { keep_running } => crate::demo::run(keep_running).await.map_err(CliError::Other),
         Command::Auth(AuthCommand::Import) => crate::token::cli::import(load(&cli.config)?).await,
         Command::Failures(cmd) => failures(load(&cli.config)?, cmd).await,
@@ -204,6 +248,19 @@ async fn uninstall(config: Config, drop_schema: bool) -> Result<(), CliError> {
     println!("removed the capture trigger from {}", config.users.table);
     if drop_schema {
         println!("dropped schema keap_sync (outbox, contact map, tokens)");
+    }
+    Ok(())
+}
+
+async fn status(config: Config, json: bool) -> Result<(), CliError> {
+    let pg = db::parse(config.database()?)?;
+    let client = db::connect(&pg).await?;
+    schema::ensure_current(&client).await?;
+    let status = crate::status::read(&client).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status).map_err(|e| CliError::Other(e.to_string()))?);
+    } else {
+        print!("{}", crate::status::render(&status));
     }
     Ok(())
 }

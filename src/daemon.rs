@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_postgres::Config as PgConfig;
 
+use crate::backfill;
 use crate::config::{Config, ConfigError, Credential};
 use crate::db::{self, DbError};
 use crate::deliver::{Deliverer, Outcome};
@@ -50,6 +51,15 @@ const AUTH_RECHECK: Duration = Duration::from_secs(5);
 /// a refresh token old enough that it could lapse).
 const TOKEN_CHECK: Duration = Duration::from_secs(60);
 
+/// How often an instance records itself in `keap_sync.instances`.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How often a standby instance tries to take over deliveries.
+const STANDBY_RECHECK: Duration = Duration::from_secs(2);
+
+/// Session-level advisory lock held by the delivering instance ("keapdlvr").
+const DELIVERY_LOCK: i64 = 0x6b65_6170_646c_7672;
+
 /// Why the daemon could not start. Once running it does not fail: it waits and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -63,11 +73,31 @@ pub enum RunError {
     Setup(String),
 }
 
+/// Extras for one run of the daemon.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Enqueue every existing user (`run --backfill`, `backfill`).
+    pub backfill: Option<backfill::Mode>,
+    /// Stop once the backfill is delivered (`keap-sync backfill`).
+    pub exit_when_backfilled: bool,
+    /// Draw backfill progress on the terminal instead of logging it.
+    pub progress_bar: bool,
+}
+
 /// Runs until `shutdown` completes. Returns an error only for problems found at start-up
 /// (bad config, unreachable database, schema not migrated), so a misconfigured service fails
 /// loudly instead of idling.
 pub async fn run(
     config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    run_with(config, RunOptions::default(), shutdown).await
+}
+
+/// [`run`] with a backfill or other extras.
+pub async fn run_with(
+    config: Config,
+    options: RunOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let pg = db::parse(config.database()?)?;
@@ -87,7 +117,7 @@ pub async fn run(
         &config.keap.api_url,
         config.keap.request_timeout,
         config.keap.connect_timeout,
-        limiter,
+        limiter.clone(),
     )
     .map_err(RunError::Setup)?;
     let tokens = Arc::new(
@@ -111,12 +141,23 @@ pub async fn run(
     );
 
     let (stop_tx, stop) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = on_signal.send(true);
     });
+    if let Some(mode) = options.backfill {
+        let (pg, table) = (pg.clone(), table.clone());
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run_backfill(&pg, &table, mode, &options, &stop_tx).await {
+                tracing::error!(error = %e, "backfill stopped; it resumes where it was on the next `--backfill`");
+            }
+        });
+    }
 
-    let ctx = Context { pg, table, keap, tokens, config, instance };
+    let ctx = Context { pg, table, keap, limiter, tokens, config, instance };
     let mut client = Some(first);
     let mut failures = 0u32;
     loop {
@@ -143,6 +184,7 @@ struct Context {
     pg: PgConfig,
     table: UserTable,
     keap: KeapClient,
+    limiter: Arc<Limiter>,
     tokens: Arc<TokenSource>,
     config: Config,
     instance: String,
@@ -165,6 +207,10 @@ impl Context {
         let db = Arc::new(client);
         // Claims this process held in an earlier session have no task any more.
         outbox::release_all(&db, &self.instance).await?;
+        if !self.wait_for_delivery_lock(&listener, &db, &mut stop).await? {
+            self.leave(&db).await;
+            return Ok(());
+        }
         let deliverer = Arc::new(Deliverer {
             db: db.clone(),
             keap: self.keap.clone(),
@@ -180,6 +226,7 @@ impl Context {
         let mut paused: Option<String> = None;
         let mut lost: Option<DbError> = None;
         let mut token_checked = Instant::now();
+        let mut beat = Instant::now() - HEARTBEAT;
         let result = loop {
             if *stop.borrow() {
                 break Ok(());
@@ -187,7 +234,13 @@ impl Context {
             if let Some(e) = lost.take() {
                 break Err(e);
             }
-            let mut wait = d.poll_interval.min(TOKEN_CHECK);
+            let mut wait = d.poll_interval.min(TOKEN_CHECK).min(HEARTBEAT);
+            if beat.elapsed() >= HEARTBEAT {
+                beat = Instant::now();
+                if let Err(e) = self.heartbeat(&db, "active", paused.as_deref()).await {
+                    break Err(e);
+                }
+            }
             if paused.is_some() {
                 match self.tokens.usable_again(&db).await {
                     Ok(true) => {
@@ -249,8 +302,81 @@ impl Context {
         };
 
         self.finish(&db, &mut tasks, result.is_ok()).await;
+        if result.is_ok() {
+            self.leave(&db).await;
+        }
         drop(listener.client);
         result
+    }
+
+    /// Only one instance delivers at a time, so the rate limit holds for the whole deployment:
+    /// the holder of a session-level advisory lock on the LISTEN connection. The others stand
+    /// by and take over within [`STANDBY_RECHECK`] of the holder's connection closing (a crashed
+    /// holder's lock goes with its connection). Returns false if a stop came while waiting.
+    async fn wait_for_delivery_lock(
+        &self,
+        listener: &db::Listener,
+        db: &tokio_postgres::Client,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, DbError> {
+        let mut announced = false;
+        loop {
+            let got: bool =
+                listener.client.query_one("select pg_try_advisory_lock($1)", &[&DELIVERY_LOCK]).await?.get(0);
+            if got {
+                if announced {
+                    tracing::info!("took over deliveries");
+                }
+                return Ok(true);
+            }
+            if !announced {
+                tracing::info!("another instance is delivering; standing by to take over");
+                announced = true;
+            }
+            self.heartbeat(db, "standby", None).await?;
+            tokio::select! {
+                _ = tokio::time::sleep(STANDBY_RECHECK) => {}
+                _ = stop.wait_for(|s| *s) => return Ok(false),
+            }
+        }
+    }
+
+    /// Records this instance as alive, for `keap-sync status`.
+    async fn heartbeat(
+        &self,
+        db: &tokio_postgres::Client,
+        role: &str,
+        paused: Option<&str>,
+    ) -> Result<(), DbError> {
+        let report = self.limiter.report();
+        let (host, pid) = host_and_pid(&self.instance);
+        db.execute(
+            "insert into keap_sync.instances
+                    (instance, host, pid, role, paused_reason, quota_minute_available, quota_day_available, throttled)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)
+             on conflict (instance) do update
+                set last_seen = now(), role = excluded.role, paused_reason = excluded.paused_reason,
+                    quota_minute_available = excluded.quota_minute_available,
+                    quota_day_available = excluded.quota_day_available, throttled = excluded.throttled",
+            &[
+                &self.instance,
+                &host,
+                &pid,
+                &role,
+                &paused,
+                &report.minute_available,
+                &report.day_available,
+                &i64::from(self.limiter.throttled_total()),
+            ],
+        )
+        .await?;
+        db.execute("delete from keap_sync.instances where last_seen < now() - interval '1 day'", &[]).await?;
+        Ok(())
+    }
+
+    /// Forgets this instance on a clean stop.
+    async fn leave(&self, db: &tokio_postgres::Client) {
+        let _ = db.execute("delete from keap_sync.instances where instance = $1", &[&self.instance]).await;
     }
 
     /// Claims up to `free` changes and starts a delivery for each. Returns how many.
@@ -320,6 +446,83 @@ fn handle(
         Err(e) if e.is_cancelled() => {}
         Err(e) => {
             tracing::error!(error = %e, "a delivery task failed; its change will be retried when the claim expires")
+        }
+    }
+}
+
+fn host_and_pid(instance: &str) -> (String, i32) {
+    let mut parts = instance.split(':');
+    let host = parts.next().unwrap_or_default().to_owned();
+    let pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (host, pid)
+}
+
+/// Enqueues the backfill, then watches it until every backfill change is delivered.
+async fn run_backfill(
+    pg: &PgConfig,
+    table: &UserTable,
+    mode: backfill::Mode,
+    options: &RunOptions,
+    stop: &watch::Sender<bool>,
+) -> Result<(), DbError> {
+    let client = db::connect(pg).await?;
+    if !backfill::begin(&client, table, mode).await? {
+        tracing::info!(
+            "the backfill already finished; nothing to enqueue (use --backfill=restart to run it again)"
+        );
+        if options.exit_when_backfilled {
+            let _ = stop.send(true);
+        }
+        return Ok(());
+    }
+    let bar = options.progress_bar;
+    let started = Instant::now();
+    let mut logged = Instant::now();
+    backfill::enqueue_all(&client, table, |enqueued| {
+        if bar {
+            eprint!("\rbackfill: enqueued {enqueued} users…");
+        } else if logged.elapsed() >= Duration::from_secs(10) {
+            logged = Instant::now();
+            tracing::info!(enqueued, "backfill: enqueuing");
+        }
+    })
+    .await?;
+    if !bar {
+        tracing::info!(secs = started.elapsed().as_secs_f64(), "backfill: every user is enqueued");
+    }
+
+    let mut last: Option<(Instant, i64)> = None;
+    let mut logged = Instant::now() - Duration::from_secs(60);
+    let mut stopped = stop.subscribe();
+    loop {
+        let Some(p) = backfill::finish_if_delivered(&client).await? else { return Ok(()) };
+        let now = Instant::now();
+        let rate = match last {
+            Some((t, done)) if now > t => (p.delivered() - done) as f64 / (now - t).as_secs_f64(),
+            _ => 0.0,
+        };
+        if last.is_none_or(|(t, _)| now - t >= Duration::from_secs(5)) {
+            last = Some((now, p.delivered()));
+        }
+        if p.state == "done" {
+            if bar {
+                eprintln!("\rbackfill: {}", backfill::describe(&p, rate));
+            }
+            tracing::info!(users = p.total, parked = p.parked, "backfill done");
+            if options.exit_when_backfilled {
+                let _ = stop.send(true);
+            }
+            return Ok(());
+        }
+        if bar {
+            eprint!("\rbackfill: {}   ", backfill::describe(&p, rate));
+        } else if logged.elapsed() >= Duration::from_secs(10) {
+            logged = Instant::now();
+            tracing::info!(progress = %backfill::describe(&p, rate), "backfill");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stopped.wait_for(|s| *s) => return Ok(()),
         }
     }
 }

@@ -22,9 +22,10 @@
 //! - [`config`] — the TOML file and environment overrides; [`secret`] keeps credentials out of output.
 //! - [`schema`] — migrations in `sql/`, the capture trigger, catalog checks.
 //! - [`outbox`] — claim with a lease, record results; every function one atomic statement.
-//! - [`daemon`] — the run loop: LISTEN, poll, dispatch, reconnect, graceful stop.
+//! - [`daemon`] — the run loop: LISTEN, poll, dispatch, reconnect, standby, graceful stop.
+//! - [`backfill`] — enqueue the users that existed before install, resumably, lowest priority.
 //! - [`deliver`] — one change: decide, call Keap at most once, classify the result.
-//! - [`failures`] — parked changes: list and replay.
+//! - [`failures`] — parked changes: list and replay; [`status`] — depth, lag, token, instances.
 //! - [`mapping`] — user row → contact payload and its fingerprint.
 //! - [`keap`] — the REST client, wire types, and the fake Keap server used by tests and the demo.
 //! - [`token`] — API key or OAuth grant: refresh under a row lock, re-authorisation state.
@@ -35,6 +36,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -49,6 +51,7 @@ pub mod pgcluster;
 pub mod ratelimit;
 pub mod schema;
 pub mod secret;
+pub mod status;
 pub mod token;
 
 /// Selects rustls' crypto provider (ring) for the whole process. reqwest and tokio-postgres

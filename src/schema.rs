@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_priorities_and_failures.sql",
         sql: include_str!("../sql/0002_priorities_and_failures.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_backfill_and_instances.sql",
+        sql: include_str!("../sql/0003_backfill_and_instances.sql"),
+    },
 ];
 
 /// Name of the row trigger installed on the users table.

@@ -14,7 +14,7 @@ use std::sync::{Mutex, Once, OnceLock};
 use std::time::Duration;
 
 use keap_sync::config::Config;
-use keap_sync::daemon::RunError;
+use keap_sync::daemon::{RunError, RunOptions};
 use keap_sync::keap::fake::{FakeKeap, FakeOptions};
 use keap_sync::pgcluster::Cluster;
 use tokio::sync::oneshot;
@@ -204,11 +204,49 @@ impl TestApp {
 
     /// Starts one more in-process daemon (several may run, as several instances would).
     pub async fn start_daemon_with(&mut self, config: Config) {
+        self.start_daemon_with_options(config, RunOptions::default()).await;
+    }
+
+    pub async fn start_daemon_with_options(&mut self, config: Config, options: RunOptions) {
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(keap_sync::daemon::run(config, async {
+        let handle = tokio::spawn(keap_sync::daemon::run_with(config, options, async {
             let _ = stopped.await;
         }));
         self.daemons.push(Daemon { stop, handle });
+    }
+
+    /// Gracefully stops the `index`-th daemon started (0-based) and leaves the others running.
+    pub async fn stop_one(&mut self, index: usize) {
+        let daemon = self.daemons.remove(index);
+        let _ = daemon.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), daemon.handle)
+            .await
+            .expect("daemon stops within 30 s")
+            .expect("daemon task")
+            .expect("daemon ran without error");
+    }
+
+    /// Inserts `n` users with the capture trigger disabled: users that existed before
+    /// keap-sync was installed.
+    pub async fn insert_preexisting_users(&self, n: usize) {
+        self.exec(&format!(
+            "alter table users disable trigger keap_sync_capture;
+             insert into users (email, first_name, last_name)
+             select 'pre' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g;
+             alter table users enable trigger keap_sync_capture;"
+        ))
+        .await;
+    }
+
+    /// Runs the binary with this app's environment and returns its output.
+    pub fn run_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env())
+            .output()
+            .expect("run keap-sync")
     }
 
     /// True while every started daemon is still running.
@@ -337,10 +375,16 @@ impl TestApp {
 
     /// Starts `keap-sync run` as a child process. Killed when the guard drops.
     pub fn spawn_process(&self, config: &std::path::Path) -> ChildDaemon {
+        self.spawn_command(config, &["run"])
+    }
+
+    /// Starts `keap-sync <args>` as a child process. Killed when the guard drops.
+    pub fn spawn_command(&self, config: &std::path::Path, args: &[&str]) -> ChildDaemon {
         let log = config.with_extension(format!("log.{}", rand_suffix()));
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
-            .args(["--config", config.to_str().expect("utf-8 path"), "run"])
+            .args(["--config", config.to_str().expect("utf-8 path")])
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env())

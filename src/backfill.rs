@@ -1,0 +1,205 @@
+//! Backfill: sync the users that existed before the trigger was installed.
+//!
+//! Users are enqueued in key order, one batch per statement (so no long transaction and no lock
+//! on the users table beyond a plain read), at the lowest priority (2), so live changes and
+//! retries always go first. The last key enqueued is stored in `keap_sync.backfill` together
+//! with the batch, atomically, under that row's lock: a stopped backfill continues where it
+//! was, never from scratch and never skipping, and two processes cannot interleave batches.
+//! Enqueuing never downgrades a pending live change (`on conflict do nothing`), and a user whose
+//! payload Keap already has costs no call at delivery (the fingerprint check).
+//!
+//! Memory stays bounded whatever the table size: rows never leave the database; each batch
+//! moves keys from `users` to `keap_sync.outbox` server-side.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::db::DbError;
+use crate::schema::UserTable;
+
+/// Keys enqueued per statement.
+pub const BATCH: i64 = 5_000;
+
+/// What to do about an earlier backfill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Continue an unfinished backfill; do nothing if one has finished.
+    Resume,
+    /// Start over even if one has finished.
+    Restart,
+}
+
+/// Where a backfill stands.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Progress {
+    pub state: String,
+    /// Users enqueued so far.
+    pub enqueued: i64,
+    /// Users in the table when the backfill started.
+    pub total: i64,
+    /// Backfill changes still waiting for delivery (not counting parked ones).
+    pub pending: i64,
+    /// Backfill changes parked (see `keap-sync failures list`).
+    pub parked: i64,
+}
+
+impl Progress {
+    /// Users whose backfill change is delivered (or was overtaken by a live change).
+    pub fn delivered(&self) -> i64 {
+        (self.enqueued - self.pending - self.parked).max(0)
+    }
+}
+
+/// Reads the backfill row, if a backfill was ever started.
+pub async fn progress(client: &Client) -> Result<Option<Progress>, DbError> {
+    let row = client
+        .query_opt(
+            "select b.state, b.enqueued, b.total,
+                    (select count(*) from keap_sync.outbox where priority = 2 and parked_at is null),
+                    (select count(*) from keap_sync.outbox where priority = 2 and parked_at is not null)
+               from keap_sync.backfill b where id = 1",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| Progress {
+        state: r.get(0),
+        enqueued: r.get(1),
+        total: r.get(2),
+        pending: r.get(3),
+        parked: r.get(4),
+    }))
+}
+
+/// Starts (or resumes) a backfill. Returns false when a finished backfill exists and `mode`
+/// is [`Mode::Resume`]: there is nothing to do.
+pub async fn begin(client: &Client, table: &UserTable, mode: Mode) -> Result<bool, DbError> {
+    let existing = progress(client).await?;
+    match (existing, mode) {
+        (Some(p), Mode::Resume) if p.state == "done" => return Ok(false),
+        (Some(_), Mode::Resume) => return Ok(true),
+        _ => {}
+    }
+    client
+        .execute(
+            &format!(
+                "insert into keap_sync.backfill as b (id, state, cursor, enqueued, total)
+                 values (1, 'running', null, 0, (select count(*) from {}))
+                 on conflict (id) do update
+                    set state = 'running', cursor = null, enqueued = 0, total = excluded.total,
+                        started_at = now(), enqueued_at = null, finished_at = null",
+                table.qualified
+            ),
+            &[],
+        )
+        .await?;
+    Ok(true)
+}
+
+/// Enqueues every remaining user, a batch at a time; `on_batch` sees the progress after each.
+/// Returns when everything is enqueued (state `enqueued`).
+pub async fn enqueue_all(
+    client: &Client,
+    table: &UserTable,
+    mut on_batch: impl FnMut(i64),
+) -> Result<(), DbError> {
+    // One statement per batch: lock the backfill row, read the next keys after the cursor,
+    // enqueue them, move the cursor. The cursor is the key's own text form, cast back to the
+    // key type for the comparison, so the index on the key is used.
+    let sql = format!(
+        "with cur as (
+             select cursor from keap_sync.backfill where id = 1 and state = 'running' for update
+         ), batch as (
+             select pg_catalog.to_jsonb(t) ->> $2 as user_key, t.{key} as raw
+               from {table} t, cur
+              where cur.cursor is null or t.{key} > cur.cursor::{key_type}
+              order by t.{key}
+              limit $1
+         ), queued as (
+             insert into keap_sync.outbox (user_key, priority)
+             select user_key, 2 from batch where user_key is not null
+             on conflict (user_key) do nothing
+             returning 1
+         ), moved as (
+             update keap_sync.backfill
+                set cursor = coalesce((select raw::text from batch order by raw desc limit 1), cursor),
+                    enqueued = enqueued + (select count(*) from batch),
+                    state = case when (select count(*) from batch) < $1 then 'enqueued' else state end,
+                    enqueued_at = case when (select count(*) from batch) < $1 then now() else enqueued_at end
+              where id = 1 and exists (select from cur)
+             returning enqueued, state
+         )
+         select (select count(*) from queued), enqueued, state from moved",
+        key = table.key,
+        table = table.qualified,
+        key_type = table.key_type,
+    );
+    loop {
+        let row = client.query_opt(&sql, &[&BATCH, &table.key_name]).await?;
+        let Some(row) = row else {
+            // Not running (finished by another process, or never begun).
+            return Ok(());
+        };
+        let queued: i64 = row.get(0);
+        let enqueued: i64 = row.get(1);
+        let state: String = row.get(2);
+        if queued > 0 {
+            client.execute("select pg_notify($1, '')", &[&crate::daemon::CHANNEL]).await?;
+        }
+        on_batch(enqueued);
+        if state != "running" {
+            return Ok(());
+        }
+    }
+}
+
+/// Marks an enqueued backfill done once none of its changes waits for delivery. Returns the
+/// progress after the check.
+pub async fn finish_if_delivered(client: &Client) -> Result<Option<Progress>, DbError> {
+    client
+        .execute(
+            "update keap_sync.backfill set state = 'done', finished_at = now()
+              where id = 1 and state = 'enqueued'
+                and not exists (select from keap_sync.outbox where priority = 2 and parked_at is null)",
+            &[],
+        )
+        .await?;
+    progress(client).await
+}
+
+/// "12,345 / 100,000 users (12%), 180/s, about 8 min left" for logs and the terminal.
+pub fn describe(p: &Progress, rate_per_sec: f64) -> String {
+    let done = p.delivered();
+    let pct = if p.total > 0 { done * 100 / p.total.max(1) } else { 100 };
+    let left = (p.total - done).max(0);
+    let eta = if rate_per_sec > 0.1 && left > 0 {
+        let secs = left as f64 / rate_per_sec;
+        format!(", about {} left", human_duration(Duration::from_secs_f64(secs)))
+    } else {
+        String::new()
+    };
+    let parked = if p.parked > 0 { format!(", {} parked", p.parked) } else { String::new() };
+    format!("{done} / {} users ({pct}%), {rate_per_sec:.0}/s{eta}{parked}", p.total)
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3_599 => format!("{} min", s / 60),
+        _ => format!("{} h {} min", s / 3_600, (s % 3_600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_text() {
+        let p = Progress { state: "enqueued".into(), enqueued: 1000, total: 1000, pending: 750, parked: 0 };
+        assert_eq!(describe(&p, 50.0), "250 / 1000 users (25%), 50/s, about 15 s left");
+        let p = Progress { parked: 2, pending: 0, ..p };
+        assert_eq!(describe(&p, 0.0), "998 / 1000 users (99%), 0/s, 2 parked");
+    }
+}

@@ -1,0 +1,199 @@
+//! Operations: backfill of pre-existing users (complete, resumable, lowest priority, not
+//! repeated), `status --json`, and two instances (one delivers, the other takes over).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{spawn_app_with, ChildDaemon, Options, TestApp};
+use keap_sync::backfill::Mode;
+use keap_sync::daemon::RunOptions;
+
+fn stopped() -> Options {
+    Options { start_daemon: false, ..Options::default() }
+}
+
+async fn wait_exit(daemon: &mut ChildDaemon, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "still running after {timeout:?}; log:\n{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Upserts per email: how often each user was sent.
+fn upserts_per_email(app: &TestApp) -> HashMap<String, usize> {
+    let mut per: HashMap<String, usize> = HashMap::new();
+    for r in app.fake.requests().iter().filter(|r| r.method == "PUT" && r.status == 200) {
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+        if let Some(email) = body["email_addresses"][0]["email"].as_str() {
+            *per.entry(email.to_owned()).or_default() += 1;
+        }
+    }
+    per
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_of_10000_users_delivers_each_once_and_is_not_repeated() {
+    let app = spawn_app_with(stopped()).await;
+    app.insert_preexisting_users(10_000).await;
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0, "not captured: pre-existing");
+    let config = app.write_config_file("", "");
+
+    let mut backfill = app.spawn_command(&config, &["backfill"]);
+    let status = wait_exit(&mut backfill, Duration::from_secs(240)).await;
+    assert!(status.success(), "log:\n{}", backfill.log_text());
+    assert_eq!(app.contact_calls("PUT"), 10_000, "one call per user");
+    app.assert_keap_matches_users().await;
+    assert_eq!(app.count("select count(*) from keap_sync.backfill where state = 'done'").await, 1);
+
+    // A second backfill after completion enqueues nothing and calls nothing.
+    let mut again = app.spawn_command(&config, &["backfill"]);
+    let status = wait_exit(&mut again, Duration::from_secs(30)).await;
+    assert!(status.success(), "log:\n{}", again.log_text());
+    assert!(again.log_text().contains("already finished"), "{}", again.log_text());
+    assert_eq!(app.contact_calls("PUT"), 10_000);
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0);
+
+    // Unless asked: a restart re-enqueues everyone, and unchanged payloads cost no call.
+    let mut restart = app.spawn_command(&config, &["backfill", "--restart"]);
+    let status = wait_exit(&mut restart, Duration::from_secs(120)).await;
+    assert!(status.success(), "log:\n{}", restart.log_text());
+    assert_eq!(app.contact_calls("PUT") + app.contact_calls("PATCH"), 10_000, "synced users cost no call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_backfill_resumes_without_resending_finished_users() {
+    let app = spawn_app_with(stopped()).await;
+    app.insert_preexisting_users(10_000).await;
+    let config = app.write_config_file("", "");
+
+    let mut first = app.spawn_command(&config, &["backfill"]);
+    common::eventually(Duration::from_secs(120), "about half delivered", || async {
+        app.contact_calls("PUT") >= 5_000
+    })
+    .await;
+    first.kill();
+    let at_kill = app.contact_calls("PUT");
+
+    let mut second = app.spawn_command(&config, &["backfill"]);
+    let status = wait_exit(&mut second, Duration::from_secs(240)).await;
+    assert!(status.success(), "log:\n{}", second.log_text());
+
+    let per = upserts_per_email(&app);
+    let resent = per.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "killed after {at_kill} upserts; {} upserts in all; {resent} users sent twice",
+        app.contact_calls("PUT")
+    );
+    // Only calls in flight at the kill (at most `concurrency` = 4) may be repeated.
+    assert!(resent <= 4, "{resent} users re-sent");
+    assert!(app.contact_calls("PUT") <= 10_004);
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_changes_overtake_a_running_backfill() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| {
+            c.limits.per_second = 400;
+        },
+        ..stopped()
+    })
+    .await;
+    app.insert_preexisting_users(8_000).await;
+    let options = RunOptions { backfill: Some(Mode::Resume), ..RunOptions::default() };
+    app.start_daemon_with_options(app.config(), options).await;
+    common::eventually(Duration::from_secs(60), "backfill under way", || async {
+        app.contact_calls("PUT") >= 500
+    })
+    .await;
+
+    let mut delays = Vec::new();
+    for i in 0..10 {
+        let email = format!("live{i}@example.com");
+        let id: i64 = app
+            .db
+            .query_one("insert into users (email) values ($1) returning id", &[&email])
+            .await
+            .unwrap()
+            .get(0);
+        let started = Instant::now();
+        common::eventually(Duration::from_secs(30), "live change delivered", || async {
+            app.count(&format!("select count(*) from keap_sync.contact_map where user_key = '{id}'")).await
+                == 1
+        })
+        .await;
+        delays.push(started.elapsed());
+        assert!(
+            app.count("select count(*) from keap_sync.outbox where priority = 2").await > 0,
+            "live change {i} was delivered while the backfill was still running"
+        );
+    }
+    delays.sort();
+    eprintln!(
+        "live change delay during backfill: min {:?}, median {:?}, max {:?}",
+        delays[0], delays[5], delays[9]
+    );
+    app.wait_idle_for(Duration::from_secs(120)).await;
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_reports_a_seeded_state() {
+    let app = spawn_app_with(stopped()).await;
+    app.exec(
+        "insert into keap_sync.outbox (user_key, priority, first_changed_at, parked_at) values
+           ('1', 0, now() - interval '90 seconds', null),
+           ('2', 0, now() - interval '10 seconds', null),
+           ('3', 1, now() - interval '20 seconds', null),
+           ('4', 2, now(), null), ('5', 2, now(), null), ('6', 2, now(), null),
+           ('7', 0, now() - interval '1 hour', now())",
+    )
+    .await;
+    let out = app.run_cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["outbox"], serde_json::json!({"live": 2, "retry": 1, "backfill": 3, "parked": 1}));
+    let age = s["oldest_pending_age_secs"].as_f64().unwrap();
+    assert!((90.0..100.0).contains(&age), "oldest age {age} (the parked one does not count)");
+    assert_eq!(s["instances_alive"], serde_json::json!([]));
+    assert!(s["token"].is_null());
+
+    let text = app.run_cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("2 live, 1 retrying, 3 backfill, 1 parked"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_one_delivers_and_the_other_takes_over() {
+    let mut app = spawn_app_with(Options::default()).await;
+    common::eventually(Duration::from_secs(10), "first instance active", || async {
+        app.count("select count(*) from keap_sync.instances where role = 'active'").await == 1
+    })
+    .await;
+    app.start_daemon().await;
+    common::eventually(Duration::from_secs(10), "second instance standing by", || async {
+        app.count("select count(*) from keap_sync.instances where role = 'standby'").await == 1
+    })
+    .await;
+    app.exec("insert into users (email) select 'two' || g || '@example.com' from generate_series(1, 300) g")
+        .await;
+    app.wait_idle().await;
+    assert_eq!(app.contact_calls("PUT"), 300);
+
+    app.stop_one(0).await;
+    app.exec("insert into users (email) select 'after' || g || '@example.com' from generate_series(1, 50) g")
+        .await;
+    app.wait_idle().await;
+    assert_eq!(app.count("select count(*) from keap_sync.instances").await, 1);
+    common::eventually(Duration::from_secs(10), "the other instance took over", || async {
+        app.count("select count(*) from keap_sync.instances where role = 'active'").await == 1
+    })
+    .await;
+    app.assert_keap_matches_users().await;
+}
