@@ -142,6 +142,8 @@ impl LimitsConfig {
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Loopback address for `/metrics` and `/healthz`; off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub database: Option<DatabaseConfig>,
     pub users: UsersConfig,
     pub keap: KeapConfig,
@@ -339,7 +341,25 @@ impl Config {
             per_day: positive("limits.per_day", l.per_day.unwrap_or(defaults.per_day))?,
         };
 
-        Ok(Config { database, users, keap, delivery, limits })
+        let metrics_listen = match file.metrics.listen {
+            None => None,
+            Some(text) => {
+                let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "metrics.listen = {text:?} is not an address like 127.0.0.1:9187"
+                    ))
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(ConfigError::Invalid(format!(
+                        "metrics.listen = {text:?} must be a loopback address (127.0.0.1 or [::1]); \
+                         put a reverse proxy in front to expose it"
+                    )));
+                }
+                Some(addr)
+            }
+        };
+
+        Ok(Config { metrics_listen, database, users, keap, delivery, limits })
     }
 }
 
@@ -459,6 +479,14 @@ struct FileConfig {
     delivery: FileDelivery,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(default)]
+    metrics: FileMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -35,6 +35,7 @@ use crate::config::{Config, ConfigError, Credential};
 use crate::db::{self, DbError};
 use crate::deliver::{Deliverer, Outcome};
 use crate::keap::KeapClient;
+use crate::metrics::Metrics;
 use crate::outbox::{self, ClaimTiming};
 use crate::ratelimit::Limiter;
 use crate::schema::{self, SchemaError, UserTable};
@@ -113,11 +114,25 @@ pub async fn run_with(
     }
 
     let limiter = Arc::new(Limiter::new(&config.limits));
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            RunError::Setup(format!("cannot listen on {addr} for metrics (metrics.listen): {e}"))
+        })?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, metrics).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+        tracing::info!(%addr, "serving /metrics and /healthz");
+    }
     let keap = KeapClient::new(
         &config.keap.api_url,
         config.keap.request_timeout,
         config.keap.connect_timeout,
         limiter.clone(),
+        metrics.clone(),
     )
     .map_err(RunError::Setup)?;
     let tokens = Arc::new(
@@ -128,6 +143,7 @@ pub async fn run_with(
             TokenPolicy::from_config(&config.keap),
             config.keap.request_timeout,
             config.keap.connect_timeout,
+            metrics.clone(),
         )
         .map_err(RunError::Setup)?,
     );
@@ -157,7 +173,7 @@ pub async fn run_with(
         });
     }
 
-    let ctx = Context { pg, table, keap, limiter, tokens, config, instance };
+    let ctx = Context { pg, table, keap, limiter, metrics, tokens, config, instance };
     let mut client = Some(first);
     let mut failures = 0u32;
     loop {
@@ -185,6 +201,7 @@ struct Context {
     table: UserTable,
     keap: KeapClient,
     limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
     tokens: Arc<TokenSource>,
     config: Config,
     instance: String,
@@ -217,7 +234,9 @@ impl Context {
             tokens: self.tokens.clone(),
             delivery: self.config.delivery.clone(),
             instance: self.instance.clone(),
+            metrics: self.metrics.clone(),
         });
+        self.metrics.set_db_connected(true);
         let d = &self.config.delivery;
         let timing = ClaimTiming { lease: d.lease, settle: d.settle, max_settle: d.settle * 10 };
         tracing::info!("listening for changes; draining the outbox");
@@ -237,6 +256,7 @@ impl Context {
             let mut wait = d.poll_interval.min(TOKEN_CHECK).min(HEARTBEAT);
             if beat.elapsed() >= HEARTBEAT {
                 beat = Instant::now();
+                self.metrics.set_fatal(paused.clone());
                 if let Err(e) = self.heartbeat(&db, "active", paused.as_deref()).await {
                     break Err(e);
                 }
@@ -301,6 +321,7 @@ impl Context {
             }
         };
 
+        self.metrics.set_db_connected(false);
         self.finish(&db, &mut tasks, result.is_ok()).await;
         if result.is_ok() {
             self.leave(&db).await;
@@ -371,6 +392,15 @@ impl Context {
         )
         .await?;
         db.execute("delete from keap_sync.instances where last_seen < now() - interval '1 day'", &[]).await?;
+        let depth = crate::status::depth(db).await?;
+        self.metrics.set_queue(
+            depth.live,
+            depth.retry,
+            depth.backfill,
+            depth.parked,
+            depth.oldest_pending_age_secs.unwrap_or(0.0),
+        );
+        self.metrics.set_quota(report.minute_available, report.day_available);
         Ok(())
     }
 

@@ -25,6 +25,7 @@ use crate::config::{DeliveryConfig, OnDelete};
 use crate::db::DbError;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
 use crate::mapping::{ContactPayload, UPDATE_MASK};
+use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::outbox::{self, Claim, Done, FailureRecord, UserRow};
 use crate::token::{TokenError, TokenSource};
 
@@ -47,6 +48,7 @@ pub struct Deliverer {
     pub tokens: Arc<TokenSource>,
     pub delivery: DeliveryConfig,
     pub instance: String,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Deliverer {
@@ -79,6 +81,7 @@ impl Deliverer {
                 tracing::warn!(user = %claim.user_key, reason = %e, "parked a change that cannot be mapped");
                 let record = FailureRecord { message: e.to_string(), ..FailureRecord::default() };
                 outbox::park(&self.db, claim, &self.instance, &record).await?;
+                self.metrics.delivery(DeliveryOutcome::Parked);
                 return Ok(Outcome::Handled);
             }
         };
@@ -86,6 +89,7 @@ impl Deliverer {
         if claim.contact_id.is_some() && claim.fingerprint.as_deref() == Some(fingerprint.as_str()) {
             tracing::debug!(user = %claim.user_key, "payload unchanged; no call");
             outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
+            self.metrics.delivery(DeliveryOutcome::Unchanged);
             return Ok(Outcome::Handled);
         }
 
@@ -116,6 +120,7 @@ impl Deliverer {
                     &Done::Synced { contact_id: contact.id, fingerprint },
                 )
                 .await?;
+                self.metrics.delivery(DeliveryOutcome::Synced);
                 Ok(Outcome::Handled)
             }
             Err(failure) => {
@@ -133,6 +138,7 @@ impl Deliverer {
             // Kept in Keap (or never synced): nothing to call. The mapping stays, so a user
             // restored under the same key updates the same contact.
             outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
+            self.metrics.delivery(DeliveryOutcome::Deleted);
             return Ok(Outcome::Handled);
         };
         let result = self
@@ -142,6 +148,7 @@ impl Deliverer {
             Ok(()) => {
                 tracing::info!(user = %claim.user_key, contact = id, "user deleted; deleted the Keap contact");
                 outbox::complete(&self.db, claim, &self.instance, &Done::Forgotten).await?;
+                self.metrics.delivery(DeliveryOutcome::Deleted);
                 Ok(Outcome::Handled)
             }
             Err(failure) => self.failed(claim, failure, None).await,
@@ -188,6 +195,7 @@ impl Deliverer {
                 tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %message, "token refresh failed; will retry");
                 let record = FailureRecord { message, payload, ..FailureRecord::default() };
                 outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
+                self.metrics.delivery(DeliveryOutcome::Retried);
                 return Ok(Outcome::Handled);
             }
             Failure::Keap(e) => e,
@@ -212,11 +220,13 @@ impl Deliverer {
                 let delay = e.retry_after.unwrap_or_else(|| backoff(&self.delivery, claim.attempts));
                 tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %e, "delivery failed; will retry");
                 outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
+                self.metrics.delivery(DeliveryOutcome::Retried);
                 Ok(Outcome::Handled)
             }
             _ => {
                 tracing::warn!(user = %claim.user_key, error = %e, "Keap rejected the change; parked until the user changes again");
                 outbox::park(&self.db, claim, &self.instance, &record).await?;
+                self.metrics.delivery(DeliveryOutcome::Parked);
                 Ok(Outcome::Handled)
             }
         }

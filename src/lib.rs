@@ -30,6 +30,7 @@
 //! - [`keap`] — the REST client, wire types, and the fake Keap server used by tests and the demo.
 //! - [`token`] — API key or OAuth grant: refresh under a row lock, re-authorisation state.
 //! - [`ratelimit`] — one limiter per credential (per second, minute, day).
+//! - [`metrics`] — Prometheus counters and the optional loopback `/metrics` + `/healthz` listener.
 //! - [`db`] — connections (TLS), LISTEN, identifier quoting.
 //! - [`pgcluster`] — a throwaway Postgres cluster for tests, benchmarks and [`demo`].
 //! - [`cli`] — the `keap-sync` command line; `main.rs` only calls it.
@@ -46,6 +47,7 @@ pub mod demo;
 pub mod failures;
 pub mod keap;
 pub mod mapping;
+pub mod metrics;
 pub mod outbox;
 pub mod pgcluster;
 pub mod ratelimit;

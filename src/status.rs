@@ -16,6 +16,31 @@ pub struct Depth {
     pub retry: i64,
     pub backfill: i64,
     pub parked: i64,
+    /// Age of the oldest change not yet delivered (parked ones excluded).
+    #[serde(skip)]
+    pub oldest_pending_age_secs: Option<f64>,
+}
+
+/// Outbox depth by kind and the oldest pending change's age: one scan of the outbox.
+pub async fn depth(client: &Client) -> Result<Depth, DbError> {
+    let r = client
+        .query_one(
+            "select count(*) filter (where parked_at is null and priority = 0),
+                    count(*) filter (where parked_at is null and priority = 1),
+                    count(*) filter (where parked_at is null and priority = 2),
+                    count(*) filter (where parked_at is not null),
+                    extract(epoch from now() - min(first_changed_at) filter (where parked_at is null))::float8
+               from keap_sync.outbox",
+            &[],
+        )
+        .await?;
+    Ok(Depth {
+        live: r.get(0),
+        retry: r.get(1),
+        backfill: r.get(2),
+        parked: r.get(3),
+        oldest_pending_age_secs: r.get(4),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -50,17 +75,7 @@ pub struct Status {
 }
 
 pub async fn read(client: &Client) -> Result<Status, DbError> {
-    let depth = client
-        .query_one(
-            "select count(*) filter (where parked_at is null and priority = 0),
-                    count(*) filter (where parked_at is null and priority = 1),
-                    count(*) filter (where parked_at is null and priority = 2),
-                    count(*) filter (where parked_at is not null),
-                    extract(epoch from now() - min(first_changed_at) filter (where parked_at is null))::float8
-               from keap_sync.outbox",
-            &[],
-        )
-        .await?;
+    let depth = depth(client).await?;
     let token = client
         .query_opt(
             "select state, state_detail, extract(epoch from expires_at - now())::float8,
@@ -108,13 +123,8 @@ pub async fn read(client: &Client) -> Result<Status, DbError> {
         .get(0);
     let quota = instances.iter().find(|(i, _, _)| i.role == "active").map(|(_, m, d)| (*m, *d));
     Ok(Status {
-        outbox: Depth {
-            live: depth.get(0),
-            retry: depth.get(1),
-            backfill: depth.get(2),
-            parked: depth.get(3),
-        },
-        oldest_pending_age_secs: depth.get(4),
+        oldest_pending_age_secs: depth.oldest_pending_age_secs,
+        outbox: depth,
         backfill: backfill::progress(client).await?,
         token,
         quota_minute_available: quota.and_then(|q| q.0),

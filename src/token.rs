@@ -12,6 +12,7 @@
 //! row `reauthorization_needed`; callers pause and poll the row until `keap-sync auth import`
 //! or `auth login` stores a new grant.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -93,6 +94,7 @@ struct OAuth {
     policy: TokenPolicy,
     /// Serialises refreshes inside this process; the row lock does it across processes.
     refreshing: Mutex<()>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl TokenSource {
@@ -103,6 +105,7 @@ impl TokenSource {
         policy: TokenPolicy,
         request_timeout: Duration,
         connect_timeout: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<TokenSource, String> {
         let inner = match credential {
             Credential::ApiKey(key) => Inner::ApiKey(key.clone()),
@@ -114,6 +117,7 @@ impl TokenSource {
                 pg,
                 policy,
                 refreshing: Mutex::new(()),
+                metrics,
             })),
         };
         Ok(TokenSource { inner })
@@ -232,6 +236,7 @@ impl OAuth {
             };
             store(&tx, &parsed, false).await?;
             tx.commit().await?;
+            self.metrics.token_refresh(true);
             tracing::info!(expires_in_secs = parsed.expires_in, "refreshed the Keap access token");
             return Ok(Secret::new(parsed.access_token));
         }
@@ -249,6 +254,7 @@ impl OAuth {
             }
             _ => false,
         };
+        self.metrics.token_refresh(false);
         if lost {
             let detail = format!("Keap refused the token refresh ({status}: {describe})");
             tx.execute(

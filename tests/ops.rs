@@ -197,3 +197,76 @@ async fn two_instances_one_delivers_and_the_other_takes_over() {
     .await;
     app.assert_keap_matches_users().await;
 }
+
+/// Parses Prometheus text format strictly enough to catch a broken exposition: every sample
+/// line is `name{labels} value` or `name value` with a valid name and a float value, and every
+/// sampled family has `# TYPE` before its samples. Returns (name with labels, value) pairs.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().unwrap();
+            let kind = parts.next().unwrap();
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+            typed.insert(name.to_owned());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(valid_name(name), "bad name: {line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample before its TYPE: {line}");
+        samples.push((series.to_owned(), value));
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_match_the_fakes_request_log() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut app = spawn_app_with(stopped()).await;
+    let mut config = app.config();
+    config.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    app.fake.inject(
+        keap_sync::keap::fake::FaultRule::new(
+            keap_sync::keap::fake::Route::Contacts,
+            keap_sync::keap::fake::FaultAction::Status(503, String::new()),
+        )
+        .times(5),
+    );
+    app.start_daemon_with(config).await;
+    app.exec("insert into users (email) select 'm' || g || '@example.com' from generate_series(1, 40) g").await;
+    app.wait_idle().await;
+
+    keap_sync::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let health = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+    let samples = parse_prometheus(&text);
+    let sum = |prefix: &str| -> f64 { samples.iter().filter(|(s, _)| s.starts_with(prefix)).map(|(_, v)| v).sum() };
+
+    let keap_calls = app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts")) as f64;
+    assert_eq!(sum("keap_sync_keap_requests_total{"), keap_calls, "requests counted = requests the fake saw");
+    assert_eq!(sum("keap_sync_keap_requests_total{") - sum("keap_sync_keap_requests_total{method=\"PUT\",status_class=\"2xx\""), 5.0);
+    assert_eq!(sum("keap_sync_deliveries_total{outcome=\"synced\"}"), 40.0);
+    assert_eq!(sum("keap_sync_deliveries_total{outcome=\"retried\"}"), 5.0);
+    assert_eq!(sum("keap_sync_keap_request_duration_seconds_count"), keap_calls);
+}

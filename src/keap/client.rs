@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use reqwest::{Method, StatusCode};
 
 use super::model::{Contact, ContactWrite, ErrorBody};
+use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::secret::Secret;
 
@@ -85,6 +86,7 @@ pub struct KeapClient {
     http: reqwest::Client,
     api_url: String,
     limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
     request_timeout: Duration,
     connect_timeout: Duration,
 }
@@ -96,11 +98,13 @@ impl KeapClient {
         request_timeout: Duration,
         connect_timeout: Duration,
         limiter: Arc<Limiter>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         Ok(KeapClient {
             http: http_client(request_timeout, connect_timeout)?,
             api_url: api_url.trim_end_matches('/').to_owned(),
             limiter,
+            metrics,
             request_timeout,
             connect_timeout,
         })
@@ -191,7 +195,7 @@ impl KeapClient {
             });
         }
         let mut builder =
-            self.http.request(req.method, format!("{}{}", self.api_url, req.path)).query(&req.query);
+            self.http.request(req.method.clone(), format!("{}{}", self.api_url, req.path)).query(&req.query);
         builder = match auth {
             Auth::Bearer(token) => builder.bearer_auth(token.expose()),
             Auth::ApiKey(key) => builder.header("X-Keap-API-Key", key.expose()),
@@ -199,18 +203,29 @@ impl KeapClient {
         if let Some(body) = body {
             builder = builder.json(body);
         }
-        let response = builder.send().await.map_err(|e| KeapError {
-            kind: ErrorKind::Transient,
-            status: None,
-            request: request.clone(),
-            message: describe_reqwest(&e),
-            body: None,
-            retry_after: None,
-        })?;
+        let method = method_name(&req.method);
+        let started = std::time::Instant::now();
+        let response = match builder.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.keap_call(method, 0, started.elapsed().as_secs_f64());
+                return Err(KeapError {
+                    kind: ErrorKind::Transient,
+                    status: None,
+                    request,
+                    message: describe_reqwest(&e),
+                    body: None,
+                    retry_after: None,
+                });
+            }
+        };
         let status = response.status();
+        self.metrics.keap_call(method, status.as_u16(), started.elapsed().as_secs_f64());
         self.limiter.observe(status.as_u16(), response.headers());
-        let retry_after =
-            (status == StatusCode::TOO_MANY_REQUESTS).then(|| self.limiter.throttled(response.headers()));
+        let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            self.metrics.throttled();
+            self.limiter.throttled(response.headers())
+        });
         let text = response.text().await.map_err(|e| KeapError {
             kind: ErrorKind::Transient,
             status: Some(status.as_u16()),
@@ -223,6 +238,16 @@ impl KeapClient {
             return Ok(text);
         }
         Err(KeapError { retry_after, ..classify(status, request, &text) })
+    }
+}
+
+fn method_name(m: &Method) -> &'static str {
+    match *m {
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::POST => "POST",
+        _ => "GET",
     }
 }
 
