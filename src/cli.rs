@@ -182,6 +182,11 @@ fn init_logging(format: LogFormat, default_level: &str) {
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     let _ = match format {
+        // Under systemd, stderr goes to the journal: syslog priority prefixes give it levels,
+        // and it adds its own timestamps.
+        LogFormat::Human if crate::systemd::stderr_is_journal() => {
+            builder.with_ansi(false).event_format(crate::systemd::JournalFormat).try_init()
+        }
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };

@@ -22,6 +22,7 @@
 //! results, aborts the rest and releases their claims so the next run retries them at once.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,7 +174,19 @@ pub async fn run_with(
         });
     }
 
-    let ctx = Context { pg, table, keap, limiter, metrics, tokens, config, instance };
+    let notifier = crate::systemd::Notifier::from_env();
+    let ctx = Context {
+        pg,
+        table,
+        keap,
+        limiter,
+        metrics,
+        tokens,
+        config,
+        instance,
+        notifier,
+        ready: AtomicBool::new(false),
+    };
     let mut client = Some(first);
     let mut failures = 0u32;
     loop {
@@ -183,6 +196,8 @@ pub async fn run_with(
             tracing::info!("keap-sync stopped");
             return Ok(());
         }
+        ctx.notifier.watchdog();
+        ctx.notifier.status("database connection lost; reconnecting");
         let Err(e) = result else { continue };
         // A session that ran a while before failing starts the backoff afresh.
         failures = if started.elapsed() > Duration::from_secs(60) { 1 } else { failures + 1 };
@@ -205,6 +220,9 @@ struct Context {
     tokens: Arc<TokenSource>,
     config: Config,
     instance: String,
+    /// systemd: READY once after the first drain, watchdog pings from the loop, STATUS lines.
+    notifier: crate::systemd::Notifier,
+    ready: AtomicBool,
 }
 
 impl Context {
@@ -253,6 +271,9 @@ impl Context {
             if let Some(e) = lost.take() {
                 break Err(e);
             }
+            // The loop turns at least every HEARTBEAT, whatever else waits (a quota pause
+            // waits inside the deliveries), so the watchdog keeps being fed.
+            self.notifier.watchdog();
             let mut wait = d.poll_interval.min(TOKEN_CHECK).min(HEARTBEAT);
             if beat.elapsed() >= HEARTBEAT {
                 beat = Instant::now();
@@ -295,6 +316,8 @@ impl Context {
                         Ok(n) => n,
                         Err(e) => break Err(e),
                     };
+                    // The first drain has begun: migrations checked, LISTEN in place.
+                    self.mark_ready();
                     if claimed < free {
                         match outbox::next_due_in(&db, timing).await {
                             Ok(Some(due)) => wait = wait.min(due.max(Duration::from_millis(5))),
@@ -355,6 +378,9 @@ impl Context {
                 announced = true;
             }
             self.heartbeat(db, "standby", None).await?;
+            self.notifier.watchdog();
+            self.notifier.status("standing by: another instance is delivering");
+            self.mark_ready();
             tokio::select! {
                 _ = tokio::time::sleep(STANDBY_RECHECK) => {}
                 _ = stop.wait_for(|s| *s) => return Ok(false),
@@ -393,6 +419,14 @@ impl Context {
         .await?;
         db.execute("delete from keap_sync.instances where last_seen < now() - interval '1 day'", &[]).await?;
         let depth = crate::status::depth(db).await?;
+        self.notifier.status(&match (role, paused) {
+            ("standby", _) => "standing by: another instance is delivering".to_owned(),
+            (_, Some(reason)) => format!("PAUSED: {reason}"),
+            _ => format!(
+                "delivering; queued: {} live, {} retrying, {} backfill; {} parked",
+                depth.live, depth.retry, depth.backfill, depth.parked
+            ),
+        });
         self.metrics.set_queue(
             depth.live,
             depth.retry,
@@ -402,6 +436,12 @@ impl Context {
         );
         self.metrics.set_quota(report.minute_available, report.day_available);
         Ok(())
+    }
+
+    fn mark_ready(&self) {
+        if !self.ready.swap(true, Ordering::Relaxed) {
+            self.notifier.ready();
+        }
     }
 
     /// Forgets this instance on a clean stop.
@@ -440,6 +480,9 @@ impl Context {
     /// connection their results cannot be recorded anyway, so they are aborted at once. What
     /// is unfinished is released (or, without a connection, left to its lease).
     async fn finish(&self, db: &tokio_postgres::Client, tasks: &mut JoinSet<Outcome>, stopping: bool) {
+        if stopping {
+            self.notifier.stopping();
+        }
         if stopping && !tasks.is_empty() {
             tracing::info!(in_flight = tasks.len(), "stopping: waiting for deliveries in flight");
             let deadline = Instant::now() + self.config.delivery.shutdown_grace;
@@ -560,8 +603,10 @@ async fn run_backfill(
 /// A name for this process's claims: host, pid and a random part (pids repeat across hosts
 /// and restarts; the random part keeps a restarted daemon from mistaking old claims for its own).
 fn instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into());
+    // /proc/sys is hidden under the systemd unit's ProcSubset=pid; /etc/hostname is not.
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "host".into());
     format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
 }

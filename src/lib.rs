@@ -33,6 +33,7 @@
 //! - [`metrics`] — Prometheus counters and the optional loopback `/metrics` + `/healthz` listener.
 //! - [`db`] — connections (TLS), LISTEN, identifier quoting.
 //! - [`pgcluster`] — a throwaway Postgres cluster for tests, benchmarks and [`demo`].
+//! - [`systemd`] — readiness, watchdog and status notifications; journal log format.
 //! - [`cli`] — the `keap-sync` command line; `main.rs` only calls it.
 
 #![forbid(unsafe_code)]
@@ -54,6 +55,7 @@ pub mod ratelimit;
 pub mod schema;
 pub mod secret;
 pub mod status;
+pub mod systemd;
 pub mod token;
 
 /// Selects rustls' crypto provider (ring) for the whole process. reqwest and tokio-postgres

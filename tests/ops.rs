@@ -252,21 +252,75 @@ async fn metrics_parse_and_match_the_fakes_request_log() {
         .times(5),
     );
     app.start_daemon_with(config).await;
-    app.exec("insert into users (email) select 'm' || g || '@example.com' from generate_series(1, 40) g").await;
+    app.exec("insert into users (email) select 'm' || g || '@example.com' from generate_series(1, 40) g")
+        .await;
     app.wait_idle().await;
 
     keap_sync::install_crypto_provider();
     let http = reqwest::Client::new();
     let health = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+    let text =
+        http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
     let samples = parse_prometheus(&text);
-    let sum = |prefix: &str| -> f64 { samples.iter().filter(|(s, _)| s.starts_with(prefix)).map(|(_, v)| v).sum() };
+    let sum =
+        |prefix: &str| -> f64 { samples.iter().filter(|(s, _)| s.starts_with(prefix)).map(|(_, v)| v).sum() };
 
     let keap_calls = app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts")) as f64;
     assert_eq!(sum("keap_sync_keap_requests_total{"), keap_calls, "requests counted = requests the fake saw");
-    assert_eq!(sum("keap_sync_keap_requests_total{") - sum("keap_sync_keap_requests_total{method=\"PUT\",status_class=\"2xx\""), 5.0);
+    assert_eq!(
+        sum("keap_sync_keap_requests_total{")
+            - sum("keap_sync_keap_requests_total{method=\"PUT\",status_class=\"2xx\""),
+        5.0
+    );
     assert_eq!(sum("keap_sync_deliveries_total{outcome=\"synced\"}"), 40.0);
     assert_eq!(sum("keap_sync_deliveries_total{outcome=\"retried\"}"), 5.0);
     assert_eq!(sum("keap_sync_keap_request_duration_seconds_count"), keap_calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_it_notifies_ready_watchdog_status_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let app = spawn_app_with(stopped()).await;
+    app.exec("insert into users (email) values ('sd@example.com')").await;
+    let config = app.write_config_file("", "");
+    let dir = config.parent().unwrap().to_owned();
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(app.env())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed on drop if an assertion fails first.
+    let mut daemon = ChildDaemon { child, log: dir.join("unused.log") };
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut receive_until = |want: &str, seen: &mut Vec<String>| {
+        while !seen.iter().any(|m| m.starts_with(want)) {
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {want} from the daemon ({e}); got {seen:?}"));
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    };
+    receive_until("READY=1", &mut seen);
+    receive_until("WATCHDOG=1", &mut seen);
+    receive_until("STATUS=", &mut seen);
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts().len(), 1);
+
+    std::process::Command::new("kill").args(["-TERM", &daemon.child.id().to_string()]).status().unwrap();
+    receive_until("STOPPING=1", &mut seen);
+    assert!(daemon.child.wait().unwrap().success());
+    let ready_at = seen.iter().position(|m| m == "READY=1").unwrap();
+    assert!(seen[..ready_at].iter().all(|m| !m.starts_with("STOPPING")), "{seen:?}");
 }

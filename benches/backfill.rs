@@ -1,0 +1,94 @@
+//! Benchmark: time and peak memory to enqueue a backfill of N pre-existing users (default
+//! 1,000,000) on a throwaway PostgreSQL. Delivery is not part of it (see `delivery`).
+//!
+//! ```sh
+//! cargo bench --bench backfill               # 1,000,000 users
+//! cargo bench --bench backfill -- --users 200000
+//! ```
+//!
+//! Prints the enqueue time, the rate, the number of batches (= transactions), the longest
+//! single batch (how long any one statement held its snapshot), and this process's peak
+//! resident memory (`VmHWM`) before and after, which shows that memory does not grow with the
+//! table: the rows never leave the database.
+
+use std::time::{Duration, Instant};
+
+use keap_sync::backfill::{self, Mode};
+use keap_sync::config::Config;
+use keap_sync::pgcluster::Cluster;
+use keap_sync::schema::{self, UserTable};
+
+fn arg(name: &str, default: i64) -> i64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let users = arg("--users", 1_000_000);
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap().expect("throwaway PostgreSQL");
+    let conninfo = cluster.create_database("bench").await.expect("database");
+    let env = |k: &str| match k {
+        "DATABASE_URL" => Some(conninfo.clone()),
+        "KEAP_API_KEY" => Some("unused".to_owned()),
+        _ => None,
+    };
+    let config = Config::from_env(&env).expect("config");
+    let pg = keap_sync::db::parse(config.database().unwrap()).unwrap();
+    let mut client = keap_sync::db::connect(&pg).await.expect("connect");
+    client
+        .batch_execute(&format!(
+            "create table users (id bigserial primary key, email text, first_name text, last_name text);
+             insert into users (email, first_name, last_name)
+             select 'user' || g || '@example.com', 'First' || g, 'Last' || g from generate_series(1, {users}) g;
+             analyze users;"
+        ))
+        .await
+        .expect("users");
+    schema::migrate(&mut client, &config.users).await.expect("migrate");
+    let table = UserTable::resolve(&client, &config.users).await.expect("table");
+
+    let rss_before = peak_rss_kib();
+    let started = Instant::now();
+    assert!(backfill::begin(&client, &table, Mode::Restart).await.expect("begin"));
+    let mut batches = 0u64;
+    let mut longest = Duration::ZERO;
+    let mut last = Instant::now();
+    backfill::enqueue_all(&client, &table, |_| {
+        batches += 1;
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+    })
+    .await
+    .expect("enqueue");
+    let took = started.elapsed();
+    let queued: i64 = client.query_one("select count(*) from keap_sync.outbox", &[]).await.unwrap().get(0);
+    let rss_after = peak_rss_kib();
+
+    println!("users:               {users}");
+    println!("enqueued:            {queued}");
+    println!("enqueue time:        {:.2} s", took.as_secs_f64());
+    println!("rate:                {:.0} users/s", queued as f64 / took.as_secs_f64());
+    println!("batches (txns):      {batches} of up to {}", backfill::BATCH);
+    println!("longest batch:       {} ms", longest.as_millis());
+    println!("peak RSS before:     {} KiB", rss_before);
+    println!("peak RSS after:      {} KiB", rss_after);
+    assert_eq!(queued, users, "every user enqueued");
+    drop(client);
+    drop(cluster);
+}
