@@ -396,6 +396,15 @@ impl Context {
         paused: Option<&str>,
     ) -> Result<(), DbError> {
         let report = self.limiter.report();
+        // A spent daily quota pauses every sender inside the limiter; say so in status too.
+        let quota_pause = match (report.day_available, self.limiter.paused_until()) {
+            (Some(0), Some(until)) => Some(format!(
+                "Keap's daily quota is used up; deliveries resume when it resets (in {} min)",
+                until.saturating_duration_since(Instant::now()).as_secs().div_ceil(60)
+            )),
+            _ => None,
+        };
+        let paused = paused.or(quota_pause.as_deref());
         let (host, pid) = host_and_pid(&self.instance);
         db.execute(
             "insert into keap_sync.instances

@@ -244,3 +244,25 @@ async fn five_sigkills_during_a_5000_change_run_lose_and_duplicate_nothing() {
     app.assert_keap_matches_users().await;
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_daily_quota_pauses_deliveries_and_says_so() {
+    let app = spawn_app_with(Options {
+        fake: FakeOptions { daily_quota: Some(20), ..common::fake_options() },
+        ..Options::default()
+    })
+    .await;
+    insert_users(&app, 30).await;
+    common::eventually(Duration::from_secs(20), "status shows the quota pause", || async {
+        app.count("select count(*) from keap_sync.instances where paused_reason like '%daily quota%'").await
+            == 1
+    })
+    .await;
+    // Once Keap reports 0 left nothing more is sent; only calls already in flight
+    // (at most `concurrency` = 4) can meet the 429 wall.
+    assert_eq!(app.fake.contacts().len(), 20);
+    assert!(app.fake.throttled_count() <= 4, "{} 429s", app.fake.throttled_count());
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 10, "the rest stays queued");
+    let out = app.run_cli(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("daily quota is used up"));
+}
