@@ -204,27 +204,7 @@ pub async fn retry_later(
     delay: Duration,
     failure: &FailureRecord,
 ) -> Result<(), DbError> {
-    client
-        .execute(
-            "update keap_sync.outbox
-                set lease_until = null, leased_by = null,
-                    next_attempt_at = now() + make_interval(secs => $3),
-                    priority = greatest(priority, 1),
-                    last_error = $4, last_status = $5, last_body = $6, payload = $7,
-                    first_failed_at = coalesce(first_failed_at, now()), last_failed_at = now()
-              where user_key = $1 and leased_by = $2",
-            &[
-                &claim.user_key,
-                &instance,
-                &delay.as_secs_f64(),
-                &failure.message,
-                &failure.status,
-                &failure.body,
-                &failure.payload,
-            ],
-        )
-        .await?;
-    Ok(())
+    record_failure(client, claim, instance, failure, Some(delay)).await
 }
 
 /// Parks a change that cannot succeed as it is (Keap's 400, a row we cannot map). It stays
@@ -237,18 +217,32 @@ pub async fn park(
     instance: &str,
     failure: &FailureRecord,
 ) -> Result<(), DbError> {
+    record_failure(client, claim, instance, failure, None).await
+}
+
+/// `retry_in`: `Some(delay)` schedules a retry, `None` parks.
+async fn record_failure(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    failure: &FailureRecord,
+    retry_in: Option<Duration>,
+) -> Result<(), DbError> {
+    let delay = retry_in.map(|d| d.as_secs_f64());
     client
         .execute(
             "update keap_sync.outbox
                 set lease_until = null, leased_by = null,
-                    parked_at = case when version = $2 then now() end,
-                    next_attempt_at = now(),
-                    last_error = $4, last_status = $5, last_body = $6, payload = $7,
+                    parked_at = case when $3::float8 is null and version = $2 then now() end,
+                    next_attempt_at = now() + make_interval(secs => coalesce($3, 0)),
+                    priority = case when $3 is null then priority else greatest(priority, 1) end,
+                    last_error = $5, last_status = $6, last_body = $7, payload = $8,
                     first_failed_at = coalesce(first_failed_at, now()), last_failed_at = now()
-              where user_key = $1 and leased_by = $3",
+              where user_key = $1 and leased_by = $4",
             &[
                 &claim.user_key,
                 &claim.version,
+                &delay,
                 &instance,
                 &failure.message,
                 &failure.status,

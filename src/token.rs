@@ -75,6 +75,13 @@ struct Stored {
     state_detail: Option<String>,
 }
 
+/// Reads the grant as [`Stored`] (columns in `stored_from`'s order).
+const SELECT_STORED: &str = "select access_token, refresh_token,
+        extract(epoch from expires_at - now())::float8,
+        extract(epoch from now() - refresh_token_issued_at)::float8,
+        state, state_detail
+   from keap_sync.oauth_token where id = 1";
+
 /// Supplies the credential for each Keap call.
 pub struct TokenSource {
     inner: Inner,
@@ -184,16 +191,7 @@ impl OAuth {
         let _local = self.refreshing.lock().await;
         let mut conn = db::connect(&self.pg).await?;
         let tx = conn.transaction().await?;
-        let row = tx
-            .query_opt(
-                "select access_token, refresh_token,
-                        extract(epoch from expires_at - now())::float8,
-                        extract(epoch from now() - refresh_token_issued_at)::float8,
-                        state, state_detail
-                   from keap_sync.oauth_token where id = 1 for update",
-                &[],
-            )
-            .await?;
+        let row = tx.query_opt(&format!("{SELECT_STORED} for update"), &[]).await?;
         let stored = stored_from(row)?;
         check_state(&stored)?;
         let someone_else_refreshed = stale.is_some_and(|s| s != &stored.access_token);
@@ -308,16 +306,7 @@ fn check_state(s: &Stored) -> Result<(), TokenError> {
 }
 
 async fn read(db: &Client) -> Result<Stored, TokenError> {
-    let row = db
-        .query_opt(
-            "select access_token, refresh_token,
-                    extract(epoch from expires_at - now())::float8,
-                    extract(epoch from now() - refresh_token_issued_at)::float8,
-                    state, state_detail
-               from keap_sync.oauth_token where id = 1",
-            &[],
-        )
-        .await?;
+    let row = db.query_opt(SELECT_STORED, &[]).await?;
     stored_from(row)
 }
 

@@ -112,13 +112,7 @@ async fn a_20_second_keap_outage_mid_stream_loses_nothing() {
 }
 
 fn failures_json(app: &TestApp) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
-        .args(["failures", "list", "--json"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(app.env())
-        .output()
-        .unwrap();
+    let out = app.run_cli(&["failures", "list", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("JSON")
 }
@@ -165,13 +159,7 @@ async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
             == 1
     })
     .await;
-    let out = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
-        .args(["failures", "retry", "1"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(app.env())
-        .output()
-        .unwrap();
+    let out = app.run_cli(&["failures", "retry", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     app.wait_idle().await;
     app.assert_keap_matches_users().await;
