@@ -412,6 +412,11 @@ pub mod cli {
         let client = db::connect(&pg).await?;
         schema::ensure_current(&client).await?;
 
+        // Listen before printing the URL, so the redirect can never arrive before we are ready.
+        let listener = match listen {
+            Some(addr) => Some(bind_redirect_listener(addr).await?),
+            None => None,
+        };
         let state = format!("{:032x}", rand::random::<u128>());
         let url = reqwest::Url::parse_with_params(
             &config.keap.authorize_url,
@@ -425,10 +430,13 @@ pub mod cli {
         )
         .map_err(|e| CliError::Other(format!("keap.authorize_url is not a URL: {e}")))?;
         println!("Open this URL in a browser, sign in to Keap and allow access:\n\n  {url}\n");
-        let answer = match listen {
-            Some(addr) => {
-                println!("Waiting for the redirect on http://{addr}/ …");
-                receive_redirect(addr).await?
+        let answer = match listener {
+            Some(listener) => {
+                println!(
+                    "Waiting for the redirect on http://{}/ …",
+                    listen.unwrap_or(listener.local_addr().map_err(|e| CliError::Other(e.to_string()))?)
+                );
+                receive_redirect(listener).await?
             }
             None => {
                 println!(
@@ -513,17 +521,22 @@ pub mod cli {
         })
     }
 
-    /// Accepts one HTTP request on a loopback address and returns its target (`/path?query`).
-    async fn receive_redirect(addr: std::net::SocketAddr) -> Result<String, CliError> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// Binds the `--listen` address, which must be loopback.
+    async fn bind_redirect_listener(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, CliError> {
         if !addr.ip().is_loopback() {
             return Err(CliError::Other(format!(
                 "--listen {addr}: only loopback addresses are allowed (forward the redirect to it)"
             )));
         }
-        let listener = tokio::net::TcpListener::bind(addr)
+        tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))?;
+            .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))
+    }
+
+    /// Accepts HTTP requests until one carries the redirect, and returns its target
+    /// (`/path?query`). Other requests (a browser's favicon) get a 404.
+    async fn receive_redirect(listener: tokio::net::TcpListener) -> Result<String, CliError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         loop {
             let (mut socket, _) =
                 listener.accept().await.map_err(|e| CliError::Other(format!("accept failed: {e}")))?;

@@ -252,3 +252,40 @@ async fn auth_login_exchanges_the_code_and_checks_state() {
     assert_eq!(app.fake.contacts().len(), 1);
     assert_no_secrets(&app, &format!("{stdout}{stderr}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_login_can_receive_the_redirect_on_a_loopback_listener() {
+    let app = spawn_app_with(Options { start_daemon: false, ..oauth(Duration::from_secs(3600)) }).await;
+    app.exec("delete from keap_sync.oauth_token").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = app.write_config_file(
+        &format!("redirect_uri = \"{REDIRECT}\"\nauthorize_url = \"{}\"", app.fake.authorize_url()),
+        "",
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = bin(&app, &config, &["auth", "login", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let state = loop {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "no URL printed");
+        if let Some(rest) = line.trim().strip_prefix("http") {
+            let url = reqwest::Url::parse(&format!("http{rest}")).unwrap();
+            break url.query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
+        }
+    };
+    let code = app.fake.issue_code(REDIRECT);
+    keap_sync::install_crypto_provider();
+    let http = reqwest::Client::new();
+    let target = format!("http://{listen}/keap/callback?code={code}&state={state}");
+    // The listener is bound before the URL is printed.
+    let answer = http.get(&target).send().await.expect("the listener is up");
+    assert_eq!(answer.status(), 200);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(app.count("select count(*) from keap_sync.oauth_token where state = 'ok'").await, 1);
+    assert_no_secrets(&app, &String::from_utf8_lossy(&out.stderr));
+}
