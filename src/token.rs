@@ -432,10 +432,9 @@ pub mod cli {
         println!("Open this URL in a browser, sign in to Keap and allow access:\n\n  {url}\n");
         let answer = match listener {
             Some(listener) => {
-                println!(
-                    "Waiting for the redirect on http://{}/ …",
-                    listen.unwrap_or(listener.local_addr().map_err(|e| CliError::Other(e.to_string()))?)
-                );
+                if let Some(addr) = listen {
+                    println!("Waiting for the redirect on http://{addr}/ …");
+                }
                 receive_redirect(listener).await?
             }
             None => {
