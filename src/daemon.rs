@@ -168,8 +168,18 @@ pub async fn run_with(
         let (pg, table) = (pg.clone(), table.clone());
         let stop_tx = stop_tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = run_backfill(&pg, &table, mode, &options, &stop_tx).await {
-                tracing::error!(error = %e, "backfill stopped; it resumes where it was on the next `--backfill`");
+            // The backfill resumes from its cursor, so after a database error it simply starts
+            // again (with the reconnect backoff) until it is done or the daemon stops.
+            let mut failures = 0;
+            let mut stopped = stop_tx.subscribe();
+            while let Err(e) = run_backfill(&pg, &table, mode, &options, &stop_tx).await {
+                failures += 1;
+                let delay = db::reconnect_delay(failures);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "backfill interrupted; resuming");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
             }
         });
     }
@@ -202,7 +212,11 @@ pub async fn run_with(
         // A session that ran a while before failing starts the backoff afresh.
         failures = if started.elapsed() > Duration::from_secs(60) { 1 } else { failures + 1 };
         let delay = db::reconnect_delay(failures);
-        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database connection lost; reconnecting");
+        if e.is_connection_lost() {
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database connection lost; reconnecting");
+        } else {
+            tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "database query failed; retrying");
+        }
         let mut stop_wait = stop.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -241,7 +255,7 @@ impl Context {
         };
         let db = Arc::new(client);
         // Claims this process held in an earlier session have no task any more.
-        outbox::release_all(&db, &self.instance).await?;
+        outbox::release_all(&db, &self.instance, self.in_flight_grace()).await?;
         if !self.wait_for_delivery_lock(&listener, &db, &mut stop).await? {
             self.leave(&db).await;
             return Ok(());
@@ -310,7 +324,14 @@ impl Context {
                     }
                 }
                 let free = d.concurrency.saturating_sub(tasks.len());
-                if free > 0 {
+                // While Keap's quota or a 429 pauses every sender, claiming would only start
+                // leases ticking; wait for the pause to end instead.
+                let limiter_pause = self.limiter.paused_until();
+                if let Some(until) = limiter_pause {
+                    wait = wait
+                        .min(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(5)));
+                }
+                if free > 0 && limiter_pause.is_none() {
                     let claimed = match self.claim_and_spawn(&db, &deliverer, &mut tasks, free, timing).await
                     {
                         Ok(n) => n,
@@ -447,6 +468,11 @@ impl Context {
         Ok(())
     }
 
+    /// How long a call that was on the wire when its task ended may still be processed by Keap.
+    fn in_flight_grace(&self) -> Duration {
+        self.config.keap.request_timeout + self.config.keap.connect_timeout
+    }
+
     fn mark_ready(&self) {
         if !self.ready.swap(true, Ordering::Relaxed) {
             self.notifier.ready();
@@ -497,9 +523,12 @@ impl Context {
             let deadline = Instant::now() + self.config.delivery.shutdown_grace;
             while let Ok(Some(_)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {}
         }
+        // A delivery aborted here may have its call on the wire: its claim is released only
+        // after that call could have finished, so no other instance sends the same user meanwhile.
+        let grace = if tasks.is_empty() { Duration::ZERO } else { self.in_flight_grace() };
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
-        match outbox::release_all(db, &self.instance).await {
+        match outbox::release_all(db, &self.instance, grace).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "released unfinished claims"),
             Err(e) => {

@@ -32,7 +32,9 @@ impl DbError {
     pub fn is_connection_lost(&self) -> bool {
         match self {
             DbError::Connect { .. } => true,
-            DbError::Query(e) => e.is_closed() || e.code().is_none(),
+            DbError::Query(e) => {
+                e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+            }
             DbError::BadUrl(_) => false,
         }
     }

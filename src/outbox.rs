@@ -132,7 +132,7 @@ pub async fn read_users(
 pub enum Done {
     /// Keap holds this payload on this contact.
     Synced { contact_id: i64, fingerprint: String },
-    /// The user row is gone; its mapping is forgotten (the contact was deleted or kept per config).
+    /// The user row is gone and its contact was deleted in Keap: the mapping is forgotten.
     Forgotten,
     /// Nothing to do (payload unchanged, or a deleted user that was never synced).
     Nothing,
@@ -144,17 +144,21 @@ pub enum Done {
 pub async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Done) -> Result<bool, DbError> {
     // `gone` must be evaluated before `kept` decides; the CTE reference guarantees that, and the
     // two never touch the same row (one deletes it, the other runs only if it was not deleted).
+    // `ours` holds a row only if this claim still owned the outbox row (same instance and the
+    // same attempt count: a re-claim bumps it), so a holder whose lease expired changes nothing,
+    // not even the contact map.
     let (map_sql, contact_id, fingerprint) = match done {
         Done::Synced { contact_id, fingerprint } => (
             "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, synced_at)
-             values ($1, $4, $5, now())
+             select $1, $4, $5, now() from ours
              on conflict (user_key) do update
                 set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint, synced_at = now()",
             Some(*contact_id),
             Some(fingerprint.as_str()),
         ),
         Done::Forgotten => (
-            "delete from keap_sync.contact_map where user_key = $1 and $4::int8 is null and $5::text is null",
+            "delete from keap_sync.contact_map
+              where user_key = $1 and exists (select from ours) and $4::int8 is null and $5::text is null",
             None,
             None,
         ),
@@ -163,21 +167,27 @@ pub async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Don
     let sql = format!(
         "with gone as (
              delete from keap_sync.outbox
-              where user_key = $1 and version = $2 and leased_by = $3
+              where user_key = $1 and version = $2 and leased_by = $3 and attempts = $6
              returning 1
          ), kept as (
              update keap_sync.outbox
-                set lease_until = null, leased_by = null, attempts = 0, last_error = null,
-                    next_attempt_at = now(), first_changed_at = now()
-              where user_key = $1 and leased_by = $3 and not exists (select from gone)
+                set lease_until = null, leased_by = null, attempts = 0, next_attempt_at = now(),
+                    first_changed_at = now(), last_error = null, last_status = null, last_body = null,
+                    payload = null, first_failed_at = null, last_failed_at = null
+              where user_key = $1 and leased_by = $3 and attempts = $6 and not exists (select from gone)
              returning 1
+         ), ours as (
+             select 1 where exists (select from gone) or exists (select from kept)
          ), mapped as (
              {map_sql}
          )
          select exists (select from gone)"
     );
     let row = client
-        .query_one(&sql, &[&claim.user_key, &claim.version, &instance, &contact_id, &fingerprint])
+        .query_one(
+            &sql,
+            &[&claim.user_key, &claim.version, &instance, &contact_id, &fingerprint, &claim.attempts],
+        )
         .await?;
     Ok(row.get(0))
 }
@@ -238,7 +248,7 @@ async fn record_failure(
                     priority = case when $3 is null then priority else greatest(priority, 1) end,
                     last_error = $5, last_status = $6, last_body = $7, payload = $8,
                     first_failed_at = coalesce(first_failed_at, now()), last_failed_at = now()
-              where user_key = $1 and leased_by = $4",
+              where user_key = $1 and leased_by = $4 and attempts = $9",
             &[
                 &claim.user_key,
                 &claim.version,
@@ -248,6 +258,7 @@ async fn record_failure(
                 &failure.status,
                 &failure.body,
                 &failure.payload,
+                &claim.attempts,
             ],
         )
         .await?;
@@ -261,21 +272,26 @@ pub async fn release(client: &Client, claim: &Claim, instance: &str) -> Result<(
         .execute(
             "update keap_sync.outbox
                 set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0)
-              where user_key = $1 and leased_by = $2",
-            &[&claim.user_key, &instance],
+              where user_key = $1 and leased_by = $2 and attempts = $3",
+            &[&claim.user_key, &instance, &claim.attempts],
         )
         .await?;
     Ok(())
 }
 
-/// Gives back every claim `instance` still holds (graceful stop).
-pub async fn release_all(client: &Client, instance: &str) -> Result<u64, DbError> {
+/// Gives back every claim `instance` still holds (stop, or a new session after a lost
+/// connection): claimable again after `after` (zero: at once), which covers a call that may
+/// still be in flight at Keap for an aborted delivery.
+pub async fn release_all(client: &Client, instance: &str, after: Duration) -> Result<u64, DbError> {
     Ok(client
         .execute(
             "update keap_sync.outbox
-                set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0)
+                set lease_until = case when $2::float8 > 0
+                                       then least(lease_until, now() + make_interval(secs => $2)) end,
+                    leased_by = null,
+                    attempts = greatest(attempts - 1, 0)
               where leased_by = $1",
-            &[&instance],
+            &[&instance, &after.as_secs_f64()],
         )
         .await?)
 }

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_backfill_and_instances.sql",
         sql: include_str!("../sql/0003_backfill_and_instances.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_key_change_keeps_contact.sql",
+        sql: include_str!("../sql/0004_key_change_keeps_contact.sql"),
+    },
 ];
 
 /// Name of the row trigger installed on the users table.

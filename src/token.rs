@@ -88,9 +88,14 @@ pub struct TokenSource {
 }
 
 enum Inner {
-    ApiKey(Secret),
+    /// The key, and when Keap last refused it (a person must fix it; we retry rarely).
+    ApiKey(Secret, std::sync::Mutex<Option<tokio::time::Instant>>),
     OAuth(Box<OAuth>),
 }
+
+/// After Keap refuses an API key, deliveries pause this long before one more try: nothing
+/// but a person can fix the key, and every refused call still counts against the quota.
+pub const API_KEY_RETRY: Duration = Duration::from_secs(60);
 
 struct OAuth {
     client_id: String,
@@ -115,7 +120,7 @@ impl TokenSource {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<TokenSource, String> {
         let inner = match credential {
-            Credential::ApiKey(key) => Inner::ApiKey(key.clone()),
+            Credential::ApiKey(key) => Inner::ApiKey(key.clone(), std::sync::Mutex::new(None)),
             Credential::OAuth { client_id, client_secret } => Inner::OAuth(Box::new(OAuth {
                 client_id: client_id.clone(),
                 client_secret: client_secret.clone(),
@@ -138,12 +143,21 @@ impl TokenSource {
     /// The credential to use now, refreshing first if the access token is about to expire.
     pub async fn auth(&self, db: &Client) -> Result<Auth, TokenError> {
         match &self.inner {
-            Inner::ApiKey(key) => Ok(Auth::ApiKey(key.clone())),
+            Inner::ApiKey(key, _) => Ok(Auth::ApiKey(key.clone())),
             Inner::OAuth(o) => {
                 let stored = read(db).await?;
                 check_state(&stored)?;
                 if o.needs_refresh(&stored) {
-                    return o.refresh(Some(&stored.access_token)).await.map(Auth::Bearer);
+                    return match o.refresh(Some(&stored.access_token)).await {
+                        Ok(fresh) => Ok(Auth::Bearer(fresh)),
+                        // The token endpoint is having trouble but the current access token
+                        // still works: use it, and try the refresh again on the next call.
+                        Err(TokenError::Transient(reason)) if stored.expires_in > 5.0 => {
+                            tracing::warn!(%reason, "token refresh failed; using the current access token meanwhile");
+                            Ok(Auth::Bearer(stored.access_token))
+                        }
+                        Err(e) => Err(e),
+                    };
                 }
                 Ok(Auth::Bearer(stored.access_token))
             }
@@ -157,18 +171,26 @@ impl TokenSource {
         match (&self.inner, rejected) {
             (Inner::OAuth(o), Auth::Bearer(token)) => o.refresh(Some(token)).await.map(Auth::Bearer),
             (Inner::OAuth(o), Auth::ApiKey(_)) => o.refresh(None).await.map(Auth::Bearer),
-            (Inner::ApiKey(_), _) => Err(TokenError::NeedsAuthorization(
-                "Keap refused the API key (401): check KEAP_API_KEY or the api key file; \
-                 Personal Access Tokens and Service Account Keys are managed under Settings > API in Keap"
-                    .into(),
-            )),
+            (Inner::ApiKey(_, refused), _) => {
+                *refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(tokio::time::Instant::now());
+                Err(TokenError::NeedsAuthorization(
+                    "Keap refused the API key (401): check KEAP_API_KEY or the api key file \
+                     (Personal Access Tokens and Service Account Keys are managed under Settings > API \
+                     in Keap); one retry a minute until then"
+                        .into(),
+                ))
+            }
         }
     }
 
     /// While paused for authorisation: true once a usable grant is stored again.
     pub async fn usable_again(&self, db: &Client) -> Result<bool, TokenError> {
         match &self.inner {
-            Inner::ApiKey(_) => Ok(true),
+            Inner::ApiKey(_, refused) => {
+                let refused = refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok(refused.is_none_or(|at| at.elapsed() >= API_KEY_RETRY))
+            }
             Inner::OAuth(_) => match read(db).await {
                 Ok(stored) => Ok(stored.state == "ok"),
                 Err(TokenError::NeedsAuthorization(_)) => Ok(false),

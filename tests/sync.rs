@@ -247,3 +247,24 @@ async fn a_graceful_stop_leaves_nothing_claimed() {
     app.wait_idle().await;
     app.assert_keap_matches_users().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_keeps_the_contact_even_with_delete_contact() {
+    let app = spawn_app_with(Options {
+        tweak: |c| c.delivery.on_delete = keap_sync::config::OnDelete::DeleteContact,
+        ..Options::default()
+    })
+    .await;
+    app.exec("insert into users (id, email, first_name) values (1, 'key@example.com', 'A')").await;
+    app.wait_idle().await;
+    let contact = app.fake.contacts()[0].id;
+
+    app.exec("update users set id = 2, first_name = 'B' where id = 1").await;
+    app.wait_idle().await;
+    assert_eq!(app.contact_calls("DELETE"), 0, "the user still exists");
+    let contacts = app.fake.contacts();
+    assert_eq!(contacts.len(), 1);
+    assert_eq!(contacts[0].id, contact, "the same contact");
+    assert_eq!(contacts[0].given_name.as_deref(), Some("B"));
+    app.assert_keap_matches_users().await;
+}

@@ -289,3 +289,27 @@ async fn auth_login_can_receive_the_redirect_on_a_loopback_listener() {
     assert_eq!(app.count("select count(*) from keap_sync.oauth_token where state = 'ok'").await, 1);
     assert_no_secrets(&app, &String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_api_key_pauses_instead_of_hammering_keap() {
+    let mut app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    let mut config = app.config();
+    config.keap.credential =
+        Some(keap_sync::config::Credential::ApiKey(keap_sync::secret::Secret::new("revoked-key-0000")));
+    config.delivery.poll_interval = Duration::from_millis(100);
+    app.start_daemon_with(config).await;
+    app.exec("insert into users (email) select 'k' || g || '@example.com' from generate_series(1, 20) g")
+        .await;
+    common::eventually(Duration::from_secs(10), "paused for the API key", || async {
+        app.count("select count(*) from keap_sync.instances where paused_reason like '%API key%'").await == 1
+    })
+    .await;
+    // Observe many poll cycles: at most the calls that were in flight when the key was refused.
+    let observe_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < observe_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = unauthorized_contact_calls(&app);
+    assert!(refused <= 4, "{refused} calls with a refused key");
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 20, "every change stays queued");
+}

@@ -181,10 +181,15 @@ impl KeapClient {
         body: Option<&B>,
     ) -> Result<String, KeapError> {
         let request = req.name();
-        self.limiter.until_ready().await;
-        // The caller's claim must outlive this call; if the limiter kept us waiting too long,
-        // give the claim back rather than risk a second delivery of the same user.
-        if Instant::now() + self.request_timeout + self.connect_timeout > req.deadline {
+        // The caller's claim must outlive this call. Wait for the limiter only as long as the
+        // call could still finish in time (a quota pause can last hours); otherwise give the
+        // claim back rather than risk a second delivery of the same user.
+        let latest_start = req.deadline.checked_sub(self.request_timeout + self.connect_timeout);
+        let admitted = match latest_start {
+            Some(t) => tokio::time::timeout_at(t, self.limiter.until_ready()).await.is_ok(),
+            None => false,
+        };
+        if !admitted || Instant::now() + self.request_timeout + self.connect_timeout > req.deadline {
             return Err(KeapError {
                 kind: ErrorKind::Transient,
                 status: None,
@@ -198,7 +203,20 @@ impl KeapClient {
             self.http.request(req.method.clone(), format!("{}{}", self.api_url, req.path)).query(&req.query);
         builder = match auth {
             Auth::Bearer(token) => builder.bearer_auth(token.expose()),
-            Auth::ApiKey(key) => builder.header("X-Keap-API-Key", key.expose()),
+            Auth::ApiKey(key) => {
+                // Marked sensitive like the bearer header, so no Debug of the request shows it.
+                let mut value =
+                    reqwest::header::HeaderValue::from_str(key.expose()).map_err(|_| KeapError {
+                        kind: ErrorKind::Unauthorized,
+                        status: None,
+                        request: request.clone(),
+                        message: "the API key contains characters not allowed in an HTTP header".into(),
+                        body: None,
+                        retry_after: None,
+                    })?;
+                value.set_sensitive(true);
+                builder.header("X-Keap-API-Key", value)
+            }
         };
         if let Some(body) = body {
             builder = builder.json(body);
