@@ -235,7 +235,7 @@ impl OAuth {
                 tx.rollback().await.ok();
                 return Err(TokenError::Transient(format!(
                     "token endpoint unreachable: {}",
-                    without_url(&e)
+                    crate::keap::describe_reqwest(&e)
                 )));
             }
         };
@@ -305,16 +305,6 @@ impl ClassifyName for serde_json::Error {
             serde_json::error::Category::Eof => "cut off",
         }
     }
-}
-
-fn without_url(e: &reqwest::Error) -> String {
-    let mut message = if e.is_timeout() { "timed out" } else { "request failed" }.to_owned();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message = format!("{message}: {s}");
-        source = s.source();
-    }
-    message
 }
 
 fn check_state(s: &Stored) -> Result<(), TokenError> {
@@ -486,7 +476,10 @@ pub mod cli {
             .send()
             .await
             .map_err(|e| {
-                CliError::Other(format!("cannot reach the token endpoint: {}", super::without_url(&e)))
+                CliError::Other(format!(
+                    "cannot reach the token endpoint: {}",
+                    crate::keap::describe_reqwest(&e)
+                ))
             })?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();

@@ -326,7 +326,8 @@ fn classify(status: StatusCode, request: String, text: &str) -> KeapError {
     }
 }
 
-fn describe_reqwest(e: &reqwest::Error) -> String {
+/// One line for a failed request: what kind of failure, then its innermost cause.
+pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     // reqwest's Display includes the URL, which never holds a credential here (ids only);
     // add the innermost cause, which is where "connection refused" and friends live.
     let mut message = if e.is_timeout() {

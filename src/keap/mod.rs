@@ -6,5 +6,5 @@ mod client;
 pub mod fake;
 pub mod model;
 
-pub(crate) use client::http_client;
+pub(crate) use client::{describe_reqwest, http_client};
 pub use client::{Auth, ErrorKind, KeapClient, KeapError};
