@@ -13,8 +13,11 @@
 //! p50/p95/max. Figures only, no pass/fail.
 //!
 //! ```text
-//! cargo bench --bench delivery -- [--limit N] [--changes N] [--probes N]
+//! cargo bench --bench delivery -- [--limit N] [--changes N] [--probes N] [--backfill]
 //! ```
+//! With `--backfill` the backlog is pre-existing users synced by a backfill (lowest priority),
+//! so the probes — live changes — overtake it; without, the backlog is live changes too and the
+//! probes queue behind it in order.
 //! Defaults: `--limit 25 --changes 2000 --probes 20`. The drain takes about changes ÷ limit
 //! seconds. Daemon logs go to stderr at `warn` unless `KEAP_SYNC_LOG` says otherwise.
 
@@ -34,10 +37,12 @@ struct Args {
     limit: u32,
     changes: u32,
     probes: u32,
+    /// The backlog is a backfill of pre-existing users (lowest priority) instead of live changes.
+    backfill: bool,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { limit: 25, changes: 2000, probes: 20 };
+    let mut args = Args { limit: 25, changes: 2000, probes: 20, backfill: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
@@ -45,6 +50,10 @@ fn parse_args() -> Args {
             "--changes" => &mut args.changes,
             "--probes" => &mut args.probes,
             "--bench" => continue, // added by `cargo bench`
+            "--backfill" => {
+                args.backfill = true;
+                continue;
+            }
             _ => usage(&flag),
         };
         *slot = it.next().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or_else(|| usage(&flag));
@@ -54,7 +63,7 @@ fn parse_args() -> Args {
 
 fn usage(bad: &str) -> ! {
     eprintln!(
-        "bad argument {bad:?}\nusage: cargo bench --bench delivery -- [--limit N] [--changes N] [--probes N]"
+        "bad argument {bad:?}\nusage: cargo bench --bench delivery -- [--limit N] [--changes N] [--probes N] [--backfill]"
     );
     std::process::exit(2)
 }
@@ -104,7 +113,11 @@ async fn bench(cluster: &Cluster, a: &Args) {
     let config = Config::from_toml(&toml, &|k| env.get(k).cloned()).expect("config");
     keap_sync::schema::migrate(&mut client, &config.users).await.expect("migrate");
 
-    // The backlog, in one statement, before any daemon runs.
+    // The backlog, in one statement, before any daemon runs: live changes, or (--backfill)
+    // users that existed before the trigger, which the daemon then backfills.
+    if a.backfill {
+        client.batch_execute("alter table users disable trigger keap_sync_capture").await.expect("disable");
+    }
     client
         .execute(
             "insert into users (email, first_name, last_name)
@@ -113,10 +126,17 @@ async fn bench(cluster: &Cluster, a: &Args) {
         )
         .await
         .expect("backlog insert");
+    if a.backfill {
+        client.batch_execute("alter table users enable trigger keap_sync_capture").await.expect("enable");
+    }
+    let options = keap_sync::daemon::RunOptions {
+        backfill: a.backfill.then_some(keap_sync::backfill::Mode::Resume),
+        ..Default::default()
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let daemon = tokio::spawn(keap_sync::daemon::run(config, async {
+    let daemon = tokio::spawn(keap_sync::daemon::run_with(config, options, async {
         let _ = stop_rx.await;
     }));
 
