@@ -276,8 +276,10 @@ impl Context {
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut paused: Option<String> = None;
         let mut lost: Option<DbError> = None;
-        let mut token_checked = Instant::now();
-        let mut beat = Instant::now() - HEARTBEAT;
+        // `None`: not yet in this session, so both happen at once. (Not `now() - interval`: the
+        // monotonic clock starts at boot, and a service can start within a minute of it.)
+        let mut token_checked: Option<Instant> = None;
+        let mut beat: Option<Instant> = None;
         let result = loop {
             if *stop.borrow() {
                 break Ok(());
@@ -289,8 +291,8 @@ impl Context {
             // waits inside the deliveries), so the watchdog keeps being fed.
             self.notifier.watchdog();
             let mut wait = d.poll_interval.min(TOKEN_CHECK).min(HEARTBEAT);
-            if beat.elapsed() >= HEARTBEAT {
-                beat = Instant::now();
+            if beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+                beat = Some(Instant::now());
                 self.metrics.set_fatal(paused.clone());
                 if let Err(e) = self.heartbeat(&db, "active", paused.as_deref()).await {
                     break Err(e);
@@ -311,17 +313,24 @@ impl Context {
                     }
                 }
             } else {
-                if self.tokens.is_oauth() && token_checked.elapsed() >= TOKEN_CHECK {
-                    token_checked = Instant::now();
-                    match self.tokens.auth(&db).await {
-                        Ok(_) => {}
-                        Err(TokenError::NeedsAuthorization(reason)) => {
-                            handle(Ok(Outcome::NeedsAuthorization(reason)), &mut paused, &mut lost);
-                            continue;
+                if self.tokens.is_oauth() && token_checked.is_none_or(|t| t.elapsed() >= TOKEN_CHECK) {
+                    // In a task like a delivery: a refresh may wait on the token row lock and the
+                    // token endpoint, and the loop must keep turning (and feeding the watchdog).
+                    token_checked = Some(Instant::now());
+                    let (tokens, db) = (self.tokens.clone(), db.clone());
+                    tasks.spawn(async move {
+                        match tokens.auth(&db).await {
+                            Ok(_) => Outcome::Handled,
+                            Err(TokenError::NeedsAuthorization(reason)) => {
+                                Outcome::NeedsAuthorization(reason)
+                            }
+                            Err(TokenError::Db(e)) => Outcome::DbLost(e),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "idle token check failed; will retry");
+                                Outcome::Handled
+                            }
                         }
-                        Err(TokenError::Db(e)) => break Err(e),
-                        Err(e) => tracing::warn!(error = %e, "idle token check failed; will retry"),
-                    }
+                    });
                 }
                 let free = d.concurrency.saturating_sub(tasks.len());
                 // While Keap's quota or a 429 pauses every sender, claiming would only start
@@ -603,7 +612,7 @@ async fn run_backfill(
     }
 
     let mut last: Option<(Instant, i64)> = None;
-    let mut logged = Instant::now() - Duration::from_secs(60);
+    let mut logged: Option<Instant> = None;
     let mut stopped = stop.subscribe();
     loop {
         let Some(p) = backfill::finish_if_delivered(&client).await? else { return Ok(()) };
@@ -627,8 +636,8 @@ async fn run_backfill(
         }
         if bar {
             eprint!("\rbackfill: {}   ", backfill::describe(&p, rate));
-        } else if logged.elapsed() >= Duration::from_secs(10) {
-            logged = Instant::now();
+        } else if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            logged = Some(Instant::now());
             tracing::info!(progress = %backfill::describe(&p, rate), "backfill");
         }
         tokio::select! {

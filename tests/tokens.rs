@@ -313,3 +313,27 @@ async fn a_refused_api_key_pauses_instead_of_hammering_keap() {
     assert!(refused <= 4, "{refused} calls with a refused key");
     assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 20, "every change stays queued");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_refreshes_a_grant_before_its_refresh_token_lapses() {
+    let mut app = spawn_app_with(Options { start_daemon: false, ..oauth(Duration::from_secs(86_400)) }).await;
+    // The access token is fresh, but the refresh token is 31 days old (Keap's lapse: 45).
+    app.exec("update keap_sync.oauth_token set refresh_token_issued_at = now() - interval '31 days'").await;
+    app.start_daemon().await;
+    common::eventually(Duration::from_secs(10), "a refresh with no change to deliver", || async {
+        app.fake.refresh_count() == 1
+    })
+    .await;
+    let age: f64 = app
+        .db
+        .query_one(
+            "select extract(epoch from now() - refresh_token_issued_at)::float8 from keap_sync.oauth_token",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(age < 60.0, "a new refresh token is stored ({age} s old)");
+    assert_eq!(app.fake.count(|r| r.path.starts_with("/crm/rest")), 0, "no contact call was needed");
+    assert_no_secrets(&app, "");
+}
