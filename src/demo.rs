@@ -51,10 +51,13 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
     let mut app = db::connect(&pg).await.map_err(|e| e.to_string())?;
     app.batch_execute(
         "create table users (id bigserial primary key, email text, first_name text, last_name text,
-                             last_login timestamptz)",
+                             last_login timestamptz);
+         insert into users (email, first_name, last_name) values
+             ('linus@example.com', 'Linus', 'Pauling'), ('margaret@example.com', 'Margaret', 'Hamilton');",
     )
     .await
     .map_err(|e| e.to_string())?;
+    println!("   The app's users table already holds 2 users (they predate keap-sync).");
     let report = schema::migrate(&mut app, &config.users).await.map_err(|e| e.to_string())?;
     println!(
         "2. keap-sync migrate: applied {}; capture trigger installed on public.users",
@@ -62,13 +65,25 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
     );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(crate::daemon::run(config, async {
+    let options = crate::daemon::RunOptions {
+        backfill: Some(crate::backfill::Mode::Resume),
+        ..crate::daemon::RunOptions::default()
+    };
+    let daemon = tokio::spawn(crate::daemon::run_with(config, options, async {
         let _ = stop_rx.await;
     }));
-    println!("3. keap-sync run: the daemon is listening\n");
-
     let step = |n: &str, text: &str| println!("{n} {text}");
     let calls = |f: &FakeKeap| f.count(|r| r.path.starts_with("/crm/rest/v1/contacts"));
+    println!("3. keap-sync run --backfill: the daemon listens, and syncs the users that predate it");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while crate::backfill::progress(&app).await.map_err(|e| e.to_string())?.is_none_or(|p| p.state != "done")
+    {
+        if Instant::now() > deadline {
+            return Err("the backfill did not finish within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("   backfill done with {} calls\n", calls(&fake));
 
     step("4.", "The app inserts three users, one of them with grace@example.com:");
     let before = calls(&fake);
@@ -110,8 +125,10 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
     println!("   {} calls.\n", calls(&fake) - before);
 
     show(&app, &fake).await?;
+    let users: i64 =
+        app.query_one("select count(*) from users", &[]).await.map_err(|e| e.to_string())?.get(0);
     println!(
-        "\nKeap saw {} contact calls in all, and holds {} contacts for 3 users (one linked, none duplicated).",
+        "\nKeap saw {} contact calls in all, and holds {} contacts for {users} users (one linked, none duplicated).",
         calls(&fake),
         fake.contacts().len()
     );

@@ -143,3 +143,14 @@ async fn sigkill_mid_batch_then_restart_delivers_everything_once() {
     app.assert_keap_matches_users().await;
     assert_eq!(app.fake.contacts().len(), 300);
 }
+
+/// The README's first command: the demo runs on its own throwaway Postgres and fake Keap.
+#[test]
+fn the_demo_runs_end_to_end() {
+    let out = keap_sync(&["demo"], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("backfill done with 2 calls"), "{stdout}");
+    assert!(stdout.contains("50 changes cost"), "{stdout}");
+    assert!(stdout.contains("holds 5 contacts for 5 users"), "{stdout}");
+}
