@@ -11,8 +11,6 @@
 //! Memory stays bounded whatever the table size: rows never leave the database; each batch
 //! moves keys from `users` to `keap_sync.outbox` server-side.
 
-use std::time::Duration;
-
 use tokio_postgres::Client;
 
 use crate::db::DbError;
@@ -173,22 +171,12 @@ pub fn describe(p: &Progress, rate_per_sec: f64) -> String {
     let pct = if p.total > 0 { done * 100 / p.total.max(1) } else { 100 };
     let left = (p.total - done).max(0);
     let eta = if rate_per_sec > 0.1 && left > 0 {
-        let secs = left as f64 / rate_per_sec;
-        format!(", about {} left", human_duration(Duration::from_secs_f64(secs)))
+        format!(", about {} left", crate::status::human_secs(left as f64 / rate_per_sec))
     } else {
         String::new()
     };
     let parked = if p.parked > 0 { format!(", {} parked", p.parked) } else { String::new() };
     format!("{done} / {} users ({pct}%), {rate_per_sec:.0}/s{eta}{parked}", p.total)
-}
-
-fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s} s"),
-        60..=3_599 => format!("{} min", s / 60),
-        _ => format!("{} h {} min", s / 3_600, (s % 3_600) / 60),
-    }
 }
 
 #[cfg(test)]

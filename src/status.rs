@@ -151,11 +151,11 @@ pub fn render(s: &Status) -> String {
         if o.parked > 0 { " (see `keap-sync failures list`)" } else { "" }
     ));
     line(match s.oldest_pending_age_secs {
-        Some(age) => format!("oldest pending change: {}", secs(age)),
+        Some(age) => format!("oldest pending change: {}", human_secs(age)),
         None => "oldest pending change: none (all delivered)".into(),
     });
     line(match s.last_delivery_secs_ago {
-        Some(ago) => format!("last delivery: {} ago", secs(ago)),
+        Some(ago) => format!("last delivery: {} ago", human_secs(ago)),
         None => "last delivery: never".into(),
     });
     if let Some(b) = &s.backfill {
@@ -164,8 +164,8 @@ pub fn render(s: &Status) -> String {
     match &s.token {
         Some(t) if t.state == "ok" => line(format!(
             "oauth: ok; access token expires in {}; refresh token {} old",
-            secs(t.expires_in_secs.max(0.0)),
-            secs(t.refresh_token_age_secs)
+            human_secs(t.expires_in_secs.max(0.0)),
+            human_secs(t.refresh_token_age_secs)
         )),
         Some(t) => line(format!(
             "oauth: RE-AUTHORISATION NEEDED: {}; run `keap-sync auth login`",
@@ -185,13 +185,14 @@ pub fn render(s: &Status) -> String {
             i.instance,
             i.role,
             i.paused_reason.as_deref().map(|r| format!(" (PAUSED: {r})")).unwrap_or_default(),
-            secs(i.last_seen_secs_ago)
+            human_secs(i.last_seen_secs_ago)
         ));
     }
     out
 }
 
-fn secs(s: f64) -> String {
+/// A duration in seconds for people: "45 s", "12 min", "3.5 h", "2.0 days".
+pub(crate) fn human_secs(s: f64) -> String {
     let s = s.max(0.0);
     if s < 120.0 {
         format!("{s:.0} s")

@@ -379,6 +379,7 @@ pub mod cli {
     use crate::db;
     use crate::keap::model::TokenResponse;
     use crate::schema;
+    use crate::status::human_secs;
 
     /// `auth import`: a token response on standard input becomes the stored grant.
     pub async fn import(config: Config) -> Result<(), CliError> {
@@ -649,29 +650,19 @@ pub mod cli {
             }
         }
         if expires_in >= 0.0 {
-            println!("access token expires: {expires_at} (in {})", human(expires_in));
+            println!("access token expires: {expires_at} (in {})", human_secs(expires_in));
         } else {
             println!(
                 "access token expired: {expires_at} ({} ago; refreshed on next use)",
-                human(-expires_in)
+                human_secs(-expires_in)
             );
         }
-        println!("refresh token age: {} (Keap's lapse after 45 days; refreshed at 30)", human(age));
+        println!("refresh token age: {} (Keap's lapse after 45 days; refreshed at 30)", human_secs(age));
         println!("last refresh: {}", refreshed.as_deref().unwrap_or("never"));
         println!("grant stored: {granted}");
         if let Some(scope) = scope {
             println!("scope: {scope}");
         }
         Ok(())
-    }
-
-    fn human(secs: f64) -> String {
-        let s = secs.max(0.0) as u64;
-        match s {
-            0..=119 => format!("{s} s"),
-            120..=7_199 => format!("{} min", s / 60),
-            7_200..=172_799 => format!("{} h", s / 3_600),
-            _ => format!("{} days", s / 86_400),
-        }
     }
 }
