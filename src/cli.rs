@@ -227,8 +227,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn migrate(config: Config) -> Result<(), CliError> {
-    let pg = db::parse(config.database()?)?;
-    let mut client = db::connect(&pg).await?;
+    let mut client = connect(&config).await?;
     let report = schema::migrate(&mut client, &config.users).await?;
     if report.applied.is_empty() && !report.trigger_changed {
         println!(
@@ -247,8 +246,7 @@ async fn migrate(config: Config) -> Result<(), CliError> {
 }
 
 async fn uninstall(config: Config, drop_schema: bool) -> Result<(), CliError> {
-    let pg = db::parse(config.database()?)?;
-    let mut client = db::connect(&pg).await?;
+    let mut client = connect(&config).await?;
     schema::uninstall(&mut client, &config.users, drop_schema).await?;
     println!("removed the capture trigger from {}", config.users.table);
     if drop_schema {
@@ -258,9 +256,7 @@ async fn uninstall(config: Config, drop_schema: bool) -> Result<(), CliError> {
 }
 
 async fn status(config: Config, json: bool) -> Result<(), CliError> {
-    let pg = db::parse(config.database()?)?;
-    let client = db::connect(&pg).await?;
-    schema::ensure_current(&client).await?;
+    let client = connect_migrated(&config).await?;
     let status = crate::status::read(&client).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status).map_err(|e| CliError::Other(e.to_string()))?);
@@ -271,9 +267,7 @@ async fn status(config: Config, json: bool) -> Result<(), CliError> {
 }
 
 async fn failures(config: Config, cmd: FailuresCommand) -> Result<(), CliError> {
-    let pg = db::parse(config.database()?)?;
-    let client = db::connect(&pg).await?;
-    schema::ensure_current(&client).await?;
+    let client = connect_migrated(&config).await?;
     match cmd {
         FailuresCommand::List { json } => {
             let parked = crate::failures::list(&client).await?;
@@ -323,6 +317,18 @@ async fn failures(config: Config, cmd: FailuresCommand) -> Result<(), CliError> 
         }
     }
     Ok(())
+}
+
+/// Connects to the configured database.
+pub(crate) async fn connect(config: &Config) -> Result<tokio_postgres::Client, CliError> {
+    Ok(db::connect(&db::parse(config.database()?)?).await?)
+}
+
+/// Connects and checks that `migrate` has run, for commands that read or write keap_sync.
+pub(crate) async fn connect_migrated(config: &Config) -> Result<tokio_postgres::Client, CliError> {
+    let client = connect(config).await?;
+    schema::ensure_current(&client).await?;
+    Ok(client)
 }
 
 /// Completes on SIGTERM (systemd's stop) or SIGINT (Ctrl-C).

@@ -378,7 +378,6 @@ pub mod cli {
     use crate::config::{Config, Credential};
     use crate::db;
     use crate::keap::model::TokenResponse;
-    use crate::schema;
     use crate::status::human_secs;
 
     /// `auth import`: a token response on standard input becomes the stored grant.
@@ -388,9 +387,7 @@ pub mod cli {
             .read_to_string(&mut text)
             .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
         let tokens = parse_token_response(&text)?;
-        let pg = db::parse(config.database()?)?;
-        let client = db::connect(&pg).await?;
-        schema::ensure_current(&client).await?;
+        let client = crate::cli::connect_migrated(&config).await?;
         super::store(&client, &tokens, true).await.map_err(|e| CliError::Other(e.to_string()))?;
         // Wake any paused daemon now rather than at its next recheck.
         client
@@ -421,9 +418,7 @@ pub mod cli {
                     .into(),
             )
         })?;
-        let pg = db::parse(config.database()?)?;
-        let client = db::connect(&pg).await?;
-        schema::ensure_current(&client).await?;
+        let client = crate::cli::connect_migrated(&config).await?;
 
         // Listen before printing the URL, so the redirect can never arrive before we are ready.
         let listener = match listen {
@@ -609,9 +604,7 @@ pub mod cli {
             }
             Credential::OAuth { client_id, .. } => println!("credential: OAuth client {client_id}"),
         }
-        let pg = db::parse(config.database()?)?;
-        let client = db::connect(&pg).await?;
-        schema::ensure_current(&client).await?;
+        let client = crate::cli::connect_migrated(&config).await?;
         let row = client
             .query_opt(
                 "select state, state_detail,
