@@ -148,7 +148,8 @@ pub async fn run_with(
         )
         .map_err(RunError::Setup)?,
     );
-    let instance = instance_id();
+    let host = hostname();
+    let instance = instance_id(&host);
     tracing::info!(
         table = %table.qualified,
         credential = match credential { Credential::ApiKey(_) => "api key", Credential::OAuth { .. } => "oauth" },
@@ -194,6 +195,7 @@ pub async fn run_with(
         tokens,
         config,
         instance,
+        host,
         notifier,
         ready: AtomicBool::new(false),
     };
@@ -234,6 +236,8 @@ struct Context {
     tokens: Arc<TokenSource>,
     config: Config,
     instance: String,
+    /// For the instances table; `instance` also names them, for uniqueness.
+    host: String,
     /// systemd: READY once after the first drain, watchdog pings from the loop, STATUS lines.
     notifier: crate::systemd::Notifier,
     ready: AtomicBool,
@@ -435,7 +439,7 @@ impl Context {
             _ => None,
         };
         let paused = paused.or(quota_pause.as_deref());
-        let (host, pid) = host_and_pid(&self.instance);
+        let pid = std::process::id() as i32;
         db.execute(
             "insert into keap_sync.instances
                     (instance, host, pid, role, paused_reason, quota_minute_available, quota_day_available, throttled)
@@ -446,7 +450,7 @@ impl Context {
                     quota_day_available = excluded.quota_day_available, throttled = excluded.throttled",
             &[
                 &self.instance,
-                &host,
+                &self.host,
                 &pid,
                 &role,
                 &paused,
@@ -570,13 +574,6 @@ fn handle(
     }
 }
 
-fn host_and_pid(instance: &str) -> (String, i32) {
-    let mut parts = instance.split(':');
-    let host = parts.next().unwrap_or_default().to_owned();
-    let pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (host, pid)
-}
-
 /// Enqueues the backfill, then watches it until every backfill change is delivered.
 async fn run_backfill(
     pg: &PgConfig,
@@ -649,11 +646,14 @@ async fn run_backfill(
 
 /// A name for this process's claims: host, pid and a random part (pids repeat across hosts
 /// and restarts; the random part keeps a restarted daemon from mistaking old claims for its own).
-fn instance_id() -> String {
+fn instance_id(host: &str) -> String {
+    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+fn hostname() -> String {
     // /proc/sys is hidden under the systemd unit's ProcSubset=pid; /etc/hostname is not.
-    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| "host".into());
-    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+        .unwrap_or_else(|| "host".into())
 }
