@@ -39,7 +39,6 @@ const MAX_THROTTLE_PAUSE: Duration = Duration::from_secs(60);
 /// What Keap last reported about its quotas, for status output and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QuotaReport {
-    pub minute_limit: Option<i64>,
     pub minute_available: Option<i64>,
     pub day_available: Option<i64>,
 }
@@ -52,7 +51,6 @@ pub struct Limiter {
     day: Gcra,
     paused_until: Mutex<Option<Instant>>,
     consecutive_429: AtomicU32,
-    minute_limit_seen: AtomicI64,
     minute_available: AtomicI64,
     day_available: AtomicI64,
     throttled_total: AtomicU32,
@@ -83,7 +81,6 @@ impl Limiter {
             ),
             paused_until: Mutex::new(None),
             consecutive_429: AtomicU32::new(0),
-            minute_limit_seen: AtomicI64::new(-1),
             minute_available: AtomicI64::new(-1),
             day_available: AtomicI64::new(-1),
             throttled_total: AtomicU32::new(0),
@@ -134,7 +131,6 @@ impl Limiter {
             headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok())
         };
         if let Some(limit) = read("x-keap-product-throttle-limit") {
-            self.minute_limit_seen.store(limit, Ordering::Relaxed);
             self.adopt_minute_limit(limit);
         }
         let minute_available = read("x-keap-product-throttle-available");
@@ -192,11 +188,7 @@ impl Limiter {
     /// What Keap last reported.
     pub fn report(&self) -> QuotaReport {
         let get = |a: &AtomicI64| Some(a.load(Ordering::Relaxed)).filter(|v| *v >= 0);
-        QuotaReport {
-            minute_limit: get(&self.minute_limit_seen),
-            minute_available: get(&self.minute_available),
-            day_available: get(&self.day_available),
-        }
+        QuotaReport { minute_available: get(&self.minute_available), day_available: get(&self.day_available) }
     }
 
     /// 429 answers seen by this process.

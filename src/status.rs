@@ -49,6 +49,8 @@ pub struct Instance {
     pub role: String,
     pub last_seen_secs_ago: f64,
     pub paused_reason: Option<String>,
+    /// 429 answers this instance has had since it started.
+    pub throttled: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -93,7 +95,7 @@ pub async fn read(client: &Client) -> Result<Status, DbError> {
     let instances: Vec<(Instance, Option<i64>, Option<i64>)> = client
         .query(
             "select instance, role, extract(epoch from now() - last_seen)::float8, paused_reason,
-                    quota_minute_available, quota_day_available
+                    quota_minute_available, quota_day_available, throttled
                from keap_sync.instances
               where last_seen > now() - make_interval(secs => $1)
               order by last_seen desc",
@@ -108,6 +110,7 @@ pub async fn read(client: &Client) -> Result<Status, DbError> {
                     role: r.get(1),
                     last_seen_secs_ago: r.get(2),
                     paused_reason: r.get(3),
+                    throttled: r.get(6),
                 },
                 r.get(4),
                 r.get(5),
@@ -181,11 +184,12 @@ pub fn render(s: &Status) -> String {
     }
     for i in &s.instances_alive {
         line(format!(
-            "instance {}: {}{}, seen {} ago",
+            "instance {}: {}{}, seen {} ago, {} answered 429 since start",
             i.instance,
             i.role,
             i.paused_reason.as_deref().map(|r| format!(" (PAUSED: {r})")).unwrap_or_default(),
-            human_secs(i.last_seen_secs_ago)
+            human_secs(i.last_seen_secs_ago),
+            i.throttled
         ));
     }
     out
