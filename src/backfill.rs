@@ -13,44 +13,75 @@
 
 use tokio_postgres::Client;
 
-use crate::db::DbError;
+use crate::db::{self, DbError};
 use crate::schema::UserTable;
 
 /// Keys enqueued per statement.
-pub const BATCH: i64 = 5_000;
+pub(crate) const BATCH: i64 = 5_000;
 
 /// What to do about an earlier backfill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum BackfillMode {
     /// Continue an unfinished backfill; do nothing if one has finished.
     Resume,
     /// Start over even if one has finished.
     Restart,
 }
 
+/// The life of a backfill, as `keap_sync.backfill.state` records it (the column keeps the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum BackfillState {
+    /// Users are being enqueued, a batch at a time.
+    Running,
+    /// Every user is enqueued; deliveries are under way.
+    Enqueued,
+    /// Every backfill change is delivered (or parked).
+    Done,
+}
+
+impl BackfillState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            BackfillState::Running => "running",
+            BackfillState::Enqueued => "enqueued",
+            BackfillState::Done => "done",
+        }
+    }
+
+    fn from_db(text: &str) -> Result<Self, DbError> {
+        match text {
+            "running" => Ok(BackfillState::Running),
+            "enqueued" => Ok(BackfillState::Enqueued),
+            "done" => Ok(BackfillState::Done),
+            other => Err(DbError::unknown_value("keap_sync.backfill.state", other)),
+        }
+    }
+}
+
 /// Where a backfill stands.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Progress {
-    pub state: String,
+pub(crate) struct Progress {
+    pub(crate) state: BackfillState,
     /// Users enqueued so far.
-    pub enqueued: i64,
+    pub(crate) enqueued: i64,
     /// Users in the table when the backfill started.
-    pub total: i64,
+    pub(crate) total: i64,
     /// Backfill changes still waiting for delivery (not counting parked ones).
-    pub pending: i64,
+    pub(crate) pending: i64,
     /// Backfill changes parked (see `keap-sync failures list`).
-    pub parked: i64,
+    pub(crate) parked: i64,
 }
 
 impl Progress {
     /// Users whose backfill change is delivered (or was overtaken by a live change).
-    pub fn delivered(&self) -> i64 {
+    pub(crate) fn delivered(&self) -> i64 {
         (self.enqueued - self.pending - self.parked).max(0)
     }
 }
 
 /// Reads the backfill row, if a backfill was ever started.
-pub async fn progress(client: &Client) -> Result<Option<Progress>, DbError> {
+pub(crate) async fn progress(client: &Client) -> Result<Option<Progress>, DbError> {
     let row = client
         .query_opt(
             "select b.state, b.enqueued, b.total,
@@ -60,22 +91,25 @@ pub async fn progress(client: &Client) -> Result<Option<Progress>, DbError> {
             &[],
         )
         .await?;
-    Ok(row.map(|r| Progress {
-        state: r.get(0),
-        enqueued: r.get(1),
-        total: r.get(2),
-        pending: r.get(3),
-        parked: r.get(4),
-    }))
+    row.map(|r| {
+        Ok(Progress {
+            state: BackfillState::from_db(r.get(0))?,
+            enqueued: r.get(1),
+            total: r.get(2),
+            pending: r.get(3),
+            parked: r.get(4),
+        })
+    })
+    .transpose()
 }
 
 /// Starts (or resumes) a backfill. Returns false when a finished backfill exists and `mode`
-/// is [`Mode::Resume`]: there is nothing to do.
-pub async fn begin(client: &Client, table: &UserTable, mode: Mode) -> Result<bool, DbError> {
+/// is [`BackfillMode::Resume`]: there is nothing to do.
+pub(crate) async fn begin(client: &Client, table: &UserTable, mode: BackfillMode) -> Result<bool, DbError> {
     let existing = progress(client).await?;
     match (existing, mode) {
-        (Some(p), Mode::Resume) if p.state == "done" => return Ok(false),
-        (Some(_), Mode::Resume) => return Ok(true),
+        (Some(p), BackfillMode::Resume) if p.state == BackfillState::Done => return Ok(false),
+        (Some(_), BackfillMode::Resume) => return Ok(true),
         _ => {}
     }
     client
@@ -96,7 +130,7 @@ pub async fn begin(client: &Client, table: &UserTable, mode: Mode) -> Result<boo
 
 /// Enqueues every remaining user, a batch at a time; `on_batch` sees the progress after each.
 /// Returns when everything is enqueued (state `enqueued`).
-pub async fn enqueue_all(
+pub(crate) async fn enqueue_all(
     client: &Client,
     table: &UserTable,
     mut on_batch: impl FnMut(i64),
@@ -140,12 +174,12 @@ pub async fn enqueue_all(
         };
         let queued: i64 = row.get(0);
         let enqueued: i64 = row.get(1);
-        let state: String = row.get(2);
+        let state = BackfillState::from_db(row.get(2))?;
         if queued > 0 {
-            client.execute("select pg_notify($1, '')", &[&crate::daemon::CHANNEL]).await?;
+            db::wake_daemons(client).await?;
         }
         on_batch(enqueued);
-        if state != "running" {
+        if state != BackfillState::Running {
             return Ok(());
         }
     }
@@ -153,7 +187,7 @@ pub async fn enqueue_all(
 
 /// Marks an enqueued backfill done once none of its changes waits for delivery. Returns the
 /// progress after the check.
-pub async fn finish_if_delivered(client: &Client) -> Result<Option<Progress>, DbError> {
+pub(crate) async fn finish_if_delivered(client: &Client) -> Result<Option<Progress>, DbError> {
     client
         .execute(
             "update keap_sync.backfill set state = 'done', finished_at = now()
@@ -165,29 +199,21 @@ pub async fn finish_if_delivered(client: &Client) -> Result<Option<Progress>, Db
     progress(client).await
 }
 
-/// "12,345 / 100,000 users (12%), 180/s, about 8 min left" for logs and the terminal.
-pub fn describe(p: &Progress, rate_per_sec: f64) -> String {
-    let done = p.delivered();
-    let pct = if p.total > 0 { done * 100 / p.total.max(1) } else { 100 };
-    let left = (p.total - done).max(0);
-    let eta = if rate_per_sec > 0.1 && left > 0 {
-        format!(", about {} left", crate::status::human_secs(left as f64 / rate_per_sec))
-    } else {
-        String::new()
-    };
-    let parked = if p.parked > 0 { format!(", {} parked", p.parked) } else { String::new() };
-    format!("{done} / {} users ({pct}%), {rate_per_sec:.0}/s{eta}{parked}", p.total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_text() {
-        let p = Progress { state: "enqueued".into(), enqueued: 1000, total: 1000, pending: 750, parked: 0 };
-        assert_eq!(describe(&p, 50.0), "250 / 1000 users (25%), 50/s, about 15 s left");
-        let p = Progress { parked: 2, pending: 0, ..p };
-        assert_eq!(describe(&p, 0.0), "998 / 1000 users (99%), 0/s, 2 parked");
+/// Enqueues every user of the configured table as a backfill, without delivering: the first
+/// half of `keap-sync backfill`, for embedding and for the backfill benchmark. `on_batch` sees
+/// the running count after each batch (one statement, one transaction). Returns false, having
+/// done nothing, when a finished backfill exists and `mode` is [`BackfillMode::Resume`].
+pub async fn enqueue_backfill(
+    config: &crate::config::Config,
+    mode: BackfillMode,
+    on_batch: impl FnMut(i64),
+) -> Result<bool, crate::RunError> {
+    let client = db::connect(&db::parse(config.database()?)?).await?;
+    crate::schema::ensure_current(&client).await?;
+    let table = UserTable::resolve(&client, &config.users).await?;
+    if !begin(&client, &table, mode).await? {
+        return Ok(false);
     }
+    enqueue_all(&client, &table, on_batch).await?;
+    Ok(true)
 }

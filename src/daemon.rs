@@ -7,18 +7,33 @@
 //!   a delivery ends ──┘◀──────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Concurrency lives here and nowhere else. One dispatcher loop owns the claiming; deliveries run
-//! as tasks in a `JoinSet`, at most `delivery.concurrency` at a time. Never two calls for one
-//! user: a user has one outbox row, and a claimed row is invisible to other claims until its
-//! lease ends (the lease outlives the longest possible call, which the config enforces).
+//! [`Daemon::build`] checks everything that can be checked before running (configuration,
+//! database, schema, trigger, the metrics address) so a misconfigured service fails loudly at
+//! start; [`Daemon::run`] then never fails on its own: it waits and retries until stopped.
 //!
-//! NOTIFY is only a wake-up (invariant 1): every session starts by draining, the loop also
-//! wakes on the poll interval and at the next scheduled retry, so a lost notification costs
-//! latency, never data. A lost database connection ends the session; the daemon reconnects
-//! with backoff and drains again. It never exits on its own except for a stop request.
+//! # Where concurrency lives
 //!
-//! Stopping (mini-redis style): the caller passes a shutdown future; when it completes the
-//! loop stops claiming, gives deliveries in flight `shutdown_grace` to finish and record their
+//! Here and nowhere else. Every task the daemon starts is owned: the stop watcher, the metrics
+//! listener and the backfill run in one [`TaskTracker`] that `run` waits for before it returns,
+//! and all of them end when one [`CancellationToken`] (the stop) is cancelled — by the shutdown
+//! future, or by a finished backfill under `exit_when_backfilled`. A token rather than a channel
+//! because it is cheap to clone into every task, can be awaited by any number of them, and stays
+//! cancelled (a late subscriber cannot miss it).
+//!
+//! Deliveries run in a [`JoinSet`] owned by the session, at most `delivery.concurrency` at a
+//! time; one dispatcher loop owns the claiming, so no lock guards the claim path. Never two calls
+//! for one user: a user has one outbox row, and a claimed row is invisible to other claims until
+//! its lease ends (the lease outlives the longest possible call, which the config enforces).
+//! Database connection driver tasks (`db::connect`) end with their `Client`, which the session
+//! owns.
+//!
+//! NOTIFY is only a wake-up (ARCHITECTURE.md, invariant 1): every session starts by draining,
+//! and the loop also wakes on the poll interval and at the next scheduled retry, so a lost
+//! notification costs latency, never data. A lost database connection ends the session; the
+//! daemon reconnects with backoff and drains again.
+//!
+//! Stopping (mini-redis style): the caller passes a shutdown future; when it completes the loop
+//! stops claiming, gives deliveries in flight `shutdown_grace` to finish and record their
 //! results, aborts the rest and releases their claims so the next run retries them at once.
 
 use std::future::Future;
@@ -26,12 +41,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_postgres::Config as PgConfig;
+use tokio_postgres::{Client, Config as PgConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::backfill;
+use crate::backfill::{self, BackfillMode, BackfillState};
 use crate::config::{Config, ConfigError, Credential};
 use crate::db::{self, DbError};
 use crate::deliver::{Deliverer, Outcome};
@@ -40,10 +57,9 @@ use crate::metrics::Metrics;
 use crate::outbox::{self, ClaimTiming};
 use crate::ratelimit::Limiter;
 use crate::schema::{self, SchemaError, UserTable};
+use crate::status::InstanceRole;
+use crate::systemd::Notifier;
 use crate::token::{TokenError, TokenPolicy, TokenSource};
-
-/// The NOTIFY channel the trigger signals.
-pub const CHANNEL: &str = "keap_sync";
 
 /// While paused for authorisation, how often the token store is checked (a NOTIFY from
 /// `auth import` wakes the loop sooner).
@@ -59,18 +75,25 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a standby instance tries to take over deliveries.
 const STANDBY_RECHECK: Duration = Duration::from_secs(2);
 
+/// How often a running backfill's progress is read (and, every 10 s, logged).
+const BACKFILL_WATCH: Duration = Duration::from_millis(500);
+
 /// Session-level advisory lock held by the delivering instance ("keapdlvr").
 const DELIVERY_LOCK: i64 = 0x6b65_6170_646c_7672;
 
 /// Why the daemon could not start. Once running it does not fail: it waits and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The configuration is incomplete or invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Schema `keap_sync` is missing, outdated, or the users table does not match the config.
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    /// The database could not be reached or answered with an error.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// Anything else found at start-up (the capture trigger, the metrics address, TLS setup).
     #[error("{0}")]
     Setup(String),
 }
@@ -79,180 +102,197 @@ pub enum RunError {
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Enqueue every existing user (`run --backfill`, `backfill`).
-    pub backfill: Option<backfill::Mode>,
+    pub backfill: Option<BackfillMode>,
     /// Stop once the backfill is delivered (`keap-sync backfill`).
     pub exit_when_backfilled: bool,
-    /// Draw backfill progress on the terminal instead of logging it.
-    pub progress_bar: bool,
 }
 
-/// Runs until `shutdown` completes. Returns an error only for problems found at start-up
-/// (bad config, unreachable database, schema not migrated), so a misconfigured service fails
-/// loudly instead of idling.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), RunError> {
-    run_with(config, RunOptions::default(), shutdown).await
-}
-
-/// [`run`] with a backfill or other extras.
-pub async fn run_with(
-    config: Config,
+/// A daemon that passed its start-up checks, ready to [`run`](Daemon::run).
+pub struct Daemon {
+    context: Context,
     options: RunOptions,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), RunError> {
-    let pg = db::parse(config.database()?)?;
-    let credential = config.credential()?.clone();
-    let first = db::connect(&pg).await?;
-    schema::ensure_current(&first).await?;
-    let table = UserTable::resolve(&first, &config.users).await?;
-    if !schema::trigger_installed(&first, &table).await? {
-        return Err(RunError::Setup(format!(
-            "the capture trigger is not installed on {} (or its columns differ from the config): run `keap-sync migrate`",
-            table.qualified
-        )));
-    }
+    /// The connection the start-up checks used; the first session reuses it.
+    first: Client,
+    /// Bound at build time, so a taken port fails the start, not some later moment.
+    metrics_listener: Option<tokio::net::TcpListener>,
+}
 
-    let limiter = Arc::new(Limiter::new(&config.limits));
-    let metrics = Arc::new(Metrics::new());
-    if let Some(addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            RunError::Setup(format!("cannot listen on {addr} for metrics (metrics.listen): {e}"))
-        })?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, metrics).await {
-                tracing::error!(error = %e, "the metrics listener stopped");
-            }
-        });
-        tracing::info!(%addr, "serving /metrics and /healthz");
-    }
-    let keap = KeapClient::new(
-        &config.keap.api_url,
-        config.keap.request_timeout,
-        config.keap.connect_timeout,
-        limiter.clone(),
-        metrics.clone(),
-    )
-    .map_err(RunError::Setup)?;
-    let tokens = Arc::new(
-        TokenSource::new(
+impl Daemon {
+    /// Checks the configuration, connects, checks that `migrate` has run and the capture
+    /// trigger matches the configuration, and binds the metrics listener if one is configured.
+    pub async fn build(config: Config, options: RunOptions) -> Result<Daemon, RunError> {
+        let pg = db::parse(config.database()?)?;
+        let credential = config.credential()?.clone();
+        let first = db::connect(&pg).await?;
+        schema::ensure_current(&first).await?;
+        let table = UserTable::resolve(&first, &config.users).await?;
+        if !schema::trigger_installed(&first, &table).await? {
+            return Err(RunError::Setup(format!(
+                "the capture trigger is not installed on {} (or its columns differ from the config): run `keap-sync migrate`",
+                table.qualified
+            )));
+        }
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                RunError::Setup(format!("cannot listen on {addr} for metrics (metrics.listen): {e}"))
+            })?),
+            None => None,
+        };
+        let limiter = Arc::new(Limiter::new(&config.limits));
+        let metrics = Arc::new(Metrics::new());
+        let keap = KeapClient::new(
+            &config.keap.api_url,
+            config.keap.request_timeout,
+            config.keap.connect_timeout,
+            Arc::clone(&limiter),
+            Arc::clone(&metrics),
+        )
+        .map_err(RunError::Setup)?;
+        let tokens = TokenSource::new(
             &credential,
             &config.keap.token_url,
             pg.clone(),
             TokenPolicy::from_config(&config.keap),
             config.keap.request_timeout,
             config.keap.connect_timeout,
-            metrics.clone(),
+            Arc::clone(&metrics),
         )
-        .map_err(RunError::Setup)?,
-    );
-    let host = hostname();
-    let instance = instance_id(&host);
-    tracing::info!(
-        table = %table.qualified,
-        credential = match credential { Credential::ApiKey(_) => "api key", Credential::OAuth { .. } => "oauth" },
-        concurrency = config.delivery.concurrency,
-        instance = %instance,
-        "keap-sync started"
-    );
-
-    let (stop_tx, stop) = watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    let on_signal = stop_tx.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = on_signal.send(true);
-    });
-    if let Some(mode) = options.backfill {
-        let (pg, table) = (pg.clone(), table.clone());
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            // The backfill resumes from its cursor, so after a database error it simply starts
-            // again (with the reconnect backoff) until it is done or the daemon stops.
-            let mut failures = 0;
-            let mut stopped = stop_tx.subscribe();
-            while let Err(e) = run_backfill(&pg, &table, mode, &options, &stop_tx).await {
-                failures += 1;
-                let delay = db::reconnect_delay(failures);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "backfill interrupted; resuming");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopped.wait_for(|s| *s) => return,
-                }
-            }
-        });
+        .map_err(RunError::Setup)?;
+        let host = hostname();
+        let context = Context {
+            instance: instance_id(&host),
+            host,
+            pg,
+            table,
+            keap,
+            limiter,
+            metrics,
+            tokens: Arc::new(tokens),
+            credential_kind: match credential {
+                Credential::ApiKey(_) => "api key",
+                Credential::OAuth { .. } => "oauth",
+            },
+            config,
+            notifier: Notifier::from_env(),
+            ready: AtomicBool::new(false),
+        };
+        Ok(Daemon { context, options, first, metrics_listener })
     }
 
-    let notifier = crate::systemd::Notifier::from_env();
-    let ctx = Context {
-        pg,
-        table,
-        keap,
-        limiter,
-        metrics,
-        tokens,
-        config,
-        instance,
-        host,
-        notifier,
-        ready: AtomicBool::new(false),
-    };
-    let mut client = Some(first);
-    let mut failures = 0u32;
-    loop {
-        let started = Instant::now();
-        let result = ctx.session(client.take(), stop.clone()).await;
-        if *stop.borrow() {
-            tracing::info!("keap-sync stopped");
-            return Ok(());
+    /// Runs until `shutdown` completes (or, with `exit_when_backfilled`, until the backfill is
+    /// delivered). Returns once every task it started has ended.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+        let Daemon { context, options, first, metrics_listener } = self;
+        let context = Arc::new(context);
+        tracing::info!(
+            table = %context.table.qualified,
+            credential = context.credential_kind,
+            concurrency = context.config.delivery.concurrency,
+            instance = %context.instance,
+            "keap-sync started"
+        );
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(cancel_on(shutdown, stop.clone()));
+        if let Some(listener) = metrics_listener {
+            tasks.spawn(serve_metrics(listener, Arc::clone(&context.metrics), stop.clone()));
         }
-        ctx.notifier.watchdog();
-        ctx.notifier.status("database connection lost; reconnecting");
-        let Err(e) = result else { continue };
-        // A session that ran a while before failing starts the backoff afresh.
-        failures = if started.elapsed() > Duration::from_secs(60) { 1 } else { failures + 1 };
-        let delay = db::reconnect_delay(failures);
-        if e.is_connection_lost() {
-            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database connection lost; reconnecting");
-        } else {
-            tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "database query failed; retrying");
+        if let Some(mode) = options.backfill {
+            tasks.spawn(backfill_until_done(Arc::clone(&context), mode, options.exit_when_backfilled, stop.clone()));
         }
-        let mut stop_wait = stop.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop_wait.wait_for(|s| *s) => {}
-        }
+        context.deliver_until_stopped(first, &stop).await;
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        tracing::info!("keap-sync stopped");
+        Ok(())
     }
 }
 
+/// Cancels `stop` when `shutdown` completes; ends early if something else stopped the daemon.
+async fn cancel_on(shutdown: impl Future<Output = ()>, stop: CancellationToken) {
+    tokio::select! {
+        _ = shutdown => stop.cancel(),
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the daemon stops.
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics and /healthz");
+    }
+    tokio::select! {
+        served = crate::metrics::serve(listener, metrics) => {
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        }
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Everything a session needs that outlives it: built once by [`Daemon::build`], shared
+/// read-only (`Arc<Context>`) with the backfill task.
 struct Context {
     pg: PgConfig,
     table: UserTable,
     keap: KeapClient,
+    /// Shared with the Keap client: the loop reads its pause to avoid claiming while every
+    /// sender is paused.
     limiter: Arc<Limiter>,
+    /// Shared with the client, the token source and the metrics listener; atomics inside.
     metrics: Arc<Metrics>,
+    /// Shared with every delivery task: one refresh at a time per process is its own business.
     tokens: Arc<TokenSource>,
     config: Config,
+    /// Names this process's claims: host, pid and a random part.
     instance: String,
     /// For the instances table; `instance` also names them, for uniqueness.
     host: String,
+    credential_kind: &'static str,
     /// systemd: READY once after the first drain, watchdog pings from the loop, STATUS lines.
-    notifier: crate::systemd::Notifier,
+    notifier: Notifier,
+    /// Whether READY was sent. An atomic so both the session loop and the standby wait can
+    /// send it, exactly once, through `&self`.
     ready: AtomicBool,
 }
 
 impl Context {
+    /// Sessions, one after another, until `stop`: a lost connection ends a session and the
+    /// next starts after a backoff.
+    async fn deliver_until_stopped(&self, first: Client, stop: &CancellationToken) {
+        let mut client = Some(first);
+        let mut failures = 0u32;
+        loop {
+            let started = Instant::now();
+            let result = self.session(client.take(), stop).await;
+            if stop.is_cancelled() {
+                return;
+            }
+            self.notifier.watchdog();
+            self.notifier.status("database connection lost; reconnecting");
+            let Err(e) = result else { continue };
+            // A session that ran a while before failing starts the backoff afresh.
+            failures = if started.elapsed() > Duration::from_secs(60) { 1 } else { failures + 1 };
+            let delay = db::reconnect_delay(failures);
+            if e.is_connection_lost() {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database connection lost; reconnecting");
+            } else {
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "database query failed; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
     /// One connected stretch: LISTEN, drain, deliver until the connection drops or a stop is
     /// requested. Returns `Ok` only on a stop.
-    async fn session(
-        &self,
-        client: Option<tokio_postgres::Client>,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<(), DbError> {
+    async fn session(&self, client: Option<Client>, stop: &CancellationToken) -> Result<(), DbError> {
         let wake = Arc::new(Notify::new());
-        let mut listener = db::connect_listener(&self.pg, CHANNEL, wake.clone()).await?;
+        let listener = db::connect_listener(&self.pg, db::NOTIFY_CHANNEL, Arc::clone(&wake)).await?;
         let client = match client {
             Some(c) => c,
             None => db::connect(&self.pg).await?,
@@ -260,130 +300,38 @@ impl Context {
         let db = Arc::new(client);
         // Claims this process held in an earlier session have no task any more.
         outbox::release_all(&db, &self.instance, self.in_flight_grace()).await?;
-        if !self.wait_for_delivery_lock(&listener, &db, &mut stop).await? {
+        if !self.wait_for_delivery_lock(&listener, &db, stop).await? {
             self.leave(&db).await;
             return Ok(());
         }
         let deliverer = Arc::new(Deliverer {
-            db: db.clone(),
+            db: Arc::clone(&db),
             keap: self.keap.clone(),
-            tokens: self.tokens.clone(),
+            tokens: Arc::clone(&self.tokens),
             delivery: self.config.delivery.clone(),
             instance: self.instance.clone(),
-            metrics: self.metrics.clone(),
+            metrics: Arc::clone(&self.metrics),
         });
         self.metrics.set_db_connected(true);
-        let d = &self.config.delivery;
-        let timing = ClaimTiming { lease: d.lease, settle: d.settle, max_settle: d.settle * 10 };
         tracing::info!("listening for changes; draining the outbox");
-
-        let mut tasks: JoinSet<Outcome> = JoinSet::new();
-        let mut paused: Option<String> = None;
-        let mut lost: Option<DbError> = None;
-        // `None`: not yet in this session, so both happen at once. (Not `now() - interval`: the
-        // monotonic clock starts at boot, and a service can start within a minute of it.)
-        let mut token_checked: Option<Instant> = None;
-        let mut beat: Option<Instant> = None;
-        let result = loop {
-            if *stop.borrow() {
-                break Ok(());
-            }
-            if let Some(e) = lost.take() {
-                break Err(e);
-            }
-            // The loop turns at least every HEARTBEAT, whatever else waits (a quota pause
-            // waits inside the deliveries), so the watchdog keeps being fed.
-            self.notifier.watchdog();
-            let mut wait = d.poll_interval.min(TOKEN_CHECK).min(HEARTBEAT);
-            if beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
-                beat = Some(Instant::now());
-                self.metrics.set_fatal(paused.clone());
-                if let Err(e) = self.heartbeat(&db, "active", paused.as_deref()).await {
-                    break Err(e);
-                }
-            }
-            if paused.is_some() {
-                match self.tokens.usable_again(&db).await {
-                    Ok(true) => {
-                        tracing::info!("Keap credential usable again; resuming deliveries");
-                        paused = None;
-                        continue;
-                    }
-                    Ok(false) => wait = AUTH_RECHECK,
-                    Err(TokenError::Db(e)) => break Err(e),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the token store");
-                        wait = AUTH_RECHECK;
-                    }
-                }
-            } else {
-                if self.tokens.is_oauth() && token_checked.is_none_or(|t| t.elapsed() >= TOKEN_CHECK) {
-                    // In a task like a delivery: a refresh may wait on the token row lock and the
-                    // token endpoint, and the loop must keep turning (and feeding the watchdog).
-                    token_checked = Some(Instant::now());
-                    let (tokens, db) = (self.tokens.clone(), db.clone());
-                    tasks.spawn(async move {
-                        match tokens.auth(&db).await {
-                            Ok(_) => Outcome::Handled,
-                            Err(TokenError::NeedsAuthorization(reason)) => {
-                                Outcome::NeedsAuthorization(reason)
-                            }
-                            Err(TokenError::Db(e)) => Outcome::DbLost(e),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "idle token check failed; will retry");
-                                Outcome::Handled
-                            }
-                        }
-                    });
-                }
-                let free = d.concurrency.saturating_sub(tasks.len());
-                // While Keap's quota or a 429 pauses every sender, claiming would only start
-                // leases ticking; wait for the pause to end instead.
-                let limiter_pause = self.limiter.paused_until();
-                if let Some(until) = limiter_pause {
-                    wait = wait
-                        .min(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(5)));
-                }
-                if free > 0 && limiter_pause.is_none() {
-                    let claimed = match self.claim_and_spawn(&db, &deliverer, &mut tasks, free, timing).await
-                    {
-                        Ok(n) => n,
-                        Err(e) => break Err(e),
-                    };
-                    // The first drain has begun: migrations checked, LISTEN in place.
-                    self.mark_ready();
-                    if claimed < free {
-                        match outbox::next_due_in(&db, timing).await {
-                            Ok(Some(due)) => wait = wait.min(due.max(Duration::from_millis(5))),
-                            Ok(None) => {}
-                            Err(e) => break Err(e),
-                        }
-                    }
-                }
-            }
-
-            tokio::select! {
-                _ = wake.notified() => {}
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    handle(joined, &mut paused, &mut lost);
-                }
-                _ = tokio::time::sleep(wait) => {}
-                reason = listener.lost.recv() => {
-                    lost = Some(DbError::Connect {
-                        target: db::describe(&self.pg),
-                        message: reason.unwrap_or_else(|| "listener ended".into()),
-                    });
-                }
-                _ = stop.changed() => {}
-            }
+        let mut session = Session {
+            ctx: self,
+            db,
+            listener,
+            wake,
+            deliverer,
+            tasks: JoinSet::new(),
+            paused: None,
+            lost: None,
+            token_checked: None,
+            beat: None,
         };
-
+        let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);
-        self.finish(&db, &mut tasks, result.is_ok()).await;
+        self.finish(&session.db, &mut session.tasks, result.is_ok()).await;
         if result.is_ok() {
-            self.leave(&db).await;
+            self.leave(&session.db).await;
         }
-        drop(listener.client);
         result
     }
 
@@ -394,8 +342,8 @@ impl Context {
     async fn wait_for_delivery_lock(
         &self,
         listener: &db::Listener,
-        db: &tokio_postgres::Client,
-        stop: &mut watch::Receiver<bool>,
+        db: &Client,
+        stop: &CancellationToken,
     ) -> Result<bool, DbError> {
         let mut announced = false;
         loop {
@@ -411,24 +359,19 @@ impl Context {
                 tracing::info!("another instance is delivering; standing by to take over");
                 announced = true;
             }
-            self.heartbeat(db, "standby", None).await?;
+            self.heartbeat(db, InstanceRole::Standby, None).await?;
             self.notifier.watchdog();
-            self.notifier.status("standing by: another instance is delivering");
             self.mark_ready();
             tokio::select! {
                 _ = tokio::time::sleep(STANDBY_RECHECK) => {}
-                _ = stop.wait_for(|s| *s) => return Ok(false),
+                _ = stop.cancelled() => return Ok(false),
             }
         }
     }
 
-    /// Records this instance as alive, for `keap-sync status`.
-    async fn heartbeat(
-        &self,
-        db: &tokio_postgres::Client,
-        role: &str,
-        paused: Option<&str>,
-    ) -> Result<(), DbError> {
+    /// Records this instance as alive, for `keap-sync status`, and refreshes the queue gauges
+    /// and the systemd STATUS line.
+    async fn heartbeat(&self, db: &Client, role: InstanceRole, paused: Option<&str>) -> Result<(), DbError> {
         let report = self.limiter.report();
         // A spent daily quota pauses every sender inside the limiter; say so in status too.
         let quota_pause = match (report.day_available, self.limiter.paused_until()) {
@@ -452,7 +395,7 @@ impl Context {
                 &self.instance,
                 &self.host,
                 &pid,
-                &role,
+                &role.as_str(),
                 &paused,
                 &report.minute_available,
                 &report.day_available,
@@ -463,7 +406,7 @@ impl Context {
         db.execute("delete from keap_sync.instances where last_seen < now() - interval '1 day'", &[]).await?;
         let depth = crate::status::depth(db).await?;
         self.notifier.status(&match (role, paused) {
-            ("standby", _) => "standing by: another instance is delivering".to_owned(),
+            (InstanceRole::Standby, _) => "standing by: another instance is delivering".to_owned(),
             (_, Some(reason)) => format!("PAUSED: {reason}"),
             _ => format!(
                 "delivering; queued: {} live, {} retrying, {} backfill; {} parked",
@@ -486,6 +429,11 @@ impl Context {
         self.config.keap.request_timeout + self.config.keap.connect_timeout
     }
 
+    fn claim_timing(&self) -> ClaimTiming {
+        let d = &self.config.delivery;
+        ClaimTiming { lease: d.lease, settle: d.settle, max_settle: d.settle * 10 }
+    }
+
     fn mark_ready(&self) {
         if !self.ready.swap(true, Ordering::Relaxed) {
             self.notifier.ready();
@@ -493,41 +441,14 @@ impl Context {
     }
 
     /// Forgets this instance on a clean stop.
-    async fn leave(&self, db: &tokio_postgres::Client) {
+    async fn leave(&self, db: &Client) {
         let _ = db.execute("delete from keap_sync.instances where instance = $1", &[&self.instance]).await;
-    }
-
-    /// Claims up to `free` changes and starts a delivery for each. Returns how many.
-    async fn claim_and_spawn(
-        &self,
-        db: &tokio_postgres::Client,
-        deliverer: &Arc<Deliverer>,
-        tasks: &mut JoinSet<Outcome>,
-        free: usize,
-        timing: ClaimTiming,
-    ) -> Result<usize, DbError> {
-        let claimed_at = Instant::now();
-        let claims = outbox::claim(db, &self.instance, free as i64, timing).await?;
-        // Our clock's view of the lease end, with a margin for clock steps and the result write.
-        let deadline = claimed_at + timing.lease.mul_f64(0.9);
-        if claims.is_empty() {
-            return Ok(0);
-        }
-        let keys: Vec<String> = claims.iter().map(|c| c.user_key.clone()).collect();
-        let mut rows = outbox::read_users(db, &self.table, &keys).await?;
-        let n = claims.len();
-        for claim in claims {
-            let row = rows.remove(&claim.user_key);
-            let deliverer = deliverer.clone();
-            tasks.spawn(async move { deliverer.deliver(claim, row, deadline).await });
-        }
-        Ok(n)
     }
 
     /// Lets deliveries in flight finish. On a stop they get `shutdown_grace`; after a lost
     /// connection their results cannot be recorded anyway, so they are aborted at once. What
     /// is unfinished is released (or, without a connection, left to its lease).
-    async fn finish(&self, db: &tokio_postgres::Client, tasks: &mut JoinSet<Outcome>, stopping: bool) {
+    async fn finish(&self, db: &Client, tasks: &mut JoinSet<Outcome>, stopping: bool) {
         if stopping {
             self.notifier.stopping();
         }
@@ -551,96 +472,242 @@ impl Context {
     }
 }
 
-fn handle(
-    joined: Result<Outcome, tokio::task::JoinError>,
-    paused: &mut Option<String>,
-    lost: &mut Option<DbError>,
-) {
-    match joined {
-        Ok(Outcome::Handled) => {}
-        Ok(Outcome::NeedsAuthorization(reason)) => {
-            if paused.is_none() {
-                tracing::error!(reason = %reason, "deliveries paused: Keap authorisation needed; every change stays queued");
+/// The state of one connected, delivering stretch. Owned by the session's loop alone, so none
+/// of it needs a lock.
+struct Session<'a> {
+    ctx: &'a Context,
+    db: Arc<Client>,
+    /// The LISTEN connection; also holds the delivery lock (a session-level advisory lock).
+    listener: db::Listener,
+    /// Woken by every notification (a stored permit covers one that arrives between waits).
+    wake: Arc<Notify>,
+    deliverer: Arc<Deliverer>,
+    /// Deliveries (and the idle token check) in flight; at most `delivery.concurrency`.
+    tasks: JoinSet<Outcome>,
+    /// Why deliveries are paused (authorisation needed), if they are.
+    paused: Option<String>,
+    /// Set by a task that found the connection gone; ends the session at the next turn.
+    lost: Option<DbError>,
+    /// When the idle token check last ran. `None`: not yet in this session, so it runs at once.
+    /// (Not `now() - interval`: the monotonic clock starts at boot, and a service can start
+    /// within a minute of it.)
+    token_checked: Option<Instant>,
+    /// When the heartbeat last ran; `None` as above.
+    beat: Option<Instant>,
+}
+
+impl Session<'_> {
+    /// Turns the loop until a stop (`Ok`) or a lost connection (`Err`).
+    async fn deliver(&mut self, stop: &CancellationToken) -> Result<(), DbError> {
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
             }
-            *paused = Some(reason);
+            if let Some(e) = self.lost.take() {
+                return Err(e);
+            }
+            let wait = self.turn().await?;
+            self.wait(wait, stop).await;
         }
-        Ok(Outcome::DbLost(e)) => {
-            lost.get_or_insert(e);
+    }
+
+    /// One turn: heartbeat when due, then either check whether a pause can end or start work.
+    /// Returns how long to wait for something to happen.
+    async fn turn(&mut self) -> Result<Duration, DbError> {
+        // The loop turns at least every HEARTBEAT, whatever else waits (a quota pause waits
+        // inside the deliveries), so the watchdog keeps being fed.
+        self.ctx.notifier.watchdog();
+        let wait = self.ctx.config.delivery.poll_interval.min(TOKEN_CHECK).min(HEARTBEAT);
+        if self.beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+            self.beat = Some(Instant::now());
+            self.ctx.metrics.set_fatal(self.paused.clone());
+            self.ctx.heartbeat(&self.db, InstanceRole::Active, self.paused.as_deref()).await?;
         }
-        Err(e) if e.is_cancelled() => {}
-        Err(e) => {
-            tracing::error!(error = %e, "a delivery task failed; its change will be retried when the claim expires")
+        if self.paused.is_some() {
+            return self.check_pause().await;
+        }
+        self.check_token_when_due();
+        self.claim_when_free(wait).await
+    }
+
+    /// While paused: resumes (and turns again at once) when the credential is usable again,
+    /// else looks again after [`AUTH_RECHECK`].
+    async fn check_pause(&mut self) -> Result<Duration, DbError> {
+        match self.ctx.tokens.usable_again(&self.db).await {
+            Ok(true) => {
+                tracing::info!("Keap credential usable again; resuming deliveries");
+                self.paused = None;
+                Ok(Duration::ZERO)
+            }
+            Ok(false) => Ok(AUTH_RECHECK),
+            Err(TokenError::Db(e)) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the token store");
+                Ok(AUTH_RECHECK)
+            }
+        }
+    }
+
+    /// Starts the idle token check when due. In a task like a delivery: a refresh may wait on
+    /// the token row lock and the token endpoint, and the loop must keep turning (and feeding
+    /// the watchdog).
+    fn check_token_when_due(&mut self) {
+        if !self.ctx.tokens.is_oauth() || self.token_checked.is_some_and(|t| t.elapsed() < TOKEN_CHECK) {
+            return;
+        }
+        self.token_checked = Some(Instant::now());
+        let (tokens, db) = (Arc::clone(&self.ctx.tokens), Arc::clone(&self.db));
+        self.tasks.spawn(async move {
+            match tokens.auth(&db).await {
+                Ok(_) => Outcome::Handled,
+                Err(TokenError::NeedsAuthorization(reason)) => Outcome::NeedsAuthorization(reason),
+                Err(TokenError::Db(e)) => Outcome::DbLost(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "idle token check failed; will retry");
+                    Outcome::Handled
+                }
+            }
+        });
+    }
+
+    /// Claims as many changes as there are free delivery slots (unless every sender is paused
+    /// by Keap's quota or a 429) and returns how long to wait: until the next change is due, at
+    /// most `wait`.
+    async fn claim_when_free(&mut self, mut wait: Duration) -> Result<Duration, DbError> {
+        let free = self.ctx.config.delivery.concurrency.saturating_sub(self.tasks.len());
+        // While Keap's quota or a 429 pauses every sender, claiming would only start leases
+        // ticking; wait for the pause to end instead.
+        if let Some(until) = self.ctx.limiter.paused_until() {
+            return Ok(wait.min(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(5))));
+        }
+        if free == 0 {
+            return Ok(wait);
+        }
+        let claimed = self.claim_and_spawn(free).await?;
+        // The first drain has begun: migrations checked, LISTEN in place.
+        self.ctx.mark_ready();
+        if claimed < free {
+            if let Some(due) = outbox::next_due_in(&self.db, self.ctx.claim_timing()).await? {
+                wait = wait.min(due.max(Duration::from_millis(5)));
+            }
+        }
+        Ok(wait)
+    }
+
+    /// Claims up to `free` changes and starts a delivery for each. Returns how many.
+    async fn claim_and_spawn(&mut self, free: usize) -> Result<usize, DbError> {
+        let timing = self.ctx.claim_timing();
+        let claimed_at = Instant::now();
+        let claims = outbox::claim(&self.db, &self.ctx.instance, free as i64, timing).await?;
+        // Our clock's view of the lease end, with a margin for clock steps and the result write.
+        let deadline = claimed_at + timing.lease.mul_f64(0.9);
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = claims.iter().map(|c| c.user_key.clone()).collect();
+        let mut rows = outbox::read_users(&self.db, &self.ctx.table, &keys).await?;
+        let n = claims.len();
+        for claim in claims {
+            let row = rows.remove(&claim.user_key);
+            let deliverer = Arc::clone(&self.deliverer);
+            self.tasks.spawn(async move { deliverer.deliver(claim, row, deadline).await });
+        }
+        Ok(n)
+    }
+
+    /// Waits for a notification, a finished task, `wait`, a lost LISTEN connection or a stop.
+    async fn wait(&mut self, wait: Duration, stop: &CancellationToken) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => self.handle(joined),
+            _ = tokio::time::sleep(wait) => {}
+            reason = self.listener.lost.recv() => {
+                self.lost = Some(DbError::Connect {
+                    target: db::describe(&self.ctx.pg),
+                    message: reason.unwrap_or_else(|| "listener ended".into()),
+                });
+            }
+            _ = stop.cancelled() => {}
+        }
+    }
+
+    fn handle(&mut self, joined: Result<Outcome, tokio::task::JoinError>) {
+        match joined {
+            Ok(Outcome::Handled) => {}
+            Ok(Outcome::NeedsAuthorization(reason)) => {
+                if self.paused.is_none() {
+                    tracing::error!(reason = %reason, "deliveries paused: Keap authorisation needed; every change stays queued");
+                }
+                self.paused = Some(reason);
+            }
+            Ok(Outcome::DbLost(e)) => {
+                self.lost.get_or_insert(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                tracing::error!(error = %e, "a delivery task failed; its change will be retried when the claim expires")
+            }
         }
     }
 }
 
-/// Enqueues the backfill, then watches it until every backfill change is delivered.
-async fn run_backfill(
-    pg: &PgConfig,
-    table: &UserTable,
-    mode: backfill::Mode,
-    options: &RunOptions,
-    stop: &watch::Sender<bool>,
-) -> Result<(), DbError> {
-    let client = db::connect(pg).await?;
-    if !backfill::begin(&client, table, mode).await? {
-        tracing::info!(
-            "the backfill already finished; nothing to enqueue (use --backfill=restart to run it again)"
-        );
-        if options.exit_when_backfilled {
-            let _ = stop.send(true);
+/// Enqueues the backfill and watches it until delivered, resuming from its cursor after a
+/// database error (with the reconnect backoff) until it is done or the daemon stops. With
+/// `exit_when_done`, a finished backfill stops the daemon.
+async fn backfill_until_done(ctx: Arc<Context>, mode: BackfillMode, exit_when_done: bool, stop: CancellationToken) {
+    let mut failures = 0;
+    loop {
+        match tokio::select! {
+            result = run_backfill(&ctx, mode) => result,
+            _ = stop.cancelled() => return,
+        } {
+            Ok(()) => break,
+            Err(e) => {
+                failures += 1;
+                let delay = db::reconnect_delay(failures);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "backfill interrupted; resuming");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
         }
+    }
+    if exit_when_done {
+        stop.cancel();
+    }
+}
+
+/// Enqueues the backfill, then watches it until every backfill change is delivered, logging
+/// progress every 10 s.
+async fn run_backfill(ctx: &Context, mode: BackfillMode) -> Result<(), DbError> {
+    let client = db::connect(&ctx.pg).await?;
+    if !backfill::begin(&client, &ctx.table, mode).await? {
+        tracing::info!("the backfill already finished; nothing to enqueue (use --backfill=restart to run it again)");
         return Ok(());
     }
-    let bar = options.progress_bar;
     let started = Instant::now();
     let mut logged = Instant::now();
-    backfill::enqueue_all(&client, table, |enqueued| {
-        if bar {
-            eprint!("\rbackfill: enqueued {enqueued} users…");
-        } else if logged.elapsed() >= Duration::from_secs(10) {
+    backfill::enqueue_all(&client, &ctx.table, |enqueued| {
+        if logged.elapsed() >= Duration::from_secs(10) {
             logged = Instant::now();
             tracing::info!(enqueued, "backfill: enqueuing");
         }
     })
     .await?;
-    if !bar {
-        tracing::info!(secs = started.elapsed().as_secs_f64(), "backfill: every user is enqueued");
-    }
-
-    let mut last: Option<(Instant, i64)> = None;
+    tracing::info!(secs = started.elapsed().as_secs_f64(), "backfill: every user is enqueued");
     let mut logged: Option<Instant> = None;
-    let mut stopped = stop.subscribe();
     loop {
         let Some(p) = backfill::finish_if_delivered(&client).await? else { return Ok(()) };
-        let now = Instant::now();
-        let rate = match last {
-            Some((t, done)) if now > t => (p.delivered() - done) as f64 / (now - t).as_secs_f64(),
-            _ => 0.0,
-        };
-        if last.is_none_or(|(t, _)| now - t >= Duration::from_secs(5)) {
-            last = Some((now, p.delivered()));
-        }
-        if p.state == "done" {
-            if bar {
-                eprintln!("\rbackfill: {}", backfill::describe(&p, rate));
-            }
+        if p.state == BackfillState::Done {
             tracing::info!(users = p.total, parked = p.parked, "backfill done");
-            if options.exit_when_backfilled {
-                let _ = stop.send(true);
-            }
             return Ok(());
         }
-        if bar {
-            eprint!("\rbackfill: {}   ", backfill::describe(&p, rate));
-        } else if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             logged = Some(Instant::now());
-            tracing::info!(progress = %backfill::describe(&p, rate), "backfill");
+            tracing::info!(delivered = p.delivered(), total = p.total, parked = p.parked, "backfill progress");
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = stopped.wait_for(|s| *s) => return Ok(()),
-        }
+        tokio::time::sleep(BACKFILL_WATCH).await;
     }
 }
 

@@ -15,6 +15,19 @@ use tokio_postgres::{AsyncMessage, Client, Config as PgConfig};
 
 use crate::config::DatabaseConfig;
 
+/// The channel the capture trigger `NOTIFY`s and the daemon `LISTEN`s on. It lives here, in the
+/// lowest layer that speaks SQL, because the migrations in `sql/` spell the same name and every
+/// layer above (backfill, failures, auth import) wakes the daemon through it; a test checks that
+/// `sql/` agrees.
+pub(crate) const NOTIFY_CHANNEL: &str = "keap_sync";
+
+/// Wakes every listening daemon (a notification is a wake-up only, never data: ARCHITECTURE.md,
+/// invariant 1).
+pub(crate) async fn wake_daemons(client: &Client) -> Result<(), DbError> {
+    client.execute("select pg_notify($1, '')", &[&NOTIFY_CHANNEL]).await?;
+    Ok(())
+}
+
 /// A database problem, classified so callers can tell "try again later" from "fix the setup".
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -24,9 +37,17 @@ pub enum DbError {
     Connect { target: String, message: String },
     #[error("database error: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// A column of keap-sync's own schema holds a value this version does not know: the schema
+    /// is newer than the binary, or was edited by hand.
+    #[error("{column} holds {value:?}, which this version of keap-sync does not know: run the newest `keap-sync migrate`, or repair the row")]
+    UnknownValue { column: &'static str, value: String },
 }
 
 impl DbError {
+    pub(crate) fn unknown_value(column: &'static str, value: &str) -> DbError {
+        DbError::UnknownValue { column, value: value.to_owned() }
+    }
+
     /// True when the connection is gone (as opposed to a bad statement), so the caller should
     /// reconnect rather than give up.
     pub fn is_connection_lost(&self) -> bool {
@@ -35,13 +56,13 @@ impl DbError {
             DbError::Query(e) => {
                 e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
             }
-            DbError::BadUrl(_) => false,
+            DbError::BadUrl(_) | DbError::UnknownValue { .. } => false,
         }
     }
 }
 
 /// Parses the configured URL (either a `postgresql://` URL or a `key=value` string).
-pub fn parse(db: &DatabaseConfig) -> Result<PgConfig, DbError> {
+pub(crate) fn parse(db: &DatabaseConfig) -> Result<PgConfig, DbError> {
     let mut cfg: PgConfig = db
         .url
         .expose()
@@ -57,7 +78,7 @@ pub fn parse(db: &DatabaseConfig) -> Result<PgConfig, DbError> {
 }
 
 /// "host H port P database D user U": what to print instead of the URL, which may hold a password.
-pub fn describe(cfg: &PgConfig) -> String {
+pub(crate) fn describe(cfg: &PgConfig) -> String {
     let hosts: Vec<String> = cfg
         .get_hosts()
         .iter()
@@ -103,7 +124,7 @@ fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
 
 /// Opens a connection whose driver runs in a spawned task. The returned `Client` fails with a
 /// "closed" error once the connection is lost.
-pub async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
+pub(crate) async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
     let (client, connection) = cfg
         .connect(tls())
         .await
@@ -119,12 +140,12 @@ pub async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
 /// A connection that has run `LISTEN channel`. Every notification wakes `wake` (a permit is
 /// stored if nobody is waiting, so a notification between two waits is never missed); `lost`
 /// yields once when the connection ends.
-pub struct Listener {
+pub(crate) struct Listener {
     pub client: Client,
     pub lost: mpsc::Receiver<String>,
 }
 
-pub async fn connect_listener(cfg: &PgConfig, channel: &str, wake: Arc<Notify>) -> Result<Listener, DbError> {
+pub(crate) async fn connect_listener(cfg: &PgConfig, channel: &str, wake: Arc<Notify>) -> Result<Listener, DbError> {
     let (client, mut connection) = cfg
         .connect(tls())
         .await
@@ -147,17 +168,17 @@ pub async fn connect_listener(cfg: &PgConfig, channel: &str, wake: Arc<Notify>) 
 
 /// Quotes an SQL identifier (`"a""b"`). Callers validate names against the catalog first; this
 /// makes odd but legal names (capitals, spaces) work and keeps injection impossible.
-pub fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Quotes an SQL string literal (`'it''s'`).
-pub fn quote_literal(value: &str) -> String {
+pub(crate) fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
 /// How long to wait before reconnect attempt `n` (1-based): 0.5 s doubling to 30 s.
-pub fn reconnect_delay(attempt: u32) -> Duration {
+pub(crate) fn reconnect_delay(attempt: u32) -> Duration {
     let ms = 500u64.saturating_mul(1u64 << attempt.saturating_sub(1).min(6));
     Duration::from_millis(ms.min(30_000))
 }
@@ -165,6 +186,21 @@ pub fn reconnect_delay(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_migrations_notify_the_channel_the_daemon_listens_on() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+        let mut notifies = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for (at, _) in text.match_indices("pg_notify(") {
+                let channel = text[at + "pg_notify(".len()..].split(',').next().unwrap().trim();
+                assert_eq!(channel, format!("'{NOTIFY_CHANNEL}'"), "a pg_notify in sql/ uses another channel");
+                notifies += 1;
+            }
+        }
+        assert!(notifies > 0, "the capture trigger in sql/ sends no notification");
+    }
 
     #[test]
     fn quoting() {

@@ -31,7 +31,7 @@ use crate::token::{TokenError, TokenSource};
 
 /// What the delivery loop needs to know about one finished delivery.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The claim was resolved (synced, skipped, retried later, or parked).
     Handled,
     /// No credential can be had until a person acts; the claim was released.
@@ -42,7 +42,7 @@ pub enum Outcome {
 }
 
 /// Everything a delivery task shares with the others.
-pub struct Deliverer {
+pub(crate) struct Deliverer {
     pub db: Arc<Client>,
     pub keap: KeapClient,
     pub tokens: Arc<TokenSource>,
@@ -56,7 +56,7 @@ impl Deliverer {
     ///
     /// `deadline` is when the claim's lease ends (less a margin); no call starts that could
     /// end after it.
-    pub async fn deliver(&self, claim: Claim, row: Option<UserRow>, deadline: Instant) -> Outcome {
+    pub(crate) async fn deliver(&self, claim: Claim, row: Option<UserRow>, deadline: Instant) -> Outcome {
         match self.attempt(&claim, row, deadline).await {
             Ok(outcome) => outcome,
             Err(e) => {
@@ -190,7 +190,7 @@ impl Deliverer {
                 return Ok(Outcome::NeedsAuthorization(message));
             }
             Failure::Token(TokenError::Db(e)) => return Err(e),
-            Failure::Token(TokenError::Transient(message)) => {
+            Failure::Token(TokenError::Transient(message) | TokenError::InvalidResponse(message)) => {
                 let delay = backoff(&self.delivery, claim.attempts);
                 tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %message, "token refresh failed; will retry");
                 let record = FailureRecord { message, payload, ..FailureRecord::default() };
@@ -240,7 +240,7 @@ enum Failure {
 
 /// Exponential backoff with jitter: base × 2^(attempt-1), capped, then a random point in its
 /// upper half so that many changes failing together do not retry together.
-pub fn backoff(d: &DeliveryConfig, attempt: i32) -> Duration {
+pub(crate) fn backoff(d: &DeliveryConfig, attempt: i32) -> Duration {
     let exp = attempt.saturating_sub(1).clamp(0, 30) as u32;
     let full = d.retry_base.saturating_mul(1u32 << exp.min(20)).min(d.retry_max);
     let half = full / 2;

@@ -13,7 +13,7 @@ use crate::db::DbError;
 
 /// One parked change.
 #[derive(Debug, Clone, Serialize)]
-pub struct Parked {
+pub(crate) struct Parked {
     pub user_key: String,
     pub attempts: i32,
     pub reason: Option<String>,
@@ -28,7 +28,7 @@ pub struct Parked {
 const ISO: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'";
 
 /// Every parked change, oldest first.
-pub async fn list(client: &Client) -> Result<Vec<Parked>, DbError> {
+pub(crate) async fn list(client: &Client) -> Result<Vec<Parked>, DbError> {
     let rows = client
         .query(
             &format!(
@@ -61,13 +61,13 @@ pub async fn list(client: &Client) -> Result<Vec<Parked>, DbError> {
 
 /// Which parked changes to replay.
 #[derive(Debug, Clone)]
-pub enum Which {
+pub(crate) enum Which {
     User(String),
     All,
 }
 
 /// Un-parks changes so the daemon tries them again now; returns how many.
-pub async fn retry(client: &Client, which: &Which) -> Result<u64, DbError> {
+pub(crate) async fn retry(client: &Client, which: &Which) -> Result<u64, DbError> {
     let sql = "update keap_sync.outbox
                   set parked_at = null, next_attempt_at = now(), attempts = 0
                 where parked_at is not null and ($1::text is null or user_key = $1)";
@@ -77,7 +77,7 @@ pub async fn retry(client: &Client, which: &Which) -> Result<u64, DbError> {
     };
     let n = client.execute(sql, &[&key]).await?;
     if n > 0 {
-        client.execute("select pg_notify($1, '')", &[&crate::daemon::CHANNEL]).await?;
+        crate::db::wake_daemons(client).await?;
     }
     Ok(n)
 }

@@ -16,50 +16,66 @@
 //! transaction; delivery is exactly-one-contact because an unmapped user is upserted by email
 //! and a mapped one is patched by id; a burst of updates costs one call because the outbox
 //! holds state (a version counter), not events, and the daemon sends the row as it is *now*.
-//! The invariants are spelled out in `DESIGN.md` terms in each module's docs.
+//! `ARCHITECTURE.md` at the top of the repository states the invariants this keeps; code that
+//! relies on one cites it by number.
 //!
-//! ## Modules, by domain
-//! - [`config`] — the TOML file and environment overrides; [`secret`] keeps credentials out of output.
-//! - [`schema`] — migrations in `sql/`, the capture trigger, catalog checks.
-//! - [`outbox`] — claim with a lease, record results; every function one atomic statement.
-//! - [`daemon`] — the run loop: LISTEN, poll, dispatch, reconnect, standby, graceful stop.
-//! - [`backfill`] — enqueue the users that existed before install, resumably, lowest priority.
-//! - [`deliver`] — one change: decide, call Keap at most once, classify the result.
-//! - [`failures`] — parked changes: list and replay; [`status`] — depth, lag, token, instances.
-//! - [`mapping`] — user row → contact payload and its fingerprint.
-//! - [`keap`] — the REST client, wire types, and the fake Keap server used by tests and the demo.
-//! - [`token`] — API key or OAuth grant: refresh under a row lock, re-authorisation state.
-//! - [`ratelimit`] — one limiter per credential (per second, minute, day).
-//! - [`metrics`] — Prometheus counters and the optional loopback `/metrics` + `/healthz` listener.
-//! - [`db`] — connections (TLS), LISTEN, identifier quoting.
-//! - [`pgcluster`] — a throwaway Postgres cluster for tests, benchmarks and [`demo`].
-//! - [`systemd`] — readiness, watchdog and status notifications; journal log format.
-//! - [`cli`] — the `keap-sync` command line; `main.rs` only calls it.
+//! ## Layers
+//!
+//! Each module uses only modules in the layers above it in this list, never one below (checked
+//! by `tests/it/architecture.rs`):
+//!
+//! 1. `config`, `secret` — the TOML file and environment; credentials that never print.
+//! 2. `db` — connections (TLS, LISTEN), identifier quoting, the NOTIFY channel.
+//! 3. `schema` — migrations in `sql/`, the capture trigger, catalog checks.
+//! 4. `outbox` — claim with a lease, record results; every function one atomic statement.
+//! 5. `mapping` (user row → contact), `keap` (REST client and wire types), `ratelimit`,
+//!    `metrics`, `token` (API key or OAuth grant, refreshed under a row lock), `systemd`.
+//! 6. `deliver` — one change: decide, call Keap at most once, classify the result.
+//! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`.
+//! 8. [`cli`] — the command line; `main.rs` only calls [`cli::main`].
+//!
+//! Everything is private to the crate except the small embedding API below, which the
+//! binary, the test kit (`testkit/`), the benchmarks and the demo use. The fake Keap server
+//! and the throwaway Postgres cluster live in the test kit, never in this crate.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), keap_sync::RunError> {
+//! let config = keap_sync::config::Config::load(None, &|name| std::env::var(name).ok())?;
+//! let daemon = keap_sync::Daemon::build(config, keap_sync::RunOptions::default()).await?;
+//! daemon.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
 
-pub mod backfill;
 pub mod cli;
 pub mod config;
-pub mod daemon;
-pub mod db;
-pub mod deliver;
-pub mod demo;
-pub mod failures;
-pub mod keap;
-pub mod mapping;
-pub mod metrics;
-pub mod outbox;
-pub mod pgcluster;
-pub mod ratelimit;
-pub mod schema;
-pub mod secret;
-pub mod status;
-pub mod systemd;
-pub mod token;
+
+mod backfill;
+mod daemon;
+mod db;
+mod deliver;
+mod failures;
+mod keap;
+mod mapping;
+mod metrics;
+mod outbox;
+mod ratelimit;
+mod schema;
+mod secret;
+mod status;
+mod systemd;
+mod token;
+
+pub use backfill::{enqueue_backfill, BackfillMode};
+pub use daemon::{Daemon, RunError, RunOptions};
+pub use db::DbError;
+pub use schema::{migrate, uninstall, MigrateReport, SchemaError};
+pub use secret::Secret;
+pub use token::{import_grant, TokenError};
 
 /// Selects rustls' crypto provider (ring) for the whole process. reqwest and tokio-postgres
 /// both use rustls without a built-in provider choice; calling this more than once is harmless.
-pub fn install_crypto_provider() {
+fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -15,24 +15,24 @@ use crate::outbox::UserRow;
 /// Why a row cannot become a contact. Such a change is parked, not retried: only a new change
 /// to the row can fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MappingError {
+pub(crate) enum MappingError {
     #[error("the user has no email address; Keap needs one to create or find the contact")]
     NoEmail,
 }
 
 /// The contact fields derived from one user row.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContactPayload {
+pub(crate) struct ContactPayload {
     pub email: String,
     pub given_name: Option<String>,
     pub family_name: Option<String>,
 }
 
 /// The properties a PATCH may change (Keap's `update_mask` values).
-pub const UPDATE_MASK: [&str; 3] = ["email_addresses", "given_name", "family_name"];
+pub(crate) const UPDATE_MASK: [&str; 3] = ["email_addresses", "given_name", "family_name"];
 
 impl ContactPayload {
-    pub fn from_row(row: &UserRow) -> Result<ContactPayload, MappingError> {
+    pub(crate) fn from_row(row: &UserRow) -> Result<ContactPayload, MappingError> {
         let email =
             row.email.as_deref().map(str::trim).filter(|e| !e.is_empty()).ok_or(MappingError::NoEmail)?;
         Ok(ContactPayload {
@@ -43,7 +43,7 @@ impl ContactPayload {
     }
 
     /// A stable hash of everything that is sent: same payload, same fingerprint.
-    pub fn fingerprint(&self) -> String {
+    pub(crate) fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
         // Length-prefixed fields, so ("ab", "c") and ("a", "bc") differ, and None differs from "".
         for field in [Some(&self.email), self.given_name.as_ref(), self.family_name.as_ref()] {
@@ -65,7 +65,7 @@ impl ContactPayload {
 
     /// Body of `PUT /v1/contacts`: find by email or create. Empty names are left out so an
     /// existing contact's names are not blanked by a user who has none.
-    pub fn upsert_body(&self) -> ContactWrite {
+    pub(crate) fn upsert_body(&self) -> ContactWrite {
         ContactWrite {
             given_name: self.given_name.clone().filter(|n| !n.is_empty()),
             family_name: self.family_name.clone().filter(|n| !n.is_empty()),
@@ -76,7 +76,7 @@ impl ContactPayload {
 
     /// Body of `PATCH /v1/contacts/{id}`: every owned field, a missing name sent as "" so that
     /// clearing it in the app clears it in Keap.
-    pub fn patch_body(&self) -> ContactWrite {
+    pub(crate) fn patch_body(&self) -> ContactWrite {
         ContactWrite {
             given_name: Some(self.given_name.clone().unwrap_or_default()),
             family_name: Some(self.family_name.clone().unwrap_or_default()),

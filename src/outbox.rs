@@ -20,7 +20,7 @@ use crate::schema::UserTable;
 
 /// A claimed outbox row, joined with what we know of its Keap contact.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
+pub(crate) struct Claim {
     pub user_key: String,
     pub version: i64,
     /// Including this one.
@@ -31,7 +31,7 @@ pub struct Claim {
 
 /// The synced columns of one user, as text.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UserRow {
+pub(crate) struct UserRow {
     pub email: Option<String>,
     pub given_name: Option<String>,
     pub family_name: Option<String>,
@@ -39,7 +39,7 @@ pub struct UserRow {
 
 /// Timing knobs for [`claim`].
 #[derive(Debug, Clone, Copy)]
-pub struct ClaimTiming {
+pub(crate) struct ClaimTiming {
     pub lease: Duration,
     /// A change is claimed once the user has been quiet this long...
     pub settle: Duration,
@@ -48,7 +48,7 @@ pub struct ClaimTiming {
 }
 
 /// Claims up to `limit` due rows for `instance`, oldest schedule first.
-pub async fn claim(
+pub(crate) async fn claim(
     client: &Client,
     instance: &str,
     limit: i64,
@@ -100,7 +100,7 @@ pub async fn claim(
 ///
 /// Values go through `to_jsonb` exactly as in the trigger, so the key text matches the outbox
 /// key for any key type, and any column type (citext, varchar, …) reads as text.
-pub async fn read_users(
+pub(crate) async fn read_users(
     client: &Client,
     table: &UserTable,
     keys: &[String],
@@ -129,7 +129,7 @@ pub async fn read_users(
 
 /// How a claimed change ended well.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Done {
+pub(crate) enum Done {
     /// Keap holds this payload on this contact.
     Synced { contact_id: i64, fingerprint: String },
     /// The user row is gone and its contact was deleted in Keap: the mapping is forgotten.
@@ -141,7 +141,7 @@ pub enum Done {
 /// Records a success: the contact map is updated, and the outbox row is deleted if no newer
 /// change arrived meanwhile, else released for the next delivery. Returns true if the row was
 /// deleted.
-pub async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Done) -> Result<bool, DbError> {
+pub(crate) async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Done) -> Result<bool, DbError> {
     // `gone` must be evaluated before `kept` decides; the CTE reference guarantees that, and the
     // two never touch the same row (one deletes it, the other runs only if it was not deleted).
     // `ours` holds a row only if this claim still owned the outbox row (same instance and the
@@ -194,7 +194,7 @@ pub async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Don
 
 /// What is recorded about a failed delivery, for the retry schedule and `failures list`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct FailureRecord {
+pub(crate) struct FailureRecord {
     /// One line: what failed and why.
     pub message: String,
     /// Keap's HTTP status, if it answered.
@@ -207,7 +207,7 @@ pub struct FailureRecord {
 
 /// Puts a transiently failed change back with a retry time, as a retry (priority 1, so live
 /// changes go first). The schedule lives in the row, so it survives restarts.
-pub async fn retry_later(
+pub(crate) async fn retry_later(
     client: &Client,
     claim: &Claim,
     instance: &str,
@@ -221,7 +221,7 @@ pub async fn retry_later(
 /// visible with its reason and is tried again on the user's next change or on
 /// `keap-sync failures retry`. If a newer change already arrived, the row is released for it
 /// instead of parked.
-pub async fn park(
+pub(crate) async fn park(
     client: &Client,
     claim: &Claim,
     instance: &str,
@@ -267,7 +267,7 @@ async fn record_failure(
 
 /// Gives back a claim without a result (shutdown, lost token), so it is retried at once by
 /// whoever runs next. The attempt is not counted.
-pub async fn release(client: &Client, claim: &Claim, instance: &str) -> Result<(), DbError> {
+pub(crate) async fn release(client: &Client, claim: &Claim, instance: &str) -> Result<(), DbError> {
     client
         .execute(
             "update keap_sync.outbox
@@ -282,7 +282,7 @@ pub async fn release(client: &Client, claim: &Claim, instance: &str) -> Result<(
 /// Gives back every claim `instance` still holds (stop, or a new session after a lost
 /// connection): claimable again after `after` (zero: at once), which covers a call that may
 /// still be in flight at Keap for an aborted delivery.
-pub async fn release_all(client: &Client, instance: &str, after: Duration) -> Result<u64, DbError> {
+pub(crate) async fn release_all(client: &Client, instance: &str, after: Duration) -> Result<u64, DbError> {
     Ok(client
         .execute(
             "update keap_sync.outbox
@@ -298,7 +298,7 @@ pub async fn release_all(client: &Client, instance: &str, after: Duration) -> Re
 
 /// How long until the next row becomes claimable, if any row is pending. Looks at the 1,000
 /// earliest schedules only; anything later is found by the regular poll.
-pub async fn next_due_in(client: &Client, t: ClaimTiming) -> Result<Option<Duration>, DbError> {
+pub(crate) async fn next_due_in(client: &Client, t: ClaimTiming) -> Result<Option<Duration>, DbError> {
     let row = client
         .query_one(
             "select extract(epoch from min(greatest(
@@ -315,25 +315,4 @@ pub async fn next_due_in(client: &Client, t: ClaimTiming) -> Result<Option<Durat
         .await?;
     let secs: Option<f64> = row.get(0);
     Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
-}
-
-/// Rows not yet delivered (including parked ones).
-pub async fn pending(client: &Client) -> Result<i64, DbError> {
-    Ok(client.query_one("select count(*) from keap_sync.outbox", &[]).await?.get(0))
-}
-
-/// Waits until the outbox is empty (every change delivered or skipped; a parked change keeps
-/// it non-empty), polling every 20 ms. Returns false if `timeout` passes first. The outbox row
-/// outlives its delivery, so "empty" also means "nothing in flight".
-pub async fn wait_until_empty(client: &Client, timeout: Duration) -> Result<bool, DbError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if pending(client).await? == 0 {
-            return Ok(true);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

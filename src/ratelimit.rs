@@ -38,13 +38,13 @@ const MAX_THROTTLE_PAUSE: Duration = Duration::from_secs(60);
 
 /// What Keap last reported about its quotas, for status output and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QuotaReport {
+pub(crate) struct QuotaReport {
     pub minute_available: Option<i64>,
     pub day_available: Option<i64>,
 }
 
 /// Per-second, per-minute and per-day limiters, a shared pause, and the last quota report.
-pub struct Limiter {
+pub(crate) struct Limiter {
     second: Gcra,
     minute: RwLock<Arc<Gcra>>,
     minute_limit: AtomicU32,
@@ -65,7 +65,7 @@ fn per_minute(limit: u32) -> Gcra {
 }
 
 impl Limiter {
-    pub fn new(limits: &LimitsConfig) -> Limiter {
+    pub(crate) fn new(limits: &LimitsConfig) -> Limiter {
         let spacing = Duration::from_secs_f64(1.0 / (f64::from(limits.per_second.max(1)) * SPIKE_HEADROOM));
         let per_day_period = Duration::from_secs(86_400) / limits.per_day.max(1);
         Limiter {
@@ -88,7 +88,7 @@ impl Limiter {
     }
 
     /// Waits until one more call fits in every window and no pause is in force.
-    pub async fn until_ready(&self) {
+    pub(crate) async fn until_ready(&self) {
         loop {
             if let Some(until) = self.paused_until() {
                 tokio::time::sleep_until(until).await;
@@ -105,7 +105,7 @@ impl Limiter {
     }
 
     /// The end of the current pause, if one is in force.
-    pub fn paused_until(&self) -> Option<Instant> {
+    pub(crate) fn paused_until(&self) -> Option<Instant> {
         let mut guard = self.paused_until.lock().unwrap_or_else(PoisonError::into_inner);
         match *guard {
             Some(until) if until > Instant::now() => Some(until),
@@ -126,7 +126,7 @@ impl Limiter {
     }
 
     /// Learns from an answer's headers. Call for every answer, whatever its status.
-    pub fn observe(&self, status: u16, headers: &HeaderMap) {
+    pub(crate) fn observe(&self, status: u16, headers: &HeaderMap) {
         let read = |name: &str| {
             headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok())
         };
@@ -161,7 +161,7 @@ impl Limiter {
     }
 
     /// A 429 arrived: pauses every sender and returns how long.
-    pub fn throttled(&self, headers: &HeaderMap) -> Duration {
+    pub(crate) fn throttled(&self, headers: &HeaderMap) -> Duration {
         self.throttled_total.fetch_add(1, Ordering::Relaxed);
         let n = self.consecutive_429.fetch_add(1, Ordering::Relaxed);
         let retry_after = headers
@@ -186,13 +186,13 @@ impl Limiter {
     }
 
     /// What Keap last reported.
-    pub fn report(&self) -> QuotaReport {
+    pub(crate) fn report(&self) -> QuotaReport {
         let get = |a: &AtomicI64| Some(a.load(Ordering::Relaxed)).filter(|v| *v >= 0);
         QuotaReport { minute_available: get(&self.minute_available), day_available: get(&self.day_available) }
     }
 
     /// 429 answers seen by this process.
-    pub fn throttled_total(&self) -> u32 {
+    pub(crate) fn throttled_total(&self) -> u32 {
         self.throttled_total.load(Ordering::Relaxed)
     }
 }

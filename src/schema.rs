@@ -16,7 +16,7 @@ use crate::config::UsersConfig;
 use crate::db::{quote_ident, quote_literal, DbError};
 
 /// One embedded migration file.
-pub struct Migration {
+pub(crate) struct Migration {
     pub version: i32,
     pub name: &'static str,
     pub sql: &'static str,
@@ -24,7 +24,7 @@ pub struct Migration {
 
 /// Every file in `sql/` named `NNNN_*.sql`, in order. A unit test checks this list against the
 /// folder, so a new file cannot be forgotten here.
-pub const MIGRATIONS: &[Migration] = &[
+pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "0001_core.sql", sql: include_str!("../sql/0001_core.sql") },
     Migration {
         version: 2,
@@ -44,7 +44,7 @@ pub const MIGRATIONS: &[Migration] = &[
 ];
 
 /// Name of the row trigger installed on the users table.
-pub const TRIGGER_NAME: &str = "keap_sync_capture";
+pub(crate) const TRIGGER_NAME: &str = "keap_sync_capture";
 /// Key for `pg_advisory_xact_lock`: "keapsync" in ASCII, so it is recognisable in `pg_locks`.
 const MIGRATION_LOCK: i64 = 0x6b65_6170_7379_6e63;
 
@@ -76,7 +76,7 @@ impl From<tokio_postgres::Error> for SchemaError {
 /// The users table as found in the catalog: every name checked and quoted, ready to splice
 /// into SQL.
 #[derive(Debug, Clone)]
-pub struct UserTable {
+pub(crate) struct UserTable {
     /// `"schema"."table"`
     pub qualified: String,
     /// Quoted key column.
@@ -94,7 +94,7 @@ pub struct UserTable {
 
 impl UserTable {
     /// Looks up the configured table and columns; any missing one is an error naming it.
-    pub async fn resolve(client: &impl GenericClient, users: &UsersConfig) -> Result<UserTable, SchemaError> {
+    pub(crate) async fn resolve(client: &impl GenericClient, users: &UsersConfig) -> Result<UserTable, SchemaError> {
         let (schema, table) = users.schema_and_table();
         let shown = format!("{schema}.{table}");
         let rel = client
@@ -246,7 +246,7 @@ async fn installed_args(
 }
 
 /// True when the capture trigger is installed with exactly the configured columns.
-pub async fn trigger_installed(client: &impl GenericClient, table: &UserTable) -> Result<bool, SchemaError> {
+pub(crate) async fn trigger_installed(client: &impl GenericClient, table: &UserTable) -> Result<bool, SchemaError> {
     Ok(installed_args(client, table).await?.as_ref() == Some(&table.trigger_args()))
 }
 
@@ -304,7 +304,7 @@ pub async fn uninstall(
 
 /// Checks that every embedded migration is applied, for commands that must not run on an
 /// outdated schema (the daemon checks this before it starts).
-pub async fn ensure_current(client: &Client) -> Result<(), SchemaError> {
+pub(crate) async fn ensure_current(client: &Client) -> Result<(), SchemaError> {
     let exists: bool = client
         .query_one("select pg_catalog.to_regclass('keap_sync.schema_migrations') is not null", &[])
         .await?

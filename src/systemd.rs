@@ -1,6 +1,12 @@
 //! Running under systemd: readiness and watchdog notifications, and log lines the journal
-//! understands. No extra crates: the notify protocol is one datagram per message on a Unix
-//! socket, and journal priorities are a `<N>` prefix on each line of standard error.
+//! understands. The notify protocol is one datagram per message on a Unix socket, and journal
+//! priorities are a `<N>` prefix on each line of standard error.
+//!
+//! Why not the `sd-notify` crate: its 0.5.0 (the newest) hands `$NOTIFY_SOCKET` to
+//! `UnixDatagram::connect` as a path, so an abstract socket (`@name`, which systemd hands to
+//! services in containers and under `systemd-run --user`) cannot be reached, and it re-reads the
+//! environment on every ping. [`Notifier`] parses the address once, abstract or path, with std
+//! alone (`SocketAddrExt::from_abstract_name`), and is tested against both kinds of socket.
 //!
 //! Everything here is a no-op outside systemd (no `$NOTIFY_SOCKET`), and nothing here can make
 //! the daemon fail: systemd is a supervisor we report to, not a dependency we need.
@@ -22,10 +28,10 @@ use tracing_subscriber::registry::LookupSpan;
 
 /// Talks to systemd's notify socket (`$NOTIFY_SOCKET`). Abstract socket names start with `@`
 /// (systemd's notation for the leading NUL byte); anything else starting with `/` is a path.
-/// A no-op when not under systemd, so callers never need to check [`Notifier::is_enabled`].
+/// A no-op when not under systemd, so callers never need to check whether it is.
 ///
 /// `Send + Sync`: one notifier can be shared (e.g. in an `Arc`) by every task that reports.
-pub struct Notifier {
+pub(crate) struct Notifier {
     /// The socket we send from (unbound; systemd identifies us by our credentials, not an
     /// address) and where to send. `None` when not under systemd or the socket could not be made.
     target: Option<(UnixDatagram, SocketAddr)>,
@@ -47,7 +53,7 @@ impl fmt::Debug for Notifier {
 impl Notifier {
     /// Reads `$NOTIFY_SOCKET`, `$WATCHDOG_USEC` and `$WATCHDOG_PID` as systemd sets them for a
     /// `Type=notify` service with `WatchdogSec=`.
-    pub fn from_env() -> Notifier {
+    pub(crate) fn from_env() -> Notifier {
         let var = |name: &str| std::env::var(name).ok();
         Notifier::from_parts(
             var("NOTIFY_SOCKET").as_deref(),
@@ -60,7 +66,7 @@ impl Notifier {
     /// process environment). The watchdog is ignored when `watchdog_pid` is set and is not this
     /// process (the variables were inherited from a parent that systemd watches), when
     /// `watchdog_usec` is missing, zero or malformed, and when there is no socket to ping.
-    pub fn from_parts(
+    pub(crate) fn from_parts(
         socket: Option<&str>,
         watchdog_usec: Option<&str>,
         watchdog_pid: Option<&str>,
@@ -93,32 +99,33 @@ impl Notifier {
     }
 
     /// True when running under systemd with a notify socket.
-    pub fn is_enabled(&self) -> bool {
+    #[cfg(test)]
+    fn is_enabled(&self) -> bool {
         self.target.is_some()
     }
 
     /// `READY=1`: start-up is complete (with `Type=notify`, `systemctl start` waits for this).
-    pub fn ready(&self) {
+    pub(crate) fn ready(&self) {
         self.send("READY=1");
     }
 
     /// `STATUS=…`: a one-line state shown by `systemctl status`. Newlines are replaced by spaces:
     /// the protocol separates assignments by newlines, so text must not be able to add one.
-    pub fn status(&self, text: &str) {
+    pub(crate) fn status(&self, text: &str) {
         let line: String = text.chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }).collect();
         self.send(&format!("STATUS={line}"));
     }
 
     /// `STOPPING=1`: shutdown has begun (`systemctl status` shows "deactivating"). Send it when
     /// the stop signal arrives, before waiting for calls in flight.
-    pub fn stopping(&self) {
+    pub(crate) fn stopping(&self) {
         self.send("STOPPING=1");
     }
 
-    /// `WATCHDOG=1`: the service is alive. Send it from the work loop at least every
-    /// [`Notifier::watchdog_interval`]; systemd kills and restarts the service when pings stop
-    /// for `WatchdogSec=`.
-    pub fn watchdog(&self) {
+    /// `WATCHDOG=1`: the service is alive. Send it from the work loop at least every half of
+    /// `$WATCHDOG_USEC`; systemd kills and restarts the service when pings stop for
+    /// `WatchdogSec=`.
+    pub(crate) fn watchdog(&self) {
         if self.watchdog.is_some() {
             self.send("WATCHDOG=1");
         }
@@ -126,7 +133,8 @@ impl Notifier {
 
     /// How often to call [`Notifier::watchdog`]: half of `$WATCHDOG_USEC`, as systemd
     /// recommends, so one late ping is not fatal. `None` when there is no watchdog to feed.
-    pub fn watchdog_interval(&self) -> Option<Duration> {
+    #[cfg(test)]
+    fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog
     }
 
@@ -163,7 +171,7 @@ fn parse_address(s: &str) -> std::io::Result<SocketAddr> {
 /// `ProcSubset=pid` still leave a process its own `/proc/self`.
 ///
 /// Use it to pick [`JournalFormat`] for log lines when this returns true.
-pub fn stderr_is_journal() -> bool {
+pub(crate) fn stderr_is_journal() -> bool {
     let var = std::env::var("JOURNAL_STREAM").ok();
     let stderr = std::fs::metadata("/proc/self/fd/2").ok().map(|m| {
         use std::os::unix::fs::MetadataExt;
@@ -196,7 +204,7 @@ fn journal_stream_matches(var: Option<&str>, stderr: Option<(u64, u64)>) -> bool
 /// tracing_subscriber::fmt().with_ansi(false).event_format(JournalFormat).with_writer(std::io::stderr)
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
-pub struct JournalFormat;
+pub(crate) struct JournalFormat;
 
 impl<S, N> FormatEvent<S, N> for JournalFormat
 where

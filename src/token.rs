@@ -33,6 +33,9 @@ pub enum TokenError {
     /// The token endpoint or the network failed; try again later.
     #[error("token refresh failed, will retry: {0}")]
     Transient(String),
+    /// A token response (from `auth import` or the code exchange) that cannot be stored.
+    #[error("{0}")]
+    InvalidResponse(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -44,12 +47,12 @@ impl From<tokio_postgres::Error> for TokenError {
 }
 
 /// The command that fixes a lost grant; every message about one ends with it.
-pub const REAUTHORIZE_HINT: &str =
+pub(crate) const REAUTHORIZE_HINT: &str =
     "re-authorise with `keap-sync auth login`, or pipe a token response into `keap-sync auth import`";
 
 /// Tuning of the OAuth lifecycle.
 #[derive(Debug, Clone, Copy)]
-pub struct TokenPolicy {
+pub(crate) struct TokenPolicy {
     /// Refresh when the access token expires within this margin.
     pub refresh_margin: Duration,
     /// Refresh a grant whose refresh token is older than this even if idle, so the 45-day
@@ -58,8 +61,29 @@ pub struct TokenPolicy {
 }
 
 impl TokenPolicy {
-    pub fn from_config(keap: &crate::config::KeapConfig) -> TokenPolicy {
+    pub(crate) fn from_config(keap: &crate::config::KeapConfig) -> TokenPolicy {
         TokenPolicy { refresh_margin: keap.refresh_margin, max_refresh_token_age: keap.refresh_token_max_age }
+    }
+}
+
+/// Whether the stored grant can be used, as `keap_sync.oauth_token.state` records it (the column
+/// keeps the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum GrantState {
+    /// Usable; refreshed by the daemon as needed.
+    Ok,
+    /// Keap refused a refresh for good: a person must run `auth login` or `auth import`.
+    ReauthorizationNeeded,
+}
+
+impl GrantState {
+    pub(crate) fn from_db(text: &str) -> Result<Self, DbError> {
+        match text {
+            "ok" => Ok(GrantState::Ok),
+            "reauthorization_needed" => Ok(GrantState::ReauthorizationNeeded),
+            other => Err(DbError::unknown_value("keap_sync.oauth_token.state", other)),
+        }
     }
 }
 
@@ -71,7 +95,7 @@ struct Stored {
     expires_in: f64,
     /// Seconds since the refresh token was issued.
     refresh_age: f64,
-    state: String,
+    state: GrantState,
     state_detail: Option<String>,
 }
 
@@ -83,7 +107,7 @@ const SELECT_STORED: &str = "select access_token, refresh_token,
    from keap_sync.oauth_token where id = 1";
 
 /// Supplies the credential for each Keap call.
-pub struct TokenSource {
+pub(crate) struct TokenSource {
     inner: Inner,
 }
 
@@ -95,7 +119,7 @@ enum Inner {
 
 /// After Keap refuses an API key, deliveries pause this long before one more try: nothing
 /// but a person can fix the key, and every refused call still counts against the quota.
-pub const API_KEY_RETRY: Duration = Duration::from_secs(60);
+pub(crate) const API_KEY_RETRY: Duration = Duration::from_secs(60);
 
 struct OAuth {
     client_id: String,
@@ -110,7 +134,7 @@ struct OAuth {
 }
 
 impl TokenSource {
-    pub fn new(
+    pub(crate) fn new(
         credential: &Credential,
         token_url: &str,
         pg: PgConfig,
@@ -136,12 +160,12 @@ impl TokenSource {
     }
 
     /// True for OAuth (refreshable) credentials.
-    pub fn is_oauth(&self) -> bool {
+    pub(crate) fn is_oauth(&self) -> bool {
         matches!(self.inner, Inner::OAuth(_))
     }
 
     /// The credential to use now, refreshing first if the access token is about to expire.
-    pub async fn auth(&self, db: &Client) -> Result<Auth, TokenError> {
+    pub(crate) async fn auth(&self, db: &Client) -> Result<Auth, TokenError> {
         match &self.inner {
             Inner::ApiKey(key, _) => Ok(Auth::ApiKey(key.clone())),
             Inner::OAuth(o) => {
@@ -167,7 +191,7 @@ impl TokenSource {
     /// Keap answered 401 to `rejected`. Returns a credential worth one retry: a freshly
     /// refreshed token, or the one another process refreshed meanwhile. An API key has no
     /// remedy but a person.
-    pub async fn after_unauthorized(&self, rejected: &Auth) -> Result<Auth, TokenError> {
+    pub(crate) async fn after_unauthorized(&self, rejected: &Auth) -> Result<Auth, TokenError> {
         match (&self.inner, rejected) {
             (Inner::OAuth(o), Auth::Bearer(token)) => o.refresh(Some(token)).await.map(Auth::Bearer),
             (Inner::OAuth(o), Auth::ApiKey(_)) => o.refresh(None).await.map(Auth::Bearer),
@@ -185,14 +209,14 @@ impl TokenSource {
     }
 
     /// While paused for authorisation: true once a usable grant is stored again.
-    pub async fn usable_again(&self, db: &Client) -> Result<bool, TokenError> {
+    pub(crate) async fn usable_again(&self, db: &Client) -> Result<bool, TokenError> {
         match &self.inner {
             Inner::ApiKey(_, refused) => {
                 let refused = refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 Ok(refused.is_none_or(|at| at.elapsed() >= API_KEY_RETRY))
             }
             Inner::OAuth(_) => match read(db).await {
-                Ok(stored) => Ok(stored.state == "ok"),
+                Ok(stored) => Ok(stored.state == GrantState::Ok),
                 Err(TokenError::NeedsAuthorization(_)) => Ok(false),
                 Err(e) => Err(e),
             },
@@ -308,7 +332,7 @@ impl ClassifyName for serde_json::Error {
 }
 
 fn check_state(s: &Stored) -> Result<(), TokenError> {
-    if s.state == "ok" {
+    if s.state == GrantState::Ok {
         return Ok(());
     }
     Err(TokenError::NeedsAuthorization(format!(
@@ -331,20 +355,20 @@ fn stored_from(row: Option<tokio_postgres::Row>) -> Result<Stored, TokenError> {
         refresh_token: Secret::new(row.get::<_, String>(1)),
         expires_in: row.get(2),
         refresh_age: row.get(3),
-        state: row.get(4),
+        state: GrantState::from_db(row.get(4))?,
         state_detail: row.get(5),
     })
 }
 
 /// Writes a token response into the store. `new_grant` (import, login) also resets the grant's
 /// start time and clears a "re-authorisation needed" state.
-pub async fn store(
+pub(crate) async fn store(
     db: &impl tokio_postgres::GenericClient,
     t: &TokenResponse,
     new_grant: bool,
 ) -> Result<(), TokenError> {
     if t.access_token.is_empty() || t.refresh_token.is_empty() || t.expires_in <= 0 {
-        return Err(TokenError::NeedsAuthorization(
+        return Err(TokenError::InvalidResponse(
             "the token response needs a non-empty access_token and refresh_token and a positive expires_in"
                 .into(),
         ));
@@ -370,292 +394,32 @@ pub async fn store(
     Ok(())
 }
 
-/// `keap-sync auth …` commands.
-pub mod cli {
-    use std::io::Read;
-
-    use crate::cli::CliError;
-    use crate::config::{Config, Credential};
-    use crate::db;
-    use crate::keap::model::TokenResponse;
-    use crate::status::human_secs;
-
-    /// `auth import`: a token response on standard input becomes the stored grant.
-    pub async fn import(config: Config) -> Result<(), CliError> {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
-        let tokens = parse_token_response(&text)?;
-        let client = crate::cli::connect_migrated(&config).await?;
-        super::store(&client, &tokens, true).await.map_err(|e| CliError::Other(e.to_string()))?;
-        // Wake any paused daemon now rather than at its next recheck.
-        client
-            .execute("select pg_notify($1, 'token')", &[&crate::daemon::CHANNEL])
-            .await
-            .map_err(db::DbError::from)?;
-        println!(
-            "stored a new Keap grant; the access token expires in {} s and will be refreshed automatically",
-            tokens.expires_in
-        );
-        Ok(())
+/// Parses a token endpoint answer (`auth import`'s standard input, or the code exchange's
+/// reply). Extra fields such as `token_type` are ignored.
+pub(crate) fn parse_token_response(text: &str) -> Result<TokenResponse, TokenError> {
+    let parsed: TokenResponse = serde_json::from_str(text.trim()).map_err(|e| {
+        TokenError::InvalidResponse(format!(
+            "not a token response: expected JSON with access_token, refresh_token and expires_in ({})",
+            e.classify_name()
+        ))
+    })?;
+    if parsed.access_token.trim().is_empty() || parsed.refresh_token.trim().is_empty() || parsed.expires_in <= 0
+    {
+        return Err(TokenError::InvalidResponse(
+            "the token response needs a non-empty access_token and refresh_token and a positive expires_in"
+                .into(),
+        ));
     }
+    Ok(parsed)
+}
 
-    /// `auth login`: the authorization-code flow. Prints the consent URL, takes the redirected
-    /// URL (pasted on standard input, or received by a loopback listener), checks `state`,
-    /// exchanges the code and stores the grant.
-    pub async fn login(config: Config, listen: Option<std::net::SocketAddr>) -> Result<(), CliError> {
-        let Credential::OAuth { client_id, client_secret } = config.credential()? else {
-            return Err(CliError::Other(
-                "`auth login` is for OAuth clients (KEAP_CLIENT_ID and KEAP_CLIENT_SECRET); an API key needs no login"
-                    .into(),
-            ));
-        };
-        let redirect_uri = config.keap.redirect_uri.clone().ok_or_else(|| {
-            CliError::Other(
-                "set `redirect_uri` under [keap] to the redirect URL registered for your Keap app; \
-                 Keap sends the browser there with ?code=…"
-                    .into(),
-            )
-        })?;
-        let client = crate::cli::connect_migrated(&config).await?;
-
-        // Listen before printing the URL, so the redirect can never arrive before we are ready.
-        let listener = match listen {
-            Some(addr) => Some(bind_redirect_listener(addr).await?),
-            None => None,
-        };
-        let state = format!("{:032x}", rand::random::<u128>());
-        let url = reqwest::Url::parse_with_params(
-            &config.keap.authorize_url,
-            [
-                ("client_id", client_id.as_str()),
-                ("redirect_uri", redirect_uri.as_str()),
-                ("response_type", "code"),
-                ("scope", "full"),
-                ("state", state.as_str()),
-            ],
-        )
-        .map_err(|e| CliError::Other(format!("keap.authorize_url is not a URL: {e}")))?;
-        println!("Open this URL in a browser, sign in to Keap and allow access:\n\n  {url}\n");
-        let answer = match listener {
-            Some(listener) => {
-                if let Some(addr) = listen {
-                    println!("Waiting for the redirect on http://{addr}/ …");
-                }
-                receive_redirect(listener).await?
-            }
-            None => {
-                println!(
-                    "Then paste the address the browser was sent to (or just its code) and press Enter:"
-                );
-                let mut line = String::new();
-                std::io::stdin()
-                    .read_line(&mut line)
-                    .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
-                line
-            }
-        };
-        let code = code_from_redirect(&answer, &state)?;
-
-        let http = crate::keap::http_client(config.keap.request_timeout, config.keap.connect_timeout)
-            .map_err(CliError::Other)?;
-        let response = http
-            .post(&config.keap.token_url)
-            .form(&[
-                ("client_id", client_id.as_str()),
-                ("client_secret", client_secret.expose()),
-                ("code", code.as_str()),
-                ("grant_type", "authorization_code"),
-                ("redirect_uri", redirect_uri.as_str()),
-            ])
-            .send()
-            .await
-            .map_err(|e| {
-                CliError::Other(format!(
-                    "cannot reach the token endpoint: {}",
-                    crate::keap::describe_reqwest(&e)
-                ))
-            })?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            let body: crate::keap::model::ErrorBody = serde_json::from_str(&text).unwrap_or_default();
-            return Err(CliError::Other(format!(
-                "Keap refused the code ({status}: {}); codes are single-use and expire quickly: run `keap-sync auth login` again",
-                body.summary().unwrap_or_default()
-            )));
-        }
-        let tokens = parse_token_response(&text)?;
-        super::store(&client, &tokens, true).await.map_err(|e| CliError::Other(e.to_string()))?;
-        client
-            .execute("select pg_notify($1, 'token')", &[&crate::daemon::CHANNEL])
-            .await
-            .map_err(db::DbError::from)?;
-        println!("Authorised. The grant is stored; the daemon refreshes it from now on.");
-        Ok(())
-    }
-
-    /// The authorization code from what the user pasted: the redirected URL (whose `state`
-    /// must match ours — a mismatch means the redirect is not from this login), its query
-    /// string, or the bare code.
-    pub fn code_from_redirect(answer: &str, expected_state: &str) -> Result<String, CliError> {
-        let answer = answer.trim();
-        if answer.is_empty() {
-            return Err(CliError::Other("nothing was pasted: run `keap-sync auth login` again".into()));
-        }
-        if !answer.contains('=') {
-            return Ok(answer.to_owned());
-        }
-        let query = answer.split_once('?').map_or(answer, |(_, q)| q);
-        let query = query.split('#').next().unwrap_or(query);
-        let pairs: Vec<(String, String)> = reqwest::Url::parse(&format!("http://x/?{query}"))
-            .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
-            .unwrap_or_default();
-        let get = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        if let Some(error) = get("error") {
-            return Err(CliError::Other(format!(
-                "Keap did not authorise: {error} {}",
-                get("error_description").unwrap_or_default()
-            )));
-        }
-        if get("state").as_deref() != Some(expected_state) {
-            return Err(CliError::Other(
-                "the redirect's state does not match this login (it belongs to another attempt, or was forged); \
-                 run `keap-sync auth login` again"
-                    .into(),
-            ));
-        }
-        get("code").filter(|c| !c.is_empty()).ok_or_else(|| {
-            CliError::Other("the redirect has no code: paste the full address the browser was sent to".into())
-        })
-    }
-
-    /// Binds the `--listen` address, which must be loopback.
-    async fn bind_redirect_listener(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, CliError> {
-        if !addr.ip().is_loopback() {
-            return Err(CliError::Other(format!(
-                "--listen {addr}: only loopback addresses are allowed (forward the redirect to it)"
-            )));
-        }
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))
-    }
-
-    /// Accepts HTTP requests until one carries the redirect, and returns its target
-    /// (`/path?query`). Other requests (a browser's favicon) get a 404.
-    async fn receive_redirect(listener: tokio::net::TcpListener) -> Result<String, CliError> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        loop {
-            let (mut socket, _) =
-                listener.accept().await.map_err(|e| CliError::Other(format!("accept failed: {e}")))?;
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 2048];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                match socket.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let head = String::from_utf8_lossy(&buf);
-            let target = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("");
-            if !target.contains("code=") && !target.contains("error=") {
-                let _ = socket.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
-                continue;
-            }
-            let body = "keap-sync received the authorisation; you can close this window.";
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(reply.as_bytes()).await;
-            return Ok(target.to_owned());
-        }
-    }
-
-    /// Accepts the token endpoint's JSON as is (extra fields such as `token_type` are ignored).
-    pub fn parse_token_response(text: &str) -> Result<TokenResponse, CliError> {
-        let parsed: TokenResponse = serde_json::from_str(text.trim()).map_err(|e| {
-            CliError::Other(format!(
-                "standard input is not a token response: expected JSON with access_token, refresh_token and \
-                 expires_in ({})",
-                super::ClassifyName::classify_name(&e)
-            ))
-        })?;
-        if parsed.access_token.trim().is_empty()
-            || parsed.refresh_token.trim().is_empty()
-            || parsed.expires_in <= 0
-        {
-            return Err(CliError::Other(
-                "the token response needs a non-empty access_token and refresh_token and a positive expires_in".into(),
-            ));
-        }
-        Ok(parsed)
-    }
-
-    /// `auth status`: what is in use and how the grant stands; never a secret.
-    pub async fn status(config: Config) -> Result<(), CliError> {
-        let credential = config.credential()?;
-        match credential {
-            Credential::ApiKey(_) => {
-                println!("credential: API key (X-Keap-API-Key); no token refresh needed");
-                return Ok(());
-            }
-            Credential::OAuth { client_id, .. } => println!("credential: OAuth client {client_id}"),
-        }
-        let client = crate::cli::connect_migrated(&config).await?;
-        let row = client
-            .query_opt(
-                "select state, state_detail,
-                        to_char(expires_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
-                        extract(epoch from expires_at - now())::float8,
-                        extract(epoch from now() - refresh_token_issued_at)::float8,
-                        to_char(refreshed_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
-                        to_char(granted_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
-                        scope
-                   from keap_sync.oauth_token where id = 1",
-                &[],
-            )
-            .await
-            .map_err(db::DbError::from)?;
-        let Some(row) = row else {
-            println!("state: re-authorisation needed (no grant stored)");
-            println!("fix: {}", super::REAUTHORIZE_HINT);
-            return Ok(());
-        };
-        let state: String = row.get(0);
-        let detail: Option<String> = row.get(1);
-        let expires_at: String = row.get(2);
-        let expires_in: f64 = row.get(3);
-        let age: f64 = row.get(4);
-        let refreshed: Option<String> = row.get(5);
-        let granted: String = row.get(6);
-        let scope: Option<String> = row.get(7);
-        match state.as_str() {
-            "ok" => println!("state: ok"),
-            _ => {
-                println!("state: re-authorisation needed");
-                if let Some(d) = detail {
-                    println!("reason: {d}");
-                }
-                println!("fix: {}", super::REAUTHORIZE_HINT);
-            }
-        }
-        if expires_in >= 0.0 {
-            println!("access token expires: {expires_at} (in {})", human_secs(expires_in));
-        } else {
-            println!(
-                "access token expired: {expires_at} ({} ago; refreshed on next use)",
-                human_secs(-expires_in)
-            );
-        }
-        println!("refresh token age: {} (Keap's lapse after 45 days; refreshed at 30)", human_secs(age));
-        println!("last refresh: {}", refreshed.as_deref().unwrap_or("never"));
-        println!("grant stored: {granted}");
-        if let Some(scope) = scope {
-            println!("scope: {scope}");
-        }
-        Ok(())
-    }
+/// Stores a new OAuth grant given as the token endpoint's JSON answer (what `keap-sync auth
+/// import` reads on standard input) and wakes any daemon paused for authorisation. Returns the
+/// access token's lifetime in seconds.
+pub async fn import_grant(client: &Client, token_json: &str) -> Result<i64, TokenError> {
+    let tokens = parse_token_response(token_json)?;
+    store(client, &tokens, true).await?;
+    // Wake any paused daemon now rather than at its next recheck.
+    db::wake_daemons(client).await?;
+    Ok(tokens.expires_in)
 }

@@ -24,7 +24,7 @@ use crate::secret::Secret;
 
 /// How a request is authenticated.
 #[derive(Debug, Clone)]
-pub enum Auth {
+pub(crate) enum Auth {
     /// OAuth access token: `Authorization: Bearer …`.
     Bearer(Secret),
     /// Personal Access Token / Service Account Key: `X-Keap-API-Key: …`.
@@ -33,7 +33,7 @@ pub enum Auth {
 
 /// What the caller should do about a failed call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// Network trouble, timeout, 5xx, or an unreadable reply: try again later.
     Transient,
     /// 429: everyone should slow down, then try again.
@@ -48,7 +48,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Retrying the same request later may succeed.
-    pub fn is_retryable(self) -> bool {
+    pub(crate) fn is_retryable(self) -> bool {
         matches!(self, ErrorKind::Transient | ErrorKind::Throttled)
     }
 }
@@ -56,7 +56,7 @@ impl ErrorKind {
 /// A failed Keap call. `Display` is one line for logs and the failure list; no credential is
 /// ever part of it (bodies are Keap's answers, which hold contact data, not tokens).
 #[derive(Debug, Clone)]
-pub struct KeapError {
+pub(crate) struct KeapError {
     pub kind: ErrorKind,
     /// HTTP status, if an answer arrived.
     pub status: Option<u16>,
@@ -82,7 +82,7 @@ impl std::error::Error for KeapError {}
 
 /// Client for Keap's REST v1 contacts API.
 #[derive(Clone)]
-pub struct KeapClient {
+pub(crate) struct KeapClient {
     http: reqwest::Client,
     api_url: String,
     limiter: Arc<Limiter>,
@@ -93,7 +93,7 @@ pub struct KeapClient {
 
 impl KeapClient {
     /// `api_url` is the REST base, e.g. `https://api.infusionsoft.com/crm/rest`.
-    pub fn new(
+    pub(crate) fn new(
         api_url: &str,
         request_timeout: Duration,
         connect_timeout: Duration,
@@ -113,7 +113,7 @@ impl KeapClient {
     /// Creates the contact, or updates the one that already has this email
     /// (`PUT /v1/contacts`, `duplicate_option` in the body). Safe to repeat: a retry after a
     /// lost reply finds the contact the first attempt created.
-    pub async fn upsert_contact(
+    pub(crate) async fn upsert_contact(
         &self,
         auth: &Auth,
         body: &ContactWrite,
@@ -124,7 +124,7 @@ impl KeapClient {
     }
 
     /// Updates only the fields named in `mask` on contact `id` (`PATCH /v1/contacts/{id}`).
-    pub async fn update_contact(
+    pub(crate) async fn update_contact(
         &self,
         auth: &Auth,
         id: i64,
@@ -142,7 +142,7 @@ impl KeapClient {
     }
 
     /// Deletes contact `id`; a contact that is already gone counts as deleted.
-    pub async fn delete_contact(&self, auth: &Auth, id: i64, deadline: Instant) -> Result<(), KeapError> {
+    pub(crate) async fn delete_contact(&self, auth: &Auth, id: i64, deadline: Instant) -> Result<(), KeapError> {
         let req = Request {
             method: Method::DELETE,
             path: format!("/v1/contacts/{id}"),

@@ -1,10 +1,9 @@
-//! Everything that speaks Keap's language: the REST v1 client the daemon uses, the wire types
-//! it sends and reads, and a fake Keap server that plays the API for tests, benchmarks and the
-//! demo.
+//! Everything that speaks Keap's language: the REST v1 client the daemon uses and the wire
+//! types it sends and reads. The fake Keap server that plays the API for tests lives in the
+//! test kit (`testkit/src/fake.rs`), with wire types of its own.
 
 mod client;
-pub mod fake;
-pub mod model;
+pub(crate) mod model;
 
 pub(crate) use client::{describe_reqwest, http_client};
-pub use client::{Auth, ErrorKind, KeapClient, KeapError};
+pub(crate) use client::{Auth, ErrorKind, KeapClient, KeapError};

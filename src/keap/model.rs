@@ -4,14 +4,15 @@
 //! `EmailAddress` and `FullContact` of Keap's published v1 OpenAPI file
 //! (`shared/keap/keap-rest-v1-openapi-2025-11-05.json`). Only the fields this daemon writes or
 //! reads are modelled; unknown response fields are ignored so that Keap adding a field never
-//! breaks delivery. The fake Keap server (`crate::keap::fake`) uses the same types, so a field
-//! renamed here is renamed on both sides — the spec file is the arbiter, not the fake.
+//! breaks delivery. The fake Keap server in the test kit deliberately has wire types of its own,
+//! written from the same spec, so a field misnamed here cannot be misnamed on both sides and
+//! pass the tests. `docs/keap-api.md` lists what the daemon relies on and where it comes from.
 
 use serde::{Deserialize, Serialize};
 
 /// `EmailAddress.field` in the spec: which of the contact's three email slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum EmailField {
+pub(crate) enum EmailField {
     #[serde(rename = "EMAIL1")]
     Email1,
     #[serde(rename = "EMAIL2")]
@@ -22,7 +23,7 @@ pub enum EmailField {
 
 /// `EmailAddress` in the spec (`field` required, `email` optional there, always sent by us).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EmailAddress {
+pub(crate) struct EmailAddress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
     pub field: EmailField,
@@ -30,7 +31,7 @@ pub struct EmailAddress {
 
 /// `UpsertContact.duplicate_option`: how `PUT /v1/contacts` looks for an existing contact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DuplicateOption {
+pub(crate) enum DuplicateOption {
     Email,
     EmailAndName,
 }
@@ -40,7 +41,7 @@ pub enum DuplicateOption {
 ///
 /// `None` fields are left out of the JSON, so a PATCH changes only what is sent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContactWrite {
+pub(crate) struct ContactWrite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,7 +54,7 @@ pub struct ContactWrite {
 
 /// The part of `FullContact` (and `RestPartialContact`) this daemon reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Contact {
+pub(crate) struct Contact {
     pub id: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_name: Option<String>,
@@ -67,32 +68,12 @@ pub struct Contact {
     pub last_updated: Option<String>,
 }
 
-impl Contact {
-    /// The address in slot EMAIL1, which is the one this daemon owns.
-    pub fn email1(&self) -> Option<&str> {
-        self.email_addresses.iter().find(|e| e.field == EmailField::Email1).and_then(|e| e.email.as_deref())
-    }
-}
-
-/// `ContactList`: the answer of `GET /v1/contacts`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContactList {
-    #[serde(default)]
-    pub contacts: Vec<Contact>,
-    #[serde(default)]
-    pub count: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous: Option<String>,
-}
-
 /// A successful answer of the token endpoint (authorization-code or refresh grant).
 ///
 /// Deliberately no `Debug` derive: it holds live credentials. Convert it into the token
 /// store's redacting types at once.
 #[derive(Clone, Serialize, Deserialize)]
-pub struct TokenResponse {
+pub(crate) struct TokenResponse {
     pub access_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_type: Option<String>,
@@ -107,7 +88,7 @@ pub struct TokenResponse {
 /// string), the Apigee-era `{"fault":{"faultstring"}}` and the token endpoint's OAuth
 /// `{"error","error_description"}`. Everything is optional so any of them parses.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,7 +107,7 @@ pub struct ErrorBody {
 
 /// Apigee-era throttling body: `{"fault":{"faultstring":…,"detail":{"errorcode":…}}}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Fault {
+pub(crate) struct Fault {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub faultstring: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,7 +116,7 @@ pub struct Fault {
 
 impl ErrorBody {
     /// The most human sentence in the body, whichever shape it came in.
-    pub fn summary(&self) -> Option<String> {
+    pub(crate) fn summary(&self) -> Option<String> {
         self.message
             .clone()
             .or_else(|| match (&self.error, &self.error_description) {
@@ -182,7 +163,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.id, 7);
-        assert_eq!(c.email1(), Some("a@x.io"));
+        assert_eq!(c.email_addresses[0].email.as_deref(), Some("a@x.io"));
     }
 
     #[test]

@@ -1,13 +1,23 @@
-//! The `keap-sync` command line. `main.rs` calls [`main`]; every command is a short function
-//! that loads the configuration, does one thing, and returns an error phrased for the operator.
+//! The `keap-sync` command line, the top layer: `main.rs` calls [`main`]; every command is a
+//! short function that loads the configuration, calls the layers below to do one thing, and
+//! returns an error phrased for the operator. Only this layer prints for people
+//! ([`render`]); `auth` and `failures` have their own modules.
 
+mod auth;
+mod failures;
+mod render;
+
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio::time::Instant;
 
+use crate::backfill::{self, BackfillMode, BackfillState};
 use crate::config::{Config, ConfigError};
-use crate::daemon::{RunError, RunOptions};
+use crate::daemon::{Daemon, RunError, RunOptions};
 use crate::db::{self, DbError};
 use crate::schema::{self, SchemaError};
 
@@ -45,7 +55,7 @@ enum Command {
         /// Also enqueue every existing user (resumes an unfinished backfill; a finished one is
         /// not repeated unless `--backfill=restart`).
         #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "resume")]
-        backfill: Option<BackfillMode>,
+        backfill: Option<BackfillArg>,
     },
     /// Sync every existing user, then exit (resumable; live changes still go first).
     Backfill {
@@ -58,12 +68,6 @@ enum Command {
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
-    },
-    /// Try it on a throwaway Postgres and the built-in fake Keap; touches nothing else.
-    Demo {
-        /// Keep the demo running (and print how to connect with psql) until Ctrl-C.
-        #[arg(long)]
-        keep_running: bool,
     },
     /// Manage the Keap OAuth grant.
     #[command(subcommand)]
@@ -95,17 +99,18 @@ enum FailuresCommand {
     },
 }
 
+/// `--backfill=resume|restart` (clap's spelling of [`BackfillMode`]).
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum BackfillMode {
+enum BackfillArg {
     Resume,
     Restart,
 }
 
-impl From<BackfillMode> for crate::backfill::Mode {
-    fn from(m: BackfillMode) -> Self {
+impl From<BackfillArg> for BackfillMode {
+    fn from(m: BackfillArg) -> Self {
         match m {
-            BackfillMode::Resume => crate::backfill::Mode::Resume,
-            BackfillMode::Restart => crate::backfill::Mode::Restart,
+            BackfillArg::Resume => BackfillMode::Resume,
+            BackfillArg::Restart => BackfillMode::Restart,
         }
     }
 }
@@ -128,7 +133,7 @@ enum AuthCommand {
 
 /// An error for the operator, plus the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
-pub enum CliError {
+enum CliError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -150,12 +155,13 @@ impl CliError {
     }
 }
 
-/// Parses the arguments, runs the command, prints a one-line error on failure.
+/// Parses the arguments, runs the command, prints a one-line error on failure. The whole
+/// `keap-sync` binary is this function.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo narrates on stdout; its daemon's routine log lines would only interleave.
-    let default_level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
-    init_logging(cli.log_format, default_level);
+    // `backfill` on a terminal draws a progress line; routine log lines would only break it.
+    let progress_bar = matches!(cli.command, Command::Backfill { .. }) && std::io::stderr().is_terminal();
+    init_logging(cli.log_format, if progress_bar { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -163,7 +169,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, progress_bar)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e.to_string()));
@@ -187,8 +193,9 @@ fn init_logging(format: LogFormat, default_level: &str) {
         LogFormat::Human if crate::systemd::stderr_is_journal() => {
             builder.with_ansi(false).event_format(crate::systemd::JournalFormat).try_init()
         }
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // Colour only for a person at a terminal: a log file or a pipe gets plain text.
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => builder.with_ansi(false).json().flatten_event(true).try_init(),
     };
 }
 
@@ -196,33 +203,61 @@ fn load(cli_config: &Option<PathBuf>) -> Result<Config, ConfigError> {
     Config::load(cli_config.as_deref(), &|name| std::env::var(name).ok())
 }
 
-async fn dispatch(cli: Cli) -> Result<(), CliError> {
+async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
     match cli.command {
         Command::Migrate => migrate(load(&cli.config)?).await,
         Command::Uninstall { drop_schema } => uninstall(load(&cli.config)?, drop_schema).await,
         Command::Run { backfill } => {
-            let config = load(&cli.config)?;
             let options = RunOptions { backfill: backfill.map(Into::into), ..RunOptions::default() };
-            Ok(crate::daemon::run_with(config, options, stop_signal()).await?)
+            Ok(Daemon::build(load(&cli.config)?, options).await?.run(stop_signal()).await?)
         }
         Command::Backfill { restart } => {
-            let config = load(&cli.config)?;
-            let mode = if restart { crate::backfill::Mode::Restart } else { crate::backfill::Mode::Resume };
-            let options = RunOptions {
-                backfill: Some(mode),
-                exit_when_backfilled: true,
-                progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            };
-            Ok(crate::daemon::run_with(config, options, stop_signal()).await?)
+            let mode = if restart { BackfillMode::Restart } else { BackfillMode::Resume };
+            backfill(load(&cli.config)?, mode, progress_bar).await
         }
         Command::Status { json } => status(load(&cli.config)?, json).await,
-        Command::Demo { keep_running } => crate::demo::run(keep_running).await.map_err(CliError::Other),
-        Command::Auth(AuthCommand::Import) => crate::token::cli::import(load(&cli.config)?).await,
-        Command::Failures(cmd) => failures(load(&cli.config)?, cmd).await,
-        Command::Auth(AuthCommand::Login { listen }) => {
-            crate::token::cli::login(load(&cli.config)?, listen).await
+        Command::Auth(AuthCommand::Import) => auth::import(load(&cli.config)?).await,
+        Command::Auth(AuthCommand::Login { listen }) => auth::login(load(&cli.config)?, listen).await,
+        Command::Auth(AuthCommand::Status) => auth::status(load(&cli.config)?).await,
+        Command::Failures(cmd) => failures::run(load(&cli.config)?, cmd).await,
+    }
+}
+
+/// `keap-sync backfill`: the daemon, told to stop once the backfill is delivered, and on a
+/// terminal a progress line drawn from `keap_sync.backfill` every half second.
+async fn backfill(config: Config, mode: BackfillMode, progress_bar: bool) -> Result<(), CliError> {
+    let options = RunOptions { backfill: Some(mode), exit_when_backfilled: true };
+    let daemon = Daemon::build(config.clone(), options).await?;
+    if !progress_bar {
+        return Ok(daemon.run(stop_signal()).await?);
+    }
+    let client = connect_migrated(&config).await?;
+    let run = daemon.run(stop_signal());
+    tokio::pin!(run);
+    let mut last: Option<(Instant, i64)> = None;
+    loop {
+        tokio::select! {
+            result = &mut run => {
+                if let Ok(Some(p)) = backfill::progress(&client).await {
+                    eprintln!("\rbackfill: {}   ", render::progress(&p, 0.0));
+                }
+                return Ok(result?);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        Command::Auth(AuthCommand::Status) => crate::token::cli::status(load(&cli.config)?).await,
+        let Ok(Some(p)) = backfill::progress(&client).await else { continue };
+        let now = Instant::now();
+        let rate = match last {
+            Some((t, done)) if now > t => (p.delivered() - done) as f64 / (now - t).as_secs_f64(),
+            _ => 0.0,
+        };
+        if last.is_none_or(|(t, _)| now - t >= Duration::from_secs(5)) {
+            last = Some((now, p.delivered()));
+        }
+        match p.state {
+            BackfillState::Running => eprint!("\rbackfill: enqueued {} users…   ", p.enqueued),
+            _ => eprint!("\rbackfill: {}   ", render::progress(&p, rate)),
+        }
     }
 }
 
@@ -261,66 +296,13 @@ async fn status(config: Config, json: bool) -> Result<(), CliError> {
     if json {
         println!("{}", serde_json::to_string_pretty(&status).map_err(|e| CliError::Other(e.to_string()))?);
     } else {
-        print!("{}", crate::status::render(&status));
-    }
-    Ok(())
-}
-
-async fn failures(config: Config, cmd: FailuresCommand) -> Result<(), CliError> {
-    let client = connect_migrated(&config).await?;
-    match cmd {
-        FailuresCommand::List { json } => {
-            let parked = crate::failures::list(&client).await?;
-            if json {
-                let text =
-                    serde_json::to_string_pretty(&parked).map_err(|e| CliError::Other(e.to_string()))?;
-                println!("{text}");
-            } else if parked.is_empty() {
-                println!("no parked changes");
-            } else {
-                for p in &parked {
-                    println!(
-                        "user {}: parked {} after {} attempt(s): {}",
-                        p.user_key,
-                        p.parked_at,
-                        p.attempts,
-                        p.reason.as_deref().unwrap_or("(no reason recorded)")
-                    );
-                    if let Some(payload) = &p.payload {
-                        println!("    sent: {payload}");
-                    }
-                }
-                println!(
-                    "{} parked; replay with `keap-sync failures retry USER_KEY` or `--all`",
-                    parked.len()
-                );
-            }
-        }
-        FailuresCommand::Retry { user_key, all: _, json } => {
-            let which = match user_key {
-                Some(k) => crate::failures::Which::User(k),
-                None => crate::failures::Which::All,
-            };
-            let n = crate::failures::retry(&client, &which).await?;
-            if json {
-                println!("{}", serde_json::json!({ "retried": n }));
-            } else if n == 0 {
-                if let crate::failures::Which::User(k) = &which {
-                    return Err(CliError::Other(format!(
-                        "user {k} has no parked change (see `keap-sync failures list`)"
-                    )));
-                }
-                println!("no parked changes");
-            } else {
-                println!("{n} change(s) queued for delivery again");
-            }
-        }
+        print!("{}", render::status(&status));
     }
     Ok(())
 }
 
 /// Connects to the configured database.
-pub(crate) async fn connect(config: &Config) -> Result<tokio_postgres::Client, CliError> {
+async fn connect(config: &Config) -> Result<tokio_postgres::Client, CliError> {
     Ok(db::connect(&db::parse(config.database()?)?).await?)
 }
 
@@ -332,7 +314,7 @@ pub(crate) async fn connect_migrated(config: &Config) -> Result<tokio_postgres::
 }
 
 /// Completes on SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
-pub async fn stop_signal() {
+async fn stop_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -1,0 +1,120 @@
+//! How the command line shows durations, backfill progress and `status` to people. Only the
+//! CLI prints for people; the layers below return data (and log structured fields), so a
+//! wording change here can never change what the daemon does.
+
+use crate::backfill::Progress;
+use crate::status::{InstanceRole, Status};
+use crate::token::GrantState;
+
+/// A duration in seconds for people: "45 s", "12 min", "3.5 h", "2.0 days".
+pub(crate) fn human_secs(s: f64) -> String {
+    let s = s.max(0.0);
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7_200.0 {
+        format!("{:.0} min", s / 60.0)
+    } else if s < 172_800.0 {
+        format!("{:.1} h", s / 3_600.0)
+    } else {
+        format!("{:.1} days", s / 86_400.0)
+    }
+}
+
+/// "12,345 / 100,000 users (12%), 180/s, about 8 min left" for the terminal.
+pub(crate) fn progress(p: &Progress, rate_per_sec: f64) -> String {
+    let done = p.delivered();
+    let pct = if p.total > 0 { done * 100 / p.total.max(1) } else { 100 };
+    let left = (p.total - done).max(0);
+    let eta = if rate_per_sec > 0.1 && left > 0 {
+        format!(", about {} left", human_secs(left as f64 / rate_per_sec))
+    } else {
+        String::new()
+    };
+    let parked = if p.parked > 0 { format!(", {} parked", p.parked) } else { String::new() };
+    format!("{done} / {} users ({pct}%), {rate_per_sec:.0}/s{eta}{parked}", p.total)
+}
+
+/// `keap-sync status` as text.
+pub(crate) fn status(s: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |l: String| {
+        out.push_str(&l);
+        out.push('\n');
+    };
+    let o = &s.outbox;
+    line(format!(
+        "queue: {} live, {} retrying, {} backfill, {} parked{}",
+        o.live,
+        o.retry,
+        o.backfill,
+        o.parked,
+        if o.parked > 0 { " (see `keap-sync failures list`)" } else { "" }
+    ));
+    line(match s.oldest_pending_age_secs {
+        Some(age) => format!("oldest pending change: {}", human_secs(age)),
+        None => "oldest pending change: none (all delivered)".into(),
+    });
+    line(match s.last_delivery_secs_ago {
+        Some(ago) => format!("last delivery: {} ago", human_secs(ago)),
+        None => "last delivery: never".into(),
+    });
+    if let Some(b) = &s.backfill {
+        line(format!("backfill: {} — {}", b.state.as_str(), progress(b, 0.0)));
+    }
+    match &s.token {
+        Some(t) if t.state == GrantState::Ok => line(format!(
+            "oauth: ok; access token expires in {}; refresh token {} old",
+            human_secs(t.expires_in_secs.max(0.0)),
+            human_secs(t.refresh_token_age_secs)
+        )),
+        Some(t) => line(format!(
+            "oauth: RE-AUTHORISATION NEEDED: {}; run `keap-sync auth login`",
+            t.detail.as_deref().unwrap_or("the grant was refused")
+        )),
+        None => line("oauth: no grant stored (fine with an API key)".into()),
+    }
+    if let (Some(m), Some(d)) = (s.quota_minute_available, s.quota_day_available) {
+        line(format!("keap quota left: {m} this minute, {d} today"));
+    }
+    if s.instances_alive.is_empty() {
+        line("instances: none running".into());
+    }
+    for i in &s.instances_alive {
+        line(format!(
+            "instance {}: {}{}, seen {} ago, {} answered 429 since start",
+            i.instance,
+            match i.role {
+                InstanceRole::Active => "active",
+                InstanceRole::Standby => "standby",
+            },
+            i.paused_reason.as_deref().map(|r| format!(" (PAUSED: {r})")).unwrap_or_default(),
+            human_secs(i.last_seen_secs_ago),
+            i.throttled
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backfill::BackfillState;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_secs(45.2), "45 s");
+        assert_eq!(human_secs(720.0), "12 min");
+        assert_eq!(human_secs(12_600.0), "3.5 h");
+        assert_eq!(human_secs(172_800.0), "2.0 days");
+        assert_eq!(human_secs(-3.0), "0 s");
+    }
+
+    #[test]
+    fn progress_text() {
+        let p =
+            Progress { state: BackfillState::Enqueued, enqueued: 1000, total: 1000, pending: 750, parked: 0 };
+        assert_eq!(progress(&p, 50.0), "250 / 1000 users (25%), 50/s, about 15 s left");
+        let p = Progress { parked: 2, pending: 0, ..p };
+        assert_eq!(progress(&p, 0.0), "998 / 1000 users (99%), 0/s, 2 parked");
+    }
+}
