@@ -1,6 +1,6 @@
 //! Delivering one claimed change: read state → decide → at most one Keap write → record.
 //!
-//! The decision table (design invariants 4–6):
+//! The decision table (ARCHITECTURE.md, invariants 4–6):
 //!
 //! | user row | mapping | fingerprint | action |
 //! | --- | --- | --- | --- |

@@ -1,7 +1,7 @@
 //! The outbox: claiming pending user changes and recording what became of them.
 //!
 //! Every function here is a single SQL statement, so each is atomic on its own and none holds
-//! a transaction open across a Keap call (design invariant 3): [`claim`] commits its lease
+//! a transaction open across a Keap call (ARCHITECTURE.md, invariant 3): [`claim`] commits its lease
 //! before the caller does any HTTP, and the result functions check `leased_by` so a daemon
 //! whose lease expired (it was paused, partitioned, or assumed dead) cannot overwrite the work
 //! of whoever claimed the row after it.

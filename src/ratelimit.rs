@@ -1,7 +1,7 @@
 //! The client-side rate limiter: one per credential, shared by every sender in the process.
 //!
 //! Keap meters per second (a spike arrest that sends no headers), per rolling minute and per
-//! day (API notes, section 7). Each window is a `governor` GCRA limiter and a call waits until
+//! day (`docs/keap-api.md`, "Rate limits"). Each window is a `governor` GCRA limiter and a call waits until
 //! all three admit it, so the daemon stays under Keap's limits instead of discovering them
 //! through 429s:
 //!

@@ -5,7 +5,7 @@
 //! refreshing at once would therefore lose the grant, so a refresh runs inside a transaction
 //! holding the row lock (`select … for update`) and commits the new pair before anyone uses it.
 //! A second process that was waiting on the lock then reads the fresh pair and does not refresh
-//! again (design invariant 7). This is the one place where a transaction is held across an HTTP
+//! again (ARCHITECTURE.md, invariant 7). This is the one place where a transaction is held across an HTTP
 //! call, on purpose, on its own short-lived connection.
 //!
 //! A refresh that Keap rejects for good (`invalid_grant`, bad client credentials) marks the

@@ -7,7 +7,7 @@
 //!
 //! Errors carry a [`ErrorKind`] so the delivery loop can decide without parsing text: retry
 //! later, refresh the token, re-link, or park the change for a human. Keap's error bodies come
-//! in several shapes (API notes, section 8); all of them are reduced to one message.
+//! in several shapes (`docs/keap-api.md`, "Error bodies"); all of them are reduced to one message.
 
 use std::fmt;
 use std::sync::Arc;

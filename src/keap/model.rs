@@ -2,7 +2,7 @@
 //!
 //! Field names, required fields and enums follow `CreateOrPatchContact`, `UpsertContact`,
 //! `EmailAddress` and `FullContact` of Keap's published v1 OpenAPI file
-//! (`shared/keap/keap-rest-v1-openapi-2025-11-05.json`). Only the fields this daemon writes or
+//! (see `docs/keap-api.md` for where it is published). Only the fields this daemon writes or
 //! reads are modelled; unknown response fields are ignored so that Keap adding a field never
 //! breaks delivery. The fake Keap server in the test kit deliberately has wire types of its own,
 //! written from the same spec, so a field misnamed here cannot be misnamed on both sides and
@@ -83,7 +83,7 @@ pub(crate) struct TokenResponse {
     pub scope: Option<String>,
 }
 
-/// The error bodies Keap is known to send, in every shape the API notes list (section 8):
+/// The error bodies Keap is known to send, in every shape `docs/keap-api.md` lists ("Error bodies"):
 /// v1 `{"message"}`, v2 `{"code","message","status","details"}` (with `code` a number or a
 /// string), the Apigee-era `{"fault":{"faultstring"}}` and the token endpoint's OAuth
 /// `{"error","error_description"}`. Everything is optional so any of them parses.
