@@ -1,26 +1,39 @@
-//! Process-wide metrics in the Prometheus text exposition format 0.0.4, and a tiny HTTP server
-//! for them (`GET /metrics`, `GET /healthz`).
+//! The daemon's metrics, kept with the `prometheus-client` crate and exposed as OpenMetrics text,
+//! and a tiny HTTP server for them (`GET /metrics`, `GET /healthz`).
 //!
-//! Every counter and gauge is an atomic: the delivery path records a result with one relaxed
-//! `fetch_add`, never a lock, so a slow scrape can't stall deliveries and a delivery can't stall
-//! a scrape. f64 values (durations, ages) are stored as their bit patterns in an [`AtomicU64`];
-//! a sum is added with a compare-exchange loop. A scrape reads each atomic on its own, so a
-//! render taken mid-update may be one observation off between series; Prometheus tolerates that.
+//! Every [`Metrics`] owns an explicit [`Registry`] instead of a process-global one: several
+//! daemons run in one test process, and each must expose only its own counts. The registry is
+//! filled in [`Metrics::new`] and never changed afterwards, so [`Metrics::render`] encodes it
+//! through `&self` without a lock of ours.
 //!
-//! Label sets are closed, to bound cardinality: outcomes, status classes, token results, queue
-//! kinds and quota windows are enums. The Keap `method` label comes from a `&'static str` in our
-//! own code; the first [`METHOD_SLOTS`]` - 1` distinct names get a slot each (claimed once,
-//! with a [`OnceLock`]), and any further name is counted under `method="other"`.
-//!
-//! The only lock is the fatal reason's `Mutex`, written on a rare state change and read by
-//! scrapes and health checks, never by the delivery path.
+//! Shared state, what guards it, and why:
+//! - Counters and gauges are prometheus-client's, each an `Arc` around one atomic (the f64
+//!   gauge keeps its bits in an `AtomicU64`). Recording is one relaxed atomic operation, so the
+//!   delivery path never waits on a scrape and a scrape never stalls a delivery. A scrape reads
+//!   each atomic on its own and may be one observation off between series; Prometheus
+//!   tolerates that.
+//! - Each labelled metric is a [`Family`], a map from label set to metric behind
+//!   prometheus-client's `RwLock`. Recording and scraping both take it shared, so they run side
+//!   by side; it is taken exclusively only to add a label set (a method's first call) or to drop
+//!   an unknown quota window. Every outcome, token result and queue kind is added in
+//!   [`Metrics::new`], so those paths never take it exclusively, and their zero samples show
+//!   from the first scrape. Label values are closed enums, which bounds cardinality (at most six
+//!   methods times four status classes).
+//! - The duration histogram is prometheus-client's `Histogram`: sum, count and buckets behind
+//!   its own `RwLock`, as the crate has no atomic histogram. An observation holds it for a few
+//!   additions, a scrape for one read. Only the Keap client observes, once per HTTP call, so
+//!   that wait is nothing next to the call itself.
+//! - The fatal reason is a `Mutex<Option<String>>`: a string can't live in an atomic, and it is
+//!   written only on a rare state change and read by scrapes and health checks, never by the
+//!   delivery path. The `paused` gauge is set while the lock is held, so it always agrees with
+//!   the last reason written.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::future::ready;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -28,17 +41,18 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{body::Bytes, body::Incoming, server::conn::http1, service::service_fn};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::{text::encode, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use tokio::task::JoinSet;
 
 /// Upper bounds (seconds) of the Keap request duration histogram; `+Inf` is implicit.
 pub const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-/// Distinct `method` label values kept, the last being the shared `"other"`.
-pub const METHOD_SLOTS: usize = 16;
-/// The `/metrics` content type required by the text format 0.0.4.
-pub const CONTENT_TYPE_METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `/metrics` content type of the OpenMetrics text that prometheus-client encodes.
+pub const CONTENT_TYPE_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The final result of one delivery attempt, the `outcome` label of `keap_sync_deliveries_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeliveryOutcome {
     Synced,
     Unchanged,
@@ -47,39 +61,166 @@ pub enum DeliveryOutcome {
     Parked,
 }
 
-/// The `outcome` label values, in `DeliveryOutcome` declaration order.
-const OUTCOMES: [&str; 5] = ["synced", "unchanged", "deleted", "retried", "parked"];
-const STATUS_CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "error"];
-const QUEUE_KINDS: [&str; 4] = ["live", "retry", "backfill", "parked"];
-/// Stored in a quota gauge while its value is unknown, so the sample is left out.
-const ABSENT: i64 = i64::MIN;
-
-/// Counters and the duration histogram of one Keap `method` label value.
-struct MethodSeries {
-    name: OnceLock<&'static str>,
-    by_class: [AtomicU64; 4],
-    /// Per-bucket (not cumulative) counts; the last is `+Inf`. Cumulated when rendered.
-    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
-    sum_bits: AtomicU64,
+impl DeliveryOutcome {
+    const ALL: [DeliveryOutcome; 5] =
+        [Self::Synced, Self::Unchanged, Self::Deleted, Self::Retried, Self::Parked];
 }
 
-impl MethodSeries {
-    fn new(name: OnceLock<&'static str>) -> Self {
-        let buckets = std::array::from_fn(|_| AtomicU64::new(0));
-        MethodSeries { name, by_class: Default::default(), buckets, sum_bits: AtomicU64::new(0) }
+impl EncodeLabelValue for DeliveryOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        encoder.write_str(match self {
+            Self::Synced => "synced",
+            Self::Unchanged => "unchanged",
+            Self::Deleted => "deleted",
+            Self::Retried => "retried",
+            Self::Parked => "parked",
+        })
     }
 }
 
-/// All metrics of the process; share it as `Arc<Metrics>`. Every method takes `&self`.
+/// The `method` label: the HTTP methods the Keap client uses, and `OTHER` for any other name.
+#[allow(clippy::upper_case_acronyms)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+enum HttpMethod {
+    GET,
+    PUT,
+    PATCH,
+    POST,
+    DELETE,
+    OTHER,
+}
+
+impl HttpMethod {
+    const ALL: [HttpMethod; 6] = [Self::GET, Self::PUT, Self::PATCH, Self::POST, Self::DELETE, Self::OTHER];
+
+    fn from_name(name: &str) -> HttpMethod {
+        match name {
+            "GET" => Self::GET,
+            "PUT" => Self::PUT,
+            "PATCH" => Self::PATCH,
+            "POST" => Self::POST,
+            "DELETE" => Self::DELETE,
+            _ => Self::OTHER,
+        }
+    }
+}
+
+/// The `status_class` label; `Error` is a call without a usable answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum StatusClass {
+    Success,
+    ClientError,
+    ServerError,
+    Error,
+}
+
+impl StatusClass {
+    const ALL: [StatusClass; 4] = [Self::Success, Self::ClientError, Self::ServerError, Self::Error];
+
+    fn of(status: u16) -> StatusClass {
+        match status {
+            200..=299 => Self::Success,
+            400..=499 => Self::ClientError,
+            500..=599 => Self::ServerError,
+            _ => Self::Error,
+        }
+    }
+}
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        encoder.write_str(match self {
+            Self::Success => "2xx",
+            Self::ClientError => "4xx",
+            Self::ServerError => "5xx",
+            Self::Error => "error",
+        })
+    }
+}
+
+// The derive writes a variant's name as the label value, so these three enums spell theirs in
+// lower case, as Prometheus label values usually are.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+enum RefreshResult {
+    ok,
+    failed,
+}
+
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+enum QueueKind {
+    live,
+    retry,
+    backfill,
+    parked,
+}
+
+impl QueueKind {
+    const ALL: [QueueKind; 4] = [Self::live, Self::retry, Self::backfill, Self::parked];
+}
+
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+enum QuotaWindow {
+    minute,
+    day,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: DeliveryOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    method: HttpMethod,
+    status_class: StatusClass,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MethodLabels {
+    method: HttpMethod,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: RefreshResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: QueueKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WindowLabels {
+    window: QuotaWindow,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// All metrics of one daemon; share it as `Arc<Metrics>`. Every method takes `&self`.
+///
+/// The fields are handles onto the metrics registered in `registry` (each a clone sharing the
+/// same atomic or map), kept so recording needs no lookup by name.
+#[derive(Debug)]
 pub struct Metrics {
-    deliveries: [AtomicU64; 5],
-    methods: [MethodSeries; METHOD_SLOTS],
-    throttled: AtomicU64,
-    token_refreshes: [AtomicU64; 2],
-    queue: [AtomicI64; 4],
-    oldest_age_bits: AtomicU64,
-    quota: [AtomicI64; 2],
-    db_connected: AtomicBool,
+    registry: Registry,
+    deliveries: Family<OutcomeLabels, Counter>,
+    keap_requests: Family<RequestLabels, Counter>,
+    keap_durations: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    throttled: Counter,
+    token_refreshes: Family<ResultLabels, Counter>,
+    outbox_depth: Family<KindLabels, Gauge>,
+    oldest_pending_age: Gauge<f64, AtomicU64>,
+    /// Holds a window only while its quota is known.
+    quota_remaining: Family<WindowLabels, Gauge>,
+    database_connected: Gauge,
+    paused: Gauge,
+    /// Why delivery stopped; `paused` is written under this lock, see the module docs.
     fatal: Mutex<Option<String>>,
 }
 
@@ -92,65 +233,79 @@ impl Default for Metrics {
 impl Metrics {
     /// All zero; the database counts as not connected until [`Metrics::set_db_connected`].
     pub fn new() -> Metrics {
-        let mut methods = std::array::from_fn(|_| MethodSeries::new(OnceLock::new()));
-        methods[METHOD_SLOTS - 1] = MethodSeries::new(OnceLock::from("other"));
-        Metrics {
-            deliveries: Default::default(),
-            methods,
-            throttled: AtomicU64::new(0),
-            token_refreshes: Default::default(),
-            queue: Default::default(),
-            oldest_age_bits: AtomicU64::new(0f64.to_bits()),
-            quota: [AtomicI64::new(ABSENT), AtomicI64::new(ABSENT)],
-            db_connected: AtomicBool::new(false),
-            fatal: Mutex::new(None),
+        // Series of every outcome, token result and queue kind exist (at zero) from the start.
+        let deliveries = Family::<OutcomeLabels, Counter>::default();
+        for outcome in DeliveryOutcome::ALL {
+            let _ = deliveries.get_or_create(&OutcomeLabels { outcome });
         }
+        let token_refreshes = Family::<ResultLabels, Counter>::default();
+        for result in [RefreshResult::ok, RefreshResult::failed] {
+            let _ = token_refreshes.get_or_create(&ResultLabels { result });
+        }
+        let outbox_depth = Family::<KindLabels, Gauge>::default();
+        for kind in QueueKind::ALL {
+            let _ = outbox_depth.get_or_create(&KindLabels { kind });
+        }
+        let mut m = Metrics {
+            registry: Registry::with_prefix("keap_sync"),
+            deliveries,
+            keap_requests: Family::default(),
+            keap_durations: Family::new_with_constructor(duration_histogram),
+            throttled: Counter::default(),
+            token_refreshes,
+            outbox_depth,
+            oldest_pending_age: Gauge::default(),
+            quota_remaining: Family::default(),
+            database_connected: Gauge::default(),
+            paused: Gauge::default(),
+            fatal: Mutex::new(None),
+        };
+        // In exposition order. Counters are named without `_total`, which the encoder appends
+        // (as it appends a full stop to each help text).
+        let r = &mut m.registry;
+        r.register("deliveries", "Finished deliveries by outcome", m.deliveries.clone());
+        r.register("keap_requests", "Keap HTTP calls by method and status class", m.keap_requests.clone());
+        let help = "Duration of Keap HTTP calls, including failed ones";
+        r.register_with_unit("keap_request_duration", help, Unit::Seconds, m.keap_durations.clone());
+        r.register("keap_throttled", "Keap answers with status 429", m.throttled.clone());
+        r.register("token_refreshes", "OAuth token refreshes by result", m.token_refreshes.clone());
+        r.register("outbox_depth", "Outbox rows by kind", m.outbox_depth.clone());
+        let help = "Age of the oldest undelivered change";
+        r.register_with_unit("oldest_pending_age", help, Unit::Seconds, m.oldest_pending_age.clone());
+        let help = "Keap calls left in the rate limit window";
+        r.register("quota_remaining", help, m.quota_remaining.clone());
+        let help = "1 while the database connection is up";
+        r.register("database_connected", help, m.database_connected.clone());
+        r.register("paused", "1 while delivery is stopped by a fatal condition", m.paused.clone());
+        m
     }
 
     /// Counts one finished delivery (`keap_sync_deliveries_total{outcome}`).
     pub fn delivery(&self, outcome: DeliveryOutcome) {
-        self.deliveries[outcome as usize].fetch_add(1, Relaxed);
+        self.deliveries.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
-    /// Counts one Keap HTTP call and observes its duration. `status` 0 means no answer
-    /// (connect error, timeout); 1xx/3xx and out-of-range codes are not usable answers either,
-    /// so all of those count as `status_class="error"`. Negative or NaN durations count as 0.
+    /// Counts one Keap HTTP call and observes its duration. `method` is an HTTP method name; any
+    /// but GET, PUT, PATCH, POST and DELETE counts as `method="OTHER"`. `status` 0 means no
+    /// answer (connect error, timeout); 1xx/3xx and out-of-range codes are not usable answers
+    /// either, so all of those count as `status_class="error"`. Negative or NaN durations count
+    /// as 0.
     pub fn keap_call(&self, method: &'static str, status: u16, seconds: f64) {
-        let series = self.series(method);
-        let class = match status {
-            200..=299 => 0,
-            400..=499 => 1,
-            500..=599 => 2,
-            _ => 3,
-        };
-        series.by_class[class].fetch_add(1, Relaxed);
-        let seconds = seconds.max(0.0);
-        let bucket = DURATION_BUCKETS.iter().position(|&le| seconds <= le).unwrap_or(DURATION_BUCKETS.len());
-        series.buckets[bucket].fetch_add(1, Relaxed);
-        // No atomic f64 add: a compare-exchange loop on the bits (fetch_update is that loop).
-        let add = |bits| Some((f64::from_bits(bits) + seconds).to_bits());
-        let _ = series.sum_bits.fetch_update(Relaxed, Relaxed, add);
-    }
-
-    /// The slot of `method`: an existing one, the first free one (claimed), or `"other"`.
-    fn series(&self, method: &'static str) -> &MethodSeries {
-        for slot in &self.methods[..METHOD_SLOTS - 1] {
-            // Slots fill in order and are never freed; a racer may claim this one first.
-            if *slot.name.get_or_init(|| method) == method {
-                return slot;
-            }
-        }
-        &self.methods[METHOD_SLOTS - 1]
+        let method = HttpMethod::from_name(method);
+        let status_class = StatusClass::of(status);
+        self.keap_requests.get_or_create(&RequestLabels { method, status_class }).inc();
+        self.keap_durations.get_or_create(&MethodLabels { method }).observe(seconds.max(0.0));
     }
 
     /// Counts one 429 answer from Keap (`keap_sync_keap_throttled_total`).
     pub fn throttled(&self) {
-        self.throttled.fetch_add(1, Relaxed);
+        self.throttled.inc();
     }
 
     /// Counts one OAuth token refresh (`keap_sync_token_refreshes_total{result="ok|failed"}`).
     pub fn token_refresh(&self, ok: bool) {
-        self.token_refreshes[usize::from(!ok)].fetch_add(1, Relaxed);
+        let result = if ok { RefreshResult::ok } else { RefreshResult::failed };
+        self.token_refreshes.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Sets the outbox depth gauges and the age of the oldest pending change.
@@ -162,38 +317,47 @@ impl Metrics {
         parked: i64,
         oldest_pending_age_seconds: f64,
     ) {
-        for (gauge, value) in self.queue.iter().zip([live, retry, backfill, parked]) {
-            gauge.store(value, Relaxed);
+        for (kind, depth) in QueueKind::ALL.into_iter().zip([live, retry, backfill, parked]) {
+            self.outbox_depth.get_or_create(&KindLabels { kind }).set(depth);
         }
-        self.oldest_age_bits.store(oldest_pending_age_seconds.max(0.0).to_bits(), Relaxed);
+        self.oldest_pending_age.set(oldest_pending_age_seconds.max(0.0));
     }
 
     /// Sets the rate limiter's remaining quota; a `None` window has no sample until it is known.
     pub fn set_quota(&self, minute_available: Option<i64>, day_available: Option<i64>) {
-        // i64::MIN is the "unknown" marker; a real quota is never that negative.
-        for (gauge, value) in self.quota.iter().zip([minute_available, day_available]) {
-            gauge.store(value.unwrap_or(ABSENT), Relaxed);
+        for (window, left) in [(QuotaWindow::minute, minute_available), (QuotaWindow::day, day_available)] {
+            let labels = WindowLabels { window };
+            match left {
+                Some(left) => {
+                    self.quota_remaining.get_or_create(&labels).set(left);
+                }
+                None => {
+                    self.quota_remaining.remove(&labels);
+                }
+            }
         }
     }
 
     pub fn set_db_connected(&self, up: bool) {
-        self.db_connected.store(up, Relaxed);
+        self.database_connected.set(i64::from(up));
     }
 
     /// Sets (or with `None` clears) why the daemon stopped delivering, e.g.
     /// "re-authorisation needed"; `/healthz` reports it and `keap_sync_paused` is 1 meanwhile.
     pub fn set_fatal(&self, reason: Option<String>) {
-        *self.fatal() = reason;
+        let mut fatal = self.fatal();
+        self.paused.set(i64::from(reason.is_some()));
+        *fatal = reason;
     }
 
-    fn fatal(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+    fn fatal(&self) -> MutexGuard<'_, Option<String>> {
         self.fatal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Ok while the database is connected and no fatal reason is set; otherwise every reason.
     pub fn healthy(&self) -> Result<(), String> {
         let mut reasons: Vec<String> = self.fatal().iter().cloned().collect();
-        if !self.db_connected.load(Relaxed) {
+        if self.database_connected.get() == 0 {
             reasons.push("database not connected".to_string());
         }
         if reasons.is_empty() {
@@ -204,96 +368,22 @@ impl Metrics {
     }
 
     pub fn deliveries(&self, outcome: DeliveryOutcome) -> u64 {
-        self.deliveries[outcome as usize].load(Relaxed)
+        self.deliveries.get_or_create(&OutcomeLabels { outcome }).get()
     }
 
     pub fn keap_requests(&self) -> u64 {
-        self.methods.iter().flat_map(|s| &s.by_class).map(|c| c.load(Relaxed)).sum()
+        let labels = HttpMethod::ALL.into_iter().flat_map(|method| {
+            StatusClass::ALL.into_iter().map(move |status_class| RequestLabels { method, status_class })
+        });
+        labels.filter_map(|l| self.keap_requests.get(&l).map(|n| n.get())).sum()
     }
 
-    /// The text exposition format 0.0.4: every family has HELP and TYPE before its samples.
+    /// The OpenMetrics text exposition of this instance's registry, ending in `# EOF`.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let o = &mut out;
-        let load = |a: &AtomicU64| a.load(Relaxed);
-        family(o, "keap_sync_deliveries_total", "counter", "Finished deliveries by outcome.");
-        for (outcome, n) in OUTCOMES.iter().zip(&self.deliveries) {
-            sample(o, "keap_sync_deliveries_total", &[("outcome", outcome)], load(n));
-        }
-        let used: Vec<(&str, &MethodSeries)> =
-            self.methods.iter().filter_map(|s| s.name.get().map(|n| (*n, s))).collect();
-        let req = "keap_sync_keap_requests_total";
-        family(o, req, "counter", "Keap HTTP calls by method and status class.");
-        for (method, series) in &used {
-            for (class, n) in STATUS_CLASSES.iter().zip(&series.by_class) {
-                sample(o, req, &[("method", method), ("status_class", class)], load(n));
-            }
-        }
-        let hist = "keap_sync_keap_request_duration_seconds";
-        family(o, hist, "histogram", "Duration of Keap HTTP calls, including failed ones.");
-        for (method, series) in &used {
-            let mut cumulative = 0u64;
-            for (i, bucket) in series.buckets.iter().enumerate() {
-                cumulative += load(bucket);
-                let le = DURATION_BUCKETS.get(i).map_or("+Inf".to_string(), |b| num(*b));
-                sample(o, &format!("{hist}_bucket"), &[("method", method), ("le", &le)], cumulative);
-            }
-            let sum = num(f64::from_bits(load(&series.sum_bits)));
-            sample(o, &format!("{hist}_sum"), &[("method", method)], sum);
-            sample(o, &format!("{hist}_count"), &[("method", method)], cumulative);
-        }
-        family(o, "keap_sync_keap_throttled_total", "counter", "Keap answers with status 429.");
-        sample(o, "keap_sync_keap_throttled_total", &[], load(&self.throttled));
-        family(o, "keap_sync_token_refreshes_total", "counter", "OAuth token refreshes by result.");
-        for (result, n) in ["ok", "failed"].iter().zip(&self.token_refreshes) {
-            sample(o, "keap_sync_token_refreshes_total", &[("result", result)], load(n));
-        }
-        family(o, "keap_sync_outbox_depth", "gauge", "Outbox rows by kind.");
-        for (kind, depth) in QUEUE_KINDS.iter().zip(&self.queue) {
-            sample(o, "keap_sync_outbox_depth", &[("kind", kind)], depth.load(Relaxed));
-        }
-        let age = "keap_sync_oldest_pending_age_seconds";
-        family(o, age, "gauge", "Age of the oldest undelivered change.");
-        sample(o, age, &[], num(f64::from_bits(load(&self.oldest_age_bits))));
-        family(o, "keap_sync_quota_remaining", "gauge", "Keap calls left in the rate limit window.");
-        for (window, left) in ["minute", "day"].iter().zip(&self.quota) {
-            let left = left.load(Relaxed);
-            if left != ABSENT {
-                sample(o, "keap_sync_quota_remaining", &[("window", window)], left);
-            }
-        }
-        family(o, "keap_sync_database_connected", "gauge", "1 while the database connection is up.");
-        sample(o, "keap_sync_database_connected", &[], u8::from(self.db_connected.load(Relaxed)));
-        family(o, "keap_sync_paused", "gauge", "1 while delivery is stopped by a fatal condition.");
-        sample(o, "keap_sync_paused", &[], u8::from(self.fatal().is_some()));
+        // Writing to a String can't fail, nor can encoding these fixed label values.
+        encode(&mut out, &self.registry).expect("encoding metrics into a String");
         out
-    }
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// One sample line, `name{k="v",..} value`, label values escaped.
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-    out.push_str(name);
-    for (i, (key, val)) in labels.iter().enumerate() {
-        let _ = write!(out, "{}{key}=\"{}\"", if i == 0 { '{' } else { ',' }, escape(val));
-    }
-    let _ = writeln!(out, "{} {value}", if labels.is_empty() { "" } else { "}" });
-}
-
-/// A label value with `\`, `"` and newline escaped, as the format requires.
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// A sample value or `le` bound: the format spells infinities `+Inf`/`-Inf`.
-fn num(v: f64) -> String {
-    match v {
-        f64::INFINITY => "+Inf".to_string(),
-        f64::NEG_INFINITY => "-Inf".to_string(),
-        v => v.to_string(),
     }
 }
 
@@ -365,43 +455,57 @@ mod tests {
         n.starts_with(|c: char| !c.is_ascii_digit()) && n.chars().all(ok)
     }
 
-    /// A strict parser of the format subset `render` may emit (panics on anything else), giving
-    /// each sample's value keyed by its series as written, `name{k="v",..}`.
+    /// A strict parser of the OpenMetrics subset `render` may emit (panics on anything else),
+    /// giving each sample's value keyed by `name{k="v",..}` with the labels sorted by name, so
+    /// lookups don't depend on the order the encoder writes them in.
     fn parse(text: &str) -> HashMap<String, f64> {
+        let body = text.strip_suffix("# EOF\n").unwrap_or_else(|| panic!("no final # EOF:\n{text}"));
         let (mut help, mut kinds, mut samples) = (Vec::new(), HashMap::new(), HashMap::new());
-        for line in text.lines() {
+        for line in body.lines() {
             if let Some((name, _)) = line.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')) {
                 assert!(valid_name(name) && !help.contains(&name), "{line}");
                 help.push(name);
             } else if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' ')) {
                 assert!(help.contains(&name) && ["counter", "gauge", "histogram"].contains(&kind), "{line}");
                 assert!(kinds.insert(name, kind).is_none(), "second TYPE: {line}");
+            } else if let Some((name, unit)) = line.strip_prefix("# UNIT ").and_then(|r| r.split_once(' ')) {
+                assert!(kinds.contains_key(name) && name.ends_with(&format!("_{unit}")), "{line}");
             } else {
+                assert!(!line.starts_with('#'), "unexpected comment: {line}");
                 let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
                 let value: f64 = value.parse().unwrap_or_else(|_| panic!("value: {line}"));
-                let name = match series.split_once('{') {
-                    None => series,
-                    Some((name, labels)) => check_labels(labels.strip_suffix('}').expect(line), line, name),
+                let (name, labels) = match series.split_once('{') {
+                    None => (series, Vec::new()),
+                    Some((name, labels)) => (name, parse_labels(labels.strip_suffix('}').expect(line), line)),
                 };
-                let family = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .filter_map(|suffix| name.strip_suffix(suffix))
-                    .find(|base| kinds.get(base) == Some(&"histogram"))
-                    .unwrap_or(name);
-                assert!(valid_name(name) && kinds.contains_key(family), "no HELP/TYPE before: {line}");
-                let bucket = name.ends_with("_bucket") && family != name;
-                assert!(!bucket || series.contains(",le=\""), "bucket without le: {line}");
-                assert!(samples.insert(series.to_string(), value).is_none(), "repeated: {line}");
+                // The suffixes each type's samples carry in OpenMetrics.
+                let family = [("_total", "counter"), ("_bucket", "histogram"), ("_sum", "histogram")]
+                    .into_iter()
+                    .chain([("_count", "histogram"), ("", "gauge")])
+                    .find_map(|(suffix, kind)| {
+                        name.strip_suffix(suffix).filter(|base| kinds.get(base) == Some(&kind))
+                    })
+                    .unwrap_or_else(|| panic!("no HELP/TYPE for this sample: {line}"));
+                let has_le = labels.iter().any(|(k, _)| k == "le");
+                assert_eq!(name.ends_with("_bucket") && family != name, has_le, "le: {line}");
+                let key = if labels.is_empty() {
+                    name.to_string()
+                } else {
+                    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                    format!("{name}{{{}}}", pairs.join(","))
+                };
+                assert!(samples.insert(key, value).is_none(), "repeated: {line}");
             }
         }
         samples
     }
 
-    /// Checks `k="v",k="v"` with only `\\`, `\"` and `\n` escapes; returns `name`.
-    fn check_labels<'a>(mut s: &str, line: &str, name: &'a str) -> &'a str {
+    /// Parses `k="v",k="v"` (values kept escaped, only `\\`, `\"` and `\n` allowed), sorted by key.
+    fn parse_labels(mut s: &str, line: &str) -> Vec<(String, String)> {
+        let mut labels = Vec::new();
         loop {
             let (key, rest) = s.split_once("=\"").unwrap_or_else(|| panic!("label: {line}"));
-            assert!(valid_name(key), "label name: {line}");
+            assert!(valid_name(key) && labels.iter().all(|(k, _)| k != key), "label name: {line}");
             let mut chars = rest.char_indices();
             let end = loop {
                 match chars.next().unwrap_or_else(|| panic!("unterminated: {line}")) {
@@ -410,39 +514,51 @@ mod tests {
                     (_, c) => assert!(c != '\n', "{line}"),
                 }
             };
+            labels.push((key.to_string(), rest[..end].to_string()));
             match &rest[end + 1..] {
-                "" => return name,
+                "" => break,
                 more => s = more.strip_prefix(',').unwrap_or_else(|| panic!("separator: {line}")),
             }
         }
+        labels.sort();
+        labels
     }
 
     #[test]
     fn counters_and_gauges() {
         let m = Metrics::default();
-        assert!(!m.render().contains("quota_remaining{"));
         m.delivery(DeliveryOutcome::Synced);
         m.delivery(DeliveryOutcome::Synced);
         m.delivery(DeliveryOutcome::Parked);
-        m.keap_call("upsert", 200, 0.1);
-        m.keap_call("upsert", 0, 0.1);
-        m.keap_call("patch", 503, 0.1);
+        for _ in 0..3 {
+            m.keap_call("PUT", 200, 0.1);
+        }
+        m.keap_call("PUT", 0, 0.1);
+        m.keap_call("PATCH", 503, 0.1);
         m.throttled();
         m.token_refresh(false);
         m.set_queue(3, 2, 1000, 7, 12.5);
         m.set_quota(Some(40), None);
         m.set_fatal(Some("re-authorisation needed".into()));
         assert_eq!((m.deliveries(DeliveryOutcome::Synced), m.deliveries(DeliveryOutcome::Parked)), (2, 1));
-        assert_eq!((m.deliveries(DeliveryOutcome::Retried), m.keap_requests()), (0, 3));
-        let s = parse(&m.render());
+        assert_eq!((m.deliveries(DeliveryOutcome::Retried), m.keap_requests()), (0, 5));
+        let text = m.render();
+        assert!(
+            text.contains("\nkeap_sync_keap_requests_total{method=\"PUT\",status_class=\"2xx\"} 3\n"),
+            "{text}"
+        );
+        let s = parse(&text);
         let expected = [
             (r#"keap_sync_deliveries_total{outcome="synced"}"#, 2.0),
             (r#"keap_sync_deliveries_total{outcome="unchanged"}"#, 0.0),
-            (r#"keap_sync_keap_requests_total{method="upsert",status_class="error"}"#, 1.0),
-            (r#"keap_sync_keap_requests_total{method="patch",status_class="5xx"}"#, 1.0),
+            (r#"keap_sync_keap_requests_total{method="PUT",status_class="2xx"}"#, 3.0),
+            (r#"keap_sync_keap_requests_total{method="PUT",status_class="error"}"#, 1.0),
+            (r#"keap_sync_keap_requests_total{method="PATCH",status_class="5xx"}"#, 1.0),
             ("keap_sync_keap_throttled_total", 1.0),
             (r#"keap_sync_token_refreshes_total{result="failed"}"#, 1.0),
+            (r#"keap_sync_token_refreshes_total{result="ok"}"#, 0.0),
             (r#"keap_sync_outbox_depth{kind="backfill"}"#, 1000.0),
+            (r#"keap_sync_outbox_depth{kind="parked"}"#, 7.0),
             ("keap_sync_oldest_pending_age_seconds", 12.5),
             (r#"keap_sync_quota_remaining{window="minute"}"#, 40.0),
             ("keap_sync_database_connected", 0.0),
@@ -451,36 +567,65 @@ mod tests {
         for (series, value) in expected {
             assert_eq!(s.get(series), Some(&value), "{series}");
         }
-        assert!(!s.contains_key(r#"keap_sync_quota_remaining{window="day"}"#));
+        assert!(!s.contains_key(r#"keap_sync_keap_requests_total{method="PATCH",status_class="2xx"}"#));
         assert_eq!(m.healthy(), Err("re-authorisation needed; database not connected".into()));
         m.set_fatal(None);
         m.set_db_connected(true);
         assert_eq!(m.healthy(), Ok(()));
+        let s = parse(&m.render());
+        assert_eq!((s["keap_sync_paused"], s["keap_sync_database_connected"]), (0.0, 1.0));
+    }
+
+    #[test]
+    fn a_quota_has_no_sample_while_unknown() {
+        let m = Metrics::new();
+        let window = |s: &HashMap<String, f64>, w: &str| {
+            s.get(&format!("keap_sync_quota_remaining{{window=\"{w}\"}}")).copied()
+        };
+        let s = parse(&m.render());
+        assert_eq!((window(&s, "minute"), window(&s, "day")), (None, None));
+        m.set_quota(Some(0), Some(9000));
+        let s = parse(&m.render());
+        assert_eq!((window(&s, "minute"), window(&s, "day")), (Some(0.0), Some(9000.0)));
+        m.set_quota(None, Some(8999));
+        let s = parse(&m.render());
+        assert_eq!((window(&s, "minute"), window(&s, "day")), (None, Some(8999.0)));
     }
 
     #[test]
     fn histogram_is_cumulative_and_methods_are_bounded() {
         let m = Metrics::new();
         for seconds in [0.003, 0.01, 0.7, 100.0] {
-            m.keap_call("get", 200, seconds);
+            m.keap_call("GET", 200, seconds);
         }
         let s = parse(&m.render());
         let h = "keap_sync_keap_request_duration_seconds";
-        for (le, n) in [("0.005", 1.0), ("0.01", 2.0), ("0.5", 2.0), ("1", 3.0), ("30", 3.0), ("+Inf", 4.0)] {
-            assert_eq!(s[&format!("{h}_bucket{{method=\"get\",le=\"{le}\"}}")], n, "le={le}");
+        for (le, n) in
+            [("0.005", 1.0), ("0.01", 2.0), ("0.5", 2.0), ("1.0", 3.0), ("30.0", 3.0), ("+Inf", 4.0)]
+        {
+            assert_eq!(s[&format!("{h}_bucket{{le=\"{le}\",method=\"GET\"}}")], n, "le={le}");
         }
-        assert_eq!(s[&format!("{h}_count{{method=\"get\"}}")], 4.0);
-        assert!((s[&format!("{h}_sum{{method=\"get\"}}")] - 100.713).abs() < 1e-9);
-        // Past the slots, names share "other"; odd names are escaped.
+        assert_eq!(s[&format!("{h}_count{{method=\"GET\"}}")], 4.0);
+        assert!((s[&format!("{h}_sum{{method=\"GET\"}}")] - 100.713).abs() < 1e-9);
+        // Names outside the closed set share one series; negative durations count as 0.
         for i in 0..20 {
-            m.keap_call(format!("m{i}\"\\\n").leak(), 404, 0.0);
+            m.keap_call(format!("m{i}\"\\\n").leak(), 404, -1.0);
         }
         let s = parse(&m.render());
-        let req = |method: &str| {
-            s[&format!("keap_sync_keap_requests_total{{method=\"{method}\",status_class=\"4xx\"}}")]
-        };
-        assert_eq!((req(r#"m0\"\\\n"#), req(r#"m13\"\\\n"#), req("other")), (1.0, 1.0, 6.0));
+        assert_eq!(s[r#"keap_sync_keap_requests_total{method="OTHER",status_class="4xx"}"#], 20.0);
+        assert_eq!(s[&format!("{h}_bucket{{le=\"0.005\",method=\"OTHER\"}}")], 20.0);
+        assert_eq!(s.keys().filter(|k| k.starts_with("keap_sync_keap_requests_total")).count(), 2);
         assert_eq!(m.keap_requests(), 24);
+    }
+
+    #[test]
+    fn each_instance_has_its_own_registry() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.delivery(DeliveryOutcome::Deleted);
+        a.keap_call("DELETE", 204, 0.2);
+        let key = r#"keap_sync_deliveries_total{outcome="deleted"}"#;
+        assert_eq!((parse(&a.render())[key], parse(&b.render())[key]), (1.0, 0.0));
+        assert_eq!((a.keap_requests(), b.keap_requests()), (1, 0));
     }
 
     async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
@@ -505,7 +650,8 @@ mod tests {
         assert_eq!(http_get(addr, "/healthz").await.0, 200);
         let (status, head, body) = http_get(addr, "/metrics").await;
         assert_eq!(status, 200);
-        assert!(head.contains("\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n"), "{head}");
+        let content_type = "\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n";
+        assert!(head.contains(content_type), "{head}");
         assert_eq!(parse(&body)[r#"keap_sync_deliveries_total{outcome="deleted"}"#], 1.0);
         m.set_fatal(Some("re-authorisation needed".into()));
         let (status, _, body) = http_get(addr, "/healthz").await;

@@ -198,23 +198,28 @@ async fn two_instances_one_delivers_and_the_other_takes_over() {
     app.assert_keap_matches_users().await;
 }
 
-/// Parses Prometheus text format strictly enough to catch a broken exposition: every sample
-/// line is `name{labels} value` or `name value` with a valid name and a float value, and every
-/// sampled family has `# TYPE` before its samples. Returns (name with labels, value) pairs.
+/// Parses the OpenMetrics text `/metrics` serves strictly enough to catch a broken exposition:
+/// it ends with `# EOF`, every sample line is `name{labels} value` or `name value` with a valid
+/// name, well-formed labels and a float value, and every sample's family has `# TYPE` before it
+/// (a counter's samples carry `_total`, a histogram's `_bucket`, `_sum` and `_count`). Returns
+/// (name with labels, value) pairs, the labels sorted by name so lookups don't depend on the
+/// order the encoder writes them in.
 fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
     let valid_name = |n: &str| {
         !n.is_empty()
             && n.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
             && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     };
+    let body = text.strip_suffix("# EOF\n").unwrap_or_else(|| panic!("no final # EOF:\n{text}"));
     let mut typed = std::collections::HashSet::new();
     let mut samples = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+    for line in body.lines() {
+        assert!(!line.trim().is_empty(), "blank line in OpenMetrics text");
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut parts = rest.split_whitespace();
             let name = parts.next().unwrap();
             let kind = parts.next().unwrap();
-            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+            assert!(["counter", "gauge", "histogram", "summary", "unknown"].contains(&kind), "{line}");
             typed.insert(name.to_owned());
             continue;
         }
@@ -223,17 +228,30 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
         }
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
         let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
-        let name = series.split('{').next().unwrap();
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
         assert!(valid_name(name), "bad name: {line}");
-        if let Some(labels) = series.strip_prefix(name) {
-            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
+        let mut labels: Vec<&str> = match labels {
+            "" => Vec::new(),
+            labels => {
+                let labels = labels.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                // Our label values are fixed words, so a `,` only ever separates labels.
+                labels.split(',').collect()
+            }
+        };
+        for label in &labels {
+            let (key, value) = label.split_once('=').unwrap_or_else(|| panic!("bad label: {line}"));
+            assert!(valid_name(key), "bad label name: {line}");
+            assert!(value.len() >= 2 && value.starts_with('"') && value.ends_with('"'), "{line}");
         }
-        let family = ["_bucket", "_sum", "_count"]
+        labels.sort_unstable();
+        let family = ["_total", "_bucket", "_sum", "_count"]
             .iter()
             .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
             .unwrap_or(name);
         assert!(typed.contains(family), "sample before its TYPE: {line}");
-        samples.push((series.to_owned(), value));
+        let series =
+            if labels.is_empty() { name.to_owned() } else { format!("{name}{{{}}}", labels.join(",")) };
+        samples.push((series, value));
     }
     samples
 }
