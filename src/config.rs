@@ -4,10 +4,19 @@
 //! never read from the TOML itself (config files get copied, committed and pasted into tickets);
 //! they come from the environment, from a file named in the config (`*_file`), or from systemd's
 //! `$CREDENTIALS_DIRECTORY` (`LoadCredential=`). Unknown keys are an error naming the key, so a
-//! typo never silently falls back to a default.
+//! typo never silently falls back to a default, and a syntax error names the line and column but
+//! never quotes the file (a `database.url` may hold a password).
+//!
+//! Loading is three steps. The file is parsed into its own shape (`FileConfig` and one struct
+//! per section), where `#[serde(default)]` fills every key left out from the section's `Default`
+//! impl — those impls, next to each section struct, are the one place the built-in defaults are
+//! written (the rate limits' defaults are [`LimitsConfig::OAUTH`] and [`LimitsConfig::API_KEY`],
+//! chosen by the credential). Then the environment overrides are applied and the Keap credential
+//! is read. Last, `validate` checks each section and builds the public [`Config`].
 //!
 //! The annotated example is `keap-sync.example.toml` at the top of the repository; the README's
-//! configuration reference lists the same keys. Keep the three in step.
+//! configuration reference lists the same keys. Keep the three in step (a test checks that the
+//! example's values are the defaults).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -182,10 +191,7 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.to_owned(),
-                    message: one_line(&e.to_string()),
-                })?
+                parse(&text, path)?
             }
             None => FileConfig::default(),
         };
@@ -201,174 +207,393 @@ impl Config {
     /// Configuration from TOML text (relative `*_file` paths resolve against the current
     /// directory). For tests and embedding; the CLI uses [`Config::load`].
     pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let file = toml::from_str::<FileConfig>(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message: one_line(&e.to_string()),
-        })?;
+        let file = parse(text, Path::new("<inline>"))?;
         Self::from_parts(file, Path::new("."), env)
     }
 
+    /// The file (defaults already filled in), then the environment and secrets, then validation.
     fn from_parts(
         file: FileConfig,
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        // A variable set to nothing (`DATABASE_URL=` in a unit file) counts as unset.
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-        let read_secret = |name: &str, file_key: &str, file: &Option<PathBuf>, credential: &str| {
-            read_secret(&env, name, file_key, file.as_deref(), credential, base_dir)
-        };
+        let file = file.with_env(&env);
+        let credential = read_credential(&file.keap, base_dir, &env)?;
+        file.validate(credential)
+    }
+}
 
-        let database = match env("DATABASE_URL").or(file.database.url) {
-            Some(url) => Some(DatabaseConfig {
-                url: Secret::new(url),
-                connect_timeout: secs(
-                    "database.connect_timeout_secs",
-                    file.database.connect_timeout_secs.unwrap_or(10),
-                )?,
-            }),
-            None => None,
-        };
+// ---- the file's shape and the built-in defaults ----------------------------------------------
+//
+// Every section is `#[serde(default)]`: a key the file leaves out takes the value from the
+// section's `Default` impl, written next to the struct. `Option` marks what has no default
+// (off, or not configured) and the limits, whose defaults depend on the credential.
 
-        let u = file.users;
-        let users = UsersConfig {
-            table: u.table.unwrap_or_else(|| "public.users".into()),
-            key: u.key.unwrap_or_else(|| "id".into()),
-            email: u.email.unwrap_or_else(|| "email".into()),
-            given_name: optional_column(u.given_name, "first_name"),
-            family_name: optional_column(u.family_name, "last_name"),
-        };
-        validate_identifier("users.table", &users.table, true)?;
-        for (key, col) in
-            [("users.key", Some(&users.key)), ("users.email", Some(&users.email))].into_iter().chain([
-                ("users.given_name", users.given_name.as_ref()),
-                ("users.family_name", users.family_name.as_ref()),
-            ])
-        {
-            if let Some(col) = col {
-                validate_identifier(key, col, false)?;
-            }
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    database: FileDatabase,
+    users: FileUsers,
+    keap: FileKeap,
+    delivery: FileDelivery,
+    limits: FileLimits,
+    metrics: FileMetrics,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileDatabase {
+    /// Or `DATABASE_URL`; commands that need the database refuse to start without one.
+    url: Option<String>,
+    connect_timeout_secs: u64,
+}
+
+impl Default for FileDatabase {
+    fn default() -> Self {
+        FileDatabase { url: None, connect_timeout_secs: 10 }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileUsers {
+    table: String,
+    key: String,
+    email: String,
+    /// `""` means "do not sync this field" (also for `family_name`).
+    given_name: String,
+    family_name: String,
+}
+
+impl Default for FileUsers {
+    fn default() -> Self {
+        FileUsers {
+            table: "public.users".into(),
+            key: "id".into(),
+            email: "email".into(),
+            given_name: "first_name".into(),
+            family_name: "last_name".into(),
         }
+    }
+}
 
-        let k = file.keap;
-        let api_key = read_secret("KEAP_API_KEY", "keap.api_key_file", &k.api_key_file, "keap-api-key")?;
-        let client_id = env("KEAP_CLIENT_ID").or(k.client_id);
-        let client_secret = read_secret(
-            "KEAP_CLIENT_SECRET",
-            "keap.client_secret_file",
-            &k.client_secret_file,
-            "keap-client-secret",
-        )?;
-        let credential = match (api_key, client_id, client_secret) {
-            (Some(key), _, _) => Some(Credential::ApiKey(key)),
-            (None, Some(client_id), Some(client_secret)) => Some(Credential::OAuth { client_id, client_secret }),
-            (None, Some(_), None) => {
-                return Err(ConfigError::Missing(
-                    "KEAP_CLIENT_ID is set but the client secret is not: set KEAP_CLIENT_SECRET, \
-                     `client_secret_file` under [keap], or a systemd credential named keap-client-secret"
-                        .into(),
-                ))
-            }
-            (None, None, Some(_)) => {
-                return Err(ConfigError::Missing(
-                    "a Keap client secret is set but the client id is not: set KEAP_CLIENT_ID or `client_id` under [keap]"
-                        .into(),
-                ))
-            }
-            (None, None, None) => None,
-        };
-        let keap = KeapConfig {
-            api_url: url("KEAP_API_URL", env("KEAP_API_URL").or(k.api_url), DEFAULT_API_URL)?,
-            token_url: url("KEAP_TOKEN_URL", env("KEAP_TOKEN_URL").or(k.token_url), DEFAULT_TOKEN_URL)?,
-            authorize_url: url(
-                "keap.authorize_url",
-                k.authorize_url,
-                "https://accounts.infusionsoft.com/app/oauth/authorize",
-            )?,
-            redirect_uri: k.redirect_uri,
-            request_timeout: secs("keap.request_timeout_secs", k.request_timeout_secs.unwrap_or(30))?,
-            connect_timeout: secs("keap.connect_timeout_secs", k.connect_timeout_secs.unwrap_or(10))?,
-            refresh_margin: secs("keap.refresh_margin_secs", k.refresh_margin_secs.unwrap_or(300))?,
-            refresh_token_max_age: secs(
-                "keap.refresh_token_max_age_days",
-                k.refresh_token_max_age_days.unwrap_or(30).saturating_mul(86_400),
-            )?,
-            credential,
-        };
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileKeap {
+    api_url: String,
+    token_url: String,
+    authorize_url: String,
+    redirect_uri: Option<String>,
+    client_id: Option<String>,
+    /// Where secrets are, never the secrets themselves.
+    client_secret_file: Option<PathBuf>,
+    api_key_file: Option<PathBuf>,
+    request_timeout_secs: u64,
+    connect_timeout_secs: u64,
+    refresh_margin_secs: u64,
+    refresh_token_max_age_days: u64,
+}
 
-        let d = file.delivery;
-        let delivery = DeliveryConfig {
-            concurrency: d.concurrency.unwrap_or(4),
-            poll_interval: millis("delivery.poll_interval_ms", d.poll_interval_ms.unwrap_or(5_000))?,
-            lease: secs("delivery.lease_secs", d.lease_secs.unwrap_or(120))?,
-            settle: Duration::from_millis(d.settle_ms.unwrap_or(100)),
-            retry_base: millis("delivery.retry_base_ms", d.retry_base_ms.unwrap_or(1_000))?,
-            retry_max: secs("delivery.retry_max_secs", d.retry_max_secs.unwrap_or(3_600))?,
-            on_delete: d.on_delete.unwrap_or(OnDelete::Keep),
-            shutdown_grace: secs("delivery.shutdown_grace_secs", d.shutdown_grace_secs.unwrap_or(20))?,
-        };
-        if keap.refresh_token_max_age >= Duration::from_secs(45 * 86_400) {
+impl Default for FileKeap {
+    fn default() -> Self {
+        FileKeap {
+            api_url: DEFAULT_API_URL.into(),
+            token_url: DEFAULT_TOKEN_URL.into(),
+            authorize_url: "https://accounts.infusionsoft.com/app/oauth/authorize".into(),
+            redirect_uri: None,
+            client_id: None,
+            client_secret_file: None,
+            api_key_file: None,
+            request_timeout_secs: 30,
+            connect_timeout_secs: 10,
+            refresh_margin_secs: 300,
+            refresh_token_max_age_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileDelivery {
+    concurrency: usize,
+    poll_interval_ms: u64,
+    lease_secs: u64,
+    settle_ms: u64,
+    retry_base_ms: u64,
+    retry_max_secs: u64,
+    on_delete: OnDelete,
+    shutdown_grace_secs: u64,
+}
+
+impl Default for FileDelivery {
+    fn default() -> Self {
+        FileDelivery {
+            concurrency: 4,
+            poll_interval_ms: 5_000,
+            lease_secs: 120,
+            settle_ms: 100,
+            retry_base_ms: 1_000,
+            retry_max_secs: 3_600,
+            on_delete: OnDelete::Keep,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+/// A key left out takes Keap's documented limit for the credential in use:
+/// [`LimitsConfig::OAUTH`], or [`LimitsConfig::API_KEY`] when an API key is the credential.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileLimits {
+    per_second: Option<u32>,
+    per_minute: Option<u32>,
+    per_day: Option<u32>,
+}
+
+/// Off unless `listen` is set.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileMetrics {
+    listen: Option<String>,
+}
+
+/// Parses the file; a syntax error or unknown key becomes one line that never quotes the file.
+fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: parse_message(text, e) })
+}
+
+/// toml's `Display` quotes the offending source line under the message, and that line may hold a
+/// password (`url = "postgres://user:secret@…"`); the CLI also promises one line. So the message
+/// is rebuilt from toml's parts: our own line and column, and toml's description, which `Display`
+/// prints without any excerpt once the input is detached.
+fn parse_message(text: &str, mut error: toml::de::Error) -> String {
+    error.set_input(None);
+    let what = error.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    match error.span() {
+        Some(span) => {
+            let (line, column) = line_and_column(text, span.start);
+            format!("TOML parse error at line {line}, column {column}: {what}")
+        }
+        None => what,
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    (line, column)
+}
+
+// ---- environment overrides and secrets ---------------------------------------------------------
+
+impl FileConfig {
+    /// Environment variables win over the file. Secrets are not here: [`read_credential`].
+    fn with_env(mut self, env: &dyn Fn(&str) -> Option<String>) -> FileConfig {
+        self.database.url = env("DATABASE_URL").or(self.database.url);
+        self.keap.api_url = env("KEAP_API_URL").unwrap_or(self.keap.api_url);
+        self.keap.token_url = env("KEAP_TOKEN_URL").unwrap_or(self.keap.token_url);
+        self.keap.client_id = env("KEAP_CLIENT_ID").or(self.keap.client_id);
+        self
+    }
+}
+
+/// The Keap credential: an API key wins over an OAuth client; both halves of a client or neither.
+fn read_credential(
+    keap: &FileKeap,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Credential>, ConfigError> {
+    let secret = |var: &str, file_key: &str, file: Option<&Path>, credential: &str| {
+        read_secret(env, base_dir, var, file_key, file, credential)
+    };
+    let api_key = secret("KEAP_API_KEY", "keap.api_key_file", keap.api_key_file.as_deref(), "keap-api-key")?;
+    let client_secret = secret(
+        "KEAP_CLIENT_SECRET",
+        "keap.client_secret_file",
+        keap.client_secret_file.as_deref(),
+        "keap-client-secret",
+    )?;
+    match (api_key, keap.client_id.clone(), client_secret) {
+        (Some(key), _, _) => Ok(Some(Credential::ApiKey(key))),
+        (None, Some(client_id), Some(client_secret)) => Ok(Some(Credential::OAuth { client_id, client_secret })),
+        (None, Some(_), None) => Err(ConfigError::Missing(
+            "KEAP_CLIENT_ID is set but the client secret is not: set KEAP_CLIENT_SECRET, \
+             `client_secret_file` under [keap], or a systemd credential named keap-client-secret"
+                .into(),
+        )),
+        (None, None, Some(_)) => Err(ConfigError::Missing(
+            "a Keap client secret is set but the client id is not: set KEAP_CLIENT_ID or `client_id` under [keap]"
+                .into(),
+        )),
+        (None, None, None) => Ok(None),
+    }
+}
+
+/// A secret from, in order: the variable `var`, the file the config names under `file_key`
+/// (relative to the config file's directory), or systemd's credential called `credential`.
+fn read_secret(
+    env: &dyn Fn(&str) -> Option<String>,
+    base_dir: &Path,
+    var: &str,
+    file_key: &str,
+    file: Option<&Path>,
+    credential: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(v) = env(var) {
+        return Ok(Some(Secret::new(v.trim())));
+    }
+    if let Some(path) = file {
+        return secret_from_file(&base_dir.join(path), file_key).map(Some);
+    }
+    if let Some(dir) = env("CREDENTIALS_DIRECTORY") {
+        let path = Path::new(&dir).join(credential);
+        if path.exists() {
+            return secret_from_file(&path, "systemd credential").map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn secret_from_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Invalid(format!("cannot read {what} {}: {e}", path.display())))?;
+    let value = text.trim();
+    if value.is_empty() {
+        return Err(ConfigError::Invalid(format!("{what} {} is empty", path.display())));
+    }
+    Ok(Secret::new(value))
+}
+
+// ---- validation: the file's shape to the public `Config` ---------------------------------------
+
+impl FileConfig {
+    fn validate(self, credential: Option<Credential>) -> Result<Config, ConfigError> {
+        let database = self.database.validate()?;
+        let users = self.users.validate()?;
+        let keap = self.keap.validate(credential)?;
+        let delivery = self.delivery.validate(&keap)?;
+        let limits = self.limits.validate(keap.credential.as_ref())?;
+        let metrics_listen = self.metrics.validate()?;
+        Ok(Config { metrics_listen, database, users, keap, delivery, limits })
+    }
+}
+
+impl FileDatabase {
+    fn validate(self) -> Result<Option<DatabaseConfig>, ConfigError> {
+        let Some(url) = self.url else { return Ok(None) };
+        Ok(Some(DatabaseConfig {
+            url: Secret::new(url),
+            connect_timeout: secs("database.connect_timeout_secs", self.connect_timeout_secs)?,
+        }))
+    }
+}
+
+impl FileUsers {
+    fn validate(self) -> Result<UsersConfig, ConfigError> {
+        validate_identifier("users.table", &self.table, true)?;
+        let column = |key: &str, name: String| validate_identifier(key, &name, false).map(|()| name);
+        let optional =
+            |key: &str, name: String| if name.is_empty() { Ok(None) } else { column(key, name).map(Some) };
+        Ok(UsersConfig {
+            key: column("users.key", self.key)?,
+            email: column("users.email", self.email)?,
+            given_name: optional("users.given_name", self.given_name)?,
+            family_name: optional("users.family_name", self.family_name)?,
+            table: self.table,
+        })
+    }
+}
+
+impl FileKeap {
+    fn validate(self, credential: Option<Credential>) -> Result<KeapConfig, ConfigError> {
+        let refresh_token_max_age =
+            secs("keap.refresh_token_max_age_days", self.refresh_token_max_age_days.saturating_mul(86_400))?;
+        if refresh_token_max_age >= Duration::from_secs(45 * 86_400) {
             return Err(ConfigError::Invalid(
                 "keap.refresh_token_max_age_days must be below 45: Keap's refresh tokens lapse after 45 days"
                     .into(),
             ));
         }
-        if !(1..=64).contains(&delivery.concurrency) {
+        Ok(KeapConfig {
+            api_url: url("KEAP_API_URL", self.api_url)?,
+            token_url: url("KEAP_TOKEN_URL", self.token_url)?,
+            authorize_url: url("keap.authorize_url", self.authorize_url)?,
+            redirect_uri: self.redirect_uri,
+            credential,
+            request_timeout: secs("keap.request_timeout_secs", self.request_timeout_secs)?,
+            connect_timeout: secs("keap.connect_timeout_secs", self.connect_timeout_secs)?,
+            refresh_margin: secs("keap.refresh_margin_secs", self.refresh_margin_secs)?,
+            refresh_token_max_age,
+        })
+    }
+}
+
+impl FileDelivery {
+    fn validate(self, keap: &KeapConfig) -> Result<DeliveryConfig, ConfigError> {
+        if !(1..=64).contains(&self.concurrency) {
             return Err(ConfigError::Invalid(format!(
                 "delivery.concurrency = {} is out of range: use 1 to 64",
-                delivery.concurrency
+                self.concurrency
             )));
         }
         // A claim must outlive a call started under it (calls that could not finish in time are
         // not started), with room for a retry after a 401; else a slow call could be sent twice.
-        let worst_call = (keap.connect_timeout + keap.request_timeout) * 2;
-        if delivery.lease <= worst_call {
+        let lease = secs("delivery.lease_secs", self.lease_secs)?;
+        let worst_call = keap.connect_timeout.saturating_add(keap.request_timeout).saturating_mul(2);
+        if lease <= worst_call {
             return Err(ConfigError::Invalid(format!(
                 "delivery.lease_secs = {} is too short: it must exceed 2 x (keap.request_timeout_secs + \
                  keap.connect_timeout_secs) = {} s so a claim never expires while its call is in flight",
-                delivery.lease.as_secs(),
+                lease.as_secs(),
                 worst_call.as_secs()
             )));
         }
-
-        let defaults = match keap.credential {
-            Some(Credential::ApiKey(_)) => LimitsConfig::API_KEY,
-            _ => LimitsConfig::OAUTH,
-        };
-        let l = file.limits;
-        let limits = LimitsConfig {
-            per_second: positive("limits.per_second", l.per_second.unwrap_or(defaults.per_second))?,
-            per_minute: positive("limits.per_minute", l.per_minute.unwrap_or(defaults.per_minute))?,
-            per_day: positive("limits.per_day", l.per_day.unwrap_or(defaults.per_day))?,
-        };
-
-        let metrics_listen = match file.metrics.listen {
-            None => None,
-            Some(text) => {
-                let addr: std::net::SocketAddr = text.parse().map_err(|_| {
-                    ConfigError::Invalid(format!(
-                        "metrics.listen = {text:?} is not an address like 127.0.0.1:9187"
-                    ))
-                })?;
-                if !addr.ip().is_loopback() {
-                    return Err(ConfigError::Invalid(format!(
-                        "metrics.listen = {text:?} must be a loopback address (127.0.0.1 or [::1]); \
-                         put a reverse proxy in front to expose it"
-                    )));
-                }
-                Some(addr)
-            }
-        };
-
-        Ok(Config { metrics_listen, database, users, keap, delivery, limits })
+        Ok(DeliveryConfig {
+            concurrency: self.concurrency,
+            poll_interval: millis("delivery.poll_interval_ms", self.poll_interval_ms)?,
+            lease,
+            settle: Duration::from_millis(self.settle_ms),
+            retry_base: millis("delivery.retry_base_ms", self.retry_base_ms)?,
+            retry_max: secs("delivery.retry_max_secs", self.retry_max_secs)?,
+            on_delete: self.on_delete,
+            shutdown_grace: secs("delivery.shutdown_grace_secs", self.shutdown_grace_secs)?,
+        })
     }
 }
 
-/// `given_name = ""` in the file means "do not sync this field".
-fn optional_column(value: Option<String>, default: &str) -> Option<String> {
-    match value {
-        None => Some(default.to_owned()),
-        Some(v) if v.is_empty() => None,
-        Some(v) => Some(v),
+impl FileLimits {
+    fn validate(self, credential: Option<&Credential>) -> Result<LimitsConfig, ConfigError> {
+        let keap = match credential {
+            Some(Credential::ApiKey(_)) => LimitsConfig::API_KEY,
+            _ => LimitsConfig::OAUTH,
+        };
+        Ok(LimitsConfig {
+            per_second: positive("limits.per_second", self.per_second.unwrap_or(keap.per_second))?,
+            per_minute: positive("limits.per_minute", self.per_minute.unwrap_or(keap.per_minute))?,
+            per_day: positive("limits.per_day", self.per_day.unwrap_or(keap.per_day))?,
+        })
+    }
+}
+
+impl FileMetrics {
+    fn validate(self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(text) = self.listen else { return Ok(None) };
+        let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+            ConfigError::Invalid(format!("metrics.listen = {text:?} is not an address like 127.0.0.1:9187"))
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.listen = {text:?} must be a loopback address (127.0.0.1 or [::1]); \
+                 put a reverse proxy in front to expose it"
+            )));
+        }
+        Ok(Some(addr))
     }
 }
 
@@ -390,41 +615,8 @@ fn validate_identifier(key: &str, value: &str, qualified: bool) -> Result<(), Co
     }
 }
 
-fn read_secret(
-    env: &dyn Fn(&str) -> Option<String>,
-    var: &str,
-    file_key: &str,
-    file: Option<&Path>,
-    credential: &str,
-    base_dir: &Path,
-) -> Result<Option<Secret>, ConfigError> {
-    if let Some(v) = env(var) {
-        return Ok(Some(Secret::new(v.trim())));
-    }
-    let from_file = |path: &Path, what: &str| -> Result<Option<Secret>, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Invalid(format!("cannot read {what} {}: {e}", path.display())))?;
-        let value = text.trim();
-        if value.is_empty() {
-            return Err(ConfigError::Invalid(format!("{what} {} is empty", path.display())));
-        }
-        Ok(Some(Secret::new(value)))
-    };
-    if let Some(path) = file {
-        let path = if path.is_relative() { base_dir.join(path) } else { path.to_owned() };
-        return from_file(&path, file_key);
-    }
-    if let Some(dir) = env("CREDENTIALS_DIRECTORY") {
-        let path = Path::new(&dir).join(credential);
-        if path.exists() {
-            return from_file(&path, "systemd credential");
-        }
-    }
-    Ok(None)
-}
-
-fn url(key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
-    let value = value.unwrap_or_else(|| default.to_owned());
+/// An http(s) URL, without trailing slashes.
+fn url(key: &str, value: String) -> Result<String, ConfigError> {
     let trimmed = value.trim_end_matches('/').to_owned();
     if trimmed.starts_with("https://") || trimmed.starts_with("http://") {
         Ok(trimmed)
@@ -434,113 +626,19 @@ fn url(key: &str, value: Option<String>, default: &str) -> Result<String, Config
 }
 
 fn secs(key: &str, value: u64) -> Result<Duration, ConfigError> {
-    if value == 0 {
-        return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
-    }
-    Ok(Duration::from_secs(value))
+    positive(key, value).map(Duration::from_secs)
 }
 
 fn millis(key: &str, value: u64) -> Result<Duration, ConfigError> {
-    if value == 0 {
-        return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
-    }
-    Ok(Duration::from_millis(value))
+    positive(key, value).map(Duration::from_millis)
 }
 
-fn positive(key: &str, value: u32) -> Result<u32, ConfigError> {
-    if value == 0 {
+/// Refuses zero.
+fn positive<T: PartialEq + Default>(key: &str, value: T) -> Result<T, ConfigError> {
+    if value == T::default() {
         return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
     }
     Ok(value)
-}
-
-/// toml's messages span several lines (a source excerpt); the CLI promises one line.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-// ---- the file's shape ----------------------------------------------------------------------
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(default)]
-    database: FileDatabase,
-    #[serde(default)]
-    users: FileUsers,
-    #[serde(default)]
-    keap: FileKeap,
-    #[serde(default)]
-    delivery: FileDelivery,
-    #[serde(default)]
-    limits: FileLimits,
-    #[serde(default)]
-    metrics: FileMetrics,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileMetrics {
-    listen: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDatabase {
-    url: Option<String>,
-    connect_timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileUsers {
-    table: Option<String>,
-    key: Option<String>,
-    email: Option<String>,
-    given_name: Option<String>,
-    family_name: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileKeap {
-    api_url: Option<String>,
-    token_url: Option<String>,
-    authorize_url: Option<String>,
-    redirect_uri: Option<String>,
-    client_id: Option<String>,
-    client_secret_file: Option<PathBuf>,
-    api_key_file: Option<PathBuf>,
-    request_timeout_secs: Option<u64>,
-    connect_timeout_secs: Option<u64>,
-    refresh_margin_secs: Option<u64>,
-    refresh_token_max_age_days: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDelivery {
-    concurrency: Option<usize>,
-    poll_interval_ms: Option<u64>,
-    lease_secs: Option<u64>,
-    settle_ms: Option<u64>,
-    retry_base_ms: Option<u64>,
-    retry_max_secs: Option<u64>,
-    on_delete: Option<OnDelete>,
-    shutdown_grace_secs: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    per_second: Option<u32>,
-    per_minute: Option<u32>,
-    per_day: Option<u32>,
 }
 
 #[cfg(test)]
@@ -630,5 +728,95 @@ mod tests {
     fn quoted_identifier_is_refused() {
         let err = load_str("[users]\ntable = 'x\"; drop table y'\n", &[]).unwrap_err().to_string();
         assert!(err.contains("users.table"), "{err}");
+    }
+
+    /// A scratch directory for secret files; the caller removes it.
+    fn scratch_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "keap-sync-secrets-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn defaults_are_written_once() {
+        // Leaving a key out of the file means the section's `Default`, and the example's values
+        // are exactly those.
+        assert_eq!(toml::from_str::<FileConfig>("").unwrap(), FileConfig::default());
+        assert_eq!(toml::from_str::<FileConfig>("[delivery]\n").unwrap(), FileConfig::default());
+        let example = toml::from_str::<FileConfig>(include_str!("../keap-sync.example.toml")).unwrap();
+        assert_eq!(example, FileConfig::default());
+        // And the file shape's `Default` validated is what an empty file gives.
+        let validated = FileConfig::default().validate(None).unwrap();
+        let empty = Config::from_toml("", &|_| None).unwrap();
+        assert_eq!(format!("{validated:?}"), format!("{empty:?}"));
+    }
+
+    #[test]
+    fn a_key_left_out_keeps_its_default_beside_one_set() {
+        let c = load_str("[delivery]\nconcurrency = 8\n[limits]\nper_day = 1000\n", &[]).unwrap();
+        assert_eq!(c.delivery.concurrency, 8);
+        assert_eq!(c.delivery.lease, Duration::from_secs(120));
+        assert_eq!(c.limits, LimitsConfig { per_day: 1000, ..LimitsConfig::OAUTH });
+        let c = load_str("[limits]\nper_second = 5\n", &[("KEAP_API_KEY", "k")]).unwrap();
+        assert_eq!(c.limits, LimitsConfig { per_second: 5, ..LimitsConfig::API_KEY });
+    }
+
+    #[test]
+    fn an_environment_secret_wins_over_the_secret_file() {
+        let dir = scratch_dir();
+        let key_file = dir.join("api-key");
+        std::fs::write(&key_file, "from-file\n").unwrap();
+        let text = format!("[keap]\napi_key_file = {:?}\n", key_file.to_str().unwrap());
+        let api_key = |c: &Config| match c.credential().unwrap() {
+            Credential::ApiKey(key) => key.expose().to_owned(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(api_key(&load_str(&text, &[]).unwrap()), "from-file");
+        assert_eq!(api_key(&load_str(&text, &[("KEAP_API_KEY", " from-env\n")]).unwrap()), "from-env");
+
+        // The OAuth client secret: systemd's credential, unless the environment has one.
+        std::fs::write(dir.join("keap-client-secret"), "from-systemd").unwrap();
+        let creds = ("CREDENTIALS_DIRECTORY", dir.to_str().unwrap());
+        let client_secret = |env: &[(&str, &str)]| match load_str("[keap]\nclient_id = \"file-id\"\n", env)
+            .unwrap()
+            .credential()
+            .unwrap()
+        {
+            Credential::OAuth { client_id, client_secret } => {
+                (client_id.clone(), client_secret.expose().to_owned())
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(client_secret(&[creds]), ("file-id".into(), "from-systemd".into()));
+        assert_eq!(
+            client_secret(&[creds, ("KEAP_CLIENT_SECRET", "from-env"), ("KEAP_CLIENT_ID", "env-id")]),
+            ("env-id".into(), "from-env".into())
+        );
+        std::fs::remove_dir_all(&dir).ok();
+
+        // Never from the TOML itself.
+        let err = load_str("[keap]\nclient_secret = \"hunter2\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("client_secret"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_syntax_error_never_echoes_the_source() {
+        for (text, line) in [
+            ("[database]\nurl = \"postgres://u:secret@h/db\" oops\n", 2),
+            ("[database]\nurl = \"postgres://u:secret@h/db\"\n= 3\n", 3),
+            ("[database]\nurl = \"postgres://u:secret@h/db\n", 2),
+            ("[database]\nurl = postgres://u:secret@h/db\n", 2),
+            ("[database]\nurl = \"postgres://u:secret@h/db\"\nurl = \"postgres://u:secret@h/db\"\n", 3),
+        ] {
+            let err = load_str(text, &[]).unwrap_err().to_string();
+            assert!(!err.contains("secret"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            assert!(err.contains(&format!("TOML parse error at line {line}, column ")), "{err}");
+        }
     }
 }
