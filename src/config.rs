@@ -33,12 +33,26 @@ pub const DEFAULT_TOKEN_URL: &str = "https://api.infusionsoft.com/token";
 /// A configuration problem, phrased for the operator: what is wrong and how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file named by `--config` or `KEAP_SYNC_CONFIG`.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this shape (the message never quotes the file's text).
     #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file, or `<inline>`.
+        path: PathBuf,
+        /// One line: where and what.
+        message: String,
+    },
+    /// A required setting is absent; the message says how to provide it.
     #[error("{0}")]
     Missing(String),
+    /// A setting has a value that cannot work; the message names the key and the fix.
     #[error("{0}")]
     Invalid(String),
 }
@@ -49,6 +63,7 @@ pub struct DatabaseConfig {
     /// libpq-style URL or `key=value` string; may hold a password, so it is a [`Secret`] and
     /// only [`crate::db::describe`] (host, port, database, user) is ever printed.
     pub url: Secret,
+    /// How long a connection attempt may take.
     pub connect_timeout: Duration,
 }
 
@@ -57,9 +72,13 @@ pub struct DatabaseConfig {
 pub struct UsersConfig {
     /// `schema.table` or `table` (then `public`).
     pub table: String,
+    /// The primary key column (integer, bigint, uuid or text).
     pub key: String,
+    /// The column sent as the contact's EMAIL1.
     pub email: String,
+    /// The column sent as `given_name`; `None` when not synced.
     pub given_name: Option<String>,
+    /// The column sent as `family_name`; `None` when not synced.
     pub family_name: Option<String>,
 }
 
@@ -87,18 +106,30 @@ pub enum Credential {
     /// Personal Access Token or Service Account Key, sent as `X-Keap-API-Key`; never refreshed.
     ApiKey(Secret),
     /// OAuth2 client; the access/refresh pair lives in `keap_sync.oauth_token`.
-    OAuth { client_id: String, client_secret: Secret },
+    OAuth {
+        /// The app's client id (not a secret).
+        client_id: String,
+        /// The app's client secret.
+        client_secret: Secret,
+    },
 }
 
+/// Where and how keap-sync talks to Keap.
 #[derive(Debug, Clone)]
 pub struct KeapConfig {
+    /// The REST base, e.g. `https://api.infusionsoft.com/crm/rest`.
     pub api_url: String,
+    /// The OAuth token endpoint.
     pub token_url: String,
+    /// Keap's consent page, for `auth login`.
     pub authorize_url: String,
+    /// The redirect URL registered for the Keap app, for `auth login`.
     pub redirect_uri: Option<String>,
     /// `None` when nothing is configured; commands that talk to Keap call [`Config::credential`].
     pub credential: Option<Credential>,
+    /// How long one Keap call may take in all.
     pub request_timeout: Duration,
+    /// How long connecting to Keap may take.
     pub connect_timeout: Duration,
     /// OAuth: refresh when the access token expires within this margin.
     pub refresh_margin: Duration,
@@ -117,6 +148,7 @@ pub enum OnDelete {
     DeleteContact,
 }
 
+/// How changes are delivered: concurrency, timing, retries, deletes, stopping.
 #[derive(Debug, Clone)]
 pub struct DeliveryConfig {
     /// Keap calls in flight at once (never two for the same user).
@@ -127,8 +159,11 @@ pub struct DeliveryConfig {
     pub lease: Duration,
     /// A change waits this long for further changes to the same user, so a burst costs one call.
     pub settle: Duration,
+    /// The first retry's delay; each further one doubles it (with jitter).
     pub retry_base: Duration,
+    /// The longest retry delay.
     pub retry_max: Duration,
+    /// What a deleted user does to its Keap contact.
     pub on_delete: OnDelete,
     /// How long a graceful stop waits for calls in flight.
     pub shutdown_grace: Duration,
@@ -138,13 +173,18 @@ pub struct DeliveryConfig {
 /// apply when an API key is the credential and the file sets nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
+    /// Calls per second (Keap's spike arrest).
     pub per_second: u32,
+    /// Calls per rolling minute (Keap's throttle).
     pub per_minute: u32,
+    /// Calls per day (Keap's quota).
     pub per_day: u32,
 }
 
 impl LimitsConfig {
+    /// Keap's documented limits for an OAuth app.
     pub const OAUTH: LimitsConfig = LimitsConfig { per_second: 25, per_minute: 1_500, per_day: 150_000 };
+    /// Keap's documented limits for a Personal Access Token or Service Account Key.
     pub const API_KEY: LimitsConfig = LimitsConfig { per_second: 10, per_minute: 240, per_day: 30_000 };
 }
 
@@ -153,10 +193,15 @@ impl LimitsConfig {
 pub struct Config {
     /// Loopback address for `/metrics` and `/healthz`; off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `None` until `DATABASE_URL` or `[database] url` is set; see [`Config::database`].
     pub database: Option<DatabaseConfig>,
+    /// The application's table and the synced columns.
     pub users: UsersConfig,
+    /// Keap's URLs, the credential and timeouts.
     pub keap: KeapConfig,
+    /// Delivery tuning.
     pub delivery: DeliveryConfig,
+    /// Client-side rate limits.
     pub limits: LimitsConfig,
 }
 

@@ -198,7 +198,12 @@ impl Daemon {
             tasks.spawn(serve_metrics(listener, Arc::clone(&context.metrics), stop.clone()));
         }
         if let Some(mode) = options.backfill {
-            tasks.spawn(backfill_until_done(Arc::clone(&context), mode, options.exit_when_backfilled, stop.clone()));
+            tasks.spawn(backfill_until_done(
+                Arc::clone(&context),
+                mode,
+                options.exit_when_backfilled,
+                stop.clone(),
+            ));
         }
         context.deliver_until_stopped(first, &stop).await;
         stop.cancel();
@@ -578,7 +583,9 @@ impl Session<'_> {
         // While Keap's quota or a 429 pauses every sender, claiming would only start leases
         // ticking; wait for the pause to end instead.
         if let Some(until) = self.ctx.limiter.paused_until() {
-            return Ok(wait.min(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(5))));
+            return Ok(
+                wait.min(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(5)))
+            );
         }
         if free == 0 {
             return Ok(wait);
@@ -654,7 +661,12 @@ impl Session<'_> {
 /// Enqueues the backfill and watches it until delivered, resuming from its cursor after a
 /// database error (with the reconnect backoff) until it is done or the daemon stops. With
 /// `exit_when_done`, a finished backfill stops the daemon.
-async fn backfill_until_done(ctx: Arc<Context>, mode: BackfillMode, exit_when_done: bool, stop: CancellationToken) {
+async fn backfill_until_done(
+    ctx: Arc<Context>,
+    mode: BackfillMode,
+    exit_when_done: bool,
+    stop: CancellationToken,
+) {
     let mut failures = 0;
     loop {
         match tokio::select! {
@@ -683,7 +695,9 @@ async fn backfill_until_done(ctx: Arc<Context>, mode: BackfillMode, exit_when_do
 async fn run_backfill(ctx: &Context, mode: BackfillMode) -> Result<(), DbError> {
     let client = db::connect(&ctx.pg).await?;
     if !backfill::begin(&client, &ctx.table, mode).await? {
-        tracing::info!("the backfill already finished; nothing to enqueue (use --backfill=restart to run it again)");
+        tracing::info!(
+            "the backfill already finished; nothing to enqueue (use --backfill=restart to run it again)"
+        );
         return Ok(());
     }
     let started = Instant::now();
@@ -705,7 +719,12 @@ async fn run_backfill(ctx: &Context, mode: BackfillMode) -> Result<(), DbError> 
         }
         if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             logged = Some(Instant::now());
-            tracing::info!(delivered = p.delivered(), total = p.total, parked = p.parked, "backfill progress");
+            tracing::info!(
+                delivered = p.delivered(),
+                total = p.total,
+                parked = p.parked,
+                "backfill progress"
+            );
         }
         tokio::time::sleep(BACKFILL_WATCH).await;
     }

@@ -31,16 +31,29 @@ pub(crate) async fn wake_daemons(client: &Client) -> Result<(), DbError> {
 /// A database problem, classified so callers can tell "try again later" from "fix the setup".
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// The URL does not parse (the message never quotes it: it may hold a password).
     #[error("invalid database URL ({0}): check DATABASE_URL or [database] url")]
     BadUrl(String),
+    /// The server could not be reached, or the connection ended.
     #[error("cannot connect to the database ({target}): {message}")]
-    Connect { target: String, message: String },
+    Connect {
+        /// Host, port, database and user: never the password.
+        target: String,
+        /// Why.
+        message: String,
+    },
+    /// A statement failed.
     #[error("database error: {0}")]
     Query(#[from] tokio_postgres::Error),
     /// A column of keap-sync's own schema holds a value this version does not know: the schema
     /// is newer than the binary, or was edited by hand.
     #[error("{column} holds {value:?}, which this version of keap-sync does not know: run the newest `keap-sync migrate`, or repair the row")]
-    UnknownValue { column: &'static str, value: String },
+    UnknownValue {
+        /// `schema.table.column`.
+        column: &'static str,
+        /// The text found there.
+        value: String,
+    },
 }
 
 impl DbError {
@@ -145,7 +158,11 @@ pub(crate) struct Listener {
     pub lost: mpsc::Receiver<String>,
 }
 
-pub(crate) async fn connect_listener(cfg: &PgConfig, channel: &str, wake: Arc<Notify>) -> Result<Listener, DbError> {
+pub(crate) async fn connect_listener(
+    cfg: &PgConfig,
+    channel: &str,
+    wake: Arc<Notify>,
+) -> Result<Listener, DbError> {
     let (client, mut connection) = cfg
         .connect(tls())
         .await
@@ -195,7 +212,11 @@ mod tests {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
             for (at, _) in text.match_indices("pg_notify(") {
                 let channel = text[at + "pg_notify(".len()..].split(',').next().unwrap().trim();
-                assert_eq!(channel, format!("'{NOTIFY_CHANNEL}'"), "a pg_notify in sql/ uses another channel");
+                assert_eq!(
+                    channel,
+                    format!("'{NOTIFY_CHANNEL}'"),
+                    "a pg_notify in sql/ uses another channel"
+                );
                 notifies += 1;
             }
         }

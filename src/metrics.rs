@@ -47,13 +47,14 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::task::JoinSet;
 
 /// Upper bounds (seconds) of the Keap request duration histogram; `+Inf` is implicit.
-pub const DURATION_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+pub(crate) const DURATION_BUCKETS: [f64; 12] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 /// The `/metrics` content type of the OpenMetrics text that prometheus-client encodes.
-pub const CONTENT_TYPE_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE_METRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The final result of one delivery attempt, the `outcome` label of `keap_sync_deliveries_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DeliveryOutcome {
+pub(crate) enum DeliveryOutcome {
     Synced,
     Unchanged,
     Deleted,
@@ -91,6 +92,7 @@ enum HttpMethod {
 }
 
 impl HttpMethod {
+    #[cfg(test)]
     const ALL: [HttpMethod; 6] = [Self::GET, Self::PUT, Self::PATCH, Self::POST, Self::DELETE, Self::OTHER];
 
     fn from_name(name: &str) -> HttpMethod {
@@ -115,6 +117,7 @@ enum StatusClass {
 }
 
 impl StatusClass {
+    #[cfg(test)]
     const ALL: [StatusClass; 4] = [Self::Success, Self::ClientError, Self::ServerError, Self::Error];
 
     fn of(status: u16) -> StatusClass {
@@ -207,7 +210,7 @@ fn duration_histogram() -> Histogram {
 /// The fields are handles onto the metrics registered in `registry` (each a clone sharing the
 /// same atomic or map), kept so recording needs no lookup by name.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     deliveries: Family<OutcomeLabels, Counter>,
     keap_requests: Family<RequestLabels, Counter>,
@@ -232,7 +235,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// All zero; the database counts as not connected until [`Metrics::set_db_connected`].
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         // Series of every outcome, token result and queue kind exist (at zero) from the start.
         let deliveries = Family::<OutcomeLabels, Counter>::default();
         for outcome in DeliveryOutcome::ALL {
@@ -281,7 +284,7 @@ impl Metrics {
     }
 
     /// Counts one finished delivery (`keap_sync_deliveries_total{outcome}`).
-    pub fn delivery(&self, outcome: DeliveryOutcome) {
+    pub(crate) fn delivery(&self, outcome: DeliveryOutcome) {
         self.deliveries.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
@@ -290,7 +293,7 @@ impl Metrics {
     /// answer (connect error, timeout); 1xx/3xx and out-of-range codes are not usable answers
     /// either, so all of those count as `status_class="error"`. Negative or NaN durations count
     /// as 0.
-    pub fn keap_call(&self, method: &'static str, status: u16, seconds: f64) {
+    pub(crate) fn keap_call(&self, method: &'static str, status: u16, seconds: f64) {
         let method = HttpMethod::from_name(method);
         let status_class = StatusClass::of(status);
         self.keap_requests.get_or_create(&RequestLabels { method, status_class }).inc();
@@ -298,18 +301,18 @@ impl Metrics {
     }
 
     /// Counts one 429 answer from Keap (`keap_sync_keap_throttled_total`).
-    pub fn throttled(&self) {
+    pub(crate) fn throttled(&self) {
         self.throttled.inc();
     }
 
     /// Counts one OAuth token refresh (`keap_sync_token_refreshes_total{result="ok|failed"}`).
-    pub fn token_refresh(&self, ok: bool) {
+    pub(crate) fn token_refresh(&self, ok: bool) {
         let result = if ok { RefreshResult::ok } else { RefreshResult::failed };
         self.token_refreshes.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Sets the outbox depth gauges and the age of the oldest pending change.
-    pub fn set_queue(
+    pub(crate) fn set_queue(
         &self,
         live: i64,
         retry: i64,
@@ -324,7 +327,7 @@ impl Metrics {
     }
 
     /// Sets the rate limiter's remaining quota; a `None` window has no sample until it is known.
-    pub fn set_quota(&self, minute_available: Option<i64>, day_available: Option<i64>) {
+    pub(crate) fn set_quota(&self, minute_available: Option<i64>, day_available: Option<i64>) {
         for (window, left) in [(QuotaWindow::minute, minute_available), (QuotaWindow::day, day_available)] {
             let labels = WindowLabels { window };
             match left {
@@ -338,13 +341,13 @@ impl Metrics {
         }
     }
 
-    pub fn set_db_connected(&self, up: bool) {
+    pub(crate) fn set_db_connected(&self, up: bool) {
         self.database_connected.set(i64::from(up));
     }
 
     /// Sets (or with `None` clears) why the daemon stopped delivering, e.g.
     /// "re-authorisation needed"; `/healthz` reports it and `keap_sync_paused` is 1 meanwhile.
-    pub fn set_fatal(&self, reason: Option<String>) {
+    pub(crate) fn set_fatal(&self, reason: Option<String>) {
         let mut fatal = self.fatal();
         self.paused.set(i64::from(reason.is_some()));
         *fatal = reason;
@@ -355,7 +358,7 @@ impl Metrics {
     }
 
     /// Ok while the database is connected and no fatal reason is set; otherwise every reason.
-    pub fn healthy(&self) -> Result<(), String> {
+    pub(crate) fn healthy(&self) -> Result<(), String> {
         let mut reasons: Vec<String> = self.fatal().iter().cloned().collect();
         if self.database_connected.get() == 0 {
             reasons.push("database not connected".to_string());
@@ -367,11 +370,13 @@ impl Metrics {
         }
     }
 
-    pub fn deliveries(&self, outcome: DeliveryOutcome) -> u64 {
+    #[cfg(test)]
+    fn deliveries(&self, outcome: DeliveryOutcome) -> u64 {
         self.deliveries.get_or_create(&OutcomeLabels { outcome }).get()
     }
 
-    pub fn keap_requests(&self) -> u64 {
+    #[cfg(test)]
+    fn keap_requests(&self) -> u64 {
         let labels = HttpMethod::ALL.into_iter().flat_map(|method| {
             StatusClass::ALL.into_iter().map(move |status_class| RequestLabels { method, status_class })
         });
@@ -379,10 +384,13 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition of this instance's registry, ending in `# EOF`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        // Writing to a String can't fail, nor can encoding these fixed label values.
-        encode(&mut out, &self.registry).expect("encoding metrics into a String");
+        // Writing to a String can't fail, nor can encoding these fixed label values; should
+        // it ever, a scrape gets what was written rather than the daemon a panic.
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "could not encode the metrics");
+        }
         out
     }
 }
@@ -394,7 +402,7 @@ impl Metrics {
 /// itself. A listener not on a loopback address is refused with `InvalidInput`: the endpoints
 /// have no authentication and reveal queue sizes and failure reasons, so they are for a local
 /// scraper or agent only (expose them further through something that authenticates).
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
     let addr = listener.local_addr()?;
     if !addr.ip().to_canonical().is_loopback() {
         let msg = format!("metrics listener must be on a loopback address (127.0.0.1 or ::1), not {addr}");

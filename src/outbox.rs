@@ -141,7 +141,12 @@ pub(crate) enum Done {
 /// Records a success: the contact map is updated, and the outbox row is deleted if no newer
 /// change arrived meanwhile, else released for the next delivery. Returns true if the row was
 /// deleted.
-pub(crate) async fn complete(client: &Client, claim: &Claim, instance: &str, done: &Done) -> Result<bool, DbError> {
+pub(crate) async fn complete(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    done: &Done,
+) -> Result<bool, DbError> {
     // `gone` must be evaluated before `kept` decides; the CTE reference guarantees that, and the
     // two never touch the same row (one deletes it, the other runs only if it was not deleted).
     // `ours` holds a row only if this claim still owned the outbox row (same instance and the

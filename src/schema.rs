@@ -51,18 +51,44 @@ const MIGRATION_LOCK: i64 = 0x6b65_6170_7379_6e63;
 /// A problem with the database setup, phrased for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
+    /// The configured users table does not exist.
     #[error("table {0} does not exist: create it or set `table` under [users] in the config file")]
     MissingTable(String),
+    /// A configured column does not exist.
     #[error("column {column} does not exist in table {table}: fix `{key}` under [users] in the config file")]
-    MissingColumn { table: String, column: String, key: &'static str },
+    MissingColumn {
+        /// `schema.table`.
+        table: String,
+        /// The configured column name.
+        column: String,
+        /// The config key that named it.
+        key: &'static str,
+    },
+    /// An applied migration differs from the one embedded in this binary.
     #[error("migration {name} was changed after it was applied (checksum {applied} in the database, {embedded} in this binary); migrations are forward-only: restore the file and add a new one")]
-    ChecksumMismatch { name: String, applied: String, embedded: String },
+    ChecksumMismatch {
+        /// The migration file.
+        name: String,
+        /// Its sha256 as recorded when applied.
+        applied: String,
+        /// Its sha256 in this binary.
+        embedded: String,
+    },
+    /// The database was migrated by a newer keap-sync.
     #[error("the database has migration {0}, newer than this binary knows: upgrade keap-sync")]
     TooNew(i32),
+    /// `migrate` has never run on this database.
     #[error("schema keap_sync is not installed: run `keap-sync migrate` first")]
     NotMigrated,
+    /// `migrate` must run again for this binary.
     #[error("schema keap_sync is at migration {have}, this binary needs {want}: run `keap-sync migrate`")]
-    Outdated { have: i32, want: i32 },
+    Outdated {
+        /// The newest migration applied.
+        have: i32,
+        /// The newest this binary has.
+        want: i32,
+    },
+    /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -94,7 +120,10 @@ pub(crate) struct UserTable {
 
 impl UserTable {
     /// Looks up the configured table and columns; any missing one is an error naming it.
-    pub(crate) async fn resolve(client: &impl GenericClient, users: &UsersConfig) -> Result<UserTable, SchemaError> {
+    pub(crate) async fn resolve(
+        client: &impl GenericClient,
+        users: &UsersConfig,
+    ) -> Result<UserTable, SchemaError> {
         let (schema, table) = users.schema_and_table();
         let shown = format!("{schema}.{table}");
         let rel = client
@@ -154,7 +183,9 @@ impl UserTable {
 /// What `migrate` did, for the operator.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct MigrateReport {
+    /// The migration files applied by this run, in order.
     pub applied: Vec<String>,
+    /// Whether the capture trigger was (re)installed.
     pub trigger_changed: bool,
 }
 
@@ -246,7 +277,10 @@ async fn installed_args(
 }
 
 /// True when the capture trigger is installed with exactly the configured columns.
-pub(crate) async fn trigger_installed(client: &impl GenericClient, table: &UserTable) -> Result<bool, SchemaError> {
+pub(crate) async fn trigger_installed(
+    client: &impl GenericClient,
+    table: &UserTable,
+) -> Result<bool, SchemaError> {
     Ok(installed_args(client, table).await?.as_ref() == Some(&table.trigger_args()))
 }
 

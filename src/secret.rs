@@ -20,6 +20,7 @@ use std::fmt;
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a credential read from the environment, a file or the token store.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(value.into())
     }

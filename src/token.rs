@@ -36,6 +36,7 @@ pub enum TokenError {
     /// A token response (from `auth import` or the code exchange) that cannot be stored.
     #[error("{0}")]
     InvalidResponse(String),
+    /// The token store could not be read or written.
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -403,7 +404,9 @@ pub(crate) fn parse_token_response(text: &str) -> Result<TokenResponse, TokenErr
             e.classify_name()
         ))
     })?;
-    if parsed.access_token.trim().is_empty() || parsed.refresh_token.trim().is_empty() || parsed.expires_in <= 0
+    if parsed.access_token.trim().is_empty()
+        || parsed.refresh_token.trim().is_empty()
+        || parsed.expires_in <= 0
     {
         return Err(TokenError::InvalidResponse(
             "the token response needs a non-empty access_token and refresh_token and a positive expires_in"

@@ -169,7 +169,9 @@ async fn bind_redirect_listener(addr: SocketAddr) -> Result<tokio::net::TcpListe
             "--listen {addr}: only loopback addresses are allowed (forward the redirect to it)"
         )));
     }
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| CliError::Other(format!("cannot listen on {addr}: {e}")))
 }
 
 /// Serves HTTP on `listener` (hyper, one task per connection) until a request carries the
@@ -222,8 +224,9 @@ fn answer_redirect(req: &Request<Incoming>, seen: &Mutex<Option<String>>) -> Res
         return not_found;
     }
     *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(target);
-    let mut page =
-        Response::new(Full::new(Bytes::from_static(b"keap-sync received the authorisation; you can close this window.")));
+    let mut page = Response::new(Full::new(Bytes::from_static(
+        b"keap-sync received the authorisation; you can close this window.",
+    )));
     page.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     page
 }
@@ -278,7 +281,10 @@ pub(super) async fn status(config: Config) -> Result<(), CliError> {
     if expires_in >= 0.0 {
         println!("access token expires: {expires_at} (in {})", human_secs(expires_in));
     } else {
-        println!("access token expired: {expires_at} ({} ago; refreshed on next use)", human_secs(-expires_in));
+        println!(
+            "access token expired: {expires_at} ({} ago; refreshed on next use)",
+            human_secs(-expires_in)
+        );
     }
     println!("refresh token age: {} (Keap's lapse after 45 days; refreshed at 30)", human_secs(age));
     println!("last refresh: {}", refreshed.as_deref().unwrap_or("never"));

@@ -307,7 +307,7 @@ async fn connect(config: &Config) -> Result<tokio_postgres::Client, CliError> {
 }
 
 /// Connects and checks that `migrate` has run, for commands that read or write keap_sync.
-pub(crate) async fn connect_migrated(config: &Config) -> Result<tokio_postgres::Client, CliError> {
+async fn connect_migrated(config: &Config) -> Result<tokio_postgres::Client, CliError> {
     let client = connect(config).await?;
     schema::ensure_current(&client).await?;
     Ok(client)

@@ -142,7 +142,12 @@ impl KeapClient {
     }
 
     /// Deletes contact `id`; a contact that is already gone counts as deleted.
-    pub(crate) async fn delete_contact(&self, auth: &Auth, id: i64, deadline: Instant) -> Result<(), KeapError> {
+    pub(crate) async fn delete_contact(
+        &self,
+        auth: &Auth,
+        id: i64,
+        deadline: Instant,
+    ) -> Result<(), KeapError> {
         let req = Request {
             method: Method::DELETE,
             path: format!("/v1/contacts/{id}"),
