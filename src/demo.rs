@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::keap::fake::{FakeKeap, FakeOptions};
-use crate::keap::model::{ContactWrite, EmailAddress, EmailField};
+use crate::keap::fake::{ContactWrite, EmailAddress, EmailField, FakeKeap, FakeOptions};
 use crate::pgcluster::Cluster;
 use crate::{db, outbox, schema};
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{spawn_app, spawn_app_with, Options};
-use keap_sync::keap::model::{ContactWrite, EmailAddress, EmailField};
+use keap_sync::keap::fake::{ContactWrite, EmailAddress, EmailField};
 
 fn write(email: &str, given: &str, family: &str) -> ContactWrite {
     ContactWrite {

@@ -1,6 +1,6 @@
 //! Everything that speaks Keap's language: the REST v1 client the daemon uses, the wire types
 //! it sends and reads, and a fake Keap server that plays the API for tests, benchmarks and the
-//! demo.
+//! demo. The fake has wire types of its own, so it witnesses the client's independently.
 
 mod client;
 pub mod fake;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use keap_sync::config::Config;
 use keap_sync::daemon::{RunError, RunOptions};
-use keap_sync::keap::fake::{FakeKeap, FakeOptions};
+use keap_sync::keap::fake::{FakeKeap, FakeOptions, TokenGrant};
 use keap_sync::pgcluster::Cluster;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -186,9 +186,13 @@ impl TestApp {
         env
     }
 
-    /// Stores a grant as `keap-sync auth import` would (without waking a daemon).
-    pub async fn import_grant(&self, grant: &keap_sync::keap::model::TokenResponse) {
-        keap_sync::token::store(&self.db, grant, true).await.expect("store grant");
+    /// Stores a grant as `keap-sync auth import` would (without waking a daemon). The fake's
+    /// grant crosses into the daemon's own type as JSON, the way a real grant would.
+    pub async fn import_grant(&self, grant: &TokenGrant) {
+        let json = serde_json::to_string(grant).expect("grant as JSON");
+        let grant: keap_sync::keap::model::TokenResponse =
+            serde_json::from_str(&json).expect("the daemon reads the fake's grant");
+        keap_sync::token::store(&self.db, &grant, true).await.expect("store grant");
     }
 
     pub fn config(&self) -> Config {
