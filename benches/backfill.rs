@@ -13,10 +13,10 @@
 
 use std::time::{Duration, Instant};
 
-use keap_sync::backfill::{self, Mode};
 use keap_sync::config::Config;
-use keap_sync::pgcluster::Cluster;
-use keap_sync::schema::{self, UserTable};
+use keap_sync::BackfillMode;
+use keap_sync_testkit::pg::Cluster;
+use tokio_postgres::NoTls;
 
 fn arg(name: &str, default: i64) -> i64 {
     let args: Vec<String> = std::env::args().collect();
@@ -49,8 +49,8 @@ async fn main() {
         _ => None,
     };
     let config = Config::from_env(&env).expect("config");
-    let pg = keap_sync::db::parse(config.database().unwrap()).unwrap();
-    let mut client = keap_sync::db::connect(&pg).await.expect("connect");
+    let (mut client, connection) = tokio_postgres::connect(&conninfo, NoTls).await.expect("connect");
+    tokio::spawn(connection);
     client
         .batch_execute(&format!(
             "create table users (id bigserial primary key, email text, first_name text, last_name text);
@@ -60,22 +60,25 @@ async fn main() {
         ))
         .await
         .expect("users");
-    schema::migrate(&mut client, &config.users).await.expect("migrate");
-    let table = UserTable::resolve(&client, &config.users).await.expect("table");
+    keap_sync::migrate(&mut client, &config.users).await.expect("migrate");
 
     let rss_before = peak_rss_kib();
     let started = Instant::now();
-    assert!(backfill::begin(&client, &table, Mode::Restart).await.expect("begin"));
     let mut batches = 0u64;
     let mut longest = Duration::ZERO;
     let mut last = Instant::now();
-    backfill::enqueue_all(&client, &table, |_| {
+    let mut batch_size = 0;
+    let mut enqueued_before = 0;
+    let begun = keap_sync::enqueue_backfill(&config, BackfillMode::Restart, |enqueued| {
         batches += 1;
+        batch_size = batch_size.max(enqueued - enqueued_before);
+        enqueued_before = enqueued;
         longest = longest.max(last.elapsed());
         last = Instant::now();
     })
     .await
     .expect("enqueue");
+    assert!(begun, "a restarted backfill always begins");
     let took = started.elapsed();
     let queued: i64 = client.query_one("select count(*) from keap_sync.outbox", &[]).await.unwrap().get(0);
     let rss_after = peak_rss_kib();
@@ -84,7 +87,7 @@ async fn main() {
     println!("enqueued:            {queued}");
     println!("enqueue time:        {:.2} s", took.as_secs_f64());
     println!("rate:                {:.0} users/s", queued as f64 / took.as_secs_f64());
-    println!("batches (txns):      {batches} of up to {}", backfill::BATCH);
+    println!("batches (txns):      {batches} of up to {batch_size}");
     println!("longest batch:       {} ms", longest.as_millis());
     println!("peak RSS before:     {} KiB", rss_before);
     println!("peak RSS after:      {} KiB", rss_after);

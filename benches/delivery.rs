@@ -25,8 +25,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use keap_sync::config::Config;
-use keap_sync::keap::fake::{FakeKeap, FakeOptions};
-use keap_sync::pgcluster::Cluster;
+use keap_sync_testkit::fake::{FakeKeap, FakeOptions};
+use keap_sync_testkit::pg::Cluster;
 use tokio_postgres::{Client, NoTls};
 
 const API_KEY: &str = "bench-key";
@@ -111,7 +111,7 @@ async fn bench(cluster: &Cluster, a: &Args) {
         a.limit * 60
     );
     let config = Config::from_toml(&toml, &|k| env.get(k).cloned()).expect("config");
-    keap_sync::schema::migrate(&mut client, &config.users).await.expect("migrate");
+    keap_sync::migrate(&mut client, &config.users).await.expect("migrate");
 
     // The backlog, in one statement, before any daemon runs: live changes, or (--backfill)
     // users that existed before the trigger, which the daemon then backfills.
@@ -129,14 +129,15 @@ async fn bench(cluster: &Cluster, a: &Args) {
     if a.backfill {
         client.batch_execute("alter table users enable trigger keap_sync_capture").await.expect("enable");
     }
-    let options = keap_sync::daemon::RunOptions {
-        backfill: a.backfill.then_some(keap_sync::backfill::Mode::Resume),
+    let options = keap_sync::RunOptions {
+        backfill: a.backfill.then_some(keap_sync::BackfillMode::Resume),
         ..Default::default()
     };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let daemon = tokio::spawn(keap_sync::daemon::run_with(config, options, async {
+    let daemon = keap_sync::Daemon::build(config, options).await.expect("daemon start-up checks");
+    let daemon = tokio::spawn(daemon.run(async {
         let _ = stop_rx.await;
     }));
 
@@ -156,7 +157,7 @@ async fn bench(cluster: &Cluster, a: &Args) {
     }
 
     let timeout = Duration::from_secs(u64::from(a.changes / a.limit) * 2 + 60);
-    let drained = keap_sync::outbox::wait_until_empty(&client, timeout).await.expect("outbox query");
+    let drained = keap_sync_testkit::app::wait_until_empty(&client, timeout).await;
     let wall = started.elapsed();
 
     // Contact calls as the fake received them (429s included: they show the client's pacing).

@@ -1,23 +1,43 @@
-//! `keap-sync demo`: the whole pipeline on a throwaway Postgres cluster and the built-in fake
-//! Keap, so a newcomer can watch it work on a fresh machine without any account or setup.
-//! Everything it starts is removed when it ends.
+//! The demo: the whole pipeline on a throwaway Postgres cluster and the test kit's fake Keap,
+//! so a newcomer can watch it work on a fresh machine without any account or setup. Everything
+//! it starts is removed when it ends.
+//!
+//! ```sh
+//! cargo run --release --example demo                   # narrates, then cleans up
+//! cargo run --release --example demo -- --keep-running # stays up for psql until Ctrl-C
+//! ```
+//!
+//! It drives the real daemon through keap-sync's public API (`migrate`, `Daemon::build`,
+//! `run`), exactly as `keap-sync run --backfill` would.
 
 use std::collections::HashMap;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
-
-use crate::config::Config;
-use crate::keap::fake::{FakeKeap, FakeOptions};
-use crate::keap::model::{ContactWrite, EmailAddress, EmailField};
-use crate::pgcluster::Cluster;
-use crate::{db, outbox, schema};
+use keap_sync::config::Config;
+use keap_sync::{BackfillMode, Daemon, RunOptions};
+use keap_sync_testkit::fake::{ContactWrite, EmailAddress, EmailField, FakeKeap, FakeOptions};
+use keap_sync_testkit::pg::Cluster;
+use tokio_postgres::{Client, NoTls};
 
 const API_KEY: &str = "demo-api-key";
 
+#[tokio::main]
+async fn main() -> ExitCode {
+    let keep_running = std::env::args().skip(1).any(|a| a == "--keep-running");
+    keap_sync_testkit::install_crypto_provider();
+    match run(keep_running).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the demo; with `keep_running`, leaves everything up until Ctrl-C so the user can
 /// change rows with psql and watch them arrive.
-pub async fn run(keep_running: bool) -> Result<(), String> {
+async fn run(keep_running: bool) -> Result<(), String> {
     println!("keap-sync demo: a throwaway PostgreSQL and the built-in fake Keap; nothing else is touched.\n");
 
     let cluster = tokio::task::spawn_blocking(Cluster::start)
@@ -47,8 +67,8 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
         ("KEAP_API_KEY", API_KEY.to_owned()),
     ]);
     let config = Config::from_env(&|k| env.get(k).cloned()).map_err(|e| e.to_string())?;
-    let pg = db::parse(config.database().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    let mut app = db::connect(&pg).await.map_err(|e| e.to_string())?;
+    let (mut app, connection) = tokio_postgres::connect(&conninfo, NoTls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
     app.batch_execute(
         "create table users (id bigserial primary key, email text, first_name text, last_name text,
                              last_login timestamptz);
@@ -58,25 +78,27 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?;
     println!("   The app's users table already holds 2 users (they predate keap-sync).");
-    let report = schema::migrate(&mut app, &config.users).await.map_err(|e| e.to_string())?;
+    let report = keap_sync::migrate(&mut app, &config.users).await.map_err(|e| e.to_string())?;
     println!(
         "2. keap-sync migrate: applied {}; capture trigger installed on public.users",
         report.applied.join(", ")
     );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let options = crate::daemon::RunOptions {
-        backfill: Some(crate::backfill::Mode::Resume),
-        ..crate::daemon::RunOptions::default()
-    };
-    let daemon = tokio::spawn(crate::daemon::run_with(config, options, async {
+    let options = RunOptions { backfill: Some(BackfillMode::Resume), ..RunOptions::default() };
+    let daemon = Daemon::build(config, options).await.map_err(|e| e.to_string())?;
+    let daemon = tokio::spawn(daemon.run(async {
         let _ = stop_rx.await;
     }));
     let step = |n: &str, text: &str| println!("{n} {text}");
     let calls = |f: &FakeKeap| f.count(|r| r.path.starts_with("/crm/rest/v1/contacts"));
     println!("3. keap-sync run --backfill: the daemon listens, and syncs the users that predate it");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while crate::backfill::progress(&app).await.map_err(|e| e.to_string())?.is_none_or(|p| p.state != "done")
+    while app
+        .query_opt("select from keap_sync.backfill where state = 'done'", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .is_none()
     {
         if Instant::now() > deadline {
             return Err("the backfill did not finish within 30 s".into());
@@ -137,7 +159,7 @@ pub async fn run(keep_running: bool) -> Result<(), String> {
         println!("\nStill running. Change rows and watch them arrive:");
         println!("  psql \"{conninfo}\"");
         println!("Press Ctrl-C to stop.");
-        crate::cli::stop_signal().await;
+        let _ = tokio::signal::ctrl_c().await;
     }
     let _ = stop_tx.send(());
     match daemon.await {
@@ -156,9 +178,8 @@ async fn sql(client: &Client, statement: &str) -> Result<(), String> {
 }
 
 async fn settle(client: &Client) -> Result<(), String> {
-    outbox::wait_until_empty(client, Duration::from_secs(30))
+    keap_sync_testkit::app::wait_until_empty(client, Duration::from_secs(30))
         .await
-        .map_err(|e| e.to_string())?
         .then_some(())
         .ok_or_else(|| "the outbox did not drain within 30 s".to_owned())
 }

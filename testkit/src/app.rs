@@ -1,11 +1,10 @@
-//! Test harness: a real Postgres (one throwaway cluster per test binary, a fresh database per
-//! test), the fake Keap, and the real daemon — in-process via [`TestApp::start_daemon`], or as
-//! a child process via [`TestApp::spawn_process`] when a test needs to SIGKILL it.
+//! The `spawn_app()` harness: a real Postgres (one throwaway cluster per test process, a fresh
+//! database per test), the fake Keap, and the real daemon — in-process via
+//! [`TestApp::start_daemon`], or as a child process via [`TestApp::spawn_process`] when a test
+//! needs to SIGKILL it.
 //!
 //! Nothing here sleeps to synchronise: tests wait for a condition with a deadline
 //! ([`TestApp::wait_idle`], [`eventually`]).
-
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,9 +13,10 @@ use std::sync::{Mutex, Once, OnceLock};
 use std::time::Duration;
 
 use keap_sync::config::Config;
-use keap_sync::daemon::{RunError, RunOptions};
-use keap_sync::keap::fake::{FakeKeap, FakeOptions};
-use keap_sync::pgcluster::Cluster;
+use keap_sync::{Daemon, RunError, RunOptions};
+
+use crate::fake::{FakeKeap, FakeOptions, TokenGrant};
+use crate::pg::Cluster;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
@@ -52,6 +52,7 @@ per_minute = 300000
 per_day = 10000000
 "#;
 
+/// The cluster every test of this process shares (started on first use).
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER
@@ -107,15 +108,25 @@ pub struct Options {
     pub oauth: bool,
     /// Appended to [`TEST_TOML`]'s values by editing the loaded config.
     pub tweak: fn(&mut Config),
+    /// A cluster of the test's own instead of the shared one, for a test that stops and
+    /// restarts Postgres (the other tests of the process share theirs).
+    pub private_cluster: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { fake: fake_options(), start_daemon: true, oauth: false, tweak: |_| {} }
+        Options {
+            fake: fake_options(),
+            start_daemon: true,
+            oauth: false,
+            tweak: |_| {},
+            private_cluster: false,
+        }
     }
 }
 
-struct Daemon {
+/// An in-process daemon and the way to stop it.
+struct RunningDaemon {
     stop: oneshot::Sender<()>,
     handle: JoinHandle<Result<(), RunError>>,
 }
@@ -127,7 +138,9 @@ pub struct TestApp {
     pub fake: FakeKeap,
     pub oauth: bool,
     tweak: fn(&mut Config),
-    daemons: Vec<Daemon>,
+    daemons: Vec<RunningDaemon>,
+    /// Set with [`Options::private_cluster`]; see [`TestApp::cluster`].
+    private_cluster: Option<&'static Cluster>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -136,7 +149,15 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
-    let conninfo = cluster().fresh_database("t").await.expect("fresh database");
+    let private_cluster = options.private_cluster.then(|| {
+        // Leaked: it lives as long as the test process, like the shared one, and its watchdog
+        // removes it when the process ends.
+        &*Box::leak(Box::new(
+            Cluster::start().unwrap_or_else(|e| panic!("cannot start a private test PostgreSQL: {e}")),
+        ))
+    });
+    let cluster = private_cluster.unwrap_or_else(cluster);
+    let conninfo = cluster.fresh_database("t").await.expect("fresh database");
     let fake = FakeKeap::start(options.fake).await.expect("fake Keap");
     fake.add_api_key(API_KEY);
     let mut db = connect(&conninfo).await;
@@ -148,8 +169,9 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         oauth: options.oauth,
         tweak: options.tweak,
         daemons: Vec::new(),
+        private_cluster,
     };
-    keap_sync::schema::migrate(&mut db, &app.config().users).await.expect("migrate");
+    keap_sync::migrate(&mut db, &app.config().users).await.expect("migrate");
     if app.oauth {
         let grant = app.fake.issue_grant();
         app.import_grant(&grant).await;
@@ -186,9 +208,16 @@ impl TestApp {
         env
     }
 
-    /// Stores a grant as `keap-sync auth import` would (without waking a daemon).
-    pub async fn import_grant(&self, grant: &keap_sync::keap::model::TokenResponse) {
-        keap_sync::token::store(&self.db, grant, true).await.expect("store grant");
+    /// The cluster this app's database lives in.
+    pub fn cluster(&self) -> &'static Cluster {
+        self.private_cluster.unwrap_or_else(cluster)
+    }
+
+    /// Stores a grant as `keap-sync auth import` does. The fake's grant crosses into the
+    /// daemon as the token endpoint's JSON, the way a real grant would.
+    pub async fn import_grant(&self, grant: &TokenGrant) {
+        let json = serde_json::to_string(grant).expect("grant as JSON");
+        keap_sync::import_grant(&self.db, &json).await.expect("store grant");
     }
 
     pub fn config(&self) -> Config {
@@ -209,10 +238,15 @@ impl TestApp {
 
     pub async fn start_daemon_with_options(&mut self, config: Config, options: RunOptions) {
         let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(keap_sync::daemon::run_with(config, options, async {
-            let _ = stopped.await;
-        }));
-        self.daemons.push(Daemon { stop, handle });
+        let handle = tokio::spawn(async move {
+            Daemon::build(config, options)
+                .await?
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        self.daemons.push(RunningDaemon { stop, handle });
     }
 
     /// Gracefully stops the `index`-th daemon started (0-based) and leaves the others running.
@@ -240,7 +274,7 @@ impl TestApp {
 
     /// Runs the binary with this app's environment and returns its output.
     pub fn run_cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+        Command::new(keap_sync_binary())
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -265,7 +299,7 @@ impl TestApp {
     /// Waits until every change is delivered (the outbox is empty), or panics with the
     /// outbox's contents after `timeout`.
     pub async fn wait_idle_for(&self, timeout: Duration) {
-        if keap_sync::outbox::wait_until_empty(&self.db, timeout).await.expect("outbox query") {
+        if wait_until_empty(&self.db, timeout).await {
             return;
         }
         let rows = self
@@ -377,7 +411,7 @@ impl TestApp {
     pub fn spawn_command(&self, config: &std::path::Path, args: &[&str]) -> ChildDaemon {
         let log = config.with_extension(format!("log.{}", rand_suffix()));
         let stderr = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+        let child = Command::new(keap_sync_binary())
             .args(["--config", config.to_str().expect("utf-8 path")])
             .args(args)
             .env_clear()
@@ -449,4 +483,33 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until the outbox is empty (every change delivered or skipped; a parked change keeps it
+/// non-empty), looking every 20 ms. The outbox row outlives its delivery, so "empty" also means
+/// "nothing in flight". Returns false if `timeout` passes first.
+pub async fn wait_until_empty(db: &Client, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let pending: i64 =
+            db.query_one("select count(*) from keap_sync.outbox", &[]).await.expect("outbox query").get(0);
+        if pending == 0 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `keap-sync` binary cargo built beside the running test or benchmark: tests run from
+/// `target/<profile>/deps/`, and cargo builds a package's binaries before its integration tests
+/// and benches.
+pub fn keap_sync_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
+    let bin = profile_dir.join("keap-sync");
+    assert!(bin.exists(), "{} is missing: run the tests with cargo, which builds it", bin.display());
+    bin
 }

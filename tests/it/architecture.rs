@@ -25,10 +25,9 @@ fn root() -> PathBuf {
 }
 
 fn layer_of(module: &str) -> usize {
-    LAYERS
-        .iter()
-        .position(|layer| layer.contains(&module))
-        .unwrap_or_else(|| panic!("src/{module} is in no layer: add it to src/lib.rs's list and to LAYERS here"))
+    LAYERS.iter().position(|layer| layer.contains(&module)).unwrap_or_else(|| {
+        panic!("src/{module} is in no layer: add it to src/lib.rs's list and to LAYERS here")
+    })
 }
 
 /// Every `.rs` file below `dir`.
@@ -113,7 +112,11 @@ fn modules_only_use_their_own_layer_or_lower_ones() {
     for (module, uses) in &graph {
         for used in uses {
             if layer_of(used) > layer_of(module) {
-                violations.push(format!("{module} (layer {}) uses {used} (layer {})", layer_of(module) + 1, layer_of(used) + 1));
+                violations.push(format!(
+                    "{module} (layer {}) uses {used} (layer {})",
+                    layer_of(module) + 1,
+                    layer_of(used) + 1
+                ));
             }
         }
     }
@@ -181,7 +184,12 @@ fn nothing_in_the_repository_points_outside_it() {
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
             for (n, line) in text.lines().enumerate() {
                 if outside.iter().any(|o| line.contains(o.as_str())) {
-                    hits.push(format!("{}:{}: {}", path.strip_prefix(root()).unwrap().display(), n + 1, line.trim()));
+                    hits.push(format!(
+                        "{}:{}: {}",
+                        path.strip_prefix(root()).unwrap().display(),
+                        n + 1,
+                        line.trim()
+                    ));
                 }
             }
         }

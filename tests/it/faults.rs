@@ -1,13 +1,11 @@
 //! Limits and faults: full speed within Keap's limits, and nothing lost or duplicated through
 //! throttling, error storms, outages, rejections, SIGTERM and SIGKILL.
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{spawn_app_with, Options, TestApp};
-use keap_sync::keap::fake::{FakeOptions, FaultAction, FaultRule, Route};
+use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
+use keap_sync_testkit::fake::{FakeOptions, FaultAction, FaultRule, Route};
 
 fn stopped() -> Options {
     Options { start_daemon: false, ..Options::default() }
@@ -33,7 +31,7 @@ fn contact_times(app: &TestApp) -> Vec<Instant> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_20_per_second_the_limit_is_used_and_respected() {
     let mut app = spawn_app_with(Options {
-        fake: FakeOptions { per_second_limit: Some(20), ..common::fake_options() },
+        fake: FakeOptions { per_second_limit: Some(20), ..app::fake_options() },
         tweak: |c| {
             c.limits.per_second = 20;
             c.limits.per_minute = 100_000;
@@ -122,7 +120,7 @@ async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
     let app = spawn_app_with(Options::default()).await;
     insert_users(&app, 999).await;
     app.exec("insert into users (id, email, first_name) values (100000, 'not-an-email', 'Bad')").await;
-    common::eventually(Duration::from_secs(60), "999 delivered, 1 parked", || async {
+    app::eventually(Duration::from_secs(60), "999 delivered, 1 parked", || async {
         app.count("select count(*) from keap_sync.outbox").await == 1
             && app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
     })
@@ -153,7 +151,7 @@ async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
         .times(1),
     );
     app.exec("update users set first_name = 'Replayed' where id = 1").await;
-    common::eventually(Duration::from_secs(10), "user 1 parked", || async {
+    app::eventually(Duration::from_secs(10), "user 1 parked", || async {
         app.count("select count(*) from keap_sync.outbox where parked_at is not null and user_key = '1'")
             .await
             == 1
@@ -172,7 +170,7 @@ async fn sigterm_during_a_busy_run_exits_0_and_releases_every_claim() {
     insert_users(&app, 200).await;
     let config = app.write_config_file("", "");
     let mut daemon = app.spawn_process(&config);
-    common::eventually(Duration::from_secs(20), "calls in flight", || async {
+    app::eventually(Duration::from_secs(20), "calls in flight", || async {
         app.contact_calls("PUT") >= 8
             && app.count("select count(*) from keap_sync.outbox where lease_until is not null").await > 0
     })
@@ -214,7 +212,7 @@ async fn five_sigkills_during_a_5000_change_run_lose_and_duplicate_nothing() {
     };
     for round in 1..=5 {
         let target = app.contact_calls("PUT") + 200 + (next() % 600) as usize;
-        common::eventually(Duration::from_secs(60), "progress before the kill", || async {
+        app::eventually(Duration::from_secs(60), "progress before the kill", || async {
             app.contact_calls("PUT") >= target
         })
         .await;
@@ -236,12 +234,12 @@ async fn five_sigkills_during_a_5000_change_run_lose_and_duplicate_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_daily_quota_pauses_deliveries_and_says_so() {
     let app = spawn_app_with(Options {
-        fake: FakeOptions { daily_quota: Some(20), ..common::fake_options() },
+        fake: FakeOptions { daily_quota: Some(20), ..app::fake_options() },
         ..Options::default()
     })
     .await;
     insert_users(&app, 30).await;
-    common::eventually(Duration::from_secs(20), "status shows the quota pause", || async {
+    app::eventually(Duration::from_secs(20), "status shows the quota pause", || async {
         app.count("select count(*) from keap_sync.instances where paused_reason like '%daily quota%'").await
             == 1
     })

@@ -1,14 +1,12 @@
 //! Operations: backfill of pre-existing users (complete, resumable, lowest priority, not
 //! repeated), `status --json`, and two instances (one delivers, the other takes over).
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{spawn_app_with, ChildDaemon, Options, TestApp};
-use keap_sync::backfill::Mode;
-use keap_sync::daemon::RunOptions;
+use keap_sync::BackfillMode;
+use keap_sync::RunOptions;
+use keap_sync_testkit::app::{self, spawn_app_with, ChildDaemon, Options, TestApp};
 
 fn stopped() -> Options {
     Options { start_daemon: false, ..Options::default() }
@@ -73,7 +71,7 @@ async fn an_interrupted_backfill_resumes_without_resending_finished_users() {
     let config = app.write_config_file("", "");
 
     let mut first = app.spawn_command(&config, &["backfill"]);
-    common::eventually(Duration::from_secs(120), "about half delivered", || async {
+    app::eventually(Duration::from_secs(120), "about half delivered", || async {
         app.contact_calls("PUT") >= 5_000
     })
     .await;
@@ -106,9 +104,9 @@ async fn live_changes_overtake_a_running_backfill() {
     })
     .await;
     app.insert_preexisting_users(8_000).await;
-    let options = RunOptions { backfill: Some(Mode::Resume), ..RunOptions::default() };
+    let options = RunOptions { backfill: Some(BackfillMode::Resume), ..RunOptions::default() };
     app.start_daemon_with_options(app.config(), options).await;
-    common::eventually(Duration::from_secs(60), "backfill under way", || async {
+    app::eventually(Duration::from_secs(60), "backfill under way", || async {
         app.contact_calls("PUT") >= 500
     })
     .await;
@@ -123,7 +121,7 @@ async fn live_changes_overtake_a_running_backfill() {
             .unwrap()
             .get(0);
         let started = Instant::now();
-        common::eventually(Duration::from_secs(30), "live change delivered", || async {
+        app::eventually(Duration::from_secs(30), "live change delivered", || async {
             app.count(&format!("select count(*) from keap_sync.contact_map where user_key = '{id}'")).await
                 == 1
         })
@@ -172,12 +170,12 @@ async fn status_json_reports_a_seeded_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_one_delivers_and_the_other_takes_over() {
     let mut app = spawn_app_with(Options::default()).await;
-    common::eventually(Duration::from_secs(10), "first instance active", || async {
+    app::eventually(Duration::from_secs(10), "first instance active", || async {
         app.count("select count(*) from keap_sync.instances where role = 'active'").await == 1
     })
     .await;
     app.start_daemon().await;
-    common::eventually(Duration::from_secs(10), "second instance standing by", || async {
+    app::eventually(Duration::from_secs(10), "second instance standing by", || async {
         app.count("select count(*) from keap_sync.instances where role = 'standby'").await == 1
     })
     .await;
@@ -191,7 +189,7 @@ async fn two_instances_one_delivers_and_the_other_takes_over() {
         .await;
     app.wait_idle().await;
     assert_eq!(app.count("select count(*) from keap_sync.instances").await, 1);
-    common::eventually(Duration::from_secs(10), "the other instance took over", || async {
+    app::eventually(Duration::from_secs(10), "the other instance took over", || async {
         app.count("select count(*) from keap_sync.instances where role = 'active'").await == 1
     })
     .await;
@@ -263,9 +261,9 @@ async fn metrics_parse_and_match_the_fakes_request_log() {
     let mut config = app.config();
     config.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     app.fake.inject(
-        keap_sync::keap::fake::FaultRule::new(
-            keap_sync::keap::fake::Route::Contacts,
-            keap_sync::keap::fake::FaultAction::Status(503, String::new()),
+        keap_sync_testkit::fake::FaultRule::new(
+            keap_sync_testkit::fake::Route::Contacts,
+            keap_sync_testkit::fake::FaultAction::Status(503, String::new()),
         )
         .times(5),
     );
@@ -274,7 +272,7 @@ async fn metrics_parse_and_match_the_fakes_request_log() {
         .await;
     app.wait_idle().await;
 
-    keap_sync::install_crypto_provider();
+    keap_sync_testkit::install_crypto_provider();
     let http = reqwest::Client::new();
     let health = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);

@@ -2,12 +2,10 @@
 //! durably, without duplicates and without wasted calls. Real Postgres, fake Keap, the real
 //! daemon in-process.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{spawn_app, spawn_app_with, Options};
-use keap_sync::keap::model::{ContactWrite, EmailAddress, EmailField};
+use keap_sync_testkit::app::{self, spawn_app, spawn_app_with, Options};
+use keap_sync_testkit::fake::{ContactWrite, EmailAddress, EmailField};
 
 fn write(email: &str, given: &str, family: &str) -> ContactWrite {
     ContactWrite {
@@ -161,7 +159,7 @@ async fn a_row_without_email_is_parked_and_the_others_flow() {
         "insert into users (id, email, first_name) values (1, null, 'NoMail'), (2, 'ok@example.com', 'Ok')",
     )
     .await;
-    common::eventually(Duration::from_secs(10), "user 1 parked, user 2 delivered", || async {
+    app::eventually(Duration::from_secs(10), "user 1 parked, user 2 delivered", || async {
         app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
             && app.count("select count(*) from keap_sync.outbox").await == 1
     })
@@ -232,7 +230,7 @@ async fn a_graceful_stop_leaves_nothing_claimed() {
     app.fake.set_latency(Duration::from_millis(200));
     app.exec("insert into users (email) select 'stop' || g || '@example.com' from generate_series(1, 50) g")
         .await;
-    common::eventually(Duration::from_secs(10), "deliveries in flight", || async {
+    app::eventually(Duration::from_secs(10), "deliveries in flight", || async {
         app.count("select count(*) from keap_sync.outbox where lease_until is not null").await > 0
     })
     .await;

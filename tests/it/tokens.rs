@@ -2,21 +2,19 @@
 //! two instances, a lost grant pauses (not loses) deliveries until new tokens are imported,
 //! the authorization-code login, and no secret in any log line or error.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{spawn_app_with, Options, TestApp};
-use keap_sync::keap::fake::{FakeOptions, FaultAction, FaultRule, Route};
+use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
+use keap_sync_testkit::fake::{FakeOptions, FaultAction, FaultRule, Route};
 
 const REDIRECT: &str = "https://app.example.com/keap/callback";
 
 fn oauth(lifetime: Duration) -> Options {
     Options {
         oauth: true,
-        fake: FakeOptions { access_token_lifetime: lifetime, ..common::fake_options() },
+        fake: FakeOptions { access_token_lifetime: lifetime, ..app::fake_options() },
         ..Options::default()
     }
 }
@@ -35,7 +33,7 @@ fn bin(app: &TestApp, config: &std::path::Path, args: &[&str]) -> Command {
 /// Every secret the fake ever issued, and the client secret, is absent from every log line of
 /// this process and from `extra` (child process output, error messages).
 fn assert_no_secrets(app: &TestApp, extra: &str) {
-    let logs = common::captured_logs();
+    let logs = app::captured_logs();
     assert!(!logs.is_empty(), "logs were captured");
     for secret in app.fake.issued_secrets() {
         assert!(secret.len() >= 8, "secret long enough to grep: {}", secret.len());
@@ -130,7 +128,7 @@ async fn a_revoked_grant_pauses_deliveries_until_a_new_grant_is_imported() {
     app.fake.revoke_all_grants();
     app.exec("insert into users (email) select 'during' || g || '@example.com' from generate_series(1, 5) g")
         .await;
-    common::eventually(Duration::from_secs(10), "re-authorisation needed", || async {
+    app::eventually(Duration::from_secs(10), "re-authorisation needed", || async {
         app.count("select count(*) from keap_sync.oauth_token where state = 'reauthorization_needed'").await
             == 1
     })
@@ -188,7 +186,7 @@ async fn a_401_with_a_valid_looking_token_refreshes_once_and_retries() {
 }
 
 /// Runs `auth login`, answers its prompt with `answer(state)`, returns (success, stdout+stderr).
-async fn login(app: &TestApp, answer: impl Fn(&str) -> String) -> (bool, String, String) {
+fn login(app: &TestApp, answer: impl Fn(&str) -> String) -> (bool, String, String) {
     let config = app.write_config_file(
         &format!("redirect_uri = \"{REDIRECT}\"\nauthorize_url = \"{}\"", app.fake.authorize_url()),
         "",
@@ -231,7 +229,7 @@ async fn auth_login_exchanges_the_code_and_checks_state() {
 
     // A redirect carrying another login's state is refused, and nothing is stored.
     let code = app.fake.issue_code(REDIRECT);
-    let (ok, _, stderr) = login(&app, |_| format!("{REDIRECT}?code={code}&state=forged")).await;
+    let (ok, _, stderr) = login(&app, |_| format!("{REDIRECT}?code={code}&state=forged"));
     assert!(!ok);
     assert!(stderr.contains("state does not match"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -240,8 +238,7 @@ async fn auth_login_exchanges_the_code_and_checks_state() {
     let code = app.fake.issue_code(REDIRECT);
     let (ok, stdout, stderr) = login(&app, |state| {
         format!("{REDIRECT}?code={code}&scope=full%7Cfake123.infusionsoft.com&state={state}")
-    })
-    .await;
+    });
     assert!(ok, "{stderr}");
     assert_eq!(app.count("select count(*) from keap_sync.oauth_token where state = 'ok'").await, 1);
 
@@ -278,7 +275,7 @@ async fn auth_login_can_receive_the_redirect_on_a_loopback_listener() {
         }
     };
     let code = app.fake.issue_code(REDIRECT);
-    keap_sync::install_crypto_provider();
+    keap_sync_testkit::install_crypto_provider();
     let http = reqwest::Client::new();
     let target = format!("http://{listen}/keap/callback?code={code}&state={state}");
     // The listener is bound before the URL is printed.
@@ -295,12 +292,12 @@ async fn a_refused_api_key_pauses_instead_of_hammering_keap() {
     let mut app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
     let mut config = app.config();
     config.keap.credential =
-        Some(keap_sync::config::Credential::ApiKey(keap_sync::secret::Secret::new("revoked-key-0000")));
+        Some(keap_sync::config::Credential::ApiKey(keap_sync::Secret::new("revoked-key-0000")));
     config.delivery.poll_interval = Duration::from_millis(100);
     app.start_daemon_with(config).await;
     app.exec("insert into users (email) select 'k' || g || '@example.com' from generate_series(1, 20) g")
         .await;
-    common::eventually(Duration::from_secs(10), "paused for the API key", || async {
+    app::eventually(Duration::from_secs(10), "paused for the API key", || async {
         app.count("select count(*) from keap_sync.instances where paused_reason like '%API key%'").await == 1
     })
     .await;
@@ -322,7 +319,7 @@ async fn an_idle_daemon_refreshes_a_grant_before_its_refresh_token_lapses() {
     app.start_daemon().await;
     // Wait for the new pair in the database: the fake counts the refresh before the daemon
     // has committed what it returned.
-    common::eventually(Duration::from_secs(10), "a new refresh token stored, with no change to deliver", || async {
+    app::eventually(Duration::from_secs(10), "a new refresh token stored, with no change to deliver", || async {
         let age: f64 = app
             .db
             .query_one(

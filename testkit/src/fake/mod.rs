@@ -1,16 +1,23 @@
 //! A stateful fake of Keap's REST v1 contact API and OAuth token endpoint, served over real
-//! HTTP/1.1 on 127.0.0.1 for the integration tests, the benchmarks and the `demo` command.
+//! HTTP/1.1 on 127.0.0.1 for the integration tests, the benchmarks and the demo.
 //!
-//! It follows `shared/keap/API-NOTES.md` and, wherever the notes call a behaviour unverified,
-//! plays the strictest variant, so a client that survives the fake survives Keap:
+//! It is an independent witness, on purpose: its wire types (module `wire`, re-exported here as
+//! [`ContactWrite`], [`Contact`], [`TokenGrant`], …) are its own, written from Keap's published
+//! v1 OpenAPI schemas, and it uses nothing of the daemon's (not `keap_sync`'s `keap::model`, nor any other
+//! module: this crate's only link to keap-sync is the harness in `app`). A property the client misnames is therefore refused here, as Keap would refuse
+//! it, instead of being misnamed on both sides while the tests pass.
+//!
+//! It follows the Keap facts summarised in `docs/keap-api.md` and, wherever a behaviour is
+//! unverified, plays the strictest variant, so a client that survives the fake survives Keap:
 //! - refresh tokens are single use with no grace period (a reused one answers 400
 //!   `invalid_grant`); the access token issued with a spent refresh token stays valid until its
 //!   own expiry; the refresh grant accepts client credentials only as HTTP Basic;
 //! - `PUT /v1/contacts` answers 200 for both create and update (the only declared status) and
 //!   needs `duplicate_option`; when several contacts share the email the lowest id wins;
 //! - 429s carry no `Retry-After`; requests refused with 429 do not use up quota;
-//! - unmodelled JSON properties, non-JSON write bodies and `Authorization: Bearer <api key>`
-//!   are rejected; `update_mask` takes repeated parameters only (no comma lists);
+//! - unmodelled JSON properties, enum values not spelled exactly as the spec does, non-JSON
+//!   write bodies and `Authorization: Bearer <api key>` are rejected; `update_mask` takes
+//!   repeated parameters only (no comma lists);
 //! - FullContact answers carry properties the daemon does not model, so its parser must
 //!   ignore unknown fields as it has to with Keap.
 //!
@@ -37,20 +44,20 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::model::{
-    Contact, ContactList, ContactWrite, DuplicateOption, EmailAddress, EmailField, TokenResponse,
-};
+mod wire;
+
+pub use wire::{Contact, ContactList, ContactWrite, DuplicateOption, EmailAddress, EmailField, TokenGrant};
 
 /// The `scope` Keap returns with every grant: `full|<app>.infusionsoft.com` names the tenant.
 pub const FAKE_SCOPE: &str = "full|fake123.infusionsoft.com";
 /// Largest request body read; anything bigger answers 413 instead of growing memory.
 const MAX_BODY: usize = 1 << 20;
-/// Field length limits of the v2 specs, which describe the same contact record (API-NOTES 3.6).
+/// Field length limits of the v2 specs, which describe the same contact record (`docs/keap-api.md`).
 const MAX_NAME: usize = 40;
 /// First contact id handed out, so ids never look like small row numbers by accident.
 const FIRST_ID: i64 = 1001;
 const DAY_MS: u64 = 86_400_000;
-/// Property names `update_mask` accepts on `PATCH /v1/contacts/{id}` (API-NOTES 3.3).
+/// Property names `update_mask` accepts on `PATCH /v1/contacts/{id}` (`docs/keap-api.md`).
 const UPDATE_MASK_VALUES: &str = "addresses anniversary birthday company contact_type \
     custom_fields email_addresses family_name fax_numbers given_name job_title lead_source_id \
     middle_name notes opt_in_reason origin owner_id phone_numbers preferred_locale \
@@ -362,7 +369,7 @@ impl FakeKeap {
     }
 
     /// Mints a fresh access + refresh pair, as if a user had just authorised the app.
-    pub fn issue_grant(&self) -> TokenResponse {
+    pub fn issue_grant(&self) -> TokenGrant {
         self.state().mint()
     }
 
@@ -902,7 +909,7 @@ impl State {
         }
     }
 
-    fn mint(&mut self) -> TokenResponse {
+    fn mint(&mut self) -> TokenGrant {
         let lifetime = self.opts.access_token_lifetime;
         let (access, refresh) = (random_token("fake-at-"), random_token("fake-rt-"));
         let expiry = Instant::now().checked_add(lifetime);
@@ -910,12 +917,13 @@ impl State {
         self.refresh.insert(refresh.clone(), Refresh::Live);
         self.issued.push(access.clone());
         self.issued.push(refresh.clone());
-        TokenResponse {
+        TokenGrant {
             access_token: access,
-            token_type: Some("bearer".into()),
-            expires_in: i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX).max(1),
+            token_type: "bearer".into(),
+            // At least a second, and small enough for any client's signed 64-bit integer.
+            expires_in: lifetime.as_secs().clamp(1, i64::MAX.unsigned_abs()),
             refresh_token: refresh,
-            scope: Some(FAKE_SCOPE.into()),
+            scope: FAKE_SCOPE.into(),
         }
     }
 
@@ -943,7 +951,7 @@ impl State {
         match get("grant_type") {
             None => oauth(400, "invalid_request", "response_type or grant_type is required"),
             Some("refresh_token") => {
-                // Strict: client credentials only as HTTP Basic for this grant (API-NOTES 2.2).
+                // Strict: client credentials only as HTTP Basic for this grant (`docs/keap-api.md`).
                 if !basic.is_some_and(|c| self.client_ok(&c)) {
                     return invalid_client();
                 }
@@ -986,11 +994,11 @@ impl State {
 
     /// Bearer token or API key; anything else is 401. Bearer failures answer the v1 shape,
     /// API-key and missing-credential failures the gateway (v2) shape: the 401 body is not
-    /// captured anywhere (API-NOTES 11.13), so clients must go by the status.
+    /// captured anywhere (`docs/keap-api.md`), so clients must go by the status.
     fn authenticate(&self, h: &HeaderMap, now: Instant) -> Result<Cred, Reply> {
         if h.contains_key(AUTHORIZATION) {
             let expiry = auth_param(h, "bearer").and_then(|t| self.access.get(t));
-            // Strict: an API key sent as Bearer is not accepted (API-NOTES 11.10).
+            // Strict: an API key sent as Bearer is not accepted (`docs/keap-api.md`).
             return match expiry {
                 Some(e) if e.is_none_or(|e| now < e) => Ok(Cred::OAuth),
                 _ => Err(msg(401, "Invalid Access Token")),
@@ -1005,7 +1013,7 @@ impl State {
     }
 
     /// Counts the request against its credential's windows. Returns whether it is admitted and
-    /// the throttle/quota headers Keap sends (API-NOTES 7).
+    /// the throttle/quota headers Keap sends (`docs/keap-api.md`).
     fn admit(&mut self, cred: &Cred, now: Instant) -> (bool, Headers) {
         let (key, default_minute, default_day) = match cred {
             Cred::OAuth => ("oauth".to_owned(), 1_500, 150_000),
@@ -1062,7 +1070,7 @@ impl State {
         let (admitted, headers) = self.admit(&cred, now);
         if !admitted {
             self.throttled += 1;
-            // Strictest: no Retry-After (API-NOTES 7, 11.12).
+            // Strictest: no Retry-After (`docs/keap-api.md`).
             let answer = v2_error(429, json!("429"), "Quota Exceeded", "Request Throttled");
             return answer.with_headers(headers);
         }
@@ -1228,8 +1236,8 @@ fn apply(c: &mut Contact, w: &ContactWrite, mask: Option<&[String]>) {
     c.last_updated = Some(rfc3339_ms(unix_ms()));
 }
 
-/// A FullContact: the modelled fields plus properties the daemon does not model, so a client
-/// that fails on unknown fields fails here as it would against Keap.
+/// A FullContact: the stored fields plus properties neither the fake keeps nor the daemon
+/// models, so a client that fails on unknown fields fails here as it would against Keap.
 fn full_json(c: &Contact) -> Value {
     let mut v = serde_json::to_value(c).unwrap_or_else(|_| json!({}));
     let extra = json!({"email_status": "UnengagedMarketable", "email_opted_in": false,
@@ -1277,7 +1285,7 @@ fn parse_write(body: &[u8], kind: Write) -> Result<ContactWrite, Reply> {
     }
     let emails = w.email_addresses.as_deref().unwrap_or_default();
     for (i, e) in emails.iter().enumerate() {
-        // EMAIL1 holds at most 75 characters, EMAIL2/3 100 (API-NOTES 3.6).
+        // EMAIL1 holds at most 75 characters, EMAIL2/3 100 (`docs/keap-api.md`).
         let max = if e.field == EmailField::Email1 { 75 } else { 100 };
         match e.email.as_deref() {
             Some(a) if a.chars().count() > max => {
@@ -1370,9 +1378,20 @@ fn rfc3339_ms(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::model::ErrorBody;
     use super::*;
     use reqwest::{RequestBuilder, Response as HttpResponse};
+    use serde::Deserialize;
+
+    /// The fake's error answers, read leniently: v1 `{"message"}`, the gateway's
+    /// `{"code","message","status","details"}` and the token endpoint's
+    /// `{"error","error_description"}`. Only the fields the tests look at.
+    #[derive(Debug, Default, Deserialize)]
+    struct ErrorReply {
+        message: Option<String>,
+        code: Option<Value>,
+        error: Option<String>,
+        error_description: Option<String>,
+    }
 
     /// A started fake, a plain-HTTP client (no proxy from the environment) and a live token.
     struct Kit {
@@ -1417,7 +1436,7 @@ mod tests {
         send(req).await.status().as_u16()
     }
 
-    async fn error(req: RequestBuilder) -> ErrorBody {
+    async fn error(req: RequestBuilder) -> ErrorReply {
         send(req).await.json().await.expect("error body")
     }
 
@@ -1499,7 +1518,7 @@ mod tests {
         let resp = send(k.http.get(k.url(""))).await;
         assert_eq!(resp.status(), 401);
         assert!(resp.headers().get("x-keap-product-throttle-limit").is_none());
-        assert_eq!(resp.json::<ErrorBody>().await.unwrap().code, Some(json!(401)));
+        assert_eq!(resp.json::<ErrorReply>().await.unwrap().code, Some(json!(401)));
         let err = error(k.http.get(k.url("")).bearer_auth("nope")).await;
         assert_eq!(err.message.as_deref(), Some("Invalid Access Token"));
         assert_eq!(status(k.http.get(k.url("")).bearer_auth("k1")).await, 401);
@@ -1515,14 +1534,14 @@ mod tests {
     async fn refresh_tokens_rotate_and_are_single_use() {
         let k = Kit::new(FakeOptions::default()).await;
         let grant = k.fake.issue_grant();
-        let next: TokenResponse =
+        let next: TokenGrant =
             send(k.refresh(&grant.refresh_token, "fake-client-secret")).await.json().await.unwrap();
         assert_ne!(next.refresh_token, grant.refresh_token);
-        assert_eq!((next.token_type.as_deref(), next.expires_in), (Some("bearer"), 86_400));
-        assert_eq!(next.scope.as_deref(), Some(FAKE_SCOPE));
+        assert_eq!((next.token_type.as_str(), next.expires_in), ("bearer", 86_400));
+        assert_eq!(next.scope, FAKE_SCOPE);
         let reuse = send(k.refresh(&grant.refresh_token, "fake-client-secret")).await;
         assert_eq!(reuse.status(), 400);
-        assert_eq!(reuse.json::<ErrorBody>().await.unwrap().error.as_deref(), Some("invalid_grant"));
+        assert_eq!(reuse.json::<ErrorReply>().await.unwrap().error.as_deref(), Some("invalid_grant"));
         assert_eq!((k.fake.refresh_count(), k.fake.spent_refresh_reuse_count()), (1, 1));
         // The old access token lives until its own expiry; the new one works too.
         for t in [&grant.access_token, &next.access_token] {
@@ -1563,7 +1582,7 @@ mod tests {
             k.http.post(k.fake.token_url()).form(&form)
         };
         assert_eq!(status(exchange("https://evil.example/cb")).await, 400);
-        let grant: TokenResponse = send(exchange("https://app.example/cb")).await.json().await.unwrap();
+        let grant: TokenGrant = send(exchange("https://app.example/cb")).await.json().await.unwrap();
         assert_eq!(status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await, 200);
         let err = error(exchange("https://app.example/cb")).await;
         assert_eq!(err.error.as_deref(), Some("invalid_grant"));
@@ -1689,7 +1708,7 @@ mod tests {
             let resp = send(k.put(&body)).await;
             assert_eq!(resp.status(), 400, "{body}");
             assert!(resp.headers().contains_key("x-keap-product-quota-limit"));
-            let text = resp.json::<ErrorBody>().await.unwrap().message.unwrap_or_default();
+            let text = resp.json::<ErrorReply>().await.unwrap().message.unwrap_or_default();
             assert!(text.starts_with(want), "{body}: {text}");
         }
         let broken = k.http.put(k.url("")).bearer_auth(&k.token).header("content-type", "application/json");
