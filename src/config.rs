@@ -61,7 +61,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     /// libpq-style URL or `key=value` string; may hold a password, so it is a [`Secret`] and
-    /// only [`crate::db::describe`] (host, port, database, user) is ever printed.
+    /// only its host, port, database and user are ever printed.
     pub url: Secret,
     /// How long a connection attempt may take.
     pub connect_timeout: Duration,

@@ -44,15 +44,33 @@ pub(crate) struct QuotaReport {
 }
 
 /// Per-second, per-minute and per-day limiters, a shared pause, and the last quota report.
+///
+/// Shared as `Arc<Limiter>` by the Keap client (every delivery task) and the daemon loop, so
+/// every method takes `&self`. No lock is ever held across an `.await`.
 pub(crate) struct Limiter {
+    /// Per-second spacing. governor's limiters are lock-free (an atomic GCRA state), so many
+    /// senders wait on one without a Mutex.
     second: Gcra,
+    /// Per-minute window. Behind an `RwLock<Arc<…>>` because adopting a lower limit Keap reports
+    /// swaps the whole limiter: senders clone the `Arc` under a brief read lock and wait on it
+    /// outside the lock; a swap (rare) takes the write lock.
     minute: RwLock<Arc<Gcra>>,
+    /// The per-minute limit in force, to compare reported limits against without the lock.
     minute_limit: AtomicU32,
+    /// Per-day bucket.
     day: Gcra,
+    /// The pause every sender honours after a 429 or a spent quota. A std `Mutex` because it
+    /// is read and written in a few instructions and never across an await; one lock keeps the
+    /// read-compare-extend of `pause_for` atomic.
     paused_until: Mutex<Option<Instant>>,
+    /// 429s in a row, for the backoff; reset by any success. Atomic: bumped by whichever
+    /// sender got the answer.
     consecutive_429: AtomicU32,
+    /// Keap's last reported calls left this minute (-1: unknown), for status and metrics.
     minute_available: AtomicI64,
+    /// Keap's last reported calls left today (-1: unknown).
     day_available: AtomicI64,
+    /// 429s seen by this process, for the heartbeat.
     throttled_total: AtomicU32,
 }
 

@@ -11,7 +11,7 @@ use std::fmt;
 /// A string that is never printed.
 ///
 /// ```
-/// use keap_sync::secret::Secret;
+/// use keap_sync::Secret;
 /// let token = Secret::new("at-1234567890");
 /// assert_eq!(format!("{token:?} {token}"), "<redacted> <redacted>");
 /// assert_eq!(token.expose(), "at-1234567890");

@@ -107,13 +107,16 @@ const SELECT_STORED: &str = "select access_token, refresh_token,
         state, state_detail
    from keap_sync.oauth_token where id = 1";
 
-/// Supplies the credential for each Keap call.
+/// Supplies the credential for each Keap call. Shared as `Arc<TokenSource>` by every delivery
+/// task and the daemon's idle check; the locks inside say what they guard.
 pub(crate) struct TokenSource {
     inner: Inner,
 }
 
 enum Inner {
-    /// The key, and when Keap last refused it (a person must fix it; we retry rarely).
+    /// The key, and when Keap last refused it (a person must fix it; we retry rarely). A std
+    /// `Mutex`: set by the delivery that got the 401, read by the loop's pause check, each in a
+    /// few instructions and never across an await.
     ApiKey(Secret, std::sync::Mutex<Option<tokio::time::Instant>>),
     OAuth(Box<OAuth>),
 }
@@ -129,7 +132,10 @@ struct OAuth {
     http: reqwest::Client,
     pg: PgConfig,
     policy: TokenPolicy,
-    /// Serialises refreshes inside this process; the row lock does it across processes.
+    /// Serialises refreshes inside this process, so concurrent deliveries that all find the
+    /// token stale queue here and then find the fresh pair, instead of each opening a
+    /// connection to wait on the row lock (which serialises across processes). An async
+    /// `Mutex` because it is held across the token request.
     refreshing: Mutex<()>,
     metrics: Arc<crate::metrics::Metrics>,
 }

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod demo;
 pub mod fake;
 pub mod pg;
 

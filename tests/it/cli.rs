@@ -147,12 +147,31 @@ async fn sigkill_mid_batch_then_restart_delivers_everything_once() {
 }
 
 /// The README's first command: the demo runs on its own throwaway Postgres and fake Keap.
-#[test]
-fn the_demo_runs_end_to_end() {
-    let out = keap_sync(&["demo"], &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_end_to_end() {
+    // What `cargo run --release --example demo` runs, in-process (cargo test builds the example
+    // itself too, so its few lines of `main` are compiled).
+    let mut narration = Vec::new();
+    let result = keap_sync_testkit::demo::run(&mut narration, false).await;
+    let stdout = String::from_utf8_lossy(&narration);
+    assert!(result.is_ok(), "{result:?}\nnarration:\n{stdout}");
     assert!(stdout.contains("backfill done with 2 calls"), "{stdout}");
     assert!(stdout.contains("50 changes cost"), "{stdout}");
     assert!(stdout.contains("holds 5 contacts for 5 users"), "{stdout}");
+}
+
+/// A log file or pipe gets plain text: no ANSI colour codes unless standard error is a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_file_gets_no_colour_codes() {
+    let app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    app.exec("insert into users (email) values ('plain@example.com')").await;
+    let config = app.write_config_file("", "");
+    let daemon = app.spawn_process(&config);
+    app.wait_idle().await;
+    app::eventually(Duration::from_secs(10), "the start-up line in the log", || async {
+        daemon.log_text().contains("keap-sync started")
+    })
+    .await;
+    let log = daemon.log_text();
+    assert!(!log.contains('\u{1b}'), "escape codes in a log file:\n{log:?}");
 }
