@@ -1,7 +1,7 @@
 //! The `keap-sync` command line, the top layer: `main.rs` calls [`main`]; every command is a
 //! short function that loads the configuration, calls the layers below to do one thing, and
 //! returns an error phrased for the operator. Only this layer prints for people
-//! ([`render`]); `auth` and `failures` have their own modules.
+//! (`render`); `auth` and `failures` have their own modules.
 
 mod auth;
 mod failures;
