@@ -1597,8 +1597,12 @@ mod tests {
         let grant = k.fake.issue_grant();
         assert_eq!(grant.expires_in, 1, "expires_in is at least one second");
         assert_eq!(status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await, 200);
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await, 401);
+        // The lifetime passes: the token turns 401 on its own (looked at every 20 ms, 5 s at most).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await != 401 {
+            assert!(Instant::now() < deadline, "a 300 ms token still accepted after 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
