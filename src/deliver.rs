@@ -1,18 +1,20 @@
-//! Delivering one claimed change: read state → decide → at most one Keap write → record.
+//! Delivering one claimed change: read state → decide → the fewest Keap calls → record.
 //!
-//! The decision table (ARCHITECTURE.md, invariants 4–6):
+//! The decision table (ARCHITECTURE.md, invariants 4–6 and 12–14):
 //!
-//! | user row | mapping | fingerprint | action |
+//! | user row | mapping | owned values | action |
 //! | --- | --- | --- | --- |
-//! | gone | any | – | `on_delete`: keep the contact, or `DELETE` it and forget the mapping |
+//! | gone | – | – | `on_delete`: keep the contact, or `DELETE` the contact mapped *now* (not at claim time) and forget it |
 //! | no email | any | – | park: only a new change can fix it |
-//! | present | mapped | equal | nothing: Keap already has this payload |
-//! | present | mapped | differs | `PATCH /v1/contacts/{id}`; a 404 re-links by upsert |
-//! | present | none | – | `PUT /v1/contacts` (upsert by email): links an existing contact |
+//! | present | mapped | unchanged | nothing: Keap already holds them |
+//! | present | mapped | changed | `PATCH` only the changed properties; a new EMAIL1 first reads the contact's other slots; a 404 links again |
+//! | present | none | – | look up by email (an in-doubt create's email first) → link and `PATCH` what differs, or record the create, then `PUT /v1/contacts` |
 //!
-//! Results: success completes the claim; a transient failure schedules a retry with
-//! exponential backoff and jitter; a rejection parks the change with Keap's message; a 401
-//! refreshes the token and retries once. Nothing is ever dropped.
+//! A contact is linked (mapped) before anything is written to it, so two users never share one
+//! and a key that is gone is never mapped (`outbox::link`). Results: success completes the
+//! claim; a transient failure schedules a retry with exponential backoff and jitter; a rejection
+//! parks the change with Keap's message; a 401 refreshes the token and retries once. Nothing is
+//! ever dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,10 +25,11 @@ use tokio_postgres::Client;
 
 use crate::config::{DeliveryConfig, OnDelete};
 use crate::db::DbError;
+use crate::keap::model::{Contact, EmailAddress};
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
-use crate::mapping::{ContactPayload, UPDATE_MASK};
+use crate::mapping::{Changes, ContactPayload, Held};
 use crate::metrics::{DeliveryOutcome, Metrics};
-use crate::outbox::{self, Claim, Done, FailureRecord, UserRow};
+use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, UserRow};
 use crate::token::{TokenError, TokenSource};
 
 /// What the delivery loop needs to know about one finished delivery.
@@ -79,67 +82,267 @@ impl Deliverer {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(user = %claim.user_key, reason = %e, "parked a change that cannot be mapped");
-                let record = FailureRecord { message: e.to_string(), ..FailureRecord::default() };
-                outbox::park(&self.db, claim, &self.instance, &record).await?;
-                self.metrics.delivery(DeliveryOutcome::Parked);
-                return Ok(Outcome::Handled);
+                return self.park(claim, e.to_string()).await;
             }
         };
-        let fingerprint = payload.fingerprint();
-        if claim.contact_id.is_some() && claim.fingerprint.as_deref() == Some(fingerprint.as_str()) {
-            tracing::debug!(user = %claim.user_key, "payload unchanged; no call");
-            outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
-            self.metrics.delivery(DeliveryOutcome::Unchanged);
-            return Ok(Outcome::Handled);
+        let mut end = match claim.contact_id {
+            Some(id) => self.update_mapped(claim, &payload, id, deadline).await?,
+            None => End::Unlinked,
+        };
+        if matches!(end, End::Unlinked) {
+            if let Some(id) = claim.contact_id {
+                tracing::info!(user = %claim.user_key, contact = id, "contact gone in Keap; linking again by email");
+            }
+            end = self.link_or_create(claim, &payload, deadline).await?;
         }
+        self.record(claim, &payload, end).await
+    }
 
-        let result = self
-            .with_auth(claim, |auth| {
-                let payload = &payload;
-                async move {
-                    match claim.contact_id {
-                        Some(id) => match self.keap.update_contact(&auth, id, &payload.patch_body(), &UPDATE_MASK, deadline).await {
-                            Err(e) if e.kind == ErrorKind::NotFound => {
-                                tracing::info!(user = %claim.user_key, contact = id, "contact gone in Keap; re-linking by email");
-                                self.keap.upsert_contact(&auth, &payload.upsert_body(), deadline).await
-                            }
-                            other => other,
-                        },
-                        None => self.keap.upsert_contact(&auth, &payload.upsert_body(), deadline).await,
-                    }
+    /// Records how a delivery of a present user ended.
+    async fn record(&self, claim: &Claim, payload: &ContactPayload, end: End) -> Result<Outcome, DbError> {
+        match end {
+            End::Synced { contact_id, called } => {
+                // Keap holds the payload now; an unchanged payload whose `sent` is known needs
+                // no write at all.
+                let done = if !called && claim.sent.is_some() && claim.contact_id == Some(contact_id) {
+                    Done::Nothing
+                } else {
+                    Done::Synced { contact_id, fingerprint: payload.fingerprint(), sent: payload.sent() }
+                };
+                outbox::complete(&self.db, claim, &self.instance, &done).await?;
+                if called {
+                    tracing::debug!(user = %claim.user_key, contact = contact_id, "delivered");
+                    self.metrics.delivery(DeliveryOutcome::Synced);
+                } else {
+                    tracing::debug!(user = %claim.user_key, "payload unchanged; no write");
+                    self.metrics.delivery(DeliveryOutcome::Unchanged);
                 }
-            })
-            .await?;
-        match result {
-            Ok(contact) => {
-                tracing::debug!(user = %claim.user_key, contact = contact.id, "delivered");
-                outbox::complete(
-                    &self.db,
-                    claim,
-                    &self.instance,
-                    &Done::Synced { contact_id: contact.id, fingerprint },
-                )
-                .await?;
-                self.metrics.delivery(DeliveryOutcome::Synced);
                 Ok(Outcome::Handled)
             }
+            End::Failed { failure, sent, settles_create } => {
+                self.failed(claim, failure, sent, settles_create).await
+            }
+            End::Park(message) => {
+                tracing::warn!(user = %claim.user_key, reason = %message, "parked");
+                self.park(claim, message).await
+            }
+            End::RetryLater(message) => {
+                let delay = backoff(&self.delivery, claim.attempts);
+                tracing::info!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, reason = %message, "trying again later");
+                let record = FailureRecord { message, ..FailureRecord::default() };
+                outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
+                self.metrics.delivery(DeliveryOutcome::Retried);
+                Ok(Outcome::Handled)
+            }
+            End::Release | End::Unlinked => {
+                outbox::release(&self.db, claim, &self.instance).await?;
+                Ok(Outcome::Handled)
+            }
+        }
+    }
+
+    async fn park(&self, claim: &Claim, message: String) -> Result<Outcome, DbError> {
+        let record = FailureRecord { message, ..FailureRecord::default() };
+        outbox::park(&self.db, claim, &self.instance, &record).await?;
+        self.metrics.delivery(DeliveryOutcome::Parked);
+        Ok(Outcome::Handled)
+    }
+
+    /// A mapped user: send the owned properties that changed, nothing else (invariant 12).
+    /// Returns [`End::Unlinked`] when the contact is gone in Keap.
+    async fn update_mapped(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        id: i64,
+        deadline: Instant,
+    ) -> Result<End, DbError> {
+        let held = match &claim.sent {
+            Some(sent) => Held::from_sent(sent),
+            // A mapping from before `sent` was kept: the fingerprint says whether Keap has it.
+            None if claim.fingerprint.as_deref() == Some(payload.fingerprint().as_str()) => payload.as_held(),
+            None => Held::default(),
+        };
+        let mut changes = payload.changes(&held);
+        if !changes.any() {
+            return Ok(End::Synced { contact_id: id, called: false });
+        }
+        let mut current_emails = Vec::new();
+        if changes.email {
+            // EMAIL1 is written as part of an array Keap replaces whole: read the other slots.
+            match self
+                .with_auth(claim, |auth| async move { self.keap.get_contact(&auth, id, deadline).await })
+                .await?
+            {
+                Ok(contact) => {
+                    changes = payload.changes(&Held::from_contact(&contact));
+                    current_emails = contact.email_addresses;
+                }
+                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(End::Unlinked),
+                Err(failure) => return Ok(End::failed(failure, None)),
+            }
+            if !changes.any() {
+                return Ok(End::Synced { contact_id: id, called: true });
+            }
+        }
+        self.patch(claim, payload, id, changes, &current_emails, deadline).await
+    }
+
+    async fn patch(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        id: i64,
+        changes: Changes,
+        current_emails: &[EmailAddress],
+        deadline: Instant,
+    ) -> Result<End, DbError> {
+        let (body, mask) = payload.patch(changes, current_emails);
+        let (body, mask) = (&body, &mask);
+        let result = self
+            .with_auth(claim, |auth| async move {
+                self.keap.update_contact(&auth, id, body, mask, deadline).await
+            })
+            .await?;
+        Ok(match result {
+            Ok(_) => End::Synced { contact_id: id, called: true },
+            Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => End::Unlinked,
+            Err(failure) => End::failed(failure, serde_json::to_value(body).ok()),
+        })
+    }
+
+    /// A user with no contact (or whose contact is gone): find it by email — first by the
+    /// email of an earlier create whose answer never came (invariant 14), then by the current
+    /// one — and link it, or create it. A read before any write, so an existing contact is
+    /// updated property by property and its other email slots survive (invariant 12).
+    async fn link_or_create(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        deadline: Instant,
+    ) -> Result<End, DbError> {
+        let mut emails: Vec<String> =
+            claim.create_sent.as_ref().and_then(email_of_create).into_iter().collect();
+        if !emails.iter().any(|e| e.eq_ignore_ascii_case(&payload.email)) {
+            emails.push(payload.email.clone());
+        }
+        for email in &emails {
+            let email = email.as_str();
+            let found = self
+                .with_auth(claim, |auth| async move { self.keap.find_by_email(&auth, email, deadline).await })
+                .await?;
+            match found {
+                Ok(Some(contact)) => return self.adopt(claim, payload, contact, deadline).await,
+                Ok(None) => {}
+                Err(failure) => return Ok(End::failed(failure, None)),
+            }
+        }
+        self.create(claim, payload, deadline).await
+    }
+
+    /// Links an existing contact to the user, then sends what differs.
+    async fn adopt(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        contact: Contact,
+        deadline: Instant,
+    ) -> Result<End, DbError> {
+        let held = Held::from_contact(&contact);
+        if let Some(end) = self.link(claim, contact.id, &held.sent(), payload).await? {
+            return Ok(end);
+        }
+        let changes = payload.changes(&held);
+        if !changes.any() {
+            return Ok(End::Synced { contact_id: contact.id, called: true });
+        }
+        match self.patch(claim, payload, contact.id, changes, &contact.email_addresses, deadline).await? {
+            // Deleted in Keap between the read and the write: look again later.
+            End::Unlinked => {
+                Ok(End::RetryLater(format!("Keap contact {} vanished while being linked", contact.id)))
+            }
+            end => Ok(end),
+        }
+    }
+
+    /// Maps the user to `contact_id`; `Some(end)` when that must not (or cannot) happen.
+    async fn link(
+        &self,
+        claim: &Claim,
+        contact_id: i64,
+        sent: &serde_json::Value,
+        payload: &ContactPayload,
+    ) -> Result<Option<End>, DbError> {
+        Ok(match outbox::link(&self.db, claim, &self.instance, contact_id, sent).await? {
+            Linked::Yes => None,
+            Linked::TakenBy(other) => Some(End::Park(format!(
+                "Keap contact {contact_id} ({}) is already linked to user {other}; one contact belongs to one \
+                 user: give this user another email address (the change is tried again by itself)",
+                payload.email
+            ))),
+            // Gone since the claim (its newer change is queued), or no longer our claim.
+            Linked::KeyGone | Linked::Lost => Some(End::Release),
+        })
+    }
+
+    /// Creates the contact, having recorded what is sent first (invariant 14).
+    async fn create(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        deadline: Instant,
+    ) -> Result<End, DbError> {
+        let body = payload.create_body();
+        let sent = serde_json::to_value(&body).unwrap_or_default();
+        match outbox::begin_create(&self.db, claim, &self.instance, &sent).await? {
+            CreateSlot::Reserved => {}
+            CreateSlot::EmailBusy => {
+                return Ok(End::RetryLater(format!(
+                    "another user's contact for {} is being created; this one waits for it",
+                    payload.email
+                )))
+            }
+            CreateSlot::Lost => return Ok(End::Release),
+        }
+        let body = &body;
+        let result = self
+            .with_auth(claim, |auth| async move { self.keap.upsert_contact(&auth, body, deadline).await })
+            .await?;
+        match result {
+            Ok(contact) => Ok(self
+                .link(claim, contact.id, &payload.sent(), payload)
+                .await?
+                .unwrap_or(End::Synced { contact_id: contact.id, called: true })),
             Err(failure) => {
-                let sent = match claim.contact_id {
-                    Some(_) => payload.patch_body(),
-                    None => payload.upsert_body(),
-                };
-                self.failed(claim, failure, serde_json::to_value(sent).ok()).await
+                // A 4xx is a definite answer: nothing was created.
+                let settles_create = matches!(&failure, Failure::Keap(e) if e.kind == ErrorKind::Rejected);
+                Ok(End::Failed { failure, sent: Some(sent), settles_create })
             }
         }
     }
 
     async fn deleted(&self, claim: &Claim, deadline: Instant) -> Result<Outcome, DbError> {
-        let (OnDelete::DeleteContact, Some(id)) = (self.delivery.on_delete, claim.contact_id) else {
-            // Kept in Keap (or never synced): nothing to call. The mapping stays, so a user
-            // restored under the same key updates the same contact.
+        if self.delivery.on_delete == OnDelete::Keep {
+            // Kept in Keap: nothing to call. The mapping stays, so a user restored under the
+            // same key updates the same contact.
             outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
             self.metrics.delivery(DeliveryOutcome::Deleted);
             return Ok(Outcome::Handled);
+        }
+        // The mapping as it is now, not as claimed: a key change moves it to the new key, and
+        // a renamed user must keep its contact (invariant 13).
+        let id = match outbox::mapping_if_unchanged(&self.db, claim, &self.instance).await? {
+            None => {
+                // A newer change arrived (a key change, a re-insert): deliver that instead.
+                outbox::release(&self.db, claim, &self.instance).await?;
+                return Ok(Outcome::Handled);
+            }
+            Some(None) => {
+                outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
+                self.metrics.delivery(DeliveryOutcome::Deleted);
+                return Ok(Outcome::Handled);
+            }
+            Some(Some(id)) => id,
         };
         let result = self
             .with_auth(claim, |auth| async move { self.keap.delete_contact(&auth, id, deadline).await })
@@ -151,7 +354,7 @@ impl Deliverer {
                 self.metrics.delivery(DeliveryOutcome::Deleted);
                 Ok(Outcome::Handled)
             }
-            Err(failure) => self.failed(claim, failure, None).await,
+            Err(failure) => self.failed(claim, failure, None, false).await,
         }
     }
 
@@ -183,6 +386,7 @@ impl Deliverer {
         claim: &Claim,
         failure: Failure,
         payload: Option<serde_json::Value>,
+        settles_create: bool,
     ) -> Result<Outcome, DbError> {
         let e = match failure {
             Failure::Token(TokenError::NeedsAuthorization(message)) => {
@@ -205,6 +409,7 @@ impl Deliverer {
             status: e.status.map(i32::from),
             body: e.body.clone(),
             payload,
+            settles_create,
         };
         match e.kind {
             ErrorKind::Unauthorized => {
@@ -236,6 +441,35 @@ impl Deliverer {
 enum Failure {
     Token(TokenError),
     Keap(KeapError),
+}
+
+/// How the delivery of a present user ended, before it is recorded.
+enum End {
+    /// Keap holds the payload on this contact; `called` is false when no write was needed.
+    Synced { contact_id: i64, called: bool },
+    /// The mapped contact is gone in Keap: look it up by email, or create it.
+    Unlinked,
+    /// A call or the credential failed; `sent` is the body of the failed write.
+    Failed { failure: Failure, sent: Option<serde_json::Value>, settles_create: bool },
+    /// Cannot succeed as things stand: park with this reason.
+    Park(String),
+    /// Not now (another user's create of the same email is in flight): retry with backoff.
+    RetryLater(String),
+    /// Someone else's work now (the key is gone, or the claim was lost): give the claim back.
+    Release,
+}
+
+impl End {
+    fn failed(failure: Failure, sent: Option<serde_json::Value>) -> End {
+        End::Failed { failure, sent, settles_create: false }
+    }
+}
+
+/// The EMAIL1 of a create body kept in `outbox.create_sent`.
+fn email_of_create(body: &serde_json::Value) -> Option<String> {
+    let items = body.get("email_addresses")?.as_array()?;
+    let email1 = items.iter().find(|e| e.get("field").and_then(|f| f.as_str()) == Some("EMAIL1"))?;
+    email1.get("email")?.as_str().map(str::to_owned)
 }
 
 /// Exponential backoff with jitter: base × 2^(attempt-1), capped, then a random point in its

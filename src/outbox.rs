@@ -13,28 +13,35 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::db::DbError;
 use crate::schema::UserTable;
 
 /// A claimed outbox row, joined with what we know of its Keap contact.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Claim {
-    pub user_key: String,
-    pub version: i64,
+    pub(crate) user_key: String,
+    pub(crate) version: i64,
     /// Including this one.
-    pub attempts: i32,
-    pub contact_id: Option<i64>,
-    pub fingerprint: Option<String>,
+    pub(crate) attempts: i32,
+    pub(crate) contact_id: Option<i64>,
+    pub(crate) fingerprint: Option<String>,
+    /// What Keap holds of the properties we own (`contact_map.sent`); `None` if unknown.
+    pub(crate) sent: Option<Value>,
+    /// The body of an earlier create whose outcome is unknown (invariant 14).
+    pub(crate) create_sent: Option<Value>,
 }
 
-/// The synced columns of one user, as text.
+/// The synced columns of one user, as text. A name column that is not synced reads as `None`;
+/// one that is synced but NULL reads as `Some("")`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct UserRow {
-    pub email: Option<String>,
-    pub given_name: Option<String>,
-    pub family_name: Option<String>,
+    pub(crate) email: Option<String>,
+    pub(crate) given_name: Option<String>,
+    pub(crate) family_name: Option<String>,
 }
 
 /// Timing knobs for [`claim`].
@@ -74,7 +81,7 @@ pub(crate) async fn claim(
                from due
                left join keap_sync.contact_map m on m.user_key = due.user_key
               where o.user_key = due.user_key
-          returning o.user_key, o.version, o.attempts, m.contact_id, m.fingerprint",
+          returning o.user_key, o.version, o.attempts, m.contact_id, m.fingerprint, m.sent, o.create_sent",
             &[
                 &limit,
                 &t.lease.as_secs_f64(),
@@ -92,6 +99,8 @@ pub(crate) async fn claim(
             attempts: r.get(2),
             contact_id: r.get(3),
             fingerprint: r.get(4),
+            sent: r.get(5),
+            create_sent: r.get(6),
         })
         .collect())
 }
@@ -105,7 +114,8 @@ pub(crate) async fn read_users(
     table: &UserTable,
     keys: &[String],
 ) -> Result<HashMap<String, UserRow>, DbError> {
-    let col = |c: &Option<String>| c.as_deref().map_or("null".to_owned(), |c| format!("t.{c}::text"));
+    let col =
+        |c: &Option<String>| c.as_deref().map_or("null".to_owned(), |c| format!("coalesce(t.{c}::text, '')"));
     let sql = format!(
         "select pg_catalog.to_jsonb(t) ->> $2, t.{email}::text, {given}, {family}
            from {table} t
@@ -128,10 +138,10 @@ pub(crate) async fn read_users(
 }
 
 /// How a claimed change ended well.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Done {
-    /// Keap holds this payload on this contact.
-    Synced { contact_id: i64, fingerprint: String },
+    /// Keap holds our owned values (`sent`) on this contact.
+    Synced { contact_id: i64, fingerprint: String, sent: Value },
     /// The user row is gone and its contact was deleted in Keap: the mapping is forgotten.
     Forgotten,
     /// Nothing to do (payload unchanged, or a deleted user that was never synced).
@@ -141,6 +151,11 @@ pub(crate) enum Done {
 /// Records a success: the contact map is updated, and the outbox row is deleted if no newer
 /// change arrived meanwhile, else released for the next delivery. Returns true if the row was
 /// deleted.
+///
+/// No mapping is written for a key that is gone (ARCHITECTURE.md, invariant 13): if the newest
+/// change of the row is the key's disappearance (a delete, or a key change to another key),
+/// `key_gone` says so. The capture trigger enqueues the old key before it moves a mapping, so a
+/// key change that races this statement waits for it and then carries the mapping along.
 pub(crate) async fn complete(
     client: &Client,
     claim: &Claim,
@@ -152,37 +167,47 @@ pub(crate) async fn complete(
     // `ours` holds a row only if this claim still owned the outbox row (same instance and the
     // same attempt count: a re-claim bumps it), so a holder whose lease expired changes nothing,
     // not even the contact map.
-    let (map_sql, contact_id, fingerprint) = match done {
-        Done::Synced { contact_id, fingerprint } => (
-            "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, synced_at)
-             select $1, $4, $5, now() from ours
+    let (map_sql, contact_id, fingerprint, sent) = match done {
+        Done::Synced { contact_id, fingerprint, sent } => (
+            "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
+             select $1, $4, $5, $8, now() from ours
+              where not ours.key_gone
+                and not exists (select from keap_sync.contact_map where contact_id = $4 and user_key <> $1)
              on conflict (user_key) do update
-                set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint, synced_at = now()",
+                set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint,
+                    sent = excluded.sent, synced_at = now()",
             Some(*contact_id),
             Some(fingerprint.as_str()),
+            Some(sent),
         ),
         Done::Forgotten => (
             "delete from keap_sync.contact_map
-              where user_key = $1 and exists (select from ours) and $4::int8 is null and $5::text is null",
+              where user_key = $1 and exists (select from ours)
+                and $4::int8 is null and $5::text is null and $8::jsonb is null",
+            None,
             None,
             None,
         ),
-        Done::Nothing => ("select where $4::int8 is null and $5::text is null", None, None),
+        Done::Nothing => {
+            ("select where $4::int8 is null and $5::text is null and $8::jsonb is null", None, None, None)
+        }
     };
+    let synced = matches!(done, Done::Synced { .. });
     let sql = format!(
         "with gone as (
              delete from keap_sync.outbox
               where user_key = $1 and version = $2 and leased_by = $3 and attempts = $6
-             returning 1
+             returning key_gone
          ), kept as (
              update keap_sync.outbox
                 set lease_until = null, leased_by = null, attempts = 0, next_attempt_at = now(),
                     first_changed_at = now(), last_error = null, last_status = null, last_body = null,
-                    payload = null, first_failed_at = null, last_failed_at = null
+                    payload = null, first_failed_at = null, last_failed_at = null,
+                    create_sent = case when $7 then null else create_sent end
               where user_key = $1 and leased_by = $3 and attempts = $6 and not exists (select from gone)
-             returning 1
+             returning key_gone
          ), ours as (
-             select 1 where exists (select from gone) or exists (select from kept)
+             select key_gone from gone union all select key_gone from kept
          ), mapped as (
              {map_sql}
          )
@@ -191,10 +216,147 @@ pub(crate) async fn complete(
     let row = client
         .query_one(
             &sql,
-            &[&claim.user_key, &claim.version, &instance, &contact_id, &fingerprint, &claim.attempts],
+            &[
+                &claim.user_key,
+                &claim.version,
+                &instance,
+                &contact_id,
+                &fingerprint,
+                &claim.attempts,
+                &synced,
+                &sent,
+            ],
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// What [`link`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Linked {
+    /// The user is mapped to the contact now.
+    Yes,
+    /// Another user key already maps to that contact (one contact, one user).
+    TakenBy(String),
+    /// The key is gone (deleted, or changed to another key) since the claim: map nothing.
+    KeyGone,
+    /// The claim is no longer ours (lease expired and re-claimed).
+    Lost,
+}
+
+/// Maps the claimed user to `contact_id` before anything is written to that contact, so two
+/// users can never share one (the unique index on `contact_map.contact_id` decides a race) and
+/// a gone key is never mapped. `sent` is what Keap holds of our properties on that contact.
+///
+/// The outbox row is locked (`for update`) for the statement: a key change enqueues its old key
+/// first, so it waits for this mapping and then moves it to the new key (invariant 13).
+pub(crate) async fn link(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    contact_id: i64,
+    sent: &Value,
+) -> Result<Linked, DbError> {
+    let result = client
+        .query_one(
+            "with ours as (
+                 select key_gone from keap_sync.outbox
+                  where user_key = $1 and leased_by = $2 and attempts = $3
+                  for update
+             ), linked as (
+                 insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
+                 select $1, $4, '', $5, now() from ours
+                  where not ours.key_gone
+                    and not exists (select from keap_sync.contact_map where contact_id = $4 and user_key <> $1)
+                 on conflict (user_key) do update
+                    set contact_id = excluded.contact_id, fingerprint = '', sent = excluded.sent, synced_at = now()
+                 returning 1
+             )
+             select exists (select from ours), coalesce((select key_gone from ours), false),
+                    exists (select from linked),
+                    (select user_key from keap_sync.contact_map where contact_id = $4 and user_key <> $1)",
+            &[&claim.user_key, &instance, &claim.attempts, &contact_id, sent],
+        )
+        .await;
+    let row = match result {
+        Ok(row) => row,
+        // Another delivery mapped the same contact at the same moment and committed first.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            return Ok(Linked::TakenBy(owner_of(client, contact_id).await?.unwrap_or_default()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (ours, key_gone, linked, taken_by): (bool, bool, bool, Option<String>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    Ok(match (ours, key_gone, linked, taken_by) {
+        (false, ..) => Linked::Lost,
+        (true, true, ..) => Linked::KeyGone,
+        (true, false, true, _) => Linked::Yes,
+        (true, false, false, other) => Linked::TakenBy(other.unwrap_or_default()),
+    })
+}
+
+async fn owner_of(client: &Client, contact_id: i64) -> Result<Option<String>, DbError> {
+    let row = client
+        .query_opt("select user_key from keap_sync.contact_map where contact_id = $1", &[&contact_id])
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// What [`begin_create`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CreateSlot {
+    /// Recorded: the create may be sent.
+    Reserved,
+    /// Another user's create for the same email is in flight or unsettled: try later.
+    EmailBusy,
+    /// The claim is no longer ours.
+    Lost,
+}
+
+/// Records the body of a create about to be sent, before it is sent: if its answer is lost (or
+/// the process dies), the next attempt looks for the contact by the email in it before it
+/// could create another (ARCHITECTURE.md, invariant 14). The email is unique among creates in
+/// flight, so two users with one email never create two contacts.
+pub(crate) async fn begin_create(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    body: &Value,
+) -> Result<CreateSlot, DbError> {
+    let result = client
+        .execute(
+            "update keap_sync.outbox set create_sent = $4
+              where user_key = $1 and leased_by = $2 and attempts = $3",
+            &[&claim.user_key, &instance, &claim.attempts, body],
+        )
+        .await;
+    match result {
+        Ok(0) => Ok(CreateSlot::Lost),
+        Ok(_) => Ok(CreateSlot::Reserved),
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(CreateSlot::EmailBusy),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The user's mapping as it is now, provided nothing changed since the claim: `Ok(None)` when
+/// a newer change arrived (the caller releases the claim for it), `Ok(Some(None))` when the
+/// user has no contact. A deleted user's contact is looked up here, not taken from the claim,
+/// because a key change moves the mapping to the new key (invariant 13).
+pub(crate) async fn mapping_if_unchanged(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+) -> Result<Option<Option<i64>>, DbError> {
+    let row = client
+        .query_opt(
+            "select m.contact_id from keap_sync.outbox o
+               left join keap_sync.contact_map m on m.user_key = o.user_key
+              where o.user_key = $1 and o.version = $2 and o.leased_by = $3 and o.attempts = $4",
+            &[&claim.user_key, &claim.version, &instance, &claim.attempts],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// What is recorded about a failed delivery, for the retry schedule and `failures list`.
@@ -208,6 +370,9 @@ pub(crate) struct FailureRecord {
     pub body: Option<String>,
     /// The payload that was sent.
     pub payload: Option<serde_json::Value>,
+    /// The failed call was a create that Keap answered for certain (a 4xx): no contact was
+    /// made, so an earlier in-doubt create record is cleared.
+    pub settles_create: bool,
 }
 
 /// Puts a transiently failed change back with a retry time, as a retry (priority 1, so live
@@ -252,7 +417,8 @@ async fn record_failure(
                     next_attempt_at = now() + make_interval(secs => coalesce($3, 0)),
                     priority = case when $3 is null then priority else greatest(priority, 1) end,
                     last_error = $5, last_status = $6, last_body = $7, payload = $8,
-                    first_failed_at = coalesce(first_failed_at, now()), last_failed_at = now()
+                    first_failed_at = coalesce(first_failed_at, now()), last_failed_at = now(),
+                    create_sent = case when $10 then null else create_sent end
               where user_key = $1 and leased_by = $4 and attempts = $9",
             &[
                 &claim.user_key,
@@ -264,6 +430,7 @@ async fn record_failure(
                 &failure.body,
                 &failure.payload,
                 &claim.attempts,
+                &failure.settles_create,
             ],
         )
         .await?;

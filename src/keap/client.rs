@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use reqwest::{Method, StatusCode};
 
-use super::model::{Contact, ContactWrite, ErrorBody};
+use super::model::{Contact, ContactList, ContactWrite, ErrorBody};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::secret::Secret;
@@ -135,10 +135,45 @@ impl KeapClient {
         let req = Request {
             method: Method::PATCH,
             path: format!("/v1/contacts/{id}"),
-            query: mask.iter().map(|m| ("update_mask", *m)).collect(),
+            query: mask.iter().map(|m| ("update_mask", (*m).to_owned())).collect(),
             deadline,
         };
         self.call(auth, req, Some(body)).await
+    }
+
+    /// The contact whose email is `email` (any slot, as Keap's `email` filter matches), the
+    /// lowest id if several (the one Keap's upsert by email would pick), or `None`
+    /// (`GET /v1/contacts?email=…`). A read before a first write, so a contact that already
+    /// exists is linked and updated property by property, never overwritten whole.
+    pub(crate) async fn find_by_email(
+        &self,
+        auth: &Auth,
+        email: &str,
+        deadline: Instant,
+    ) -> Result<Option<Contact>, KeapError> {
+        let req = Request {
+            method: Method::GET,
+            path: "/v1/contacts".into(),
+            query: vec![("email", email.to_owned())],
+            deadline,
+        };
+        let name = req.name();
+        let text = self.send(auth, req, None::<&()>).await?;
+        let list: ContactList = serde_json::from_str(&text).map_err(|e| unreadable(name, &e, &text))?;
+        Ok(list.contacts.into_iter().min_by_key(|c| c.id))
+    }
+
+    /// Contact `id` as Keap holds it (`GET /v1/contacts/{id}`), to learn its email slots before
+    /// EMAIL1 is written (the array is replaced whole).
+    pub(crate) async fn get_contact(
+        &self,
+        auth: &Auth,
+        id: i64,
+        deadline: Instant,
+    ) -> Result<Contact, KeapError> {
+        let req =
+            Request { method: Method::GET, path: format!("/v1/contacts/{id}"), query: Vec::new(), deadline };
+        self.call(auth, req, None::<&()>).await
     }
 
     /// Deletes contact `id`; a contact that is already gone counts as deleted.
@@ -169,14 +204,7 @@ impl KeapClient {
     ) -> Result<Contact, KeapError> {
         let name = req.name();
         let text = self.send(auth, req, body).await?;
-        serde_json::from_str::<Contact>(&text).map_err(|e| KeapError {
-            kind: ErrorKind::Transient,
-            status: None,
-            request: name,
-            message: format!("unreadable contact in Keap's answer ({e})"),
-            body: Some(truncate(&text)),
-            retry_after: None,
-        })
+        serde_json::from_str::<Contact>(&text).map_err(|e| unreadable(name, &e, &text))
     }
 
     async fn send<B: serde::Serialize>(
@@ -264,6 +292,18 @@ impl KeapClient {
     }
 }
 
+/// A 2xx whose body is not what the API promises: transient (a proxy's page, a cut reply).
+fn unreadable(request: String, e: &serde_json::Error, text: &str) -> KeapError {
+    KeapError {
+        kind: ErrorKind::Transient,
+        status: None,
+        request,
+        message: format!("unreadable answer from Keap ({e})"),
+        body: Some(truncate(text)),
+        retry_after: None,
+    }
+}
+
 fn method_name(m: &Method) -> &'static str {
     match *m {
         Method::PUT => "PUT",
@@ -279,7 +319,7 @@ struct Request {
     method: Method,
     /// Below the API base, e.g. `/v1/contacts/7`.
     path: String,
-    query: Vec<(&'static str, &'static str)>,
+    query: Vec<(&'static str, String)>,
     deadline: Instant,
 }
 

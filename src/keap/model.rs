@@ -68,6 +68,13 @@ pub(crate) struct Contact {
     pub last_updated: Option<String>,
 }
 
+/// `ContactList`: the answer of `GET /v1/contacts` (only the contacts are read).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub(crate) struct ContactList {
+    #[serde(default)]
+    pub(crate) contacts: Vec<Contact>,
+}
+
 /// A successful answer of the token endpoint (authorization-code or refresh grant).
 ///
 /// Deliberately no `Debug` derive: it holds live credentials. Convert it into the token

@@ -105,7 +105,7 @@ pub async fn run(out: &mut (dyn Write + Send), keep_running: bool) -> Result<(),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    say!(out, "   backfill done with {} calls\n", calls(&fake));
+    say!(out, "   backfill done with {} calls (a lookup by email, then a create, for each)\n", calls(&fake));
 
     say!(out, "4. The app inserts three users, one of them with grace@example.com:");
     let before = calls(&fake);
@@ -137,7 +137,11 @@ pub async fn run(out: &mut (dyn Write + Send), keep_running: bool) -> Result<(),
     let before = calls(&fake);
     sql(&app, "update users set email = 'alan.turing@example.org' where email = 'alan@example.com'").await?;
     settle(&app).await?;
-    say!(out, "   {} call: the same contact was updated, not a new one.", calls(&fake) - before);
+    say!(
+        out,
+        "   {} calls (a read of the contact's other email slots, then the update): the same contact, not a new one.",
+        calls(&fake) - before
+    );
 
     say!(out, "7. An update touching no synced column (last_login), and one rewriting the same values:");
     let before = calls(&fake);

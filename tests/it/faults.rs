@@ -245,10 +245,12 @@ async fn a_spent_daily_quota_pauses_deliveries_and_says_so() {
     })
     .await;
     // Once Keap reports 0 left nothing more is sent; only calls already in flight
-    // (at most `concurrency` = 4) can meet the 429 wall.
-    assert_eq!(app.fake.contacts().len(), 20);
+    // (at most `concurrency` = 4) can meet the 429 wall. A first sync is a lookup and a create.
+    let answered = app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && r.status == 200);
+    assert_eq!(answered, 20, "exactly the day's quota was used");
+    assert_eq!(app.fake.contacts().len(), 10);
     assert!(app.fake.throttled_count() <= 4, "{} 429s", app.fake.throttled_count());
-    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 10, "the rest stays queued");
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 20, "the rest stays queued");
     let out = app.run_cli(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("daily quota is used up"));
 }

@@ -8,6 +8,7 @@
 
 mod architecture;
 mod cli;
+mod contacts;
 mod faults;
 mod ops;
 mod pg_restart;

@@ -44,7 +44,8 @@ async fn insert_creates_one_contact_and_update_patches_it() {
     assert_eq!(app.contact_calls("PATCH"), 1);
     let patch = app.fake.requests().into_iter().find(|r| r.method == "PATCH").expect("a PATCH");
     assert_eq!(patch.path, format!("/crm/rest/v1/contacts/{}", created.id));
-    assert!(patch.query.contains("update_mask=given_name"), "PATCH names what it owns: {}", patch.query);
+    assert_eq!(patch.query, "update_mask=family_name", "PATCH names only what changed");
+    assert_eq!(patch.body, r#"{"family_name":"King"}"#, "and sends only that");
     app.assert_keap_matches_users().await;
 }
 

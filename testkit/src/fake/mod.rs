@@ -159,6 +159,8 @@ pub enum Route {
     Contacts,
     /// `/token`.
     Token,
+    /// `PUT /crm/rest/v1/contacts` only: the create-or-update by email.
+    Upsert,
 }
 
 /// What a firing [`FaultRule`] does to the request.
@@ -472,6 +474,20 @@ impl FakeKeap {
         self.state().insert_new(&w)
     }
 
+    /// Edits a stored contact as a person would in Keap's web app (no request is recorded).
+    /// Returns false if there is no such contact.
+    pub fn edit_contact(&self, id: i64, edit: impl FnOnce(&mut Contact)) -> bool {
+        let mut state = self.state();
+        match state.contacts.get_mut(&id) {
+            Some(c) => {
+                edit(c);
+                c.email_addresses.sort_by_key(|e| slot(e.field));
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Every secret this fake ever handed out or knows: all access and refresh tokens minted,
     /// authorization codes, API keys and the client secret. Tests grep logs for these.
     pub fn issued_secrets(&self) -> Vec<String> {
@@ -680,11 +696,12 @@ impl Kind {
             _ => Kind::Other,
         }
     }
-    fn matches(self, route: Route) -> bool {
+    fn matches(self, route: Route, req: &Req) -> bool {
         match route {
             Route::Any => true,
             Route::Contacts => self == Kind::Rest,
             Route::Token => self == Kind::Token,
+            Route::Upsert => req.method == Method::PUT && req.path == "/crm/rest/v1/contacts",
         }
     }
 }
@@ -812,7 +829,7 @@ async fn serve(state: &Mutex<State>, req: &Req, kind: Kind) -> Result<Reply, Dro
     }
     let (mut next_rule, mut drop_after) = (0, false);
     loop {
-        let action = lock(state).next_fault(kind, &mut next_rule);
+        let action = lock(state).next_fault(kind, req, &mut next_rule);
         match action {
             None => break,
             Some(FaultAction::Delay(d)) => tokio::time::sleep(d).await,
@@ -886,12 +903,12 @@ fn field<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 
 impl State {
     /// The next fault rule at or after `*from` that fires for this request, using one firing.
-    fn next_fault(&mut self, kind: Kind, from: &mut usize) -> Option<FaultAction> {
+    fn next_fault(&mut self, kind: Kind, req: &Req, from: &mut usize) -> Option<FaultAction> {
         while let Some(rule) = self.faults.get_mut(*from) {
             *from += 1;
             let p = rule.probability;
             let lucky = p >= 1.0 || (p > 0.0 && rand::random::<f64>() < p);
-            if kind.matches(rule.route) && rule.times != Some(0) && lucky {
+            if kind.matches(rule.route, req) && rule.times != Some(0) && lucky {
                 if let Some(n) = rule.times.as_mut() {
                     *n -= 1;
                 }
@@ -1214,8 +1231,10 @@ fn slot(f: EmailField) -> u8 {
     }
 }
 
-/// Applies the provided fields (only those in `mask` when given); an email item replaces the
-/// slot of its `field`, an item without `email` empties the slot.
+/// Applies the provided fields (only those in `mask` when given). An array property is
+/// **replaced whole** when written, the strictest reading of Keap's documentation (v2 says so,
+/// v1 says nothing; `docs/keap-api.md`): slots the request leaves out are gone, so a client that
+/// sends only EMAIL1 wipes EMAIL2 and EMAIL3, and a test sees it.
 fn apply(c: &mut Contact, w: &ContactWrite, mask: Option<&[String]>) {
     let allowed = |name: &str| mask.is_none_or(|m| m.iter().any(|x| x == name));
     if let (Some(v), true) = (&w.given_name, allowed("given_name")) {
@@ -1225,12 +1244,7 @@ fn apply(c: &mut Contact, w: &ContactWrite, mask: Option<&[String]>) {
         c.family_name = Some(v.clone());
     }
     if let (Some(items), true) = (&w.email_addresses, allowed("email_addresses")) {
-        for item in items {
-            c.email_addresses.retain(|e| e.field != item.field);
-            if item.email.is_some() {
-                c.email_addresses.push(item.clone());
-            }
-        }
+        c.email_addresses = items.iter().filter(|e| e.email.is_some()).cloned().collect();
         c.email_addresses.sort_by_key(|e| slot(e.field));
     }
     c.last_updated = Some(rfc3339_ms(unix_ms()));

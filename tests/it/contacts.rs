@@ -1,0 +1,192 @@
+//! Nothing in Keap is destroyed or duplicated (ARCHITECTURE.md, invariants 12–14): a user keeps
+//! its one contact through a key change in flight and through a lost create followed by an email
+//! change; two users never share a contact; what the marketing team keeps in Keap (other email
+//! slots, fields we do not sync) survives every sync. The fake replaces arrays whole when they
+//! are written, the strictest reading of Keap's documentation.
+
+use std::time::Duration;
+
+use keap_sync::config::OnDelete;
+use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
+use keap_sync_testkit::fake::{
+    Contact, ContactWrite, EmailAddress, EmailField, FaultAction, FaultRule, RecordedRequest, Route,
+};
+
+fn email(address: &str, field: EmailField) -> EmailAddress {
+    EmailAddress { email: Some(address.to_owned()), field }
+}
+
+fn slots(c: &Contact) -> Vec<(EmailField, String)> {
+    c.email_addresses.iter().map(|e| (e.field, e.email.clone().unwrap_or_default())).collect()
+}
+
+async fn mapped_keys(app: &TestApp, contact_id: i64) -> Vec<String> {
+    let rows = app
+        .db
+        .query("select user_key from keap_sync.contact_map where contact_id = $1 order by 1", &[&contact_id])
+        .await
+        .expect("contact map");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+fn contact_writes(app: &TestApp) -> Vec<RecordedRequest> {
+    app.fake.requests().into_iter().filter(|r| r.method == "PATCH" || r.method == "PUT").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_while_the_first_create_is_in_flight_keeps_the_one_contact() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| c.delivery.on_delete = OnDelete::DeleteContact,
+        ..Options::default()
+    })
+    .await;
+    app.fake.set_latency(Duration::from_millis(300));
+    app.exec("insert into users (id, email, first_name) values (1, 'renamed@example.com', 'Rena')").await;
+    app::eventually(Duration::from_secs(10), "the first call for user 1 to be in flight", || async {
+        app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts")) >= 1
+    })
+    .await;
+    app.exec("update users set id = 1000 where id = 1").await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+
+    let contacts = app.fake.contacts_with_email("renamed@example.com");
+    assert_eq!(contacts.len(), 1, "one contact, not deleted and not duplicated: {contacts:?}");
+    assert_eq!(mapped_keys(&app, contacts[0].id).await, ["1000"], "only the live key maps to it");
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map where user_key = '1'").await, 0);
+    assert_eq!(app.contact_calls("DELETE"), 0, "a renamed user's contact is never deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_then_an_email_change_still_makes_one_contact() {
+    let mut app = spawn_app_with(Options {
+        // A retry far enough away that the email can change first.
+        tweak: |c| c.delivery.retry_base = Duration::from_secs(600),
+        ..Options::default()
+    })
+    .await;
+    app.fake.inject(FaultRule::new(Route::Upsert, FaultAction::DropAfterCommit).times(1));
+    app.exec("insert into users (id, email, first_name) values (7, 'first@example.com', 'Lost')").await;
+    app::eventually(
+        Duration::from_secs(10),
+        "the create's reply to be lost and a retry scheduled",
+        || async {
+            app.count("select count(*) from keap_sync.outbox where user_key = '7' and last_error is not null")
+                .await
+                == 1
+        },
+    )
+    .await;
+    assert_eq!(app.fake.contacts().len(), 1, "Keap created the contact; its answer was lost");
+
+    app.exec("update users set email = 'second@example.com' where id = 7").await;
+    // The retry comes due.
+    app.exec("update keap_sync.outbox set next_attempt_at = now() where user_key = '7'").await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+
+    let contacts = app.fake.contacts();
+    assert_eq!(
+        contacts.len(),
+        1,
+        "the retry found the contact it created instead of making another: {contacts:?}"
+    );
+    assert_eq!(contacts[0].email1(), Some("second@example.com"));
+    assert_eq!(mapped_keys(&app, contacts[0].id).await, ["7"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_with_one_email_never_share_a_contact() {
+    let mut app = spawn_app_with(Options::default()).await;
+    app.exec("insert into users (id, email, first_name, last_name) values (1, 'shared@example.com', 'Ann', 'First')")
+        .await;
+    app.wait_idle().await;
+    app.exec("insert into users (id, email, first_name, last_name) values (2, 'shared@example.com', 'Bob', 'Second')")
+        .await;
+    app::eventually(Duration::from_secs(10), "the second user to be parked", || async {
+        app.count("select count(*) from keap_sync.outbox where user_key = '2' and parked_at is not null")
+            .await
+            == 1
+    })
+    .await;
+    app.stop_daemon().await;
+
+    let contacts = app.fake.contacts();
+    assert_eq!(contacts.len(), 1);
+    assert_eq!(
+        (contacts[0].given_name.as_deref(), contacts[0].family_name.as_deref()),
+        (Some("Ann"), Some("First")),
+        "the second user did not overwrite the first one's contact"
+    );
+    assert_eq!(mapped_keys(&app, contacts[0].id).await, ["1"]);
+    let reason: String = app
+        .db
+        .query_one("select last_error from keap_sync.outbox where user_key = '2'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("user 1"), "the message names the other user: {reason}");
+    let unique = "insert into keap_sync.contact_map (user_key, contact_id, fingerprint) \
+                  select '2', contact_id, '' from keap_sync.contact_map where user_key = '1'";
+    assert!(app.db.batch_execute(unique).await.is_err(), "the schema refuses a second key for one contact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_email_slots_and_unsynced_fields_survive_every_sync() {
+    let mut app = spawn_app_with(Options {
+        // last_name is not synced: the family name belongs to whoever edits it in Keap.
+        tweak: |c| c.users.family_name = None,
+        ..Options::default()
+    })
+    .await;
+    let seeded = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Old".into()),
+        family_name: Some("From Marketing".into()),
+        email_addresses: Some(vec![
+            email("ada@example.com", EmailField::Email1),
+            email("ada.work@example.com", EmailField::Email2),
+        ]),
+        duplicate_option: None,
+    });
+    app.exec("insert into users (id, email, first_name, last_name) values (1, 'ada@example.com', 'Ada', 'Lovelace')")
+        .await;
+    app.wait_idle().await;
+    let linked = app.fake.contact(seeded.id).expect("the existing contact");
+    assert_eq!(mapped_keys(&app, seeded.id).await, ["1"], "the existing contact was linked");
+    assert_eq!(linked.given_name.as_deref(), Some("Ada"));
+    assert_eq!(linked.family_name.as_deref(), Some("From Marketing"), "a field we do not sync is untouched");
+    assert_eq!(
+        slots(&linked),
+        [(EmailField::Email1, "ada@example.com".into()), (EmailField::Email2, "ada.work@example.com".into())]
+    );
+
+    // Someone adds EMAIL3 in Keap by hand; then the app renames the user.
+    app.fake.edit_contact(seeded.id, |c| {
+        c.email_addresses.push(email("ada.home@example.com", EmailField::Email3))
+    });
+    let writes_before = contact_writes(&app).len();
+    app.exec("update users set first_name = 'Augusta', last_name = 'King' where id = 1").await;
+    app.wait_idle().await;
+    let writes = contact_writes(&app);
+    assert_eq!(writes.len(), writes_before + 1, "one write for one change");
+    let patch = writes.last().unwrap();
+    assert_eq!(patch.method, "PATCH");
+    assert_eq!(patch.query, "update_mask=given_name", "only the changed, synced property");
+    assert_eq!(patch.body, r#"{"given_name":"Augusta"}"#);
+
+    // A new EMAIL1: the array is written, with the other slots as Keap holds them.
+    app.exec("update users set email = 'augusta@example.com' where id = 1").await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    let c = app.fake.contact(seeded.id).expect("the same contact");
+    assert_eq!(
+        slots(&c),
+        [
+            (EmailField::Email1, "augusta@example.com".into()),
+            (EmailField::Email2, "ada.work@example.com".into()),
+            (EmailField::Email3, "ada.home@example.com".into())
+        ]
+    );
+    assert_eq!(c.family_name.as_deref(), Some("From Marketing"));
+    assert_eq!(app.fake.contacts().len(), 1);
+}
