@@ -13,3 +13,4 @@ mod ops;
 mod pg_restart;
 mod sync;
 mod tokens;
+mod transport;
