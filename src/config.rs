@@ -566,10 +566,14 @@ impl FileKeap {
             ));
         }
         Ok(KeapConfig {
-            api_url: url("KEAP_API_URL", self.api_url)?,
-            token_url: url("KEAP_TOKEN_URL", self.token_url)?,
-            authorize_url: url("keap.authorize_url", self.authorize_url)?,
-            redirect_uri: self.redirect_uri,
+            api_url: keap_url("keap.api_url (KEAP_API_URL)", self.api_url)?,
+            token_url: keap_url("keap.token_url (KEAP_TOKEN_URL)", self.token_url)?,
+            authorize_url: keap_url("keap.authorize_url", self.authorize_url)?,
+            // Kept exactly as written: Keap compares it with the registered redirect URL.
+            redirect_uri: match self.redirect_uri {
+                Some(uri) => keap_url("keap.redirect_uri", uri.clone()).map(|_| Some(uri))?,
+                None => None,
+            },
             credential,
             request_timeout: secs("keap.request_timeout_secs", self.request_timeout_secs)?,
             connect_timeout: secs("keap.connect_timeout_secs", self.connect_timeout_secs)?,
@@ -660,14 +664,44 @@ fn validate_identifier(key: &str, value: &str, qualified: bool) -> Result<(), Co
     }
 }
 
-/// An http(s) URL, without trailing slashes.
-fn url(key: &str, value: String) -> Result<String, ConfigError> {
+/// A URL keap-sync sends credentials to, or has Keap send the browser to, without trailing
+/// slashes: https only, except on a loopback host (localhost, 127.0.0.0/8, ::1), where the
+/// tests and the demo serve plain http (ARCHITECTURE.md, invariant 16). A user name or
+/// password inside it is refused without echoing the value.
+fn keap_url(key: &str, value: String) -> Result<String, ConfigError> {
     let trimmed = value.trim_end_matches('/').to_owned();
-    if trimmed.starts_with("https://") || trimmed.starts_with("http://") {
-        Ok(trimmed)
-    } else {
-        Err(ConfigError::Invalid(format!("{key} = {value:?} is not an http(s) URL")))
+    // Quoted in errors, unless it might hold a user name and password (`user:pass@host`).
+    let shown = if value.contains('@') { String::new() } else { format!(" = {value:?}") };
+    let Ok(parsed) = reqwest::Url::parse(&trimmed) else {
+        return Err(ConfigError::Invalid(format!(
+            "{key}{shown} is not a URL: write it in full, starting with https://"
+        )));
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(ConfigError::Invalid(format!(
+            "{key} holds a user name or password: remove them (Keap credentials come from \
+             KEAP_API_KEY or the OAuth client settings, never from a URL)"
+        )));
     }
+    match parsed.scheme() {
+        "https" => Ok(trimmed),
+        "http" if is_loopback_host(&parsed) => Ok(trimmed),
+        "http" => Err(ConfigError::Invalid(format!(
+            "{key}{shown} is plain http, which would send Keap credentials unencrypted: use \
+             https:// (plain http is allowed only for a loopback host: localhost, 127.0.0.1, ::1)"
+        ))),
+        _ => Err(ConfigError::Invalid(format!("{key}{shown} is not an https:// URL"))),
+    }
+}
+
+/// `localhost`, an address in 127.0.0.0/8, or `::1`.
+fn is_loopback_host(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn secs(key: &str, value: u64) -> Result<Duration, ConfigError> {
@@ -741,6 +775,48 @@ mod tests {
         .unwrap();
         assert_eq!(c.database().unwrap().url.expose(), "postgres://env/db");
         assert_eq!(c.keap.api_url, "http://127.0.0.1:9/crm/rest");
+    }
+
+    #[test]
+    fn keap_urls_must_be_https_except_on_loopback() {
+        let load = |key: &str, value: &str| load_str(&format!("[keap]\n{key} = {value:?}\n"), &[]);
+        for key in ["api_url", "token_url", "authorize_url", "redirect_uri"] {
+            // Plain http to a real host: refused, naming the key and the fix, on one line.
+            let err = load(key, "http://api.example.com/crm/rest").unwrap_err().to_string();
+            assert!(err.starts_with(&format!("keap.{key}")), "{err}");
+            assert!(err.contains("http://api.example.com/crm/rest") && err.contains("use https://"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            // Another scheme, or no URL at all.
+            for bad in ["ftp://api.example.com/x", "api.example.com/crm/rest"] {
+                let err = load(key, bad).unwrap_err().to_string();
+                assert!(err.contains(&format!("keap.{key}")) && err.contains("https://"), "{err}");
+            }
+            // Credentials inside the URL: refused without quoting them.
+            let err = load(key, "https://user:hunter2@api.example.com/").unwrap_err().to_string();
+            assert!(err.contains("user name or password") && !err.contains("hunter2"), "{err}");
+            // https anywhere, and plain http on loopback hosts (the tests, the demo, `--listen`).
+            for good in [
+                "https://api.example.com/crm/rest",
+                "http://127.0.0.1:8080/crm/rest",
+                "http://127.9.9.9/token",
+                "http://[::1]:9/token",
+                "http://localhost:1234/keap/callback",
+                "http://LOCALHOST/cb",
+            ] {
+                assert!(load(key, good).is_ok(), "keap.{key} = {good}: {:?}", load(key, good).err());
+            }
+        }
+        // Lookalikes of loopback are not loopback.
+        for bad in ["http://localhost.example.com/", "http://127.0.0.1.example.com/", "http://[::2]/"] {
+            assert!(load("api_url", bad).is_err(), "{bad}");
+        }
+        // The environment's value is checked the same way, and the message names the variable.
+        let err =
+            load_str("", &[("KEAP_TOKEN_URL", "http://token.example.com/token")]).unwrap_err().to_string();
+        assert!(err.contains("KEAP_TOKEN_URL") && err.contains("keap.token_url"), "{err}");
+        // The redirect URL is kept exactly as registered; the endpoints lose trailing slashes.
+        let c = load_str("[keap]\nredirect_uri = \"https://app.example.com/cb/\"\n", &[]).unwrap();
+        assert_eq!(c.keap.redirect_uri.as_deref(), Some("https://app.example.com/cb/"));
     }
 
     #[test]

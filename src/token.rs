@@ -271,7 +271,34 @@ impl OAuth {
             }
         };
         let status = response.status();
-        let text = response.text().await.unwrap_or_default();
+        if status.is_redirection() {
+            // Not followed: the form holds the refresh token (ARCHITECTURE.md, invariant 16).
+            // Transient, and the grant is kept: a redirect refuses nothing, and the refresh
+            // token never left for the other host, so it is still good once the endpoint
+            // answers again (or `keap.token_url` is corrected).
+            tx.rollback().await.ok();
+            self.metrics.token_refresh(false);
+            return Err(TokenError::Transient(format!(
+                "token endpoint answered {status}: {}",
+                crate::keap::redirect_refused(&response, "keap.token_url (KEAP_TOKEN_URL)")
+            )));
+        }
+        // Read up to the cap (invariant 16). An error answer we cannot read is judged by its
+        // status alone, as before.
+        let (text, unread) = match crate::keap::read_reply(response).await {
+            Ok(text) => (text, None),
+            Err(e) => (String::new(), Some(e)),
+        };
+        if let (true, Some(e)) = (status.is_success(), &unread) {
+            // A success we cannot read, too large or cut off, may still mean Keap rotated the
+            // pair and the old refresh token is spent. There is nothing to store, so this is
+            // the same case as an unreadable body below: transient. The next refresh tells
+            // (invalid_grant asks for re-authorisation), and reading more would not help: the
+            // cap exists so that no answer can grow memory without bound.
+            tx.rollback().await.ok();
+            self.metrics.token_refresh(false);
+            return Err(TokenError::Transient(format!("token endpoint answered {status}, but {e}")));
+        }
         if status.is_success() {
             let parsed: TokenResponse = match serde_json::from_str(&text) {
                 Ok(t) => t,
@@ -294,7 +321,10 @@ impl OAuth {
 
         let body: ErrorBody = serde_json::from_str(&text).unwrap_or_default();
         let code = body.error.clone().unwrap_or_default();
-        let describe = body.summary().unwrap_or_else(|| status.to_string());
+        let describe = body.summary().unwrap_or_else(|| match &unread {
+            Some(e) => format!("{status}; {e}"),
+            None => status.to_string(),
+        });
         let lost = match status.as_u16() {
             401 | 403 => true,
             400 => {

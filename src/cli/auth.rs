@@ -112,7 +112,22 @@ pub(super) async fn login(config: Config, listen: Option<SocketAddr>) -> Result<
             CliError::Other(format!("cannot reach the token endpoint: {}", crate::keap::describe_reqwest(&e)))
         })?;
     let status = response.status();
-    let text = response.text().await.unwrap_or_default();
+    if status.is_redirection() {
+        // Not followed: the form holds the client secret and the code (ARCHITECTURE.md,
+        // invariant 16).
+        return Err(CliError::Other(format!(
+            "the token endpoint answered {status}: {}",
+            crate::keap::redirect_refused(&response, "keap.token_url (KEAP_TOKEN_URL)")
+        )));
+    }
+    let text = match crate::keap::read_reply(response).await {
+        Ok(text) => text,
+        Err(e) => {
+            return Err(CliError::Other(format!(
+                "the token endpoint answered {status}, but {e}; run `keap-sync auth login` again"
+            )))
+        }
+    };
     if !status.is_success() {
         let body: ErrorBody = serde_json::from_str(&text).unwrap_or_default();
         return Err(CliError::Other(format!(

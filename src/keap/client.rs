@@ -34,7 +34,8 @@ pub(crate) enum Auth {
 /// What the caller should do about a failed call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ErrorKind {
-    /// Network trouble, timeout, 5xx, or an unreadable reply: try again later.
+    /// Network trouble, timeout, 5xx, a redirect (never followed), or a reply that is unreadable
+    /// or over the size cap: try again later.
     Transient,
     /// 429: everyone should slow down, then try again.
     Throttled,
@@ -277,11 +278,27 @@ impl KeapClient {
             self.metrics.throttled();
             self.limiter.throttled(response.headers())
         });
-        let text = response.text().await.map_err(|e| KeapError {
+        if status.is_redirection() {
+            // Not followed (ARCHITECTURE.md, invariant 16). Transient, not a rejection: a
+            // redirect says where the API is, nothing about this payload, so parking would put
+            // every change aside for a person to replay one by one. Retried with the usual
+            // backoff (capped at `delivery.retry_max_secs`), it cannot loop or hammer, and it
+            // goes through once the endpoint answers again or `keap.api_url` is corrected.
+            return Err(KeapError {
+                kind: ErrorKind::Transient,
+                status: Some(status.as_u16()),
+                request,
+                message: super::redirect_refused(&response, "keap.api_url (KEAP_API_URL)"),
+                body: None,
+                retry_after: None,
+            });
+        }
+        // Capped (invariant 16); an answer we cannot read is retried like a lost one.
+        let text = super::read_reply(response).await.map_err(|e| KeapError {
             kind: ErrorKind::Transient,
             status: Some(status.as_u16()),
             request: request.clone(),
-            message: format!("reply cut off ({})", describe_reqwest(&e)),
+            message: e.to_string(),
             body: None,
             retry_after: None,
         })?;
@@ -330,8 +347,11 @@ impl Request {
     }
 }
 
-/// Builds the HTTP client every Keap call uses: rustls with the platform's trust store,
-/// timeouts on connect and on the whole request.
+/// Builds the HTTP client every Keap call uses (contacts, the token refresh, `auth login`'s code
+/// exchange): rustls with the platform's trust store, timeouts on connect and on the whole
+/// request, and no redirect ever followed, so no credential is carried to wherever a 3xx
+/// points (ARCHITECTURE.md, invariant 16); callers report a 3xx with
+/// [`super::redirect_refused`].
 pub(crate) fn http_client(
     request_timeout: Duration,
     connect_timeout: Duration,
@@ -342,6 +362,7 @@ pub(crate) fn http_client(
         .connect_timeout(connect_timeout)
         .user_agent(concat!("keap-sync/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }

@@ -4,6 +4,8 @@
 
 mod client;
 pub(crate) mod model;
+mod transport;
 
 pub(crate) use client::{describe_reqwest, http_client};
 pub(crate) use client::{Auth, ErrorKind, KeapClient, KeapError};
+pub(crate) use transport::{read_reply, redirect_refused};

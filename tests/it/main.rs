@@ -14,3 +14,4 @@ mod ops;
 mod pg_restart;
 mod sync;
 mod tokens;
+mod transport;

@@ -44,8 +44,10 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod other_host;
 mod wire;
 
+pub use other_host::{Arrival, OtherHost};
 pub use wire::{Contact, ContactList, ContactWrite, DuplicateOption, EmailAddress, EmailField, TokenGrant};
 
 /// The `scope` Keap returns with every grant: `full|<app>.infusionsoft.com` names the tenant.
@@ -174,6 +176,10 @@ pub enum FaultAction {
     Drop,
     /// Perform the request, then close the connection without answering: a lost reply.
     DropAfterCommit,
+    /// Answer this 3xx status with `Location: <the string>` and an empty body, without
+    /// touching state: a moved endpoint, or a hijacked one sending credentials elsewhere
+    /// (point it at an [`OtherHost`] to see what would follow).
+    Redirect(String, u16),
 }
 
 /// A fault to inject. Rules are checked in insertion order before a request is processed
@@ -837,6 +843,10 @@ async fn serve(state: &Mutex<State>, req: &Req, kind: Kind) -> Result<Reply, Dro
                 let json = body.trim_start().starts_with(['{', '[']);
                 let ctype = if json { "application/json" } else { "text/plain" };
                 return Ok(reply(status, body, ctype));
+            }
+            Some(FaultAction::Redirect(location, status)) => {
+                let to = vec![("location".to_owned(), location)];
+                return Ok(reply(status, String::new(), "").with_headers(to));
             }
             Some(FaultAction::Drop) => return Err(DropConnection),
             Some(FaultAction::DropAfterCommit) => {
