@@ -190,3 +190,73 @@ async fn other_email_slots_and_unsynced_fields_survive_every_sync() {
     assert_eq!(c.family_name.as_deref(), Some("From Marketing"));
     assert_eq!(app.fake.contacts().len(), 1);
 }
+
+/// Installs that mapped two users to one contact before the unique index existed: migration
+/// 0005 keeps the earliest mapping and parks the other user with a message naming the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_parks_users_that_shared_a_contact() {
+    let conninfo = app::cluster().fresh_database("m").await.expect("database");
+    let mut db = app::connect(&conninfo).await;
+    db.batch_execute(app::USERS_DDL).await.unwrap();
+    // The schema as migrations 0001-0004 left it, recorded as `keap-sync migrate` records them.
+    db.batch_execute(
+        "create schema keap_sync;
+         create table keap_sync.schema_migrations (version integer primary key, name text not null,
+             checksum text not null, applied_at timestamptz not null default now());",
+    )
+    .await
+    .unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+    for (version, name) in [
+        (1, "0001_core.sql"),
+        (2, "0002_priorities_and_failures.sql"),
+        (3, "0003_backfill_and_instances.sql"),
+        (4, "0004_key_change_keeps_contact.sql"),
+    ] {
+        let sql = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
+        db.batch_execute(&sql).await.unwrap();
+        db.execute(
+            "insert into keap_sync.schema_migrations (version, name, checksum)
+             values ($1, $2, encode(sha256(convert_to($3, 'UTF8')), 'hex'))",
+            &[&version, &name, &sql],
+        )
+        .await
+        .unwrap();
+    }
+    db.batch_execute(
+        "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, synced_at) values
+             ('1', 1001, 'f', now() - interval '2 days'),
+             ('2', 1001, 'f', now() - interval '1 day'),
+             ('3', 1002, 'f', now())",
+    )
+    .await
+    .unwrap();
+
+    let env = |k: &str| (k == "DATABASE_URL").then(|| conninfo.clone());
+    let config = keap_sync::config::Config::from_env(&env).unwrap();
+    let report = keap_sync::migrate(&mut db, &config.users).await.expect("migrate");
+    assert!(report.applied.iter().any(|m| m.starts_with("0005")), "{report:?}");
+
+    let mapped: Vec<(String, i64)> = db
+        .query("select user_key, contact_id from keap_sync.contact_map order by 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        mapped,
+        [("1".to_owned(), 1001), ("3".to_owned(), 1002)],
+        "the earliest mapping keeps the contact"
+    );
+    let parked: Vec<(String, String)> = db
+        .query("select user_key, last_error from keap_sync.outbox where parked_at is not null", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].0, "2");
+    assert!(parked[0].1.contains("contact 1001") && parked[0].1.contains("user 1"), "{}", parked[0].1);
+}
