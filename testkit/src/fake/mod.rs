@@ -1629,8 +1629,11 @@ mod tests {
         let next: TokenGrant =
             send(k.refresh(&grant.refresh_token, "fake-client-secret")).await.json().await.unwrap();
         assert_eq!(next.scope, format!("full|{other}"), "a refresh answers for the same app");
-        let default: TokenGrant =
-            send(k.refresh(&k.fake.issue_grant().refresh_token, "fake-client-secret")).await.json().await.unwrap();
+        let default: TokenGrant = send(k.refresh(&k.fake.issue_grant().refresh_token, "fake-client-secret"))
+            .await
+            .json()
+            .await
+            .unwrap();
         assert_eq!(default.scope, FAKE_SCOPE);
         assert_eq!(FAKE_SCOPE.split_once('|').map(|(_, a)| a), Some(FAKE_ACCOUNT));
 
