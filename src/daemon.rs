@@ -78,8 +78,8 @@ const STANDBY_RECHECK: Duration = Duration::from_secs(2);
 /// How often a running backfill's progress is read (and, every 10 s, logged).
 const BACKFILL_WATCH: Duration = Duration::from_millis(500);
 
-/// Session-level advisory lock held by the delivering instance ("keapdlvr").
-const DELIVERY_LOCK: i64 = 0x6b65_6170_646c_7672;
+/// Session-level advisory lock held by the delivering instance (defined in `db`).
+const DELIVERY_LOCK: i64 = db::DELIVERY_LOCK;
 
 /// Why the daemon could not start. Once running it does not fail: it waits and retries.
 #[derive(Debug, thiserror::Error)]

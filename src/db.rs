@@ -21,6 +21,11 @@ use crate::config::DatabaseConfig;
 /// `sql/` agrees.
 pub(crate) const NOTIFY_CHANNEL: &str = "keap_sync";
 
+/// Session-level advisory lock held by the delivering instance ("keapdlvr"). It lives here
+/// because besides the daemon, which holds it while it delivers, switching the grant to another
+/// Keap app (`auth import --switch-account`, in `token`) takes it to be sure no delivery runs.
+pub(crate) const DELIVERY_LOCK: i64 = 0x6b65_6170_646c_7672;
+
 /// Wakes every listening daemon (a notification is a wake-up only, never data: ARCHITECTURE.md,
 /// invariant 1).
 pub(crate) async fn wake_daemons(client: &Client) -> Result<(), DbError> {

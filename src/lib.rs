@@ -72,7 +72,7 @@ pub use daemon::{Daemon, RunError, RunOptions};
 pub use db::DbError;
 pub use schema::{migrate, uninstall, MigrateReport, SchemaError};
 pub use secret::Secret;
-pub use token::{import_grant, TokenError};
+pub use token::{import_grant, ImportError, TokenError};
 
 /// Selects rustls' crypto provider (ring) for the whole process. reqwest and tokio-postgres
 /// both use rustls without a built-in provider choice; calling this more than once is harmless.

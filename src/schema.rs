@@ -46,6 +46,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0005_one_user_one_contact.sql",
         sql: include_str!("../sql/0005_one_user_one_contact.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_grant_account.sql",
+        sql: include_str!("../sql/0006_grant_account.sql"),
+    },
 ];
 
 /// Name of the row trigger installed on the users table.

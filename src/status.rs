@@ -88,6 +88,8 @@ pub(crate) struct Token {
     pub detail: Option<String>,
     pub expires_in_secs: f64,
     pub refresh_token_age_secs: f64,
+    /// The Keap app the grant is for (`None`: its scope named none).
+    pub account: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -110,7 +112,7 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
     let token = client
         .query_opt(
             "select state, state_detail, extract(epoch from expires_at - now())::float8,
-                    extract(epoch from now() - refresh_token_issued_at)::float8
+                    extract(epoch from now() - refresh_token_issued_at)::float8, account
                from keap_sync.oauth_token where id = 1",
             &[],
         )
@@ -121,6 +123,7 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
                 detail: r.get(1),
                 expires_in_secs: r.get(2),
                 refresh_token_age_secs: r.get(3),
+                account: r.get(4),
             })
         })
         .transpose()?;

@@ -41,6 +41,54 @@ pub enum TokenError {
     Db(#[from] DbError),
 }
 
+/// Why a new grant (`auth import`, `auth login`, [`import_grant`]) was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The token response is unusable, or the token store failed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A new grant is for another Keap app than the stored one; nothing was stored. Contact
+    /// ids are per app, so the contact map would point at unrelated contacts.
+    #[error(
+        "this grant is for Keap app {offered}, but the stored grant is for {stored}{}; nothing was stored. \
+         If you signed in to the wrong app, run `keap-sync auth login` again and choose {stored}. \
+         To move the sync to {offered} instead, stop the daemon and repeat the command with --switch-account: \
+         keap-sync then forgets its links to contacts in {stored} (which stay there untouched), and \
+         `keap-sync backfill --restart` sends every user to {offered}, matched by email",
+        match linked {
+            0 => String::new(),
+            1 => ", and the contact map links 1 user to a contact there".into(),
+            n => format!(", and the contact map links {n} users to contacts there"),
+        }
+    )]
+    OtherApp {
+        /// The app of the stored grant.
+        stored: String,
+        /// The app the new grant is for.
+        offered: String,
+        /// Users the contact map links to contacts in `stored`.
+        linked: i64,
+    },
+    /// `--switch-account` while a daemon delivers: nothing was stored.
+    #[error(
+        "a keap-sync daemon is delivering right now, with contact ids of {from}; switching to {to} under it \
+         could write to unrelated contacts there. Stop every keap-sync daemon (e.g. `systemctl stop keap-sync`), \
+         repeat the command with --switch-account, then start it again; nothing was stored"
+    )]
+    SwitchWhileDelivering {
+        /// The app switched from, as words (it may be unknown).
+        from: String,
+        /// The app switched to, as words.
+        to: String,
+    },
+}
+
+impl From<tokio_postgres::Error> for ImportError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ImportError::Token(e.into())
+    }
+}
+
 impl From<tokio_postgres::Error> for TokenError {
     fn from(e: tokio_postgres::Error) -> Self {
         TokenError::Db(DbError::Query(e))
@@ -98,13 +146,15 @@ struct Stored {
     refresh_age: f64,
     state: GrantState,
     state_detail: Option<String>,
+    /// The Keap app the grant is for, if known.
+    account: Option<String>,
 }
 
 /// Reads the grant as [`Stored`] (columns in `stored_from`'s order).
 const SELECT_STORED: &str = "select access_token, refresh_token,
         extract(epoch from expires_at - now())::float8,
         extract(epoch from now() - refresh_token_issued_at)::float8,
-        state, state_detail
+        state, state_detail, account
    from keap_sync.oauth_token where id = 1";
 
 /// Supplies the credential for each Keap call. Shared as `Arc<TokenSource>` by every delivery
@@ -312,6 +362,13 @@ impl OAuth {
                     )));
                 }
             };
+            if let Some(detail) = refreshed_for_other_app(stored.account.as_deref(), &parsed) {
+                self.metrics.token_refresh(false);
+                mark_reauthorization_needed(&tx, &detail).await?;
+                tx.commit().await?;
+                tracing::error!(reason = %detail, "the token refresh answered for another Keap app; deliveries pause");
+                return Err(TokenError::NeedsAuthorization(format!("{detail}; {REAUTHORIZE_HINT}")));
+            }
             store(&tx, &parsed, false).await?;
             tx.commit().await?;
             self.metrics.token_refresh(true);
@@ -338,13 +395,7 @@ impl OAuth {
         self.metrics.token_refresh(false);
         if lost {
             let detail = format!("Keap refused the token refresh ({status}: {describe})");
-            tx.execute(
-                "update keap_sync.oauth_token
-                    set state = 'reauthorization_needed', state_detail = $1, updated_at = now()
-                  where id = 1",
-                &[&detail],
-            )
-            .await?;
+            mark_reauthorization_needed(&tx, &detail).await?;
             tx.commit().await?;
             return Err(TokenError::NeedsAuthorization(format!("{detail}; {REAUTHORIZE_HINT}")));
         }
@@ -366,6 +417,21 @@ impl ClassifyName for serde_json::Error {
             serde_json::error::Category::Eof => "cut off",
         }
     }
+}
+
+/// Puts the stored grant in the "re-authorisation needed" state with `detail` as the reason.
+async fn mark_reauthorization_needed(
+    db: &impl tokio_postgres::GenericClient,
+    detail: &str,
+) -> Result<(), TokenError> {
+    db.execute(
+        "update keap_sync.oauth_token
+            set state = 'reauthorization_needed', state_detail = $1, updated_at = now()
+          where id = 1",
+        &[&detail],
+    )
+    .await?;
+    Ok(())
 }
 
 fn check_state(s: &Stored) -> Result<(), TokenError> {
@@ -394,41 +460,109 @@ fn stored_from(row: Option<tokio_postgres::Row>) -> Result<Stored, TokenError> {
         refresh_age: row.get(3),
         state: GrantState::from_db(row.get(4))?,
         state_detail: row.get(5),
+        account: row.get(6),
     })
 }
 
 /// Writes a token response into the store. `new_grant` (import, login) also resets the grant's
-/// start time and clears a "re-authorisation needed" state.
+/// start time and clears a "re-authorisation needed" state. A refresh must have been checked
+/// with [`refreshed_for_other_app`] first; a new grant for another app than the stored one is
+/// not written (see [`Write::NewGrant`]).
 pub(crate) async fn store(
     db: &impl tokio_postgres::GenericClient,
     t: &TokenResponse,
     new_grant: bool,
 ) -> Result<(), TokenError> {
+    let how = if new_grant { Write::NewGrant } else { Write::Refresh };
+    if write_grant(db, t, how).await? {
+        Ok(())
+    } else {
+        Err(TokenError::InvalidResponse("the grant is for another Keap app than the stored one".into()))
+    }
+}
+
+/// How [`write_grant`] treats the app (account) a token response names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// A refresh of the stored grant: same app (checked before), or the stored one kept.
+    Refresh,
+    /// A new grant: written only if it is for the stored app, or either app is unknown; a
+    /// response that names no app keeps the stored one.
+    NewGrant,
+    /// A new grant for another app, on the user's explicit word: recorded as the switch.
+    SwitchApp,
+}
+
+/// Writes `t`; false if [`Write::NewGrant`] found a grant for another app stored (nothing
+/// written). The check is part of the one statement, so two imports racing cannot both win.
+async fn write_grant(
+    db: &impl tokio_postgres::GenericClient,
+    t: &TokenResponse,
+    how: Write,
+) -> Result<bool, TokenError> {
     if t.access_token.is_empty() || t.refresh_token.is_empty() || t.expires_in <= 0 {
         return Err(TokenError::InvalidResponse(
             "the token response needs a non-empty access_token and refresh_token and a positive expires_in"
                 .into(),
         ));
     }
-    db.execute(
-        "insert into keap_sync.oauth_token as o
-                (id, access_token, refresh_token, expires_at, scope, granted_at, refresh_token_issued_at,
-                 refreshed_at, state, state_detail, updated_at)
-         values (1, $1, $2, now() + make_interval(secs => $3), $4, now(), now(), null, 'ok', null, now())
-         on conflict (id) do update
-            set access_token = excluded.access_token,
-                refresh_token = excluded.refresh_token,
-                expires_at = excluded.expires_at,
-                scope = coalesce(excluded.scope, o.scope),
-                granted_at = case when $5 then now() else o.granted_at end,
-                refresh_token_issued_at = now(),
-                refreshed_at = case when $5 then o.refreshed_at else now() end,
-                state = 'ok', state_detail = null, updated_at = now()",
-        &[&t.access_token, &t.refresh_token, &(t.expires_in as f64), &t.scope, &new_grant],
-    )
-    .await
-    .map_err(|e| TokenError::Db(DbError::Query(e)))?;
-    Ok(())
+    let account = t.scope.as_deref().and_then(account_from_scope);
+    let new_grant = how != Write::Refresh;
+    let switch = how == Write::SwitchApp;
+    let written = db
+        .execute(
+            "insert into keap_sync.oauth_token as o
+                    (id, access_token, refresh_token, expires_at, scope, account, account_switched_at, granted_at,
+                     refresh_token_issued_at, refreshed_at, state, state_detail, updated_at)
+             values (1, $1, $2, now() + make_interval(secs => $3), $4, $6, case when $7 then now() end, now(),
+                     now(), null, 'ok', null, now())
+             on conflict (id) do update
+                set access_token = excluded.access_token,
+                    refresh_token = excluded.refresh_token,
+                    expires_at = excluded.expires_at,
+                    scope = coalesce(excluded.scope, o.scope),
+                    account = case when $7 then excluded.account else coalesce(excluded.account, o.account) end,
+                    previous_account = case when $7 then o.account else o.previous_account end,
+                    account_switched_at = case when $7 then now() else o.account_switched_at end,
+                    granted_at = case when $5 then now() else o.granted_at end,
+                    refresh_token_issued_at = now(),
+                    refreshed_at = case when $5 then o.refreshed_at else now() end,
+                    state = 'ok', state_detail = null, updated_at = now()
+              where $7 or o.account is null or excluded.account is null or o.account = excluded.account",
+            &[&t.access_token, &t.refresh_token, &(t.expires_in as f64), &t.scope, &new_grant, &account, &switch],
+        )
+        .await
+        .map_err(|e| TokenError::Db(DbError::Query(e)))?;
+    Ok(written == 1)
+}
+
+/// The Keap app (account, tenant) a token response's `scope` names: Keap answers
+/// `full|abc123.infusionsoft.com`, and the part after the `|` is the app's host name
+/// (`docs/keap-api.md`, "Token response"). `None` when it names none recognisably: no `|`,
+/// more than one, or anything but letters, digits, dots and dashes after it. Lower case, as
+/// host names compare. `sql/0006_grant_account.sql` (`keap_sync.grant_account`) reads stored
+/// scopes the same way.
+pub(crate) fn account_from_scope(scope: &str) -> Option<String> {
+    let (_, app) = scope.split_once('|')?;
+    let app = app.trim();
+    let host_like = app.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    (host_like && app.chars().any(|c| c.is_ascii_alphanumeric())).then(|| app.to_ascii_lowercase())
+}
+
+/// Why a refresh answer must not be stored: it names another app than the stored grant's.
+/// Contact ids are per app, so adopting it would point the contact map at unrelated contacts;
+/// the grant is treated as refused instead (ARCHITECTURE.md, invariant 7). An answer that
+/// names no app, or a stored grant whose app is unknown, is no evidence of a switch.
+fn refreshed_for_other_app(stored: Option<&str>, answer: &TokenResponse) -> Option<String> {
+    let stored = stored?;
+    let answered = answer.scope.as_deref().and_then(account_from_scope)?;
+    (answered != stored).then(|| {
+        format!(
+            "Keap answered the token refresh for Keap app {answered}, but the grant is for {stored}, whose contacts \
+             the contact map links; the answer was not stored (to move the sync to {answered}, use \
+             `keap-sync auth login --switch-account`)"
+        )
+    })
 }
 
 /// Parses a token endpoint answer (`auth import`'s standard input, or the code exchange's
@@ -455,10 +589,192 @@ pub(crate) fn parse_token_response(text: &str) -> Result<TokenResponse, TokenErr
 /// Stores a new OAuth grant given as the token endpoint's JSON answer (what `keap-sync auth
 /// import` reads on standard input) and wakes any daemon paused for authorisation. Returns the
 /// access token's lifetime in seconds.
-pub async fn import_grant(client: &Client, token_json: &str) -> Result<i64, TokenError> {
+///
+/// A grant for another Keap app than the stored one is refused with [`ImportError::OtherApp`]
+/// and nothing is stored: the contact map holds contact ids of the stored grant's app.
+/// Switching apps is `keap-sync auth import --switch-account`.
+pub async fn import_grant(client: &Client, token_json: &str) -> Result<i64, ImportError> {
     let tokens = parse_token_response(token_json)?;
-    store(client, &tokens, true).await?;
+    let imported = import_new_grant(client, &tokens, false).await?;
     // Wake any paused daemon now rather than at its next recheck.
-    db::wake_daemons(client).await?;
-    Ok(tokens.expires_in)
+    db::wake_daemons(client).await.map_err(TokenError::from)?;
+    Ok(imported.expires_in)
+}
+
+/// What storing a new grant did, for the command to report.
+#[derive(Debug)]
+pub(crate) struct Imported {
+    /// The access token's lifetime in seconds.
+    pub expires_in: i64,
+    /// The app the stored grant is for now (`None`: unknown).
+    pub account: Option<String>,
+    /// The token response named no app (its `scope`, if any, is here); `account` is what was
+    /// known before.
+    pub unnamed_scope: Option<Option<String>>,
+    /// Set when the grant moved the sync to another app.
+    pub switched: Option<Switched>,
+    /// Users the contact map links to contacts of an app keap-sync cannot name (made under a
+    /// grant stored before the app was recorded, or an API key): they may be in another app.
+    pub unverified_links: i64,
+}
+
+/// A deliberate switch to another Keap app.
+#[derive(Debug)]
+pub(crate) struct Switched {
+    /// The app before (`None`: unknown).
+    pub from: Option<String>,
+    /// Links of the contact map to contacts of the old app that were forgotten.
+    pub unlinked: u64,
+}
+
+/// Stores a new grant for `auth import` and `auth login`, in one transaction. With
+/// `switch_account`, a grant for another app than the stored one (or than the contact map's
+/// links, when their app is unknown) is accepted: the links to the old app's contacts are
+/// forgotten, so no call ever goes to one of its contact ids in the new app, and the switch is
+/// recorded and logged. That needs no daemon delivering meanwhile, so it takes the delivery
+/// lock (waiting briefly for a daemon that is just stopping).
+pub(crate) async fn import(
+    client: &mut Client,
+    tokens: &TokenResponse,
+    switch_account: bool,
+) -> Result<Imported, ImportError> {
+    let tx = client.transaction().await?;
+    let imported = import_new_grant(&tx, tokens, switch_account).await?;
+    tx.commit().await?;
+    db::wake_daemons(client).await.map_err(TokenError::from)?;
+    Ok(imported)
+}
+
+/// Stores a new grant, refusing one for another app unless `allow_switch`; see [`import`].
+/// `allow_switch` only inside a transaction: the contact map is cleared under the delivery
+/// lock, in the same transaction as the new grant is stored.
+async fn import_new_grant(
+    db: &impl tokio_postgres::GenericClient,
+    tokens: &TokenResponse,
+    allow_switch: bool,
+) -> Result<Imported, ImportError> {
+    let offered = tokens.scope.as_deref().and_then(account_from_scope);
+    // Read without a row lock: the refusal is also part of the write's one statement, and the
+    // delivery lock below must not be waited for while holding the token row a daemon refreshes.
+    let row = db
+        .query_one(
+            "select (select account from keap_sync.oauth_token where id = 1),
+                    (select count(*) from keap_sync.contact_map)",
+            &[],
+        )
+        .await?;
+    let (stored, linked): (Option<String>, i64) = (row.get(0), row.get(1));
+    let same = stored.is_some() && stored == offered;
+    let words = |a: &Option<String>| a.clone().unwrap_or_else(|| "an app keap-sync did not record".into());
+    if let (Some(stored), Some(offered), false, false) = (&stored, &offered, same, allow_switch) {
+        return Err(ImportError::OtherApp { stored: stored.clone(), offered: offered.clone(), linked });
+    }
+    let switching = allow_switch && !same && (stored.is_some() || linked > 0);
+    let mut unlinked = 0;
+    if switching {
+        // A daemon that is just stopping releases the lock within moments; one that runs does not.
+        db.batch_execute("set local lock_timeout = '3s'").await?;
+        if let Err(e) = db.execute("select pg_advisory_xact_lock($1)", &[&db::DELIVERY_LOCK]).await {
+            if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                return Err(ImportError::SwitchWhileDelivering { from: words(&stored), to: words(&offered) });
+            }
+            return Err(e.into());
+        }
+        unlinked = db.execute("delete from keap_sync.contact_map", &[]).await?;
+    }
+    let how = if switching { Write::SwitchApp } else { Write::NewGrant };
+    if !write_grant(db, tokens, how).await? {
+        // Another import stored a grant for another app since the read above.
+        let now: Option<String> =
+            db.query_one("select account from keap_sync.oauth_token where id = 1", &[]).await?.get(0);
+        return Err(ImportError::OtherApp { stored: words(&now), offered: words(&offered), linked });
+    }
+    if switching {
+        tracing::warn!(
+            from = %words(&stored),
+            to = %words(&offered),
+            unlinked,
+            "switched the Keap app of the grant; links to contacts of the old app were forgotten"
+        );
+    }
+    Ok(Imported {
+        expires_in: tokens.expires_in,
+        account: if switching { offered.clone() } else { offered.clone().or_else(|| stored.clone()) },
+        unnamed_scope: offered.is_none().then(|| tokens.scope.clone()),
+        switched: switching.then(|| Switched { from: stored.clone(), unlinked }),
+        unverified_links: if !switching && stored.is_none() && linked > 0 { linked } else { 0 },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_account_is_the_host_after_the_bar_of_scope() {
+        let cases = [
+            ("full|abc123.infusionsoft.com", Some("abc123.infusionsoft.com")),
+            (" full| Abc123.Infusionsoft.com ", Some("abc123.infusionsoft.com")),
+            ("|abc123.infusionsoft.com", Some("abc123.infusionsoft.com")),
+            ("full|my-app.keap.app", Some("my-app.keap.app")),
+            // Without a bar, or with nothing after it: no account.
+            ("full", None),
+            ("", None),
+            ("full|", None),
+            ("full|  ", None),
+            // Odd input is not guessed at.
+            ("full|a|b", None),
+            ("full|abc 123", None),
+            ("full|abc123.infusionsoft.com openid", None),
+            ("full|...", None),
+            ("full|abc/../x", None),
+            ("full|äbc.infusionsoft.com", None),
+        ];
+        for (scope, want) in cases {
+            assert_eq!(account_from_scope(scope).as_deref(), want, "scope {scope:?}");
+        }
+    }
+
+    fn answer(scope: Option<&str>) -> TokenResponse {
+        TokenResponse {
+            access_token: "at".into(),
+            token_type: None,
+            expires_in: 60,
+            refresh_token: "rt".into(),
+            scope: scope.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn only_a_refresh_naming_another_app_is_refused() {
+        let a = "a1.infusionsoft.com";
+        assert!(refreshed_for_other_app(Some(a), &answer(Some("full|a1.infusionsoft.com"))).is_none());
+        assert!(refreshed_for_other_app(Some(a), &answer(Some("full|A1.Infusionsoft.com"))).is_none());
+        assert!(refreshed_for_other_app(Some(a), &answer(None)).is_none(), "names none: keep the app");
+        assert!(refreshed_for_other_app(Some(a), &answer(Some("full"))).is_none());
+        assert!(refreshed_for_other_app(None, &answer(Some("full|b2.infusionsoft.com"))).is_none());
+        let why = refreshed_for_other_app(Some(a), &answer(Some("full|b2.infusionsoft.com"))).unwrap();
+        assert!(why.contains(a) && why.contains("b2.infusionsoft.com"), "{why}");
+        assert!(why.contains("--switch-account"), "{why}");
+    }
+
+    #[test]
+    fn the_refusal_names_both_apps_and_the_ways_out() {
+        let e = ImportError::OtherApp { stored: "a1.x".into(), offered: "b2.x".into(), linked: 3 };
+        let text = e.to_string();
+        for needle in [
+            "a1.x",
+            "b2.x",
+            "links 3 users",
+            "--switch-account",
+            "keap-sync auth login",
+            "backfill --restart",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+        let none = ImportError::OtherApp { stored: "a1.x".into(), offered: "b2.x".into(), linked: 0 };
+        assert!(!none.to_string().contains("contact map links"), "{none}");
+        let one = ImportError::OtherApp { stored: "a1.x".into(), offered: "b2.x".into(), linked: 1 };
+        assert!(one.to_string().contains("links 1 user to a contact there"), "{one}");
+    }
 }

@@ -27,25 +27,80 @@ use crate::token::{self, REAUTHORIZE_HINT};
 const REDIRECT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `auth import`: a token response on standard input becomes the stored grant.
-pub(super) async fn import(config: Config) -> Result<(), CliError> {
+pub(super) async fn import(config: Config, switch_account: bool) -> Result<(), CliError> {
     let mut text = String::new();
     std::io::stdin()
         .read_to_string(&mut text)
         .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
     // Checked before connecting, so a bad paste is reported as such even without a database.
-    token::parse_token_response(&text).map_err(|e| CliError::Other(format!("standard input is {e}")))?;
-    let client = connect_migrated(&config).await?;
-    let expires_in = token::import_grant(&client, &text).await.map_err(|e| CliError::Other(e.to_string()))?;
+    let tokens =
+        token::parse_token_response(&text).map_err(|e| CliError::Other(format!("standard input is {e}")))?;
+    let mut client = connect_migrated(&config).await?;
+    let imported = token::import(&mut client, &tokens, switch_account).await.map_err(import_failed)?;
     println!(
-        "stored a new Keap grant; the access token expires in {expires_in} s and will be refreshed automatically"
+        "stored a new Keap grant{}; the access token expires in {} s and will be refreshed automatically",
+        imported.account.as_deref().map(|a| format!(" for Keap app {a}")).unwrap_or_default(),
+        imported.expires_in
     );
+    report_account(&imported, switch_account);
     Ok(())
+}
+
+fn import_failed(e: token::ImportError) -> CliError {
+    CliError::Other(e.to_string())
+}
+
+/// What the user must know about the Keap app of a grant just stored: a switch and what to do
+/// next, a grant that names no app, links whose app keap-sync cannot check.
+fn report_account(imported: &token::Imported, switch_account: bool) {
+    let to = imported.account.as_deref().unwrap_or("an app the grant does not name");
+    if let Some(s) = &imported.switched {
+        let from = s.from.as_deref().unwrap_or("the app of the earlier links");
+        println!(
+            "switched the sync from Keap app {from} to {to}: forgot {} to contacts in {from} (they stay there \
+             untouched). Run `keap-sync backfill --restart` to send every user to {to}: they are matched by email, \
+             so contacts already there are linked, not duplicated. Changes already queued go to {to} as the daemon \
+             delivers them.",
+            if s.unlinked == 1 { "1 link".to_owned() } else { format!("{} links", s.unlinked) }
+        );
+    } else if switch_account {
+        println!("--switch-account: nothing to switch; neither the stored grant nor the contact map belongs to another Keap app");
+    }
+    if let Some(scope) = &imported.unnamed_scope {
+        let scope = scope.as_deref().map(|s| format!("scope {s:?}")).unwrap_or_else(|| "no scope".into());
+        match (&imported.account, &imported.switched) {
+            (Some(a), None) => println!(
+                "note: the token response names no Keap app ({scope}); keap-sync keeps assuming {a}, \
+                 the app of the grant before"
+            ),
+            _ => println!(
+                "note: the token response names no Keap app ({scope}); keap-sync cannot check that later grants \
+                 are for the same app"
+            ),
+        }
+    }
+    if imported.unverified_links > 0 {
+        println!(
+            "note: the contact map links {} to contacts made before keap-sync recorded its Keap app; \
+             if they are not in {to}, repeat with --switch-account (every daemon stopped), then run \
+             `keap-sync backfill --restart`",
+            if imported.unverified_links == 1 {
+                "1 user".to_owned()
+            } else {
+                format!("{} users", imported.unverified_links)
+            }
+        );
+    }
 }
 
 /// `auth login`: the authorization-code flow. Prints the consent URL, takes the redirected
 /// URL (pasted on standard input, or received by a loopback listener), checks `state`,
 /// exchanges the code and stores the grant.
-pub(super) async fn login(config: Config, listen: Option<SocketAddr>) -> Result<(), CliError> {
+pub(super) async fn login(
+    config: Config,
+    listen: Option<SocketAddr>,
+    switch_account: bool,
+) -> Result<(), CliError> {
     let Credential::OAuth { client_id, client_secret } = config.credential()? else {
         return Err(CliError::Other(
             "`auth login` is for OAuth clients (KEAP_CLIENT_ID and KEAP_CLIENT_SECRET); an API key needs no login"
@@ -59,7 +114,7 @@ pub(super) async fn login(config: Config, listen: Option<SocketAddr>) -> Result<
                 .into(),
         )
     })?;
-    let client = connect_migrated(&config).await?;
+    let mut client = connect_migrated(&config).await?;
 
     // Listen before printing the URL, so the redirect can never arrive before we are ready.
     let listener = match listen {
@@ -135,10 +190,14 @@ pub(super) async fn login(config: Config, listen: Option<SocketAddr>) -> Result<
             body.summary().unwrap_or_default()
         )));
     }
-    token::import_grant(&client, &text)
-        .await
+    let tokens = token::parse_token_response(&text)
         .map_err(|e| CliError::Other(format!("the token endpoint's answer is {e}")))?;
-    println!("Authorised. The grant is stored; the daemon refreshes it from now on.");
+    let imported = token::import(&mut client, &tokens, switch_account).await.map_err(import_failed)?;
+    println!(
+        "Authorised{}. The grant is stored; the daemon refreshes it from now on.",
+        imported.account.as_deref().map(|a| format!(" for Keap app {a}")).unwrap_or_default()
+    );
+    report_account(&imported, switch_account);
     Ok(())
 }
 
@@ -264,7 +323,8 @@ pub(super) async fn status(config: Config) -> Result<(), CliError> {
                     extract(epoch from now() - refresh_token_issued_at)::float8,
                     to_char(refreshed_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
                     to_char(granted_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"'),
-                    scope
+                    scope, account, previous_account,
+                    to_char(account_switched_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS \"UTC\"')
                from keap_sync.oauth_token where id = 1",
             &[],
         )
@@ -283,6 +343,19 @@ pub(super) async fn status(config: Config) -> Result<(), CliError> {
     let refreshed: Option<String> = row.get(5);
     let granted: String = row.get(6);
     let scope: Option<String> = row.get(7);
+    let account: Option<String> = row.get(8);
+    let previous_account: Option<String> = row.get(9);
+    let switched_at: Option<String> = row.get(10);
+    match account {
+        Some(a) => println!("account: {a} (the Keap app this grant, and the contact map, belong to)"),
+        None => println!("account: unknown (the grant's scope names no Keap app)"),
+    }
+    if let Some(at) = switched_at {
+        println!(
+            "switched: at {at}, from {} (`auth … --switch-account`)",
+            previous_account.as_deref().unwrap_or("an unrecorded app")
+        );
+    }
     match state {
         token::GrantState::Ok => println!("state: ok"),
         token::GrantState::ReauthorizationNeeded => {

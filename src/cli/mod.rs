@@ -119,13 +119,22 @@ impl From<BackfillArg> for BackfillMode {
 enum AuthCommand {
     /// Store a token response (JSON with access_token, refresh_token, expires_in) read from
     /// standard input. Tokens never go on the command line, where process lists show them.
-    Import,
+    Import {
+        /// Accept a grant for another Keap app than the stored one: forget the links to the
+        /// old app's contacts (with every daemon stopped), then run `keap-sync backfill --restart`.
+        #[arg(long)]
+        switch_account: bool,
+    },
     /// Authorise via the browser (authorization-code flow) and store the grant.
     Login {
         /// Receive the redirect on this loopback address instead of pasting it, e.g.
         /// 127.0.0.1:8700 (behind the HTTPS redirect URL registered with Keap).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Accept a grant for another Keap app than the stored one: forget the links to the
+        /// old app's contacts (with every daemon stopped), then run `keap-sync backfill --restart`.
+        #[arg(long)]
+        switch_account: bool,
     },
     /// Show which credential is in use and the state of the stored grant (never a secret).
     Status,
@@ -216,8 +225,12 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
             backfill(load(&cli.config)?, mode, progress_bar).await
         }
         Command::Status { json } => status(load(&cli.config)?, json).await,
-        Command::Auth(AuthCommand::Import) => auth::import(load(&cli.config)?).await,
-        Command::Auth(AuthCommand::Login { listen }) => auth::login(load(&cli.config)?, listen).await,
+        Command::Auth(AuthCommand::Import { switch_account }) => {
+            auth::import(load(&cli.config)?, switch_account).await
+        }
+        Command::Auth(AuthCommand::Login { listen, switch_account }) => {
+            auth::login(load(&cli.config)?, listen, switch_account).await
+        }
         Command::Auth(AuthCommand::Status) => auth::status(load(&cli.config)?).await,
         Command::Failures(cmd) => failures::run(load(&cli.config)?, cmd).await,
     }

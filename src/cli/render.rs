@@ -61,6 +61,12 @@ pub(crate) fn status(s: &Status) -> String {
     if let Some(b) = &s.backfill {
         line(format!("backfill: {} — {}", b.state.as_str(), progress(b, 0.0)));
     }
+    if let Some(t) = &s.token {
+        line(format!(
+            "keap app: {}",
+            t.account.as_deref().unwrap_or("unknown (the grant's scope names none)")
+        ));
+    }
     match &s.token {
         Some(t) if t.state == GrantState::Ok => line(format!(
             "oauth: ok; access token expires in {}; refresh token {} old",

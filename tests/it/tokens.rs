@@ -6,8 +6,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keap_sync::RunOptions;
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
-use keap_sync_testkit::fake::{FakeOptions, FaultAction, FaultRule, Route};
+use keap_sync_testkit::fake::{FakeOptions, FaultAction, FaultRule, Route, TokenGrant, FAKE_ACCOUNT};
 
 const REDIRECT: &str = "https://app.example.com/keap/callback";
 
@@ -185,13 +186,19 @@ async fn a_401_with_a_valid_looking_token_refreshes_once_and_retries() {
     assert_no_secrets(&app, "");
 }
 
-/// Runs `auth login`, answers its prompt with `answer(state)`, returns (success, stdout+stderr).
+/// Runs `auth login`, answers its prompt with `answer(state)`, returns (success, stdout, stderr).
 fn login(app: &TestApp, answer: impl Fn(&str) -> String) -> (bool, String, String) {
+    login_with(app, &[], answer)
+}
+
+/// [`login`] with more arguments after `auth login`.
+fn login_with(app: &TestApp, extra: &[&str], answer: impl Fn(&str) -> String) -> (bool, String, String) {
     let config = app.write_config_file(
         &format!("redirect_uri = \"{REDIRECT}\"\nauthorize_url = \"{}\"", app.fake.authorize_url()),
         "",
     );
-    let mut child = bin(app, &config, &["auth", "login"])
+    let args: Vec<&str> = ["auth", "login"].iter().chain(extra).copied().collect();
+    let mut child = bin(app, &config, &args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -217,8 +224,9 @@ fn login(app: &TestApp, answer: impl Fn(&str) -> String) -> (bool, String, Strin
         }
     };
     child.stdin.take().unwrap().write_all(format!("{}\n", answer(&state)).as_bytes()).unwrap();
+    // The rest of standard output is in the reader (the child's handle was taken from it).
+    std::io::Read::read_to_string(&mut stdout, &mut printed).unwrap();
     let out = child.wait_with_output().unwrap();
-    printed.push_str(&String::from_utf8_lossy(&out.stdout));
     (out.status.success(), printed, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -335,4 +343,231 @@ async fn an_idle_daemon_refreshes_a_grant_before_its_refresh_token_lapses() {
     assert_eq!(app.fake.refresh_count(), 1);
     assert_eq!(app.fake.count(|r| r.path.starts_with("/crm/rest")), 0, "no contact call was needed");
     assert_no_secrets(&app, "");
+}
+
+/// A Keap app other than the fake's default one ([`FAKE_ACCOUNT`]).
+const OTHER_APP: &str = "other456.infusionsoft.com";
+
+/// Pipes `grant` into `auth import` (plus `extra` arguments); returns (success, stdout, stderr).
+fn import(app: &TestApp, grant: &TokenGrant, extra: &[&str]) -> (bool, String, String) {
+    let config = app.write_config_file("", "");
+    let args: Vec<&str> = ["auth", "import"].iter().chain(extra).copied().collect();
+    let mut child = bin(app, &config, &args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("auth import");
+    child.stdin.take().unwrap().write_all(serde_json::to_string(grant).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The stored access token (compared, never printed: it is a secret).
+async fn stored_access_token(app: &TestApp) -> String {
+    app.db.query_one("select access_token from keap_sync.oauth_token", &[]).await.unwrap().get(0)
+}
+
+/// (account, previous_account) of the stored grant.
+async fn stored_accounts(app: &TestApp) -> (Option<String>, Option<String>) {
+    let row =
+        app.db.query_one("select account, previous_account from keap_sync.oauth_token", &[]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_for_another_keap_app_is_refused_unless_the_switch_is_explicit() {
+    let mut app = spawn_app_with(oauth(Duration::from_secs(3600))).await;
+    app.exec("insert into users (email, first_name) values ('linked@example.com', 'A')").await;
+    app.wait_idle().await;
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map").await, 1);
+    let before = stored_access_token(&app).await;
+
+    // Another app's grant would send every mapped user's changes to an unrelated contact id.
+    let other = app.fake.issue_grant_for(OTHER_APP);
+    let (ok, stdout, stderr) = import(&app, &other, &[]);
+    assert!(!ok, "a grant for another Keap app was accepted: {stdout}");
+    for needle in [FAKE_ACCOUNT, OTHER_APP, "--switch-account", "keap-sync auth login"] {
+        assert!(stderr.contains(needle), "the refusal names {needle}: {stderr}");
+    }
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stored_access_token(&app).await == before, "the stored grant is unchanged");
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map").await, 1);
+
+    // The same app again is a routine re-authorisation.
+    let (ok, stdout, stderr) = import(&app, &app.fake.issue_grant(), &[]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(FAKE_ACCOUNT), "names the app: {stdout}");
+    assert!(stored_access_token(&app).await != before, "the new grant is stored");
+
+    // Switching while a daemon delivers could write to an old contact id in the new app.
+    let (ok, _, stderr) = import(&app, &other, &["--switch-account"]);
+    assert!(!ok, "switched while a daemon was delivering");
+    assert!(stderr.contains("stop"), "says to stop the daemon: {stderr}");
+    assert_eq!(stored_accounts(&app).await, (Some(FAKE_ACCOUNT.into()), None));
+
+    app.stop_daemon().await;
+    let (ok, stdout, stderr) = import(&app, &other, &["--switch-account"]);
+    assert!(ok, "{stderr}");
+    for needle in [FAKE_ACCOUNT, OTHER_APP, "keap-sync backfill --restart"] {
+        assert!(stdout.contains(needle), "the switch report names {needle}: {stdout}");
+    }
+    assert_eq!(stored_accounts(&app).await, (Some(OTHER_APP.into()), Some(FAKE_ACCOUNT.into())));
+    assert_eq!(
+        app.count("select count(*) from keap_sync.contact_map").await,
+        0,
+        "links to the old app forgotten"
+    );
+    assert!(stderr.contains("switched the Keap app"), "the switch is logged: {stderr}");
+
+    let config = app.write_config_file("", "");
+    let auth_status = bin(&app, &config, &["auth", "status"]).output().unwrap();
+    let auth_text = String::from_utf8_lossy(&auth_status.stdout).into_owned();
+    assert!(auth_text.contains(&format!("account: {OTHER_APP}")), "{auth_text}");
+    assert!(auth_text.contains(FAKE_ACCOUNT), "auth status shows the switch: {auth_text}");
+    let status = bin(&app, &config, &["status"]).output().unwrap();
+    let status_text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status_text.contains(OTHER_APP), "{status_text}");
+
+    // The backfill the report asks for finds the user in the new app by email, never by an id
+    // of the old app.
+    let seen = app.fake.requests().len();
+    let options = RunOptions { backfill: Some(keap_sync::BackfillMode::Restart), ..RunOptions::default() };
+    app.start_daemon_with_options(app.config(), options).await;
+    app::eventually(Duration::from_secs(15), "the user linked again", || async {
+        app.count("select count(*) from keap_sync.contact_map").await == 1
+    })
+    .await;
+    let after: Vec<_> = app.fake.requests().into_iter().skip(seen).collect();
+    assert!(
+        after
+            .iter()
+            .any(|r| r.method == "GET" && r.path == "/crm/rest/v1/contacts" && r.query.contains("email=")),
+        "looked up by email: {after:?}"
+    );
+    assert!(
+        !after.iter().any(|r| r.path.starts_with("/crm/rest/v1/contacts/")),
+        "no call by a contact id of the old app: {after:?}"
+    );
+    assert_no_secrets(&app, &format!("{stdout}{stderr}{auth_text}{status_text}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_answers_for_another_keap_app_pauses_instead_of_switching() {
+    let app = spawn_app_with(oauth(Duration::from_secs(3600))).await;
+    app.exec("insert into users (email, first_name) values ('r@example.com', 'A')").await;
+    app.wait_idle().await;
+
+    // Keap answering a refresh for another app: the stored refresh token leads to one.
+    let other = app.fake.issue_grant_for(OTHER_APP);
+    app.db
+        .execute("update keap_sync.oauth_token set refresh_token = $1", &[&other.refresh_token])
+        .await
+        .unwrap();
+    app.fake.expire_access_tokens();
+    app.exec("update users set first_name = 'B'").await;
+    app::eventually(Duration::from_secs(10), "re-authorisation needed", || async {
+        app.count("select count(*) from keap_sync.oauth_token where state = 'reauthorization_needed'").await
+            == 1
+    })
+    .await;
+    let detail: String =
+        app.db.query_one("select state_detail from keap_sync.oauth_token", &[]).await.unwrap().get(0);
+    assert!(detail.contains(FAKE_ACCOUNT) && detail.contains(OTHER_APP), "{detail}");
+    assert_eq!(stored_accounts(&app).await.0.as_deref(), Some(FAKE_ACCOUNT));
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 1, "the change stays queued");
+    assert_eq!(app.fake.contacts()[0].given_name.as_deref(), Some("A"));
+
+    // A grant for the right app resumes deliveries.
+    app.import_grant(&app.fake.issue_grant()).await;
+    app.wait_idle_for(Duration::from_secs(15)).await;
+    assert_eq!(app.fake.contacts()[0].given_name.as_deref(), Some("B"));
+    assert_no_secrets(&app, &detail);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_login_to_another_keap_app_is_refused_unless_switching() {
+    let app = spawn_app_with(Options { start_daemon: false, ..oauth(Duration::from_secs(3600)) }).await;
+    let before = stored_access_token(&app).await;
+
+    let code = app.fake.issue_code_for(REDIRECT, OTHER_APP);
+    let (ok, stdout, stderr) = login(&app, |state| format!("{REDIRECT}?code={code}&state={state}"));
+    assert!(!ok, "a login to another Keap app was accepted: {stdout}");
+    assert!(stderr.contains(OTHER_APP) && stderr.contains("--switch-account"), "{stderr}");
+    assert!(stored_access_token(&app).await == before, "the stored grant is unchanged");
+
+    let code = app.fake.issue_code_for(REDIRECT, OTHER_APP);
+    let (ok, stdout, stderr) =
+        login_with(&app, &["--switch-account"], |state| format!("{REDIRECT}?code={code}&state={state}"));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(OTHER_APP), "{stdout}");
+    assert_eq!(stored_accounts(&app).await, (Some(OTHER_APP.into()), Some(FAKE_ACCOUNT.into())));
+    assert_no_secrets(&app, &format!("{stdout}{stderr}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_that_names_no_keap_app_is_accepted_and_says_so() {
+    let app = spawn_app_with(Options { start_daemon: false, ..oauth(Duration::from_secs(3600)) }).await;
+    let mut grant = app.fake.issue_grant();
+    grant.scope = String::new();
+    let (ok, stdout, stderr) = import(&app, &grant, &[]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("names no Keap app"), "{stdout}");
+    assert_eq!(stored_accounts(&app).await.0.as_deref(), Some(FAKE_ACCOUNT), "keeps the known app");
+}
+
+/// Applies, in order, every migration in `sql/` that sorts before the one whose name ends in
+/// `suffix`, then runs `between`, then that migration.
+async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".sql") && n.as_bytes()[0].is_ascii_digit())
+        .collect();
+    files.sort();
+    let target = files.iter().position(|n| n.ends_with(suffix)).expect("the migration exists");
+    db.batch_execute("create schema keap_sync").await.unwrap();
+    for name in &files[..target] {
+        db.batch_execute(&std::fs::read_to_string(dir.join(name)).unwrap()).await.unwrap();
+    }
+    db.batch_execute(between).await.unwrap();
+    db.batch_execute(&std::fs::read_to_string(dir.join(&files[target])).unwrap()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_stored_before_the_upgrade_gets_its_account_from_its_scope() {
+    let conninfo = app::cluster().fresh_database("acct").await.unwrap();
+    let db = app::connect(&conninfo).await;
+    migrate_up_to(
+        &db,
+        "_grant_account.sql",
+        "insert into keap_sync.oauth_token (access_token, refresh_token, expires_at, scope)
+         values ('a', 'r', now(), 'full|ABC123.infusionsoft.com')",
+    )
+    .await;
+    let account: Option<String> =
+        db.query_one("select account from keap_sync.oauth_token", &[]).await.unwrap().get(0);
+    assert_eq!(account.as_deref(), Some("abc123.infusionsoft.com"));
+    // The same reading as `src/token.rs` (`account_from_scope`), case by case.
+    for (scope, want) in [
+        ("full|abc123.infusionsoft.com", Some("abc123.infusionsoft.com")),
+        (" full| Abc123.Infusionsoft.com ", Some("abc123.infusionsoft.com")),
+        ("|abc123.infusionsoft.com", Some("abc123.infusionsoft.com")),
+        ("full", None),
+        ("", None),
+        ("full|", None),
+        ("full|  ", None),
+        ("full|a|b", None),
+        ("full|abc 123", None),
+        ("full|abc123.infusionsoft.com openid", None),
+        ("full|...", None),
+        ("full|abc/../x", None),
+        ("full|äbc.infusionsoft.com", None),
+    ] {
+        let got: Option<String> =
+            db.query_one("select keap_sync.grant_account($1)", &[&scope]).await.unwrap().get(0);
+        assert_eq!(got.as_deref(), want, "scope {scope:?}");
+    }
 }

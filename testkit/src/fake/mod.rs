@@ -52,6 +52,9 @@ pub use wire::{Contact, ContactList, ContactWrite, DuplicateOption, EmailAddress
 
 /// The `scope` Keap returns with every grant: `full|<app>.infusionsoft.com` names the tenant.
 pub const FAKE_SCOPE: &str = "full|fake123.infusionsoft.com";
+/// The Keap app (account) of [`FAKE_SCOPE`]: grants are for it unless a test asks for another
+/// with [`FakeKeap::issue_grant_for`] or [`FakeKeap::issue_code_for`].
+pub const FAKE_ACCOUNT: &str = "fake123.infusionsoft.com";
 /// Largest request body read; anything bigger answers 413 instead of growing memory.
 const MAX_BODY: usize = 1 << 20;
 /// Field length limits of the v2 specs, which describe the same contact record (`docs/keap-api.md`).
@@ -306,6 +309,9 @@ struct State {
     /// Access token -> expiry (`None`: the lifetime overflowed `Instant`, i.e. never).
     access: HashMap<String, Option<Instant>>,
     refresh: HashMap<String, Refresh>,
+    /// Refresh token or authorization code -> the `scope` of the grant it leads to, when not
+    /// [`FAKE_SCOPE`]: a refresh answers for the same Keap app as the grant it continues.
+    scopes: HashMap<String, String>,
     /// Every access and refresh token ever minted, for leak checks.
     issued: Vec<String>,
     /// Authorization code -> (redirect_uri, used).
@@ -381,11 +387,26 @@ impl FakeKeap {
         self.state().mint()
     }
 
+    /// Mints a grant as [`FakeKeap::issue_grant`] does, but as if the user had signed in to the
+    /// Keap app `account` (e.g. `other456.infusionsoft.com`): its `scope`, and that of every
+    /// refresh of it, is `full|<account>`. The fake keeps one contact store for every app.
+    pub fn issue_grant_for(&self, account: &str) -> TokenGrant {
+        self.state().mint_for(&format!("full|{account}"))
+    }
+
     /// Mints a single-use authorization code bound to `redirect_uri` for the code grant.
     pub fn issue_code(&self, redirect_uri: &str) -> String {
         let code = random_token("fake-code-");
         let entry = (redirect_uri.to_owned(), false);
         self.state().codes.insert(code.clone(), entry);
+        code
+    }
+
+    /// Like [`FakeKeap::issue_code`], for a user who signs in to the Keap app `account`: the
+    /// grant the code is exchanged for names that app in its `scope`.
+    pub fn issue_code_for(&self, redirect_uri: &str, account: &str) -> String {
+        let code = self.issue_code(redirect_uri);
+        self.state().scopes.insert(code.clone(), format!("full|{account}"));
         code
     }
 
@@ -937,6 +958,10 @@ impl State {
     }
 
     fn mint(&mut self) -> TokenGrant {
+        self.mint_for(FAKE_SCOPE)
+    }
+
+    fn mint_for(&mut self, scope: &str) -> TokenGrant {
         let lifetime = self.opts.access_token_lifetime;
         let (access, refresh) = (random_token("fake-at-"), random_token("fake-rt-"));
         let expiry = Instant::now().checked_add(lifetime);
@@ -944,13 +969,16 @@ impl State {
         self.refresh.insert(refresh.clone(), Refresh::Live);
         self.issued.push(access.clone());
         self.issued.push(refresh.clone());
+        if scope != FAKE_SCOPE {
+            self.scopes.insert(refresh.clone(), scope.to_owned());
+        }
         TokenGrant {
             access_token: access,
             token_type: "bearer".into(),
             // At least a second, and small enough for any client's signed 64-bit integer.
             expires_in: lifetime.as_secs().clamp(1, i64::MAX.unsigned_abs()),
             refresh_token: refresh,
-            scope: FAKE_SCOPE.into(),
+            scope: scope.to_owned(),
         }
     }
 
@@ -994,7 +1022,8 @@ impl State {
                     _ => return oauth(400, "invalid_grant", "Invalid refresh token"),
                 }
                 self.refresh_count += 1;
-                self.token_reply()
+                let scope = self.scopes.get(rt).cloned();
+                self.token_reply(scope)
             }
             Some("authorization_code") => {
                 // The PHP SDK sends the client credentials in the body here; Basic works too.
@@ -1007,14 +1036,17 @@ impl State {
                     Some((uri, used)) if !*used && Some(uri.as_str()) == redirect => *used = true,
                     _ => return oauth(400, "invalid_grant", "Invalid authorization code"),
                 }
-                self.token_reply()
+                let scope = self.scopes.get(code).cloned();
+                self.token_reply(scope)
             }
             Some(_) => oauth(400, "unsupported_grant_type", "grant_type is not supported"),
         }
     }
 
-    fn token_reply(&mut self) -> Reply {
-        let body = serde_json::to_value(self.mint()).unwrap_or(Value::Null);
+    /// A new grant for `scope` (`None`: [`FAKE_SCOPE`]).
+    fn token_reply(&mut self, scope: Option<String>) -> Reply {
+        let grant = self.mint_for(scope.as_deref().unwrap_or(FAKE_SCOPE));
+        let body = serde_json::to_value(grant).unwrap_or(Value::Null);
         let no_store = vec![("cache-control".into(), "no-store".into())];
         json_reply(200, &body).with_headers(no_store)
     }
@@ -1610,6 +1642,36 @@ mod tests {
         assert_eq!(status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await, 200);
         let err = error(exchange("https://app.example/cb")).await;
         assert_eq!(err.error.as_deref(), Some("invalid_grant"));
+    }
+
+    #[tokio::test]
+    async fn a_grant_for_another_app_keeps_naming_it_through_refreshes_and_codes() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let other = "other456.infusionsoft.com";
+        let grant = k.fake.issue_grant_for(other);
+        assert_eq!(grant.scope, format!("full|{other}"));
+        let next: TokenGrant =
+            send(k.refresh(&grant.refresh_token, "fake-client-secret")).await.json().await.unwrap();
+        assert_eq!(next.scope, format!("full|{other}"), "a refresh answers for the same app");
+        let default: TokenGrant = send(k.refresh(&k.fake.issue_grant().refresh_token, "fake-client-secret"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(default.scope, FAKE_SCOPE);
+        assert_eq!(FAKE_SCOPE.split_once('|').map(|(_, a)| a), Some(FAKE_ACCOUNT));
+
+        let code = k.fake.issue_code_for("https://app.example/cb", other);
+        let form = [
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("client_id", "fake-client-id"),
+            ("client_secret", "fake-client-secret"),
+            ("redirect_uri", "https://app.example/cb"),
+        ];
+        let exchanged: TokenGrant =
+            send(k.http.post(k.fake.token_url()).form(&form)).await.json().await.unwrap();
+        assert_eq!(exchanged.scope, format!("full|{other}"));
     }
 
     #[tokio::test]
