@@ -13,7 +13,8 @@
 //!
 //! # Where concurrency lives
 //!
-//! Here and nowhere else. Every task the daemon starts is owned: the stop watcher, the metrics
+//! Here, and in the token source's refresh task (`token`, "Where concurrency lives"). Every task
+//! the daemon starts is owned: the stop watcher, the metrics
 //! listener and the backfill run in one [`TaskTracker`] that `run` waits for before it returns,
 //! and all of them end when one [`CancellationToken`] (the stop) is cancelled — by the shutdown
 //! future, or by a finished backfill under `exit_when_backfilled`. A token rather than a channel
@@ -209,6 +210,17 @@ impl Daemon {
         stop.cancel();
         tasks.close();
         tasks.wait().await;
+        // Deliveries are over, but a token refresh one of them started may still be on the wire:
+        // it commits the new pair before we return (ARCHITECTURE.md, invariant 16), or Keap may
+        // have spent the old refresh token for a pair nobody stored.
+        let limit = context.config.keap.request_timeout + context.config.keap.connect_timeout;
+        if !context.tokens.settle(limit).await {
+            tracing::warn!(
+                "a token refresh was still unfinished {} s after the stop; if Keap answered it, \
+                 the grant may need `keap-sync auth login`",
+                limit.as_secs()
+            );
+        }
         tracing::info!("keap-sync stopped");
         Ok(())
     }
