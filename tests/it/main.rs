@@ -11,5 +11,6 @@ mod cli;
 mod faults;
 mod ops;
 mod pg_restart;
+mod refusals;
 mod sync;
 mod tokens;
