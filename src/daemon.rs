@@ -684,7 +684,8 @@ impl Session<'_> {
         if self.tasks.len() >= self.ctx.config.delivery.concurrency {
             return Ok(wait);
         }
-        // Nothing due: look again after `wait` (a notification wakes the loop sooner).
+        // With nothing due, no probe starts: the loop looks again after `wait` (a notification
+        // wakes it sooner).
         let probe = self.claim_and_spawn(1).await?.first().copied();
         if let (Some(refusal), Some(id)) = (self.refusal.as_mut(), probe) {
             tracing::info!("Keap refused the credential; probing with one delivery");
