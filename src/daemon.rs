@@ -13,7 +13,8 @@
 //!
 //! # Where concurrency lives
 //!
-//! Here and nowhere else. Every task the daemon starts is owned: the stop watcher, the metrics
+//! Here, and in the token source's refresh task (`token`, "Where concurrency lives"). Every task
+//! the daemon starts is owned: the stop watcher, the metrics
 //! listener and the backfill run in one [`TaskTracker`] that `run` waits for before it returns,
 //! and all of them end when one [`CancellationToken`] (the stop) is cancelled — by the shutdown
 //! future, or by a finished backfill under `exit_when_backfilled`. A token rather than a channel
@@ -64,6 +65,15 @@ use crate::token::{TokenError, TokenPolicy, TokenSource};
 /// While paused for authorisation, how often the token store is checked (a NOTIFY from
 /// `auth import` wakes the loop sooner).
 const AUTH_RECHECK: Duration = Duration::from_secs(5);
+
+/// After Keap refuses a credential that should work (a 403, or a 401 even with a freshly
+/// refreshed token), deliveries pause this long before one probe delivery tries again...
+const REFUSED_FIRST_PROBE: Duration = Duration::from_secs(5);
+
+/// ...and twice as long after each refused probe, up to this. Constants, not settings: the
+/// cause is on Keap's side or needs a person, and at the cap a refusal costs one probe (two
+/// calls and a refresh at most) every 5 minutes, a few hundred calls a day.
+const REFUSED_MAX_PROBE: Duration = Duration::from_secs(300);
 
 /// How often an idle daemon checks whether its OAuth grant needs a refresh (near expiry, or
 /// a refresh token old enough that it could lapse).
@@ -209,6 +219,17 @@ impl Daemon {
         stop.cancel();
         tasks.close();
         tasks.wait().await;
+        // Deliveries are over, but a token refresh one of them started may still be on the wire:
+        // it commits the new pair before we return (ARCHITECTURE.md, invariant 16), or Keap may
+        // have spent the old refresh token for a pair nobody stored.
+        let limit = context.config.keap.request_timeout + context.config.keap.connect_timeout;
+        if !context.tokens.settle(limit).await {
+            tracing::warn!(
+                "a token refresh was still unfinished {} s after the stop; if Keap answered it, \
+                 the grant may need `keap-sync auth login`",
+                limit.as_secs()
+            );
+        }
         tracing::info!("keap-sync stopped");
         Ok(())
     }
@@ -327,6 +348,7 @@ impl Context {
             deliverer,
             tasks: JoinSet::new(),
             paused: None,
+            refusal: None,
             lost: None,
             token_checked: None,
             beat: None,
@@ -477,6 +499,21 @@ impl Context {
     }
 }
 
+/// Deliveries paused because Keap refuses a credential that should work (a 403, or a 401 even
+/// with a freshly refreshed token): a loop of calls (and refreshes) would only burn the day's
+/// quota, and parking would blame every change for the credential's fault. One probe delivery
+/// at a time tries again after [`REFUSED_FIRST_PROBE`], doubling to [`REFUSED_MAX_PROBE`];
+/// the pause ends when Keap accepts a probe's call.
+struct Refusal {
+    /// Keap's answer and what a person can do about it.
+    reason: String,
+    /// The wait before the next probe.
+    delay: Duration,
+    next_probe: Instant,
+    /// The probe delivery in flight, if any: only its outcome ends or extends the pause.
+    probe: Option<tokio::task::Id>,
+}
+
 /// The state of one connected, delivering stretch. Owned by the session's loop alone, so none
 /// of it needs a lock.
 struct Session<'a> {
@@ -489,8 +526,11 @@ struct Session<'a> {
     deliverer: Arc<Deliverer>,
     /// Deliveries (and the idle token check) in flight; at most `delivery.concurrency`.
     tasks: JoinSet<Outcome>,
-    /// Why deliveries are paused (authorisation needed), if they are.
+    /// Why deliveries are paused (authorisation needed, or Keap refusing the credential), if
+    /// they are: what the heartbeat reports to `status` and `/healthz`.
     paused: Option<String>,
+    /// While Keap refuses the credential: the probe schedule (`paused` says why).
+    refusal: Option<Refusal>,
     /// Set by a task that found the connection gone; ends the session at the next turn.
     lost: Option<DbError>,
     /// When the idle token check last ran. `None`: not yet in this session, so it runs at once.
@@ -527,6 +567,9 @@ impl Session<'_> {
             self.beat = Some(Instant::now());
             self.ctx.metrics.set_fatal(self.paused.clone());
             self.ctx.heartbeat(&self.db, InstanceRole::Active, self.paused.as_deref()).await?;
+        }
+        if self.refusal.is_some() {
+            return self.probe_when_due(wait).await;
         }
         if self.paused.is_some() {
             return self.check_pause().await;
@@ -590,7 +633,7 @@ impl Session<'_> {
         if free == 0 {
             return Ok(wait);
         }
-        let claimed = self.claim_and_spawn(free).await?;
+        let claimed = self.claim_and_spawn(free).await?.len();
         // The first drain has begun: migrations checked, LISTEN in place.
         self.ctx.mark_ready();
         if claimed < free {
@@ -601,32 +644,114 @@ impl Session<'_> {
         Ok(wait)
     }
 
-    /// Claims up to `free` changes and starts a delivery for each. Returns how many.
-    async fn claim_and_spawn(&mut self, free: usize) -> Result<usize, DbError> {
+    /// Claims up to `free` changes and starts a delivery for each. Returns their task ids.
+    async fn claim_and_spawn(&mut self, free: usize) -> Result<Vec<tokio::task::Id>, DbError> {
         let timing = self.ctx.claim_timing();
         let claimed_at = Instant::now();
         let claims = outbox::claim(&self.db, &self.ctx.instance, free as i64, timing).await?;
         // Our clock's view of the lease end, with a margin for clock steps and the result write.
         let deadline = claimed_at + timing.lease.mul_f64(0.9);
         if claims.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let keys: Vec<String> = claims.iter().map(|c| c.user_key.clone()).collect();
         let mut rows = outbox::read_users(&self.db, &self.ctx.table, &keys).await?;
-        let n = claims.len();
+        let mut ids = Vec::with_capacity(claims.len());
         for claim in claims {
             let row = rows.remove(&claim.user_key);
             let deliverer = Arc::clone(&self.deliverer);
-            self.tasks.spawn(async move { deliverer.deliver(claim, row, deadline).await });
+            ids.push(self.tasks.spawn(async move { deliverer.deliver(claim, row, deadline).await }).id());
         }
-        Ok(n)
+        Ok(ids)
+    }
+
+    /// While Keap refuses the credential: once the backoff has passed and no probe is in
+    /// flight, claims one change and delivers it as the probe; its outcome (in [`Self::handle`])
+    /// ends the pause or doubles the wait. Returns how long to wait.
+    async fn probe_when_due(&mut self, wait: Duration) -> Result<Duration, DbError> {
+        let Some(refusal) = &self.refusal else { return Ok(wait) };
+        let now = Instant::now();
+        if refusal.probe.is_some() {
+            // Its end wakes the loop.
+            return Ok(wait);
+        }
+        if refusal.next_probe > now {
+            return Ok(wait.min(refusal.next_probe - now));
+        }
+        if let Some(until) = self.ctx.limiter.paused_until() {
+            return Ok(wait.min(until.saturating_duration_since(now).max(Duration::from_millis(5))));
+        }
+        if self.tasks.len() >= self.ctx.config.delivery.concurrency {
+            return Ok(wait);
+        }
+        // With nothing due, no probe starts: the loop looks again after `wait` (a notification
+        // wakes it sooner).
+        let probe = self.claim_and_spawn(1).await?.first().copied();
+        if let (Some(refusal), Some(id)) = (self.refusal.as_mut(), probe) {
+            tracing::info!("Keap refused the credential; probing with one delivery");
+            refusal.probe = Some(id);
+        }
+        Ok(wait)
+    }
+
+    /// A delivery reported that Keap refuses the credential. Starts the pause, or after a
+    /// refused probe doubles the wait for the next one; a refusal from another delivery that
+    /// was in flight when the pause began changes only the reason shown.
+    fn refused(&mut self, reason: String, was_probe: bool) {
+        let now = Instant::now();
+        let delay = match &mut self.refusal {
+            None => {
+                tracing::error!(
+                    reason = %reason,
+                    next_probe_in_secs = REFUSED_FIRST_PROBE.as_secs(),
+                    "deliveries paused: Keap refuses the credential; every change stays queued, and one \
+                     probe delivery retries at growing intervals until Keap accepts it"
+                );
+                self.refusal = Some(Refusal {
+                    reason,
+                    delay: REFUSED_FIRST_PROBE,
+                    next_probe: now + REFUSED_FIRST_PROBE,
+                    probe: None,
+                });
+                REFUSED_FIRST_PROBE
+            }
+            Some(r) if was_probe => {
+                r.delay = (r.delay * 2).min(REFUSED_MAX_PROBE);
+                r.next_probe = now + r.delay;
+                tracing::warn!(reason = %reason, next_probe_in_secs = r.delay.as_secs(), "deliveries still paused: Keap refused the probe");
+                r.reason = reason;
+                r.delay
+            }
+            Some(r) => {
+                r.reason = reason;
+                r.delay
+            }
+        };
+        let reason = self.refusal.as_ref().map(|r| r.reason.as_str()).unwrap_or_default();
+        self.paused = Some(format!(
+            "{reason}; deliveries paused, every change stays queued; one probe delivery after {} s, \
+             doubling up to {} min, resumes them once Keap accepts it",
+            delay.as_secs(),
+            REFUSED_MAX_PROBE.as_secs() / 60
+        ));
+        // Report the pause now (status, /healthz), not at the next heartbeat.
+        self.beat = None;
+    }
+
+    /// A probe delivery got through: the refusal is over.
+    fn resume_after_refusal(&mut self) {
+        if self.refusal.take().is_some() {
+            tracing::info!("Keap accepted the probe delivery; resuming deliveries");
+            self.paused = None;
+            self.beat = None;
+        }
     }
 
     /// Waits for a notification, a finished task, `wait`, a lost LISTEN connection or a stop.
     async fn wait(&mut self, wait: Duration, stop: &CancellationToken) {
         tokio::select! {
             _ = self.wake.notified() => {}
-            Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => self.handle(joined),
+            Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.handle(joined),
             _ = tokio::time::sleep(wait) => {}
             reason = self.listener.lost.recv() => {
                 self.lost = Some(DbError::Connect {
@@ -638,13 +763,37 @@ impl Session<'_> {
         }
     }
 
-    fn handle(&mut self, joined: Result<Outcome, tokio::task::JoinError>) {
-        match joined {
-            Ok(Outcome::Handled) => {}
+    fn handle(&mut self, joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>) {
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        let was_probe = match self.refusal.as_mut() {
+            Some(r) if r.probe == Some(id) => {
+                r.probe = None;
+                true
+            }
+            _ => false,
+        };
+        match joined.map(|(_, outcome)| outcome) {
+            Ok(Outcome::Accepted) if was_probe => self.resume_after_refusal(),
+            Ok(Outcome::Handled) if was_probe => {
+                // Settled without Keap accepting a call (nothing to send, a 5xx, a failed
+                // refresh): no verdict on the credential. Probe again after the same wait, not
+                // at once: a probe that keeps failing that way must not become a busy loop.
+                if let Some(r) = self.refusal.as_mut() {
+                    r.next_probe = Instant::now() + r.delay;
+                }
+            }
+            Ok(Outcome::Handled | Outcome::Accepted) => {}
+            Ok(Outcome::Refused(reason)) => self.refused(reason, was_probe),
             Ok(Outcome::NeedsAuthorization(reason)) => {
-                if self.paused.is_none() {
+                if self.paused.is_none() || self.refusal.is_some() {
                     tracing::error!(reason = %reason, "deliveries paused: Keap authorisation needed; every change stays queued");
                 }
+                // A person must act; the authorisation pause (which watches the token store)
+                // takes over from probing.
+                self.refusal = None;
                 self.paused = Some(reason);
             }
             Ok(Outcome::DbLost(e)) => {

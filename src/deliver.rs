@@ -13,8 +13,10 @@
 //! A contact is linked (mapped) before anything is written to it, so two users never share one
 //! and a key that is gone is never mapped (`outbox::link`). Results: success completes the
 //! claim; a transient failure schedules a retry with exponential backoff and jitter; a rejection
-//! parks the change with Keap's message; a 401 refreshes the token and retries once. Nothing is
-//! ever dropped.
+//! parks the change with Keap's message; a 401 refreshes the token and retries once. A 403, or a
+//! 401 again with the fresh token, is the credential's fault, not the change's: the change is
+//! requeued and the daemon pauses deliveries and probes (`Outcome::Refused`). Nothing is ever
+//! dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +37,15 @@ use crate::token::{TokenError, TokenSource};
 /// What the delivery loop needs to know about one finished delivery.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// The claim was resolved (synced, skipped, retried later, or parked).
+    /// The claim was resolved (skipped, retried later, or parked) without Keap accepting a call.
     Handled,
+    /// Keap accepted the call with our credential and the claim is resolved (synced, or the
+    /// contact deleted): what ends a pause for a refused credential.
+    Accepted,
+    /// Keap refuses a credential that should work: a 403, or a 401 even with a freshly
+    /// refreshed token. The change was requeued; deliveries pause and probe with backoff.
+    /// Holds Keap's answer and what a person can do about it.
+    Refused(String),
     /// No credential can be had until a person acts; the claim was released.
     NeedsAuthorization(String),
     /// The database connection failed while recording; the lease will expire and the change
@@ -117,7 +126,7 @@ impl Deliverer {
                     tracing::debug!(user = %claim.user_key, "payload unchanged; no write");
                     self.metrics.delivery(DeliveryOutcome::Unchanged);
                 }
-                Ok(Outcome::Handled)
+                Ok(if called { Outcome::Accepted } else { Outcome::Handled })
             }
             End::Failed { failure, sent, settles_create } => {
                 self.failed(claim, failure, sent, settles_create).await
@@ -352,7 +361,7 @@ impl Deliverer {
                 tracing::info!(user = %claim.user_key, contact = id, "user deleted; deleted the Keap contact");
                 outbox::complete(&self.db, claim, &self.instance, &Done::Forgotten).await?;
                 self.metrics.delivery(DeliveryOutcome::Deleted);
-                Ok(Outcome::Handled)
+                Ok(Outcome::Accepted)
             }
             Err(failure) => self.failed(claim, failure, None, false).await,
         }
@@ -412,13 +421,13 @@ impl Deliverer {
             settles_create,
         };
         match e.kind {
-            ErrorKind::Unauthorized => {
-                // Still 401 right after a refresh: the grant or key is not accepted at all.
-                outbox::release(&self.db, claim, &self.instance).await?;
-                Ok(Outcome::NeedsAuthorization(format!(
-                    "{e} even with a fresh credential; {}",
-                    crate::token::REAUTHORIZE_HINT
-                )))
+            ErrorKind::Unauthorized | ErrorKind::Forbidden => {
+                // A 403, or still 401 right after a refresh: retrying this change soon, or
+                // parking it, would not help; the daemon pauses and probes instead.
+                tracing::warn!(user = %claim.user_key, error = %e, "Keap refused the credential; the change stays queued");
+                let record = FailureRecord { payload: None, ..record };
+                outbox::requeue_refused(&self.db, claim, &self.instance, &record).await?;
+                Ok(Outcome::Refused(refusal(&e, self.tokens.is_oauth())))
             }
             kind if kind.is_retryable() => {
                 // After a 429 the limiter has paused every sender; retry when it reopens.
@@ -472,6 +481,31 @@ fn email_of_create(body: &serde_json::Value) -> Option<String> {
     email1.get("email")?.as_str().map(str::to_owned)
 }
 
+/// Keap's refusal of a credential that should work, and what a person can do about it.
+fn refusal(e: &KeapError, oauth: bool) -> String {
+    let fix = match (e.kind, oauth) {
+        (ErrorKind::Unauthorized, true) => {
+            "the grant still refreshes but Keap refuses its fresh access token: check in Keap's \
+             developer portal that the app is active, then re-authorise with `keap-sync auth login`"
+        }
+        (ErrorKind::Unauthorized, false) => {
+            "Keap refuses the API key: check KEAP_API_KEY or the api key file (Settings > API in \
+             Keap) and restart keap-sync"
+        }
+        (_, true) => {
+            "the OAuth grant lacks the right to edit contacts: re-authorise with `keap-sync auth \
+             login` as a Keap user who may edit contacts, and check the app's access in Keap's \
+             developer portal"
+        }
+        (_, false) => {
+            "the API key lacks the right to edit contacts: give it that right, or use a Personal \
+             Access Token or Service Account Key that has it (Settings > API in Keap; a new key \
+             needs a restart of keap-sync)"
+        }
+    };
+    format!("{e} ({fix})")
+}
+
 /// Exponential backoff with jitter: base × 2^(attempt-1), capped, then a random point in its
 /// upper half so that many changes failing together do not retry together.
 pub(crate) fn backoff(d: &DeliveryConfig, attempt: i32) -> Duration {
@@ -496,6 +530,25 @@ mod tests {
             on_delete: OnDelete::Keep,
             shutdown_grace: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn a_refusal_says_what_to_fix_for_each_credential() {
+        let e = |status: u16| KeapError {
+            kind: if status == 401 { ErrorKind::Unauthorized } else { ErrorKind::Forbidden },
+            status: Some(status),
+            request: "PUT /v1/contacts".into(),
+            message: "Forbidden".into(),
+            body: None,
+            retry_after: None,
+        };
+        let oauth_401 = refusal(&e(401), true);
+        assert!(oauth_401.starts_with("Keap answered 401 to PUT /v1/contacts"), "{oauth_401}");
+        assert!(oauth_401.contains("keap-sync auth login"), "{oauth_401}");
+        assert!(refusal(&e(403), true).contains("keap-sync auth login"));
+        let key_403 = refusal(&e(403), false);
+        assert!(key_403.contains("403") && key_403.contains("API key") && key_403.contains("Settings > API"));
+        assert!(refusal(&e(401), false).contains("KEAP_API_KEY"));
     }
 
     #[test]

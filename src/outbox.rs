@@ -451,6 +451,30 @@ pub(crate) async fn release(client: &Client, claim: &Claim, instance: &str) -> R
     Ok(())
 }
 
+/// Gives back a claim Keap refused for a reason that is not the change's own (a 403, or a 401
+/// with a fresh token: the credential lacks the right). Not counted as an attempt and never
+/// parked; it goes behind the other due changes of its priority, so the daemon's next probe
+/// tries another user (a refusal that is really about this one user cannot hold up the rest),
+/// and Keap's answer is kept in the row. The payload is not stored: nothing was applied.
+pub(crate) async fn requeue_refused(
+    client: &Client,
+    claim: &Claim,
+    instance: &str,
+    failure: &FailureRecord,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "update keap_sync.outbox
+                set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0),
+                    next_attempt_at = greatest(next_attempt_at, now()),
+                    last_error = $4, last_status = $5, last_body = $6, last_failed_at = now()
+              where user_key = $1 and leased_by = $2 and attempts = $3",
+            &[&claim.user_key, &instance, &claim.attempts, &failure.message, &failure.status, &failure.body],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Gives back every claim `instance` still holds (stop, or a new session after a lost
 /// connection): claimable again after `after` (zero: at once), which covers a call that may
 /// still be in flight at Keap for an aborted delivery.

@@ -11,12 +11,31 @@
 //! A refresh that Keap rejects for good (`invalid_grant`, bad client credentials) marks the
 //! row `reauthorization_needed`; callers pause and poll the row until `keap-sync auth import`
 //! or `auth login` stores a new grant.
+//!
+//! # Where concurrency lives
+//!
+//! - **The token row's lock** (`select … for update`, on a connection of the refresh's own)
+//!   serialises refreshes across processes: the second one finds the new pair and spends nothing.
+//! - **An async `Mutex` in-process** (`OAuth::refreshing`) queues this process's callers before
+//!   they open a connection, so N deliveries that find the token stale make one refresh, not N
+//!   waiters on the row lock. Async because its guard is held across the token request.
+//! - **A [`TaskTracker`] owned by the token source** (`OAuth::tasks`) runs the refresh itself.
+//!   Once a caller holds the mutex, the guard moves into a task of that tracker, and the caller
+//!   only awaits the task's result: dropping or aborting the caller (a delivery ended by
+//!   shutdown or by a lost database session) detaches from the task instead of cancelling it, so
+//!   a refresh that may already have spent the single-use refresh token always stores the pair
+//!   Keap answered with (ARCHITECTURE.md, invariant 16). A caller dropped while still queued on
+//!   the mutex has sent nothing. The daemon waits for the tracker ([`TokenSource::settle`],
+//!   bounded by the token request timeout) before it returns, so a stop never cuts a refresh
+//!   between Keap's answer and the commit. A tracker rather than a bare `tokio::spawn`
+//!   because the task must be owned: someone waits for it before the process exits.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, Config as PgConfig};
+use tokio_util::task::TaskTracker;
 
 use crate::config::Credential;
 use crate::db::{self, DbError};
@@ -168,7 +187,8 @@ enum Inner {
     /// `Mutex`: set by the delivery that got the 401, read by the loop's pause check, each in a
     /// few instructions and never across an await.
     ApiKey(Secret, std::sync::Mutex<Option<tokio::time::Instant>>),
-    OAuth(Box<OAuth>),
+    /// In an `Arc` so a refresh task can own it (see "Where concurrency lives" above).
+    OAuth(Arc<OAuth>),
 }
 
 /// After Keap refuses an API key, deliveries pause this long before one more try: nothing
@@ -185,8 +205,12 @@ struct OAuth {
     /// Serialises refreshes inside this process, so concurrent deliveries that all find the
     /// token stale queue here and then find the fresh pair, instead of each opening a
     /// connection to wait on the row lock (which serialises across processes). An async
-    /// `Mutex` because it is held across the token request.
-    refreshing: Mutex<()>,
+    /// `Mutex` because it is held across the token request; in an `Arc` so its guard can move
+    /// into the refresh task.
+    refreshing: Arc<Mutex<()>>,
+    /// The refresh in flight (at most one: it holds `refreshing`), owned here so it outlives
+    /// the caller that started it and [`TokenSource::settle`] can wait for it.
+    tasks: TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -202,14 +226,15 @@ impl TokenSource {
     ) -> Result<TokenSource, String> {
         let inner = match credential {
             Credential::ApiKey(key) => Inner::ApiKey(key.clone(), std::sync::Mutex::new(None)),
-            Credential::OAuth { client_id, client_secret } => Inner::OAuth(Box::new(OAuth {
+            Credential::OAuth { client_id, client_secret } => Inner::OAuth(Arc::new(OAuth {
                 client_id: client_id.clone(),
                 client_secret: client_secret.clone(),
                 token_url: token_url.to_owned(),
                 http: crate::keap::http_client(request_timeout, connect_timeout)?,
                 pg,
                 policy,
-                refreshing: Mutex::new(()),
+                refreshing: Arc::new(Mutex::new(())),
+                tasks: TaskTracker::new(),
                 metrics,
             })),
         };
@@ -265,6 +290,22 @@ impl TokenSource {
         }
     }
 
+    /// Waits, at most `limit`, for a refresh in flight to store its pair; true if none is left.
+    /// The daemon calls this last, after its deliveries ended: a refresh whose caller was
+    /// aborted still runs, and the process must not exit before it commits (ARCHITECTURE.md,
+    /// invariant 16).
+    pub(crate) async fn settle(&self, limit: Duration) -> bool {
+        let Inner::OAuth(o) = &self.inner else { return true };
+        if o.tasks.is_empty() {
+            return true;
+        }
+        tracing::info!("waiting for the token refresh in flight to store the new pair");
+        o.tasks.close();
+        let settled = tokio::time::timeout(limit, o.tasks.wait()).await.is_ok();
+        o.tasks.reopen();
+        settled
+    }
+
     /// While paused for authorisation: true once a usable grant is stored again.
     pub(crate) async fn usable_again(&self, db: &Client) -> Result<bool, TokenError> {
         match &self.inner {
@@ -287,11 +328,27 @@ impl OAuth {
             || s.refresh_age >= self.policy.max_refresh_token_age.as_secs_f64()
     }
 
-    /// Refreshes under the row lock. `stale` is the access token the caller found wanting; if
-    /// the row already holds a different, unexpired one, another process refreshed first and
-    /// that one is returned without spending the refresh token again.
-    async fn refresh(&self, stale: Option<&Secret>) -> Result<Secret, TokenError> {
-        let _local = self.refreshing.lock().await;
+    /// Refreshes under the row lock, in a task of `self.tasks` that runs to its end even if
+    /// the caller is dropped (see "Where concurrency lives" above). `stale` is the access token
+    /// the caller found wanting; if the row already holds a different, unexpired one, another
+    /// process or task refreshed first and that one is returned without spending the refresh
+    /// token again.
+    async fn refresh(self: &Arc<Self>, stale: Option<&Secret>) -> Result<Secret, TokenError> {
+        // Queue in the caller: one dropped while waiting here has sent nothing. From the moment
+        // the guard is ours there is no await until it belongs to the task.
+        let turn = Arc::clone(&self.refreshing).lock_owned().await;
+        let (this, stale) = (Arc::clone(self), stale.cloned());
+        let task = self.tasks.spawn(async move {
+            let result = this.refresh_locked(stale.as_ref()).await;
+            drop(turn);
+            result
+        });
+        task.await
+            .unwrap_or_else(|e| Err(TokenError::Transient(format!("the token refresh task failed: {e}"))))
+    }
+
+    /// The refresh itself; the caller holds `refreshing`.
+    async fn refresh_locked(&self, stale: Option<&Secret>) -> Result<Secret, TokenError> {
         let mut conn = db::connect(&self.pg).await?;
         let tx = conn.transaction().await?;
         let row = tx.query_opt(&format!("{SELECT_STORED} for update"), &[]).await?;

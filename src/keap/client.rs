@@ -41,6 +41,9 @@ pub(crate) enum ErrorKind {
     Throttled,
     /// 401: the credential was refused; refresh it (OAuth) or fix it (API key).
     Unauthorized,
+    /// 403: the credential is known but lacks the right (a key or app without access to
+    /// contacts). Not the change's fault, so it is never parked: deliveries pause and probe.
+    Forbidden,
     /// 404 on a contact id: the contact is gone in Keap; re-link by email.
     NotFound,
     /// Any other 4xx: this payload will never be accepted as it is.
@@ -376,6 +379,7 @@ fn classify(status: StatusCode, request: String, text: &str) -> KeapError {
         });
     let kind = match status.as_u16() {
         401 => ErrorKind::Unauthorized,
+        403 => ErrorKind::Forbidden,
         404 => ErrorKind::NotFound,
         408 | 425 => ErrorKind::Transient,
         429 => ErrorKind::Throttled,
@@ -439,6 +443,9 @@ mod tests {
         assert_eq!(k(400, r#"{"message":"Email address is invalid"}"#).kind, ErrorKind::Rejected);
         assert_eq!(k(400, r#"{"message":"Email address is invalid"}"#).message, "Email address is invalid");
         assert_eq!(k(401, "").kind, ErrorKind::Unauthorized);
+        let forbidden = k(403, r#"{"code":403,"message":"Forbidden","status":"Forbidden"}"#);
+        assert_eq!((forbidden.kind, forbidden.message.as_str()), (ErrorKind::Forbidden, "Forbidden"));
+        assert!(!forbidden.kind.is_retryable());
         assert_eq!(k(404, r#"{"code":404,"message":"Record not found"}"#).kind, ErrorKind::NotFound);
         let throttled = k(
             429,

@@ -12,6 +12,7 @@ mod contacts;
 mod faults;
 mod ops;
 mod pg_restart;
+mod refusals;
 mod sync;
 mod tokens;
 mod transport;

@@ -571,3 +571,62 @@ async fn a_grant_stored_before_the_upgrade_gets_its_account_from_its_scope() {
         assert_eq!(got.as_deref(), want, "scope {scope:?}");
     }
 }
+
+/// The pair in `keap_sync.oauth_token`, as (access token, refresh token).
+async fn stored_pair(app: &TestApp) -> (String, String) {
+    let row = app
+        .db
+        .query_one("select access_token, refresh_token from keap_sync.oauth_token where id = 1", &[])
+        .await
+        .expect("stored grant");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_in_flight_at_shutdown_still_stores_the_new_pair() {
+    let mut app = spawn_app_with(Options {
+        // Deliveries get no grace at all: the one waiting on the refresh is aborted at once.
+        tweak: |c| c.delivery.shutdown_grace = Duration::ZERO,
+        ..oauth(Duration::from_secs(3600))
+    })
+    .await;
+    app.exec("insert into users (email, first_name) values ('cut@example.com', 'A')").await;
+    app.wait_idle().await;
+
+    // The next call gets a 401 and refreshes; Keap takes 2 s to answer the refresh (within the
+    // 3 s request timeout), and the daemon is stopped while it waits.
+    app.fake.inject(FaultRule::new(Route::Token, FaultAction::Delay(Duration::from_secs(2))));
+    app.fake.expire_access_tokens();
+    app.exec("update users set first_name = 'B'").await;
+    app::eventually(Duration::from_secs(10), "the refresh sent to Keap", || async {
+        app.fake.count(|r| r.path == "/token") == 1
+    })
+    .await;
+    app.stop_daemon().await;
+
+    // Keap rotated the pair (the fake finishes a token request the client gave up on): the
+    // new pair must be the one stored, and its refresh token unspent.
+    app::eventually(Duration::from_secs(5), "Keap rotated the pair", || async {
+        app.fake.refresh_count() == 1
+    })
+    .await;
+    let (access, refresh) = stored_pair(&app).await;
+    let (last_access, last_refresh) = app.fake.last_issued_pair().expect("pairs issued");
+    assert!(
+        access == last_access && refresh == last_refresh,
+        "the stored pair is not the one Keap issued last: the rotated pair was lost at shutdown"
+    );
+    assert!(app.fake.refresh_token_is_live(&refresh), "the stored refresh token is still usable");
+
+    // A daemon started afterwards delivers with it, without re-authorisation.
+    app.fake.clear_faults();
+    app.start_daemon().await;
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts()[0].given_name.as_deref(), Some("B"));
+    assert_eq!(
+        app.count("select count(*) from keap_sync.oauth_token where state = 'reauthorization_needed'").await,
+        0
+    );
+    assert_eq!(app.fake.spent_refresh_reuse_count(), 0, "a spent refresh token was sent");
+    assert_no_secrets(&app, "");
+}

@@ -12,6 +12,8 @@
 //! - refresh tokens are single use with no grace period (a reused one answers 400
 //!   `invalid_grant`); the access token issued with a spent refresh token stays valid until its
 //!   own expiry; the refresh grant accepts client credentials only as HTTP Basic;
+//! - a token request, once read, is carried out even if the client hangs up before the answer
+//!   (its refresh token is spent and the new pair is never seen by the client);
 //! - `PUT /v1/contacts` answers 200 for both create and update (the only declared status) and
 //!   needs `duplicate_option`; when several contacts share the email the lowest id wins;
 //! - 429s carry no `Retry-After`; requests refused with 429 do not use up quota;
@@ -548,6 +550,21 @@ impl FakeKeap {
         self.state().refresh_count
     }
 
+    /// The access and refresh token of the pair minted last (by `issue_grant`, a code exchange
+    /// or a refresh), so a test can check that the client stored the newest pair.
+    pub fn last_issued_pair(&self) -> Option<(String, String)> {
+        let st = self.state();
+        match st.issued.as_slice() {
+            [.., access, refresh] => Some((access.clone(), refresh.clone())),
+            _ => None,
+        }
+    }
+
+    /// Whether `refresh_token` can still be spent (issued, not yet used, not revoked).
+    pub fn refresh_token_is_live(&self, refresh_token: &str) -> bool {
+        self.state().refresh.get(refresh_token) == Some(&Refresh::Live)
+    }
+
     /// Times an already used refresh token was presented (the rotation bug this fake catches).
     pub fn spent_refresh_reuse_count(&self) -> usize {
         self.state().spent_reuse
@@ -840,8 +857,17 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> HttpResult 
         headers: parts.headers,
         body,
     };
-    let result =
-        if too_large { Ok(msg(413, "Request body too large")) } else { serve(&state, &req, kind).await };
+    let result = if too_large {
+        Ok(msg(413, "Request body too large"))
+    } else if kind == Kind::Token {
+        // Strict: the token endpoint finishes what it read even if the client hangs up
+        // meanwhile (a dropped connection drops this future, not the spawned one), so a
+        // client that gives up on a refresh has still spent its refresh token.
+        let state = Arc::clone(&state);
+        tokio::spawn(async move { serve(&state, &req, kind).await }).await.unwrap_or(Err(DropConnection))
+    } else {
+        serve(&state, &req, kind).await
+    };
     let result = result.map(Reply::into_response);
     if let (Ok(resp), Some(r)) = (&result, lock(&state).requests.get_mut(idx)) {
         r.status = resp.status().as_u16();
@@ -1566,6 +1592,27 @@ mod tests {
         assert_eq!(status(patch(&["given_name,family_name"])).await, 400);
         let missing = k.http.patch(k.url("/999999")).bearer_auth(&k.token).json(&json!({}));
         assert_eq!(status(missing).await, 404);
+    }
+
+    #[tokio::test]
+    async fn a_refresh_the_client_gave_up_on_still_rotates_the_pair() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let grant = k.fake.issue_grant();
+        k.fake.inject(FaultRule::new(Route::Token, FaultAction::Delay(Duration::from_millis(300))));
+        let gave_up =
+            k.refresh(&grant.refresh_token, "fake-client-secret").timeout(Duration::from_millis(50));
+        assert!(gave_up.send().await.is_err(), "the client hung up before the answer");
+        // Strict: the token endpoint finishes the request anyway (looked at every 20 ms, 5 s at most).
+        for _ in 0..250 {
+            if k.fake.refresh_count() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(k.fake.refresh_count(), 1, "the refresh token was spent");
+        assert!(!k.fake.refresh_token_is_live(&grant.refresh_token));
+        let (_, newest) = k.fake.last_issued_pair().expect("a pair");
+        assert!(newest != grant.refresh_token && k.fake.refresh_token_is_live(&newest));
     }
 
     #[tokio::test]
