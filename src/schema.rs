@@ -41,6 +41,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0004_key_change_keeps_contact.sql",
         sql: include_str!("../sql/0004_key_change_keeps_contact.sql"),
     },
+    Migration { version: 5, name: "0005_quota_usage.sql", sql: include_str!("../sql/0005_quota_usage.sql") },
 ];
 
 /// Name of the row trigger installed on the users table.

@@ -9,6 +9,7 @@
 mod architecture;
 mod cli;
 mod faults;
+mod limits;
 mod ops;
 mod pg_restart;
 mod sync;
