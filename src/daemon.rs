@@ -19,7 +19,9 @@
 //! and all of them end when one [`CancellationToken`] (the stop) is cancelled — by the shutdown
 //! future, or by a finished backfill under `exit_when_backfilled`. A token rather than a channel
 //! because it is cheap to clone into every task, can be awaited by any number of them, and stays
-//! cancelled (a late subscriber cannot miss it).
+//! cancelled (a late subscriber cannot miss it). The reserver of the day's Keap calls
+//! (`ratelimit::reserve_until_stopped`) runs in the tracker too, on a token of its own that is
+//! cancelled once the deliveries have ended, so none of them waits for a reservation in vain.
 //!
 //! Deliveries run in a [`JoinSet`] owned by the session, at most `delivery.concurrency` at a
 //! time; one dispatcher loop owns the claiming, so no lock guards the claim path. Never two calls
@@ -56,7 +58,7 @@ use crate::deliver::{Deliverer, Outcome};
 use crate::keap::KeapClient;
 use crate::metrics::Metrics;
 use crate::outbox::{self, ClaimTiming};
-use crate::ratelimit::Limiter;
+use crate::ratelimit::{self, Limiter};
 use crate::schema::{self, SchemaError, UserTable};
 use crate::status::InstanceRole;
 use crate::systemd::Notifier;
@@ -148,7 +150,7 @@ impl Daemon {
             })?),
             None => None,
         };
-        let limiter = Arc::new(Limiter::new(&config.limits));
+        let limiter = Arc::new(Limiter::new(&config.limits, &credential));
         let metrics = Arc::new(Metrics::new());
         let keap = KeapClient::new(
             &config.keap.api_url,
@@ -215,7 +217,16 @@ impl Daemon {
                 stop.clone(),
             ));
         }
+        // The day's call reservations (ARCHITECTURE.md, invariant 15) are topped up until every
+        // delivery has ended, so none waits for a reservation that would never come.
+        let deliveries_ended = CancellationToken::new();
+        tasks.spawn(ratelimit::reserve_until_stopped(
+            Arc::clone(&context.limiter),
+            context.pg.clone(),
+            deliveries_ended.clone(),
+        ));
         context.deliver_until_stopped(first, &stop).await;
+        deliveries_ended.cancel();
         stop.cancel();
         tasks.close();
         tasks.wait().await;
@@ -357,6 +368,8 @@ impl Context {
         self.metrics.set_db_connected(false);
         self.finish(&session.db, &mut session.tasks, result.is_ok()).await;
         if result.is_ok() {
+            // Stopping, and no delivery is left: today's unused call reservations go back.
+            self.limiter.give_back(&session.db).await;
             self.leave(&session.db).await;
         }
         result

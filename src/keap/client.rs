@@ -222,11 +222,11 @@ impl KeapClient {
         // call could still finish in time (a quota pause can last hours); otherwise give the
         // claim back rather than risk a second delivery of the same user.
         let latest_start = req.deadline.checked_sub(self.request_timeout + self.connect_timeout);
-        let admitted = match latest_start {
-            Some(t) => tokio::time::timeout_at(t, self.limiter.until_ready()).await.is_ok(),
-            None => false,
+        let permit = match latest_start {
+            Some(t) => tokio::time::timeout_at(t, self.limiter.until_ready()).await.ok(),
+            None => None,
         };
-        if !admitted || Instant::now() + self.request_timeout + self.connect_timeout > req.deadline {
+        if permit.is_none() || Instant::now() + self.request_timeout + self.connect_timeout > req.deadline {
             return Err(KeapError {
                 kind: ErrorKind::Transient,
                 status: None,
@@ -260,7 +260,11 @@ impl KeapClient {
         }
         let method = method_name(&req.method);
         let started = std::time::Instant::now();
-        let response = match builder.send().await {
+        let sent = builder.send().await;
+        // The call has reached Keap, or never will: its per-minute slot ages from now
+        // (ARCHITECTURE.md, invariant 15).
+        drop(permit);
+        let response = match sent {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.keap_call(method, 0, started.elapsed().as_secs_f64());

@@ -10,6 +10,7 @@ mod architecture;
 mod cli;
 mod contacts;
 mod faults;
+mod limits;
 mod ops;
 mod pg_restart;
 mod refusals;

@@ -1,0 +1,157 @@
+//! Keap's limits as rolling windows, shared and durable (ARCHITECTURE.md, invariant 15): no
+//! rolling 60 s window holds more calls than the per-minute limit, and the day's count lives in
+//! Postgres, so a restart does not refill it.
+//!
+//! The test kit's fake reports a per-minute limit far above anything a test sends
+//! (`app::fake_options()`), and the daemon adopts only *lower* reported limits, so the limits
+//! exercised here are the configured ones.
+
+use std::time::{Duration, Instant};
+
+use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
+
+fn stopped() -> Options {
+    Options { start_daemon: false, ..Options::default() }
+}
+
+async fn insert_users(app: &TestApp, n: usize) {
+    app.exec(&format!(
+        "insert into users (email, first_name, last_name)
+         select 'u' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g"
+    ))
+    .await;
+}
+
+/// Arrival times (as the fake recorded them) of every contact call, 429s included: Keap's
+/// window counts what arrives.
+fn contact_times(app: &TestApp) -> Vec<Instant> {
+    let mut at: Vec<Instant> = app
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/crm/rest/v1/contacts"))
+        .map(|r| r.at)
+        .collect();
+    at.sort();
+    at
+}
+
+/// The most calls in any half-open window `[t, t + span)`, and how far after the first call
+/// that window starts.
+fn most_in_any_window(at: &[Instant], span: Duration) -> (usize, Duration) {
+    let (mut most, mut start, mut lo) = (0, Duration::ZERO, 0);
+    for hi in 0..at.len() {
+        while at[hi].duration_since(at[lo]) >= span {
+            lo += 1;
+        }
+        if hi - lo + 1 > most {
+            most = hi - lo + 1;
+            start = at[lo].duration_since(at[0]);
+        }
+    }
+    (most, start)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_rolling_minute_holds_more_calls_than_the_per_minute_limit() {
+    // Small, so the backlog outlasts one window in about a minute of wall time. A first sync is
+    // two calls (a lookup by email, then the create), so 20 users make 40 calls.
+    const PER_MINUTE: usize = 30;
+    const USERS: usize = PER_MINUTE / 2 + 5;
+    let mut app =
+        spawn_app_with(Options { tweak: |c| c.limits.per_minute = PER_MINUTE as u32, ..stopped() }).await;
+    insert_users(&app, USERS).await;
+    app.start_daemon().await;
+    app.wait_idle_for(Duration::from_secs(150)).await;
+
+    let at = contact_times(&app);
+    let (most, from) = most_in_any_window(&at, Duration::from_secs(60));
+    eprintln!(
+        "{} calls; at most {most} in a rolling 60 s (window starting {from:?} after the first)",
+        at.len()
+    );
+    assert_eq!(at.len(), 2 * USERS, "a lookup and a create per user");
+    assert!(
+        most <= PER_MINUTE,
+        "{most} calls in one rolling 60 s window (starting {from:?} after the first call); per_minute = {PER_MINUTE}"
+    );
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_days_count_survives_a_restart() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| {
+            c.limits.per_day = 20;
+            // Slow enough that the first daemon can be stopped part-way through the day's 20.
+            c.limits.per_second = 4;
+        },
+        ..stopped()
+    })
+    .await;
+    insert_users(&app, 30).await;
+    app.start_daemon().await;
+    app::eventually(Duration::from_secs(30), "the first daemon's first calls", || async {
+        app.fake.contacts().len() >= 5
+    })
+    .await;
+    app.stop_daemon().await;
+    let first = contact_times(&app).len();
+    assert!(first < 20, "the first daemon was meant to stop part-way, but made {first} calls");
+
+    app.start_daemon().await;
+    app::eventually(Duration::from_secs(60), "the daily pause, or more than 20 calls", || async {
+        contact_times(&app).len() > 20
+            || app
+                .count("select count(*) from keap_sync.instances where paused_reason like '%daily quota%'")
+                .await
+                == 1
+    })
+    .await;
+    let total = contact_times(&app).len();
+    eprintln!("first daemon: {first} calls; both: {total}");
+    assert_eq!(total, 20, "calls in one day with per_day = 20 across a restart ({first} before it)");
+    assert_eq!(app.fake.contacts().len(), 10, "a lookup and a create per user");
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 20, "the rest stays queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_never_lets_the_day_exceed_its_count() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| {
+            c.limits.per_day = 20;
+            c.limits.per_second = 4;
+        },
+        ..stopped()
+    })
+    .await;
+    insert_users(&app, 30).await;
+    let config = app.write_config_file("", "");
+    let toml = std::fs::read_to_string(&config).expect("config file");
+    let toml =
+        toml.replace("per_second = 5000", "per_second = 4").replace("per_day = 10000000", "per_day = 20");
+    std::fs::write(&config, toml).expect("config file");
+    let mut daemon = app.spawn_process(&config);
+    app::eventually(Duration::from_secs(30), "the killed daemon's first calls", || async {
+        app.fake.contacts().len() >= 5
+    })
+    .await;
+    daemon.kill();
+    let first = contact_times(&app).len();
+
+    // The killed daemon's unused reservations are lost with it: the day only ends sooner.
+    app.start_daemon().await;
+    app::eventually(Duration::from_secs(60), "the daily pause, or more than 20 calls", || async {
+        contact_times(&app).len() > 20
+            || app
+                .count("select count(*) from keap_sync.instances where paused_reason like '%daily quota%'")
+                .await
+                == 1
+    })
+    .await;
+    let total = contact_times(&app).len();
+    eprintln!("killed daemon: {first} calls; both: {total}");
+    assert!(total <= 20, "{total} calls in one day with per_day = 20 across a crash ({first} before it)");
+    assert_eq!(app.count("select calls from keap_sync.quota_usage").await, 20, "the day's count is spent");
+    drop(daemon);
+}
