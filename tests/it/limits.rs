@@ -111,8 +111,15 @@ async fn the_days_count_survives_a_restart() {
     let total = contact_times(&app).len();
     eprintln!("first daemon: {first} calls; both: {total}");
     assert_eq!(total, 20, "calls in one day with per_day = 20 across a restart ({first} before it)");
-    assert_eq!(app.fake.contacts().len(), 10, "a lookup and a create per user");
-    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 20, "the rest stays queued");
+    // A first sync is a lookup and a create; the stop may fall between the two, and that user
+    // looks up again after the restart.
+    let contacts = app.fake.contacts().len();
+    assert!((9..=10).contains(&contacts), "{contacts} contacts for 20 calls");
+    assert_eq!(
+        app.count("select count(*) from keap_sync.outbox").await,
+        30 - contacts as i64,
+        "the rest stays queued"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
