@@ -138,3 +138,27 @@ async fn a_completion_that_times_out_is_retried_for_that_delivery_alone() {
     assert_eq!(app.fake.contact(first).expect("contact").given_name.as_deref(), Some("Waited"));
     app.assert_keap_matches_users().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_killed_mid_call_loses_and_duplicates_nothing() {
+    let app = spawn_app_with(Options::default()).await;
+    // Keap answers slowly, so calls are in flight when the session is killed.
+    app.fake.set_latency(Duration::from_millis(700));
+    insert_users(&app, 6).await;
+    eventually(Duration::from_secs(5), "calls in flight", || async { app.contact_calls("GET") >= 2 }).await;
+    let killed = app
+        .count(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+              where application_name = 'keap-sync' and pid <> pg_backend_pid()",
+        )
+        .await;
+    assert!(killed >= 2, "the daemon's connections were killed ({killed})");
+    app.exec("update users set last_name = 'After' where id = 1").await;
+
+    app.wait_idle_for(Duration::from_secs(25)).await;
+    assert_eq!(app.fake.contacts().len(), 6, "one contact per user, none lost or doubled");
+    app.assert_keap_matches_users().await;
+    let reconnected =
+        app.count("select count(*) from pg_stat_activity where application_name = 'keap-sync'").await;
+    assert!(reconnected >= 2, "the daemon reconnected ({reconnected} connections)");
+}
