@@ -65,6 +65,18 @@ pub struct DatabaseConfig {
     pub url: Secret,
     /// How long a connection attempt may take.
     pub connect_timeout: Duration,
+    /// Server-side limit on any one statement (`statement_timeout`): a stuck statement costs
+    /// that statement, not the session.
+    pub statement_timeout: Duration,
+    /// Server-side limit on waiting for a row or table lock (`lock_timeout`): an app
+    /// transaction holding a user's row holds up that user's delivery, not everyone's.
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout`: a transaction of ours left open (a bug, a stalled
+    /// task) never holds its locks for longer.
+    pub idle_in_transaction_timeout: Duration,
+    /// TCP keepalive idle time: a connection silently cut by a firewall or failover is noticed
+    /// within about this plus a few probes, instead of the kernel's two hours.
+    pub keepalive_idle: Duration,
 }
 
 /// The application's table and the columns that are synced.
@@ -293,11 +305,22 @@ struct FileDatabase {
     /// Or `DATABASE_URL`; commands that need the database refuse to start without one.
     url: Option<String>,
     connect_timeout_secs: u64,
+    statement_timeout_secs: u64,
+    lock_timeout_secs: u64,
+    idle_in_transaction_timeout_secs: u64,
+    keepalive_idle_secs: u64,
 }
 
 impl Default for FileDatabase {
     fn default() -> Self {
-        FileDatabase { url: None, connect_timeout_secs: 10 }
+        FileDatabase {
+            url: None,
+            connect_timeout_secs: 10,
+            statement_timeout_secs: 30,
+            lock_timeout_secs: 5,
+            idle_in_transaction_timeout_secs: 60,
+            keepalive_idle_secs: 30,
+        }
     }
 }
 
@@ -532,9 +555,26 @@ impl FileConfig {
 impl FileDatabase {
     fn validate(self) -> Result<Option<DatabaseConfig>, ConfigError> {
         let Some(url) = self.url else { return Ok(None) };
+        let statement_timeout = secs("database.statement_timeout_secs", self.statement_timeout_secs)?;
+        let lock_timeout = secs("database.lock_timeout_secs", self.lock_timeout_secs)?;
+        if lock_timeout >= statement_timeout {
+            // Otherwise a lock wait always ends as a statement timeout, and the retry cannot
+            // tell a locked row from a slow statement.
+            return Err(ConfigError::Invalid(format!(
+                "database.lock_timeout_secs ({}) must be less than database.statement_timeout_secs ({})",
+                self.lock_timeout_secs, self.statement_timeout_secs
+            )));
+        }
         Ok(Some(DatabaseConfig {
             url: Secret::new(url),
             connect_timeout: secs("database.connect_timeout_secs", self.connect_timeout_secs)?,
+            statement_timeout,
+            lock_timeout,
+            idle_in_transaction_timeout: secs(
+                "database.idle_in_transaction_timeout_secs",
+                self.idle_in_transaction_timeout_secs,
+            )?,
+            keepalive_idle: secs("database.keepalive_idle_secs", self.keepalive_idle_secs)?,
         }))
     }
 }
@@ -724,6 +764,20 @@ fn positive<T: PartialEq + Default>(key: &str, value: T) -> Result<T, ConfigErro
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_lock_timeout_must_be_below_the_statement_timeout() {
+        let toml = "[database]\nurl = \"postgres://h/db\"\nlock_timeout_secs = 30\n";
+        let err = load_str(toml, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("lock_timeout_secs (30)") && err.contains("statement_timeout_secs (30)"),
+            "{err}"
+        );
+        let err = load_str("[database]\nurl = \"postgres://h/db\"\nkeepalive_idle_secs = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database.keepalive_idle_secs must be at least 1"), "{err}");
+    }
 
     fn load_str(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!(

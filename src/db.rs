@@ -66,6 +66,17 @@ impl DbError {
         DbError::UnknownValue { column, value: value.to_owned() }
     }
 
+    /// The server's code and message ("55P03: canceling statement due to lock timeout"), which
+    /// the driver's `Display` leaves out ("db error"); empty when the server did not answer.
+    pub(crate) fn server_message(&self) -> String {
+        match self {
+            DbError::Query(q) => {
+                q.as_db_error().map(|d| format!("{}: {}", d.code().code(), d.message())).unwrap_or_default()
+            }
+            _ => String::new(),
+        }
+    }
+
     /// True when the connection is gone (as opposed to a bad statement), so the caller should
     /// reconnect rather than give up.
     pub fn is_connection_lost(&self) -> bool {
@@ -92,7 +103,34 @@ pub(crate) fn parse(db: &DatabaseConfig) -> Result<PgConfig, DbError> {
     if cfg.get_application_name().is_none() {
         cfg.application_name("keap-sync");
     }
+    // A cut connection (failover, a firewall dropping idle flows) is noticed within about
+    // idle + 3 × 10 s instead of the kernel's two hours, and the session reconnects.
+    cfg.keepalives(true)
+        .keepalives_idle(db.keepalive_idle)
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3);
+    let ours = session_options(db);
+    // Options already in the URL come last, so an operator's explicit `-c` setting wins.
+    let options = match cfg.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{ours} {theirs}"),
+        _ => ours,
+    };
+    cfg.options(options);
     Ok(cfg)
+}
+
+/// The server settings every connection starts with (libpq's `options`): a stuck statement,
+/// a row an app transaction holds, or a transaction of ours left open costs one statement,
+/// never the session (ARCHITECTURE.md, "Where concurrency lives"). Milliseconds, the unit
+/// these settings take without a suffix on every supported server (PostgreSQL 12 and later).
+fn session_options(db: &DatabaseConfig) -> String {
+    let ms = |d: Duration| d.as_millis();
+    format!(
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+        ms(db.statement_timeout),
+        ms(db.lock_timeout),
+        ms(db.idle_in_transaction_timeout)
+    )
 }
 
 /// "host H port P database D user U": what to print instead of the URL, which may hold a password.
@@ -237,12 +275,33 @@ mod tests {
 
     #[test]
     fn describe_hides_the_password() {
-        let db = DatabaseConfig {
-            url: crate::secret::Secret::new("postgresql://app:s3cret@db.internal:6543/crm"),
-            connect_timeout: Duration::from_secs(1),
-        };
-        let text = describe(&parse(&db).unwrap());
+        let text = describe(&parse(&database("postgresql://app:s3cret@db.internal:6543/crm")).unwrap());
         assert_eq!(text, "host db.internal port 6543 database crm user app");
+    }
+
+    fn database(url: &str) -> DatabaseConfig {
+        DatabaseConfig {
+            url: crate::secret::Secret::new(url),
+            connect_timeout: Duration::from_secs(1),
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            keepalive_idle: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn every_connection_has_timeouts_and_keepalives() {
+        let cfg = parse(&database("postgresql://app@db/crm")).unwrap();
+        assert_eq!(
+            cfg.get_options(),
+            Some("-c statement_timeout=30000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=60000")
+        );
+        assert!(cfg.get_keepalives());
+        assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(30));
+        // The operator's own options come last, so they win.
+        let cfg = parse(&database("postgresql://app@db/crm?options=-c%20lock_timeout%3D100")).unwrap();
+        assert!(cfg.get_options().unwrap().ends_with("-c lock_timeout=100"), "{:?}", cfg.get_options());
     }
 
     #[test]

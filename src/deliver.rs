@@ -71,9 +71,16 @@ impl Deliverer {
     pub(crate) async fn deliver(&self, claim: Claim, row: Option<UserRow>, deadline: Instant) -> Outcome {
         match self.attempt(&claim, row, deadline).await {
             Ok(outcome) => outcome,
-            Err(e) => {
+            Err(e) if e.is_connection_lost() => {
                 tracing::warn!(user = %claim.user_key, error = %e, "could not record a delivery result");
                 Outcome::DbLost(e)
+            }
+            Err(e) => {
+                // `outbox::with_retries` gave up on a statement while the connection is fine:
+                // this delivery alone is affected. Its claim stays until the lease ends, then
+                // the change is delivered again (every call is safe to repeat).
+                tracing::error!(user = %claim.user_key, error = %e, detail = %e.server_message(), "could not record a delivery result after retrying; the change will be delivered again when its lease ends");
+                Outcome::Handled
             }
         }
     }
@@ -118,7 +125,10 @@ impl Deliverer {
                 } else {
                     Done::Synced { contact_id, fingerprint: payload.fingerprint(), sent: payload.sent() }
                 };
-                outbox::complete(&self.db, claim, &self.instance, &done).await?;
+                outbox::with_retries("complete", &claim.user_key, || {
+                    outbox::complete(&self.db, claim, &self.instance, &done)
+                })
+                .await?;
                 if called {
                     tracing::debug!(user = %claim.user_key, contact = contact_id, "delivered");
                     self.metrics.delivery(DeliveryOutcome::Synced);
@@ -139,12 +149,18 @@ impl Deliverer {
                 let delay = backoff(&self.delivery, claim.attempts);
                 tracing::info!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, reason = %message, "trying again later");
                 let record = FailureRecord { message, ..FailureRecord::default() };
-                outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
+                outbox::with_retries("retry_later", &claim.user_key, || {
+                    outbox::retry_later(&self.db, claim, &self.instance, delay, &record)
+                })
+                .await?;
                 self.metrics.delivery(DeliveryOutcome::Retried);
                 Ok(Outcome::Handled)
             }
             End::Release | End::Unlinked => {
-                outbox::release(&self.db, claim, &self.instance).await?;
+                outbox::with_retries("release", &claim.user_key, || {
+                    outbox::release(&self.db, claim, &self.instance)
+                })
+                .await?;
                 Ok(Outcome::Handled)
             }
         }
@@ -152,7 +168,10 @@ impl Deliverer {
 
     async fn park(&self, claim: &Claim, message: String) -> Result<Outcome, DbError> {
         let record = FailureRecord { message, ..FailureRecord::default() };
-        outbox::park(&self.db, claim, &self.instance, &record).await?;
+        outbox::with_retries("park", &claim.user_key, || {
+            outbox::park(&self.db, claim, &self.instance, &record)
+        })
+        .await?;
         self.metrics.delivery(DeliveryOutcome::Parked);
         Ok(Outcome::Handled)
     }
@@ -282,7 +301,7 @@ impl Deliverer {
         sent: &serde_json::Value,
         payload: &ContactPayload,
     ) -> Result<Option<End>, DbError> {
-        Ok(match outbox::link(&self.db, claim, &self.instance, contact_id, sent).await? {
+        Ok(match outbox::with_retries("link", &claim.user_key, || outbox::link(&self.db, claim, &self.instance, contact_id, sent)).await? {
             Linked::Yes => None,
             Linked::TakenBy(other) => Some(End::Park(format!(
                 "Keap contact {contact_id} ({}) is already linked to user {other}; one contact belongs to one \
@@ -303,7 +322,11 @@ impl Deliverer {
     ) -> Result<End, DbError> {
         let body = payload.create_body();
         let sent = serde_json::to_value(&body).unwrap_or_default();
-        match outbox::begin_create(&self.db, claim, &self.instance, &sent).await? {
+        match outbox::with_retries("begin_create", &claim.user_key, || {
+            outbox::begin_create(&self.db, claim, &self.instance, &sent)
+        })
+        .await?
+        {
             CreateSlot::Reserved => {}
             CreateSlot::EmailBusy => {
                 return Ok(End::RetryLater(format!(
@@ -334,20 +357,33 @@ impl Deliverer {
         if self.delivery.on_delete == OnDelete::Keep {
             // Kept in Keap: nothing to call. The mapping stays, so a user restored under the
             // same key updates the same contact.
-            outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
+            outbox::with_retries("complete", &claim.user_key, || {
+                outbox::complete(&self.db, claim, &self.instance, &Done::Nothing)
+            })
+            .await?;
             self.metrics.delivery(DeliveryOutcome::Deleted);
             return Ok(Outcome::Handled);
         }
         // The mapping as it is now, not as claimed: a key change moves it to the new key, and
         // a renamed user must keep its contact (invariant 13).
-        let id = match outbox::mapping_if_unchanged(&self.db, claim, &self.instance).await? {
+        let id = match outbox::with_retries("mapping_if_unchanged", &claim.user_key, || {
+            outbox::mapping_if_unchanged(&self.db, claim, &self.instance)
+        })
+        .await?
+        {
             None => {
                 // A newer change arrived (a key change, a re-insert): deliver that instead.
-                outbox::release(&self.db, claim, &self.instance).await?;
+                outbox::with_retries("release", &claim.user_key, || {
+                    outbox::release(&self.db, claim, &self.instance)
+                })
+                .await?;
                 return Ok(Outcome::Handled);
             }
             Some(None) => {
-                outbox::complete(&self.db, claim, &self.instance, &Done::Nothing).await?;
+                outbox::with_retries("complete", &claim.user_key, || {
+                    outbox::complete(&self.db, claim, &self.instance, &Done::Nothing)
+                })
+                .await?;
                 self.metrics.delivery(DeliveryOutcome::Deleted);
                 return Ok(Outcome::Handled);
             }
@@ -359,7 +395,10 @@ impl Deliverer {
         match result {
             Ok(()) => {
                 tracing::info!(user = %claim.user_key, contact = id, "user deleted; deleted the Keap contact");
-                outbox::complete(&self.db, claim, &self.instance, &Done::Forgotten).await?;
+                outbox::with_retries("complete", &claim.user_key, || {
+                    outbox::complete(&self.db, claim, &self.instance, &Done::Forgotten)
+                })
+                .await?;
                 self.metrics.delivery(DeliveryOutcome::Deleted);
                 Ok(Outcome::Accepted)
             }
@@ -399,7 +438,10 @@ impl Deliverer {
     ) -> Result<Outcome, DbError> {
         let e = match failure {
             Failure::Token(TokenError::NeedsAuthorization(message)) => {
-                outbox::release(&self.db, claim, &self.instance).await?;
+                outbox::with_retries("release", &claim.user_key, || {
+                    outbox::release(&self.db, claim, &self.instance)
+                })
+                .await?;
                 return Ok(Outcome::NeedsAuthorization(message));
             }
             Failure::Token(TokenError::Db(e)) => return Err(e),
@@ -407,7 +449,10 @@ impl Deliverer {
                 let delay = backoff(&self.delivery, claim.attempts);
                 tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %message, "token refresh failed; will retry");
                 let record = FailureRecord { message, payload, ..FailureRecord::default() };
-                outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
+                outbox::with_retries("retry_later", &claim.user_key, || {
+                    outbox::retry_later(&self.db, claim, &self.instance, delay, &record)
+                })
+                .await?;
                 self.metrics.delivery(DeliveryOutcome::Retried);
                 return Ok(Outcome::Handled);
             }
@@ -426,20 +471,29 @@ impl Deliverer {
                 // parking it, would not help; the daemon pauses and probes instead.
                 tracing::warn!(user = %claim.user_key, error = %e, "Keap refused the credential; the change stays queued");
                 let record = FailureRecord { payload: None, ..record };
-                outbox::requeue_refused(&self.db, claim, &self.instance, &record).await?;
+                outbox::with_retries("requeue_refused", &claim.user_key, || {
+                    outbox::requeue_refused(&self.db, claim, &self.instance, &record)
+                })
+                .await?;
                 Ok(Outcome::Refused(refusal(&e, self.tokens.is_oauth())))
             }
             kind if kind.is_retryable() => {
                 // After a 429 the limiter has paused every sender; retry when it reopens.
                 let delay = e.retry_after.unwrap_or_else(|| backoff(&self.delivery, claim.attempts));
                 tracing::warn!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, error = %e, "delivery failed; will retry");
-                outbox::retry_later(&self.db, claim, &self.instance, delay, &record).await?;
+                outbox::with_retries("retry_later", &claim.user_key, || {
+                    outbox::retry_later(&self.db, claim, &self.instance, delay, &record)
+                })
+                .await?;
                 self.metrics.delivery(DeliveryOutcome::Retried);
                 Ok(Outcome::Handled)
             }
             _ => {
                 tracing::warn!(user = %claim.user_key, error = %e, "Keap rejected the change; parked until the user changes again");
-                outbox::park(&self.db, claim, &self.instance, &record).await?;
+                outbox::with_retries("park", &claim.user_key, || {
+                    outbox::park(&self.db, claim, &self.instance, &record)
+                })
+                .await?;
                 self.metrics.delivery(DeliveryOutcome::Parked);
                 Ok(Outcome::Handled)
             }

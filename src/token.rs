@@ -351,6 +351,14 @@ impl OAuth {
     async fn refresh_locked(&self, stale: Option<&Secret>) -> Result<Secret, TokenError> {
         let mut conn = db::connect(&self.pg).await?;
         let tx = conn.transaction().await?;
+        // This transaction holds the token row across Keap's token request (bounded by the
+        // request timeout) and must commit the new pair Keap hands out, and a second refresher
+        // must wait for it, not fail: the connection-wide timeouts (`db::parse`) do not apply.
+        tx.batch_execute(
+            "set local statement_timeout = 0; set local lock_timeout = 0;
+             set local idle_in_transaction_session_timeout = 0",
+        )
+        .await?;
         let row = tx.query_opt(&format!("{SELECT_STORED} for update"), &[]).await?;
         let stored = stored_from(row)?;
         check_state(&stored)?;

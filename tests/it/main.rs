@@ -9,6 +9,7 @@
 mod architecture;
 mod cli;
 mod contacts;
+mod database;
 mod faults;
 mod limits;
 mod ops;

@@ -1,0 +1,164 @@
+//! A busy production database: app transactions holding row locks, statements that fail, a
+//! session killed under the daemon. A stuck or failed statement costs that delivery, never the
+//! others, and never loses a result (ARCHITECTURE.md, "Where concurrency lives").
+
+use std::time::Duration;
+
+use keap_sync_testkit::app::{self, eventually, spawn_app_with, Options, TestApp};
+use keap_sync_testkit::fake::{FaultAction, FaultRule, Route};
+use tokio_postgres::Client;
+
+/// Test settings: a lock wait gives up after 1 s (the default is 5 s).
+fn short_lock_timeout() -> Options {
+    Options {
+        tweak: |c| {
+            if let Some(db) = c.database.as_mut() {
+                db.lock_timeout = Duration::from_secs(1);
+            }
+        },
+        ..Options::default()
+    }
+}
+
+async fn insert_users(app: &TestApp, n: usize) {
+    app.exec(&format!(
+        "insert into users (email, first_name, last_name)
+         select 'u' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g"
+    ))
+    .await;
+}
+
+async fn contact_of(app: &TestApp, user: i64) -> i64 {
+    app.db
+        .query_one("select contact_id from keap_sync.contact_map where user_key = $1", &[&user.to_string()])
+        .await
+        .expect("mapped")
+        .get(0)
+}
+
+fn patches_to(app: &TestApp, contact: i64) -> usize {
+    let path = format!("/crm/rest/v1/contacts/{contact}");
+    app.fake.count(|r| r.method == "PATCH" && r.path == path)
+}
+
+async fn pending(app: &TestApp, user: i64) -> bool {
+    app.count(&format!("select count(*) from keap_sync.outbox where user_key = '{user}'")).await > 0
+}
+
+/// An app transaction that locks `user`'s mapping row and stays open until rolled back.
+async fn lock_mapping(app: &TestApp, user: i64) -> Client {
+    let locker = app::connect(&app.conninfo).await;
+    locker
+        .batch_execute(&format!(
+            "begin; select * from keap_sync.contact_map where user_key = '{user}' for update"
+        ))
+        .await
+        .expect("lock the mapping row");
+    locker
+}
+
+/// The daemon's failed transactions in this database so far (a lock or statement timeout
+/// rolls back): how hard it hammers a locked row.
+async fn rollbacks(app: &TestApp) -> i64 {
+    app.db.query_one("select pg_stat_clear_snapshot()", &[]).await.expect("fresh statistics");
+    app.count("select xact_rollback from pg_stat_database where datname = current_database()").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_lock_held_by_an_app_transaction_holds_up_that_user_alone() {
+    let app = spawn_app_with(short_lock_timeout()).await;
+    insert_users(&app, 4).await;
+    app.wait_idle().await;
+    let locked = contact_of(&app, 1).await;
+
+    // An idle-in-transaction app session holds user 1's mapping row for 15 s.
+    let locker = lock_mapping(&app, 1).await;
+    let held_until = tokio::time::Instant::now() + Duration::from_secs(15);
+    let rollbacks_before = rollbacks(&app).await;
+    app.exec("update users set first_name = 'Locked' where id = 1").await;
+    eventually(Duration::from_secs(5), "the locked user's PATCH", || async { patches_to(&app, locked) >= 1 })
+        .await;
+
+    // Its completion waits on the lock; the others flow meanwhile.
+    app.exec("update users set first_name = 'Free' where id in (2, 3, 4)").await;
+    eventually(Duration::from_secs(8), "users 2-4 delivered while user 1's row is locked", || async {
+        !pending(&app, 2).await && !pending(&app, 3).await && !pending(&app, 4).await
+    })
+    .await;
+    assert!(tokio::time::Instant::now() < held_until, "the lock was held all along");
+    assert!(pending(&app, 1).await, "user 1 cannot be recorded while its row is locked");
+
+    // The lock lasts its 15 s: the daemon backs off rather than hammering the row.
+    tokio::time::sleep_until(held_until).await;
+    let failed = rollbacks(&app).await - rollbacks_before;
+    let repeated = patches_to(&app, locked);
+    eprintln!("15 s of lock: {failed} failed statements, {repeated} PATCHes of the locked contact");
+    assert!(failed <= 20, "{failed} failed statements in 15 s: the daemon busy-loops on the locked row");
+    assert!(repeated <= 3, "{repeated} PATCHes of the locked contact in 15 s");
+
+    locker.batch_execute("rollback").await.expect("release the lock");
+    app.wait_idle_for(Duration::from_secs(15)).await;
+    assert_eq!(app.fake.contact(locked).expect("contact").given_name.as_deref(), Some("Locked"));
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_that_times_out_is_retried_for_that_delivery_alone() {
+    let app = spawn_app_with(short_lock_timeout()).await;
+    insert_users(&app, 2).await;
+    app.wait_idle().await;
+    let (first, second) = (contact_of(&app, 1).await, contact_of(&app, 2).await);
+
+    let locker = lock_mapping(&app, 1).await;
+    // User 2's call is in flight (Keap takes 2 s to answer it) while user 1's completion hits
+    // the lock timeout.
+    app.fake.inject(FaultRule::new(Route::Contacts, FaultAction::Delay(Duration::from_secs(2))).times(1));
+    app.exec("update users set first_name = 'InFlight' where id = 2").await;
+    eventually(Duration::from_secs(5), "user 2's PATCH in flight", || async {
+        patches_to(&app, second) == 1
+    })
+    .await;
+    app.exec("update users set first_name = 'Waited' where id = 1").await;
+    eventually(Duration::from_secs(5), "user 1's PATCH", || async { patches_to(&app, first) == 1 }).await;
+    let waiting = "select count(*) from pg_locks l join pg_stat_activity a using (pid)
+                    where not l.granted and a.application_name = 'keap-sync'";
+    eventually(Duration::from_secs(5), "the completion waiting on the lock", || async {
+        app.count(waiting).await > 0
+    })
+    .await;
+    eventually(Duration::from_secs(5), "the lock wait to time out", || async {
+        app.count(waiting).await == 0
+    })
+    .await;
+    locker.batch_execute("rollback").await.expect("release the lock");
+
+    app.wait_idle_for(Duration::from_secs(15)).await;
+    assert_eq!(patches_to(&app, first), 1, "user 1's result was thrown away and the call repeated");
+    assert_eq!(patches_to(&app, second), 1, "user 2's call in flight was aborted and repeated");
+    assert_eq!(app.fake.contact(first).expect("contact").given_name.as_deref(), Some("Waited"));
+    app.assert_keap_matches_users().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_killed_mid_call_loses_and_duplicates_nothing() {
+    let app = spawn_app_with(Options::default()).await;
+    // Keap answers slowly, so calls are in flight when the session is killed.
+    app.fake.set_latency(Duration::from_millis(700));
+    insert_users(&app, 6).await;
+    eventually(Duration::from_secs(5), "calls in flight", || async { app.contact_calls("GET") >= 2 }).await;
+    let killed = app
+        .count(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity
+              where application_name = 'keap-sync' and pid <> pg_backend_pid()",
+        )
+        .await;
+    assert!(killed >= 2, "the daemon's connections were killed ({killed})");
+    app.exec("update users set last_name = 'After' where id = 1").await;
+
+    app.wait_idle_for(Duration::from_secs(25)).await;
+    assert_eq!(app.fake.contacts().len(), 6, "one contact per user, none lost or doubled");
+    app.assert_keap_matches_users().await;
+    let reconnected =
+        app.count("select count(*) from pg_stat_activity where application_name = 'keap-sync'").await;
+    assert!(reconnected >= 2, "the daemon reconnected ({reconnected} connections)");
+}
