@@ -167,6 +167,9 @@ pub struct DeliveryConfig {
     pub on_delete: OnDelete,
     /// How long a graceful stop waits for calls in flight.
     pub shutdown_grace: Duration,
+    /// How often the daemon checks that capture still works (the trigger installed and enabled,
+    /// the key and synced columns present).
+    pub capture_check: Duration,
 }
 
 /// Client-side rate limits. Defaults are Keap's documented OAuth limits; the API-key defaults
@@ -370,6 +373,7 @@ struct FileDelivery {
     retry_max_secs: u64,
     on_delete: OnDelete,
     shutdown_grace_secs: u64,
+    capture_check_secs: u64,
 }
 
 impl Default for FileDelivery {
@@ -383,6 +387,7 @@ impl Default for FileDelivery {
             retry_max_secs: 3_600,
             on_delete: OnDelete::Keep,
             shutdown_grace_secs: 20,
+            capture_check_secs: 30,
         }
     }
 }
@@ -612,6 +617,7 @@ impl FileDelivery {
             retry_max: secs("delivery.retry_max_secs", self.retry_max_secs)?,
             on_delete: self.on_delete,
             shutdown_grace: secs("delivery.shutdown_grace_secs", self.shutdown_grace_secs)?,
+            capture_check: secs("delivery.capture_check_secs", self.capture_check_secs)?,
         })
     }
 }

@@ -535,6 +535,7 @@ mod tests {
             retry_max: Duration::from_secs(60),
             on_delete: OnDelete::Keep,
             shutdown_grace: Duration::from_secs(1),
+            capture_check: Duration::from_secs(30),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keap_sync_testkit::app::{self, spawn_app_with, Options};
+use keap_sync_testkit::app::{self, spawn_app, spawn_app_with, Options};
 
 /// A `last_name` whose conversion to text raises for one value: a composite type with a cast
 /// to text that refuses `bad`, standing in for any value that fails `::text` after a column
@@ -61,4 +61,186 @@ async fn a_user_whose_row_cannot_be_read_is_parked_alone_and_the_others_are_deli
     app.exec("update users set last_name = row('Good')::surname where id = 3").await;
     app.wait_idle().await;
     assert_eq!(app.fake.contacts().len(), 6);
+}
+
+fn delete_contacts(c: &mut keap_sync::config::Config) {
+    c.delivery.on_delete = keap_sync::config::OnDelete::DeleteContact;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_with_delete_contact_deletes_every_mapped_contact() {
+    let app = spawn_app_with(Options { tweak: delete_contacts, ..Options::default() }).await;
+    app.exec("insert into users (email) select 't' || g || '@example.com' from generate_series(1, 5) g")
+        .await;
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts().len(), 5);
+
+    app.exec("truncate users").await;
+    app::eventually(Duration::from_secs(20), "every contact deleted after the TRUNCATE", || async {
+        app.fake.contacts().is_empty()
+            && app.count("select count(*) from keap_sync.contact_map").await == 0
+            && app.count("select count(*) from keap_sync.outbox").await == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_with_keep_keeps_contacts_and_a_reload_updates_the_same_ones() {
+    let app = spawn_app().await;
+    app.exec("insert into users (email) select 'k' || g || '@example.com' from generate_series(1, 5) g")
+        .await;
+    app.wait_idle().await;
+    let before: Vec<i64> = {
+        let mut ids: Vec<i64> = app.fake.contacts().iter().map(|c| c.id).collect();
+        ids.sort();
+        ids
+    };
+
+    // A TRUNCATE and a reload (as a restore does it): every key is enqueued as gone, then as
+    // present again; the contacts stay and are updated, never duplicated.
+    app.exec(
+        "begin;
+         truncate users;
+         insert into users (id, email, first_name)
+         select g, 'k' || g || '@example.com', 'Reloaded' from generate_series(1, 5) g;
+         commit",
+    )
+    .await;
+    app.wait_idle().await;
+    let mut after: Vec<i64> = app.fake.contacts().iter().map(|c| c.id).collect();
+    after.sort();
+    assert_eq!(after, before, "the same contacts");
+    assert_eq!(app.contact_calls("DELETE"), 0);
+    app.assert_keap_matches_users().await;
+
+    // A TRUNCATE alone, with `keep`: every mapped key is enqueued as gone (seen from inside
+    // the truncating transaction), and the contacts stay in Keap.
+    app.exec("begin; truncate users").await;
+    let gone = app.count("select count(*) from keap_sync.outbox where key_gone").await;
+    app.exec("commit").await;
+    assert_eq!(gone, 5, "every mapped key enqueued as gone");
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts().len(), 5, "kept in Keap");
+    assert_eq!(app.contact_calls("DELETE"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_captured_whatever_the_session_replication_role() {
+    let app = spawn_app().await;
+    // As a logical replication apply worker or `pg_restore --disable-triggers` would write.
+    app.exec(
+        "set session_replication_role = replica;
+         insert into users (email) values ('replica@example.com');
+         reset session_replication_role",
+    )
+    .await;
+    app::eventually(Duration::from_secs(10), "the replica-role insert delivered", || async {
+        app.fake.contacts().len() == 1
+    })
+    .await;
+}
+
+async fn healthz(port: u16) -> (u16, String) {
+    keap_sync_testkit::install_crypto_provider();
+    let answer =
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.expect("the metrics listener is up");
+    (answer.status().as_u16(), answer.text().await.unwrap_or_default())
+}
+
+async fn paused_reason(app: &app::TestApp) -> Option<String> {
+    app.db
+        .query_opt("select paused_reason from keap_sync.instances where role = 'active'", &[])
+        .await
+        .expect("instances")
+        .and_then(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_trigger_or_a_renamed_column_shows_in_status_and_healthz() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    let mut config = app.config();
+    config.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    config.delivery.capture_check = Duration::from_millis(300);
+    app.start_daemon_with(config).await;
+    app.exec("insert into users (email) values ('a@example.com')").await;
+    app.wait_idle().await;
+    assert_eq!(healthz(port).await.0, 200);
+
+    app.exec("alter table users disable trigger keap_sync_capture").await;
+    app::eventually(Duration::from_secs(10), "the disabled trigger in status", || async {
+        paused_reason(&app)
+            .await
+            .is_some_and(|r| r.contains("keap_sync_capture") && r.contains("keap-sync migrate"))
+    })
+    .await;
+    let (code, body) = healthz(port).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("disabled") && body.contains("keap-sync migrate"), "/healthz: {body}");
+    let text = String::from_utf8_lossy(&app.run_cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("keap_sync_capture"), "status: {text}");
+    assert!(
+        app::captured_logs().lines().any(|l| l.contains("capture") && l.contains("disabled")),
+        "no log line"
+    );
+
+    // `migrate` repairs it, and the daemon sees it.
+    let out = app.run_cli(&["migrate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    app::eventually(Duration::from_secs(10), "healthy again", || async { healthz(port).await.0 == 200 })
+        .await;
+    app.exec("insert into users (email) values ('b@example.com')").await;
+    app.wait_idle().await;
+
+    // A synced column renamed under the running daemon.
+    app.exec("alter table users rename column first_name to given").await;
+    app::eventually(Duration::from_secs(10), "the renamed column in status", || async {
+        paused_reason(&app).await.is_some_and(|r| r.contains("first_name"))
+    })
+    .await;
+    let (code, body) = healthz(port).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("first_name") && body.contains("given_name"),
+        "/healthz names the config key: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_behind_a_long_transaction_reports_the_holder_and_retries() {
+    let app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    app.exec("drop trigger keap_sync_capture on users").await;
+    // A long transaction that wrote users: `create trigger` must wait for it.
+    let blocker = app::connect(&app.conninfo).await;
+    blocker.batch_execute("begin; update users set plan = plan where false").await.unwrap();
+    let holder_pid: i32 = blocker.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+
+    let mut child = app.spawn_command(&app.write_config_file("", ""), &["migrate"]);
+    app::eventually(Duration::from_secs(20), "migrate reports what it waits for", || async {
+        child.log_text().contains(&format!("held by pid {holder_pid}"))
+    })
+    .await;
+    // Meanwhile the application writes on: migrate does not queue every write behind it.
+    let started = std::time::Instant::now();
+    app.exec("insert into users (email) values ('during@example.com')").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "an application write waited {:?}",
+        started.elapsed()
+    );
+    blocker.batch_execute("commit").await.unwrap();
+    let status = loop_wait(&mut child).await;
+    assert!(status.success(), "migrate succeeded once the lock was free: {}", child.log_text());
+    assert_eq!(app.count("select count(*) from pg_trigger where tgname = 'keap_sync_capture'").await, 1);
+}
+
+async fn loop_wait(child: &mut app::ChildDaemon) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "migrate still running: {}", child.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
