@@ -676,8 +676,9 @@ fn validate_identifier(key: &str, value: &str, qualified: bool) -> Result<(), Co
 /// password inside it is refused without echoing the value.
 fn keap_url(key: &str, value: String) -> Result<String, ConfigError> {
     let trimmed = value.trim_end_matches('/').to_owned();
-    // Quoted in errors, unless it might hold a user name and password (`user:pass@host`).
-    let shown = if value.contains('@') { String::new() } else { format!(" = {value:?}") };
+    // Quoted in errors, unless it might hold a user name and password (`user:pass@host`) or a
+    // token in its query or fragment (`?access_token=…`).
+    let shown = if value.contains(['@', '?', '#']) { String::new() } else { format!(" = {value:?}") };
     let Ok(parsed) = reqwest::Url::parse(&trimmed) else {
         return Err(ConfigError::Invalid(format!(
             "{key}{shown} is not a URL: write it in full, starting with https://"

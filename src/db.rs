@@ -236,6 +236,27 @@ mod tests {
     }
 
     #[test]
+    fn a_url_that_does_not_parse_is_never_echoed() {
+        let bad = [
+            "postgresql://app:Zq9secretPW@db:notaport/crm",
+            "postgresql://app:Zq9secretPW%zz@db/crm",
+            "postgresql://app@db/crm?password=Zq9secretPW&sslmode=Zq9secretPW",
+            "host=db password=Zq9secretPW port=Zq9secretPW",
+            "host=db password='Zq9secretPW",
+            "host=db Zq9secretPW",
+            "postgresql://app:Zq9secretPW@db/crm?Zq9secretPW=1",
+        ];
+        for url in bad {
+            let db = DatabaseConfig {
+                url: crate::secret::Secret::new(url),
+                connect_timeout: Duration::from_secs(1),
+            };
+            let message = parse(&db).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(!message.contains("Zq9secretPW"), "{url} → {message}");
+        }
+    }
+
+    #[test]
     fn describe_hides_the_password() {
         let db = DatabaseConfig {
             url: crate::secret::Secret::new("postgresql://app:s3cret@db.internal:6543/crm"),

@@ -114,8 +114,11 @@ pub(crate) type ReadUser = Result<UserRow, Unreadable>;
 
 /// Reads the current rows of `keys` from the users table. A key with no row was deleted.
 ///
-/// Values go through `to_jsonb` exactly as in the trigger, so the key text matches the outbox
-/// key for any key type, and any column type (citext, varchar, …) reads as text.
+/// Only the key and the synced columns are read (so the daemon's role needs `SELECT` on those
+/// columns alone: `sql/role.example.sql`), each as text. The key as `key::text` is the text the
+/// trigger writes (`to_jsonb(row) ->> key`) for integer, bigint, uuid and text keys, so it
+/// matches the outbox key (`tests/it/capture.rs` checks each type); any column type (citext,
+/// varchar, …) reads as text.
 ///
 /// One bad row stays bad alone: if the batch statement fails on a value (a `::text` conversion
 /// that raises, a key the key type no longer accepts after a type change) or a value does not
@@ -159,7 +162,7 @@ async fn read_batch(
     keys: &[String],
 ) -> Result<Option<HashMap<String, UserRow>>, DbError> {
     let sql = format!(
-        "select pg_catalog.to_jsonb(t) ->> $2, t.{email}::text, {given}, {family}
+        "select t.{key}::text, t.{email}::text, {given}, {family}
            from {table} t
           where t.{key} = any($1::text[]::{key_type}[])",
         email = table.email,
@@ -169,7 +172,7 @@ async fn read_batch(
         key = table.key,
         key_type = table.key_type,
     );
-    let rows = client.query(&sql, &[&keys, &table.key_name]).await?;
+    let rows = client.query(&sql, &[&keys]).await?;
     let mut found = HashMap::with_capacity(rows.len());
     for r in &rows {
         let decoded = (|| {

@@ -244,3 +244,60 @@ async fn loop_wait(child: &mut app::ChildDaemon) -> std::process::ExitStatus {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_role_with_column_level_select_only_syncs() {
+    let mut app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    // As sql/role.example.sql grants it: the synced columns and the key, not `plan`.
+    let role = format!("ks_least_{}", app::rand_suffix());
+    app.exec(&format!(
+        "create role {role} login;
+         grant usage on schema keap_sync to {role};
+         grant select, insert, update, delete on all tables in schema keap_sync to {role};
+         grant usage, select on all sequences in schema keap_sync to {role};
+         revoke insert, update, delete on keap_sync.schema_migrations from {role};
+         grant usage on schema public to {role};
+         grant select (id, email, first_name, last_name) on public.users to {role};"
+    ))
+    .await;
+    app.insert_preexisting_users(3).await;
+    let mut config = app.config();
+    let mut database = config.database.clone().expect("a database");
+    database.url = keap_sync::Secret::new(format!("{} user={role}", app.conninfo));
+    config.database = Some(database);
+    app.start_daemon_with_options(
+        config,
+        keap_sync::RunOptions { backfill: Some(keap_sync::BackfillMode::Resume), ..Default::default() },
+    )
+    .await;
+    app.exec("insert into users (email, first_name, plan) values ('live@example.com', 'Live', 'gold')").await;
+    app.exec("update users set last_name = 'Changed' where email = 'pre1@example.com'").await;
+    app::eventually(Duration::from_secs(30), "the backfill and the live changes delivered", || async {
+        app.fake.contacts().len() == 4 && app.count("select count(*) from keap_sync.outbox").await == 0
+    })
+    .await;
+    app.assert_keap_matches_users().await;
+    assert!(app.daemons_running(), "the daemon runs as the least-privilege role");
+}
+
+/// The daemon reads keys as `key::text`; the trigger writes `to_jsonb(row) ->> key`. They must
+/// agree, or a change would be read as a deleted user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_text_is_the_same_as_the_trigger_writes_for_every_key_type() {
+    let app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    let cases = [
+        ("integer", "(-2147483648), (0), (42), (2147483647)"),
+        ("bigint", "(-9223372036854775808), (7), (9223372036854775807)"),
+        ("uuid", "('A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11'), ('00000000-0000-0000-0000-000000000000')"),
+        ("text", r#"('plain'), ('quote"s'), ('back\slash'), ('ünïcødé'), (' space '), (''), ('tab	in')"#),
+    ];
+    for (ty, values) in cases {
+        app.exec(&format!("create table keys_{ty} (k {ty}); insert into keys_{ty} values {values}")).await;
+        let differ = app
+            .count(&format!(
+                "select count(*) from keys_{ty} t where pg_catalog.to_jsonb(t) ->> 'k' is distinct from t.k::text"
+            ))
+            .await;
+        assert_eq!(differ, 0, "{ty}: key::text differs from to_jsonb ->> key");
+    }
+}
