@@ -301,3 +301,46 @@ async fn key_text_is_the_same_as_the_trigger_writes_for_every_key_type() {
         assert_eq!(differ, 0, "{ty}: key::text differs from to_jsonb ->> key");
     }
 }
+
+/// The other unreadable row: bytes that are not UTF-8 in a `SQL_ASCII` database, which the
+/// server passes through unchecked and the driver cannot decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_utf8_value_in_a_sql_ascii_database_parks_that_user_alone() {
+    let mut app = spawn_app_with(Options { start_daemon: false, ..Options::default() }).await;
+    let name = format!("ascii_{}", app::rand_suffix() % 1_000_000);
+    app.exec(&format!(
+        "create database {name} encoding 'SQL_ASCII' lc_collate 'C' lc_ctype 'C' template template0"
+    ))
+    .await;
+    let conninfo = format!("{} dbname={name}", app.conninfo);
+    let mut ascii = app::connect(&conninfo).await;
+    ascii.batch_execute(app::USERS_DDL).await.expect("users table");
+    let mut config = app.config();
+    keap_sync::migrate(&mut ascii, &config.users).await.expect("migrate");
+    ascii
+        .batch_execute(
+            r"insert into users (email, first_name)
+              select 'a' || g || '@example.com', case when g = 2 then E'Bad\xff' else 'Fine' end
+                from generate_series(1, 4) g",
+        )
+        .await
+        .expect("insert");
+    let mut database = config.database.clone().expect("a database");
+    database.url = keap_sync::Secret::new(conninfo.clone());
+    config.database = Some(database);
+    app.start_daemon_with(config).await;
+    app::eventually(Duration::from_secs(20), "three delivered, the non-UTF-8 one parked", || async {
+        let parked: i64 = ascii
+            .query_one("select count(*) from keap_sync.outbox where parked_at is not null", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let all: i64 = ascii.query_one("select count(*) from keap_sync.outbox", &[]).await.unwrap().get(0);
+        app.fake.contacts().len() == 3 && parked == 1 && all == 1
+    })
+    .await;
+    let row = ascii.query_one("select user_key, last_error from keap_sync.outbox", &[]).await.unwrap();
+    let (key, reason): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(key, "2");
+    assert!(reason.contains("user 2") && reason.contains("first_name"), "{reason}");
+}
