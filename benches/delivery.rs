@@ -159,7 +159,10 @@ async fn bench(cluster: &Cluster, a: &Args) {
         .await
         .expect("backlog insert");
     if a.backfill {
-        client.batch_execute("alter table users enable trigger keap_sync_capture").await.expect("enable");
+        client
+            .batch_execute("alter table users enable always trigger keap_sync_capture")
+            .await
+            .expect("enable");
     }
     let options = keap_sync::RunOptions {
         backfill: a.backfill.then_some(keap_sync::BackfillMode::Resume),

@@ -51,7 +51,8 @@ alter default privileges for role app_owner in schema keap_sync
 alter default privileges for role app_owner in schema keap_sync
     grant usage, select on sequences to keap_sync;
 
--- The users table: read only; the daemon never writes it. Select on the whole table (not on
--- columns): rows are read with to_jsonb(row), which needs every column.
+-- The users table: read only, and only the key and the synced columns (`users.key`, `email`,
+-- `given_name`, `family_name` in keap-sync.toml); the daemon never writes it and never reads
+-- another column. Add a column here when you add it to the config.
 grant usage on schema public to keap_sync;
-grant select on public.users to keap_sync;
+grant select (id, email, first_name, last_name) on public.users to keap_sync;

@@ -137,12 +137,14 @@ pub(crate) async fn enqueue_all(
 ) -> Result<(), DbError> {
     // One statement per batch: lock the backfill row, read the next keys after the cursor,
     // enqueue them, move the cursor. The cursor is the key's own text form, cast back to the
-    // key type for the comparison, so the index on the key is used.
+    // key type for the comparison, so the index on the key is used. The key is read as
+    // `key::text` (the same text the trigger writes for integer, bigint, uuid and text keys),
+    // never through `to_jsonb(row)`, so only the key column needs `SELECT`.
     let sql = format!(
         "with cur as (
              select cursor from keap_sync.backfill where id = 1 and state = 'running' for update
          ), batch as (
-             select pg_catalog.to_jsonb(t) ->> $2 as user_key, t.{key} as raw
+             select t.{key}::text as user_key, t.{key} as raw
                from {table} t, cur
               where cur.cursor is null or t.{key} > cur.cursor::{key_type}
               order by t.{key}
@@ -167,7 +169,7 @@ pub(crate) async fn enqueue_all(
         key_type = table.key_type,
     );
     loop {
-        let row = client.query_opt(&sql, &[&BATCH, &table.key_name]).await?;
+        let row = client.query_opt(&sql, &[&BATCH]).await?;
         let Some(row) = row else {
             // Not running (finished by another process, or never begun).
             return Ok(());

@@ -179,6 +179,9 @@ pub struct DeliveryConfig {
     pub on_delete: OnDelete,
     /// How long a graceful stop waits for calls in flight.
     pub shutdown_grace: Duration,
+    /// How often the daemon checks that capture still works (the trigger installed and enabled,
+    /// the key and synced columns present).
+    pub capture_check: Duration,
 }
 
 /// Client-side rate limits. Defaults are Keap's documented OAuth limits; the API-key defaults
@@ -393,6 +396,7 @@ struct FileDelivery {
     retry_max_secs: u64,
     on_delete: OnDelete,
     shutdown_grace_secs: u64,
+    capture_check_secs: u64,
 }
 
 impl Default for FileDelivery {
@@ -406,6 +410,7 @@ impl Default for FileDelivery {
             retry_max_secs: 3_600,
             on_delete: OnDelete::Keep,
             shutdown_grace_secs: 20,
+            capture_check_secs: 30,
         }
     }
 }
@@ -652,6 +657,7 @@ impl FileDelivery {
             retry_max: secs("delivery.retry_max_secs", self.retry_max_secs)?,
             on_delete: self.on_delete,
             shutdown_grace: secs("delivery.shutdown_grace_secs", self.shutdown_grace_secs)?,
+            capture_check: secs("delivery.capture_check_secs", self.capture_check_secs)?,
         })
     }
 }
@@ -710,8 +716,9 @@ fn validate_identifier(key: &str, value: &str, qualified: bool) -> Result<(), Co
 /// password inside it is refused without echoing the value.
 fn keap_url(key: &str, value: String) -> Result<String, ConfigError> {
     let trimmed = value.trim_end_matches('/').to_owned();
-    // Quoted in errors, unless it might hold a user name and password (`user:pass@host`).
-    let shown = if value.contains('@') { String::new() } else { format!(" = {value:?}") };
+    // Quoted in errors, unless it might hold a user name and password (`user:pass@host`) or a
+    // token in its query or fragment (`?access_token=…`).
+    let shown = if value.contains(['@', '?', '#']) { String::new() } else { format!(" = {value:?}") };
     let Ok(parsed) = reqwest::Url::parse(&trimmed) else {
         return Err(ConfigError::Invalid(format!(
             "{key}{shown} is not a URL: write it in full, starting with https://"

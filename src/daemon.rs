@@ -140,7 +140,7 @@ impl Daemon {
         let table = UserTable::resolve(&first, &config.users).await?;
         if !schema::trigger_installed(&first, &table).await? {
             return Err(RunError::Setup(format!(
-                "the capture trigger is not installed on {} (or its columns differ from the config): run `keap-sync migrate`",
+                "the capture triggers on {} are not installed, not enabled always, or capture other columns than the config names: run `keap-sync migrate`",
                 table.qualified
             )));
         }
@@ -363,6 +363,8 @@ impl Context {
             lost: None,
             token_checked: None,
             beat: None,
+            capture: None,
+            capture_checked: None,
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);
@@ -552,6 +554,10 @@ struct Session<'a> {
     token_checked: Option<Instant>,
     /// When the heartbeat last ran; `None` as above.
     beat: Option<Instant>,
+    /// What is wrong with capture (trigger, key, synced columns), as the last check found it.
+    capture: Option<schema::CaptureProblem>,
+    /// When capture was last checked; `None` as above.
+    capture_checked: Option<Instant>,
 }
 
 impl Session<'_> {
@@ -576,10 +582,19 @@ impl Session<'_> {
         // inside the deliveries), so the watchdog keeps being fed.
         self.ctx.notifier.watchdog();
         let wait = self.ctx.config.delivery.poll_interval.min(TOKEN_CHECK).min(HEARTBEAT);
+        self.check_capture_when_due().await?;
         if self.beat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
             self.beat = Some(Instant::now());
-            self.ctx.metrics.set_fatal(self.paused.clone());
-            self.ctx.heartbeat(&self.db, InstanceRole::Active, self.paused.as_deref()).await?;
+            let reason = match (&self.paused, &self.capture) {
+                (Some(p), Some(c)) => Some(format!("{p}; {}", c.message)),
+                (p, c) => p.clone().or_else(|| c.as_ref().map(|c| c.message.clone())),
+            };
+            self.ctx.metrics.set_fatal(reason.clone());
+            self.ctx.heartbeat(&self.db, InstanceRole::Active, reason.as_deref()).await?;
+        }
+        if self.capture.as_ref().is_some_and(|c| c.blocks_reads) {
+            // No user can be read as configured: claiming would only fail.
+            return Ok(wait);
         }
         if self.refusal.is_some() {
             return self.probe_when_due(wait).await;
@@ -589,6 +604,27 @@ impl Session<'_> {
         }
         self.check_token_when_due();
         self.claim_when_free(wait).await
+    }
+
+    /// Checks capture (the triggers, the key and synced columns) every `delivery.capture_check`,
+    /// not only at start: a trigger dropped or disabled, or a column renamed, while the daemon
+    /// runs would otherwise lose changes silently. A change of state is logged and reported by
+    /// the next heartbeat at once (`status`, `/healthz`).
+    async fn check_capture_when_due(&mut self) -> Result<(), DbError> {
+        if self.capture_checked.is_some_and(|t| t.elapsed() < self.ctx.config.delivery.capture_check) {
+            return Ok(());
+        }
+        self.capture_checked = Some(Instant::now());
+        let found = schema::capture_problem(self.db.as_ref(), &self.ctx.config.users).await?;
+        if found != self.capture {
+            match &found {
+                Some(p) => tracing::error!(problem = %p.message, "capture is broken"),
+                None => tracing::info!("capture works again"),
+            }
+            self.beat = None;
+            self.capture = found;
+        }
+        Ok(())
     }
 
     /// While paused: resumes (and turns again at once) when the credential is usable again,

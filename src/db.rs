@@ -274,6 +274,23 @@ mod tests {
     }
 
     #[test]
+    fn a_url_that_does_not_parse_is_never_echoed() {
+        let bad = [
+            "postgresql://app:Zq9secretPW@db:notaport/crm",
+            "postgresql://app:Zq9secretPW%zz@db/crm",
+            "postgresql://app@db/crm?password=Zq9secretPW&sslmode=Zq9secretPW",
+            "host=db password=Zq9secretPW port=Zq9secretPW",
+            "host=db password='Zq9secretPW",
+            "host=db Zq9secretPW",
+            "postgresql://app:Zq9secretPW@db/crm?Zq9secretPW=1",
+        ];
+        for url in bad {
+            let message = parse(&database(url)).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(!message.contains("Zq9secretPW"), "{url} → {message}");
+        }
+    }
+
+    #[test]
     fn describe_hides_the_password() {
         let text = describe(&parse(&database("postgresql://app:s3cret@db.internal:6543/crm")).unwrap());
         assert_eq!(text, "host db.internal port 6543 database crm user app");

@@ -31,7 +31,7 @@ use crate::keap::model::{Contact, EmailAddress};
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
 use crate::mapping::{Changes, ContactPayload, Held};
 use crate::metrics::{DeliveryOutcome, Metrics};
-use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, UserRow};
+use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, ReadUser};
 use crate::token::{TokenError, TokenSource};
 
 /// What the delivery loop needs to know about one finished delivery.
@@ -64,11 +64,12 @@ pub(crate) struct Deliverer {
 }
 
 impl Deliverer {
-    /// Delivers one claimed change. `row` is the user's current row, `None` if deleted.
+    /// Delivers one claimed change. `row` is the user's current row, `None` if deleted, or why
+    /// it cannot be read (then the change is parked with that reason).
     ///
     /// `deadline` is when the claim's lease ends (less a margin); no call starts that could
     /// end after it.
-    pub(crate) async fn deliver(&self, claim: Claim, row: Option<UserRow>, deadline: Instant) -> Outcome {
+    pub(crate) async fn deliver(&self, claim: Claim, row: Option<ReadUser>, deadline: Instant) -> Outcome {
         match self.attempt(&claim, row, deadline).await {
             Ok(outcome) => outcome,
             Err(e) if e.is_connection_lost() => {
@@ -88,11 +89,16 @@ impl Deliverer {
     async fn attempt(
         &self,
         claim: &Claim,
-        row: Option<UserRow>,
+        row: Option<ReadUser>,
         deadline: Instant,
     ) -> Result<Outcome, DbError> {
-        let Some(row) = row else {
-            return self.deleted(claim, deadline).await;
+        let row = match row {
+            None => return self.deleted(claim, deadline).await,
+            Some(Ok(row)) => row,
+            Some(Err(unreadable)) => {
+                tracing::warn!(user = %claim.user_key, reason = %unreadable.0, "parked a user whose row cannot be read");
+                return self.park(claim, unreadable.0).await;
+            }
         };
         let payload = match ContactPayload::from_row(&row) {
             Ok(p) => p,
@@ -583,6 +589,7 @@ mod tests {
             retry_max: Duration::from_secs(60),
             on_delete: OnDelete::Keep,
             shutdown_grace: Duration::from_secs(1),
+            capture_check: Duration::from_secs(30),
         }
     }
 

@@ -70,7 +70,7 @@ mod token;
 pub use backfill::{enqueue_backfill, BackfillMode};
 pub use daemon::{Daemon, RunError, RunOptions};
 pub use db::DbError;
-pub use schema::{migrate, uninstall, MigrateReport, SchemaError};
+pub use schema::{migrate, migrate_reporting, uninstall, MigrateReport, SchemaError};
 pub use secret::Secret;
 pub use token::{import_grant, ImportError, TokenError};
 

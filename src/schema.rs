@@ -10,6 +10,7 @@
 //! ones and leaves it alone otherwise.
 
 use sha2::{Digest, Sha256};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::config::UsersConfig;
@@ -52,10 +53,17 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0006_grant_account.sql"),
     },
     Migration { version: 7, name: "0007_quota_usage.sql", sql: include_str!("../sql/0007_quota_usage.sql") },
+    Migration {
+        version: 8,
+        name: "0008_capture_truncate.sql",
+        sql: include_str!("../sql/0008_capture_truncate.sql"),
+    },
 ];
 
 /// Name of the row trigger installed on the users table.
 pub(crate) const TRIGGER_NAME: &str = "keap_sync_capture";
+/// Name of the statement-level `after truncate` trigger installed beside it.
+pub(crate) const TRUNCATE_TRIGGER_NAME: &str = "keap_sync_capture_truncate";
 /// Key for `pg_advisory_xact_lock`: "keapsync" in ASCII, so it is recognisable in `pg_locks`.
 const MIGRATION_LOCK: i64 = 0x6b65_6170_7379_6e63;
 
@@ -98,6 +106,16 @@ pub enum SchemaError {
         have: i32,
         /// The newest this binary has.
         want: i32,
+    },
+    /// `migrate` could not get its locks within its attempts.
+    #[error("gave up after {attempts} attempts of {timeout_secs} s each: {holder}; end that transaction (or `select pg_terminate_backend(pid)`) or run `keap-sync migrate` at a quieter moment")]
+    LockBusy {
+        /// How many times it tried.
+        attempts: u32,
+        /// The lock_timeout of each attempt.
+        timeout_secs: u64,
+        /// Who held the lock at the last attempt.
+        holder: String,
     },
     /// The database failed.
     #[error(transparent)]
@@ -205,10 +223,97 @@ fn checksum(sql: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How long one `migrate` attempt waits for a lock (`lock_timeout`). `create trigger` needs a
+/// lock on the users table that conflicts with every write: queued behind a long transaction,
+/// it would hold up every application write behind it for as long as that transaction lasts.
+/// With the timeout, writes wait at most this long, then the attempt gives way.
+pub(crate) const MIGRATE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How many attempts `migrate` makes before it gives up...
+pub(crate) const MIGRATE_ATTEMPTS: u32 = 12;
+/// ...and the pause between them, in which the writes that queued behind it go through.
+const MIGRATE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Applies pending migrations and installs (or updates) the capture trigger, all in one
-/// transaction under an advisory lock. Running it again changes nothing.
+/// transaction under an advisory lock. Running it again changes nothing. Waiting for a lock is
+/// logged (see [`migrate_reporting`]).
 pub async fn migrate(client: &mut Client, users: &UsersConfig) -> Result<MigrateReport, SchemaError> {
+    migrate_reporting(client, users, &mut |line| tracing::warn!("{line}")).await
+}
+
+/// [`migrate`], telling `report` what it waits for: each attempt waits at most
+/// [`MIGRATE_LOCK_TIMEOUT`] for a lock, then rolls back, names who holds it (pid, application,
+/// state, age: never the query text, which may hold user data), pauses and tries again, up to
+/// [`MIGRATE_ATTEMPTS`] times.
+pub async fn migrate_reporting(
+    client: &mut Client,
+    users: &UsersConfig,
+    report: &mut (dyn FnMut(&str) + Send),
+) -> Result<MigrateReport, SchemaError> {
+    let mut attempt = 1;
+    loop {
+        match migrate_once(client, users).await {
+            Err(SchemaError::Db(DbError::Query(e))) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                let holder = lock_holder(client, users).await?;
+                if attempt >= MIGRATE_ATTEMPTS {
+                    return Err(SchemaError::LockBusy {
+                        attempts: attempt,
+                        timeout_secs: MIGRATE_LOCK_TIMEOUT.as_secs(),
+                        holder,
+                    });
+                }
+                report(&format!(
+                    "{holder}; gave way after {} s so application writes go on, trying again ({} of {MIGRATE_ATTEMPTS})",
+                    MIGRATE_LOCK_TIMEOUT.as_secs(),
+                    attempt + 1
+                ));
+                attempt += 1;
+                tokio::time::sleep(MIGRATE_PAUSE).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Who holds a lock `migrate` may need: the oldest other transaction holding one on the users
+/// table or in schema keap_sync.
+async fn lock_holder(client: &Client, users: &UsersConfig) -> Result<String, SchemaError> {
+    let (schema, table) = users.schema_and_table();
+    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let row = client
+        .query_opt(
+            "select l.relation::regclass::text, a.pid,
+                    coalesce(nullif(a.application_name, ''), a.usename::text, 'unknown'),
+                    coalesce(a.state, 'unknown'),
+                    coalesce(extract(epoch from now() - a.xact_start)::int8, 0)
+               from pg_catalog.pg_locks l
+               join pg_catalog.pg_stat_activity a on a.pid = l.pid
+              where l.granted and l.locktype = 'relation' and l.pid <> pg_catalog.pg_backend_pid()
+                and (l.relation = pg_catalog.to_regclass($1)
+                     or l.relation in (select c.oid from pg_catalog.pg_class c
+                                         join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                                        where n.nspname = 'keap_sync'))
+              order by a.xact_start nulls last
+              limit 1",
+            &[&qualified],
+        )
+        .await?;
+    Ok(match row {
+        Some(r) => {
+            let (relation, pid, app, state, age): (String, i32, String, String, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            format!("waiting for a lock on {relation} held by pid {pid} ({app}, {state}, transaction open for {age} s)")
+        }
+        None => "waiting for a lock held by another session (another `keap-sync migrate`?)".to_owned(),
+    })
+}
+
+/// One attempt of [`migrate`], with a `lock_timeout`.
+async fn migrate_once(client: &mut Client, users: &UsersConfig) -> Result<MigrateReport, SchemaError> {
     let tx = client.transaction().await?;
+    tx.batch_execute(&format!("set local lock_timeout = '{}ms'", MIGRATE_LOCK_TIMEOUT.as_millis())).await?;
+    // A migration step may rewrite a large table (0005 builds unique indexes): the connection's
+    // statement_timeout guards the daemon's hot statements, not this one. Lock waits stay bounded.
+    tx.batch_execute("set local statement_timeout = 0").await?;
     tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
         "create schema if not exists keap_sync;
@@ -264,60 +369,175 @@ pub async fn migrate(client: &mut Client, users: &UsersConfig) -> Result<Migrate
     Ok(report)
 }
 
-/// The arguments of the installed capture trigger, if there is one.
-async fn installed_args(
+/// A capture trigger as the catalog has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Installed {
+    args: Vec<String>,
+    /// `pg_trigger.tgenabled`: `A` always, `O` origin (the default), `R` replica, `D` disabled.
+    enabled: u8,
+}
+
+/// The trigger `name` on the users table, if there is one.
+async fn installed(
     client: &impl GenericClient,
     table: &UserTable,
-) -> Result<Option<Vec<String>>, SchemaError> {
+    name: &str,
+) -> Result<Option<Installed>, SchemaError> {
     let row = client
         .query_opt(
             &format!(
-                "select tgargs from pg_catalog.pg_trigger where tgrelid = {}::regclass and tgname = $1",
+                "select tgargs, tgenabled::text from pg_catalog.pg_trigger where tgrelid = {}::regclass and tgname = $1",
                 quote_literal(&table.qualified)
             ),
-            &[&TRIGGER_NAME],
+            &[&name],
         )
         .await?;
     Ok(row.map(|row| {
         let raw: Vec<u8> = row.get(0);
-        raw.split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect()
+        let enabled: String = row.get(1);
+        Installed {
+            args: raw
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect(),
+            enabled: enabled.bytes().next().unwrap_or(b'D'),
+        }
     }))
 }
 
-/// True when the capture trigger is installed with exactly the configured columns.
+/// True when both capture triggers are installed, enabled `always`, the row trigger with
+/// exactly the configured columns.
 pub(crate) async fn trigger_installed(
     client: &impl GenericClient,
     table: &UserTable,
 ) -> Result<bool, SchemaError> {
-    Ok(installed_args(client, table).await?.as_ref() == Some(&table.trigger_args()))
+    Ok(trigger_problem(client, table).await?.is_none())
 }
 
-/// Creates the trigger unless an identical one is installed. Returns whether it changed.
+/// What is wrong with the capture triggers, if anything, phrased for the operator.
+async fn trigger_problem(
+    client: &impl GenericClient,
+    table: &UserTable,
+) -> Result<Option<String>, SchemaError> {
+    let checks = [(TRIGGER_NAME, Some(table.trigger_args())), (TRUNCATE_TRIGGER_NAME, None)];
+    for (name, want_args) in checks {
+        let problem = match installed(client, table, name).await? {
+            None => "is missing",
+            Some(t) if want_args.as_ref().is_some_and(|a| *a != t.args) => {
+                "captures other columns than the config names"
+            }
+            Some(t) if t.enabled == b'D' => "is disabled",
+            Some(t) if t.enabled != b'A' => {
+                "is not `enable always` (changes written under session_replication_role = replica are missed)"
+            }
+            Some(_) => continue,
+        };
+        return Ok(Some(format!(
+            "the capture trigger {name} on {} {problem}: changes to users are not all recorded; run `keap-sync migrate`",
+            table.qualified
+        )));
+    }
+    Ok(None)
+}
+
+/// What is wrong with capture right now, for the daemon's periodic check (`status`,
+/// `/healthz`, the log): the table or a configured column gone (renamed or dropped: then no
+/// user can be read, so `blocks_reads`), or a capture trigger missing, disabled, or out of
+/// step with the config. `None` when all is well.
+pub(crate) async fn capture_problem(
+    client: &impl GenericClient,
+    users: &UsersConfig,
+) -> Result<Option<CaptureProblem>, DbError> {
+    let table = match UserTable::resolve(client, users).await {
+        Ok(t) => t,
+        Err(SchemaError::Db(e)) => return Err(e),
+        Err(e) => {
+            return Ok(Some(CaptureProblem {
+                message: format!("capture is broken: {e} (or rename it back), then restart keap-sync"),
+                blocks_reads: true,
+            }))
+        }
+    };
+    match trigger_problem(client, &table).await {
+        Ok(None) => Ok(None),
+        Ok(Some(message)) => {
+            Ok(Some(CaptureProblem { message: format!("capture is broken: {message}"), blocks_reads: false }))
+        }
+        Err(SchemaError::Db(e)) => Err(e),
+        Err(e) => Ok(Some(CaptureProblem { message: format!("capture is broken: {e}"), blocks_reads: true })),
+    }
+}
+
+/// A broken capture, as [`capture_problem`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CaptureProblem {
+    /// What is wrong and the command (or config fix) that repairs it.
+    pub(crate) message: String,
+    /// A configured column or the table is gone: reading users would fail.
+    pub(crate) blocks_reads: bool,
+}
+
+/// Creates both capture triggers unless identical ones are installed, and makes them fire
+/// `always`. Returns whether anything changed.
+///
+/// `enable always`: a trigger in the default (`origin`) mode does not fire while
+/// `session_replication_role = replica`, which is how a logical replication apply worker and
+/// `pg_restore --disable-triggers` write; their changes would never reach Keap.
 async fn install_trigger(
     tx: &tokio_postgres::Transaction<'_>,
     table: &UserTable,
 ) -> Result<bool, SchemaError> {
     let want = table.trigger_args();
-    match installed_args(tx, table).await? {
-        Some(have) if have == want => return Ok(false),
-        Some(_) => {
-            tx.batch_execute(&format!("drop trigger {} on {}", quote_ident(TRIGGER_NAME), table.qualified))
-                .await?
+    let mut changed = false;
+    let row = installed(tx, table, TRIGGER_NAME).await?;
+    let row_enabled = match &row {
+        Some(t) if t.args == want => t.enabled,
+        other => {
+            if other.is_some() {
+                tx.batch_execute(&format!(
+                    "drop trigger {} on {}",
+                    quote_ident(TRIGGER_NAME),
+                    table.qualified
+                ))
+                .await?;
+            }
+            let args: Vec<String> = want.iter().map(|a| quote_literal(a)).collect();
+            tx.batch_execute(&format!(
+                "create trigger {} after insert or update or delete on {} for each row execute function keap_sync.capture({})",
+                quote_ident(TRIGGER_NAME),
+                table.qualified,
+                args.join(", ")
+            ))
+            .await?;
+            changed = true;
+            b'O'
         }
-        None => {}
+    };
+    let truncate = installed(tx, table, TRUNCATE_TRIGGER_NAME).await?;
+    if truncate.is_none() {
+        tx.batch_execute(&format!(
+            "create trigger {} after truncate on {} for each statement execute function keap_sync.capture_truncate()",
+            quote_ident(TRUNCATE_TRIGGER_NAME),
+            table.qualified,
+        ))
+        .await?;
+        changed = true;
     }
-    let args: Vec<String> = want.iter().map(|a| quote_literal(a)).collect();
-    tx.batch_execute(&format!(
-        "create trigger {} after insert or update or delete on {} for each row execute function keap_sync.capture({})",
-        quote_ident(TRIGGER_NAME),
-        table.qualified,
-        args.join(", ")
-    ))
-    .await?;
-    Ok(true)
+    for (name, enabled) in
+        [(TRIGGER_NAME, row_enabled), (TRUNCATE_TRIGGER_NAME, truncate.map_or(b'O', |t| t.enabled))]
+    {
+        if enabled != b'A' {
+            tx.batch_execute(&format!(
+                "alter table {} enable always trigger {}",
+                table.qualified,
+                quote_ident(name)
+            ))
+            .await?;
+            changed = true;
+        }
+    }
+    Ok(changed)
 }
 
 /// Removes the trigger (the only object on the application's side) and, with `drop_schema`,
@@ -337,8 +557,9 @@ pub async fn uninstall(
         .and_then(|r| r.get::<_, Option<u32>>(0))
         .is_some();
     if exists {
-        tx.batch_execute(&format!("drop trigger if exists {} on {qualified}", quote_ident(TRIGGER_NAME)))
-            .await?;
+        for name in [TRIGGER_NAME, TRUNCATE_TRIGGER_NAME] {
+            tx.batch_execute(&format!("drop trigger if exists {} on {qualified}", quote_ident(name))).await?;
+        }
     }
     if drop_schema {
         tx.batch_execute("drop schema if exists keap_sync cascade").await?;

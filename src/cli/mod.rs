@@ -276,7 +276,8 @@ async fn backfill(config: Config, mode: BackfillMode, progress_bar: bool) -> Res
 
 async fn migrate(config: Config) -> Result<(), CliError> {
     let mut client = connect(&config).await?;
-    let report = schema::migrate(&mut client, &config.users).await?;
+    let report =
+        schema::migrate_reporting(&mut client, &config.users, &mut |line| eprintln!("{line}")).await?;
     if report.applied.is_empty() && !report.trigger_changed {
         println!(
             "schema keap_sync is up to date; the capture trigger on {} is installed",

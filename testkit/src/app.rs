@@ -267,7 +267,7 @@ impl TestApp {
             "alter table users disable trigger keap_sync_capture;
              insert into users (email, first_name, last_name)
              select 'pre' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g;
-             alter table users enable trigger keap_sync_capture;"
+             alter table users enable always trigger keap_sync_capture;"
         ))
         .await;
     }
