@@ -438,6 +438,9 @@ impl Context {
         )
         .await?;
         db.execute("delete from keap_sync.instances where last_seen < now() - interval '1 day'", &[]).await?;
+        if role == InstanceRole::Active {
+            crate::status::compact_counts(db).await?;
+        }
         let depth = crate::status::depth(db).await?;
         self.notifier.status(&match (role, paused) {
             (InstanceRole::Standby, _) => "standing by: another instance is delivering".to_owned(),

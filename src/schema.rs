@@ -51,6 +51,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0006_grant_account.sql",
         sql: include_str!("../sql/0006_grant_account.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_queue_counts.sql",
+        sql: include_str!("../sql/0007_queue_counts.sql"),
+    },
 ];
 
 /// Name of the row trigger installed on the users table.
