@@ -87,6 +87,13 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a standby instance tries to take over deliveries.
 const STANDBY_RECHECK: Duration = Duration::from_secs(2);
 
+/// How soon the loop claims again when a due change was skipped because an open transaction
+/// holds its row. Usually the holder is an application transaction that changed the user, and
+/// its commit sends a NOTIFY that wakes the loop at once; this only bounds the wait for other
+/// holders (a `select … for update` in psql, say) at one claim a second, instead of a re-claim
+/// every few milliseconds for as long as the transaction stays open.
+const LOCKED_RECHECK: Duration = Duration::from_secs(1);
+
 /// How often a running backfill's progress is read (and, every 10 s, logged).
 const BACKFILL_WATCH: Duration = Duration::from_millis(500);
 
@@ -446,6 +453,9 @@ impl Context {
         )
         .await?;
         db.execute("delete from keap_sync.instances where last_seen < now() - interval '1 day'", &[]).await?;
+        if role == InstanceRole::Active {
+            crate::status::compact_counts(db).await?;
+        }
         let depth = crate::status::depth(db).await?;
         self.notifier.status(&match (role, paused) {
             (InstanceRole::Standby, _) => "standing by: another instance is delivering".to_owned(),
@@ -682,12 +692,19 @@ impl Session<'_> {
         if free == 0 {
             return Ok(wait);
         }
+        let asked = Instant::now();
         let claimed = self.claim_and_spawn(free).await?.len();
         // The first drain has begun: migrations checked, LISTEN in place.
         self.ctx.mark_ready();
         if claimed < free {
-            if let Some(due) = outbox::next_due_in(&self.db, self.ctx.claim_timing()).await? {
+            // Driven by the next *claimable* time: a due row that an open transaction holds is
+            // skipped by every claim until it commits, so it must not set the wait to zero.
+            let next = outbox::next_due_in(&self.db, self.ctx.claim_timing(), asked.elapsed()).await?;
+            if let Some(due) = next.due_in {
                 wait = wait.min(due.max(Duration::from_millis(5)));
+            }
+            if next.skipped_locked {
+                wait = wait.min(LOCKED_RECHECK);
             }
         }
         Ok(wait)

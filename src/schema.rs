@@ -58,6 +58,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0008_capture_truncate.sql",
         sql: include_str!("../sql/0008_capture_truncate.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_queue_counts.sql",
+        sql: include_str!("../sql/0009_queue_counts.sql"),
+    },
 ];
 
 /// Name of the row trigger installed on the users table.

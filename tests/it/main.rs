@@ -7,6 +7,7 @@
 //! Tests never sleep to synchronise: they wait for a condition with a deadline.
 
 mod architecture;
+mod backlog;
 mod capture;
 mod cli;
 mod contacts;
