@@ -246,9 +246,9 @@ pub async fn migrate(client: &mut Client, users: &UsersConfig) -> Result<Migrate
 }
 
 /// [`migrate`], telling `report` what it waits for: each attempt waits at most
-/// [`MIGRATE_LOCK_TIMEOUT`] for a lock, then rolls back, names who holds it (pid, application,
+/// `MIGRATE_LOCK_TIMEOUT` for a lock, then rolls back, names who holds it (pid, application,
 /// state, age: never the query text, which may hold user data), pauses and tries again, up to
-/// [`MIGRATE_ATTEMPTS`] times.
+/// `MIGRATE_ATTEMPTS` times.
 pub async fn migrate_reporting(
     client: &mut Client,
     users: &UsersConfig,
