@@ -70,7 +70,9 @@ async fn no_rolling_minute_holds_more_calls_than_the_per_minute_limit() {
         "{} calls; at most {most} in a rolling 60 s (window starting {from:?} after the first)",
         at.len()
     );
-    assert_eq!(at.len(), 2 * USERS, "a lookup and a create per user");
+    // A lookup and a create per user; a user whose create could not be admitted before its
+    // lease ran out looks up again on its retry, so there may be a few more.
+    assert!(at.len() >= 2 * USERS, "{} calls for {USERS} users", at.len());
     assert!(
         most <= PER_MINUTE,
         "{most} calls in one rolling 60 s window (starting {from:?} after the first call); per_minute = {PER_MINUTE}"
