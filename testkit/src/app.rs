@@ -125,6 +125,13 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The defaults, but no daemon started: the test starts it when its set-up is done.
+    pub fn stopped() -> Options {
+        Options { start_daemon: false, ..Options::default() }
+    }
+}
+
 /// An in-process daemon and the way to stop it.
 struct RunningDaemon {
     stop: oneshot::Sender<()>,
@@ -258,6 +265,16 @@ impl TestApp {
             .expect("daemon stops within 30 s")
             .expect("daemon task")
             .expect("daemon ran without error");
+    }
+
+    /// Inserts `n` users `u1@example.com`, … (first and last names `F1`/`L1`, …), captured as
+    /// the application's writes are.
+    pub async fn insert_users(&self, n: usize) {
+        self.exec(&format!(
+            "insert into users (email, first_name, last_name)
+             select 'u' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g"
+        ))
+        .await;
     }
 
     /// Inserts `n` users with the capture trigger disabled: users that existed before

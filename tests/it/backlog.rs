@@ -7,10 +7,6 @@ use std::time::Duration;
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
 use tokio_postgres::Client;
 
-fn stopped() -> Options {
-    Options { start_daemon: false, ..Options::default() }
-}
-
 /// Counts every UPDATE statement on the outbox (a claim is one, even when it claims nothing)
 /// in an insert-only table, so the counting itself takes no lock a claim could wait on.
 async fn count_outbox_updates(app: &TestApp) {
@@ -47,7 +43,7 @@ async fn commits(db: &Client) -> i64 {
 /// NOTIFY gets the change delivered at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_due_row_locked_by_an_open_transaction_does_not_make_the_daemon_spin() {
-    let mut app = spawn_app_with(stopped()).await;
+    let mut app = spawn_app_with(Options::stopped()).await;
     app.exec("insert into users (email, first_name) values ('held@example.com', 'Held')").await;
     count_outbox_updates(&app).await;
     // The application's transaction: the trigger's upsert locks the queued row until commit.
@@ -106,7 +102,7 @@ async fn outbox_tuples_read(app: &TestApp) -> i64 {
 /// exact after inserts, upserts, kind changes, parking, deletes and a backfill-sized insert.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_a_200000_row_backlog_exactly_without_reading_it() {
-    let app = spawn_app_with(stopped()).await;
+    let app = spawn_app_with(Options::stopped()).await;
     {
         // On a connection of its own, closed before the measurement.
         let setup = app::connect(&app.conninfo).await;

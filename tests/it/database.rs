@@ -20,14 +20,6 @@ fn short_lock_timeout() -> Options {
     }
 }
 
-async fn insert_users(app: &TestApp, n: usize) {
-    app.exec(&format!(
-        "insert into users (email, first_name, last_name)
-         select 'u' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g"
-    ))
-    .await;
-}
-
 async fn contact_of(app: &TestApp, user: i64) -> i64 {
     app.db
         .query_one("select contact_id from keap_sync.contact_map where user_key = $1", &[&user.to_string()])
@@ -67,7 +59,7 @@ async fn rollbacks(app: &TestApp) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_lock_held_by_an_app_transaction_holds_up_that_user_alone() {
     let app = spawn_app_with(short_lock_timeout()).await;
-    insert_users(&app, 4).await;
+    app.insert_users(4).await;
     app.wait_idle().await;
     let locked = contact_of(&app, 1).await;
 
@@ -105,7 +97,7 @@ async fn a_row_lock_held_by_an_app_transaction_holds_up_that_user_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_that_times_out_is_retried_for_that_delivery_alone() {
     let app = spawn_app_with(short_lock_timeout()).await;
-    insert_users(&app, 2).await;
+    app.insert_users(2).await;
     app.wait_idle().await;
     let (first, second) = (contact_of(&app, 1).await, contact_of(&app, 2).await);
 
@@ -144,7 +136,7 @@ async fn a_session_killed_mid_call_loses_and_duplicates_nothing() {
     let app = spawn_app_with(Options::default()).await;
     // Keap answers slowly, so calls are in flight when the session is killed.
     app.fake.set_latency(Duration::from_millis(700));
-    insert_users(&app, 6).await;
+    app.insert_users(6).await;
     eventually(Duration::from_secs(5), "calls in flight", || async { app.contact_calls("GET") >= 2 }).await;
     let killed = app
         .count(

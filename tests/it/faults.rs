@@ -7,18 +7,6 @@ use std::time::{Duration, Instant};
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
 use keap_sync_testkit::fake::{FakeOptions, FaultAction, FaultRule, Route};
 
-fn stopped() -> Options {
-    Options { start_daemon: false, ..Options::default() }
-}
-
-async fn insert_users(app: &TestApp, n: usize) {
-    app.exec(&format!(
-        "insert into users (email, first_name, last_name)
-         select 'u' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g"
-    ))
-    .await;
-}
-
 fn contact_times(app: &TestApp) -> Vec<Instant> {
     app.fake
         .requests()
@@ -36,10 +24,10 @@ async fn at_20_per_second_the_limit_is_used_and_respected() {
             c.limits.per_second = 20;
             c.limits.per_minute = 100_000;
         },
-        ..stopped()
+        ..Options::stopped()
     })
     .await;
-    insert_users(&app, 2000).await;
+    app.insert_users(2000).await;
     app.start_daemon().await;
     app.wait_idle_for(Duration::from_secs(300)).await;
 
@@ -55,7 +43,7 @@ async fn at_20_per_second_the_limit_is_used_and_respected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_percent_errors_and_dropped_connections_lose_and_duplicate_nothing() {
-    let mut app = spawn_app_with(stopped()).await;
+    let mut app = spawn_app_with(Options::stopped()).await;
     // Three independent 11.2% chances: 1 - 0.888^3 ≈ 30% of contact calls fail. A reply lost
     // after Keap committed the write is the case that would duplicate with a non-idempotent call.
     for action in [
@@ -65,7 +53,7 @@ async fn thirty_percent_errors_and_dropped_connections_lose_and_duplicate_nothin
     ] {
         app.fake.inject(FaultRule::new(Route::Contacts, action).probability(0.112));
     }
-    insert_users(&app, 2000).await;
+    app.insert_users(2000).await;
     app.start_daemon().await;
     app.wait_idle_for(Duration::from_secs(120)).await;
 
@@ -118,7 +106,7 @@ fn failures_json(app: &TestApp) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
     let app = spawn_app_with(Options::default()).await;
-    insert_users(&app, 999).await;
+    app.insert_users(999).await;
     app.exec("insert into users (id, email, first_name) values (100000, 'not-an-email', 'Bad')").await;
     app::eventually(Duration::from_secs(60), "999 delivered, 1 parked", || async {
         app.count("select count(*) from keap_sync.outbox").await == 1
@@ -165,9 +153,9 @@ async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_busy_run_exits_0_and_releases_every_claim() {
-    let app = spawn_app_with(stopped()).await;
+    let app = spawn_app_with(Options::stopped()).await;
     app.fake.set_latency(Duration::from_millis(300));
-    insert_users(&app, 200).await;
+    app.insert_users(200).await;
     let config = app.write_config_file("", "");
     let mut daemon = app.spawn_process(&config);
     app::eventually(Duration::from_secs(20), "calls in flight", || async {
@@ -198,9 +186,9 @@ async fn sigterm_during_a_busy_run_exits_0_and_releases_every_claim() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_sigkills_during_a_5000_change_run_lose_and_duplicate_nothing() {
-    let app = spawn_app_with(stopped()).await;
+    let app = spawn_app_with(Options::stopped()).await;
     app.fake.set_latency(Duration::from_millis(2));
-    insert_users(&app, 5000).await;
+    app.insert_users(5000).await;
     let config = app.write_config_file("", "");
     let mut daemon = app.spawn_process(&config);
     let mut rng_state = 0x2545_f491_4f6c_dd1du64;
@@ -238,7 +226,7 @@ async fn a_spent_daily_quota_pauses_deliveries_and_says_so() {
         ..Options::default()
     })
     .await;
-    insert_users(&app, 30).await;
+    app.insert_users(30).await;
     app::eventually(Duration::from_secs(20), "status shows the quota pause", || async {
         app.count("select count(*) from keap_sync.instances where paused_reason like '%daily quota%'").await
             == 1

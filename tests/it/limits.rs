@@ -10,18 +10,6 @@ use std::time::{Duration, Instant};
 
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
 
-fn stopped() -> Options {
-    Options { start_daemon: false, ..Options::default() }
-}
-
-async fn insert_users(app: &TestApp, n: usize) {
-    app.exec(&format!(
-        "insert into users (email, first_name, last_name)
-         select 'u' || g || '@example.com', 'F' || g, 'L' || g from generate_series(1, {n}) g"
-    ))
-    .await;
-}
-
 /// Arrival times (as the fake recorded them) of every contact call, 429s included: Keap's
 /// window counts what arrives.
 fn contact_times(app: &TestApp) -> Vec<Instant> {
@@ -59,8 +47,9 @@ async fn no_rolling_minute_holds_more_calls_than_the_per_minute_limit() {
     const PER_MINUTE: usize = 30;
     const USERS: usize = PER_MINUTE / 2 + 5;
     let mut app =
-        spawn_app_with(Options { tweak: |c| c.limits.per_minute = PER_MINUTE as u32, ..stopped() }).await;
-    insert_users(&app, USERS).await;
+        spawn_app_with(Options { tweak: |c| c.limits.per_minute = PER_MINUTE as u32, ..Options::stopped() })
+            .await;
+    app.insert_users(USERS).await;
     app.start_daemon().await;
     app.wait_idle_for(Duration::from_secs(150)).await;
 
@@ -88,10 +77,10 @@ async fn the_days_count_survives_a_restart() {
             // Slow enough that the first daemon can be stopped part-way through the day's 20.
             c.limits.per_second = 4;
         },
-        ..stopped()
+        ..Options::stopped()
     })
     .await;
-    insert_users(&app, 30).await;
+    app.insert_users(30).await;
     app.start_daemon().await;
     app::eventually(Duration::from_secs(30), "the first daemon's first calls", || async {
         app.fake.contacts().len() >= 5
@@ -131,10 +120,10 @@ async fn a_killed_daemon_never_lets_the_day_exceed_its_count() {
             c.limits.per_day = 20;
             c.limits.per_second = 4;
         },
-        ..stopped()
+        ..Options::stopped()
     })
     .await;
-    insert_users(&app, 30).await;
+    app.insert_users(30).await;
     let config = app.write_config_file("", "");
     let toml = std::fs::read_to_string(&config).expect("config file");
     let toml =

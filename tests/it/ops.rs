@@ -8,10 +8,6 @@ use keap_sync::BackfillMode;
 use keap_sync::RunOptions;
 use keap_sync_testkit::app::{self, spawn_app_with, ChildDaemon, Options, TestApp};
 
-fn stopped() -> Options {
-    Options { start_daemon: false, ..Options::default() }
-}
-
 async fn wait_exit(daemon: &mut ChildDaemon, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
@@ -37,7 +33,7 @@ fn upserts_per_email(app: &TestApp) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_of_10000_users_delivers_each_once_and_is_not_repeated() {
-    let app = spawn_app_with(stopped()).await;
+    let app = spawn_app_with(Options::stopped()).await;
     app.insert_preexisting_users(10_000).await;
     assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0, "not captured: pre-existing");
     let config = app.write_config_file("", "");
@@ -66,7 +62,7 @@ async fn a_backfill_of_10000_users_delivers_each_once_and_is_not_repeated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_backfill_resumes_without_resending_finished_users() {
-    let app = spawn_app_with(stopped()).await;
+    let app = spawn_app_with(Options::stopped()).await;
     app.insert_preexisting_users(10_000).await;
     let config = app.write_config_file("", "");
 
@@ -100,7 +96,7 @@ async fn live_changes_overtake_a_running_backfill() {
         tweak: |c| {
             c.limits.per_second = 400;
         },
-        ..stopped()
+        ..Options::stopped()
     })
     .await;
     // 4,000 users: a first sync is a lookup and a create, 8,000 calls at 400/s.
@@ -144,7 +140,7 @@ async fn live_changes_overtake_a_running_backfill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_reports_a_seeded_state() {
-    let app = spawn_app_with(stopped()).await;
+    let app = spawn_app_with(Options::stopped()).await;
     app.exec(
         "insert into keap_sync.outbox (user_key, priority, first_changed_at, parked_at) values
            ('1', 0, now() - interval '90 seconds', null),
@@ -258,7 +254,7 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_match_the_fakes_request_log() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut app = spawn_app_with(stopped()).await;
+    let mut app = spawn_app_with(Options::stopped()).await;
     let mut config = app.config();
     config.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     app.fake.inject(
@@ -301,7 +297,7 @@ async fn metrics_parse_and_match_the_fakes_request_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_it_notifies_ready_watchdog_status_and_stopping() {
     use std::os::unix::net::UnixDatagram;
-    let app = spawn_app_with(stopped()).await;
+    let app = spawn_app_with(Options::stopped()).await;
     app.exec("insert into users (email) values ('sd@example.com')").await;
     let config = app.write_config_file("", "");
     let dir = config.parent().unwrap().to_owned();
