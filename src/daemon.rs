@@ -434,10 +434,13 @@ impl Context {
         let pid = std::process::id() as i32;
         db.execute(
             "insert into keap_sync.instances
-                    (instance, host, pid, role, paused_reason, quota_minute_available, quota_day_available, throttled)
-             values ($1, $2, $3, $4, $5, $6, $7, $8)
+                    (instance, host, pid, role, paused_reason, quota_minute_available, quota_day_available, throttled,
+                     backend_pid, backend_start)
+             select $1, $2, $3, $4, $5, $6, $7, $8, pid, backend_start
+               from pg_catalog.pg_stat_activity where pid = pg_catalog.pg_backend_pid()
              on conflict (instance) do update
                 set last_seen = now(), role = excluded.role, paused_reason = excluded.paused_reason,
+                    backend_pid = excluded.backend_pid, backend_start = excluded.backend_start,
                     quota_minute_available = excluded.quota_minute_available,
                     quota_day_available = excluded.quota_day_available, throttled = excluded.throttled",
             &[
@@ -601,6 +604,14 @@ impl Session<'_> {
             };
             self.ctx.metrics.set_fatal(reason.clone());
             self.ctx.heartbeat(&self.db, InstanceRole::Active, reason.as_deref()).await?;
+            // We hold the delivery lock, so no other instance is delivering: the claims of one
+            // whose sessions are all gone (killed, crashed) have no task behind them. Checked on
+            // every heartbeat, not only after taking the lock, since a killed instance's backend
+            // may take a moment to exit.
+            let released = outbox::release_orphaned(&self.db, &self.ctx.instance).await?;
+            if released > 0 {
+                tracing::info!(released, "released the claims of an instance that is gone");
+            }
         }
         if self.capture.as_ref().is_some_and(|c| c.blocks_reads) {
             // No user can be read as configured: claiming would only fail.

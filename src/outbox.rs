@@ -693,6 +693,44 @@ pub(crate) async fn release_all(client: &Client, instance: &str, after: Duration
         .await?)
 }
 
+/// Forgets every instance other than `instance` none of whose recorded database session
+/// (`keap_sync.instances.backend_pid` and `backend_start`) is still connected, and releases its
+/// claims at once. Called only by the holder of the delivery lock: since that lock is ours, no
+/// other instance is delivering, and one with no session left cannot record a result either,
+/// so its claims would otherwise sit out their lease (two minutes by default) after a crash.
+/// A live instance that lost the lock releases its own claims as its session ends, so its rows
+/// are left to it. The attempt each claim counted is given back, as in [`release_all`].
+///
+/// Two statements, the second only when an instance is gone: the first reads the small
+/// instances table, and the outbox (which has no index on `leased_by`, so that claims stay HOT
+/// updates) is scanned only after a crash, not on every heartbeat.
+pub(crate) async fn release_orphaned(client: &Client, instance: &str) -> Result<u64, DbError> {
+    let gone: Vec<String> = client
+        .query(
+            "delete from keap_sync.instances i
+              where i.instance <> $1
+                and not exists (select from pg_catalog.pg_stat_activity a
+                                 where a.pid = i.backend_pid and a.backend_start = i.backend_start)
+          returning i.instance",
+            &[&instance],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    Ok(client
+        .execute(
+            "update keap_sync.outbox
+                set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0)
+              where leased_by = any($1)",
+            &[&gone],
+        )
+        .await?)
+}
+
 /// When the loop should claim again, after a claim that took fewer rows than it asked for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct NextDue {

@@ -63,6 +63,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0009_queue_counts.sql",
         sql: include_str!("../sql/0009_queue_counts.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_instance_sessions.sql",
+        sql: include_str!("../sql/0010_instance_sessions.sql"),
+    },
 ];
 
 /// Name of the row trigger installed on the users table.

@@ -146,6 +146,47 @@ async fn sigkill_mid_batch_then_restart_delivers_everything_once() {
     assert_eq!(app.fake.contacts().len(), 300);
 }
 
+/// A killed daemon's claims have no task behind them: the instance that takes the delivery lock
+/// after it releases them, so its work resumes at once instead of after the lease (two minutes
+/// here, as in production; the test waits far less).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemons_claims_resume_at_once_after_a_restart() {
+    let app = spawn_app_with(Options::stopped()).await;
+    // Slow Keap, so claims are held when the kill lands.
+    app.fake.set_latency(Duration::from_millis(400));
+    let config = app.write_config_file("", "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("lease_secs = 10"), "the test config sets the lease");
+    std::fs::write(&config, text.replace("lease_secs = 10", "lease_secs = 120")).unwrap();
+    app.insert_users(100).await;
+
+    let mut daemon = app.spawn_process(&config);
+    app::eventually(Duration::from_secs(30), "claims held by the first daemon", || async {
+        app.count("select count(*) from keap_sync.outbox where lease_until > now() + interval '60 seconds'")
+            .await
+            > 0
+    })
+    .await;
+    daemon.kill();
+    let _ = daemon.child.wait();
+    let held = app.count("select count(*) from keap_sync.outbox where lease_until > now()").await;
+    assert!(held > 0, "the kill left claims leased");
+
+    app.fake.set_latency(Duration::ZERO);
+    let restarted = app.spawn_process(&config);
+    // Well inside the 120 s lease: only a release by the new instance gets there in time.
+    app::eventually(Duration::from_secs(20), "every user delivered after the restart", || async {
+        app.count("select count(*) from keap_sync.outbox").await == 0
+    })
+    .await;
+    app.assert_keap_matches_users().await;
+    assert!(
+        restarted.log_text().contains("released the claims of an instance that is gone"),
+        "the log says why: {}",
+        restarted.log_text()
+    );
+}
+
 /// The README's first command: the demo runs on its own throwaway Postgres and fake Keap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_end_to_end() {
