@@ -5,9 +5,10 @@
 //! Migrations are the files in `sql/`, embedded in the binary, applied in order in one
 //! transaction under an advisory lock (so two instances starting together do not race), and
 //! recorded with their sha256: a file edited after it was applied is refused rather than
-//! silently diverging. The trigger is not a migration because its arguments come from the
-//! configuration; `migrate` (re)creates it when the configured columns differ from the installed
-//! ones and leaves it alone otherwise.
+//! silently diverging. The capture triggers and their functions are not migrations because
+//! their SQL is generated from the configuration (statement-level triggers compare the synced
+//! columns directly; see `capture_triggers`); `migrate` (re)creates them when the generated SQL
+//! differs from the installed one and leaves them alone otherwise.
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
