@@ -344,3 +344,70 @@ async fn a_non_utf8_value_in_a_sql_ascii_database_parks_that_user_alone() {
     assert_eq!(key, "2");
     assert!(reason.contains("user 2") && reason.contains("first_name"), "{reason}");
 }
+
+/// The outbox as `(user_key, version, key_gone)`, by key.
+async fn outbox(app: &app::TestApp) -> Vec<(String, i64, bool)> {
+    let client = app::connect(&app.conninfo).await;
+    client
+        .query("select user_key, version::bigint, key_gone from keap_sync.outbox order by user_key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_row_statement_enqueues_each_user_once_and_the_daemon_delivers_all() {
+    let mut app = spawn_app_with(Options::stopped()).await;
+    app.exec(
+        "insert into users (id, email) select g, 'm' || g || '@example.com' from generate_series(1, 5) g",
+    )
+    .await;
+    let want: Vec<(String, i64, bool)> = (1..=5).map(|i| (i.to_string(), 1, false)).collect();
+    assert_eq!(outbox(&app).await, want, "one insert statement, each user once");
+    app.exec("update users set first_name = 'F' || id").await;
+    let want: Vec<(String, i64, bool)> = (1..=5).map(|i| (i.to_string(), 2, false)).collect();
+    assert_eq!(outbox(&app).await, want, "one update statement bumps each user once");
+    app.start_daemon().await;
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts().len(), 5);
+    // The daemon is listening: a later statement is delivered from its one notification.
+    app.exec(
+        "insert into users (id, email) select g, 'm' || g || '@example.com' from generate_series(6, 8) g",
+    )
+    .await;
+    app.exec("delete from users where id in (6, 7)").await;
+    app.wait_idle().await;
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map").await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_of_unsynced_columns_only_enqueues_nothing() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.insert_users(3).await;
+    app.exec("delete from keap_sync.outbox").await;
+    app.exec("update users set plan = 'gold'").await;
+    app.exec("update users set email = email, first_name = first_name").await;
+    assert_eq!(outbox(&app).await, [], "no synced column changed");
+    app.exec("update users set last_name = 'Changed' where email = 'u2@example.com'").await;
+    assert_eq!(outbox(&app).await.len(), 1, "a synced column changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_mixing_key_changes_and_same_key_changes_enqueues_the_right_keys() {
+    let mut app = spawn_app().await;
+    app.exec("insert into users (id, email) values (1, 'k1@example.com'), (2, 'k2@example.com')").await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    app.exec("delete from keap_sync.outbox").await;
+    app.exec("update users set id = case when id = 1 then 100 else id end, first_name = 'New'").await;
+    assert_eq!(
+        outbox(&app).await,
+        [("1".to_owned(), 1, true), ("100".to_owned(), 1, false), ("2".to_owned(), 1, false)],
+        "the old key gone, the new key and the same-key user enqueued"
+    );
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map where user_key = '1'").await, 0);
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map where user_key = '100'").await, 1);
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map where user_key = '2'").await, 1);
+}
