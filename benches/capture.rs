@@ -90,7 +90,7 @@ async fn main() {
         .expect("users");
     keap_sync::migrate(&mut client, &config.users).await.expect("migrate");
     // The row trigger of 0005, beside the new ones, disabled unless measured.
-    let args: Vec<String> = std::iter::once(config.users.key.as_str())
+    let args: Vec<String> = std::iter::once(config.users.key.clone())
         .chain(config.users.synced_columns())
         .map(|c| format!("'{c}'"))
         .collect();

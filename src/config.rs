@@ -25,6 +25,13 @@ use serde::Deserialize;
 
 use crate::secret::Secret;
 
+mod contact;
+
+pub use contact::{
+    AddressPart, ContactMapping, CustomFieldRef, Empty, Field, FieldMapping, PhonePart, Scalar, ScalarKind,
+    Source, TagRef, TagRule, TagTemplate, TagsConfig, ADDRESS_FIELDS, SCALARS,
+};
+
 /// Keap's production REST base; `/v1/contacts` is appended.
 pub const DEFAULT_API_URL: &str = "https://api.infusionsoft.com/crm/rest";
 /// Keap's OAuth token endpoint.
@@ -92,6 +99,8 @@ pub struct UsersConfig {
     pub given_name: Option<String>,
     /// The column sent as `family_name`; `None` when not synced.
     pub family_name: Option<String>,
+    /// Every other mapped property and the tags (`[contact]`, `[tags]`).
+    pub contact: ContactMapping,
 }
 
 impl UsersConfig {
@@ -103,12 +112,52 @@ impl UsersConfig {
         }
     }
 
-    /// The columns whose change must reach Keap, in a stable order (email first).
-    pub fn synced_columns(&self) -> Vec<&str> {
-        let mut cols = vec![self.email.as_str()];
-        cols.extend(self.given_name.as_deref());
-        cols.extend(self.family_name.as_deref());
+    /// The columns named directly (not inside an SQL expression) whose change must reach
+    /// Keap, in a stable order (email first), without repeats. `schema` adds the columns the
+    /// expressions read.
+    pub fn synced_columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = Vec::new();
+        let direct = self.fields().into_iter().map(|f| f.source).chain(self.tag_sources());
+        for source in direct {
+            if let Source::Column(c) = source {
+                if !cols.contains(&c) {
+                    cols.push(c);
+                }
+            }
+        }
         cols
+    }
+
+    /// Every mapped property: EMAIL1 (`email`) first, then the names of `[users]` (which
+    /// clear Keap's value when empty, as they always have), then `[contact]` in file order.
+    pub fn fields(&self) -> Vec<FieldMapping> {
+        let scalar = |name: &str| SCALARS.iter().find(|s| s.name == name).expect("a known property");
+        let mut fields = vec![FieldMapping {
+            key: "users.email".into(),
+            field: Field::Email(1),
+            source: Source::Column(self.email.clone()),
+            empty: Empty::Clear,
+        }];
+        for (key, name, column) in [
+            ("users.given_name", "given_name", &self.given_name),
+            ("users.family_name", "family_name", &self.family_name),
+        ] {
+            if let Some(c) = column {
+                fields.push(FieldMapping {
+                    key: key.into(),
+                    field: Field::Scalar(scalar(name)),
+                    source: Source::Column(c.clone()),
+                    empty: Empty::Clear,
+                });
+            }
+        }
+        fields.extend(self.contact.fields.iter().cloned());
+        fields
+    }
+
+    /// The sources of the tag rules, in order.
+    pub fn tag_sources(&self) -> impl Iterator<Item = Source> + '_ {
+        self.contact.tags.rules.iter().map(|r| r.source.clone())
     }
 }
 
@@ -151,13 +200,31 @@ pub struct KeapConfig {
 }
 
 /// What happens in Keap when a user row is deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnDelete {
+    /// Leave the contact in Keap (marketing history, consent records) — the default. The
+    /// mapping stays, so a user restored under the same key updates the same contact.
+    Keep,
+    /// `DELETE /v1/contacts/{id}`, and forget the mapping.
+    DeleteContact,
+    /// Keep the contact but apply `tag` (e.g. "Account deleted"); with `opt_out`, also opt its
+    /// email out of marketing (`PUT /v1/emailAddresses/{email}`, this reason). The mapping is
+    /// forgotten: a user restored later is linked again by email.
+    Tag {
+        /// The tag to apply.
+        tag: TagRef,
+        /// The opt-out reason, when the email is to be opted out.
+        opt_out: Option<String>,
+    },
+}
+
+/// `on_delete` as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OnDelete {
-    /// Leave the contact in Keap (marketing history, consent records) — the default.
+enum FileOnDelete {
     Keep,
-    /// `DELETE /v1/contacts/{id}`.
     DeleteContact,
+    Tag,
 }
 
 /// How changes are delivered: concurrency, timing, retries, deletes, stopping.
@@ -296,6 +363,8 @@ impl Config {
 struct FileConfig {
     database: FileDatabase,
     users: FileUsers,
+    contact: contact::FileContact,
+    tags: contact::FileTags,
     keap: FileKeap,
     delivery: FileDelivery,
     limits: FileLimits,
@@ -394,7 +463,12 @@ struct FileDelivery {
     settle_ms: u64,
     retry_base_ms: u64,
     retry_max_secs: u64,
-    on_delete: OnDelete,
+    on_delete: FileOnDelete,
+    /// With `on_delete = "tag"`: the tag (name or id).
+    on_delete_tag: contact::FileTagRefOrDefault,
+    /// With `on_delete = "tag"`: also opt the email out of marketing.
+    on_delete_opt_out: bool,
+    on_delete_opt_out_reason: String,
     shutdown_grace_secs: u64,
     capture_check_secs: u64,
 }
@@ -408,7 +482,10 @@ impl Default for FileDelivery {
             settle_ms: 100,
             retry_base_ms: 1_000,
             retry_max_secs: 3_600,
-            on_delete: OnDelete::Keep,
+            on_delete: FileOnDelete::Keep,
+            on_delete_tag: contact::FileTagRefOrDefault::default(),
+            on_delete_opt_out: false,
+            on_delete_opt_out_reason: "Account deleted in the application".into(),
             shutdown_grace_secs: 20,
             capture_check_secs: 30,
         }
@@ -548,7 +625,9 @@ fn secret_from_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
 impl FileConfig {
     fn validate(self, credential: Option<Credential>) -> Result<Config, ConfigError> {
         let database = self.database.validate()?;
-        let users = self.users.validate()?;
+        let mut users = self.users.validate()?;
+        users.contact = self.contact.validate()?;
+        users.contact.tags = self.tags.validate()?;
         let keap = self.keap.validate(credential)?;
         let delivery = self.delivery.validate(&keap)?;
         let limits = self.limits.validate(keap.credential.as_ref())?;
@@ -596,6 +675,7 @@ impl FileUsers {
             given_name: optional("users.given_name", self.given_name)?,
             family_name: optional("users.family_name", self.family_name)?,
             table: self.table,
+            contact: ContactMapping::default(),
         })
     }
 }
@@ -655,10 +735,33 @@ impl FileDelivery {
             settle: Duration::from_millis(self.settle_ms),
             retry_base: millis("delivery.retry_base_ms", self.retry_base_ms)?,
             retry_max: secs("delivery.retry_max_secs", self.retry_max_secs)?,
-            on_delete: self.on_delete,
+            on_delete: self.on_delete()?,
             shutdown_grace: secs("delivery.shutdown_grace_secs", self.shutdown_grace_secs)?,
             capture_check: secs("delivery.capture_check_secs", self.capture_check_secs)?,
         })
+    }
+}
+
+impl FileDelivery {
+    fn on_delete(&self) -> Result<OnDelete, ConfigError> {
+        let opt_out = self.on_delete_opt_out.then(|| self.on_delete_opt_out_reason.clone());
+        match self.on_delete {
+            FileOnDelete::Tag => {
+                if opt_out.as_ref().is_some_and(|r| r.trim().is_empty()) {
+                    return Err(ConfigError::Invalid(
+                        "delivery.on_delete_opt_out_reason is empty: Keap needs a reason for an opt-out".into(),
+                    ));
+                }
+                Ok(OnDelete::Tag { tag: self.on_delete_tag.validate("delivery.on_delete_tag")?, opt_out })
+            }
+            _ if opt_out.is_some() => Err(ConfigError::Invalid(
+                "delivery.on_delete_opt_out needs on_delete = \"tag\" (a deleted contact has no email to opt out; \
+                 a kept one is left alone)"
+                    .into(),
+            )),
+            FileOnDelete::Keep => Ok(OnDelete::Keep),
+            FileOnDelete::DeleteContact => Ok(OnDelete::DeleteContact),
+        }
     }
 }
 

@@ -52,10 +52,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backfill::{self, BackfillMode, BackfillState};
+use crate::catalog::Catalog;
 use crate::config::{Config, ConfigError, Credential};
 use crate::db::{self, DbError};
 use crate::deliver::{Deliverer, Outcome};
 use crate::keap::KeapClient;
+use crate::mapping::Mapper;
 use crate::metrics::Metrics;
 use crate::outbox::{self, ClaimTiming};
 use crate::ratelimit::{self, Limiter};
@@ -157,26 +159,10 @@ impl Daemon {
             })?),
             None => None,
         };
-        let limiter = Arc::new(Limiter::new(&config.limits, &credential));
-        let metrics = Arc::new(Metrics::new());
-        let keap = KeapClient::new(
-            &config.keap.api_url,
-            config.keap.request_timeout,
-            config.keap.connect_timeout,
-            Arc::clone(&limiter),
-            Arc::clone(&metrics),
-        )
-        .map_err(RunError::Setup)?;
-        let tokens = TokenSource::new(
-            &credential,
-            &config.keap.token_url,
-            pg.clone(),
-            TokenPolicy::from_config(&config.keap),
-            config.keap.request_timeout,
-            config.keap.connect_timeout,
-            Arc::clone(&metrics),
-        )
-        .map_err(RunError::Setup)?;
+        let KeapAccess { keap, tokens, limiter, metrics } = keap_access(&config, &pg)?;
+        let mapper = Arc::new(Mapper::new(&config.users));
+        let catalog = Arc::new(Catalog::default());
+        check_custom_fields(&first, &keap, &tokens, &catalog, &mapper, config.keap.request_timeout).await?;
         let host = hostname();
         let context = Context {
             instance: instance_id(&host),
@@ -187,6 +173,8 @@ impl Daemon {
             limiter,
             metrics,
             tokens: Arc::new(tokens),
+            mapper,
+            catalog,
             credential_kind: match credential {
                 Credential::ApiKey(_) => "api key",
                 Credential::OAuth { .. } => "oauth",
@@ -276,6 +264,73 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>,
     }
 }
 
+/// The Keap client and credential of a configuration, with their shared limiter and metrics.
+pub(crate) struct KeapAccess {
+    pub(crate) keap: KeapClient,
+    pub(crate) tokens: TokenSource,
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// Builds [`KeapAccess`] (no call is made yet): the daemon's, and `preview`'s for names.
+pub(crate) fn keap_access(config: &Config, pg: &PgConfig) -> Result<KeapAccess, RunError> {
+    let credential = config.credential()?.clone();
+    let limiter = Arc::new(Limiter::new(&config.limits, &credential));
+    let metrics = Arc::new(Metrics::new());
+    let keap = KeapClient::new(
+        &config.keap.api_url,
+        config.keap.request_timeout,
+        config.keap.connect_timeout,
+        Arc::clone(&limiter),
+        Arc::clone(&metrics),
+    )
+    .map_err(RunError::Setup)?;
+    let tokens = TokenSource::new(
+        &credential,
+        &config.keap.token_url,
+        pg.clone(),
+        TokenPolicy::from_config(&config.keap),
+        config.keap.request_timeout,
+        config.keap.connect_timeout,
+        Arc::clone(&metrics),
+    )
+    .map_err(RunError::Setup)?;
+    Ok(KeapAccess { keap, tokens, limiter, metrics })
+}
+
+/// Start-up check of the mapped custom fields against Keap's contact model: a field Keap does
+/// not have is a configuration error, reported before anything runs. When Keap cannot be asked
+/// now (unreachable, no credential yet), the check happens on the first delivery instead, and
+/// a missing field then parks the changes that need it, naming it.
+pub(crate) async fn check_custom_fields(
+    db: &Client,
+    keap: &KeapClient,
+    tokens: &TokenSource,
+    catalog: &Catalog,
+    mapper: &Mapper,
+    timeout: Duration,
+) -> Result<(), RunError> {
+    if !mapper.needs_model() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + timeout * 2;
+    let auth = match tokens.auth(db).await {
+        Ok(auth) => auth,
+        Err(TokenError::Db(e)) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check the mapped custom fields against Keap's model now; checking on the first delivery");
+            return Ok(());
+        }
+    };
+    match catalog.model(keap, &auth, deadline).await {
+        Ok(model) => mapper.check_model(model).map_err(|e| RunError::Config(ConfigError::Invalid(e))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read Keap's contact model now; checking the mapped custom fields on the first delivery");
+            Ok(())
+        }
+    }
+}
+
 /// Everything a session needs that outlives it: built once by [`Daemon::build`], shared
 /// read-only (`Arc<Context>`) with the backfill task.
 struct Context {
@@ -289,6 +344,10 @@ struct Context {
     metrics: Arc<Metrics>,
     /// Shared with every delivery task: one refresh at a time per process is its own business.
     tokens: Arc<TokenSource>,
+    /// The contact mapping of the configuration.
+    mapper: Arc<Mapper>,
+    /// Keap's custom fields and tag ids once looked up; outlives database sessions.
+    catalog: Arc<Catalog>,
     config: Config,
     /// Names this process's claims: host, pid and a random part.
     instance: String,
@@ -355,6 +414,8 @@ impl Context {
             delivery: self.config.delivery.clone(),
             instance: self.instance.clone(),
             metrics: Arc::clone(&self.metrics),
+            mapper: Arc::clone(&self.mapper),
+            catalog: Arc::clone(&self.catalog),
         });
         self.metrics.set_db_connected(true);
         tracing::info!("listening for changes; draining the outbox");

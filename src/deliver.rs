@@ -4,11 +4,11 @@
 //!
 //! | user row | mapping | owned values | action |
 //! | --- | --- | --- | --- |
-//! | gone | – | – | `on_delete`: keep the contact, or `DELETE` the contact mapped *now* (not at claim time) and forget it |
-//! | no email | any | – | park: only a new change can fix it |
-//! | present | mapped | unchanged | nothing: Keap already holds them |
-//! | present | mapped | changed | `PATCH` only the changed properties; a new EMAIL1 first reads the contact's other slots; a 404 links again |
-//! | present | none | – | look up by email (an in-doubt create's email first) → link and `PATCH` what differs, or record the create, then `PUT /v1/contacts` |
+//! | gone | – | – | `on_delete`: keep the contact, `DELETE` it, or tag it (and opt its email out); always on the contact mapped *now* (not at claim time), then forget the mapping |
+//! | breaks a rule | any | – | park, naming the user, the column and the rule: only a new change can fix it |
+//! | present | mapped | unchanged, same tags | nothing: Keap already holds them |
+//! | present | mapped | changed | `PATCH` only the changed properties (an array property: read the contact first and send its other slots back); then at most one tag apply and one tag remove; a 404 links again |
+//! | present | none | – | look up by email (an in-doubt create's email first) → link and `PATCH` what differs, or record the create, then `PUT /v1/contacts`; then one apply of the rule and `on_create` tags |
 //!
 //! A contact is linked (mapped) before anything is written to it, so two users never share one
 //! and a key that is gone is never mapped (`outbox::link`). Results: success completes the
@@ -16,8 +16,10 @@
 //! parks the change with Keap's message; a 401 refreshes the token and retries once. A 403, or a
 //! 401 again with the fresh token, is the credential's fault, not the change's: the change is
 //! requeued and the daemon pauses deliveries and probes (`Outcome::Refused`). Nothing is ever
-//! dropped.
+//! dropped: every call here is safe to repeat, so a delivery that fails half-way (the PATCH
+//! done, the tag apply refused) is simply delivered again.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,11 +27,12 @@ use rand::Rng;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use crate::config::{DeliveryConfig, OnDelete};
+use crate::catalog::{Catalog, Tags};
+use crate::config::{DeliveryConfig, OnDelete, TagRef};
 use crate::db::DbError;
-use crate::keap::model::{Contact, EmailAddress};
+use crate::keap::model::Contact;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
-use crate::mapping::{Changes, ContactPayload, Held};
+use crate::mapping::{ContactPayload, CustomModel, Held, Mapper};
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, ReadUser};
 use crate::token::{TokenError, TokenSource};
@@ -61,6 +64,10 @@ pub(crate) struct Deliverer {
     pub delivery: DeliveryConfig,
     pub instance: String,
     pub metrics: Arc<Metrics>,
+    /// The configured mapping from a row to a contact and its tags.
+    pub mapper: Arc<Mapper>,
+    /// Keap's custom fields and tag ids, looked up once (it outlives reconnects).
+    pub catalog: Arc<Catalog>,
 }
 
 impl Deliverer {
@@ -100,36 +107,91 @@ impl Deliverer {
                 return self.park(claim, unreadable.0).await;
             }
         };
-        let payload = match ContactPayload::from_row(&row) {
+        let model = match self.model(claim, deadline).await? {
+            Ok(model) => model,
+            Err(failure) => return self.failed(claim, failure, None, false).await,
+        };
+        let payload = match self.mapper.payload(&claim.user_key, &row, model) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(user = %claim.user_key, reason = %e, "parked a change that cannot be mapped");
                 return self.park(claim, e.to_string()).await;
             }
         };
+        let want = match self.tag_ids(claim, &payload.tags, deadline).await? {
+            Ok(ids) => ids,
+            Err(end) => return self.record(claim, &payload, end).await,
+        };
         let mut end = match claim.contact_id {
-            Some(id) => self.update_mapped(claim, &payload, id, deadline).await?,
+            Some(id) => self.update_mapped(claim, &payload, id, &want, deadline).await?,
             None => End::Unlinked,
         };
         if matches!(end, End::Unlinked) {
             if let Some(id) = claim.contact_id {
                 tracing::info!(user = %claim.user_key, contact = id, "contact gone in Keap; linking again by email");
             }
-            end = self.link_or_create(claim, &payload, deadline).await?;
+            end = self.link_or_create(claim, &payload, &want, deadline).await?;
         }
         self.record(claim, &payload, end).await
+    }
+
+    /// Keap's contact model, when custom fields are mapped (read once, then cached).
+    async fn model(
+        &self,
+        claim: &Claim,
+        deadline: Instant,
+    ) -> Result<Result<Option<&CustomModel>, Failure>, DbError> {
+        if !self.mapper.needs_model() {
+            return Ok(Ok(None));
+        }
+        let catalog = &self.catalog;
+        let found =
+            self.with_auth(claim, |auth| async move {
+                catalog.model(&self.keap, &auth, deadline).await.map(|_| ())
+            })
+            .await?;
+        Ok(found.map(|()| self.catalog.model_if_known()))
+    }
+
+    /// The ids of tags named by the rules or `on_create`; a tag that does not exist (and may
+    /// not be created) parks the change, naming it.
+    async fn tag_ids(
+        &self,
+        claim: &Claim,
+        refs: &BTreeSet<TagRef>,
+        deadline: Instant,
+    ) -> Result<Result<BTreeSet<i64>, End>, DbError> {
+        if refs.is_empty() {
+            return Ok(Ok(BTreeSet::new()));
+        }
+        let create = self.mapper.create_missing_tags();
+        let catalog = &self.catalog;
+        let found = self
+            .with_auth(claim, |auth| async move {
+                catalog.tag_ids(&self.keap, &auth, refs, create, deadline).await
+            })
+            .await?;
+        Ok(match found {
+            Ok(Tags::Ids(ids)) => Ok(ids.into_values().collect()),
+            Ok(Tags::Missing(name)) => Err(End::Park(format!(
+                "user {}: Keap has no tag named {name:?}; create it in Keap, or set `[tags] create_missing = true` \
+                 (the change syncs again on `keap-sync failures retry {}`)",
+                claim.user_key, claim.user_key
+            ))),
+            Err(failure) => Err(End::failed(failure, None)),
+        })
     }
 
     /// Records how a delivery of a present user ended.
     async fn record(&self, claim: &Claim, payload: &ContactPayload, end: End) -> Result<Outcome, DbError> {
         match end {
-            End::Synced { contact_id, called } => {
+            End::Synced { contact_id, called, tags } => {
                 // Keap holds the payload now; an unchanged payload whose `sent` is known needs
                 // no write at all.
                 let done = if !called && claim.sent.is_some() && claim.contact_id == Some(contact_id) {
                     Done::Nothing
                 } else {
-                    Done::Synced { contact_id, fingerprint: payload.fingerprint(), sent: payload.sent() }
+                    Done::Synced { contact_id, fingerprint: payload.fingerprint(), sent: payload.sent(&tags) }
                 };
                 outbox::with_retries("complete", &claim.user_key, || {
                     outbox::complete(&self.db, claim, &self.instance, &done)
@@ -182,120 +244,213 @@ impl Deliverer {
         Ok(Outcome::Handled)
     }
 
-    /// A mapped user: send the owned properties that changed, nothing else (invariant 12).
-    /// Returns [`End::Unlinked`] when the contact is gone in Keap.
+    /// A mapped user: send the owned properties that changed, nothing else (invariant 12),
+    /// then move the rule tags. Returns [`End::Unlinked`] when the contact is gone in Keap.
     async fn update_mapped(
         &self,
         claim: &Claim,
         payload: &ContactPayload,
         id: i64,
+        want: &BTreeSet<i64>,
         deadline: Instant,
     ) -> Result<End, DbError> {
-        let held = match &claim.sent {
-            Some(sent) => Held::from_sent(sent),
-            // A mapping from before `sent` was kept: the fingerprint says whether Keap has it.
-            None if claim.fingerprint.as_deref() == Some(payload.fingerprint().as_str()) => payload.as_held(),
-            None => Held::default(),
+        let held = Held::of_mapping(claim.sent.as_ref(), claim.fingerprint.as_deref(), payload);
+        // Tags our rules applied before; unknown (a mapping from an older release) counts as
+        // none, so every wanted tag is applied (applying one twice is harmless).
+        let had = held.tags().cloned().unwrap_or_default();
+        let on_create = if held.is_fresh() {
+            match self.tag_ids(claim, &self.mapper.on_create().iter().cloned().collect(), deadline).await? {
+                Ok(ids) => ids,
+                Err(end) => return Ok(end),
+            }
+        } else {
+            BTreeSet::new()
         };
         let mut changes = payload.changes(&held);
-        if !changes.any() {
-            return Ok(End::Synced { contact_id: id, called: false });
+        if !changes.any() && had == *want && on_create.is_empty() {
+            return Ok(End::Synced { contact_id: id, called: false, tags: want.clone() });
         }
-        let mut current_emails = Vec::new();
-        if changes.email {
-            // EMAIL1 is written as part of an array Keap replaces whole: read the other slots.
+        let mut current = None;
+        if changes.touch_arrays() {
+            // An array property is replaced whole: read the slots we do not own, to send them back.
+            let optional = self.mapper.optional_properties();
+            let optional = &optional;
             match self
-                .with_auth(claim, |auth| async move { self.keap.get_contact(&auth, id, deadline).await })
+                .with_auth(
+                    claim,
+                    |auth| async move { self.keap.get_contact(&auth, id, optional, deadline).await },
+                )
                 .await?
             {
                 Ok(contact) => {
-                    changes = payload.changes(&Held::from_contact(&contact));
-                    current_emails = contact.email_addresses;
+                    changes = payload.changes(&Held::from_contact(&contact.json, payload));
+                    current = Some(contact.json);
                 }
                 Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(End::Unlinked),
                 Err(failure) => return Ok(End::failed(failure, None)),
             }
-            if !changes.any() {
-                return Ok(End::Synced { contact_id: id, called: true });
+        }
+        if changes.any() {
+            let (body, mask) = payload.patch(&changes, current.as_ref());
+            let (body, mask) = (&body, &mask);
+            let result = self
+                .with_auth(claim, |auth| async move {
+                    self.keap.update_contact(&auth, id, body, mask, deadline).await
+                })
+                .await?;
+            match result {
+                Ok(_) => {}
+                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(End::Unlinked),
+                Err(failure) => return Ok(End::failed(failure, serde_json::to_value(body).ok())),
             }
         }
-        self.patch(claim, payload, id, changes, &current_emails, deadline).await
+        let apply: BTreeSet<i64> = want.difference(&had).chain(&on_create).copied().collect();
+        let remove: Vec<i64> = had.difference(want).copied().collect();
+        if let Some(end) = self.move_tags(claim, id, &apply, &remove, deadline).await? {
+            return Ok(end);
+        }
+        Ok(End::Synced { contact_id: id, called: true, tags: want.clone() })
     }
 
-    async fn patch(
+    /// At most one apply call and one remove call; `Some(end)` if either failed.
+    async fn move_tags(
         &self,
         claim: &Claim,
-        payload: &ContactPayload,
-        id: i64,
-        changes: Changes,
-        current_emails: &[EmailAddress],
+        contact: i64,
+        apply: &BTreeSet<i64>,
+        remove: &[i64],
         deadline: Instant,
-    ) -> Result<End, DbError> {
-        let (body, mask) = payload.patch(changes, current_emails);
-        let (body, mask) = (&body, &mask);
-        let result = self
-            .with_auth(claim, |auth| async move {
-                self.keap.update_contact(&auth, id, body, mask, deadline).await
-            })
-            .await?;
-        Ok(match result {
-            Ok(_) => End::Synced { contact_id: id, called: true },
-            Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => End::Unlinked,
-            Err(failure) => End::failed(failure, serde_json::to_value(body).ok()),
-        })
+    ) -> Result<Option<End>, DbError> {
+        if !apply.is_empty() {
+            let ids: Vec<i64> = apply.iter().copied().collect();
+            let ids = &ids;
+            let result =
+                self.with_auth(claim, |auth| async move {
+                    self.keap.apply_tags(&auth, contact, ids, deadline).await
+                })
+                .await?;
+            match result {
+                Ok(refused) if refused.is_empty() => {}
+                Ok(refused) if refused.iter().any(|(_, why)| why == "CONTACT_NOT_FOUND") => {
+                    return Ok(Some(End::Unlinked))
+                }
+                Ok(refused) => {
+                    let list: Vec<String> = refused.iter().map(|(id, why)| format!("{id} ({why})")).collect();
+                    return Ok(Some(End::Park(format!(
+                        "Keap did not apply tag(s) {} to contact {contact}; check the tag ids in the \
+                         configuration",
+                        list.join(", ")
+                    ))));
+                }
+                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(Some(End::Unlinked)),
+                Err(failure) => return Ok(Some(End::failed(failure, None))),
+            }
+        }
+        if !remove.is_empty() {
+            let result = self
+                .with_auth(claim, |auth| async move {
+                    self.keap.remove_tags(&auth, contact, remove, deadline).await
+                })
+                .await?;
+            if let Err(failure) = result {
+                return Ok(Some(End::failed(failure, None)));
+            }
+        }
+        Ok(None)
     }
 
     /// A user with no contact (or whose contact is gone): find it by email — first by the
     /// email of an earlier create whose answer never came (invariant 14), then by the current
     /// one — and link it, or create it. A read before any write, so an existing contact is
-    /// updated property by property and its other email slots survive (invariant 12).
+    /// updated property by property and its other slots survive (invariant 12).
     async fn link_or_create(
         &self,
         claim: &Claim,
         payload: &ContactPayload,
+        want: &BTreeSet<i64>,
         deadline: Instant,
     ) -> Result<End, DbError> {
+        let on_create =
+            match self.tag_ids(claim, &self.mapper.on_create().iter().cloned().collect(), deadline).await? {
+                Ok(ids) => ids,
+                Err(end) => return Ok(end),
+            };
         let mut emails: Vec<String> =
             claim.create_sent.as_ref().and_then(email_of_create).into_iter().collect();
         if !emails.iter().any(|e| e.eq_ignore_ascii_case(&payload.email)) {
             emails.push(payload.email.clone());
         }
+        let optional = self.mapper.optional_properties();
         for email in &emails {
-            let email = email.as_str();
+            let (email, optional) = (email.as_str(), &optional);
             let found = self
-                .with_auth(claim, |auth| async move { self.keap.find_by_email(&auth, email, deadline).await })
+                .with_auth(claim, |auth| async move {
+                    self.keap.find_by_email(&auth, email, optional, deadline).await
+                })
                 .await?;
             match found {
-                Ok(Some(contact)) => return self.adopt(claim, payload, contact, deadline).await,
+                Ok(Some(contact)) => {
+                    return self.adopt(claim, payload, contact, want, &on_create, deadline).await
+                }
                 Ok(None) => {}
                 Err(failure) => return Ok(End::failed(failure, None)),
             }
         }
-        self.create(claim, payload, deadline).await
+        self.create(claim, payload, want, &on_create, deadline).await
     }
 
-    /// Links an existing contact to the user, then sends what differs.
+    /// Links an existing contact to the user, then sends what differs and applies the tags.
     async fn adopt(
         &self,
         claim: &Claim,
         payload: &ContactPayload,
         contact: Contact,
+        want: &BTreeSet<i64>,
+        on_create: &BTreeSet<i64>,
         deadline: Instant,
     ) -> Result<End, DbError> {
-        let held = Held::from_contact(&contact);
-        if let Some(end) = self.link(claim, contact.id, &held.sent(), payload).await? {
+        let held = Held::from_contact(&contact.json, payload);
+        if let Some(end) = self.link(claim, contact.id, &held.link_sent(), payload).await? {
             return Ok(end);
         }
         let changes = payload.changes(&held);
-        if !changes.any() {
-            return Ok(End::Synced { contact_id: contact.id, called: true });
-        }
-        match self.patch(claim, payload, contact.id, changes, &contact.email_addresses, deadline).await? {
-            // Deleted in Keap between the read and the write: look again later.
-            End::Unlinked => {
-                Ok(End::RetryLater(format!("Keap contact {} vanished while being linked", contact.id)))
+        if changes.any() {
+            let (body, mask) = payload.patch(&changes, Some(&contact.json));
+            let (body, mask, id) = (&body, &mask, contact.id);
+            let result = self
+                .with_auth(claim, |auth| async move {
+                    self.keap.update_contact(&auth, id, body, mask, deadline).await
+                })
+                .await?;
+            match result {
+                Ok(_) => {}
+                // Deleted in Keap between the read and the write: look again later.
+                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => {
+                    return Ok(End::RetryLater(format!("Keap contact {id} vanished while being linked")))
+                }
+                Err(failure) => return Ok(End::failed(failure, serde_json::to_value(body).ok())),
             }
-            end => Ok(end),
+        }
+        self.tag_new(claim, contact.id, want, on_create, deadline).await
+    }
+
+    /// The one apply call of a newly linked contact: the rule tags and `on_create`.
+    async fn tag_new(
+        &self,
+        claim: &Claim,
+        contact_id: i64,
+        want: &BTreeSet<i64>,
+        on_create: &BTreeSet<i64>,
+        deadline: Instant,
+    ) -> Result<End, DbError> {
+        let apply: BTreeSet<i64> = want.union(on_create).copied().collect();
+        match self.move_tags(claim, contact_id, &apply, &[], deadline).await? {
+            // Deleted in Keap just after it was linked: look again later.
+            Some(End::Unlinked) => {
+                Ok(End::RetryLater(format!("Keap contact {contact_id} vanished while being linked")))
+            }
+            Some(end) => Ok(end),
+            None => Ok(End::Synced { contact_id, called: true, tags: want.clone() }),
         }
     }
 
@@ -324,6 +479,8 @@ impl Deliverer {
         &self,
         claim: &Claim,
         payload: &ContactPayload,
+        want: &BTreeSet<i64>,
+        on_create: &BTreeSet<i64>,
         deadline: Instant,
     ) -> Result<End, DbError> {
         let body = payload.create_body();
@@ -347,10 +504,13 @@ impl Deliverer {
             .with_auth(claim, |auth| async move { self.keap.upsert_contact(&auth, body, deadline).await })
             .await?;
         match result {
-            Ok(contact) => Ok(self
-                .link(claim, contact.id, &payload.sent(), payload)
-                .await?
-                .unwrap_or(End::Synced { contact_id: contact.id, called: true })),
+            Ok(contact) => {
+                let linked = payload.as_held().link_sent();
+                if let Some(end) = self.link(claim, contact.id, &linked, payload).await? {
+                    return Ok(end);
+                }
+                self.tag_new(claim, contact.id, want, on_create, deadline).await
+            }
             Err(failure) => {
                 // A 4xx is a definite answer: nothing was created.
                 let settles_create = matches!(&failure, Failure::Keap(e) if e.kind == ErrorKind::Rejected);
@@ -359,17 +519,9 @@ impl Deliverer {
         }
     }
 
+    /// A deleted user: `[delivery] on_delete` on the contact mapped now, then the mapping is
+    /// forgotten (a user restored later is linked again by email).
     async fn deleted(&self, claim: &Claim, deadline: Instant) -> Result<Outcome, DbError> {
-        if self.delivery.on_delete == OnDelete::Keep {
-            // Kept in Keap: nothing to call. The mapping stays, so a user restored under the
-            // same key updates the same contact.
-            outbox::with_retries("complete", &claim.user_key, || {
-                outbox::complete(&self.db, claim, &self.instance, &Done::Nothing)
-            })
-            .await?;
-            self.metrics.delivery(DeliveryOutcome::Deleted);
-            return Ok(Outcome::Handled);
-        }
         // The mapping as it is now, not as claimed: a key change moves it to the new key, and
         // a renamed user must keep its contact (invariant 13).
         let id = match outbox::with_retries("mapping_if_unchanged", &claim.user_key, || {
@@ -385,31 +537,112 @@ impl Deliverer {
                 .await?;
                 return Ok(Outcome::Handled);
             }
-            Some(None) => {
-                outbox::with_retries("complete", &claim.user_key, || {
-                    outbox::complete(&self.db, claim, &self.instance, &Done::Nothing)
-                })
-                .await?;
-                self.metrics.delivery(DeliveryOutcome::Deleted);
-                return Ok(Outcome::Handled);
-            }
+            Some(None) => return self.forget(claim, Done::Nothing).await.map(|()| Outcome::Handled),
             Some(Some(id)) => id,
         };
-        let result = self
-            .with_auth(claim, |auth| async move { self.keap.delete_contact(&auth, id, deadline).await })
-            .await?;
-        match result {
-            Ok(()) => {
-                tracing::info!(user = %claim.user_key, contact = id, "user deleted; deleted the Keap contact");
-                outbox::with_retries("complete", &claim.user_key, || {
-                    outbox::complete(&self.db, claim, &self.instance, &Done::Forgotten)
-                })
-                .await?;
-                self.metrics.delivery(DeliveryOutcome::Deleted);
-                Ok(Outcome::Accepted)
+        let result = match &self.delivery.on_delete {
+            OnDelete::Keep => {
+                tracing::info!(user = %claim.user_key, contact = id, "user deleted; kept the Keap contact");
+                return self.forget(claim, Done::Forgotten).await.map(|()| Outcome::Handled);
             }
+            OnDelete::DeleteContact => {
+                let r =
+                    self.with_auth(claim, |auth| async move {
+                        self.keap.delete_contact(&auth, id, deadline).await
+                    })
+                    .await?;
+                if r.is_ok() {
+                    tracing::info!(user = %claim.user_key, contact = id, "user deleted; deleted the Keap contact");
+                }
+                r
+            }
+            OnDelete::Tag { tag, opt_out } => {
+                match self.tag_deleted(claim, id, tag, opt_out.as_deref(), deadline).await? {
+                    Ok(Some(end)) => return self.record_delete_end(claim, end).await,
+                    Ok(None) => Ok(()),
+                    Err(failure) => Err(failure),
+                }
+            }
+        };
+        match result {
+            Ok(()) => self.forget(claim, Done::Forgotten).await.map(|()| Outcome::Accepted),
             Err(failure) => self.failed(claim, failure, None, false).await,
         }
+    }
+
+    /// `on_delete = "tag"`: apply the tag, then opt EMAIL1 out if configured. A contact
+    /// already gone in Keap counts as done. `Ok(Some(end))` when the tag cannot be had.
+    async fn tag_deleted(
+        &self,
+        claim: &Claim,
+        id: i64,
+        tag: &TagRef,
+        opt_out: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Result<Option<End>, Failure>, DbError> {
+        let ids = match self.tag_ids(claim, &BTreeSet::from([tag.clone()]), deadline).await? {
+            Ok(ids) => ids,
+            Err(end) => return Ok(Ok(Some(end))),
+        };
+        match self.move_tags(claim, id, &ids, &[], deadline).await? {
+            None => {}
+            Some(End::Unlinked) => return Ok(Ok(None)),
+            Some(end) => return Ok(Ok(Some(end))),
+        }
+        let Some(reason) = opt_out else {
+            tracing::info!(user = %claim.user_key, contact = id, "user deleted; tagged the Keap contact");
+            return Ok(Ok(None));
+        };
+        let contact = match self
+            .with_auth(claim, |auth| async move { self.keap.get_contact(&auth, id, &[], deadline).await })
+            .await?
+        {
+            Ok(c) => c,
+            Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(Ok(None)),
+            Err(failure) => return Ok(Err(failure)),
+        };
+        let Some(email) = contact.email1().map(str::to_owned) else { return Ok(Ok(None)) };
+        let email = &email;
+        let result = self
+            .with_auth(claim, |auth| async move { self.keap.opt_out(&auth, email, reason, deadline).await })
+            .await?;
+        Ok(match result {
+            Ok(()) => {
+                tracing::info!(user = %claim.user_key, contact = id, "user deleted; tagged the Keap contact and opted its email out");
+                Ok(None)
+            }
+            Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(failure) => Err(failure),
+        })
+    }
+
+    async fn record_delete_end(&self, claim: &Claim, end: End) -> Result<Outcome, DbError> {
+        match end {
+            End::Failed { failure, sent, settles_create } => {
+                self.failed(claim, failure, sent, settles_create).await
+            }
+            End::Park(message) => {
+                tracing::warn!(user = %claim.user_key, reason = %message, "parked a delete");
+                self.park(claim, message).await
+            }
+            _ => {
+                outbox::with_retries("release", &claim.user_key, || {
+                    outbox::release(&self.db, claim, &self.instance)
+                })
+                .await?;
+                Ok(Outcome::Handled)
+            }
+        }
+    }
+
+    /// Completes a delete: the mapping is forgotten (`Done::Forgotten`) or there was none.
+    async fn forget(&self, claim: &Claim, done: Done) -> Result<(), DbError> {
+        outbox::with_retries("complete", &claim.user_key, || {
+            outbox::complete(&self.db, claim, &self.instance, &done)
+        })
+        .await?;
+        self.metrics.delivery(DeliveryOutcome::Deleted);
+        Ok(())
     }
 
     /// Runs `call` with the current credential; on a 401, refreshes once and runs it again.
@@ -514,8 +747,9 @@ enum Failure {
 
 /// How the delivery of a present user ended, before it is recorded.
 enum End {
-    /// Keap holds the payload on this contact; `called` is false when no write was needed.
-    Synced { contact_id: i64, called: bool },
+    /// Keap holds the payload and the rule tags `tags` on this contact; `called` is false
+    /// when no call was needed.
+    Synced { contact_id: i64, called: bool, tags: BTreeSet<i64> },
     /// The mapped contact is gone in Keap: look it up by email, or create it.
     Unlinked,
     /// A call or the credential failed; `sent` is the body of the failed write.

@@ -28,10 +28,14 @@
 //! 2. `db` — connections (TLS, LISTEN), identifier quoting, the NOTIFY channel.
 //! 3. `schema` — migrations in `sql/`, the capture trigger, catalog checks.
 //! 4. `outbox` — claim with a lease, record results; every function one atomic statement.
-//! 5. `mapping` (user row → contact), `keap` (REST client and wire types), `ratelimit`,
+//! 5. `mapping` (user row → the contact properties and tags we own, checked against Keap's
+//!    rules; per-field fingerprints of what Keap holds), `keap` (REST client and wire types), `ratelimit`,
 //!    `metrics`, `token` (API key or OAuth grant, refreshed under a row lock), `systemd`.
-//! 6. `deliver` — one change: decide, call Keap at most once, classify the result.
-//! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`.
+//! 6. `deliver` — one change: decide, make the fewest Keap calls (one write per net change,
+//!    at most one tag apply and one tag remove), classify the result; `catalog` — Keap's
+//!    custom field and tag names, resolved once and cached.
+//! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`,
+//!    `preview` (the dry run: the calls a sync would make, with no Keap write and no state change).
 //! 8. [`cli`] — the command line; `main.rs` only calls [`cli::main`].
 //!
 //! Everything is private to the crate except the small embedding API below, which the
@@ -52,6 +56,7 @@ pub mod cli;
 pub mod config;
 
 mod backfill;
+mod catalog;
 mod daemon;
 mod db;
 mod deliver;
@@ -60,6 +65,7 @@ mod keap;
 mod mapping;
 mod metrics;
 mod outbox;
+mod preview;
 mod ratelimit;
 mod schema;
 mod secret;
@@ -70,6 +76,7 @@ mod token;
 pub use backfill::{enqueue_backfill, BackfillMode};
 pub use daemon::{Daemon, RunError, RunOptions};
 pub use db::DbError;
+pub use preview::{dry_run, preview, Call, Plan, PreviewError, Selection};
 pub use schema::{migrate, migrate_reporting, uninstall, MigrateReport, SchemaError};
 pub use secret::Secret;
 pub use token::{import_grant, ImportError, TokenError};

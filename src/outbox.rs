@@ -35,13 +35,11 @@ pub(crate) struct Claim {
     pub(crate) create_sent: Option<Value>,
 }
 
-/// The synced columns of one user, as text. A name column that is not synced reads as `None`;
-/// one that is synced but NULL reads as `Some("")`.
+/// The mapped values of one user, as text, in the order of `UserTable::selects` (the mapped
+/// fields, then the tag rules); NULL reads as `None`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct UserRow {
-    pub(crate) email: Option<String>,
-    pub(crate) given_name: Option<String>,
-    pub(crate) family_name: Option<String>,
+    pub(crate) values: Vec<Option<String>>,
 }
 
 /// Timing knobs for [`claim`].
@@ -112,6 +110,63 @@ pub(crate) struct Unreadable(pub(crate) String);
 /// One user as [`read_users`] found it: its synced columns, or why they could not be read.
 pub(crate) type ReadUser = Result<UserRow, Unreadable>;
 
+/// A user's link to its contact, as `preview` reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Mapping {
+    pub(crate) contact_id: i64,
+    pub(crate) fingerprint: Option<String>,
+    pub(crate) sent: Option<Value>,
+}
+
+/// The mappings of `keys` (read only).
+pub(crate) async fn mappings(client: &Client, keys: &[String]) -> Result<HashMap<String, Mapping>, DbError> {
+    let rows = client
+        .query(
+            "select user_key, contact_id, nullif(fingerprint, ''), sent
+               from keap_sync.contact_map where user_key = any($1)",
+            &[&keys],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), Mapping { contact_id: r.get(1), fingerprint: r.get(2), sent: r.get(3) }))
+        .collect())
+}
+
+/// Keys of the changes waiting for delivery, with their version, in the order the daemon
+/// claims them (read only, for `preview` and `run --dry-run`).
+pub(crate) async fn pending(client: &Client, limit: i64) -> Result<Vec<(String, i64)>, DbError> {
+    let rows = client
+        .query(
+            "select user_key, version from keap_sync.outbox
+              where parked_at is null
+              order by priority, next_attempt_at
+              limit $1",
+            &[&limit],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Keys of the users table in key order, at most `limit` (`None`: all), after `after`.
+pub(crate) async fn user_keys(
+    client: &Client,
+    table: &UserTable,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<String>, DbError> {
+    let sql = format!(
+        "select t.{key}::text from {table} t
+          where $1::text is null or t.{key} > $1::text::{key_type}
+          order by t.{key} limit $2",
+        key = table.key,
+        table = table.qualified,
+        key_type = table.key_type,
+    );
+    let rows = client.query(&sql, &[&after, &limit]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Reads the current rows of `keys` from the users table. A key with no row was deleted.
 ///
 /// Only the key and the synced columns are read (so the daemon's role needs `SELECT` on those
@@ -151,8 +206,14 @@ pub(crate) async fn read_users(
     Ok(found)
 }
 
-fn name_column(c: &Option<String>) -> String {
-    c.as_deref().map_or("null".to_owned(), |c| format!("coalesce(t.{c}::text, '')"))
+/// `t.key::text, <every mapped value>`: the one select list of a user read.
+pub(crate) fn user_select_list(table: &UserTable) -> String {
+    let mut list = format!("t.{}::text", table.key);
+    for s in &table.selects {
+        list.push_str(", ");
+        list.push_str(&s.sql);
+    }
+    list
 }
 
 /// The whole batch in one statement; `Ok(None)` when a value does not decode.
@@ -162,12 +223,10 @@ async fn read_batch(
     keys: &[String],
 ) -> Result<Option<HashMap<String, UserRow>>, DbError> {
     let sql = format!(
-        "select t.{key}::text, t.{email}::text, {given}, {family}
+        "select {list}
            from {table} t
           where t.{key} = any($1::text[]::{key_type}[])",
-        email = table.email,
-        given = name_column(&table.given_name),
-        family = name_column(&table.family_name),
+        list = user_select_list(table),
         table = table.qualified,
         key = table.key,
         key_type = table.key_type,
@@ -176,10 +235,8 @@ async fn read_batch(
     let mut found = HashMap::with_capacity(rows.len());
     for r in &rows {
         let decoded = (|| {
-            Ok::<_, tokio_postgres::Error>((
-                r.try_get::<_, Option<String>>(0)?,
-                UserRow { email: r.try_get(1)?, given_name: r.try_get(2)?, family_name: r.try_get(3)? },
-            ))
+            let values = (1..=table.selects.len()).map(|i| r.try_get(i)).collect::<Result<_, _>>()?;
+            Ok::<_, tokio_postgres::Error>((r.try_get::<_, Option<String>>(0)?, UserRow { values }))
         })();
         match decoded {
             Ok((Some(key), row)) => {
@@ -220,14 +277,9 @@ async fn read_one(client: &Client, table: &UserTable, key: &str) -> Result<Optio
             )))));
         }
     }
-    let mut values: Vec<Option<String>> = Vec::with_capacity(3);
-    let columns = [
-        (Some(table.email.clone()), format!("t.{}::text", table.email)),
-        (table.given_name.clone(), name_column(&table.given_name)),
-        (table.family_name.clone(), name_column(&table.family_name)),
-    ];
-    for (column, select) in columns {
-        let result = client.query_opt(&row_of(&select), &[&key]).await.map_err(DbError::from);
+    let mut values: Vec<Option<String>> = Vec::with_capacity(table.selects.len());
+    for selected in &table.selects {
+        let result = client.query_opt(&row_of(&selected.sql), &[&key]).await.map_err(DbError::from);
         let value = match result {
             // Deleted meanwhile.
             Ok(None) => return Ok(None),
@@ -239,21 +291,16 @@ async fn read_one(client: &Client, table: &UserTable, key: &str) -> Result<Optio
             Ok(v) => values.push(v),
             Err(e) => {
                 return Ok(Some(Err(Unreadable(format!(
-                    "user {key}: column {column} cannot be read as text: {why}; fix the value (or the \
-                     column's type), and the user syncs on its next change or on \
+                    "user {key}: {what} cannot be read as text: {why}; fix the value (or the \
+                     column's type, or the expression), and the user syncs on its next change or on \
                      `keap-sync failures retry {key}`",
-                    column = column.unwrap_or_default(),
+                    what = selected.what,
                     why = reason(&e),
                 )))))
             }
         }
     }
-    let mut values = values.into_iter();
-    Ok(Some(Ok(UserRow {
-        email: values.next().flatten(),
-        given_name: values.next().flatten(),
-        family_name: values.next().flatten(),
-    })))
+    Ok(Some(Ok(UserRow { values })))
 }
 
 /// True when a failure is about a value of one row rather than the setup or the connection:

@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::config::UsersConfig;
+use std::collections::HashSet;
+
+use crate::config::{Field, ScalarKind, Source, TagTemplate, UsersConfig};
 use crate::db::{quote_ident, quote_literal, DbError};
 
 /// One embedded migration file.
@@ -92,14 +94,23 @@ pub enum SchemaError {
     #[error("table {0} does not exist: create it or set `table` under [users] in the config file")]
     MissingTable(String),
     /// A configured column does not exist.
-    #[error("column {column} does not exist in table {table}: fix `{key}` under [users] in the config file")]
+    #[error("column {column} does not exist in table {table}: fix `{key}` in the config file")]
     MissingColumn {
         /// `schema.table`.
         table: String,
         /// The configured column name.
         column: String,
-        /// The config key that named it.
-        key: &'static str,
+        /// The config key that named it (`users.email`, `contact.phone_numbers.PHONE1.number`).
+        key: String,
+    },
+    /// A mapped column or SQL expression does not work on the users table (it does not parse,
+    /// names something that does not exist, or has a type the Keap property cannot take).
+    #[error("{key} in the config file: {message}")]
+    BadMapping {
+        /// The config key.
+        key: String,
+        /// What Postgres (or the type check) said, and the fix.
+        message: String,
     },
     /// An applied migration differs from the one embedded in this binary.
     #[error("migration {name} was changed after it was applied (checksum {applied} in the database, {embedded} in this binary); migrations are forward-only: restore the file and add a new one")]
@@ -156,15 +167,114 @@ pub(crate) struct UserTable {
     pub key: String,
     /// The key column's type as `format_type` prints it, for casting the text key back.
     pub key_type: String,
-    pub email: String,
-    pub given_name: Option<String>,
-    pub family_name: Option<String>,
-    /// Unquoted synced column names, in trigger-argument order.
+    /// One select expression per mapped value over the row aliased `t`, each read as text, in
+    /// the order of `UsersConfig::fields` followed by the tag rules: what `outbox::read_users`
+    /// reads and `mapping` consumes.
+    pub selects: Vec<Selected>,
+    /// Unquoted names of the columns whose change must reach Keap: those mapped directly and
+    /// those the SQL expressions read, in trigger order.
     pub synced: Vec<String>,
 }
 
+/// One value read from the users table for the mapping.
+#[derive(Debug, Clone)]
+pub(crate) struct Selected {
+    /// `(t."phone")::text`, or the configured expression cast to text.
+    pub sql: String,
+    /// How a message names it: `column phone (contact.phone_numbers.PHONE1.number)`.
+    pub what: String,
+}
+
+/// The types a property that takes a date, an id or a truth value may be mapped from.
+fn type_fits(kind: Option<ScalarKind>, tag_when: bool, type_name: &str) -> Result<(), &'static str> {
+    let textual = ["text", "character varying", "varchar", "character", "bpchar", "citext", "unknown"];
+    let t = type_name.split('(').next().unwrap_or(type_name).trim();
+    let ok = |allowed: &[&str]| textual.contains(&t) || allowed.contains(&t);
+    if tag_when && !ok(&["boolean", "bool"]) {
+        return Err("a tag rule without `{value}` in its tag needs a boolean column or expression");
+    }
+    match kind {
+        Some(ScalarKind::Date)
+            if !ok(&[
+                "date",
+                "timestamp without time zone",
+                "timestamp with time zone",
+                "timestamp",
+                "timestamptz",
+            ]) =>
+        {
+            Err("a date property needs a date, timestamp or text column or expression")
+        }
+        Some(ScalarKind::Id)
+            if !ok(&["integer", "bigint", "smallint", "numeric", "int4", "int8", "int2"]) =>
+        {
+            Err("an id property needs an integer or text column or expression")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The identifiers an SQL expression names, outside string literals: quoted ones exactly,
+/// unquoted ones folded to lower case, as Postgres folds them. `None` when it reads the whole
+/// row (`t.*`, or the row `t` itself), so that every column must be watched.
+fn identifiers(sql: &str) -> Option<HashSet<String>> {
+    let mut out = HashSet::new();
+    let chars: Vec<char> = sql.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '\'' {
+            i += 1;
+            while i < chars.len() {
+                if chars[i] == '\'' && chars.get(i + 1) == Some(&'\'') {
+                    i += 2;
+                } else if chars[i] == '\'' {
+                    break;
+                } else {
+                    i += 1;
+                }
+            }
+            i += 1;
+        } else if c == '"' {
+            let mut name = String::new();
+            i += 1;
+            while i < chars.len() {
+                if chars[i] == '"' && chars.get(i + 1) == Some(&'"') {
+                    name.push('"');
+                    i += 2;
+                } else if chars[i] == '"' {
+                    break;
+                } else {
+                    name.push(chars[i]);
+                    i += 1;
+                }
+            }
+            i += 1;
+            out.insert(name);
+        } else if c.is_alphabetic() || c == '_' {
+            let begin = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$') {
+                i += 1;
+            }
+            let word: String = chars[begin..i].iter().collect::<String>().to_lowercase();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            if word == "t"
+                && (next != Some(&'.')
+                    || chars[i..].iter().collect::<String>().trim_start().starts_with(".*"))
+            {
+                return None;
+            }
+            out.insert(word);
+        } else {
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
 impl UserTable {
-    /// Looks up the configured table and columns; any missing one is an error naming it.
+    /// Looks up the configured table and columns, and checks every SQL expression and type
+    /// against it; any problem is an error naming its config key.
     pub(crate) async fn resolve(
         client: &impl GenericClient,
         users: &UsersConfig,
@@ -181,41 +291,90 @@ impl UserTable {
             .await?
             .ok_or_else(|| SchemaError::MissingTable(shown.clone()))?;
         let oid: u32 = rel.get(0);
-
-        let column_type = |name: String, key: &'static str| {
-            let shown = shown.clone();
-            async move {
-                let row = client
-                    .query_opt(
-                        "select pg_catalog.format_type(atttypid, atttypmod) from pg_catalog.pg_attribute
-                          where attrelid = $1 and attname = $2 and attnum > 0 and not attisdropped",
-                        &[&oid, &name],
-                    )
-                    .await?;
-                match row {
-                    Some(row) => Ok::<String, SchemaError>(row.get(0)),
-                    None => Err(SchemaError::MissingColumn { table: shown, column: name, key }),
+        let columns: Vec<(String, String)> = client
+            .query(
+                "select attname::text, pg_catalog.format_type(atttypid, atttypmod) from pg_catalog.pg_attribute
+                  where attrelid = $1 and attnum > 0 and not attisdropped order by attnum",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let column_type = |name: &str, key: &str| {
+            columns.iter().find(|(c, _)| c == name).map(|(_, t)| t.clone()).ok_or_else(|| {
+                SchemaError::MissingColumn {
+                    table: shown.clone(),
+                    column: name.to_owned(),
+                    key: key.to_owned(),
                 }
+            })
+        };
+        let key_type = column_type(&users.key, "users.key")?;
+        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+
+        let mut sources: Vec<(String, Source, Option<ScalarKind>, bool)> = users
+            .fields()
+            .into_iter()
+            .map(|f| {
+                let kind = match &f.field {
+                    Field::Scalar(s) => Some(s.kind),
+                    _ => None,
+                };
+                (f.key, f.source, kind, false)
+            })
+            .collect();
+        for rule in &users.contact.tags.rules {
+            let when = matches!(rule.tag, TagTemplate::When(_));
+            sources.push((rule.key.clone(), rule.source.clone(), None, when));
+        }
+        let mut selects = Vec::with_capacity(sources.len());
+        let mut synced: Vec<String> = Vec::new();
+        let mut watch = |name: &str| {
+            if !synced.iter().any(|c| c == name) {
+                synced.push(name.to_owned());
             }
         };
-        let key_type = column_type(users.key.clone(), "key").await?;
-        column_type(users.email.clone(), "email").await?;
-        if let Some(c) = &users.given_name {
-            column_type(c.clone(), "given_name").await?;
+        for (key, source, kind, when) in sources {
+            let bad = |message: String| SchemaError::BadMapping { key: key.clone(), message };
+            let (expr, type_name) = match &source {
+                Source::Column(c) => {
+                    let t = column_type(c, &key)?;
+                    watch(c);
+                    (format!("t.{}", quote_ident(c)), t)
+                }
+                Source::Sql(sql) => {
+                    // Prepared, never run: Postgres checks names, syntax and types, and says
+                    // what the expression's type is.
+                    let probe = format!("select ({sql}) from {qualified} t where false");
+                    let stmt = client.prepare(&probe).await.map_err(|e| {
+                        let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
+                        bad(format!("the SQL expression does not work on {shown}: {why}"))
+                    })?;
+                    if stmt.columns().len() != 1 {
+                        return Err(bad("the SQL expression must give exactly one value".into()));
+                    }
+                    match identifiers(sql) {
+                        Some(words) => {
+                            for (c, _) in &columns {
+                                if words.contains(c) {
+                                    watch(c);
+                                }
+                            }
+                        }
+                        None => columns.iter().for_each(|(c, _)| watch(c)),
+                    }
+                    (format!("({sql})"), stmt.columns()[0].type_().name().to_owned())
+                }
+            };
+            type_fits(kind, when, &type_name)
+                .map_err(|why| bad(format!("{why}; {} is {type_name}", source.describe(&key))))?;
+            selects.push(Selected {
+                sql: format!("{expr}::text"),
+                what: format!("{} ({key})", source.describe(&key)),
+            });
         }
-        if let Some(c) = &users.family_name {
-            column_type(c.clone(), "family_name").await?;
-        }
-
-        Ok(UserTable {
-            qualified: format!("{}.{}", quote_ident(schema), quote_ident(table)),
-            key: quote_ident(&users.key),
-            key_type,
-            email: quote_ident(&users.email),
-            given_name: users.given_name.as_deref().map(quote_ident),
-            family_name: users.family_name.as_deref().map(quote_ident),
-            synced: users.synced_columns().into_iter().map(str::to_owned).collect(),
-        })
+        Ok(UserTable { qualified, key: quote_ident(&users.key), key_type, selects, synced })
     }
 }
 

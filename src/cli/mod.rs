@@ -19,6 +19,7 @@ use crate::backfill::{self, BackfillMode, BackfillState};
 use crate::config::{Config, ConfigError};
 use crate::daemon::{Daemon, RunError, RunOptions};
 use crate::db::{self, DbError};
+use crate::preview::{PreviewError, Selection};
 use crate::schema::{self, SchemaError};
 
 #[derive(Debug, Parser)]
@@ -56,6 +57,27 @@ enum Command {
         /// not repeated unless `--backfill=restart`).
         #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "resume")]
         backfill: Option<BackfillArg>,
+        /// Claim nothing and send nothing: log, for each change as it arrives, the calls that
+        /// would be made (like `preview`, continuously).
+        #[arg(long, conflicts_with = "backfill")]
+        dry_run: bool,
+    },
+    /// Show, per user, the Keap calls a sync would make and their JSON (create-or-update,
+    /// update of which properties, tag changes, or nothing) and any problem, without calling
+    /// Keap's write endpoints or changing anything. Without keys or --all: the pending changes.
+    Preview {
+        /// User keys (the users table's key column) to preview.
+        #[arg(conflicts_with = "all")]
+        user_keys: Vec<String>,
+        /// Every user of the table, in key order.
+        #[arg(long)]
+        all: bool,
+        /// At most this many users (default with --all: every one; for pending changes: 100).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Sync every existing user, then exit (resumable; live changes still go first).
     Backfill {
@@ -216,7 +238,20 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
     match cli.command {
         Command::Migrate => migrate(load(&cli.config)?).await,
         Command::Uninstall { drop_schema } => uninstall(load(&cli.config)?, drop_schema).await,
-        Command::Run { backfill } => {
+        Command::Run { dry_run: true, .. } => {
+            Ok(crate::preview::dry_run(load(&cli.config)?, stop_signal()).await.map_err(preview_error)?)
+        }
+        Command::Preview { user_keys, all, limit, json } => {
+            let which = if all {
+                Selection::All(limit)
+            } else if user_keys.is_empty() {
+                Selection::Pending(limit.unwrap_or(100))
+            } else {
+                Selection::Keys(user_keys)
+            };
+            preview(load(&cli.config)?, &which, json).await
+        }
+        Command::Run { backfill, .. } => {
             let options = RunOptions { backfill: backfill.map(Into::into), ..RunOptions::default() };
             Ok(Daemon::build(load(&cli.config)?, options).await?.run(stop_signal()).await?)
         }
@@ -271,6 +306,23 @@ async fn backfill(config: Config, mode: BackfillMode, progress_bar: bool) -> Res
             BackfillState::Running => eprint!("\rbackfill: enqueued {} users…   ", p.enqueued),
             _ => eprint!("\rbackfill: {}   ", render::progress(&p, rate)),
         }
+    }
+}
+
+async fn preview(config: Config, which: &Selection, json: bool) -> Result<(), CliError> {
+    let plans = crate::preview::preview(&config, which).await.map_err(preview_error)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plans).map_err(|e| CliError::Other(e.to_string()))?);
+    } else {
+        print!("{}", render::plans(&plans));
+    }
+    Ok(())
+}
+
+fn preview_error(e: PreviewError) -> CliError {
+    match e {
+        PreviewError::Run(e) => CliError::Run(e),
+        other => CliError::Other(other.to_string()),
     }
 }
 

@@ -3,6 +3,7 @@
 //! wording change here can never change what the daemon does.
 
 use crate::backfill::Progress;
+use crate::preview::Plan;
 use crate::status::{InstanceRole, Status};
 use crate::token::GrantState;
 
@@ -98,6 +99,42 @@ pub(crate) fn status(s: &Status) -> String {
             i.throttled
         ));
     }
+    out
+}
+
+/// `keap-sync preview`: per user, the action, the calls with their JSON, problems and notes;
+/// then a count per action.
+pub(crate) fn plans(plans: &[Plan]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for p in plans {
+        *counts.entry(p.action).or_default() += 1;
+        let contact = p.contact_id.map_or_else(String::new, |id| format!(" (contact {id})"));
+        let _ = writeln!(out, "user {}{contact}: {}", p.user, p.action.replace('_', "-"));
+        if let Some(problem) = &p.problem {
+            let _ = writeln!(out, "  problem: {problem}");
+        }
+        if !p.changed.is_empty() {
+            let _ = writeln!(out, "  changed: {}", p.changed.join(", "));
+        }
+        for c in &p.calls {
+            let _ = writeln!(out, "  {} {}", c.method, c.path);
+            if let Some(body) = &c.body {
+                let _ = writeln!(out, "    {body}");
+            }
+        }
+        for n in &p.notes {
+            let _ = writeln!(out, "  note: {n}");
+        }
+    }
+    let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{n} {}", a.replace('_', "-"))).collect();
+    let _ = writeln!(
+        out,
+        "{} user(s): {}",
+        plans.len(),
+        if summary.is_empty() { "none".into() } else { summary.join(", ") }
+    );
     out
 }
 

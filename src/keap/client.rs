@@ -17,7 +17,9 @@ use tokio::time::Instant;
 
 use reqwest::{Method, StatusCode};
 
-use super::model::{Contact, ContactList, ContactWrite, ErrorBody};
+use serde_json::{json, Map, Value};
+
+use super::model::{Contact, ContactList, ErrorBody, ObjectModel, Tag, TagPage};
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::secret::Secret;
@@ -120,19 +122,19 @@ impl KeapClient {
     pub(crate) async fn upsert_contact(
         &self,
         auth: &Auth,
-        body: &ContactWrite,
+        body: &Map<String, Value>,
         deadline: Instant,
     ) -> Result<Contact, KeapError> {
         let req = Request { method: Method::PUT, path: "/v1/contacts".into(), query: Vec::new(), deadline };
         self.call(auth, req, Some(body)).await
     }
 
-    /// Updates only the fields named in `mask` on contact `id` (`PATCH /v1/contacts/{id}`).
+    /// Updates only the properties named in `mask` on contact `id` (`PATCH /v1/contacts/{id}`).
     pub(crate) async fn update_contact(
         &self,
         auth: &Auth,
         id: i64,
-        body: &ContactWrite,
+        body: &Map<String, Value>,
         mask: &[&'static str],
         deadline: Instant,
     ) -> Result<Contact, KeapError> {
@@ -149,34 +151,42 @@ impl KeapClient {
     /// lowest id if several (the one Keap's upsert by email would pick), or `None`
     /// (`GET /v1/contacts?email=…`). A read before a first write, so a contact that already
     /// exists is linked and updated property by property, never overwritten whole.
+    /// `optional` names properties Keap returns only when asked (`custom_fields`).
     pub(crate) async fn find_by_email(
         &self,
         auth: &Auth,
         email: &str,
+        optional: &[&str],
         deadline: Instant,
     ) -> Result<Option<Contact>, KeapError> {
-        let req = Request {
-            method: Method::GET,
-            path: "/v1/contacts".into(),
-            query: vec![("email", email.to_owned())],
-            deadline,
-        };
+        let mut query = vec![("email", email.to_owned())];
+        if !optional.is_empty() {
+            query.push(("optional_properties", optional.join(",")));
+        }
+        let req = Request { method: Method::GET, path: "/v1/contacts".into(), query, deadline };
         let name = req.name();
         let text = self.send(auth, req, None::<&()>).await?;
-        let list: ContactList = serde_json::from_str(&text).map_err(|e| unreadable(name, &e, &text))?;
-        Ok(list.contacts.into_iter().min_by_key(|c| c.id))
+        let list: ContactList =
+            serde_json::from_str(&text).map_err(|e| unreadable(name.clone(), &e, &text))?;
+        let mut contacts = Vec::with_capacity(list.contacts.len());
+        for c in list.contacts {
+            contacts.push(Contact::from_json(c).map_err(|e| bad_reply(name.clone(), &e))?);
+        }
+        Ok(contacts.into_iter().min_by_key(|c| c.id))
     }
 
-    /// Contact `id` as Keap holds it (`GET /v1/contacts/{id}`), to learn its email slots before
-    /// EMAIL1 is written (the array is replaced whole).
+    /// Contact `id` as Keap holds it (`GET /v1/contacts/{id}`), to learn the slots of its array
+    /// properties before one is written (an array is replaced whole), and its tags.
     pub(crate) async fn get_contact(
         &self,
         auth: &Auth,
         id: i64,
+        optional: &[&str],
         deadline: Instant,
     ) -> Result<Contact, KeapError> {
-        let req =
-            Request { method: Method::GET, path: format!("/v1/contacts/{id}"), query: Vec::new(), deadline };
+        let query =
+            if optional.is_empty() { Vec::new() } else { vec![("optional_properties", optional.join(","))] };
+        let req = Request { method: Method::GET, path: format!("/v1/contacts/{id}"), query, deadline };
         self.call(auth, req, None::<&()>).await
     }
 
@@ -200,6 +210,130 @@ impl KeapClient {
         }
     }
 
+    /// Keap's contact model (`GET /v1/contacts/model`): the custom fields.
+    pub(crate) async fn contact_model(
+        &self,
+        auth: &Auth,
+        deadline: Instant,
+    ) -> Result<ObjectModel, KeapError> {
+        let req =
+            Request { method: Method::GET, path: "/v1/contacts/model".into(), query: Vec::new(), deadline };
+        let name = req.name();
+        let text = self.send(auth, req, None::<&()>).await?;
+        serde_json::from_str(&text).map_err(|e| unreadable(name, &e, &text))
+    }
+
+    /// The id of the tag named exactly `name`, the lowest if several (`GET /v1/tags?name=…`;
+    /// Keap's filter may match more than the exact name, so the answer is filtered here).
+    pub(crate) async fn find_tag(
+        &self,
+        auth: &Auth,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<Option<i64>, KeapError> {
+        let req = Request {
+            method: Method::GET,
+            path: "/v1/tags".into(),
+            query: vec![("name", name.to_owned()), ("limit", "1000".into())],
+            deadline,
+        };
+        let what = req.name();
+        let text = self.send(auth, req, None::<&()>).await?;
+        let page: TagPage = serde_json::from_str(&text).map_err(|e| unreadable(what, &e, &text))?;
+        let exact = page.tags.iter().filter(|t| t.name.as_deref() == Some(name)).map(|t| t.id).min();
+        Ok(exact)
+    }
+
+    /// Creates a tag (`POST /v1/tags`) and returns its id.
+    pub(crate) async fn create_tag(
+        &self,
+        auth: &Auth,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<i64, KeapError> {
+        let req = Request { method: Method::POST, path: "/v1/tags".into(), query: Vec::new(), deadline };
+        let what = req.name();
+        let text =
+            self.send(auth, req, Some(&json!({"name": name, "description": "Created by keap-sync"}))).await?;
+        let tag: Tag = serde_json::from_str(&text).map_err(|e| unreadable(what, &e, &text))?;
+        Ok(tag.id)
+    }
+
+    /// Applies tags to a contact in one call (`POST /v1/contacts/{id}/tags`). Returns the ids
+    /// Keap says it could not apply, with its reason (`TAG_ID_NOT_FOUND`, …), when the answer
+    /// has the shape the specification suggests (an object or a list of entries keyed by tag
+    /// id; unverified, so an answer of another shape counts as success).
+    pub(crate) async fn apply_tags(
+        &self,
+        auth: &Auth,
+        contact: i64,
+        ids: &[i64],
+        deadline: Instant,
+    ) -> Result<Vec<(i64, String)>, KeapError> {
+        let req = Request {
+            method: Method::POST,
+            path: format!("/v1/contacts/{contact}/tags"),
+            query: Vec::new(),
+            deadline,
+        };
+        let text = self.send(auth, req, Some(&json!({ "tagIds": ids }))).await?;
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let mut entries: Vec<(String, String)> = Vec::new();
+        match &answer {
+            Value::Object(m) => {
+                entries.extend(m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))))
+            }
+            Value::Array(items) => entries.extend(items.iter().filter_map(|i| {
+                let k = i.get("key").map(|k| k.as_str().map_or_else(|| k.to_string(), str::to_owned))?;
+                Some((k, i.get("value")?.as_str()?.to_owned()))
+            })),
+            _ => {}
+        }
+        Ok(entries
+            .into_iter()
+            .filter(|(_, v)| v != "SUCCESS" && v != "DUPLICATE")
+            .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
+            .collect())
+    }
+
+    /// Removes tags from a contact in one call (`DELETE /v1/contacts/{id}/tags?ids=1,2`); a
+    /// contact already gone counts as done.
+    pub(crate) async fn remove_tags(
+        &self,
+        auth: &Auth,
+        contact: i64,
+        ids: &[i64],
+        deadline: Instant,
+    ) -> Result<(), KeapError> {
+        let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+        let req = Request {
+            method: Method::DELETE,
+            path: format!("/v1/contacts/{contact}/tags"),
+            query: vec![("ids", list.join(","))],
+            deadline,
+        };
+        match self.send(auth, req, None::<&()>).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opts an email address out of marketing (`PUT /v1/emailAddresses/{email}`).
+    pub(crate) async fn opt_out(
+        &self,
+        auth: &Auth,
+        email: &str,
+        reason: &str,
+        deadline: Instant,
+    ) -> Result<(), KeapError> {
+        let mut url = reqwest::Url::parse("http://x/v1/emailAddresses/")
+            .map_err(|e| bad_reply(String::new(), &e.to_string()))?;
+        url.path_segments_mut().map_err(|()| bad_reply(String::new(), "no path"))?.pop_if_empty().push(email);
+        let req = Request { method: Method::PUT, path: url.path().to_owned(), query: Vec::new(), deadline };
+        self.send(auth, req, Some(&json!({"opted_in": false, "reason": reason}))).await.map(|_| ())
+    }
+
     async fn call<B: serde::Serialize>(
         &self,
         auth: &Auth,
@@ -208,7 +342,8 @@ impl KeapClient {
     ) -> Result<Contact, KeapError> {
         let name = req.name();
         let text = self.send(auth, req, body).await?;
-        serde_json::from_str::<Contact>(&text).map_err(|e| unreadable(name, &e, &text))
+        let json: Value = serde_json::from_str(&text).map_err(|e| unreadable(name.clone(), &e, &text))?;
+        Contact::from_json(json).map_err(|e| bad_reply(name, &e))
     }
 
     async fn send<B: serde::Serialize>(
@@ -313,6 +448,18 @@ impl KeapClient {
             return Ok(text);
         }
         Err(KeapError { retry_after, ..classify(status, request, &text) })
+    }
+}
+
+/// A 2xx whose JSON lacks what the API promises: transient, like [`unreadable`].
+fn bad_reply(request: String, why: &str) -> KeapError {
+    KeapError {
+        kind: ErrorKind::Transient,
+        status: None,
+        request,
+        message: format!("Keap's answer is not what its API promises: {why}"),
+        body: None,
+        retry_after: None,
     }
 }
 

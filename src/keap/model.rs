@@ -10,69 +10,71 @@
 
 use serde::{Deserialize, Serialize};
 
-/// `EmailAddress.field` in the spec: which of the contact's three email slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub(crate) enum EmailField {
-    #[serde(rename = "EMAIL1")]
-    Email1,
-    #[serde(rename = "EMAIL2")]
-    Email2,
-    #[serde(rename = "EMAIL3")]
-    Email3,
-}
-
-/// `EmailAddress` in the spec (`field` required, `email` optional there, always sent by us).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct EmailAddress {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email: Option<String>,
-    pub field: EmailField,
-}
-
-/// `UpsertContact.duplicate_option`: how `PUT /v1/contacts` looks for an existing contact.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum DuplicateOption {
-    Email,
-    EmailAndName,
-}
-
-/// Request body of `PUT /v1/contacts` (`UpsertContact`) and `PATCH /v1/contacts/{id}`
-/// (`CreateOrPatchContact`, which is the same minus `duplicate_option`).
-///
-/// `None` fields are left out of the JSON, so a PATCH changes only what is sent.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct ContactWrite {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub given_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub family_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub email_addresses: Option<Vec<EmailAddress>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duplicate_option: Option<DuplicateOption>,
-}
-
-/// The part of `FullContact` (and `RestPartialContact`) this daemon reads.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A contact as Keap returned it (`FullContact`, `RestPartialContact`): its id, and the whole
+/// JSON object, from which `mapping` reads the properties it owns and the slots of the array
+/// properties it must send back unchanged. Unknown properties are kept, never a parse error.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Contact {
     pub id: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub given_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub family_name: Option<String>,
-    #[serde(default)]
-    pub email_addresses: Vec<EmailAddress>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub date_created: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_updated: Option<String>,
+    pub json: serde_json::Value,
+}
+
+impl Contact {
+    /// Parses one contact object; it must have an integer `id`.
+    pub(crate) fn from_json(json: serde_json::Value) -> Result<Contact, String> {
+        match json.get("id").and_then(serde_json::Value::as_i64) {
+            Some(id) => Ok(Contact { id, json }),
+            None => Err("the contact has no integer `id`".into()),
+        }
+    }
+
+    /// The address in slot EMAIL1.
+    pub(crate) fn email1(&self) -> Option<&str> {
+        let items = self.json.get("email_addresses").and_then(serde_json::Value::as_array)?;
+        let slot = items.iter().find(|e| e.get("field").and_then(|f| f.as_str()) == Some("EMAIL1"))?;
+        slot.get("email")?.as_str()
+    }
 }
 
 /// `ContactList`: the answer of `GET /v1/contacts` (only the contacts are read).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub(crate) struct ContactList {
     #[serde(default)]
-    pub(crate) contacts: Vec<Contact>,
+    pub(crate) contacts: Vec<serde_json::Value>,
+}
+
+/// `CustomFieldMetaData` in `ObjectModel`, the answer of `GET /v1/contacts/model`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub(crate) struct CustomFieldMeta {
+    pub id: i64,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub field_name: Option<String>,
+    #[serde(default)]
+    pub field_type: Option<String>,
+}
+
+/// `ObjectModel` (only the custom fields are read).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub(crate) struct ObjectModel {
+    #[serde(default)]
+    pub custom_fields: Vec<CustomFieldMeta>,
+}
+
+/// `Tag` (`GET /v1/tags`, `POST /v1/tags`); only id and name are read.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub(crate) struct Tag {
+    pub id: i64,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `Tags`: a page of the tag catalogue.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub(crate) struct TagPage {
+    #[serde(default)]
+    pub tags: Vec<Tag>,
 }
 
 /// A successful answer of the token endpoint (authorization-code or refresh grant).
@@ -141,36 +143,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upsert_body_matches_the_spec_names() {
-        let body = ContactWrite {
-            given_name: Some("Ada".into()),
-            family_name: None,
-            email_addresses: Some(vec![EmailAddress {
-                email: Some("ada@example.com".into()),
-                field: EmailField::Email1,
-            }]),
-            duplicate_option: Some(DuplicateOption::Email),
-        };
-        let json = serde_json::to_value(&body).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({
-                "given_name": "Ada",
-                "email_addresses": [{"email": "ada@example.com", "field": "EMAIL1"}],
-                "duplicate_option": "Email"
-            })
-        );
-    }
-
-    #[test]
-    fn full_contact_with_unknown_fields_parses() {
-        let c: Contact = serde_json::from_str(
-            r#"{"id": 7, "given_name": "A", "email_addresses": [{"email": "a@x.io", "field": "EMAIL1"}],
-                "tag_ids": [1], "ScoreValue": "0", "email_status": "SingleOptIn"}"#,
+    fn a_contact_keeps_every_property() {
+        let c = Contact::from_json(
+            serde_json::json!({"id": 7, "email_addresses": [{"email": "a@x.io", "field": "EMAIL1"}],
+            "tag_ids": [1], "ScoreValue": "0"}),
         )
         .unwrap();
-        assert_eq!(c.id, 7);
-        assert_eq!(c.email_addresses[0].email.as_deref(), Some("a@x.io"));
+        assert_eq!((c.id, c.email1()), (7, Some("a@x.io")));
+        assert_eq!(c.json["tag_ids"], serde_json::json!([1]));
+        assert!(Contact::from_json(serde_json::json!({"id": "7"})).is_err());
     }
 
     #[test]

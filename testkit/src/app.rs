@@ -111,6 +111,10 @@ pub struct Options {
     /// A cluster of the test's own instead of the shared one, for a test that stops and
     /// restarts Postgres (the other tests of the process share theirs).
     pub private_cluster: bool,
+    /// The application's tables, created before `migrate` ([`USERS_DDL`] by default).
+    pub users_ddl: &'static str,
+    /// TOML appended to [`TEST_TOML`]: `[users]`, `[contact]`, `[tags]` sections of a test.
+    pub toml: &'static str,
 }
 
 impl Default for Options {
@@ -121,6 +125,8 @@ impl Default for Options {
             oauth: false,
             tweak: |_| {},
             private_cluster: false,
+            users_ddl: USERS_DDL,
+            toml: "",
         }
     }
 }
@@ -145,6 +151,7 @@ pub struct TestApp {
     pub fake: FakeKeap,
     pub oauth: bool,
     tweak: fn(&mut Config),
+    toml: &'static str,
     daemons: Vec<RunningDaemon>,
     /// Set with [`Options::private_cluster`]; see [`TestApp::cluster`].
     private_cluster: Option<&'static Cluster>,
@@ -168,13 +175,14 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let fake = FakeKeap::start(options.fake).await.expect("fake Keap");
     fake.add_api_key(API_KEY);
     let mut db = connect(&conninfo).await;
-    db.batch_execute(USERS_DDL).await.expect("users table");
+    db.batch_execute(options.users_ddl).await.expect("users table");
     let mut app = TestApp {
         db: connect(&conninfo).await,
         conninfo,
         fake,
         oauth: options.oauth,
         tweak: options.tweak,
+        toml: options.toml,
         daemons: Vec::new(),
         private_cluster,
     };
@@ -229,7 +237,9 @@ impl TestApp {
 
     pub fn config(&self) -> Config {
         let env = self.env();
-        let mut config = Config::from_toml(TEST_TOML, &|k| env.get(k).cloned()).expect("test config");
+        let text = format!("{TEST_TOML}\n{}", self.toml);
+        let mut config =
+            Config::from_toml(&text, &|k| env.get(k).cloned()).unwrap_or_else(|e| panic!("test config: {e}"));
         (self.tweak)(&mut config);
         config
     }
@@ -402,7 +412,7 @@ impl TestApp {
         std::fs::create_dir_all(&dir).expect("config dir");
         let path = dir.join("keap-sync.toml");
         let text = format!(
-            "{}\n{}",
+            "{}\n{}\n{}",
             TEST_TOML.replacen(
                 "[keap]",
                 &format!(
@@ -412,7 +422,8 @@ impl TestApp {
                 ),
                 1
             ),
-            extra
+            extra,
+            self.toml
         );
         std::fs::write(&path, format!("[database]\nurl = \"{}\"\n{text}", self.conninfo))
             .expect("write config");

@@ -15,8 +15,8 @@ const LAYERS: &[&[&str]] = &[
     &["schema"],
     &["outbox"],
     &["mapping", "keap", "ratelimit", "metrics", "token", "systemd"],
-    &["deliver"],
-    &["daemon", "backfill", "failures", "status"],
+    &["deliver", "catalog"],
+    &["daemon", "backfill", "failures", "status", "preview"],
     &["cli"],
 ];
 

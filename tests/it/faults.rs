@@ -115,14 +115,16 @@ async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
     .await;
     assert_eq!(app.fake.contacts().len(), 999);
 
+    // Caught before sending (an email Keap would refuse): the reason names the user, the
+    // column and the rule, not the value, and nothing reached Keap.
     let list = failures_json(&app);
     let parked = &list.as_array().unwrap()[0];
     assert_eq!(parked["user_key"], "100000");
-    assert_eq!(parked["keap_status"], 400);
-    let body = parked["keap_body"].as_str().unwrap();
-    let message: serde_json::Value = serde_json::from_str(body).unwrap();
-    assert!(parked["reason"].as_str().unwrap().contains(message["message"].as_str().unwrap()));
-    assert_eq!(parked["payload"]["email_addresses"][0]["email"], "not-an-email");
+    assert_eq!(parked["keap_status"], serde_json::Value::Null);
+    let reason = parked["reason"].as_str().unwrap();
+    assert!(reason.starts_with("user 100000: column email") && reason.contains("email address"), "{reason}");
+    assert!(!reason.contains("not-an-email"), "{reason}");
+    assert_eq!(app.fake.count(|r| r.body.contains("not-an-email")), 0);
 
     // Fixing the row syncs it and clears the failure.
     app.exec("update users set email = 'fixed@example.com' where id = 100000").await;
@@ -145,6 +147,14 @@ async fn a_rejected_user_is_parked_with_keaps_message_and_replayable() {
             == 1
     })
     .await;
+    // Refused by Keap: parked with Keap's status, body and message, and the payload sent.
+    let list = failures_json(&app);
+    let parked = &list.as_array().unwrap()[0];
+    assert_eq!(parked["keap_status"], 400);
+    let body = parked["keap_body"].as_str().unwrap();
+    let message: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(parked["reason"].as_str().unwrap().contains(message["message"].as_str().unwrap()));
+    assert_eq!(parked["payload"]["given_name"], "Replayed");
     let out = app.run_cli(&["failures", "retry", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     app.wait_idle().await;
