@@ -1041,6 +1041,24 @@ mod tests {
     }
 
     #[test]
+    fn the_example_mapping_once_uncommented_is_valid() {
+        // The commented `[contact]` and `[tags]` of the example are documentation: each line
+        // must still be a valid setting when a user uncomments it.
+        let text = include_str!("../keap-sync.example.toml");
+        let start = text.find("# [contact]").unwrap();
+        let end = text.find("[keap]").unwrap();
+        let mapping: String = text[start..end]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&mapping, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.users.contact.fields.len(), 27, "every field the example shows");
+        assert_eq!(c.users.contact.tags.rules.len(), 2);
+        assert_eq!(c.users.contact.tags.on_create.len(), 1);
+    }
+
+    #[test]
     fn a_key_left_out_keeps_its_default_beside_one_set() {
         let c = load_str("[delivery]\nconcurrency = 8\n[limits]\nper_day = 1000\n", &[]).unwrap();
         assert_eq!(c.delivery.concurrency, 8);
