@@ -14,6 +14,7 @@ mod contacts;
 mod database;
 mod faults;
 mod limits;
+mod mapping;
 mod ops;
 mod pg_restart;
 mod refusals;

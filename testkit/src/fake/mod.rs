@@ -1,4 +1,4 @@
-//! A stateful fake of Keap's REST v1 contact API and OAuth token endpoint, served over real
+//! A stateful fake of Keap's REST v1 contact, tag and email-address API and OAuth token endpoint, served over real
 //! HTTP/1.1 on 127.0.0.1 for the integration tests, the benchmarks and the demo.
 //!
 //! It is an independent witness, on purpose: its wire types (module `wire`, re-exported here as
@@ -17,9 +17,20 @@
 //! - `PUT /v1/contacts` answers 200 for both create and update (the only declared status) and
 //!   needs `duplicate_option`; when several contacts share the email the lowest id wins;
 //! - 429s carry no `Retry-After`; requests refused with 429 do not use up quota;
-//! - unmodelled JSON properties, enum values not spelled exactly as the spec does, non-JSON
-//!   write bodies and `Authorization: Bearer <api key>` are rejected; `update_mask` takes
-//!   repeated parameters only (no comma lists);
+//! - unmodelled JSON properties (also inside array items), enum values not spelled exactly as
+//!   the spec does, non-JSON write bodies and `Authorization: Bearer <api key>` are rejected;
+//!   `update_mask` takes repeated parameters only (no comma lists);
+//! - every v1 contact property is stored and checked (module `rules`: lengths, email shape, a
+//!   region only with a country code, alpha-3 country codes, `zip_code` or `postal_code`,
+//!   dates, ids, custom fields against the model and their type), each refusal a v1 400;
+//! - array properties (`email_addresses`, `phone_numbers`, `addresses`, `custom_fields`) are
+//!   replaced whole when written: a slot left out is gone;
+//! - `custom_fields`, `job_title` and `lead_source_id` are answered only when asked for in
+//!   `optional_properties`; list items carry no `tag_ids` or `opt_in_reason`;
+//! - the tag catalogue's `name` filter matches by substring (clients must filter exactly), the
+//!   tag-apply answer is an object keyed by tag id (`SUCCESS`, `DUPLICATE`,
+//!   `TAG_ID_NOT_FOUND`), more than 100 ids per call is refused; an opt-out
+//!   (`PUT /v1/emailAddresses/{email}`) of an address no contact has answers 404;
 //! - FullContact answers carry properties the daemon does not model, so its parser must
 //!   ignore unknown fields as it has to with Keap.
 //!
@@ -42,15 +53,18 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rand::distr::Alphanumeric;
 use rand::Rng;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 mod other_host;
+mod rules;
 mod wire;
 
 pub use other_host::{Arrival, OtherHost};
 pub use wire::{Contact, ContactList, ContactWrite, DuplicateOption, EmailAddress, EmailField, TokenGrant};
+
+use rules::{CustomField, Write};
 
 /// The `scope` Keap returns with every grant: `full|<app>.infusionsoft.com` names the tenant.
 pub const FAKE_SCOPE: &str = "full|fake123.infusionsoft.com";
@@ -59,10 +73,11 @@ pub const FAKE_SCOPE: &str = "full|fake123.infusionsoft.com";
 pub const FAKE_ACCOUNT: &str = "fake123.infusionsoft.com";
 /// Largest request body read; anything bigger answers 413 instead of growing memory.
 const MAX_BODY: usize = 1 << 20;
-/// Field length limits of the v2 specs, which describe the same contact record (`docs/keap-api.md`).
-const MAX_NAME: usize = 40;
 /// First contact id handed out, so ids never look like small row numbers by accident.
 const FIRST_ID: i64 = 1001;
+/// First tag id, and first custom field id: distinct ranges, so a mix-up shows.
+const FIRST_TAG_ID: i64 = 101;
+const FIRST_FIELD_ID: i64 = 11;
 const DAY_MS: u64 = 86_400_000;
 /// Property names `update_mask` accepts on `PATCH /v1/contacts/{id}` (`docs/keap-api.md`).
 const UPDATE_MASK_VALUES: &str = "addresses anniversary birthday company contact_type \
@@ -320,6 +335,15 @@ struct State {
     codes: HashMap<String, (String, bool)>,
     contacts: BTreeMap<i64, Contact>,
     next_id: i64,
+    /// The contact model's custom fields.
+    model: Vec<CustomField>,
+    /// Tag id -> name.
+    tags: BTreeMap<i64, String>,
+    next_tag_id: i64,
+    /// Contact id -> applied tag id -> when (ms since the epoch).
+    applied: HashMap<i64, BTreeMap<i64, u64>>,
+    /// Lower-cased email address -> (opted in, reason of the last change).
+    email_opt: HashMap<String, (bool, String)>,
     requests: Vec<RecordedRequest>,
     faults: Vec<FaultRule>,
     buckets: HashMap<String, Bucket>,
@@ -500,7 +524,100 @@ impl FakeKeap {
     /// Creates a contact as if it had existed before the test: no auth, not logged and not
     /// validated, so tests can seed data Keap accepted in the past.
     pub fn seed_contact(&self, w: ContactWrite) -> Contact {
+        let Ok(Value::Object(w)) = serde_json::to_value(&w) else {
+            unreachable!("a ContactWrite is an object")
+        };
         self.state().insert_new(&w)
+    }
+
+    /// Seeds a contact from a `CreateOrPatchContact` body, checked as a `POST` would be
+    /// (panics with Keap's message if it would be refused). Not logged.
+    pub fn seed_contact_json(&self, body: Value) -> Contact {
+        let mut st = self.state();
+        let w = rules::parse_write(body.to_string().as_bytes(), Write::Create, &st.model)
+            .unwrap_or_else(|e| panic!("Keap would refuse this contact: {e}"));
+        let c = st.create(&w).unwrap_or_else(|r| panic!("Keap would refuse this contact: {}", r.body));
+        st.after_write(c.id, &w);
+        c
+    }
+
+    /// The contact as `GET /v1/contacts/{id}` answers it with every optional property asked
+    /// for (`custom_fields`, `job_title`, `lead_source_id`), and its `tag_ids`.
+    pub fn contact_json(&self, id: i64) -> Option<Value> {
+        let st = self.state();
+        let all = ["custom_fields", "job_title", "lead_source_id"].map(String::from);
+        st.contacts.get(&id).map(|c| st.full_json(c, &all, false))
+    }
+
+    /// Edits any stored property of a contact as a person would in Keap's web app (no request
+    /// recorded, not validated). Returns false if there is no such contact.
+    pub fn edit_contact_json(&self, id: i64, edit: impl FnOnce(&mut Map<String, Value>)) -> bool {
+        let mut st = self.state();
+        let Some(c) = st.contacts.get_mut(&id) else { return false };
+        let Ok(Value::Object(mut m)) = serde_json::to_value(&*c) else { return false };
+        edit(&mut m);
+        m.insert("id".into(), json!(id));
+        match serde_json::from_value::<Contact>(Value::Object(m)) {
+            Ok(mut edited) => {
+                edited.email_addresses.sort_by_key(|e| slot(e.field));
+                edited.last_updated = Some(rfc3339_ms(unix_ms()));
+                *c = edited;
+                true
+            }
+            Err(e) => panic!("not a contact after the edit: {e}"),
+        }
+    }
+
+    /// Adds a custom field to the contact model (as an admin would in Keap); returns its id.
+    /// `field_name` is the label without spaces or punctuation, as Keap derives it.
+    pub fn add_custom_field(&self, label: &str, field_type: &str) -> i64 {
+        let mut st = self.state();
+        let id = st.model.iter().map(|f| f.id + 1).max().unwrap_or(FIRST_FIELD_ID);
+        let field_name = label.chars().filter(char::is_ascii_alphanumeric).collect();
+        st.model.push(CustomField { id, label: label.into(), field_name, field_type: field_type.into() });
+        id
+    }
+
+    /// The id of the custom field labelled `label`.
+    pub fn custom_field_id(&self, label: &str) -> Option<i64> {
+        self.state().model.iter().find(|f| f.label == label).map(|f| f.id)
+    }
+
+    /// Creates a tag in the catalogue (as a person would); returns its id.
+    pub fn create_tag(&self, name: &str) -> i64 {
+        self.state().add_tag(name)
+    }
+
+    /// Creates a tag with a given id (a test that configures tags by id).
+    pub fn create_tag_with_id(&self, id: i64, name: &str) {
+        let mut st = self.state();
+        st.tags.insert(id, name.to_owned());
+        st.next_tag_id = st.next_tag_id.max(id + 1);
+    }
+
+    /// The lowest tag id with exactly this name.
+    pub fn tag_id(&self, name: &str) -> Option<i64> {
+        self.state().tags.iter().find(|(_, n)| *n == name).map(|(id, _)| *id)
+    }
+
+    /// The catalogue, by id.
+    pub fn tags(&self) -> Vec<(i64, String)> {
+        self.state().tags.iter().map(|(id, n)| (*id, n.clone())).collect()
+    }
+
+    /// Applies a tag to a contact as a person would (not logged).
+    pub fn apply_tag(&self, contact_id: i64, tag_id: i64) {
+        self.state().applied.entry(contact_id).or_default().insert(tag_id, unix_ms());
+    }
+
+    /// The tags applied to a contact.
+    pub fn contact_tags(&self, contact_id: i64) -> std::collections::BTreeSet<i64> {
+        self.state().applied.get(&contact_id).map(|t| t.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// (opted in, reason) of the last opt-in or opt-out of this address, if any.
+    pub fn email_opt_status(&self, email: &str) -> Option<(bool, String)> {
+        self.state().email_opt.get(&email.to_lowercase()).cloned()
     }
 
     /// Edits a stored contact as a person would in Keap's web app (no request is recorded).
@@ -531,7 +648,9 @@ impl FakeKeap {
     /// Deletes a contact as someone working in Keap's UI would (no auth, not logged). Returns
     /// whether it existed.
     pub fn delete_contact(&self, id: i64) -> bool {
-        self.state().contacts.remove(&id).is_some()
+        let mut st = self.state();
+        st.applied.remove(&id);
+        st.contacts.remove(&id).is_some()
     }
 
     /// Every request received, in order of arrival.
@@ -1162,18 +1281,9 @@ impl State {
         self.contacts_api(req).with_headers(headers)
     }
 
+    /// Routes below `/crm/rest/v1`: contacts, their tags, the model, the tag catalogue, email
+    /// addresses.
     fn contacts_api(&mut self, req: &Req) -> Reply {
-        let Some(rest) = req.path.strip_prefix("/crm/rest/v1/contacts") else {
-            return msg(404, "Not Found");
-        };
-        let id = match rest.strip_prefix('/') {
-            None if rest.is_empty() => None,
-            Some(s) if !s.is_empty() && !s.contains('/') => match s.parse::<i64>() {
-                Ok(id) => Some(id),
-                Err(_) => return msg(400, "Invalid contact id"),
-            },
-            _ => return msg(404, "Not Found"),
-        };
         let writes = matches!(req.method, Method::PUT | Method::POST | Method::PATCH);
         if writes && !content_type_is(&req.headers, "application/json") {
             return msg(415, "Content-Type must be application/json");
@@ -1182,24 +1292,52 @@ impl State {
             return msg(400, "Malformed query string");
         };
         let body = &req.body[..];
-        let result = match (&req.method, id) {
-            (&Method::GET, None) => self.list(&query),
-            (&Method::PUT, None) => self.upsert(body),
-            (&Method::POST, None) => parse_write(body, Write::Create)
-                .and_then(|w| self.create(&w))
-                .map(|c| json_reply(201, &full_json(&c))),
-            (&Method::GET, Some(id)) => self.contacts.get(&id).map(ok_contact).ok_or_else(|| not_found(id)),
-            (&Method::PATCH, Some(id)) => self.patch(id, body, &query),
-            (&Method::DELETE, Some(id)) => match self.contacts.remove(&id) {
-                Some(_) => Ok(reply(204, String::new(), "")),
-                None => Err(not_found(id)),
+        let Some(rest) = req.path.strip_prefix("/crm/rest/v1/") else {
+            return msg(404, "Not Found");
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let result = match (&req.method, parts.as_slice()) {
+            (&Method::GET, ["contacts", "model"]) => Ok(json_reply(200, &self.model_json())),
+            (m, ["contacts", id, "tags", rest @ ..]) => match id.parse::<i64>() {
+                Ok(id) => self.contact_tags_api(m, id, rest, body, &query),
+                Err(_) => Err(msg(400, "Invalid contact id")),
             },
-            _ => Err(msg(405, "Method Not Allowed")),
+            (m, ["tags"]) => self.tags_api(m, body, &query),
+            (&Method::PUT, ["emailAddresses", email]) => match url_decode(email) {
+                Some(email) => self.opt(&email, body),
+                None => Err(msg(400, "Invalid email address")),
+            },
+            (m, ["contacts"]) => match *m {
+                Method::GET => self.list(&query),
+                Method::PUT => self.upsert(body),
+                Method::POST => self.create_from(body),
+                _ => Err(msg(405, "Method Not Allowed")),
+            },
+            (m, ["contacts", id]) => match id.parse::<i64>() {
+                Ok(id) => match *m {
+                    Method::GET => match self.contacts.get(&id) {
+                        Some(c) => Ok(json_reply(200, &self.full_json(c, &optional(&query), false))),
+                        None => Err(not_found(id)),
+                    },
+                    Method::PATCH => self.patch(id, body, &query),
+                    Method::DELETE => match self.contacts.remove(&id) {
+                        Some(_) => {
+                            self.applied.remove(&id);
+                            Ok(reply(204, String::new(), ""))
+                        }
+                        None => Err(not_found(id)),
+                    },
+                    _ => Err(msg(405, "Method Not Allowed")),
+                },
+                Err(_) => Err(msg(400, "Invalid contact id")),
+            },
+            _ => Err(msg(404, "Not Found")),
         };
         result.unwrap_or_else(|e| e)
     }
 
-    /// `GET /v1/contacts`: exact, case-insensitive `email` filter over EMAIL1..3, paged.
+    /// `GET /v1/contacts`: exact, case-insensitive `email` filter over EMAIL1..3, paged. Items
+    /// are RestPartialContacts: no `tag_ids`, `opt_in_reason` or `origin`.
     fn list(&self, query: &[(String, String)]) -> Result<Reply, Reply> {
         let number = |k: &str, default: usize| field(query, k).map_or(Ok(default), str::parse);
         let (Ok(limit), Ok(offset)) = (number("limit", 1000), number("offset", 0)) else {
@@ -1208,38 +1346,63 @@ impl State {
         let email = field(query, "email");
         let all = self.contacts.values();
         let matching: Vec<&Contact> = all.filter(|c| email.is_none_or(|e| has_email(c, e))).collect();
-        let page = matching.iter().skip(offset).take(limit.min(1000));
-        let list = ContactList {
-            count: i64::try_from(matching.len()).unwrap_or(i64::MAX),
-            contacts: page.map(|c| (*c).clone()).collect(),
-            ..ContactList::default()
-        };
-        Ok(json_reply(200, &serde_json::to_value(&list).unwrap_or(Value::Null)))
+        let optional = optional(query);
+        let page: Vec<Value> = matching
+            .iter()
+            .skip(offset)
+            .take(limit.min(1000))
+            .map(|c| self.full_json(c, &optional, true))
+            .collect();
+        let count = i64::try_from(matching.len()).unwrap_or(i64::MAX);
+        Ok(json_reply(200, &json!({"contacts": page, "count": count, "next": null, "previous": null})))
     }
 
     /// `PUT /v1/contacts`: update the duplicate found by `duplicate_option`, else create.
     fn upsert(&mut self, body: &[u8]) -> Result<Reply, Reply> {
-        let w = parse_write(body, Write::Upsert)?;
-        match self.find_duplicate(&w).and_then(|id| self.contacts.get_mut(&id)) {
-            Some(c) => {
-                apply(c, &w, None);
-                Ok(ok_contact(c))
+        let w = rules::parse_write(body, Write::Upsert, &self.model).map_err(|e| msg(400, &e))?;
+        let id = match self.find_duplicate(&w) {
+            Some(id) => {
+                if let Some(c) = self.contacts.get_mut(&id) {
+                    apply(c, &w, None);
+                }
+                id
             }
-            None => self.create(&w).map(|c| ok_contact(&c)),
-        }
+            None => self.create(&w)?.id,
+        };
+        self.after_write(id, &w);
+        Ok(json_reply(200, &self.full_json(&self.contacts[&id], &[], false)))
+    }
+
+    /// `POST /v1/contacts`: always a new contact.
+    fn create_from(&mut self, body: &[u8]) -> Result<Reply, Reply> {
+        let w = rules::parse_write(body, Write::Create, &self.model).map_err(|e| msg(400, &e))?;
+        let c = self.create(&w)?;
+        self.after_write(c.id, &w);
+        Ok(json_reply(201, &self.full_json(&c, &[], false)))
     }
 
     /// Lowest-id contact sharing one of the request's emails (EMAIL1 tried first) and, for
     /// `EmailAndName`, the same given and family name (case-insensitive).
-    fn find_duplicate(&self, w: &ContactWrite) -> Option<i64> {
-        let by_name = w.duplicate_option == Some(DuplicateOption::EmailAndName);
-        let norm = |s: &Option<String>| s.as_deref().unwrap_or("").trim().to_lowercase();
+    fn find_duplicate(&self, w: &Map<String, Value>) -> Option<i64> {
+        let by_name = w.get("duplicate_option").and_then(Value::as_str) == Some("EmailAndName");
+        let norm = |s: Option<&str>| s.unwrap_or("").trim().to_lowercase();
+        let wanted = |k: &str| w.get(k).and_then(Value::as_str);
         let same_name = |c: &Contact| {
-            norm(&c.given_name) == norm(&w.given_name) && norm(&c.family_name) == norm(&w.family_name)
+            norm(c.given_name.as_deref()) == norm(wanted("given_name"))
+                && norm(c.family_name.as_deref()) == norm(wanted("family_name"))
         };
-        let mut emails: Vec<&EmailAddress> = w.email_addresses.iter().flatten().collect();
-        emails.sort_by_key(|e| slot(e.field));
-        emails.iter().filter_map(|e| e.email.as_deref()).find_map(|email| {
+        let mut emails: Vec<(String, String)> = w
+            .get("email_addresses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                Some((e.get("field")?.as_str()?.to_owned(), e.get("email")?.as_str()?.to_owned()))
+            })
+            .filter(|(_, e)| !e.is_empty())
+            .collect();
+        emails.sort();
+        emails.iter().find_map(|(_, email)| {
             let mut all = self.contacts.values();
             all.find(|c| has_email(c, email) && (!by_name || same_name(c))).map(|c| c.id)
         })
@@ -1252,22 +1415,33 @@ impl State {
         if let Some(bad) = mask.iter().find(|m| !known(m)) {
             return Err(msg(400, &format!("Invalid update_mask value: {bad}")));
         }
-        let c = self.contacts.get_mut(&id).ok_or_else(|| not_found(id))?;
-        let w = parse_write(body, Write::Patch)?;
-        apply(c, &w, (!mask.is_empty()).then_some(mask.as_slice()));
-        Ok(ok_contact(c))
+        if !self.contacts.contains_key(&id) {
+            return Err(not_found(id));
+        }
+        let w = rules::parse_write(body, Write::Patch, &self.model).map_err(|e| msg(400, &e))?;
+        if let Some(c) = self.contacts.get_mut(&id) {
+            apply(c, &w, (!mask.is_empty()).then_some(mask.as_slice()));
+        }
+        if mask.is_empty() || mask.iter().any(|m| m == "opt_in_reason") {
+            self.after_write(id, &w);
+        }
+        Ok(json_reply(200, &self.full_json(&self.contacts[&id], &[], false)))
     }
 
-    /// Validated create: a new contact needs at least one email address (no phones modelled).
-    fn create(&mut self, w: &ContactWrite) -> Result<Contact, Reply> {
-        let mut emails = w.email_addresses.iter().flatten();
-        if !emails.any(|e| e.email.is_some()) {
+    /// Validated create: a new contact needs at least one email address or phone number.
+    fn create(&mut self, w: &Map<String, Value>) -> Result<Contact, Reply> {
+        let has = |prop: &str| {
+            w.get(prop)
+                .and_then(Value::as_array)
+                .is_some_and(|items| items.iter().any(|i| !rules::removes_slot(prop, i)))
+        };
+        if !has("email_addresses") && !has("phone_numbers") {
             return Err(msg(400, "At least one email address or phone number is required"));
         }
         Ok(self.insert_new(w))
     }
 
-    fn insert_new(&mut self, w: &ContactWrite) -> Contact {
+    fn insert_new(&mut self, w: &Map<String, Value>) -> Contact {
         let id = self.next_id;
         self.next_id += 1;
         let now = Some(rfc3339_ms(unix_ms()));
@@ -1276,14 +1450,224 @@ impl State {
         self.contacts.insert(id, c.clone());
         c
     }
+
+    /// Sending `opt_in_reason` marks EMAIL1 marketable (Keap does so from most statuses,
+    /// `docs/keap-api.md`; the fake from every one).
+    fn after_write(&mut self, id: i64, w: &Map<String, Value>) {
+        let reason = w.get("opt_in_reason").and_then(Value::as_str).filter(|r| !r.is_empty());
+        let email = self.contacts.get(&id).and_then(|c| c.email1().map(str::to_lowercase));
+        if let (Some(reason), Some(email)) = (reason, email) {
+            self.email_opt.insert(email, (true, reason.to_owned()));
+        }
+    }
+
+    /// A FullContact (`list`: a RestPartialContact): the stored properties, `custom_fields`,
+    /// `job_title` and `lead_source_id` only when asked for in `optional_properties`, plus
+    /// properties the fake does not keep, so a client that fails on unknown fields fails here
+    /// as it would against Keap.
+    fn full_json(&self, c: &Contact, optional: &[String], list: bool) -> Value {
+        let mut v = serde_json::to_value(c).unwrap_or_else(|_| json!({}));
+        let Value::Object(m) = &mut v else { return v };
+        for hidden in ["custom_fields", "job_title", "lead_source_id"] {
+            if !optional.iter().any(|o| o == hidden) {
+                m.remove(hidden);
+            }
+        }
+        let opted_in =
+            c.email1().and_then(|e| self.email_opt.get(&e.to_lowercase())).is_some_and(|(o, _)| *o);
+        let status = if opted_in { "UnconfirmedMarketable" } else { "UnengagedMarketable" };
+        m.insert("email_status".into(), json!(status));
+        m.insert("email_opted_in".into(), json!(opted_in));
+        m.insert("ScoreValue".into(), json!("0"));
+        m.entry("phone_numbers").or_insert(json!([]));
+        if list {
+            m.remove("opt_in_reason");
+        } else {
+            let tags: Vec<i64> =
+                self.applied.get(&c.id).map(|t| t.keys().copied().collect()).unwrap_or_default();
+            m.insert("tag_ids".into(), json!(tags));
+        }
+        v
+    }
+
+    /// `GET /v1/contacts/model`.
+    fn model_json(&self) -> Value {
+        let fields: Vec<Value> = self
+            .model
+            .iter()
+            .map(|f| {
+                json!({"id": f.id, "label": f.label, "field_name": f.field_name, "field_type": f.field_type,
+                       "options": [], "record_type": "CONTACT", "default_value": null})
+            })
+            .collect();
+        json!({"custom_fields": fields, "optional_properties": ["custom_fields", "job_title", "lead_source_id"]})
+    }
+
+    /// `/v1/contacts/{id}/tags[/{tagId}]`: list, apply (`{"tagIds": […]}`), remove (`?ids=1,2`
+    /// or one by path). More than 100 ids in one call is refused, as the PHP SDK refuses it.
+    fn contact_tags_api(
+        &mut self,
+        method: &Method,
+        id: i64,
+        rest: &[&str],
+        body: &[u8],
+        query: &[(String, String)],
+    ) -> Result<Reply, Reply> {
+        if !self.contacts.contains_key(&id) {
+            return Err(not_found(id));
+        }
+        match (method, rest) {
+            (&Method::GET, []) => {
+                let applied = self.applied.get(&id).cloned().unwrap_or_default();
+                let tags: Vec<Value> = applied
+                    .iter()
+                    .map(|(t, at)| {
+                        let name = self.tags.get(t).cloned().unwrap_or_default();
+                        json!({"date_applied": rfc3339_ms(*at), "tag": {"id": t, "name": name, "category": null}})
+                    })
+                    .collect();
+                Ok(json_reply(
+                    200,
+                    &json!({"tags": tags, "count": applied.len(), "next": null, "previous": null}),
+                ))
+            }
+            (&Method::POST, []) => {
+                let Ok(Value::Object(b)) = serde_json::from_slice::<Value>(body) else {
+                    return Err(msg(400, BAD_INPUT));
+                };
+                if let Some(bad) = b.keys().find(|k| *k != "tagIds") {
+                    return Err(msg(400, &format!("Unrecognized field \"{bad}\"")));
+                }
+                let ids: Option<Vec<i64>> = b
+                    .get("tagIds")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_i64).collect());
+                let Some(ids) = ids.filter(|ids| !ids.is_empty()) else {
+                    return Err(msg(400, "tagIds is required: a list of tag ids"));
+                };
+                if ids.len() > 100 {
+                    return Err(msg(400, "At most 100 tags per request"));
+                }
+                let now = unix_ms();
+                let mut answer = Map::new();
+                for t in ids {
+                    let outcome = if !self.tags.contains_key(&t) {
+                        "TAG_ID_NOT_FOUND"
+                    } else if self.applied.entry(id).or_default().insert(t, now).is_some() {
+                        "DUPLICATE"
+                    } else {
+                        "SUCCESS"
+                    };
+                    answer.insert(t.to_string(), json!(outcome));
+                }
+                Ok(json_reply(200, &Value::Object(answer)))
+            }
+            (&Method::DELETE, []) => {
+                let list = field(query, "ids").unwrap_or("");
+                let ids: Result<Vec<i64>, _> = list.split(',').map(|s| s.trim().parse::<i64>()).collect();
+                match ids {
+                    Ok(ids) if ids.len() <= 100 => {
+                        let applied = self.applied.entry(id).or_default();
+                        for t in ids {
+                            applied.remove(&t);
+                        }
+                        Ok(reply(204, String::new(), ""))
+                    }
+                    Ok(_) => Err(msg(400, "At most 100 tags per request")),
+                    Err(_) => Err(msg(400, "ids must be a comma-separated list of tag ids")),
+                }
+            }
+            (&Method::DELETE, [tag]) => match tag.parse::<i64>() {
+                Ok(t) => {
+                    self.applied.entry(id).or_default().remove(&t);
+                    Ok(reply(204, String::new(), ""))
+                }
+                Err(_) => Err(msg(400, "Invalid tag id")),
+            },
+            _ => Err(msg(405, "Method Not Allowed")),
+        }
+    }
+
+    /// The tag catalogue: `GET /v1/tags?name=` matches every tag whose name *contains* the text
+    /// (the broadest reading; clients must filter exactly), `POST /v1/tags` creates one (a name
+    /// already taken makes a second tag, as nothing says Keap refuses it).
+    fn tags_api(&mut self, method: &Method, body: &[u8], query: &[(String, String)]) -> Result<Reply, Reply> {
+        match *method {
+            Method::GET => {
+                let name = field(query, "name").map(str::to_lowercase);
+                let found: Vec<Value> = self
+                    .tags
+                    .iter()
+                    .filter(|(_, n)| name.as_deref().is_none_or(|want| n.to_lowercase().contains(want)))
+                    .map(|(id, n)| json!({"id": id, "name": n, "description": null, "category": null}))
+                    .collect();
+                Ok(json_reply(
+                    200,
+                    &json!({"tags": found, "count": found.len(), "next": null, "previous": null}),
+                ))
+            }
+            Method::POST => {
+                let Ok(Value::Object(b)) = serde_json::from_slice::<Value>(body) else {
+                    return Err(msg(400, BAD_INPUT));
+                };
+                if let Some(bad) =
+                    b.keys().find(|k| !["name", "description", "category"].contains(&k.as_str()))
+                {
+                    return Err(msg(400, &format!("Unrecognized field \"{bad}\"")));
+                }
+                match b.get("name").and_then(Value::as_str).map(str::trim) {
+                    Some(n) if !n.is_empty() && n.chars().count() <= 100 => {
+                        let id = self.add_tag(n);
+                        Ok(json_reply(
+                            201,
+                            &json!({"id": id, "name": n, "description": b.get("description"), "category": null}),
+                        ))
+                    }
+                    _ => Err(msg(400, "name is required (at most 100 characters)")),
+                }
+            }
+            _ => Err(msg(405, "Method Not Allowed")),
+        }
+    }
+
+    fn add_tag(&mut self, name: &str) -> i64 {
+        let id = self.next_tag_id.max(FIRST_TAG_ID);
+        self.next_tag_id = id + 1;
+        self.tags.insert(id, name.to_owned());
+        id
+    }
+
+    /// `PUT /v1/emailAddresses/{email}`: body exactly `{"opted_in": bool, "reason": string}`.
+    /// An address no contact has answers 404 (strict: the spec declares no such case).
+    fn opt(&mut self, email: &str, body: &[u8]) -> Result<Reply, Reply> {
+        let Ok(Value::Object(b)) = serde_json::from_slice::<Value>(body) else {
+            return Err(msg(400, BAD_INPUT));
+        };
+        if let Some(bad) = b.keys().find(|k| *k != "opted_in" && *k != "reason") {
+            return Err(msg(400, &format!("Unrecognized field \"{bad}\"")));
+        }
+        let (Some(opted_in), Some(reason)) =
+            (b.get("opted_in").and_then(Value::as_bool), b.get("reason").and_then(Value::as_str))
+        else {
+            return Err(msg(400, "opted_in and reason are required"));
+        };
+        if !self.contacts.values().any(|c| has_email(c, email)) {
+            return Err(msg(404, &format!("Email address {email} not found")));
+        }
+        self.email_opt.insert(email.to_lowercase(), (opted_in, reason.to_owned()));
+        let status = if opted_in { "Unconfirmed" } else { "Opt-Out" };
+        Ok(json_reply(200, &json!({"email": email, "opted_in": opted_in, "status": status})))
+    }
+}
+
+/// The `optional_properties` a GET asks for (comma-delimited).
+fn optional(query: &[(String, String)]) -> Vec<String> {
+    let list = field(query, "optional_properties").unwrap_or("");
+    list.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
 }
 
 fn not_found(id: i64) -> Reply {
     msg(404, &format!("Contact {id} not found"))
-}
-
-fn ok_contact(c: &Contact) -> Reply {
-    json_reply(200, &full_json(c))
 }
 
 fn has_email(c: &Contact, email: &str) -> bool {
@@ -1299,91 +1683,51 @@ fn slot(f: EmailField) -> u8 {
     }
 }
 
-/// Applies the provided fields (only those in `mask` when given). An array property is
+/// Applies a validated write (only the properties in `mask` when given). An array property is
 /// **replaced whole** when written, the strictest reading of Keap's documentation (v2 says so,
 /// v1 says nothing; `docs/keap-api.md`): slots the request leaves out are gone, so a client that
-/// sends only EMAIL1 wipes EMAIL2 and EMAIL3, and a test sees it.
-fn apply(c: &mut Contact, w: &ContactWrite, mask: Option<&[String]>) {
+/// sends only EMAIL1 wipes EMAIL2 and EMAIL3, and a test sees it. An item whose main part is
+/// empty (an email without address, a phone without number) removes its slot; `null` clears a
+/// scalar.
+fn apply(c: &mut Contact, w: &Map<String, Value>, mask: Option<&[String]>) {
     let allowed = |name: &str| mask.is_none_or(|m| m.iter().any(|x| x == name));
-    if let (Some(v), true) = (&w.given_name, allowed("given_name")) {
-        c.given_name = Some(v.clone());
-    }
-    if let (Some(v), true) = (&w.family_name, allowed("family_name")) {
-        c.family_name = Some(v.clone());
-    }
-    if let (Some(items), true) = (&w.email_addresses, allowed("email_addresses")) {
-        c.email_addresses = items.iter().filter(|e| e.email.is_some()).cloned().collect();
-        c.email_addresses.sort_by_key(|e| slot(e.field));
+    for (k, v) in w {
+        if k == "duplicate_option" || !allowed(k) {
+            continue;
+        }
+        match k.as_str() {
+            "given_name" => c.given_name = v.as_str().map(str::to_owned),
+            "family_name" => c.family_name = v.as_str().map(str::to_owned),
+            "email_addresses" => {
+                let items = v.as_array().into_iter().flatten();
+                let kept = items.filter(|i| !rules::removes_slot(k, i));
+                c.email_addresses = kept.filter_map(|i| serde_json::from_value(i.clone()).ok()).collect();
+                c.email_addresses.sort_by_key(|e| slot(e.field));
+            }
+            prop if rules::ARRAYS.contains(&prop) => {
+                let mut kept: Vec<Value> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|i| !rules::removes_slot(prop, i))
+                    .cloned()
+                    .collect();
+                kept.sort_by_key(|i| rules::slot_of(prop, i).to_string());
+                if kept.is_empty() {
+                    c.extra.remove(prop);
+                } else {
+                    c.extra.insert(prop.to_owned(), Value::Array(kept));
+                }
+            }
+            prop if v.is_null() => {
+                c.extra.remove(prop);
+            }
+            prop => {
+                c.extra.insert(prop.to_owned(), v.clone());
+            }
+        }
     }
     c.last_updated = Some(rfc3339_ms(unix_ms()));
-}
-
-/// A FullContact: the stored fields plus properties neither the fake keeps nor the daemon
-/// models, so a client that fails on unknown fields fails here as it would against Keap.
-fn full_json(c: &Contact) -> Value {
-    let mut v = serde_json::to_value(c).unwrap_or_else(|_| json!({}));
-    let extra = json!({"email_status": "UnengagedMarketable", "email_opted_in": false,
-        "tag_ids": [], "ScoreValue": "0", "phone_numbers": []});
-    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
-        m.extend(e);
-    }
-    v
-}
-
-/// Which operation a contact body is for: only PUT takes `duplicate_option`, and needs it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Write {
-    Upsert,
-    Create,
-    Patch,
-}
-
-/// Reads a contact body the way Keap's v1 validation would, answering v1 `{"message"}` 400s.
-/// Properties the fake does not model are rejected rather than silently dropped.
-fn parse_write(body: &[u8], kind: Write) -> Result<ContactWrite, Reply> {
-    let bad = |text: &str| msg(400, text);
-    let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(body) else {
-        return Err(bad(BAD_INPUT));
-    };
-    let mut top = vec!["given_name", "family_name", "email_addresses"];
-    if kind == Write::Upsert {
-        top.push("duplicate_option");
-    }
-    let items = v.get("email_addresses").and_then(Value::as_array).into_iter().flatten();
-    let unknown = v.as_object().into_iter().flat_map(|m| m.keys()).find(|k| !top.contains(&k.as_str()));
-    let unknown = unknown.or_else(|| {
-        let mut keys = items.filter_map(Value::as_object).flat_map(|m| m.keys());
-        keys.find(|k| *k != "email" && *k != "field")
-    });
-    if let Some(k) = unknown {
-        return Err(bad(&format!("Unrecognized field \"{k}\"")));
-    }
-    // Type errors, a missing `field` or one outside EMAIL1..3 fail here, with serde's words.
-    let w: ContactWrite = serde_json::from_value(v).map_err(|e| bad(&e.to_string()))?;
-    for (name, value) in [("given_name", &w.given_name), ("family_name", &w.family_name)] {
-        if value.as_ref().is_some_and(|v| v.chars().count() > MAX_NAME) {
-            return Err(bad(&format!("{name} must be at most {MAX_NAME} characters")));
-        }
-    }
-    let emails = w.email_addresses.as_deref().unwrap_or_default();
-    for (i, e) in emails.iter().enumerate() {
-        // EMAIL1 holds at most 75 characters, EMAIL2/3 100 (`docs/keap-api.md`).
-        let max = if e.field == EmailField::Email1 { 75 } else { 100 };
-        match e.email.as_deref() {
-            Some(a) if a.chars().count() > max => {
-                return Err(bad(&format!("Email address is too long (at most {max} characters)")))
-            }
-            Some(a) if !email_is_valid(a) => return Err(bad("Email address is invalid")),
-            _ if emails[..i].iter().any(|o| o.field == e.field) => {
-                return Err(bad("Each email field may appear only once"))
-            }
-            _ => {}
-        }
-    }
-    if kind == Write::Upsert && w.duplicate_option.is_none() {
-        return Err(bad("duplicate_option is required: Email or EmailAndName"));
-    }
-    Ok(w)
 }
 
 /// A plain `local@domain.tld` check: ASCII only, no spaces, dotted domain with an alphabetic
@@ -1463,6 +1807,7 @@ mod tests {
     use super::*;
     use reqwest::{RequestBuilder, Response as HttpResponse};
     use serde::Deserialize;
+    use std::collections::BTreeSet;
 
     /// The fake's error answers, read leniently: v1 `{"message"}`, the gateway's
     /// `{"code","message","status","details"}` and the token endpoint's
@@ -1829,16 +2174,23 @@ mod tests {
             (upsert(&long_email, "A"), "Email address is too long (at most 75 characters)"),
             (
                 json!({"email_addresses": [{"email": "a@b.io"}], "duplicate_option": "Email"}),
-                "missing field `field`",
+                "Email field must be one of EMAIL1, EMAIL2, EMAIL3",
             ),
-            (item("EMAIL4"), "unknown variant `EMAIL4`"),
+            (item("EMAIL4"), "Email field must be one of EMAIL1, EMAIL2, EMAIL3"),
             (
                 json!({"email_addresses": [{"email": "a@b.io", "field": "EMAIL1"}]}),
                 "duplicate_option is required",
             ),
             (json!({"given_name": "A", "duplicate_option": "Email"}), "At least one email"),
             (json!({"given_name": "A", "nickname": "B", "duplicate_option": "Email"}), "Unrecognized field"),
-            (json!({"given_name": "A", "duplicate_option": "EmailAndNameAndCompany"}), "unknown variant"),
+            (
+                json!({"given_name": "A", "duplicate_option": "EmailAndNameAndCompany"}),
+                "duplicate_option must be",
+            ),
+            (
+                json!({"phone_numbers": [{"number": "1", "field": "PHONE1", "kind": "x"}], "duplicate_option": "Email"}),
+                "Unrecognized field \"kind\" in phone_numbers",
+            ),
             (json!([1, 2]), BAD_INPUT),
         ];
         for (body, want) in cases {
@@ -1854,6 +2206,85 @@ mod tests {
         let v2 = format!("{}/v2/contacts", k.fake.api_url());
         assert_eq!(status(k.http.get(v2).bearer_auth(&k.token)).await, 404);
         assert!(k.fake.contacts().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_whole_contact_tags_model_and_opt_out() {
+        let k = Kit::new(FakeOptions::default()).await;
+        let seats = k.fake.add_custom_field("Seats", "WholeNumber");
+        let body = json!({"duplicate_option": "Email", "given_name": "A", "job_title": "CTO", "owner_id": 9,
+            "email_addresses": [{"email": "a@b.io", "field": "EMAIL1"}],
+            "phone_numbers": [{"number": "1", "field": "PHONE1", "type": "Work"}, {"number": "2", "field": "PHONE2"}],
+            "addresses": [{"field": "BILLING", "locality": "Paris", "country_code": "FRA"}],
+            "custom_fields": [{"id": seats, "content": 3}], "opt_in_reason": "Asked"});
+        let c = contact(k.put(&body)).await;
+        // Optional properties only when asked for.
+        let plain: Value = send(k.get(&format!("/{}", c.id))).await.json().await.unwrap();
+        assert!(plain.get("job_title").is_none() && plain.get("custom_fields").is_none());
+        assert_eq!(plain["owner_id"], 9);
+        assert_eq!(plain["email_opted_in"], true);
+        let asked: Value = send(k.get(&format!("/{}?optional_properties=job_title,custom_fields", c.id)))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (asked["job_title"].clone(), asked["custom_fields"][0]["content"].clone()),
+            (json!("CTO"), json!(3))
+        );
+        // Arrays are replaced: a PATCH of PHONE1 alone removes PHONE2; a mask without
+        // phone_numbers keeps both.
+        let patch =
+            |q: &str, b: Value| k.http.patch(k.url(&format!("/{}{q}", c.id))).bearer_auth(&k.token).json(&b);
+        let kept =
+            send(patch("?update_mask=given_name", json!({"given_name": "B", "phone_numbers": []}))).await;
+        assert_eq!(kept.status(), 200);
+        assert_eq!(k.fake.contact_json(c.id).unwrap()["phone_numbers"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            status(patch("", json!({"phone_numbers": [{"number": "3", "field": "PHONE1"}]}))).await,
+            200
+        );
+        assert_eq!(
+            k.fake.contact_json(c.id).unwrap()["phone_numbers"],
+            json!([{"number": "3", "field": "PHONE1"}])
+        );
+        // The model.
+        let model: Value = send(k.get("/model")).await.json().await.unwrap();
+        assert_eq!(model["custom_fields"][0]["field_type"], "WholeNumber");
+        // Tags: a contains-filter catalogue, apply with per-id answers, remove by a %2C list.
+        let tags_url = format!("{}/v1/tags", k.fake.api_url());
+        let created: Value = send(k.http.post(&tags_url).bearer_auth(&k.token).json(&json!({"name": "VIP"})))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let vip = created["id"].as_i64().unwrap();
+        let other = k.fake.create_tag("VIP customer");
+        let found: Value = send(k.http.get(format!("{tags_url}?name=VIP")).bearer_auth(&k.token))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(found["tags"].as_array().unwrap().len(), 2, "Keap's filter is not exact: {found}");
+        let tags_of = format!("{}/{}/tags", k.url(""), c.id);
+        let apply = |ids: Value| k.http.post(&tags_of).bearer_auth(&k.token).json(&json!({"tagIds": ids}));
+        let answer: Value = send(apply(json!([vip, 999]))).await.json().await.unwrap();
+        assert_eq!(answer, json!({vip.to_string(): "SUCCESS", "999": "TAG_ID_NOT_FOUND"}));
+        let again: Value = send(apply(json!([vip, other]))).await.json().await.unwrap();
+        assert_eq!(again[vip.to_string()], "DUPLICATE");
+        assert_eq!(k.fake.contact_tags(c.id), BTreeSet::from([vip, other]));
+        let remove = k.http.delete(format!("{tags_of}?ids={vip}%2C{other}")).bearer_auth(&k.token);
+        assert_eq!(status(remove).await, 204);
+        assert!(k.fake.contact_tags(c.id).is_empty());
+        // Opt-out: exactly {opted_in, reason}; an unknown address is 404.
+        let opt = |email: &str, b: Value| {
+            let url = format!("{}/v1/emailAddresses/{email}", k.fake.api_url());
+            k.http.put(url).bearer_auth(&k.token).json(&b)
+        };
+        assert_eq!(status(opt("a%40b.io", json!({"opted_in": false}))).await, 400);
+        assert_eq!(status(opt("x%40b.io", json!({"opted_in": false, "reason": "r"}))).await, 404);
+        assert_eq!(status(opt("a%40b.io", json!({"opted_in": false, "reason": "Gone"}))).await, 200);
+        assert_eq!(k.fake.email_opt_status("A@b.io"), Some((false, "Gone".into())));
     }
 
     #[test]

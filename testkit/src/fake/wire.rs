@@ -68,6 +68,10 @@ pub struct Contact {
     pub date_created: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated: Option<String>,
+    /// Every other stored property (`phone_numbers`, `addresses`, `custom_fields`,
+    /// `job_title`, …) as Keap's JSON; answers parsed back also land their extras here.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Contact {
