@@ -25,8 +25,9 @@ use crate::mapping::CustomModel;
 pub(crate) enum Tags {
     /// Every name has an id.
     Ids(BTreeMap<TagRef, i64>),
-    /// This tag does not exist in Keap and may not be created (or, in a dry run, would be).
-    Missing(String),
+    /// These tags do not exist in Keap and may not be created (or, in a dry run, would be),
+    /// each quoted.
+    Missing(Vec<String>),
 }
 
 /// The cache. One per daemon (it outlives database reconnects) or per `preview` run.
@@ -79,6 +80,7 @@ impl Catalog {
         deadline: Instant,
     ) -> Result<Tags, KeapError> {
         let mut ids = BTreeMap::new();
+        let mut missing = Vec::new();
         let mut known = self.tags.lock().await;
         for r in refs {
             let name = match r {
@@ -99,11 +101,14 @@ impl Catalog {
                     tracing::info!(tag = %name, id, "created a tag in Keap ([tags] create_missing = true)");
                     id
                 }
-                None => return Ok(Tags::Missing(name.clone())),
+                None => {
+                    missing.push(format!("{name:?}"));
+                    continue;
+                }
             };
             known.insert(name.clone(), id);
             ids.insert(r.clone(), id);
         }
-        Ok(Tags::Ids(ids))
+        Ok(if missing.is_empty() { Tags::Ids(ids) } else { Tags::Missing(missing) })
     }
 }

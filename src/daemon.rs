@@ -162,7 +162,11 @@ impl Daemon {
         let KeapAccess { keap, tokens, limiter, metrics } = keap_access(&config, &pg)?;
         let mapper = Arc::new(Mapper::new(&config.users));
         let catalog = Arc::new(Catalog::default());
-        check_custom_fields(&first, &keap, &tokens, &catalog, &mapper, config.keap.request_timeout).await?;
+        if mapper.needs_model() {
+            let _reserving = ratelimit::Reserving::start(&limiter, &pg);
+            check_custom_fields(&first, &keap, &tokens, &catalog, &mapper, config.keap.request_timeout)
+                .await?;
+        }
         let host = hostname();
         let context = Context {
             instance: instance_id(&host),

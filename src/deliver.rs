@@ -32,7 +32,7 @@ use crate::config::{DeliveryConfig, OnDelete, TagRef};
 use crate::db::DbError;
 use crate::keap::model::Contact;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
-use crate::mapping::{ContactPayload, CustomModel, Held, Mapper};
+use crate::mapping::{Changes, ContactPayload, CustomModel, Held, Mapper};
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, ReadUser};
 use crate::token::{TokenError, TokenSource};
@@ -173,10 +173,12 @@ impl Deliverer {
             .await?;
         Ok(match found {
             Ok(Tags::Ids(ids)) => Ok(ids.into_values().collect()),
-            Ok(Tags::Missing(name)) => Err(End::Park(format!(
-                "user {}: Keap has no tag named {name:?}; create it in Keap, or set `[tags] create_missing = true` \
+            Ok(Tags::Missing(names)) => Err(End::Park(format!(
+                "user {}: Keap has no tag named {}; create it in Keap, or set `[tags] create_missing = true` \
                  (the change syncs again on `keap-sync failures retry {}`)",
-                claim.user_key, claim.user_key
+                claim.user_key,
+                names.join(", "),
+                claim.user_key
             ))),
             Err(failure) => Err(End::failed(failure, None)),
         })
@@ -291,17 +293,8 @@ impl Deliverer {
             }
         }
         if changes.any() {
-            let (body, mask) = payload.patch(&changes, current.as_ref());
-            let (body, mask) = (&body, &mask);
-            let result = self
-                .with_auth(claim, |auth| async move {
-                    self.keap.update_contact(&auth, id, body, mask, deadline).await
-                })
-                .await?;
-            match result {
-                Ok(_) => {}
-                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(End::Unlinked),
-                Err(failure) => return Ok(End::failed(failure, serde_json::to_value(body).ok())),
+            if let Some(end) = self.patch(claim, payload, id, &changes, current.as_ref(), deadline).await? {
+                return Ok(end);
             }
         }
         let apply: BTreeSet<i64> = want.difference(&had).chain(&on_create).copied().collect();
@@ -310,6 +303,31 @@ impl Deliverer {
             return Ok(end);
         }
         Ok(End::Synced { contact_id: id, called: true, tags: want.clone() })
+    }
+
+    /// `PATCH` of the changed properties (`current`: the contact as Keap holds it, when an
+    /// array property is among them); `Some(end)` unless Keap took it ([`End::Unlinked`] on a 404).
+    async fn patch(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        id: i64,
+        changes: &Changes,
+        current: Option<&serde_json::Value>,
+        deadline: Instant,
+    ) -> Result<Option<End>, DbError> {
+        let (body, mask) = payload.patch(changes, current);
+        let (body, mask) = (&body, &mask);
+        let result = self
+            .with_auth(claim, |auth| async move {
+                self.keap.update_contact(&auth, id, body, mask, deadline).await
+            })
+            .await?;
+        Ok(match result {
+            Ok(_) => None,
+            Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => Some(End::Unlinked),
+            Err(failure) => Some(End::failed(failure, serde_json::to_value(body).ok())),
+        })
     }
 
     /// At most one apply call and one remove call; `Some(end)` if either failed.
@@ -415,20 +433,16 @@ impl Deliverer {
         }
         let changes = payload.changes(&held);
         if changes.any() {
-            let (body, mask) = payload.patch(&changes, Some(&contact.json));
-            let (body, mask, id) = (&body, &mask, contact.id);
-            let result = self
-                .with_auth(claim, |auth| async move {
-                    self.keap.update_contact(&auth, id, body, mask, deadline).await
-                })
-                .await?;
-            match result {
-                Ok(_) => {}
+            match self.patch(claim, payload, contact.id, &changes, Some(&contact.json), deadline).await? {
+                None => {}
                 // Deleted in Keap between the read and the write: look again later.
-                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => {
-                    return Ok(End::RetryLater(format!("Keap contact {id} vanished while being linked")))
+                Some(End::Unlinked) => {
+                    return Ok(End::RetryLater(format!(
+                        "Keap contact {} vanished while being linked",
+                        contact.id
+                    )))
                 }
-                Err(failure) => return Ok(End::failed(failure, serde_json::to_value(body).ok())),
+                Some(end) => return Ok(end),
             }
         }
         self.tag_new(claim, contact.id, want, on_create, deadline).await

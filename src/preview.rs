@@ -29,6 +29,7 @@ use crate::db::{self, DbError};
 use crate::keap::{Auth, KeapError};
 use crate::mapping::{ContactPayload, CustomModel, Held, Mapper};
 use crate::outbox::{self, Mapping, ReadUser};
+use crate::ratelimit::Reserving;
 use crate::schema::{self, UserTable};
 
 /// Which users to preview.
@@ -111,6 +112,8 @@ struct Planner {
     mapper: Mapper,
     on_delete: OnDelete,
     keap: Option<(KeapAccess, Catalog)>,
+    /// Keeps the day's reservations topped up while Keap may be asked for names.
+    _reserving: Option<Reserving>,
     model: Option<CustomModel>,
     timeout: Duration,
 }
@@ -127,8 +130,17 @@ impl Planner {
             || matches!(&on_delete, OnDelete::Tag { tag: TagRef::Name(_), .. })
             || mapper.needs_model();
         let keap = if names { Some((keap_access(config, &pg)?, Catalog::default())) } else { None };
-        let mut planner =
-            Planner { db, table, mapper, on_delete, keap, model: None, timeout: config.keap.request_timeout };
+        let mut planner = Planner {
+            db,
+            table,
+            mapper,
+            on_delete,
+            keap,
+            _reserving: None,
+            model: None,
+            timeout: config.keap.request_timeout,
+        };
+        planner._reserving = planner.keap.as_ref().map(|(access, _)| Reserving::start(&access.limiter, &pg));
         if planner.mapper.needs_model() {
             let model = planner.read_model().await.map_err(PreviewError::Model)?;
             planner
@@ -182,13 +194,14 @@ impl Planner {
                     let one = BTreeSet::from([r.clone()]);
                     match catalog.tag_ids(&access.keap, &auth, &one, false, self.deadline()).await {
                         Ok(Tags::Ids(m)) => ids.extend(m.into_values().map(|id| json!(id))),
-                        Ok(Tags::Missing(name)) if self.mapper.create_missing_tags() => {
-                            notes.push(format!("tag {name:?} does not exist in Keap; it would be created"));
-                            ids.push(json!(name));
+                        Ok(Tags::Missing(names)) if self.mapper.create_missing_tags() => {
+                            notes.push(format!("tag {} does not exist in Keap; it would be created", names.join(", ")));
+                            ids.push(json!(tag_name(r)));
                         }
-                        Ok(Tags::Missing(name)) => {
+                        Ok(Tags::Missing(names)) => {
                             return Err(format!(
-                                "Keap has no tag named {name:?}; create it in Keap, or set `[tags] create_missing = true`"
+                                "Keap has no tag named {}; create it in Keap, or set `[tags] create_missing = true`",
+                                names.join(", ")
                             ))
                         }
                         Err(e) => {
@@ -412,28 +425,44 @@ fn tag_name(r: &TagRef) -> String {
 /// Plans for the selected users. Makes no Keap write call and changes no table.
 pub async fn preview(config: &Config, which: &Selection) -> Result<Vec<Plan>, PreviewError> {
     let planner = Planner::new(config).await?;
-    let keys: Vec<String> = match which {
-        Selection::Keys(keys) => keys.clone(),
-        Selection::Pending(limit) => {
-            outbox::pending(&planner.db, clamp(*limit)).await?.into_iter().map(|(k, _)| k).collect()
-        }
-        Selection::All(limit) => {
-            let mut keys = Vec::new();
-            let max = limit.map_or(i64::MAX, clamp);
-            while (keys.len() as i64) < max {
-                let page = (max - keys.len() as i64).min(BATCH as i64 * 10);
-                let more =
-                    outbox::user_keys(&planner.db, &planner.table, keys.last().map(String::as_str), page)
-                        .await?;
-                if more.is_empty() {
-                    break;
-                }
-                keys.extend(more);
+    let plans = planner.select_and_plan(which).await;
+    planner.finish().await;
+    plans
+}
+
+impl Planner {
+    async fn select_and_plan(&self, which: &Selection) -> Result<Vec<Plan>, PreviewError> {
+        let planner = self;
+        let keys: Vec<String> = match which {
+            Selection::Keys(keys) => keys.clone(),
+            Selection::Pending(limit) => {
+                outbox::pending(&planner.db, clamp(*limit)).await?.into_iter().map(|(k, _)| k).collect()
             }
-            keys
+            Selection::All(limit) => {
+                let mut keys = Vec::new();
+                let max = limit.map_or(i64::MAX, clamp);
+                while (keys.len() as i64) < max {
+                    let page = (max - keys.len() as i64).min(BATCH as i64 * 10);
+                    let more =
+                        outbox::user_keys(&planner.db, &planner.table, keys.last().map(String::as_str), page)
+                            .await?;
+                    if more.is_empty() {
+                        break;
+                    }
+                    keys.extend(more);
+                }
+                keys
+            }
+        };
+        planner.plan(&keys).await
+    }
+
+    /// Gives back the day's call reservations the name lookups did not use.
+    async fn finish(&self) {
+        if let Some((access, _)) = &self.keap {
+            access.limiter.give_back(&self.db).await;
         }
-    };
-    planner.plan(&keys).await
+    }
 }
 
 fn clamp(n: u64) -> i64 {

@@ -524,6 +524,25 @@ impl Limiter {
     }
 }
 
+/// The reserver of [`reserve_until_stopped`] for a short job outside the daemon's run (the
+/// start-up check of the contact model, `preview`'s name lookups): those calls count against
+/// the day like any other (invariant 15). The task ends when this guard drops.
+pub(crate) struct Reserving(CancellationToken);
+
+impl Reserving {
+    pub(crate) fn start(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
+        let stop = CancellationToken::new();
+        tokio::spawn(reserve_until_stopped(Arc::clone(limiter), pg.clone(), stop.clone()));
+        Reserving(stop)
+    }
+}
+
+impl Drop for Reserving {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
 /// Keeps the day's reservations topped up from `keap_sync.quota_usage` until `stop`: waits
 /// for a sender to find them running low, then reserves a block on a connection of its own
 /// (opened on first need, so a standby instance never opens one). A failed reservation is

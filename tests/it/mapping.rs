@@ -120,12 +120,7 @@ async fn wide_app(start: bool) -> TestApp {
 }
 
 async fn contact_of(app: &TestApp, key: &str) -> Value {
-    let id: i64 = app
-        .db
-        .query_one("select contact_id from keap_sync.contact_map where user_key = $1", &[&key])
-        .await
-        .unwrap_or_else(|e| panic!("user {key} is not mapped: {e}"))
-        .get(0);
+    let id = contact_id_of(app, key).await;
     app.fake.contact_json(id).unwrap_or_else(|| panic!("contact {id} of user {key} is not in Keap"))
 }
 
