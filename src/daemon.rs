@@ -400,7 +400,7 @@ impl Context {
             Some(c) => c,
             None => db::connect(&self.pg).await?,
         };
-        let db = Arc::new(client);
+        let db = Arc::new(db::Db::new(client));
         // Claims this process held in an earlier session have no task any more.
         outbox::release_all(&db, &self.instance, self.in_flight_grace()).await?;
         if !self.wait_for_delivery_lock(&listener, &db, stop).await? {
@@ -607,7 +607,8 @@ struct Refusal {
 /// of it needs a lock.
 struct Session<'a> {
     ctx: &'a Context,
-    db: Arc<Client>,
+    /// Shared with every delivery; prepares the statements of the delivery path once.
+    db: Arc<db::Db>,
     /// The LISTEN connection; also holds the delivery lock (a session-level advisory lock).
     listener: db::Listener,
     /// Woken by every notification (a stored permit covers one that arrives between waits).
@@ -697,7 +698,7 @@ impl Session<'_> {
             return Ok(());
         }
         self.capture_checked = Some(Instant::now());
-        let found = schema::capture_problem(self.db.as_ref(), &self.ctx.config.users).await?;
+        let found = schema::capture_problem(&**self.db, &self.ctx.config.users).await?;
         if found != self.capture {
             match &found {
                 Some(p) => tracing::error!(problem = %p.message, "capture is broken"),
