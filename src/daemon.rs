@@ -762,7 +762,12 @@ impl Session<'_> {
                 wait.min(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(5)))
             );
         }
-        if free == 0 {
+        // Claim in batches under load: while a quarter of the slots or more are busy, wait for a
+        // quarter of them to free up, so that a backlog costs one claim and one read per batch
+        // rather than per delivery (each finished delivery wakes the loop). An idle daemon
+        // claims what arrives at once.
+        let batch = (self.ctx.config.delivery.concurrency / 4).max(1);
+        if free == 0 || (free < batch && self.tasks.len() >= batch) {
             return Ok(wait);
         }
         let asked = Instant::now();
