@@ -15,33 +15,12 @@ use std::time::{Duration, Instant};
 
 use keap_sync::config::Config;
 use keap_sync::BackfillMode;
-use keap_sync_testkit::pg::Cluster;
-use tokio_postgres::NoTls;
-
-fn arg(name: &str, default: i64) -> i64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
+use keap_sync_testkit::bench::{self, arg};
 
 #[tokio::main]
 async fn main() {
     let users = arg("--users", 1_000_000);
-    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap().expect("throwaway PostgreSQL");
+    let cluster = bench::start_cluster().await;
     let conninfo = cluster.create_database("bench").await.expect("database");
     let env = |k: &str| match k {
         "DATABASE_URL" => Some(conninfo.clone()),
@@ -49,8 +28,7 @@ async fn main() {
         _ => None,
     };
     let config = Config::from_env(&env).expect("config");
-    let (mut client, connection) = tokio_postgres::connect(&conninfo, NoTls).await.expect("connect");
-    tokio::spawn(connection);
+    let mut client = bench::connect(&conninfo).await;
     client
         .batch_execute(&format!(
             "create table users (id bigserial primary key, email text, first_name text, last_name text);
@@ -62,7 +40,7 @@ async fn main() {
         .expect("users");
     keap_sync::migrate(&mut client, &config.users).await.expect("migrate");
 
-    let rss_before = peak_rss_kib();
+    let rss_before = bench::peak_rss_kib("self");
     let started = Instant::now();
     let mut batches = 0u64;
     let mut longest = Duration::ZERO;
@@ -81,7 +59,7 @@ async fn main() {
     assert!(begun, "a restarted backfill always begins");
     let took = started.elapsed();
     let queued: i64 = client.query_one("select count(*) from keap_sync.outbox", &[]).await.unwrap().get(0);
-    let rss_after = peak_rss_kib();
+    let rss_after = bench::peak_rss_kib("self");
 
     println!("users:               {users}");
     println!("enqueued:            {queued}");

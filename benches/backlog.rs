@@ -18,73 +18,8 @@
 use std::time::{Duration, Instant};
 
 use keap_sync::config::Config;
-use keap_sync_testkit::pg::Cluster;
-use tokio_postgres::{Client, NoTls};
-
-fn arg(name: &str, default: i64) -> i64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.replace('_', "").parse().ok())
-        .unwrap_or(default)
-}
-
-/// utime + stime of a process, in clock ticks (fields 14 and 15 of `/proc/<pid>/stat`).
-fn cpu_ticks(pid: &str) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
-    // The command name (field 2) is in parentheses and may hold spaces: split after it.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
-    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
-fn ticks_per_sec() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Every process of the cluster: the postmaster and its children (backends, checkpointer, …).
-fn server_pids(cluster: &Cluster) -> Vec<String> {
-    let postmaster = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next().map(str::to_owned))
-        .expect("postmaster.pid");
-    let mut pids = vec![postmaster.clone()];
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1).map(str::to_owned));
-        if ppid.as_deref() == Some(postmaster.as_str()) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// CPU ticks of the cluster's processes by pid (a backend that ends in between keeps its last
-/// reading, so the sum only undercounts processes that both started and ended in the window).
-fn server_cpu(cluster: &Cluster, into: &mut std::collections::HashMap<String, u64>) {
-    for pid in server_pids(cluster) {
-        let t = cpu_ticks(&pid);
-        into.insert(pid, t);
-    }
-}
-
-async fn connect(conninfo: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
-}
+use keap_sync_testkit::bench::{self, arg, connect, cpu_ticks, ServerCpu};
+use tokio_postgres::Client;
 
 /// `explain analyze` execution time of `sql`, in ms (median of 3).
 async fn explain_ms(client: &Client, sql: &str) -> f64 {
@@ -102,21 +37,7 @@ async fn explain_ms(client: &Client, sql: &str) -> f64 {
 async fn main() {
     let rows = arg("--rows", 1_000_000);
     let secs = arg("--secs", 20) as u64;
-    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap().expect("throwaway PostgreSQL");
-    // pg_stat_statements must be preloaded: set it for the next start, and restart.
-    {
-        let admin = connect(&cluster.conninfo("postgres")).await;
-        admin
-            .batch_execute("alter system set shared_preload_libraries = 'pg_stat_statements'")
-            .await
-            .expect("preload pg_stat_statements");
-    }
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.restart().expect("restart with pg_stat_statements");
-        cluster
-    })
-    .await
-    .unwrap();
+    let cluster = bench::enable_pg_stat_statements(bench::start_cluster().await).await;
     let conninfo = cluster.create_database("bench").await.expect("database");
     let env = |k: &str| match k {
         "DATABASE_URL" => Some(conninfo.clone()),
@@ -181,14 +102,12 @@ async fn main() {
     // Let it connect and drain once, then measure the idle window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     client.batch_execute("select pg_stat_statements_reset()").await.expect("reset");
-    let mut pg_before = std::collections::HashMap::new();
-    server_cpu(&cluster, &mut pg_before);
+    let pg_before = ServerCpu::read(&cluster);
     let self_before = cpu_ticks("self");
     let window = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let self_after = cpu_ticks("self");
-    let mut pg_after = pg_before.clone();
-    server_cpu(&cluster, &mut pg_after);
+    let pg_secs = ServerCpu::read(&cluster).since(&pg_before);
     let elapsed = window.elapsed().as_secs_f64();
     let statements = client
         .query(
@@ -204,8 +123,7 @@ async fn main() {
     let _ = stop_tx.send(());
     running.await.expect("daemon task").expect("daemon run");
 
-    let tck = ticks_per_sec();
-    let pg_ticks: u64 = pg_after.iter().map(|(pid, t)| t - pg_before.get(pid).copied().unwrap_or(0)).sum();
+    let tck = bench::ticks_per_sec();
     let total_ms: f64 = statements.iter().map(|r| r.get::<_, f64>(2)).sum();
     println!("idle window:         {elapsed:.1} s, default settings (poll 5 s, heartbeat 5 s)");
     println!(
@@ -215,8 +133,8 @@ async fn main() {
     );
     println!(
         "postgres CPU:        {:.3} s ({:.2} % of a core), all server processes",
-        pg_ticks as f64 / tck,
-        pg_ticks as f64 / tck / elapsed * 100.0
+        pg_secs,
+        pg_secs / elapsed * 100.0
     );
     println!("statement time:      {total_ms:.1} ms in total (pg_stat_statements)");
     println!("statements (calls, mean ms, query):");

@@ -31,9 +31,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use keap_sync::config::{Config, LimitsConfig};
+use keap_sync_testkit::bench::connect;
 use keap_sync_testkit::fake::{FakeKeap, FakeOptions};
 use keap_sync_testkit::pg::Cluster;
-use tokio_postgres::{Client, NoTls};
 
 const API_KEY: &str = "bench-key";
 const USERS_DDL: &str =
@@ -101,12 +101,6 @@ fn most_in_any_window(at: &[Instant], span: Duration) -> usize {
         most = most.max(hi - lo + 1);
     }
     most
-}
-
-async fn connect(conninfo: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
 }
 
 async fn bench(cluster: &Cluster, a: &Args) {

@@ -404,7 +404,7 @@ impl Context {
             Some(c) => c,
             None => db::connect(&self.pg).await?,
         };
-        let db = Arc::new(client);
+        let db = Arc::new(db::Db::new(client));
         // Claims this process held in an earlier session have no task any more.
         outbox::release_all(&db, &self.instance, self.in_flight_grace()).await?;
         if !self.wait_for_delivery_lock(&listener, &db, stop).await? {
@@ -611,7 +611,8 @@ struct Refusal {
 /// of it needs a lock.
 struct Session<'a> {
     ctx: &'a Context,
-    db: Arc<Client>,
+    /// Shared with every delivery; prepares the statements of the delivery path once.
+    db: Arc<db::Db>,
     /// The LISTEN connection; also holds the delivery lock (a session-level advisory lock).
     listener: db::Listener,
     /// Woken by every notification (a stored permit covers one that arrives between waits).
@@ -701,7 +702,7 @@ impl Session<'_> {
             return Ok(());
         }
         self.capture_checked = Some(Instant::now());
-        let found = schema::capture_problem(self.db.as_ref(), &self.ctx.config.users).await?;
+        let found = schema::capture_problem(&**self.db, &self.ctx.config.users).await?;
         if found != self.capture {
             match &found {
                 Some(p) => tracing::error!(problem = %p.message, "capture is broken"),
@@ -765,7 +766,12 @@ impl Session<'_> {
                 wait.min(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(5)))
             );
         }
-        if free == 0 {
+        // Claim in batches under load: while a quarter of the slots or more are busy, wait for a
+        // quarter of them to free up, so that a backlog costs one claim and one read per batch
+        // rather than per delivery (each finished delivery wakes the loop). An idle daemon
+        // claims what arrives at once.
+        let batch = (self.ctx.config.delivery.concurrency / 4).max(1);
+        if free == 0 || (free < batch && self.tasks.len() >= batch) {
             return Ok(wait);
         }
         let asked = Instant::now();

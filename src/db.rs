@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, Client, Config as PgConfig};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config as PgConfig, Row, Statement};
 
 use crate::config::DatabaseConfig;
 
@@ -191,6 +193,109 @@ pub(crate) async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
         }
     });
     Ok(client)
+}
+
+/// A session's connection with its prepared statements: each statement the delivery path runs
+/// is parsed and planned once per connection (`Client::prepare`) and then only bound and
+/// executed, one round trip instead of two and no parse or plan on the server. Derefs to the
+/// [`Client`] for everything else.
+pub(crate) struct Db {
+    client: Client,
+    /// By SQL text. A std mutex: held for a lookup or an insert, never across an await.
+    prepared: std::sync::Mutex<std::collections::HashMap<String, Statement>>,
+}
+
+impl Db {
+    pub(crate) fn new(client: Client) -> Db {
+        Db { client, prepared: std::sync::Mutex::default() }
+    }
+
+    /// `sql` prepared on this connection (once; then from the cache).
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.cache().get(sql) {
+            return Ok(s.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.cache().insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Statement>> {
+        self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A prepared statement the server no longer has, or whose result type a schema change
+    /// altered, is dropped from the cache, so the next try prepares it again.
+    fn forget_if_stale(&self, sql: &str, e: &tokio_postgres::Error) {
+        if e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
+            || e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED)
+        {
+            self.cache().remove(sql);
+        }
+    }
+
+    /// [`Client::query`] with the statement prepared once per connection.
+    pub(crate) async fn cached_query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        let result = self.client.query(&statement, params).await;
+        if let Err(e) = &result {
+            self.forget_if_stale(sql, e);
+        }
+        result
+    }
+
+    /// [`Client::query_one`], prepared once per connection.
+    pub(crate) async fn cached_query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        let result = self.client.query_one(&statement, params).await;
+        if let Err(e) = &result {
+            self.forget_if_stale(sql, e);
+        }
+        result
+    }
+
+    /// [`Client::query_opt`], prepared once per connection.
+    pub(crate) async fn cached_query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        let result = self.client.query_opt(&statement, params).await;
+        if let Err(e) = &result {
+            self.forget_if_stale(sql, e);
+        }
+        result
+    }
+
+    /// [`Client::execute`], prepared once per connection.
+    pub(crate) async fn cached_execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        let result = self.client.execute(&statement, params).await;
+        if let Err(e) = &result {
+            self.forget_if_stale(sql, e);
+        }
+        result
+    }
+}
+
+impl std::ops::Deref for Db {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
 }
 
 /// A connection that has run `LISTEN channel`. Every notification wakes `wake` (a permit is

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
-use tokio_postgres::Client;
 
 use crate::catalog::{Catalog, Tags};
 use crate::config::{DeliveryConfig, OnDelete, TagRef};
@@ -58,7 +57,7 @@ pub(crate) enum Outcome {
 
 /// Everything a delivery task shares with the others.
 pub(crate) struct Deliverer {
-    pub db: Arc<Client>,
+    pub db: Arc<crate::db::Db>,
     pub keap: KeapClient,
     pub tokens: Arc<TokenSource>,
     pub delivery: DeliveryConfig,

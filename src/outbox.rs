@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::db::DbError;
+use crate::db::{Db, DbError};
 use crate::schema::UserTable;
 
 /// A claimed outbox row, joined with what we know of its Keap contact.
@@ -54,13 +54,13 @@ pub(crate) struct ClaimTiming {
 
 /// Claims up to `limit` due rows for `instance`, oldest schedule first.
 pub(crate) async fn claim(
-    client: &Client,
+    client: &Db,
     instance: &str,
     limit: i64,
     t: ClaimTiming,
 ) -> Result<Vec<Claim>, DbError> {
     let rows = client
-        .query(
+        .cached_query(
             "with due as (
                  select user_key from keap_sync.outbox
                   where parked_at is null
@@ -350,7 +350,7 @@ pub(crate) enum Done {
 /// `key_gone` says so. The capture trigger enqueues the old key before it moves a mapping, so a
 /// key change that races this statement waits for it and then carries the mapping along.
 pub(crate) async fn complete(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
     done: &Done,
@@ -360,33 +360,55 @@ pub(crate) async fn complete(
     // `ours` holds a row only if this claim still owned the outbox row (same instance and the
     // same attempt count: a re-claim bumps it), so a holder whose lease expired changes nothing,
     // not even the contact map.
-    let (map_sql, contact_id, fingerprint, sent) = match done {
-        Done::Synced { contact_id, fingerprint, sent } => (
-            "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
+    let (variant, contact_id, fingerprint, sent) = match done {
+        Done::Synced { contact_id, fingerprint, sent } => {
+            (0, Some(*contact_id), Some(fingerprint.as_str()), Some(sent))
+        }
+        Done::Forgotten => (1, None, None, None),
+        Done::Nothing => (2, None, None, None),
+    };
+    let synced = matches!(done, Done::Synced { .. });
+    // Built once: the statement is prepared once per connection by its text.
+    static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+        [COMPLETE_SYNCED, COMPLETE_FORGOTTEN, COMPLETE_NOTHING].map(complete_sql)
+    });
+    let sql = &SQL[variant];
+    let row = client
+        .cached_query_one(
+            sql,
+            &[
+                &claim.user_key,
+                &claim.version,
+                &instance,
+                &contact_id,
+                &fingerprint,
+                &claim.attempts,
+                &synced,
+                &sent,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// What [`complete`] does to the contact map, by outcome: `$4`, `$5`, `$8` are the contact id,
+/// fingerprint and `sent` (typed even where unused, so every variant takes the same parameters).
+const COMPLETE_SYNCED: &str =
+    "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
              select $1, $4, $5, $8, now() from ours
               where not ours.key_gone
                 and not exists (select from keap_sync.contact_map where contact_id = $4 and user_key <> $1)
              on conflict (user_key) do update
                 set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint,
-                    sent = excluded.sent, synced_at = now()",
-            Some(*contact_id),
-            Some(fingerprint.as_str()),
-            Some(sent),
-        ),
-        Done::Forgotten => (
-            "delete from keap_sync.contact_map
+                    sent = excluded.sent, synced_at = now()";
+const COMPLETE_FORGOTTEN: &str = "delete from keap_sync.contact_map
               where user_key = $1 and exists (select from ours)
-                and $4::int8 is null and $5::text is null and $8::jsonb is null",
-            None,
-            None,
-            None,
-        ),
-        Done::Nothing => {
-            ("select where $4::int8 is null and $5::text is null and $8::jsonb is null", None, None, None)
-        }
-    };
-    let synced = matches!(done, Done::Synced { .. });
-    let sql = format!(
+                and $4::int8 is null and $5::text is null and $8::jsonb is null";
+const COMPLETE_NOTHING: &str = "select where $4::int8 is null and $5::text is null and $8::jsonb is null";
+
+/// The statement of [`complete`] around one of the contact-map parts above.
+fn complete_sql(map_sql: &str) -> String {
+    format!(
         "with gone as (
              delete from keap_sync.outbox
               where user_key = $1 and version = $2 and leased_by = $3 and attempts = $6
@@ -405,23 +427,7 @@ pub(crate) async fn complete(
              {map_sql}
          )
          select exists (select from gone)"
-    );
-    let row = client
-        .query_one(
-            &sql,
-            &[
-                &claim.user_key,
-                &claim.version,
-                &instance,
-                &contact_id,
-                &fingerprint,
-                &claim.attempts,
-                &synced,
-                &sent,
-            ],
-        )
-        .await?;
-    Ok(row.get(0))
+    )
 }
 
 /// How many times [`with_retries`] runs a statement that failed without losing the connection.
@@ -499,14 +505,14 @@ pub(crate) enum Linked {
 /// The outbox row is locked (`for update`) for the statement: a key change enqueues its old key
 /// first, so it waits for this mapping and then moves it to the new key (invariant 13).
 pub(crate) async fn link(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
     contact_id: i64,
     sent: &Value,
 ) -> Result<Linked, DbError> {
     let result = client
-        .query_one(
+        .cached_query_one(
             "with ours as (
                  select key_gone from keap_sync.outbox
                   where user_key = $1 and leased_by = $2 and attempts = $3
@@ -567,13 +573,13 @@ pub(crate) enum CreateSlot {
 /// could create another (ARCHITECTURE.md, invariant 14). The email is unique among creates in
 /// flight, so two users with one email never create two contacts.
 pub(crate) async fn begin_create(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
     body: &Value,
 ) -> Result<CreateSlot, DbError> {
     let result = client
-        .execute(
+        .cached_execute(
             "update keap_sync.outbox set create_sent = $4
               where user_key = $1 and leased_by = $2 and attempts = $3",
             &[&claim.user_key, &instance, &claim.attempts, body],
@@ -592,12 +598,12 @@ pub(crate) async fn begin_create(
 /// user has no contact. A deleted user's contact is looked up here, not taken from the claim,
 /// because a key change moves the mapping to the new key (invariant 13).
 pub(crate) async fn mapping_if_unchanged(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
 ) -> Result<Option<Option<i64>>, DbError> {
     let row = client
-        .query_opt(
+        .cached_query_opt(
             "select m.contact_id from keap_sync.outbox o
                left join keap_sync.contact_map m on m.user_key = o.user_key
               where o.user_key = $1 and o.version = $2 and o.leased_by = $3 and o.attempts = $4",
@@ -626,7 +632,7 @@ pub(crate) struct FailureRecord {
 /// Puts a transiently failed change back with a retry time, as a retry (priority 1, so live
 /// changes go first). The schedule lives in the row, so it survives restarts.
 pub(crate) async fn retry_later(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
     delay: Duration,
@@ -640,7 +646,7 @@ pub(crate) async fn retry_later(
 /// `keap-sync failures retry`. If a newer change already arrived, the row is released for it
 /// instead of parked.
 pub(crate) async fn park(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
     failure: &FailureRecord,
@@ -650,7 +656,7 @@ pub(crate) async fn park(
 
 /// `retry_in`: `Some(delay)` schedules a retry, `None` parks.
 async fn record_failure(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
     failure: &FailureRecord,
@@ -658,7 +664,7 @@ async fn record_failure(
 ) -> Result<(), DbError> {
     let delay = retry_in.map(|d| d.as_secs_f64());
     client
-        .execute(
+        .cached_execute(
             "update keap_sync.outbox
                 set lease_until = null, leased_by = null,
                     parked_at = case when $3::float8 is null and version = $2 then now() end,
@@ -687,9 +693,9 @@ async fn record_failure(
 
 /// Gives back a claim without a result (shutdown, lost token), so it is retried at once by
 /// whoever runs next. The attempt is not counted.
-pub(crate) async fn release(client: &Client, claim: &Claim, instance: &str) -> Result<(), DbError> {
+pub(crate) async fn release(client: &Db, claim: &Claim, instance: &str) -> Result<(), DbError> {
     client
-        .execute(
+        .cached_execute(
             "update keap_sync.outbox
                 set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0)
               where user_key = $1 and leased_by = $2 and attempts = $3",
@@ -705,13 +711,13 @@ pub(crate) async fn release(client: &Client, claim: &Claim, instance: &str) -> R
 /// tries another user (a refusal that is really about this one user cannot hold up the rest),
 /// and Keap's answer is kept in the row. The payload is not stored: nothing was applied.
 pub(crate) async fn requeue_refused(
-    client: &Client,
+    client: &Db,
     claim: &Claim,
     instance: &str,
     failure: &FailureRecord,
 ) -> Result<(), DbError> {
     client
-        .execute(
+        .cached_execute(
             "update keap_sync.outbox
                 set lease_until = null, leased_by = null, attempts = greatest(attempts - 1, 0),
                     next_attempt_at = greatest(next_attempt_at, now()),
@@ -801,12 +807,12 @@ pub(crate) struct NextDue {
 /// the cost does not grow with the backlog; ordering all pending rows by `next_attempt_at`
 /// alone would sort every one of them.
 pub(crate) async fn next_due_in(
-    client: &Client,
+    client: &Db,
     t: ClaimTiming,
     since_claim: Duration,
 ) -> Result<NextDue, DbError> {
     let row = client
-        .query_one(
+        .cached_query_one(
             "with pending as (
                  (select next_attempt_at, changed_at, first_changed_at, lease_until from keap_sync.outbox
                    where parked_at is null and priority = 0 order by next_attempt_at limit 1000)

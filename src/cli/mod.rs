@@ -193,7 +193,10 @@ pub fn main() -> ExitCode {
     // `backfill` on a terminal draws a progress line; routine log lines would only break it.
     let progress_bar = matches!(cli.command, Command::Backfill { .. }) && std::io::stderr().is_terminal();
     init_logging(cli.log_format, if progress_bar { "warn" } else { "info" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread: the work is waiting on Postgres and Keap, and a multi-threaded runtime spent
+    // most of the daemon's CPU waking its workers for each other (futex and scheduler time in
+    // `perf`, issue 12). Nothing here blocks the thread for long.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -689,6 +689,11 @@ impl FakeKeap {
         self.state().spent_reuse
     }
 
+    /// Connections open now (a killed client's close them once the fake has read what they sent).
+    pub fn open_connections(&self) -> usize {
+        lock(&self.inner.control).conns.len()
+    }
+
     /// 429 answers given.
     pub fn throttled_count(&self) -> usize {
         self.state().throttled

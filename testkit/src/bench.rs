@@ -1,0 +1,396 @@
+//! What the benchmarks (`benches/*.rs`) share: argument parsing, connections, process CPU and
+//! peak memory from `/proc`, `pg_stat_statements` on a throwaway cluster, the capture-cost
+//! measurement, the daemon as a child process, and the check that Keap holds every user's
+//! final row.
+//!
+//! Nothing here sleeps to synchronise: waits poll a condition with a deadline.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::fake::FakeKeap;
+use crate::pg::Cluster;
+
+/// The value after `name` on the command line, parsed (`_` allowed as a digit separator).
+pub fn arg(name: &str, default: i64) -> i64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+/// The value after `name` on the command line, as text.
+pub fn arg_text(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+/// Whether `name` is on the command line.
+pub fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+/// A connection whose driver runs in a spawned task.
+pub async fn connect(conninfo: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A throwaway cluster, started off the async threads.
+pub async fn start_cluster() -> Cluster {
+    tokio::task::spawn_blocking(Cluster::start).await.expect("cluster task").expect("throwaway PostgreSQL")
+}
+
+/// Opt-in for benches: preloads `pg_stat_statements` (set for the next start, then a
+/// restart). Each database that wants the view runs `create extension pg_stat_statements`.
+pub async fn enable_pg_stat_statements(cluster: Cluster) -> Cluster {
+    {
+        let admin = connect(&cluster.conninfo("postgres")).await;
+        admin
+            .batch_execute("alter system set shared_preload_libraries = 'pg_stat_statements'")
+            .await
+            .expect("preload pg_stat_statements");
+    }
+    tokio::task::spawn_blocking(move || {
+        cluster.restart().expect("restart with pg_stat_statements");
+        cluster
+    })
+    .await
+    .expect("restart task")
+}
+
+/// One statement as `pg_stat_statements` saw it.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub calls: i64,
+    pub total_ms: f64,
+    pub mean_ms: f64,
+    pub rows: i64,
+    /// The normalised text, whitespace folded.
+    pub query: String,
+}
+
+/// The statements of the current database, most total time first (the view's own excluded).
+pub async fn statements(client: &Client) -> Vec<Statement> {
+    client
+        .query(
+            "select calls, total_exec_time, mean_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g')
+               from pg_stat_statements
+              where dbid = (select oid from pg_database where datname = current_database())
+                and query not ilike '%pg_stat_statements%'
+              order by total_exec_time desc",
+            &[],
+        )
+        .await
+        .expect("pg_stat_statements")
+        .iter()
+        .map(|r| Statement {
+            calls: r.get(0),
+            total_ms: r.get(1),
+            mean_ms: r.get(2),
+            rows: r.get(3),
+            query: r.get(4),
+        })
+        .collect()
+}
+
+/// utime + stime of a process (all its threads), in clock ticks; `"self"` for this one. 0 if
+/// it is gone.
+pub fn cpu_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    // The command name (field 2) is in parentheses and may hold spaces: split after it.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
+    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`, usually 100).
+pub fn ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds of this process so far (the bench itself and the in-process fake Keap).
+pub fn self_cpu_secs() -> f64 {
+    cpu_ticks("self") as f64 / ticks_per_sec()
+}
+
+/// Peak resident memory (`VmHWM`) of a process in KiB; `"self"` for this one.
+pub fn peak_rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Every process of the cluster: the postmaster and its children (backends, checkpointer, …).
+pub fn server_pids(cluster: &Cluster) -> Vec<String> {
+    let postmaster = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .expect("postmaster.pid");
+    let mut pids = vec![postmaster.clone()];
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1).map(str::to_owned));
+        if ppid.as_deref() == Some(postmaster.as_str()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// CPU ticks of the cluster's processes by pid, to subtract two readings with [`ServerCpu::since`].
+/// A process that both starts and ends between two readings is missed (an autovacuum worker,
+/// a short connection); the daemon's and the bench's connections live through the window.
+#[derive(Debug, Clone, Default)]
+pub struct ServerCpu(HashMap<String, u64>);
+
+impl ServerCpu {
+    pub fn read(cluster: &Cluster) -> ServerCpu {
+        ServerCpu(server_pids(cluster).into_iter().map(|pid| (pid.clone(), cpu_ticks(&pid))).collect())
+    }
+
+    /// CPU seconds spent by the cluster since `earlier` (a process gone since keeps its last reading).
+    pub fn since(&self, earlier: &ServerCpu) -> f64 {
+        let mut ticks = 0;
+        for (pid, t) in &self.0 {
+            ticks += t.saturating_sub(earlier.0.get(pid).copied().unwrap_or(0));
+        }
+        ticks as f64 / ticks_per_sec()
+    }
+}
+
+/// Polls `condition` every 5 ms until it holds; false if `timeout` passes first.
+pub async fn poll_until<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the outbox is empty (looked at every 5 ms with a query that stops at the first
+/// row, so the polling costs the server little). False if `timeout` passes first.
+pub async fn wait_outbox_empty(db: &Client, timeout: Duration) -> bool {
+    poll_until(timeout, || async {
+        db.query_one("select not exists (select from keap_sync.outbox)", &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+    })
+    .await
+}
+
+/// Empties `users` and the outbox without capturing it (every user trigger disabled).
+pub async fn reset_users(client: &Client) {
+    client
+        .batch_execute(
+            "alter table users disable trigger user; truncate users; truncate keap_sync.outbox, keap_sync.outbox_count;",
+        )
+        .await
+        .expect("reset");
+}
+
+/// Enables every capture trigger `migrate` installs (after [`reset_users`] disabled them).
+pub const ENABLE_CAPTURE: &str =
+    "alter table users enable always trigger keap_sync_capture, enable always trigger keap_sync_capture_update,
+         enable always trigger keap_sync_capture_delete, enable always trigger keap_sync_capture_key,
+         enable always trigger keap_sync_capture_truncate;";
+
+/// Capture cost: insert rows/s into `users` for (100-row statements, one transaction each;
+/// single-row autocommit statements), after emptying the table and running `enable` (SQL
+/// that enables the triggers to measure; "" for none). `rows` per case.
+pub async fn insert_rates(client: &Client, rows: i64, enable: &str) -> (f64, f64) {
+    reset_users(client).await;
+    client.batch_execute(enable).await.expect("enable");
+    let started = Instant::now();
+    for b in 0..rows / 100 {
+        client
+            .execute(
+                "insert into users (email, first_name, last_name)
+                 select 'b' || g || '@example.com', 'F' || g, 'L' || g from generate_series($1::bigint, $1::bigint + 99) g",
+                &[&(b * 100)],
+            )
+            .await
+            .expect("batch insert");
+    }
+    let batch = (rows / 100 * 100) as f64 / started.elapsed().as_secs_f64();
+    let insert = client
+        .prepare("insert into users (email, first_name, last_name) values ($1, 'F', 'L')")
+        .await
+        .expect("prepare");
+    let started = Instant::now();
+    for i in 0..rows {
+        client.execute(&insert, &[&format!("s{i}@example.com")]).await.expect("single insert");
+    }
+    let single = rows as f64 / started.elapsed().as_secs_f64();
+    (batch, single)
+}
+
+/// Users whose Keap contact (the one the contact map names) holds exactly their row's email,
+/// given and family name, and the number of users with an email.
+pub async fn users_right_in_keap(db: &Client, fake: &FakeKeap) -> (usize, usize) {
+    let rows = db
+        .query(
+            "select u.email, u.first_name, u.last_name, m.contact_id
+               from users u left join keap_sync.contact_map m on m.user_key = u.id::text
+              where u.email is not null",
+            &[],
+        )
+        .await
+        .expect("users");
+    let contacts: HashMap<i64, _> = fake.contacts().into_iter().map(|c| (c.id, c)).collect();
+    let name = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let right = rows
+        .iter()
+        .filter(|r| {
+            let Some(c) = r.get::<_, Option<i64>>(3).and_then(|id| contacts.get(&id)) else { return false };
+            c.email1() == Some(r.get::<_, &str>(0))
+                && name(c.given_name.clone()) == name(r.get(1))
+                && name(c.family_name.clone()) == name(r.get(2))
+        })
+        .count();
+    (right, rows.len())
+}
+
+/// `keap-sync run` as a child process (`binary` is the bench's `CARGO_BIN_EXE_keap-sync`), with
+/// `toml` as its configuration file and `env` as its whole environment (plus `PATH`). Its log
+/// (`KEAP_SYNC_LOG`, `warn` unless set) goes to a file beside the configuration. SIGKILLed on
+/// drop.
+pub struct ChildDaemon {
+    pub child: Child,
+    pub log: PathBuf,
+    pub started: Instant,
+}
+
+impl ChildDaemon {
+    pub fn spawn(binary: &Path, dir: &Path, toml: &str, env: &HashMap<String, String>) -> ChildDaemon {
+        std::fs::create_dir_all(dir).expect("bench dir");
+        let config = dir.join("keap-sync.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let log = dir.join(format!("daemon-{}.log", crate::app::rand_suffix()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let started = Instant::now();
+        let child = Command::new(binary)
+            .args(["--config", config.to_str().expect("utf-8 path"), "run"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KEAP_SYNC_LOG", std::env::var("KEAP_SYNC_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn keap-sync");
+        ChildDaemon { child, log, started }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// utime + stime so far, in seconds.
+    pub fn cpu_secs(&self) -> f64 {
+        cpu_ticks(&self.pid()) as f64 / ticks_per_sec()
+    }
+
+    /// Peak RSS so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        peak_rss_kib(&self.pid())
+    }
+
+    /// Waits until the daemon has recorded itself as the active instance (its first turn).
+    pub async fn wait_active(&self, db: &Client, timeout: Duration) -> bool {
+        let pid = self.child.id() as i32;
+        poll_until(timeout, || async {
+            db.query_one(
+                "select exists (select from keap_sync.instances where pid = $1 and role = 'active')",
+                &[&pid],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        })
+        .await
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after `grace`). Returns whether it exited 0.
+    pub async fn stop(mut self, grace: Duration) -> bool {
+        let _ = Command::new("kill").args(["-TERM", &self.pid()]).status();
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to release claims or finish calls.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `q`-quantile (0..=1, nearest rank) of sorted values; NaN if empty.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n => sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1],
+    }
+}
+
+/// `uptime`'s load averages (1, 5, 15 min), as `/proc/loadavg` has them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
