@@ -15,7 +15,8 @@
 //! `/proc/<pid>/stat`) and peak RSS (`VmHWM`) are its own. Postgres CPU is the sum over the
 //! cluster's processes (`/proc/<pid>/stat`, the postmaster's children) between two readings.
 //! Limits are lifted unless stated: `[limits] per_second = 1000000`, `[delivery] concurrency =
-//! 32`, `settle_ms = 0`; the fake enforces no limit and reports a per-minute limit above ours.
+//! 32`, `settle_ms = 0`; the fake enforces no limit and reports per-minute and daily limits far
+//! above the run's calls.
 //!
 //! Scenarios, in order:
 //! - **capture** (no daemon): insert rows/s into `users` without and with the capture triggers,
@@ -174,7 +175,13 @@ async fn run(args: &Args) {
         rows.extend(capture(&cluster, args).await);
     }
     if args.runs("drain") || args.runs("latency") || args.runs("kill") {
-        let fake = FakeOptions { per_minute_limit: Some(100_000_000), ..FakeOptions::default() };
+        // Limits the fake does not enforce are still reported (an API key's 30,000/day), and the
+        // daemon pauses when the reported day is spent: report limits far above the run's calls.
+        let fake = FakeOptions {
+            per_minute_limit: Some(100_000_000),
+            daily_quota: Some(1_000_000_000),
+            ..FakeOptions::default()
+        };
         let env = Env::new(&cluster, "drain", fake, false, args.profile.is_some()).await;
         let n = args.changes;
         env.exec(&format!(
