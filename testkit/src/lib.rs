@@ -5,7 +5,7 @@
 //!   (as root too), private to the process and removed when it ends.
 //! - [`fake`] — a fake Keap server over real HTTP on loopback, with its own wire types (an
 //!   independent witness of the daemon's client), playing the strictest reading of Keap's API.
-//! - [`bench`] — what the benchmarks share: `/proc` CPU and memory readings, the daemon as a
+//! - [`bench`](mod@bench) — what the benchmarks share: `/proc` CPU and memory readings, the daemon as a
 //!   child process, `pg_stat_statements`, the capture-cost measurement.
 //! - [`app`] — the `spawn_app()` harness: a fresh database, the fake, and the real daemon,
 //!   in-process or as a child process, plus waiting helpers that never sleep blindly.
