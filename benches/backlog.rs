@@ -109,22 +109,12 @@ async fn main() {
     let self_after = cpu_ticks("self");
     let pg_secs = ServerCpu::read(&cluster).since(&pg_before);
     let elapsed = window.elapsed().as_secs_f64();
-    let statements = client
-        .query(
-            "select calls, mean_exec_time, total_exec_time, regexp_replace(left(query, 90), '\\s+', ' ', 'g')
-               from pg_stat_statements
-              where dbid = (select oid from pg_database where datname = current_database())
-                and query not ilike '%pg_stat_statements%'
-              order by total_exec_time desc",
-            &[],
-        )
-        .await
-        .expect("statements");
+    let statements = bench::statements(&client).await;
     let _ = stop_tx.send(());
     running.await.expect("daemon task").expect("daemon run");
 
     let tck = bench::ticks_per_sec();
-    let total_ms: f64 = statements.iter().map(|r| r.get::<_, f64>(2)).sum();
+    let total_ms: f64 = statements.iter().map(|s| s.total_ms).sum();
     println!("idle window:         {elapsed:.1} s, default settings (poll 5 s, heartbeat 5 s)");
     println!(
         "daemon CPU:          {:.3} s ({:.2} % of a core)",
@@ -138,9 +128,9 @@ async fn main() {
     );
     println!("statement time:      {total_ms:.1} ms in total (pg_stat_statements)");
     println!("statements (calls, mean ms, query):");
-    for r in &statements {
-        let (calls, mean, query): (i64, f64, String) = (r.get(0), r.get(1), r.get(3));
-        println!("  {calls:>5} {mean:>9.3}  {query}");
+    for s in &statements {
+        let query: String = s.query.chars().take(90).collect();
+        println!("  {:>5} {:>9.3}  {query}", s.calls, s.mean_ms);
     }
     println!("before 0007, for comparison (explain analyze, median of 3):");
     println!("  depth (count of the outbox):   {old_depth:.1} ms per heartbeat / status / progress read");

@@ -209,20 +209,7 @@ async fn bench(cluster: &Cluster, a: &Args) {
     let max_minute = most_in_any_window(&at, Duration::from_secs(60));
 
     // Probe latency: commit → the contact map row the daemon wrote on delivery.
-    let keys: Vec<String> = probes.iter().map(|(k, _)| k.clone()).collect();
-    let synced: HashMap<String, SystemTime> = client
-        .query("select user_key, synced_at from keap_sync.contact_map where user_key = any($1)", &[&keys])
-        .await
-        .expect("contact map")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let mut latency_ms: Vec<f64> = probes
-        .iter()
-        .filter_map(|(k, committed)| synced.get(k).map(|s| s.duration_since(*committed).unwrap_or_default()))
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .collect();
-    latency_ms.sort_by(f64::total_cmp);
+    let latency_ms = keap_sync_testkit::bench::delivery_latencies_ms(&client, &probes).await;
     let pct = |q: f64| match latency_ms.len() {
         0 => f64::NAN,
         n => latency_ms[((q * n as f64).ceil() as usize).clamp(1, n) - 1],

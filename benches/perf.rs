@@ -348,22 +348,7 @@ async fn latency(cluster: &Cluster, env: &Env, args: &Args) -> Row {
         (daemon.cpu_secs() - daemon_before, ServerCpu::read(cluster).since(&pg_before));
     let rss = daemon.peak_rss_kib();
     assert!(daemon.stop(Duration::from_secs(30)).await, "the daemon stops cleanly");
-    let keys: Vec<String> = committed.iter().map(|(k, _)| k.clone()).collect();
-    let synced: HashMap<String, SystemTime> = env
-        .db
-        .query("select user_key, synced_at from keap_sync.contact_map where user_key = any($1)", &[&keys])
-        .await
-        .expect("contact map")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let mut ms: Vec<f64> = committed
-        .iter()
-        .filter_map(|(k, at)| {
-            synced.get(k).map(|s| s.duration_since(*at).unwrap_or_default().as_secs_f64() * 1e3)
-        })
-        .collect();
-    ms.sort_by(f64::total_cmp);
+    let ms = bench::delivery_latencies_ms(&env.db, &committed).await;
     let q = |p| bench::quantile(&ms, p);
     Row {
         scenario: format!("latency, {commits} single-row commits at 50/s"),

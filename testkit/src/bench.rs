@@ -6,9 +6,9 @@
 //! Nothing here sleeps to synchronise: waits poll a condition with a deadline.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::{Client, NoTls};
 
@@ -291,8 +291,8 @@ pub async fn users_right_in_keap(db: &Client, fake: &FakeKeap) -> (usize, usize)
 /// (`KEAP_SYNC_LOG`, `warn` unless set) goes to a file beside the configuration. SIGKILLed on
 /// drop.
 pub struct ChildDaemon {
-    pub child: Child,
-    pub log: PathBuf,
+    /// The harness's child process (kill, log, SIGKILL on drop).
+    inner: crate::app::ChildDaemon,
     pub started: Instant,
 }
 
@@ -315,11 +315,11 @@ impl ChildDaemon {
             .stderr(stderr)
             .spawn()
             .expect("spawn keap-sync");
-        ChildDaemon { child, log, started }
+        ChildDaemon { inner: crate::app::ChildDaemon { child, log }, started }
     }
 
     pub fn pid(&self) -> String {
-        self.child.id().to_string()
+        self.inner.child.id().to_string()
     }
 
     /// utime + stime so far, in seconds.
@@ -334,7 +334,7 @@ impl ChildDaemon {
 
     /// Waits until the daemon has recorded itself as the active instance (its first turn).
     pub async fn wait_active(&self, db: &Client, timeout: Duration) -> bool {
-        let pid = self.child.id() as i32;
+        let pid = self.inner.child.id() as i32;
         poll_until(timeout, || async {
             db.query_one(
                 "select exists (select from keap_sync.instances where pid = $1 and role = 'active')",
@@ -352,7 +352,7 @@ impl ChildDaemon {
         let _ = Command::new("kill").args(["-TERM", &self.pid()]).status();
         let deadline = Instant::now() + grace;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.inner.child.try_wait() {
                 return status.success();
             }
             if Instant::now() >= deadline {
@@ -365,22 +365,35 @@ impl ChildDaemon {
 
     /// SIGKILL: no chance to release claims or finish calls.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.inner.kill();
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.inner.log_text()
     }
 }
 
-impl Drop for ChildDaemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Change-to-delivery latency in ms, sorted: from each `(user key, commit time)` to the
+/// `synced_at` the daemon wrote in `keap_sync.contact_map` (keys never synced are left out).
+pub async fn delivery_latencies_ms(db: &Client, committed: &[(String, SystemTime)]) -> Vec<f64> {
+    let keys: Vec<&str> = committed.iter().map(|(k, _)| k.as_str()).collect();
+    let synced: HashMap<String, SystemTime> = db
+        .query("select user_key, synced_at from keap_sync.contact_map where user_key = any($1)", &[&keys])
+        .await
+        .expect("contact map")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut ms: Vec<f64> = committed
+        .iter()
+        .filter_map(|(k, at)| {
+            synced.get(k).map(|s| s.duration_since(*at).unwrap_or_default().as_secs_f64() * 1e3)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms
 }
 
-/// The `q`-quantile (0..=1, nearest rank) of sorted values; NaN if empty.
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     match sorted.len() {
         0 => f64::NAN,
