@@ -305,8 +305,9 @@ pub(crate) fn keap_access(config: &Config, pg: &PgConfig) -> Result<KeapAccess, 
 /// Start-up check of the mapped custom fields against Keap's contact model: a field Keap does
 /// not have is a configuration error, reported before anything runs. When Keap cannot be asked
 /// now (unreachable, no credential yet), the check happens on the first delivery instead, and
-/// a missing field then parks the changes that need it, naming it.
-pub(crate) async fn check_custom_fields(
+/// a missing field then parks the changes that need it, naming it. Called only when custom
+/// fields are mapped, with the day's call reservations running (`ratelimit::Reserving`).
+async fn check_custom_fields(
     db: &Client,
     keap: &KeapClient,
     tokens: &TokenSource,
@@ -314,9 +315,6 @@ pub(crate) async fn check_custom_fields(
     mapper: &Mapper,
     timeout: Duration,
 ) -> Result<(), RunError> {
-    if !mapper.needs_model() {
-        return Ok(());
-    }
     let deadline = tokio::time::Instant::now() + timeout * 2;
     let auth = match tokens.auth(db).await {
         Ok(auth) => auth,
