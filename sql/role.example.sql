@@ -18,7 +18,7 @@
 --
 -- The application's own roles need no grant at all: the trigger functions in keap_sync are
 -- `security definer` (they run as app_owner, with a pinned search_path), so an insert into
--- users by any role that may write users also records the change in keap_sync.outbox.
+-- users by any role that may write users also records the change in keap_sync.change.
 
 -- The daemon's role: may log in, nothing else (no superuser, no createdb, no createrole, no
 -- replication, no bypassrls). Set its password with psql's `\password keap_sync` (so it never
@@ -35,9 +35,13 @@ $$;
 
 grant connect on database app to keap_sync;
 
--- Its own schema: read and write the outbox, the contact map, the OAuth token store, backfill
--- progress and the instance registry. No create, no truncate, no ddl: only `migrate` (as
--- app_owner) changes the schema.
+-- Its own schema: read and write the change log (the daemon folds it into the outbox by
+-- calling keap_sync.fold_changes, which runs with the daemon's own privileges: these grants
+-- and the select on the key column below), the outbox, the contact map, the OAuth token store,
+-- backfill progress and the instance registry. No create, no truncate, no ddl: only `migrate`
+-- (as app_owner) changes the schema. Functions are executable by every role unless revoked;
+-- if your database revokes that from public, add
+--   grant execute on function keap_sync.fold_changes(integer) to keap_sync;
 grant usage on schema keap_sync to keap_sync;
 grant select, insert, update, delete on all tables in schema keap_sync to keap_sync;
 grant usage, select on all sequences in schema keap_sync to keap_sync;

@@ -99,6 +99,11 @@ const LOCKED_RECHECK: Duration = Duration::from_secs(1);
 /// How often a running backfill's progress is read (and, every 10 s, logged).
 const BACKFILL_WATCH: Duration = Duration::from_millis(500);
 
+/// How often the change log is folded without a notification. Every capturing commit notifies
+/// and a new session folds first, so this only bounds how long a change can wait if a
+/// notification was somehow not heard; it stays off the hot path.
+const FOLD_SWEEP: Duration = Duration::from_secs(30);
+
 /// Session-level advisory lock held by the delivering instance (defined in `db`).
 const DELIVERY_LOCK: i64 = db::DELIVERY_LOCK;
 
@@ -435,6 +440,8 @@ impl Context {
             beat: None,
             capture: None,
             capture_checked: None,
+            fold_due: true,
+            next_fold: Instant::now(),
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);
@@ -635,6 +642,13 @@ struct Session<'a> {
     capture: Option<schema::CaptureProblem>,
     /// When capture was last checked; `None` as above.
     capture_checked: Option<Instant>,
+    /// Whether the change log may hold changes to fold into the outbox: set by a notification
+    /// (every capturing commit sends one), by a fold that filled its batch, and at the start
+    /// of a session (a new LISTEN connection: notifications sent before it were not heard).
+    fold_due: bool,
+    /// When to fold without a notification: [`FOLD_SWEEP`] after the last fold, or a poll
+    /// interval after one that had to leave changes in the log.
+    next_fold: Instant,
 }
 
 impl Session<'_> {
@@ -678,17 +692,27 @@ impl Session<'_> {
             }
         }
         if self.capture.as_ref().is_some_and(|c| c.blocks_reads) {
-            // No user can be read as configured: claiming would only fail.
+            // No user can be read as configured: claiming (and folding, which reads the key)
+            // would only fail.
             return Ok(wait);
         }
-        if self.refusal.is_some() {
-            return self.probe_when_due(wait).await;
-        }
-        if self.paused.is_some() {
-            return self.check_pause().await;
-        }
-        self.check_token_when_due();
-        self.claim_when_free(wait).await
+        // Whatever else pauses deliveries, captured changes reach the outbox: it coalesces
+        // them per user, and `status` counts them there.
+        self.fold_when_due().await?;
+        let wait = if self.refusal.is_some() {
+            self.probe_when_due(wait).await?
+        } else if self.paused.is_some() {
+            self.check_pause().await?
+        } else {
+            self.check_token_when_due();
+            self.claim_when_free(wait).await?
+        };
+        // A fold that filled its batch left more in the log: turn again at once.
+        Ok(if self.fold_due {
+            Duration::ZERO
+        } else {
+            wait.min(self.next_fold.saturating_duration_since(Instant::now()))
+        })
     }
 
     /// Checks capture (the triggers, the key and synced columns) every `delivery.capture_check`,
@@ -710,6 +734,38 @@ impl Session<'_> {
             self.capture = found;
         }
         Ok(())
+    }
+
+    /// Folds the change log into the outbox when a notification (or a full batch) says there
+    /// may be something to fold, and at `next_fold` in any case. A fold that fails for a
+    /// reason other than the connection (the generated function missing or out of step with
+    /// the config: the capture check reports that) is logged and tried again a poll interval
+    /// later; the changes stay in the log.
+    async fn fold_when_due(&mut self) -> Result<(), DbError> {
+        let now = Instant::now();
+        if !self.fold_due && now < self.next_fold {
+            return Ok(());
+        }
+        let poll = self.ctx.config.delivery.poll_interval;
+        self.fold_due = false;
+        self.next_fold = now + FOLD_SWEEP;
+        match outbox::fold(&self.db).await {
+            Ok(folded) => {
+                // A full batch: more may be waiting; fold again next turn, after the claims.
+                self.fold_due = folded.taken >= outbox::FOLD_BATCH;
+                if folded.held > 0 {
+                    tracing::warn!(users = folded.held, "an open transaction holds the outbox row of some changed users (a key change not yet committed); their changes wait in keap_sync.change until it ends");
+                    self.next_fold = now + poll;
+                }
+                Ok(())
+            }
+            Err(e) if e.is_connection_lost() => Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, detail = %e.server_message(), "cannot move captured changes into the outbox; they stay in keap_sync.change (run `keap-sync migrate` if the config changed)");
+                self.next_fold = now + poll;
+                Ok(())
+            }
+        }
     }
 
     /// While paused: resumes (and turns again at once) when the credential is usable again,
@@ -896,7 +952,7 @@ impl Session<'_> {
     /// Waits for a notification, a finished task, `wait`, a lost LISTEN connection or a stop.
     async fn wait(&mut self, wait: Duration, stop: &CancellationToken) {
         tokio::select! {
-            _ = self.wake.notified() => {}
+            _ = self.wake.notified() => self.fold_due = true,
             Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.handle(joined),
             _ = tokio::time::sleep(wait) => {}
             reason = self.listener.lost.recv() => {

@@ -71,6 +71,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0010_instance_sessions.sql",
         sql: include_str!("../sql/0010_instance_sessions.sql"),
     },
+    Migration { version: 11, name: "0011_change_log.sql", sql: include_str!("../sql/0011_change_log.sql") },
 ];
 
 /// Name of the statement-level insert capture trigger on the users table (the name the single
@@ -591,31 +592,23 @@ struct CaptureTrigger {
 
 /// The capture triggers for `table`, generated from the configured columns.
 ///
-/// Per statement, from transition tables: one set-based insert into the outbox per statement
-/// and one `pg_notify`, instead of `to_jsonb(new)`, `to_jsonb(old)`, an `enqueue` call and a
-/// notify per row (5x cheaper for 100-row transactions). Synced columns are compared directly
-/// (`o.col is distinct from n.col`), which is why the SQL is generated here and not in a
-/// migration. The on-conflict clause is keap_sync.enqueue's (0005), word for word.
+/// Per statement, from transition tables. An insert, an update or a delete appends one
+/// `(user_key)` row per changed user to `keap_sync.change` (no index, no conflict check: 0011
+/// says why) and notifies once; [`fold_function`] moves the log into the outbox later, on the
+/// daemon's side, and decides there whether the key is gone.
+/// Synced columns are compared directly (`o.col is distinct from n.col`), which is why the SQL
+/// is generated here and not in a migration.
 ///
-/// A key change cannot be paired old to new from transition tables, so a row-level trigger
-/// that fires only when the key changes keeps 0005's ordering: the old key is enqueued as gone
-/// (taking its outbox row lock) *before* the mapping moves, then the new key is enqueued. The
-/// update statement trigger pairs the remaining rows by key.
+/// A key change writes the outbox itself: a row-level trigger that fires only when the key
+/// changes enqueues the old key as gone (taking its outbox row lock) *before* the mapping moves,
+/// then the new key (invariant 13). The update statement trigger pairs the remaining rows by key.
 fn capture_triggers(table: &UserTable) -> Vec<CaptureTrigger> {
     let key = &table.key;
-    let upsert = |select: &str| {
+    let log = |select: &str| {
         format!(
             "begin
-    insert into keap_sync.outbox as o (user_key, key_gone)
-    {select}
-    on conflict (user_key) do update
-       set version         = o.version + 1,
-           changed_at      = now(),
-           priority        = 0,
-           key_gone        = excluded.key_gone,
-           next_attempt_at = case when o.parked_at is not null then now() else o.next_attempt_at end,
-           attempts        = case when o.parked_at is not null then 0 else o.attempts end,
-           parked_at       = null;
+    insert into keap_sync.change (user_key)
+    {select};
     if found then
         perform pg_notify('keap_sync', '');
     end if;
@@ -631,9 +624,7 @@ end"
         CaptureTrigger {
             name: TRIGGER_NAME,
             function: "keap_sync.capture_insert",
-            body: upsert(&format!(
-                "select distinct n.{key}::text, false from keap_sync_new n where n.{key} is not null"
-            )),
+            body: log(&format!("select n.{key}::text from keap_sync_new n where n.{key} is not null")),
             definition: format!(
                 "after insert on {t} referencing new table as keap_sync_new for each statement"
             ),
@@ -641,8 +632,8 @@ end"
         CaptureTrigger {
             name: UPDATE_TRIGGER_NAME,
             function: "keap_sync.capture_update",
-            body: upsert(&format!(
-                "select distinct n.{key}::text, false from keap_sync_new n join keap_sync_old o on o.{key} = n.{key}
+            body: log(&format!(
+                "select n.{key}::text from keap_sync_new n join keap_sync_old o on o.{key} = n.{key}
       where n.{key} is not null and ({changed})"
             )),
             definition: format!(
@@ -652,9 +643,7 @@ end"
         CaptureTrigger {
             name: DELETE_TRIGGER_NAME,
             function: "keap_sync.capture_delete",
-            body: upsert(&format!(
-                "select distinct o.{key}::text, true from keap_sync_old o where o.{key} is not null"
-            )),
+            body: log(&format!("select o.{key}::text from keap_sync_old o where o.{key} is not null")),
             definition: format!(
                 "after delete on {t} referencing old table as keap_sync_old for each statement"
             ),
@@ -686,13 +675,105 @@ end"
     ]
 }
 
-/// The body of function `name` as installed, if it exists.
-async fn function_body(client: &impl GenericClient, name: &str) -> Result<Option<String>, SchemaError> {
+/// Name of the generated function that folds the change log into the outbox.
+pub(crate) const FOLD_FUNCTION: &str = "keap_sync.fold_changes";
+
+/// The body of `keap_sync.fold_changes(p_limit integer, out taken integer, out held integer)`:
+/// moves up to `p_limit` changes from `keap_sync.change` into the outbox, one upsert per user,
+/// and says how many changes it `taken` and for how many users it `held` them back. Run by the
+/// daemon with its own privileges (select on the key column, its own tables).
+///
+/// Each user taken becomes what the capture trigger's upsert was before 0011: a new version,
+/// `priority` 0, a parked row unparked, `changed_at` the newest change's time. Log rows another
+/// fold holds are skipped, and outbox rows are written in key order (no deadlock cycle).
+///
+/// `key_gone` is whether the key is absent from the users table *in this statement's snapshot*.
+/// That is the truth unless someone wrote the outbox row after the snapshot was taken: a key
+/// change that committed while this statement waited for the row's lock. Its `key_gone` is newer
+/// than our snapshot, so it is kept. The test: the version the statement sees in its snapshot
+/// (the subquery) differs from the locked row's (`o`, the newest).
+///
+/// Only a key change (and a truncate) writes the outbox from an application's transaction now;
+/// one left open holds that user's outbox row, and a fold that waited for it would stop every
+/// capture from reaching the outbox. So the function waits at most `lock_timeout` (100 ms) and
+/// then folds user by user, each in a subtransaction, leaving the held user's changes in the log
+/// (`held`) for the next fold. The slow path runs only while such a transaction is open.
+fn fold_function(table: &UserTable) -> String {
+    let gone = |user_key: &str| {
+        format!(
+            "not exists (select from {t} u where u.{key} = {user_key}::{key_type})",
+            t = table.qualified,
+            key = table.key,
+            key_type = table.key_type,
+        )
+    };
+    let (gone_batch, gone_one) = (gone("k.user_key"), gone("one.user_key"));
+    let on_conflict = "on conflict (user_key) do update
+           set version         = o.version + 1,
+               changed_at      = greatest(o.changed_at, excluded.changed_at),
+               priority        = 0,
+               key_gone        = case when o.version = (select s.version from keap_sync.outbox s
+                                                         where s.user_key = excluded.user_key)
+                                      then excluded.key_gone else o.key_gone end,
+               next_attempt_at = case when o.parked_at is not null then now() else o.next_attempt_at end,
+               attempts        = case when o.parked_at is not null then 0 else o.attempts end,
+               parked_at       = null";
+    format!(
+        "declare
+    one record;
+begin
+    taken := 0;
+    held := 0;
+    begin
+        with moved as (
+            delete from keap_sync.change c
+             where c.ctid = any (array(select ctid from keap_sync.change limit p_limit for update skip locked))
+            returning c.user_key, c.at
+        ), keys as (
+            select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
+        ), upserted as (
+            insert into keap_sync.outbox as o (user_key, key_gone, first_changed_at, changed_at, next_attempt_at)
+            select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
+              from keys k
+             order by k.user_key
+            {on_conflict}
+            returning 1
+        )
+        select count(*) into taken from moved;
+        return;
+    exception when lock_not_available then
+        taken := 0;
+    end;
+    for one in select c.user_key, array_agg(c.ctid) as rows, min(c.at) as first_at, max(c.at) as last_at
+               from (select ctid, user_key, at from keap_sync.change limit p_limit for update skip locked) c
+              group by c.user_key
+              order by c.user_key
+    loop
+        begin
+            delete from keap_sync.change where ctid = any (one.rows);
+            insert into keap_sync.outbox as o (user_key, key_gone, first_changed_at, changed_at, next_attempt_at)
+            values (one.user_key, {gone_one}, one.first_at, one.last_at, one.first_at)
+            {on_conflict};
+            taken := taken + cardinality(one.rows);
+        exception when lock_not_available then
+            held := held + 1;
+        end;
+    end loop;
+end"
+    )
+}
+
+/// The body of function `name` taking `args` arguments as installed, if it exists.
+async fn function_body(
+    client: &impl GenericClient,
+    name: &str,
+    args: i16,
+) -> Result<Option<String>, SchemaError> {
     let row = client
         .query_opt(
             "select p.prosrc from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace
-              where n.nspname = 'keap_sync' and p.proname = $1 and p.pronargs = 0",
-            &[&name.trim_start_matches("keap_sync.")],
+              where n.nspname = 'keap_sync' and p.proname = $1 and p.pronargs = $2",
+            &[&name.trim_start_matches("keap_sync."), &args],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
@@ -720,7 +801,8 @@ async fn trigger_problem(
             None => "is missing",
             Some(t) if !t.args.is_empty() || t.function != function => "is an older kind of trigger",
             Some(_)
-                if body.is_some() && function_body(client, function).await?.as_deref() != body.as_deref() =>
+                if body.is_some()
+                    && function_body(client, function, 0).await?.as_deref() != body.as_deref() =>
             {
                 "captures other columns than the config names"
             }
@@ -732,6 +814,13 @@ async fn trigger_problem(
         };
         return Ok(Some(format!(
             "the capture trigger {name} on {} {problem}: changes to users are not all recorded; run `keap-sync migrate`",
+            table.qualified
+        )));
+    }
+    if function_body(client, FOLD_FUNCTION, 1).await?.as_deref() != Some(fold_function(table).as_str()) {
+        return Ok(Some(format!(
+            "the function {FOLD_FUNCTION} is missing or was generated for another configuration: captured \
+             changes of {} are not queued for delivery; run `keap-sync migrate`",
             table.qualified
         )));
     }
@@ -788,7 +877,7 @@ async fn install_trigger(
 ) -> Result<bool, SchemaError> {
     let mut changed = false;
     for t in capture_triggers(table) {
-        if function_body(tx, t.function).await?.as_deref() != Some(t.body.as_str()) {
+        if function_body(tx, t.function, 0).await?.as_deref() != Some(t.body.as_str()) {
             tx.batch_execute(&format!(
                 "create or replace function {}() returns trigger
 language plpgsql
@@ -828,6 +917,20 @@ as {}",
             .await?;
             changed = true;
         }
+    }
+    let fold = fold_function(table);
+    if function_body(tx, FOLD_FUNCTION, 1).await?.as_deref() != Some(fold.as_str()) {
+        tx.batch_execute(&format!(
+            "drop function if exists {FOLD_FUNCTION}(integer);
+create function {FOLD_FUNCTION}(p_limit integer, out taken integer, out held integer)
+language plpgsql
+set search_path = pg_catalog, pg_temp
+set lock_timeout = '100ms'
+as {}",
+            quote_literal(&fold)
+        ))
+        .await?;
+        changed = true;
     }
     let truncate = installed(tx, table, TRUNCATE_TRIGGER_NAME).await?;
     if truncate.is_none() {

@@ -45,6 +45,9 @@ pub(crate) struct Depth {
     pub retry: i64,
     pub backfill: i64,
     pub parked: i64,
+    /// Changes captured but not yet folded into the outbox (rows of `keap_sync.change`; several
+    /// can be one user's). Near zero while a daemon runs: it folds on every notification.
+    pub captured: i64,
     /// Age of the oldest change not yet delivered (parked ones excluded).
     #[serde(skip)]
     pub oldest_pending_age_secs: Option<f64>,
@@ -57,6 +60,10 @@ pub(crate) struct Depth {
 /// ([`compact_counts`], on the active daemon's heartbeat), plus one per statement that changed a
 /// row's kind since. Without a daemon running it grows by those deltas (a read sums them, still
 /// far fewer rows than the outbox's) until the next fold.
+///
+/// The change log is counted: it has no index to ask, and it is short while a daemon runs (the
+/// daemon folds it on every notification); after an outage it holds one narrow row per captured
+/// change, which a count reads far faster than the outbox's rows.
 pub(crate) async fn depth(client: &Client) -> Result<Depth, DbError> {
     let r = client
         .query_one(
@@ -64,8 +71,10 @@ pub(crate) async fn depth(client: &Client) -> Result<Depth, DbError> {
                     coalesce(sum(n) filter (where not parked and priority = 1), 0)::int8,
                     coalesce(sum(n) filter (where not parked and priority = 2), 0)::int8,
                     coalesce(sum(n) filter (where parked), 0)::int8,
-                    (select extract(epoch from now() - min(first_changed_at))::float8
-                       from keap_sync.outbox where parked_at is null)
+                    (select count(*) from keap_sync.change),
+                    extract(epoch from now() - least(
+                        (select min(first_changed_at) from keap_sync.outbox where parked_at is null),
+                        (select min(at) from keap_sync.change)))::float8
                from keap_sync.outbox_count",
             &[],
         )
@@ -75,7 +84,8 @@ pub(crate) async fn depth(client: &Client) -> Result<Depth, DbError> {
         retry: r.get(1),
         backfill: r.get(2),
         parked: r.get(3),
-        oldest_pending_age_secs: r.get(4),
+        captured: r.get(4),
+        oldest_pending_age_secs: r.get(5),
     })
 }
 

@@ -51,6 +51,9 @@ pub(crate) fn status(s: &Status) -> String {
         o.parked,
         if o.parked > 0 { " (see `keap-sync failures list`)" } else { "" }
     ));
+    if o.captured > 0 {
+        line(format!("captured, not yet queued: {} changes (a running daemon queues them)", o.captured));
+    }
     line(match s.oldest_pending_age_secs {
         Some(age) => format!("oldest pending change: {}", human_secs(age)),
         None => "oldest pending change: none (all delivered)".into(),

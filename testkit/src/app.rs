@@ -367,6 +367,20 @@ impl TestApp {
         self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
 
+    /// Folds the whole change log into the outbox, as the running daemon does on every
+    /// notification: for tests that look at the outbox while the daemon is stopped. Returns how
+    /// many captured changes it moved.
+    pub async fn fold(&self) -> i64 {
+        let row = self
+            .db
+            .query_one("select taken, held from keap_sync.fold_changes(2147483647)", &[])
+            .await
+            .unwrap_or_else(|e| panic!("fold: {e}: {:?}", e.as_db_error().map(|d| d.message())));
+        let (taken, held): (i32, i32) = (row.get(0), row.get(1));
+        assert_eq!(held, 0, "an open transaction held back some changes from the fold");
+        taken.into()
+    }
+
     /// Contact calls the fake has seen (PUT/PATCH/DELETE/GET under /v1/contacts).
     pub fn contact_calls(&self, method: &str) -> usize {
         self.fake.count(|r| r.method == method && r.path.starts_with("/crm/rest/v1/contacts"))
@@ -513,14 +527,21 @@ where
     }
 }
 
-/// Waits until the outbox is empty (every change delivered or skipped; a parked change keeps it
-/// non-empty), looking every 20 ms. The outbox row outlives its delivery, so "empty" also means
-/// "nothing in flight". Returns false if `timeout` passes first.
+/// Waits until the change log and the outbox are empty (every change folded, then delivered or
+/// skipped; a parked change keeps the outbox non-empty), looking every 20 ms. The outbox row
+/// outlives its delivery, so "empty" also means "nothing in flight". Returns false if `timeout`
+/// passes first.
 pub async fn wait_until_empty(db: &Client, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let pending: i64 =
-            db.query_one("select count(*) from keap_sync.outbox", &[]).await.expect("outbox query").get(0);
+        let pending: i64 = db
+            .query_one(
+                "select (select count(*) from keap_sync.outbox) + (select count(*) from keap_sync.change)",
+                &[],
+            )
+            .await
+            .expect("outbox query")
+            .get(0);
         if pending == 0 {
             return true;
         }

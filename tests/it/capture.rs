@@ -345,8 +345,10 @@ async fn a_non_utf8_value_in_a_sql_ascii_database_parks_that_user_alone() {
     assert!(reason.contains("user 2") && reason.contains("first_name"), "{reason}");
 }
 
-/// The outbox as `(user_key, version, key_gone)`, by key.
+/// The outbox as `(user_key, version, key_gone)`, by key, once the change log is folded into it
+/// (the daemon is stopped in these tests).
 async fn outbox(app: &app::TestApp) -> Vec<(String, i64, bool)> {
+    app.fold().await;
     let client = app::connect(&app.conninfo).await;
     client
         .query("select user_key, version::bigint, key_gone from keap_sync.outbox order by user_key", &[])
@@ -364,8 +366,12 @@ async fn a_multi_row_statement_enqueues_each_user_once_and_the_daemon_delivers_a
         "insert into users (id, email) select g, 'm' || g || '@example.com' from generate_series(1, 5) g",
     )
     .await;
+    assert_eq!(app.count("select count(*) from keap_sync.change").await, 5, "one log row per user");
     let want: Vec<(String, i64, bool)> = (1..=5).map(|i| (i.to_string(), 1, false)).collect();
     assert_eq!(outbox(&app).await, want, "one insert statement, each user once");
+    assert_eq!(app.count("select count(*) from keap_sync.change").await, 0, "the fold empties the log");
+    app.exec("begin; update users set first_name = 'Rolled back'; rollback").await;
+    assert_eq!(app.count("select count(*) from keap_sync.change").await, 0, "a rollback captures nothing");
     app.exec("update users set first_name = 'F' || id").await;
     let want: Vec<(String, i64, bool)> = (1..=5).map(|i| (i.to_string(), 2, false)).collect();
     assert_eq!(outbox(&app).await, want, "one update statement bumps each user once");
@@ -386,7 +392,7 @@ async fn a_multi_row_statement_enqueues_each_user_once_and_the_daemon_delivers_a
 async fn an_update_of_unsynced_columns_only_enqueues_nothing() {
     let app = spawn_app_with(Options::stopped()).await;
     app.insert_users(3).await;
-    app.exec("delete from keap_sync.outbox").await;
+    app.exec("delete from keap_sync.change").await;
     app.exec("update users set plan = 'gold'").await;
     app.exec("update users set email = email, first_name = first_name").await;
     assert_eq!(outbox(&app).await, [], "no synced column changed");
@@ -400,7 +406,7 @@ async fn an_update_mixing_key_changes_and_same_key_changes_enqueues_the_right_ke
     app.exec("insert into users (id, email) values (1, 'k1@example.com'), (2, 'k2@example.com')").await;
     app.wait_idle().await;
     app.stop_daemon().await;
-    app.exec("delete from keap_sync.outbox").await;
+    app.exec("delete from keap_sync.outbox; delete from keap_sync.change").await;
     app.exec("update users set id = case when id = 1 then 100 else id end, first_name = 'New'").await;
     assert_eq!(
         outbox(&app).await,
@@ -410,4 +416,105 @@ async fn an_update_mixing_key_changes_and_same_key_changes_enqueues_the_right_ke
     assert_eq!(app.count("select count(*) from keap_sync.contact_map where user_key = '1'").await, 0);
     assert_eq!(app.count("select count(*) from keap_sync.contact_map where user_key = '100'").await, 1);
     assert_eq!(app.count("select count(*) from keap_sync.contact_map where user_key = '2'").await, 1);
+}
+
+/// A delete is captured like any change, and the fold decides from the users table whether the
+/// key is gone: a deleted user is queued as gone, one deleted and inserted again as present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fold_queues_a_deleted_key_as_gone_and_a_re_inserted_one_as_present() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec("insert into users (id, email) values (1, 'd1@example.com'), (2, 'd2@example.com')").await;
+    assert_eq!(outbox(&app).await, [("1".to_owned(), 1, false), ("2".to_owned(), 1, false)]);
+    app.exec("delete from users where id = 1").await;
+    app.exec("delete from users where id = 2").await;
+    app.exec("insert into users (id, email) values (2, 'd2@example.com')").await;
+    assert_eq!(app.count("select count(*) from keap_sync.change").await, 3, "three changes captured");
+    assert_eq!(
+        outbox(&app).await,
+        [("1".to_owned(), 2, true), ("2".to_owned(), 2, false)],
+        "one new version per user: 1 gone, 2 present again"
+    );
+}
+
+/// Runs the fold on a connection of its own and returns `(taken, held)`, failing the test if
+/// it does not end within 10 s (a fold that waits for an application's transaction).
+async fn fold_on_own_connection(conninfo: &str) -> (i32, i32) {
+    let client = app::connect(conninfo).await;
+    let row = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.query_one("select taken, held from keap_sync.fold_changes(1000)", &[]),
+    )
+    .await
+    .expect("the fold waited for the open transaction instead of folding around it")
+    .expect("fold");
+    (row.get(0), row.get(1))
+}
+
+/// A key change writes the outbox from the application's transaction (invariant 13), so while
+/// one stays open it holds that user's outbox row. The fold must not wait for it: the other
+/// users' changes reach the outbox, the held user's stay in the log until the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_key_change_holds_back_only_its_users_changes_from_the_fold() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec("insert into users (id, email) values (1, 'h1@example.com'), (2, 'h2@example.com')").await;
+    app.fold().await;
+    app.exec(
+        "update users set first_name = 'One' where id = 1; update users set first_name = 'Two' where id = 2",
+    )
+    .await;
+    let held = app::connect(&app.conninfo).await;
+    held.batch_execute("begin; update users set id = 100 where id = 1").await.expect("open key change");
+    assert_eq!(fold_on_own_connection(&app.conninfo).await, (1, 1), "user 2 folded, user 1 held back");
+    assert_eq!(
+        app.db
+            .query_one("select version::bigint from keap_sync.outbox where user_key = '2'", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        2
+    );
+    assert_eq!(
+        app.count("select count(*) from keap_sync.change where user_key = '1'").await,
+        1,
+        "kept in the log"
+    );
+    held.batch_execute("commit").await.expect("commit");
+    assert_eq!(
+        outbox(&app).await,
+        [("1".to_owned(), 3, true), ("100".to_owned(), 1, false), ("2".to_owned(), 2, false)],
+        "once the key change ends, the held change is folded and the key stays gone"
+    );
+}
+
+/// A fold that decided from its snapshot that a key is present, then waited for the outbox row
+/// of a key change that made it gone, must keep the key change's `key_gone`: its own view is
+/// older. Without that, a delivery could map a key that no longer exists (invariant 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fold_that_waited_for_a_key_change_keeps_the_key_gone() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec("insert into users (id, email) values (1, 'r1@example.com')").await;
+    // Widen the race window: the fold waits up to 10 s for the row instead of 100 ms.
+    app.exec("alter function keap_sync.fold_changes(integer) set lock_timeout = '10s'").await;
+    let key_change = app::connect(&app.conninfo).await;
+    key_change.batch_execute("begin; update users set id = 100 where id = 1").await.expect("open key change");
+    let conninfo = app.conninfo.clone();
+    let fold = tokio::spawn(async move { fold_on_own_connection(&conninfo).await });
+    app::eventually(Duration::from_secs(10), "the fold to wait for the key change's outbox row", || async {
+        app.count(
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and wait_event_type = 'Lock'
+                and query like '%fold_changes%' and pid <> pg_backend_pid()",
+        )
+        .await
+            == 1
+    })
+    .await;
+    key_change.batch_execute("commit").await.expect("commit");
+    assert_eq!(fold.await.expect("fold task"), (1, 0));
+    let row = app
+        .db
+        .query_one("select version::bigint, key_gone from keap_sync.outbox where user_key = '1'", &[])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1)), (2, true), "the key change's key_gone kept");
 }

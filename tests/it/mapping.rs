@@ -172,7 +172,12 @@ async fn parked_reason(app: &TestApp, key: &str) -> Option<String> {
 /// Waits until nothing is waiting for delivery: every change delivered or parked.
 async fn wait_settled(app: &TestApp) {
     app::eventually(Duration::from_secs(60), "every change delivered or parked", || async {
-        app.count("select count(*) from keap_sync.outbox where parked_at is null").await == 0
+        app.count(
+            "select (select count(*) from keap_sync.outbox where parked_at is null)
+                  + (select count(*) from keap_sync.change)",
+        )
+        .await
+            == 0
     })
     .await;
 }
@@ -607,7 +612,7 @@ async fn preview_all_over_1000_users_makes_no_write_call_and_changes_no_table() 
     .await;
     let snapshot = "select md5(string_agg(t::text, '|' order by t::text)) from (
         select o::text as t from keap_sync.outbox o union all select m::text from keap_sync.contact_map m
-        union all select u::text from public.users u union all select tok::text from keap_sync.oauth_token tok) s";
+        union all select c::text from keap_sync.change c union all select u::text from public.users u union all select tok::text from keap_sync.oauth_token tok) s";
     let before: Option<String> = app.db.query_one(snapshot, &[]).await.unwrap().get(0);
     let writes_before = writes(&app).len();
 
@@ -668,9 +673,12 @@ async fn run_dry_run_logs_what_it_would_send_and_sends_nothing() {
     assert!(log.contains("create_or_update") && log.contains("dry@example.com"), "{log}");
     assert_eq!(writes(&app).len(), 0);
     assert_eq!(
-        app.count("select count(*) from keap_sync.outbox where lease_until is null").await,
-        1,
-        "not claimed"
+        (
+            app.count("select count(*) from keap_sync.change").await,
+            app.count("select count(*) from keap_sync.outbox").await
+        ),
+        (1, 0),
+        "a dry run records nothing: the change is neither folded into the outbox nor claimed"
     );
 }
 

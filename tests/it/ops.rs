@@ -147,13 +147,17 @@ async fn status_json_reports_a_seeded_state() {
            ('2', 0, now() - interval '10 seconds', null),
            ('3', 1, now() - interval '20 seconds', null),
            ('4', 2, now(), null), ('5', 2, now(), null), ('6', 2, now(), null),
-           ('7', 0, now() - interval '1 hour', now())",
+           ('7', 0, now() - interval '1 hour', now());
+         insert into keap_sync.change (user_key, at) values ('8', now() - interval '30 seconds'), ('8', now());",
     )
     .await;
     let out = app.run_cli(&["status", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(s["outbox"], serde_json::json!({"live": 2, "retry": 1, "backfill": 3, "parked": 1}));
+    assert_eq!(
+        s["outbox"],
+        serde_json::json!({"live": 2, "retry": 1, "backfill": 3, "parked": 1, "captured": 2})
+    );
     let age = s["oldest_pending_age_secs"].as_f64().unwrap();
     assert!((90.0..100.0).contains(&age), "oldest age {age} (the parked one does not count)");
     assert_eq!(s["instances_alive"], serde_json::json!([]));
@@ -162,6 +166,7 @@ async fn status_json_reports_a_seeded_state() {
     let text = app.run_cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("2 live, 1 retrying, 3 backfill, 1 parked"), "{text}");
+    assert!(text.contains("captured, not yet queued: 2 changes"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
