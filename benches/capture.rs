@@ -7,9 +7,10 @@
 //! ```
 //!
 //! Inserts rows into `users` in 100-row statements (one transaction each) and in single-row
-//! autocommit statements, three ways: no capture trigger, the capture triggers `migrate`
-//! installs (per statement, since issue 12), and the row trigger of 0005 (`keap_sync.capture`,
-//! installed here explicitly for comparison). Prints rows/s and the ratio to no trigger.
+//! autocommit statements, three ways, interleaved (`bench::insert_rates`): no capture trigger,
+//! the capture triggers `migrate` installs (per statement, appending to the change log of 0011),
+//! and the row trigger of 0005 (`keap_sync.capture`, installed here explicitly for comparison).
+//! Prints rows/s and the ratio to no trigger.
 
 use keap_sync::config::Config;
 use keap_sync_testkit::bench::{self, arg, connect, insert_rates as measure};
@@ -47,18 +48,21 @@ async fn main() {
         .await
         .expect("old trigger");
 
-    let none = measure(&client, rows, "").await;
-    let new = measure(&client, rows, bench::ENABLE_CAPTURE).await;
-    let old = measure(
+    let rates = measure(
         &client,
         rows,
-        "alter table users enable always trigger keap_sync_capture_row_0005; alter table users enable always trigger keap_sync_capture_truncate;",
+        &[
+            "",
+            bench::ENABLE_CAPTURE,
+            "alter table users enable always trigger keap_sync_capture_row_0005; alter table users enable always trigger keap_sync_capture_truncate;",
+        ],
     )
     .await;
+    let (none, new, old) = (rates[0], rates[1], rates[2]);
     println!("{rows} rows per case; rows/s (ratio to no trigger)");
     println!("{:<28} {:>22} {:>22}", "", "100-row transactions", "single-row autocommit");
     for (name, (b, s)) in
-        [("no trigger", none), ("row trigger (0005, main)", old), ("statement triggers (new)", new)]
+        [("no trigger", none), ("row trigger (0005)", old), ("change log (0011, main)", new)]
     {
         println!(
             "{name:<28} {b:>12.0} ({:>5.1} %) {s:>12.0} ({:>5.1} %)",

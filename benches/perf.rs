@@ -224,8 +224,8 @@ async fn capture(cluster: &Cluster, args: &Args) -> Vec<Row> {
     client.batch_execute(keap_sync_testkit::app::USERS_DDL).await.expect("users");
     keap_sync::migrate(&mut client, &config.users).await.expect("migrate");
     let rows = args.capture_rows;
-    let none = bench::insert_rates(&client, rows, "").await;
-    let with = bench::insert_rates(&client, rows, bench::ENABLE_CAPTURE).await;
+    let rates = bench::insert_rates(&client, rows, &["", bench::ENABLE_CAPTURE]).await;
+    let (none, with) = (rates[0], rates[1]);
     let line = |what: &str, none: f64, with: f64, target| Row {
         scenario: format!("capture, {what} ({rows} rows)"),
         result: format!(
@@ -295,7 +295,7 @@ async fn reset_statements(env: &Env, args: &Args) {
 
 /// Starts a daemon on the queued backlog and times it to an empty outbox.
 async fn drain(cluster: &Cluster, env: &Env, args: &Args, name: &str, scenario: String) -> Row {
-    let queued = env.count("select count(*) from keap_sync.outbox").await;
+    let queued = env.count(bench::PENDING_USERS).await;
     reset_statements(env, args).await;
     let calls_before = env.contact_calls();
     let (pg_before, bench_before) = (ServerCpu::read(cluster), bench::self_cpu_secs());
@@ -385,7 +385,7 @@ async fn kill(cluster: &Cluster, env: &Env, args: &Args) -> Row {
     first.kill();
     let killed = Instant::now();
     let orphaned = env.count("select count(*) from keap_sync.outbox where leased_by is not null").await;
-    let pending = env.count("select count(*) from keap_sync.outbox").await;
+    let pending = env.count(bench::PENDING_USERS).await;
     // What the killed daemon had sent is recorded once the fake has read its connections to the end.
     let closed =
         bench::poll_until(Duration::from_secs(10), || async { env.fake.open_connections() == 0 }).await;

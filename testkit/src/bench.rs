@@ -202,6 +202,11 @@ where
     }
 }
 
+/// Users with a change not yet delivered: queued in the outbox or still in the change log (a
+/// daemon that is not running has not folded it).
+pub const PENDING_USERS: &str = "select count(*) from (select user_key from keap_sync.outbox
+                                   union select user_key from keap_sync.change) pending";
+
 /// Waits until the change log and the outbox are empty (looked at every 5 ms with a query that
 /// stops at the first row, so the polling costs the server little). False if `timeout` passes
 /// first.
@@ -234,12 +239,19 @@ pub const ENABLE_CAPTURE: &str =
          enable always trigger keap_sync_capture_delete, enable always trigger keap_sync_capture_key,
          enable always trigger keap_sync_capture_truncate;";
 
+/// How many rounds [`insert_rates`] splits each case into.
+pub const CAPTURE_ROUNDS: i64 = 10;
+
 /// Capture cost: insert rows/s into `users` for (100-row statements, one transaction each;
-/// single-row autocommit statements), after emptying the table and running `enable` (SQL
-/// that enables the triggers to measure; "" for none). `rows` per case.
-pub async fn insert_rates(client: &Client, rows: i64, enable: &str) -> (f64, f64) {
-    reset_users(client).await;
-    client.batch_execute(enable).await.expect("enable");
+/// single-row autocommit statements) under each setting of `enables` (SQL that enables the
+/// triggers to measure, after [`reset_users`] disabled them; "" for none), `rows` per case.
+///
+/// The settings are interleaved: [`CAPTURE_ROUNDS`] rounds, each emptying the table and
+/// inserting `rows / CAPTURE_ROUNDS` rows under every setting in turn, with the time of the
+/// inserts alone summed per setting. Run one after the other, the settings measured the
+/// machine's drift too (on 2 cores, single-row rates without capture ranged 8,200–15,000/s
+/// from one run to the next); interleaved, the drift falls on every setting alike.
+pub async fn insert_rates(client: &Client, rows: i64, enables: &[&str]) -> Vec<(f64, f64)> {
     // Prepared once, as an application's driver would: an unprepared statement adds a parse
     // round trip to every transaction, the same with and without capture, and so makes the
     // capture's share look smaller than it is.
@@ -250,21 +262,31 @@ pub async fn insert_rates(client: &Client, rows: i64, enable: &str) -> (f64, f64
         )
         .await
         .expect("prepare");
-    let started = Instant::now();
-    for b in 0..rows / 100 {
-        client.execute(&batch_insert, &[&(b * 100)]).await.expect("batch insert");
-    }
-    let batch = (rows / 100 * 100) as f64 / started.elapsed().as_secs_f64();
     let insert = client
         .prepare("insert into users (email, first_name, last_name) values ($1, 'F', 'L')")
         .await
         .expect("prepare");
-    let started = Instant::now();
-    for i in 0..rows {
-        client.execute(&insert, &[&format!("s{i}@example.com")]).await.expect("single insert");
+    let per_round = (rows / CAPTURE_ROUNDS / 100).max(1) * 100;
+    let mut spent = vec![(Duration::ZERO, Duration::ZERO); enables.len()];
+    for round in 0..CAPTURE_ROUNDS {
+        for (enable, spent) in enables.iter().zip(spent.iter_mut()) {
+            reset_users(client).await;
+            client.batch_execute(enable).await.expect("enable");
+            let started = Instant::now();
+            for b in 0..per_round / 100 {
+                client.execute(&batch_insert, &[&(round * per_round + b * 100)]).await.expect("batch insert");
+            }
+            spent.0 += started.elapsed();
+            let started = Instant::now();
+            for i in 0..per_round {
+                let email = format!("s{}@example.com", round * per_round + i);
+                client.execute(&insert, &[&email]).await.expect("single insert");
+            }
+            spent.1 += started.elapsed();
+        }
     }
-    let single = rows as f64 / started.elapsed().as_secs_f64();
-    (batch, single)
+    let total = (per_round * CAPTURE_ROUNDS) as f64;
+    spent.into_iter().map(|(b, s)| (total / b.as_secs_f64(), total / s.as_secs_f64())).collect()
 }
 
 /// Users whose Keap contact (the one the contact map names) holds exactly their row's email,

@@ -518,3 +518,35 @@ async fn a_fold_that_waited_for_a_key_change_keeps_the_key_gone() {
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, bool>(1)), (2, true), "the key change's key_gone kept");
 }
+
+/// The insert and delete capture functions are `security definer` without a pinned
+/// `search_path` (each call would pay for it): they must resolve nothing through the caller's.
+/// A caller whose path puts a schema of its own first, holding a `pg_notify` that raises and a
+/// type named `text`, still has its writes captured, and nothing of its own runs as the table's
+/// owner. Unqualified, `::text` would be that type (the insert fails: no cast) and `pg_notify`
+/// that function (the insert fails: it raises).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_resolves_nothing_through_the_callers_search_path() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec(
+        "create schema hostile;
+         create function hostile.pg_notify(text, text) returns void language plpgsql
+             as $$ begin raise exception 'hostile pg_notify ran'; end $$;
+         create type hostile.text as enum ('hostile');",
+    )
+    .await;
+    let caller = app::connect(&app.conninfo).await;
+    caller
+        .batch_execute(
+            "set search_path = hostile, pg_catalog, public;
+             insert into public.users (id, email) values (1, 's1@example.com'), (2, 's2@example.com');
+             update public.users set first_name = 'Changed' where id = 1;
+             delete from public.users where id = 2;",
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("a write under a hostile search_path: {:?}", e.as_db_error().map(|d| d.message()))
+        });
+    assert_eq!(app.count("select count(*) from keap_sync.change").await, 4, "insert ×2, update, delete");
+    assert_eq!(outbox(&app).await, [("1".to_owned(), 1, false), ("2".to_owned(), 1, true)]);
+}
