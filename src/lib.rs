@@ -4,16 +4,18 @@
 //! table, without changes to the application.
 //!
 //! ```text
-//!  app writes users ──trigger, same txn──▶ keap_sync.outbox (one row per user, version++)
+//!  app writes users ──trigger, same txn──▶ keap_sync.change (user_key, at; append only)
 //!                                    └──▶ pg_notify('keap_sync')          (a wake-up only)
 //!
-//!  daemon: LISTEN + poll ─▶ claim (SKIP LOCKED, lease, commit) ─▶ read the user's CURRENT row
+//!  daemon: LISTEN ─▶ fold the log ─▶ keap_sync.outbox (one row per user, version++)
+//!          poll ─▶ claim (SKIP LOCKED, lease, commit) ─▶ read the user's CURRENT row
 //!          ─▶ map to a contact ─▶ rate limiter ─▶ Keap REST v1 (upsert by email / PATCH by id)
 //!          ─▶ record: contact map + fingerprint │ retry schedule │ parked failure   (one statement)
 //! ```
 //!
-//! Capture is durable because the trigger writes the outbox in the application's own
-//! transaction; delivery is exactly-one-contact because an unmapped user is upserted by email
+//! Capture is durable because the trigger appends the changed keys to the change log in the
+//! application's own transaction, and cheap because that is all it does (the daemon folds the
+//! log into the outbox, one row per user, in the statement that empties it); delivery is exactly-one-contact because an unmapped user is upserted by email
 //! and a mapped one is patched by id; a burst of updates costs one call because the outbox
 //! holds state (a version counter), not events, and the daemon sends the row as it is *now*.
 //! `ARCHITECTURE.md` at the top of the repository states the invariants this keeps; code that
@@ -26,8 +28,9 @@
 //!
 //! 1. `config`, `secret` — the TOML file and environment; credentials that never print.
 //! 2. `db` — connections (TLS, LISTEN), identifier quoting, the NOTIFY channel.
-//! 3. `schema` — migrations in `sql/`, the capture trigger, catalog checks.
-//! 4. `outbox` — claim with a lease, record results; every function one atomic statement.
+//! 3. `schema` — migrations in `sql/`, the capture triggers and the fold they feed, catalog checks.
+//! 4. `outbox` — fold captured changes in, claim with a lease, record results; every function
+//!    one atomic statement.
 //! 5. `mapping` (user row → the contact properties and tags we own, checked against Keap's
 //!    rules; per-field fingerprints of what Keap holds), `keap` (REST client and wire types), `ratelimit`,
 //!    `metrics`, `token` (API key or OAuth grant, refreshed under a row lock), `systemd`.
