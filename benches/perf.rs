@@ -1,4 +1,4 @@
-//! The benchmark of issue 12: what each change costs, in one table.
+//! What each change costs, in one table: capture, drain, latency, coalescing, crash recovery.
 //!
 //! ```sh
 //! cargo bench --bench perf                        # the full run (about 2 minutes on 2 cores)
@@ -20,9 +20,11 @@
 //!
 //! Scenarios, in order:
 //! - **capture** (no daemon): insert rows/s into `users` without and with the capture triggers,
-//!   in 100-row statements (one transaction each) and single-row autocommit statements.
+//!   in 100-row statements (one transaction each) and single-row autocommit statements, the two
+//!   settings interleaved in rounds (`bench::insert_rates`). The fold of the change log into the
+//!   outbox is the daemon's side of capture and is inside the drain figures.
 //! - **drain**: `--changes` users (20,000) inserted while no daemon runs, then the daemon is
-//!   started and the time from its start to an empty outbox is taken (first sync: a lookup by
+//!   started and the time from its start to an empty change log and outbox is taken (first sync: a lookup by
 //!   email and a create per user); then every user is updated in one statement and drained
 //!   again (one PATCH each). Deliveries/s, daemon and Postgres CPU per delivery.
 //! - **latency**: 500 single-row commits (updates of synced users) at 50/s to a running daemon;

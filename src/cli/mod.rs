@@ -195,7 +195,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format, if progress_bar { "warn" } else { "info" });
     // One thread: the work is waiting on Postgres and Keap, and a multi-threaded runtime spent
     // most of the daemon's CPU waking its workers for each other (futex and scheduler time in
-    // `perf`, issue 12). Nothing here blocks the thread for long.
+    // `perf`: `cargo bench --bench perf -- --profile DIR`). Nothing here blocks the thread for long.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
