@@ -720,8 +720,9 @@ pub(crate) const FOLD_FUNCTION: &str = "keap_sync.fold_changes";
 /// Only a key change (and a truncate) writes the outbox from an application's transaction now;
 /// one left open holds that user's outbox row, and a fold that waited for it would stop every
 /// capture from reaching the outbox. So the function waits at most `lock_timeout` (100 ms) and
-/// then folds user by user, each in a subtransaction, leaving the held user's changes in the log
-/// (`held`) for the next fold. The slow path runs only while such a transaction is open.
+/// then folds user by user, each in a subtransaction waiting 5 ms at most, leaving the held
+/// users' changes in the log (`held`) for the next fold, and stopping after 100 held users.
+/// The slow path runs only while such a transaction is open.
 fn fold_function(table: &UserTable) -> String {
     let gone = |user_key: &str| {
         format!(
@@ -768,6 +769,10 @@ begin
     exception when lock_not_available then
         taken := 0;
     end;
+    -- User by user, each waiting 5 ms at most: a user held by an open transaction costs this
+    -- fold that long, and after 100 of them the fold stops (the rest waits for the next one),
+    -- so even a transaction that changed every key cannot hold the daemon up for long.
+    perform set_config('lock_timeout', '5ms', true);
     for one in select c.user_key, array_agg(c.ctid) as rows, min(c.at) as first_at, max(c.at) as last_at
                from (select ctid, user_key, at from keap_sync.change limit p_limit for update skip locked) c
               group by c.user_key
@@ -781,6 +786,7 @@ begin
             taken := taken + cardinality(one.rows);
         exception when lock_not_available then
             held := held + 1;
+            exit when held >= 100;
         end;
     end loop;
 end"
