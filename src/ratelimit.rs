@@ -128,6 +128,11 @@ pub(crate) struct Limiter {
     /// is read and written in a few instructions and never across an await; one lock keeps the
     /// read-compare-extend of `pause_for` atomic.
     paused_until: Mutex<Option<Instant>>,
+    /// Until when an answer said the day's quota is spent (`x-keap-…-quota-available` 0). Answers
+    /// are read in the order they arrive, not the order they were counted: one sent just before
+    /// the quota ran out (saying 1 left) can be read after the one saying 0, and must not make
+    /// the day look open again while the pause it caused holds.
+    quota_spent_until: Mutex<Option<Instant>>,
     /// 429s in a row, for the backoff; reset by any success. Atomic: bumped by whichever
     /// sender got the answer.
     consecutive_429: AtomicU32,
@@ -266,6 +271,7 @@ impl Limiter {
             budget_changed: Notify::new(),
             kind,
             paused_until: Mutex::new(None),
+            quota_spent_until: Mutex::new(None),
             consecutive_429: AtomicU32::new(0),
             minute_available: AtomicI64::new(-1),
             day_available: AtomicI64::new(-1),
@@ -401,21 +407,25 @@ impl Limiter {
         if let Some(v) = minute_available {
             self.minute_available.store(v, Ordering::Relaxed);
         }
-        if let Some(v) = lowest("quota-available") {
-            self.day_available.store(v, Ordering::Relaxed);
-        }
         for scope in ["product", "tenant"] {
             if read(&format!("x-keap-{scope}-quota-available")).is_some_and(|v| v <= 0) {
                 let reset = read(&format!("x-keap-{scope}-quota-expiry-time"))
                     .and_then(until_epoch_ms)
                     .unwrap_or_else(until_next_utc_midnight);
                 let until = self.pause_for(reset);
+                let mut spent = self.quota_spent_until.lock().unwrap_or_else(PoisonError::into_inner);
+                *spent = Some(spent.map_or(until, |current| current.max(until)));
                 tracing::warn!(
                     scope,
                     resume_in_secs = until.saturating_duration_since(Instant::now()).as_secs(),
                     "Keap's daily quota is used up; deliveries pause until it resets (changes stay queued)"
                 );
             }
+        }
+        if let Some(v) = lowest("quota-available") {
+            let spent = self.quota_spent_until.lock().unwrap_or_else(PoisonError::into_inner);
+            let v = if spent.is_some_and(|until| until > Instant::now()) { v.min(0) } else { v };
+            self.day_available.store(v, Ordering::Relaxed);
         }
         if (200..300).contains(&status) {
             self.consecutive_429.store(0, Ordering::Relaxed);
@@ -801,6 +811,22 @@ mod tests {
         let left = until - Instant::now();
         assert!(left > Duration::from_secs(3_500) && left <= Duration::from_secs(3_600), "{left:?}");
         assert_eq!(l.report().day_available, Some(0));
+    }
+
+    /// Four calls in flight when the quota runs out: the answer saying 0 left can be read before
+    /// one sent earlier saying 1 left. Status must keep saying the day is spent (a test of the
+    /// daemon's status failed on it: `paused_reason` stayed empty).
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_answer_read_late_does_not_reopen_a_spent_day() {
+        let l = limiter(1000, 100_000);
+        l.observe(200, &headers(&[("x-keap-product-quota-available", "0")]));
+        l.observe(200, &headers(&[("x-keap-product-quota-available", "1")]));
+        assert_eq!(l.report().day_available, Some(0));
+        assert!(l.paused_until().is_some());
+        // Once the pause is over (the quota reset), answers count again.
+        tokio::time::advance(Duration::from_secs(25 * 3600)).await;
+        l.observe(200, &headers(&[("x-keap-product-quota-available", "5000")]));
+        assert_eq!(l.report().day_available, Some(5000));
     }
 
     #[test]

@@ -243,12 +243,20 @@ async fn a_spent_daily_quota_pauses_deliveries_and_says_so() {
     })
     .await;
     // Once Keap reports 0 left nothing more is sent; only calls already in flight
-    // (at most `concurrency` = 4) can meet the 429 wall. A first sync is a lookup and a create.
+    // (at most `concurrency` = 4) can meet the 429 wall. A first sync is a lookup and a create,
+    // and the quota can end between the two for each delivery in flight: of the 20 calls, 16
+    // to 20 went to users that were created (8 to 10 of them), depending on how the four
+    // deliveries interleaved.
     let answered = app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && r.status == 200);
     assert_eq!(answered, 20, "exactly the day's quota was used");
-    assert_eq!(app.fake.contacts().len(), 10);
+    let created = app.fake.contacts().len() as i64;
+    assert!((8..=10).contains(&created), "{created} contacts created with 20 calls");
     assert!(app.fake.throttled_count() <= 4, "{} 429s", app.fake.throttled_count());
-    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 20, "the rest stays queued");
+    assert_eq!(
+        app.count("select count(*) from keap_sync.outbox").await,
+        30 - created,
+        "the rest stays queued"
+    );
     let out = app.run_cli(&["status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("daily quota is used up"));
 }
