@@ -733,6 +733,7 @@ fn fold_function(table: &UserTable) -> String {
         )
     };
     let (gone_batch, gone_one) = (gone("k.user_key"), gone("one.user_key"));
+    let insert = "insert into keap_sync.outbox as o (user_key, key_gone, first_changed_at, changed_at, next_attempt_at)";
     let on_conflict = "on conflict (user_key) do update
            set version         = o.version + 1,
                changed_at      = greatest(o.changed_at, excluded.changed_at),
@@ -757,7 +758,7 @@ begin
         ), keys as (
             select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
         ), upserted as (
-            insert into keap_sync.outbox as o (user_key, key_gone, first_changed_at, changed_at, next_attempt_at)
+            {insert}
             select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
               from keys k
              order by k.user_key
@@ -780,7 +781,7 @@ begin
     loop
         begin
             delete from keap_sync.change where ctid = any (one.rows);
-            insert into keap_sync.outbox as o (user_key, key_gone, first_changed_at, changed_at, next_attempt_at)
+            {insert}
             values (one.user_key, {gone_one}, one.first_at, one.last_at, one.first_at)
             {on_conflict};
             taken := taken + cardinality(one.rows);
@@ -952,8 +953,7 @@ as {}",
     let fold = fold_function(table);
     if function_body(tx, FOLD_FUNCTION, 1).await?.as_deref() != Some(fold.as_str()) {
         tx.batch_execute(&format!(
-            "drop function if exists {FOLD_FUNCTION}(integer);
-create function {FOLD_FUNCTION}(p_limit integer, out taken integer, out held integer)
+            "create or replace function {FOLD_FUNCTION}(p_limit integer, out taken integer, out held integer)
 language plpgsql
 set search_path = pg_catalog, pg_temp
 set lock_timeout = '100ms'

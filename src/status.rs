@@ -67,15 +67,16 @@ pub(crate) struct Depth {
 pub(crate) async fn depth(client: &Client) -> Result<Depth, DbError> {
     let r = client
         .query_one(
-            "select coalesce(sum(n) filter (where not parked and priority = 0), 0)::int8,
-                    coalesce(sum(n) filter (where not parked and priority = 1), 0)::int8,
-                    coalesce(sum(n) filter (where not parked and priority = 2), 0)::int8,
-                    coalesce(sum(n) filter (where parked), 0)::int8,
-                    (select count(*) from keap_sync.change),
+            "select q.live, q.retry, q.backfill, q.parked, c.n,
                     extract(epoch from now() - least(
-                        (select min(first_changed_at) from keap_sync.outbox where parked_at is null),
-                        (select min(at) from keap_sync.change)))::float8
-               from keap_sync.outbox_count",
+                        (select min(first_changed_at) from keap_sync.outbox where parked_at is null), c.at))::float8
+               from (select coalesce(sum(n) filter (where not parked and priority = 0), 0)::int8 as live,
+                            coalesce(sum(n) filter (where not parked and priority = 1), 0)::int8 as retry,
+                            coalesce(sum(n) filter (where not parked and priority = 2), 0)::int8 as backfill,
+                            coalesce(sum(n) filter (where parked), 0)::int8 as parked
+                       from keap_sync.outbox_count) q,
+                    -- One scan of the log for both figures.
+                    (select count(*) as n, min(at) as at from keap_sync.change) c",
             &[],
         )
         .await?;
