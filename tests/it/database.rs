@@ -116,6 +116,7 @@ async fn a_completion_that_times_out_is_retried_for_that_delivery_alone() {
     // row, which the waiting completion holds, then leaves that user's change in the log.
     let waiting = "select count(*) from pg_locks l join pg_stat_activity a using (pid)
                     where not l.granted and a.application_name = 'keap-sync'
+                      and a.datname = current_database()
                       and a.query not like '%fold_changes%'";
     eventually(Duration::from_secs(5), "the completion waiting on the lock", || async {
         app.count(waiting).await > 0
@@ -144,7 +145,8 @@ async fn a_session_killed_mid_call_loses_and_duplicates_nothing() {
     let killed = app
         .count(
             "select count(pg_terminate_backend(pid)) from pg_stat_activity
-              where application_name = 'keap-sync' and pid <> pg_backend_pid()",
+              where application_name = 'keap-sync' and datname = current_database()
+                and pid <> pg_backend_pid()",
         )
         .await;
     assert!(killed >= 2, "the daemon's connections were killed ({killed})");
@@ -153,7 +155,11 @@ async fn a_session_killed_mid_call_loses_and_duplicates_nothing() {
     app.wait_idle_for(Duration::from_secs(25)).await;
     assert_eq!(app.fake.contacts().len(), 6, "one contact per user, none lost or doubled");
     app.assert_keap_matches_users().await;
-    let reconnected =
-        app.count("select count(*) from pg_stat_activity where application_name = 'keap-sync'").await;
+    let reconnected = app
+        .count(
+            "select count(*) from pg_stat_activity
+              where application_name = 'keap-sync' and datname = current_database()",
+        )
+        .await;
     assert!(reconnected >= 2, "the daemon reconnected ({reconnected} connections)");
 }
