@@ -52,6 +52,11 @@ pub enum DbError {
     /// A statement failed.
     #[error("database error: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// A delivery's result went to the session's recorder of results, which ended before
+    /// answering (only a bug can make it): whether the result was recorded is unknown, and the
+    /// change is delivered again when its lease ends (every call is safe to repeat).
+    #[error("the result was not recorded: the session's recorder of results stopped before answering")]
+    Unrecorded,
     /// A column of keap-sync's own schema holds a value this version does not know: the schema
     /// is newer than the binary, or was edited by hand.
     #[error("{column} holds {value:?}, which this version of keap-sync does not know: run the newest `keap-sync migrate`, or repair the row")]
@@ -87,7 +92,7 @@ impl DbError {
             DbError::Query(e) => {
                 e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
             }
-            DbError::BadUrl(_) | DbError::UnknownValue { .. } => false,
+            DbError::BadUrl(_) | DbError::UnknownValue { .. } | DbError::Unrecorded => false,
         }
     }
 }

@@ -33,6 +33,7 @@ use crate::keap::model::Contact;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
 use crate::mapping::{Changes, ContactPayload, CustomModel, Held, Mapper};
 use crate::metrics::{DeliveryOutcome, Metrics};
+use crate::outbox::completions::Completions;
 use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, ReadUser};
 use crate::token::{TokenError, TokenSource};
 
@@ -62,6 +63,8 @@ pub(crate) struct Deliverer {
     pub tokens: Arc<TokenSource>,
     pub delivery: DeliveryConfig,
     pub instance: String,
+    /// Records successes, in batches, on `db`.
+    pub completions: Completions,
     pub metrics: Arc<Metrics>,
     /// The configured mapping from a row to a contact and its tags.
     pub mapper: Arc<Mapper>,
@@ -194,10 +197,7 @@ impl Deliverer {
                 } else {
                     Done::Synced { contact_id, fingerprint: payload.fingerprint(), sent: payload.sent(&tags) }
                 };
-                outbox::with_retries("complete", &claim.user_key, || {
-                    outbox::complete(&self.db, claim, &self.instance, &done)
-                })
-                .await?;
+                self.completions.complete(claim, done).await?;
                 if called {
                     tracing::debug!(user = %claim.user_key, contact = contact_id, "delivered");
                     self.metrics.delivery(DeliveryOutcome::Synced);
@@ -650,10 +650,7 @@ impl Deliverer {
 
     /// Completes a delete: the mapping is forgotten (`Done::Forgotten`) or there was none.
     async fn forget(&self, claim: &Claim, done: Done) -> Result<(), DbError> {
-        outbox::with_retries("complete", &claim.user_key, || {
-            outbox::complete(&self.db, claim, &self.instance, &done)
-        })
-        .await?;
+        self.completions.complete(claim, done).await?;
         self.metrics.delivery(DeliveryOutcome::Deleted);
         Ok(())
     }

@@ -20,6 +20,8 @@ use tokio_postgres::Client;
 use crate::db::{Db, DbError};
 use crate::schema::UserTable;
 
+pub(crate) mod completions;
+
 /// A claimed outbox row, joined with what we know of its Keap contact.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Claim {
@@ -458,6 +460,114 @@ fn complete_sql(map_sql: &str) -> String {
     )
 }
 
+/// One success for [`complete_many`]: a [`Done::Synced`] or [`Done::Nothing`] of `claim`.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) user_key: String,
+    pub(crate) version: i64,
+    pub(crate) attempts: i32,
+    /// `Some` for [`Done::Synced`]: the contact id, fingerprint and `sent` to map.
+    pub(crate) synced: Option<(i64, String, Value)>,
+}
+
+impl Completion {
+    /// `Err` with [`Done::Forgotten`], which deletes a mapping: [`complete`] records it.
+    pub(crate) fn of(claim: &Claim, done: Done) -> Result<Completion, Done> {
+        let synced = match done {
+            Done::Synced { contact_id, fingerprint, sent } => Some((contact_id, fingerprint, sent)),
+            Done::Nothing => None,
+            Done::Forgotten => return Err(done),
+        };
+        Ok(Completion {
+            user_key: claim.user_key.clone(),
+            version: claim.version,
+            attempts: claim.attempts,
+            synced,
+        })
+    }
+
+    /// The claim and result again, for [`complete`] (which reads only the claim's key,
+    /// version and attempts).
+    pub(crate) fn parts(&self) -> (Claim, Done) {
+        let claim = Claim {
+            user_key: self.user_key.clone(),
+            version: self.version,
+            attempts: self.attempts,
+            contact_id: None,
+            fingerprint: None,
+            sent: None,
+            create_sent: None,
+        };
+        let done = match &self.synced {
+            Some((contact_id, fingerprint, sent)) => {
+                Done::Synced { contact_id: *contact_id, fingerprint: fingerprint.clone(), sent: sent.clone() }
+            }
+            None => Done::Nothing,
+        };
+        (claim, done)
+    }
+}
+
+/// [`complete`] for many successes in one statement: the same effect on each row as
+/// [`complete`] alone would have. The statement fails as a whole (a lock timeout on one row, a
+/// user twice in `done`, two users mapped to one contact): then nothing is recorded and the
+/// caller records each alone.
+pub(crate) async fn complete_many(client: &Db, instance: &str, done: &[Completion]) -> Result<(), DbError> {
+    let mut keys = Vec::with_capacity(done.len());
+    let (mut versions, mut attempts) = (Vec::with_capacity(done.len()), Vec::with_capacity(done.len()));
+    let (mut contacts, mut fingerprints, mut sents) =
+        (Vec::with_capacity(done.len()), Vec::with_capacity(done.len()), Vec::with_capacity(done.len()));
+    for d in done {
+        keys.push(d.user_key.as_str());
+        versions.push(d.version);
+        attempts.push(d.attempts);
+        contacts.push(d.synced.as_ref().map(|s| s.0));
+        fingerprints.push(d.synced.as_ref().map(|s| s.1.as_str()));
+        sents.push(d.synced.as_ref().map(|s| &s.2));
+    }
+    client
+        .cached_execute(
+            COMPLETE_MANY,
+            &[&keys, &versions, &attempts, &contacts, &fingerprints, &sents, &instance],
+        )
+        .await?;
+    Ok(())
+}
+
+/// [`complete_sql`] with [`COMPLETE_SYNCED`] over arrays, one element per success (`$4` null:
+/// [`Done::Nothing`], no mapping written and an unknown create's body kept).
+const COMPLETE_MANY: &str = "with done as (
+         select * from unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[], $6::jsonb[])
+             as d (user_key, version, attempts, contact_id, fingerprint, sent)
+     ), gone as (
+         delete from keap_sync.outbox o
+          using done d
+          where o.user_key = d.user_key and o.version = d.version and o.leased_by = $7
+            and o.attempts = d.attempts
+         returning o.user_key, o.key_gone
+     ), kept as (
+         update keap_sync.outbox o
+            set lease_until = null, leased_by = null, attempts = 0, next_attempt_at = now(),
+                first_changed_at = now(), last_error = null, last_status = null, last_body = null,
+                payload = null, first_failed_at = null, last_failed_at = null,
+                create_sent = case when d.contact_id is not null then null else o.create_sent end
+           from done d
+          where o.user_key = d.user_key and o.leased_by = $7 and o.attempts = d.attempts
+            and not exists (select from gone g where g.user_key = d.user_key)
+         returning o.user_key, o.key_gone
+     ), ours as (
+         select user_key, key_gone from gone union all select user_key, key_gone from kept
+     )
+     insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
+     select d.user_key, d.contact_id, d.fingerprint, d.sent, now()
+       from done d join ours using (user_key)
+      where d.contact_id is not null and not ours.key_gone
+        and not exists (select from keap_sync.contact_map m
+                         where m.contact_id = d.contact_id and m.user_key <> d.user_key)
+     on conflict (user_key) do update
+        set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint,
+            sent = excluded.sent, synced_at = now()";
+
 /// How many times [`with_retries`] runs a statement that failed without losing the connection.
 const RECORD_ATTEMPTS: u32 = 4;
 
@@ -472,16 +582,46 @@ const RECORD_ATTEMPTS: u32 = 4;
 ///
 /// Between tries the shared connection serves the other deliveries, so one locked row costs
 /// its own delivery, not everyone's (ARCHITECTURE.md, "Where concurrency lives").
-pub(crate) async fn with_retries<T, F, Fut>(
+pub(crate) async fn with_retries<T, F, Fut>(what: &str, user_key: &str, statement: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    retrying(what, user_key, 1, statement).await
+}
+
+/// [`with_retries`] for a statement whose first try was part of one that failed with `failed`
+/// (a batch of results, `completions`): it waits as after a first failed try, then has the
+/// tries left. After a failure that no try can mend (a lost connection), it runs once.
+pub(crate) async fn with_retries_after<T, F, Fut>(
+    failed: &DbError,
     what: &str,
     user_key: &str,
+    statement: F,
+) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    match retry_delay(failed, 1) {
+        Some(delay) => {
+            tokio::time::sleep(delay).await;
+            retrying(what, user_key, 2, statement).await
+        }
+        None => retrying(what, user_key, RECORD_ATTEMPTS, statement).await,
+    }
+}
+
+async fn retrying<T, F, Fut>(
+    what: &str,
+    user_key: &str,
+    mut attempt: u32,
     mut statement: F,
 ) -> Result<T, DbError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, DbError>>,
 {
-    let mut attempt = 1;
     loop {
         let error = match statement().await {
             Ok(value) => return Ok(value),

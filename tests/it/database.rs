@@ -163,3 +163,101 @@ async fn a_session_killed_mid_call_loses_and_duplicates_nothing() {
         .await;
     assert!(reconnected >= 2, "the daemon reconnected ({reconnected} connections)");
 }
+
+/// Counts the DELETE statements on the outbox in an insert-only table: each statement that
+/// records a delivery's success runs one (even when it deletes nothing).
+async fn count_outbox_deletes(app: &TestApp) {
+    app.exec(
+        "create table public.outbox_deletes (at timestamptz not null default clock_timestamp());
+         create function public.count_outbox_delete() returns trigger language plpgsql as $$
+         begin
+             insert into public.outbox_deletes default values;
+             return null;
+         end $$;
+         create trigger count_outbox_delete after delete on keap_sync.outbox
+             for each statement execute function public.count_outbox_delete();",
+    )
+    .await;
+}
+
+fn sixteen_in_flight() -> Options {
+    Options { tweak: |c| c.delivery.concurrency = 16, ..Options::default() }
+}
+
+/// Deliveries whose calls end together are recorded together: one statement for the results
+/// that arrive while the previous one runs, not one each (a statement per delivery was the
+/// largest share of the database's work in a drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_that_arrive_together_are_recorded_in_one_statement() {
+    let app = spawn_app_with(sixteen_in_flight()).await;
+    app.insert_users(64).await;
+    app.wait_idle().await;
+    count_outbox_deletes(&app).await;
+    // Sixteen calls at a time, each answered 50 ms after it was sent: their results arrive
+    // within a moment of each other.
+    app.fake.set_latency(Duration::from_millis(50));
+    app.exec("update users set first_name = first_name || ' again'").await;
+    app.wait_idle_for(Duration::from_secs(20)).await;
+    let patches = app.contact_calls("PATCH");
+    let statements = app.count("select count(*) from public.outbox_deletes").await;
+    assert_eq!(patches, 64, "one PATCH per user");
+    eprintln!("{statements} statements recorded {patches} deliveries");
+    assert!(
+        statements <= 32,
+        "{statements} statements recorded {patches} deliveries that ended sixteen at a time"
+    );
+    app.assert_keap_matches_users().await;
+}
+
+/// A statement recording several results that fails on one of them (here a lock timeout on
+/// a user's mapping row) costs the others nothing: each is recorded alone, and only the locked
+/// users wait for their locks. Two users are locked, so that whatever order the results
+/// arrive in, one of the locked ones is in a batch with others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_row_in_a_batch_of_results_holds_up_that_user_alone() {
+    let app = spawn_app_with(Options {
+        tweak: |c| {
+            c.delivery.concurrency = 16;
+            if let Some(db) = c.database.as_mut() {
+                db.lock_timeout = Duration::from_secs(1);
+            }
+        },
+        ..Options::default()
+    })
+    .await;
+    app.insert_users(16).await;
+    app.wait_idle().await;
+    let lockers = [lock_mapping(&app, 1).await, lock_mapping(&app, 2).await];
+    app.fake.set_latency(Duration::from_millis(50));
+    app.exec("update users set first_name = first_name || ' again'").await;
+    eventually(Duration::from_secs(8), "users 3-16 recorded while users 1 and 2 are locked", || async {
+        app.contact_calls("PATCH") >= 16
+            && app
+                .count(
+                    "select count(*) from (select user_key from keap_sync.outbox
+                                            union all select user_key from keap_sync.change) p
+                      where user_key not in ('1', '2')",
+                )
+                .await
+                == 0
+    })
+    .await;
+    assert!(pending(&app, 1).await && pending(&app, 2).await, "a locked user cannot be recorded");
+    assert!(
+        app::captured_logs().contains("recording a batch of results failed; recording each alone"),
+        "a batch with a locked user failed and its results were recorded alone"
+    );
+    for locker in lockers {
+        locker.batch_execute("rollback").await.expect("release the lock");
+    }
+    app.wait_idle_for(Duration::from_secs(15)).await;
+    for user in 3..=16 {
+        let contact = contact_of(&app, user).await;
+        assert_eq!(
+            patches_to(&app, contact),
+            1,
+            "user {user}'s result was thrown away and its call repeated"
+        );
+    }
+    app.assert_keap_matches_users().await;
+}
