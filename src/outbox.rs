@@ -6,6 +6,9 @@
 //! whose lease expired (it was paused, partitioned, or assumed dead) cannot overwrite the work
 //! of whoever claimed the row after it.
 //!
+//! Successes are recorded through [`completions`], which puts the ones that arrive together in
+//! one statement ([`complete_many`]).
+//!
 //! A row's `version` is bumped by the trigger on every change. A result is final only if the
 //! version is still the one claimed; otherwise the row is released and stays queued, and the
 //! next delivery reads the newer state (invariant 2).
