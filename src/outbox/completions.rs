@@ -16,9 +16,13 @@
 //!
 //! When a batch statement fails (a lock timeout on one user's mapping row, a deadlock with a
 //! key change, a lost connection), nothing of it is recorded, and each result is recorded
-//! alone, with [`super::with_retries`], concurrently, so that one locked row costs its own
-//! delivery and no one else's (ARCHITECTURE.md, "Where concurrency lives"). Those single
-//! statements run beside the next batches; [`Completions::flush`] waits for them too.
+//! alone, concurrently, with the waits and tries [`super::with_retries`] has left after a first
+//! failed try ([`super::with_retries_after`]), so that one locked row costs its own delivery and
+//! no one else's (ARCHITECTURE.md, "Where concurrency lives"). Those single statements run
+//! beside the next batches; [`Completions::flush`] waits for them too.
+//!
+//! The channel is unbounded but never long: each delivery sends one result and waits for its
+//! answer, so it holds at most `delivery.concurrency` results.
 
 use std::sync::Arc;
 
