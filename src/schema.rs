@@ -72,6 +72,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0010_instance_sessions.sql"),
     },
     Migration { version: 11, name: "0011_change_log.sql", sql: include_str!("../sql/0011_change_log.sql") },
+    Migration {
+        version: 12,
+        name: "0012_create_email_guard.sql",
+        sql: include_str!("../sql/0012_create_email_guard.sql"),
+    },
 ];
 
 /// Name of the statement-level insert capture trigger on the users table (the name the single

@@ -131,6 +131,47 @@ async fn two_users_with_one_email_never_share_a_contact() {
     assert!(app.db.batch_execute(unique).await.is_err(), "the schema refuses a second key for one contact");
 }
 
+/// Two new users with one email, delivered at the same moment: their creates are recorded in
+/// one batch statement, which the email's uniqueness among creates in flight fails as a whole;
+/// recorded alone, one create goes ahead and the other waits, then finds the contact linked to
+/// the first user and is parked. One contact, never two (invariant 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_new_users_with_one_email_at_once_make_one_contact() {
+    let app = spawn_app_with(Options::default()).await;
+    // Both lookups are answered (empty) before either create is recorded.
+    app.fake.set_latency(Duration::from_millis(50));
+    app.exec(
+        "insert into users (id, email, first_name, last_name)
+         values (1, 'shared@example.com', 'Ann', 'First'), (2, 'shared@example.com', 'Bob', 'Second')",
+    )
+    .await;
+    app::eventually(Duration::from_secs(15), "one of the two users to be parked", || async {
+        app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
+            && app.count("select count(*) from keap_sync.contact_map").await == 1
+    })
+    .await;
+    let contacts = app.fake.contacts_with_email("shared@example.com");
+    assert_eq!(contacts.len(), 1, "one contact for one email: {contacts:?}");
+    let calls: Vec<String> = app
+        .fake
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}?{} {} {}", r.method, r.path, r.query, r.status, r.body))
+        .collect();
+    assert_eq!(app.contact_calls("PUT"), 1, "one create was sent: {calls:?}");
+    let reason: String = app
+        .db
+        .query_one("select last_error from keap_sync.outbox where parked_at is not null", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("already linked to user"), "the parked one says why: {reason}");
+    let owner: String =
+        app.db.query_one("select user_key from keap_sync.contact_map", &[]).await.unwrap().get(0);
+    let name = if owner == "1" { "Ann" } else { "Bob" };
+    assert_eq!(contacts[0].given_name.as_deref(), Some(name), "the contact holds its own user's values");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_email_slots_and_unsynced_fields_survive_every_sync() {
     let mut app = spawn_app_with(Options {
@@ -259,4 +300,43 @@ async fn the_migration_parks_users_that_shared_a_contact() {
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert_eq!(parked[0].0, "2");
     assert!(parked[0].1.contains("contact 1001") && parked[0].1.contains("user 1"), "{}", parked[0].1);
+}
+
+/// 0012 repairs the guard: in-doubt creates that 0005's index let in twice for one email keep
+/// it on one row, the others are cleared, and the new index refuses a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_keeps_one_in_doubt_create_per_email() {
+    let conninfo = app::cluster().fresh_database("guard").await.unwrap();
+    let db = app::connect(&conninfo).await;
+    let body = |email: &str, name: &str| {
+        format!(
+            r#"'{{"email_addresses": [{{"email": "{email}", "field": "EMAIL1"}}], "given_name": "{name}"}}'"#
+        )
+    };
+    crate::migrate_up_to(
+        &db,
+        "_create_email_guard.sql",
+        &format!(
+            "insert into keap_sync.outbox (user_key, create_sent) values
+                 ('1', {}), ('2', {}), ('3', {}), ('4', null)",
+            body("Same@example.com", "A"),
+            body("same@example.com", "B"),
+            body("other@example.com", "C"),
+        ),
+    )
+    .await;
+    let kept: Vec<String> = db
+        .query("select user_key from keap_sync.outbox where create_sent is not null order by 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kept, ["1", "3"], "one in-doubt create per email, the lowest key's");
+    let second = format!(
+        "update keap_sync.outbox set create_sent = {} where user_key = '4'",
+        body("SAME@example.com", "D")
+    );
+    let refused = db.batch_execute(&second).await.expect_err("a second create in flight for one email");
+    assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
 }

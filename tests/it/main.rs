@@ -21,3 +21,22 @@ mod refusals;
 mod sync;
 mod tokens;
 mod transport;
+
+/// Applies, in order, every migration in `sql/` that sorts before the one whose name ends in
+/// `suffix`, then runs `between`, then that migration.
+pub async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".sql") && n.as_bytes()[0].is_ascii_digit())
+        .collect();
+    files.sort();
+    let target = files.iter().position(|n| n.ends_with(suffix)).expect("the migration exists");
+    db.batch_execute("create schema keap_sync").await.unwrap();
+    for name in &files[..target] {
+        db.batch_execute(&std::fs::read_to_string(dir.join(name)).unwrap()).await.unwrap();
+    }
+    db.batch_execute(between).await.unwrap();
+    db.batch_execute(&std::fs::read_to_string(dir.join(&files[target])).unwrap()).await.unwrap();
+}

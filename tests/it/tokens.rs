@@ -517,30 +517,11 @@ async fn a_grant_that_names_no_keap_app_is_accepted_and_says_so() {
     assert_eq!(stored_accounts(&app).await.0.as_deref(), Some(FAKE_ACCOUNT), "keeps the known app");
 }
 
-/// Applies, in order, every migration in `sql/` that sorts before the one whose name ends in
-/// `suffix`, then runs `between`, then that migration.
-async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &str) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.ends_with(".sql") && n.as_bytes()[0].is_ascii_digit())
-        .collect();
-    files.sort();
-    let target = files.iter().position(|n| n.ends_with(suffix)).expect("the migration exists");
-    db.batch_execute("create schema keap_sync").await.unwrap();
-    for name in &files[..target] {
-        db.batch_execute(&std::fs::read_to_string(dir.join(name)).unwrap()).await.unwrap();
-    }
-    db.batch_execute(between).await.unwrap();
-    db.batch_execute(&std::fs::read_to_string(dir.join(&files[target])).unwrap()).await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_stored_before_the_upgrade_gets_its_account_from_its_scope() {
     let conninfo = app::cluster().fresh_database("acct").await.unwrap();
     let db = app::connect(&conninfo).await;
-    migrate_up_to(
+    crate::migrate_up_to(
         &db,
         "_grant_account.sql",
         "insert into keap_sync.oauth_token (access_token, refresh_token, expires_at, scope)
