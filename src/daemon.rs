@@ -59,7 +59,7 @@ use crate::deliver::{Deliverer, Outcome};
 use crate::keap::KeapClient;
 use crate::mapping::Mapper;
 use crate::metrics::Metrics;
-use crate::outbox::completions::Completions;
+use crate::outbox::recorder::Recorder;
 use crate::outbox::{self, ClaimTiming};
 use crate::ratelimit::{self, Limiter};
 use crate::schema::{self, SchemaError, UserTable};
@@ -416,7 +416,7 @@ impl Context {
             return Ok(());
         }
         let deliverer = Arc::new(Deliverer {
-            completions: Completions::start(Arc::clone(&db), self.instance.clone()),
+            recorder: Recorder::start(Arc::clone(&db), self.instance.clone()),
             db: Arc::clone(&db),
             keap: self.keap.clone(),
             tokens: Arc::clone(&self.tokens),
@@ -447,7 +447,7 @@ impl Context {
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);
-        self.finish(&session.db, &session.deliverer.completions, &mut session.tasks, result.is_ok()).await;
+        self.finish(&session.db, &session.deliverer.recorder, &mut session.tasks, result.is_ok()).await;
         if result.is_ok() {
             // Stopping, and no delivery is left: today's unused call reservations go back.
             self.limiter.give_back(&session.db).await;
@@ -575,13 +575,7 @@ impl Context {
     /// Lets deliveries in flight finish. On a stop they get `shutdown_grace`; after a lost
     /// connection their results cannot be recorded anyway, so they are aborted at once. What
     /// is unfinished is released (or, without a connection, left to its lease).
-    async fn finish(
-        &self,
-        db: &Client,
-        completions: &Completions,
-        tasks: &mut JoinSet<Outcome>,
-        stopping: bool,
-    ) {
+    async fn finish(&self, db: &Client, recorder: &Recorder, tasks: &mut JoinSet<Outcome>, stopping: bool) {
         if stopping {
             self.notifier.stopping();
         }
@@ -598,7 +592,7 @@ impl Context {
         // An aborted delivery may have handed its result over: recorded before the release,
         // it is not delivered again. (Bounded: a result stuck behind a locked row is left to
         // the release, and delivered again.)
-        let _ = tokio::time::timeout(self.config.delivery.shutdown_grace, completions.flush()).await;
+        let _ = tokio::time::timeout(self.config.delivery.shutdown_grace, recorder.flush()).await;
         match outbox::release_all(db, &self.instance, grace).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "released unfinished claims"),

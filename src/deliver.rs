@@ -33,7 +33,7 @@ use crate::keap::model::Contact;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
 use crate::mapping::{Changes, ContactPayload, CustomModel, Held, Mapper};
 use crate::metrics::{DeliveryOutcome, Metrics};
-use crate::outbox::completions::Completions;
+use crate::outbox::recorder::Recorder;
 use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, ReadUser};
 use crate::token::{TokenError, TokenSource};
 
@@ -63,8 +63,8 @@ pub(crate) struct Deliverer {
     pub tokens: Arc<TokenSource>,
     pub delivery: DeliveryConfig,
     pub instance: String,
-    /// Records successes, in batches, on `db`.
-    pub completions: Completions,
+    /// Records successes, creates about to be sent and links, in batches, on `db`.
+    pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// The configured mapping from a row to a contact and its tags.
     pub mapper: Arc<Mapper>,
@@ -197,7 +197,7 @@ impl Deliverer {
                 } else {
                     Done::Synced { contact_id, fingerprint: payload.fingerprint(), sent: payload.sent(&tags) }
                 };
-                self.completions.complete(claim, done).await?;
+                self.recorder.complete(claim, done).await?;
                 if called {
                     tracing::debug!(user = %claim.user_key, contact = contact_id, "delivered");
                     self.metrics.delivery(DeliveryOutcome::Synced);
@@ -475,7 +475,7 @@ impl Deliverer {
         sent: &serde_json::Value,
         payload: &ContactPayload,
     ) -> Result<Option<End>, DbError> {
-        Ok(match outbox::with_retries("link", &claim.user_key, || outbox::link(&self.db, claim, &self.instance, contact_id, sent)).await? {
+        Ok(match self.recorder.link(claim, contact_id, sent).await? {
             Linked::Yes => None,
             Linked::TakenBy(other) => Some(End::Park(format!(
                 "Keap contact {contact_id} ({}) is already linked to user {other}; one contact belongs to one \
@@ -498,11 +498,7 @@ impl Deliverer {
     ) -> Result<End, DbError> {
         let body = payload.create_body();
         let sent = serde_json::to_value(&body).unwrap_or_default();
-        match outbox::with_retries("begin_create", &claim.user_key, || {
-            outbox::begin_create(&self.db, claim, &self.instance, &sent)
-        })
-        .await?
-        {
+        match self.recorder.begin_create(claim, &sent).await? {
             CreateSlot::Reserved => {}
             CreateSlot::EmailBusy => {
                 return Ok(End::RetryLater(format!(
@@ -650,7 +646,7 @@ impl Deliverer {
 
     /// Completes a delete: the mapping is forgotten (`Done::Forgotten`) or there was none.
     async fn forget(&self, claim: &Claim, done: Done) -> Result<(), DbError> {
-        self.completions.complete(claim, done).await?;
+        self.recorder.complete(claim, done).await?;
         self.metrics.delivery(DeliveryOutcome::Deleted);
         Ok(())
     }

@@ -30,7 +30,7 @@
 //! 2. `db` — connections (TLS, LISTEN), identifier quoting, the NOTIFY channel.
 //! 3. `schema` — migrations in `sql/`, the capture triggers and the fold they feed, catalog checks.
 //! 4. `outbox` — fold captured changes in, claim with a lease, record results; every function
-//!    one atomic statement (`outbox::completions` records the successes that arrive together
+//!    one atomic statement (`outbox::recorder` runs the steps of deliveries that arrive together
 //!    in one).
 //! 5. `mapping` (user row → the contact properties and tags we own, checked against Keap's
 //!    rules; per-field fingerprints of what Keap holds), `keap` (REST client and wire types), `ratelimit`,

@@ -6,8 +6,9 @@
 //! whose lease expired (it was paused, partitioned, or assumed dead) cannot overwrite the work
 //! of whoever claimed the row after it.
 //!
-//! Successes are recorded through [`completions`], which puts the ones that arrive together in
-//! one statement ([`complete_many`]).
+//! A delivery records its steps (the create about to be sent, the link, the success) through
+//! [`recorder`], which puts the ones that arrive together in one statement
+//! ([`begin_create_many`], [`link_many`], [`complete_many`]).
 //!
 //! A row's `version` is bumped by the trigger on every change. A result is final only if the
 //! version is still the one claimed; otherwise the row is released and stays queued, and the
@@ -23,7 +24,7 @@ use tokio_postgres::Client;
 use crate::db::{Db, DbError};
 use crate::schema::UserTable;
 
-pub(crate) mod completions;
+pub(crate) mod recorder;
 
 /// A claimed outbox row, joined with what we know of its Keap contact.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,22 @@ pub(crate) struct Claim {
     pub(crate) sent: Option<Value>,
     /// The body of an earlier create whose outcome is unknown (invariant 14).
     pub(crate) create_sent: Option<Value>,
+}
+
+impl Claim {
+    /// The claim as the recording statements read it (key, version and attempts; nothing of
+    /// the contact), for recording a result of a batch alone.
+    pub(crate) fn bare(user_key: &str, version: i64, attempts: i32) -> Claim {
+        Claim {
+            user_key: user_key.to_owned(),
+            version,
+            attempts,
+            contact_id: None,
+            fingerprint: None,
+            sent: None,
+            create_sent: None,
+        }
+    }
 }
 
 /// The mapped values of one user, as text, in the order of `UserTable::selects` (the mapped
@@ -489,18 +506,9 @@ impl Completion {
         })
     }
 
-    /// The claim and result again, for [`complete`] (which reads only the claim's key,
-    /// version and attempts).
+    /// The claim and result again, for [`complete`].
     pub(crate) fn parts(&self) -> (Claim, Done) {
-        let claim = Claim {
-            user_key: self.user_key.clone(),
-            version: self.version,
-            attempts: self.attempts,
-            contact_id: None,
-            fingerprint: None,
-            sent: None,
-            create_sent: None,
-        };
+        let claim = Claim::bare(&self.user_key, self.version, self.attempts);
         let done = match &self.synced {
             Some((contact_id, fingerprint, sent)) => {
                 Done::Synced { contact_id: *contact_id, fingerprint: fingerprint.clone(), sent: sent.clone() }
@@ -594,7 +602,7 @@ where
 }
 
 /// [`with_retries`] for a statement whose first try was part of one that failed with `failed`
-/// (a batch of results, `completions`): it waits as after a first failed try, then has the
+/// (a batch of steps, `recorder`): it waits as after a first failed try, then has the
 /// tries left. After a failure that no try can mend (a lost connection), it runs once.
 pub(crate) async fn with_retries_after<T, F, Fut>(
     failed: &DbError,
@@ -711,14 +719,70 @@ pub(crate) async fn link(
         }
         Err(e) => return Err(e.into()),
     };
+    Ok(linked_of(&row))
+}
+
+/// A row of [`link`] or [`link_many`]: whether the claim was ours, the key gone, the user
+/// linked, and who holds the contact otherwise.
+fn linked_of(row: &tokio_postgres::Row) -> Linked {
     let (ours, key_gone, linked, taken_by): (bool, bool, bool, Option<String>) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
-    Ok(match (ours, key_gone, linked, taken_by) {
+    match (ours, key_gone, linked, taken_by) {
         (false, ..) => Linked::Lost,
         (true, true, ..) => Linked::KeyGone,
         (true, false, true, _) => Linked::Yes,
         (true, false, false, other) => Linked::TakenBy(other.unwrap_or_default()),
-    })
+    }
+}
+
+/// [`link`] for many claims in one statement, one answer per element in order. Fails as a
+/// whole where [`link`] would answer [`Linked::TakenBy`] from a unique violation (two of them
+/// linking one contact, or another delivery linking it meanwhile): the caller links each alone.
+pub(crate) async fn link_many(client: &Db, instance: &str, links: &[LinkTo]) -> Result<Vec<Linked>, DbError> {
+    let keys: Vec<&str> = links.iter().map(|l| l.user_key.as_str()).collect();
+    let attempts: Vec<i32> = links.iter().map(|l| l.attempts).collect();
+    let contacts: Vec<i64> = links.iter().map(|l| l.contact_id).collect();
+    let sents: Vec<&Value> = links.iter().map(|l| &l.sent).collect();
+    let rows = client
+        .cached_query(
+            "with input as (
+                 select * from unnest($1::text[], $2::int4[], $3::int8[], $4::jsonb[]) with ordinality
+                     as i (user_key, attempts, contact_id, sent, n)
+             ), ours as (
+                 select o.user_key, o.key_gone
+                   from keap_sync.outbox o join input i on i.user_key = o.user_key
+                  where o.leased_by = $5 and o.attempts = i.attempts
+                  for update of o
+             ), linked as (
+                 insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
+                 select i.user_key, i.contact_id, '', i.sent, now() from input i join ours using (user_key)
+                  where not ours.key_gone
+                    and not exists (select from keap_sync.contact_map m
+                                     where m.contact_id = i.contact_id and m.user_key <> i.user_key)
+                 on conflict (user_key) do update
+                    set contact_id = excluded.contact_id, fingerprint = '', sent = excluded.sent, synced_at = now()
+                 returning user_key
+             )
+             select ours.user_key is not null, coalesce(ours.key_gone, false),
+                    exists (select from linked l where l.user_key = i.user_key),
+                    (select m.user_key from keap_sync.contact_map m
+                      where m.contact_id = i.contact_id and m.user_key <> i.user_key)
+               from input i left join ours using (user_key)
+              order by i.n",
+            &[&keys, &attempts, &contacts, &sents, &instance],
+        )
+        .await?;
+    Ok(rows.iter().map(linked_of).collect())
+}
+
+/// One [`link`] for [`link_many`].
+#[derive(Debug)]
+pub(crate) struct LinkTo {
+    pub(crate) user_key: String,
+    pub(crate) version: i64,
+    pub(crate) attempts: i32,
+    pub(crate) contact_id: i64,
+    pub(crate) sent: Value,
 }
 
 async fn owner_of(client: &Client, contact_id: i64) -> Result<Option<String>, DbError> {
@@ -762,6 +826,44 @@ pub(crate) async fn begin_create(
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(CreateSlot::EmailBusy),
         Err(e) => Err(e.into()),
     }
+}
+
+/// [`begin_create`] for many claims in one statement, one answer per element in order
+/// (`Reserved` or `Lost`). Fails as a whole where [`begin_create`] would answer
+/// [`CreateSlot::EmailBusy`]: the caller records each alone.
+pub(crate) async fn begin_create_many(
+    client: &Db,
+    instance: &str,
+    creates: &[CreateStart],
+) -> Result<Vec<CreateSlot>, DbError> {
+    let keys: Vec<&str> = creates.iter().map(|c| c.user_key.as_str()).collect();
+    let attempts: Vec<i32> = creates.iter().map(|c| c.attempts).collect();
+    let bodies: Vec<&Value> = creates.iter().map(|c| &c.body).collect();
+    let rows = client
+        .cached_query(
+            "with input as (
+                 select * from unnest($1::text[], $2::int4[], $3::jsonb[]) with ordinality
+                     as i (user_key, attempts, body, n)
+             ), reserved as (
+                 update keap_sync.outbox o set create_sent = i.body
+                   from input i
+                  where o.user_key = i.user_key and o.leased_by = $4 and o.attempts = i.attempts
+                 returning o.user_key
+             )
+             select exists (select from reserved r where r.user_key = i.user_key) from input i order by i.n",
+            &[&keys, &attempts, &bodies, &instance],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| if r.get(0) { CreateSlot::Reserved } else { CreateSlot::Lost }).collect())
+}
+
+/// One [`begin_create`] for [`begin_create_many`].
+#[derive(Debug)]
+pub(crate) struct CreateStart {
+    pub(crate) user_key: String,
+    pub(crate) version: i64,
+    pub(crate) attempts: i32,
+    pub(crate) body: Value,
 }
 
 /// The user's mapping as it is now, provided nothing changed since the claim: `Ok(None)` when

@@ -209,6 +209,45 @@ async fn results_that_arrive_together_are_recorded_in_one_statement() {
     app.assert_keap_matches_users().await;
 }
 
+/// Counts the INSERT statements on the contact map: a link and a completion run one each.
+async fn count_mapping_inserts(app: &TestApp) {
+    app.exec(
+        "create table public.mapping_inserts (at timestamptz not null default clock_timestamp());
+         create function public.count_mapping_insert() returns trigger language plpgsql as $$
+         begin
+             insert into public.mapping_inserts default values;
+             return null;
+         end $$;
+         create trigger count_mapping_insert after insert on keap_sync.contact_map
+             for each statement execute function public.count_mapping_insert();",
+    )
+    .await;
+}
+
+/// A new user's delivery records three steps: the create before it is sent, the link once Keap
+/// answers, and the success. Deliveries that reach a step together share its statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_users_created_together_are_linked_and_recorded_in_shared_statements() {
+    let app = spawn_app_with(Options { start_daemon: false, ..sixteen_in_flight() }).await;
+    count_outbox_deletes(&app).await;
+    count_mapping_inserts(&app).await;
+    app.fake.set_latency(Duration::from_millis(50));
+    app.insert_users(64).await;
+    let mut app = app;
+    app.start_daemon().await;
+    app.wait_idle_for(Duration::from_secs(30)).await;
+    assert_eq!(app.contact_calls("PUT"), 64, "one create per user");
+    let inserts = app.count("select count(*) from public.mapping_inserts").await;
+    let completions = app.count("select count(*) from public.outbox_deletes").await;
+    eprintln!("{inserts} contact-map statements ({completions} of them completions) for 64 new users");
+    assert!(
+        inserts - completions <= 32,
+        "{} link statements for 64 new users created sixteen at a time",
+        inserts - completions
+    );
+    app.assert_keap_matches_users().await;
+}
+
 /// A statement recording several results that fails on one of them (here a lock timeout on
 /// a user's mapping row) costs the others nothing: each is recorded alone, and only the locked
 /// users wait for their locks. Two users are locked, so that whatever order the results
@@ -244,7 +283,7 @@ async fn a_locked_row_in_a_batch_of_results_holds_up_that_user_alone() {
     .await;
     assert!(pending(&app, 1).await && pending(&app, 2).await, "a locked user cannot be recorded");
     assert!(
-        app::captured_logs().contains("recording a batch of results failed; recording each alone"),
+        app::captured_logs().contains("recording a batch failed; recording each alone"),
         "a batch with a locked user failed and its results were recorded alone"
     );
     for locker in lockers {
