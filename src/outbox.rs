@@ -8,7 +8,7 @@
 //!
 //! A delivery records its steps (the create about to be sent, the link, the success) through
 //! [`recorder`], which puts the ones that arrive together in one statement
-//! ([`begin_create_many`], [`link_many`], [`complete_many`]).
+//! ([`begin_create_many`], [`link_many`], [`complete`]).
 //!
 //! A row's `version` is bumped by the trigger on every change. A result is final only if the
 //! version is still the one claimed; otherwise the row is released and stays queued, and the
@@ -42,13 +42,13 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
-    /// The claim as the recording statements read it (key, version and attempts; nothing of
-    /// the contact), for recording a result of a batch alone.
-    pub(crate) fn bare(user_key: &str, version: i64, attempts: i32) -> Claim {
+    /// The claim as the recording statements read it (key, version and attempts; not the
+    /// contact's values, which would only be copied), for a step handed to `recorder`.
+    pub(crate) fn bare(&self) -> Claim {
         Claim {
-            user_key: user_key.to_owned(),
-            version,
-            attempts,
+            user_key: self.user_key.clone(),
+            version: self.version,
+            attempts: self.attempts,
             contact_id: None,
             fingerprint: None,
             sent: None,
@@ -391,169 +391,66 @@ pub(crate) enum Done {
     Nothing,
 }
 
-/// Records a success: the contact map is updated, and the outbox row is deleted if no newer
-/// change arrived meanwhile, else released for the next delivery. Returns true if the row was
-/// deleted.
+/// One success for [`complete`]: the claim (its key, version and attempts are read) and how it
+/// ended.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) claim: Claim,
+    pub(crate) done: Done,
+}
+
+/// Records successes, each as if alone: the contact map is updated, and the outbox row is
+/// deleted if no newer change arrived meanwhile, else released for the next delivery. One
+/// statement for all of `done`; it fails as a whole (a lock timeout on one row, two users
+/// mapped to one contact), and then nothing is recorded and the caller records each alone.
 ///
 /// No mapping is written for a key that is gone (ARCHITECTURE.md, invariant 13): if the newest
 /// change of the row is the key's disappearance (a delete, or a key change to another key),
 /// `key_gone` says so. The capture trigger enqueues the old key before it moves a mapping, so a
 /// key change that races this statement waits for it and then carries the mapping along.
-pub(crate) async fn complete(
-    client: &Db,
-    claim: &Claim,
-    instance: &str,
-    done: &Done,
-) -> Result<bool, DbError> {
-    // `gone` must be evaluated before `kept` decides; the CTE reference guarantees that, and the
-    // two never touch the same row (one deletes it, the other runs only if it was not deleted).
-    // `ours` holds a row only if this claim still owned the outbox row (same instance and the
-    // same attempt count: a re-claim bumps it), so a holder whose lease expired changes nothing,
-    // not even the contact map.
-    let (variant, contact_id, fingerprint, sent) = match done {
-        Done::Synced { contact_id, fingerprint, sent } => {
-            (0, Some(*contact_id), Some(fingerprint.as_str()), Some(sent))
-        }
-        Done::Forgotten => (1, None, None, None),
-        Done::Nothing => (2, None, None, None),
-    };
-    let synced = matches!(done, Done::Synced { .. });
-    // Built once: the statement is prepared once per connection by its text.
-    static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
-        [COMPLETE_SYNCED, COMPLETE_FORGOTTEN, COMPLETE_NOTHING].map(complete_sql)
-    });
-    let sql = &SQL[variant];
-    let row = client
-        .cached_query_one(
-            sql,
-            &[
-                &claim.user_key,
-                &claim.version,
-                &instance,
-                &contact_id,
-                &fingerprint,
-                &claim.attempts,
-                &synced,
-                &sent,
-            ],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-/// What [`complete`] does to the contact map, by outcome: `$4`, `$5`, `$8` are the contact id,
-/// fingerprint and `sent` (typed even where unused, so every variant takes the same parameters).
-const COMPLETE_SYNCED: &str =
-    "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
-             select $1, $4, $5, $8, now() from ours
-              where not ours.key_gone
-                and not exists (select from keap_sync.contact_map where contact_id = $4 and user_key <> $1)
-             on conflict (user_key) do update
-                set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint,
-                    sent = excluded.sent, synced_at = now()";
-const COMPLETE_FORGOTTEN: &str = "delete from keap_sync.contact_map
-              where user_key = $1 and exists (select from ours)
-                and $4::int8 is null and $5::text is null and $8::jsonb is null";
-const COMPLETE_NOTHING: &str = "select where $4::int8 is null and $5::text is null and $8::jsonb is null";
-
-/// The statement of [`complete`] around one of the contact-map parts above.
-fn complete_sql(map_sql: &str) -> String {
-    format!(
-        "with gone as (
-             delete from keap_sync.outbox
-              where user_key = $1 and version = $2 and leased_by = $3 and attempts = $6
-             returning key_gone
-         ), kept as (
-             update keap_sync.outbox
-                set lease_until = null, leased_by = null, attempts = 0, next_attempt_at = now(),
-                    first_changed_at = now(), last_error = null, last_status = null, last_body = null,
-                    payload = null, first_failed_at = null, last_failed_at = null,
-                    create_sent = case when $7 then null else create_sent end
-              where user_key = $1 and leased_by = $3 and attempts = $6 and not exists (select from gone)
-             returning key_gone
-         ), ours as (
-             select key_gone from gone union all select key_gone from kept
-         ), mapped as (
-             {map_sql}
-         )
-         select exists (select from gone)"
-    )
-}
-
-/// One success for [`complete_many`]: a [`Done::Synced`] or [`Done::Nothing`] of `claim`.
-#[derive(Debug)]
-pub(crate) struct Completion {
-    pub(crate) user_key: String,
-    pub(crate) version: i64,
-    pub(crate) attempts: i32,
-    /// `Some` for [`Done::Synced`]: the contact id, fingerprint and `sent` to map.
-    pub(crate) synced: Option<(i64, String, Value)>,
-}
-
-impl Completion {
-    /// `Err` with [`Done::Forgotten`], which deletes a mapping: [`complete`] records it.
-    pub(crate) fn of(claim: &Claim, done: Done) -> Result<Completion, Done> {
+pub(crate) async fn complete(client: &Db, instance: &str, done: &[Completion]) -> Result<(), DbError> {
+    let n = done.len();
+    let (mut keys, mut versions, mut attempts) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut contacts, mut fingerprints, mut sents, mut forget) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for Completion { claim, done } in done {
+        keys.push(claim.user_key.as_str());
+        versions.push(claim.version);
+        attempts.push(claim.attempts);
         let synced = match done {
-            Done::Synced { contact_id, fingerprint, sent } => Some((contact_id, fingerprint, sent)),
-            Done::Nothing => None,
-            Done::Forgotten => return Err(done),
+            Done::Synced { contact_id, fingerprint, sent } => Some((*contact_id, fingerprint.as_str(), sent)),
+            Done::Forgotten | Done::Nothing => None,
         };
-        Ok(Completion {
-            user_key: claim.user_key.clone(),
-            version: claim.version,
-            attempts: claim.attempts,
-            synced,
-        })
-    }
-
-    /// The claim and result again, for [`complete`].
-    pub(crate) fn parts(&self) -> (Claim, Done) {
-        let claim = Claim::bare(&self.user_key, self.version, self.attempts);
-        let done = match &self.synced {
-            Some((contact_id, fingerprint, sent)) => {
-                Done::Synced { contact_id: *contact_id, fingerprint: fingerprint.clone(), sent: sent.clone() }
-            }
-            None => Done::Nothing,
-        };
-        (claim, done)
-    }
-}
-
-/// [`complete`] for many successes in one statement: the same effect on each row as
-/// [`complete`] alone would have. The statement fails as a whole (a lock timeout on one row, a
-/// user twice in `done`, two users mapped to one contact): then nothing is recorded and the
-/// caller records each alone.
-pub(crate) async fn complete_many(client: &Db, instance: &str, done: &[Completion]) -> Result<(), DbError> {
-    let mut keys = Vec::with_capacity(done.len());
-    let (mut versions, mut attempts) = (Vec::with_capacity(done.len()), Vec::with_capacity(done.len()));
-    let (mut contacts, mut fingerprints, mut sents) =
-        (Vec::with_capacity(done.len()), Vec::with_capacity(done.len()), Vec::with_capacity(done.len()));
-    for d in done {
-        keys.push(d.user_key.as_str());
-        versions.push(d.version);
-        attempts.push(d.attempts);
-        contacts.push(d.synced.as_ref().map(|s| s.0));
-        fingerprints.push(d.synced.as_ref().map(|s| s.1.as_str()));
-        sents.push(d.synced.as_ref().map(|s| &s.2));
+        contacts.push(synced.map(|s| s.0));
+        fingerprints.push(synced.map(|s| s.1));
+        sents.push(synced.map(|s| s.2));
+        forget.push(matches!(done, Done::Forgotten));
     }
     client
         .cached_execute(
-            COMPLETE_MANY,
-            &[&keys, &versions, &attempts, &contacts, &fingerprints, &sents, &instance],
+            COMPLETE,
+            &[&keys, &versions, &attempts, &contacts, &fingerprints, &sents, &forget, &instance],
         )
         .await?;
     Ok(())
 }
 
-/// [`complete_sql`] with [`COMPLETE_SYNCED`] over arrays, one element per success (`$4` null:
-/// [`Done::Nothing`], no mapping written and an unknown create's body kept).
-const COMPLETE_MANY: &str = "with done as (
-         select * from unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[], $6::jsonb[])
-             as d (user_key, version, attempts, contact_id, fingerprint, sent)
+/// [`complete`]'s statement, one array element per success: `$4` (the contact id) set for a
+/// [`Done::Synced`], `$7` true for a [`Done::Forgotten`], neither for [`Done::Nothing`].
+///
+/// `gone` must be evaluated before `kept` decides; the reference to it guarantees that, and
+/// the two never touch the same row (one deletes it, the other runs only if it was not
+/// deleted). `ours` holds a user only if this claim still owned its outbox row (same instance
+/// and the same attempt count: a re-claim bumps it), so a holder whose lease expired changes
+/// nothing, not even the contact map. `forgotten` and the insert touch different users.
+const COMPLETE: &str = "with done as (
+         select * from unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[], $6::jsonb[], $7::bool[])
+             as d (user_key, version, attempts, contact_id, fingerprint, sent, forget)
      ), gone as (
          delete from keap_sync.outbox o
           using done d
-          where o.user_key = d.user_key and o.version = d.version and o.leased_by = $7
+          where o.user_key = d.user_key and o.version = d.version and o.leased_by = $8
             and o.attempts = d.attempts
          returning o.user_key, o.key_gone
      ), kept as (
@@ -563,11 +460,15 @@ const COMPLETE_MANY: &str = "with done as (
                 payload = null, first_failed_at = null, last_failed_at = null,
                 create_sent = case when d.contact_id is not null then null else o.create_sent end
            from done d
-          where o.user_key = d.user_key and o.leased_by = $7 and o.attempts = d.attempts
+          where o.user_key = d.user_key and o.leased_by = $8 and o.attempts = d.attempts
             and not exists (select from gone g where g.user_key = d.user_key)
          returning o.user_key, o.key_gone
      ), ours as (
          select user_key, key_gone from gone union all select user_key, key_gone from kept
+     ), forgotten as (
+         delete from keap_sync.contact_map m
+          using done d join ours using (user_key)
+          where d.forget and m.user_key = d.user_key
      )
      insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
      select d.user_key, d.contact_id, d.fingerprint, d.sent, now()
@@ -739,8 +640,8 @@ fn linked_of(row: &tokio_postgres::Row) -> Linked {
 /// whole where [`link`] would answer [`Linked::TakenBy`] from a unique violation (two of them
 /// linking one contact, or another delivery linking it meanwhile): the caller links each alone.
 pub(crate) async fn link_many(client: &Db, instance: &str, links: &[LinkTo]) -> Result<Vec<Linked>, DbError> {
-    let keys: Vec<&str> = links.iter().map(|l| l.user_key.as_str()).collect();
-    let attempts: Vec<i32> = links.iter().map(|l| l.attempts).collect();
+    let keys: Vec<&str> = links.iter().map(|l| l.claim.user_key.as_str()).collect();
+    let attempts: Vec<i32> = links.iter().map(|l| l.claim.attempts).collect();
     let contacts: Vec<i64> = links.iter().map(|l| l.contact_id).collect();
     let sents: Vec<&Value> = links.iter().map(|l| &l.sent).collect();
     let rows = client
@@ -778,9 +679,7 @@ pub(crate) async fn link_many(client: &Db, instance: &str, links: &[LinkTo]) -> 
 /// One [`link`] for [`link_many`].
 #[derive(Debug)]
 pub(crate) struct LinkTo {
-    pub(crate) user_key: String,
-    pub(crate) version: i64,
-    pub(crate) attempts: i32,
+    pub(crate) claim: Claim,
     pub(crate) contact_id: i64,
     pub(crate) sent: Value,
 }
@@ -836,8 +735,8 @@ pub(crate) async fn begin_create_many(
     instance: &str,
     creates: &[CreateStart],
 ) -> Result<Vec<CreateSlot>, DbError> {
-    let keys: Vec<&str> = creates.iter().map(|c| c.user_key.as_str()).collect();
-    let attempts: Vec<i32> = creates.iter().map(|c| c.attempts).collect();
+    let keys: Vec<&str> = creates.iter().map(|c| c.claim.user_key.as_str()).collect();
+    let attempts: Vec<i32> = creates.iter().map(|c| c.claim.attempts).collect();
     let bodies: Vec<&Value> = creates.iter().map(|c| &c.body).collect();
     let rows = client
         .cached_query(
@@ -860,9 +759,7 @@ pub(crate) async fn begin_create_many(
 /// One [`begin_create`] for [`begin_create_many`].
 #[derive(Debug)]
 pub(crate) struct CreateStart {
-    pub(crate) user_key: String,
-    pub(crate) version: i64,
-    pub(crate) attempts: i32,
+    pub(crate) claim: Claim,
     pub(crate) body: Value,
 }
 

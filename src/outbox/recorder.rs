@@ -8,7 +8,7 @@
 //! nothing is being recorded goes out at once, alone; only results that arrive while statements
 //! run wait, for those, and then go together.
 //!
-//! Three steps of a delivery are recorded here: a success ([`super::complete_many`]), the body
+//! Three steps of a delivery are recorded here: a success ([`super::complete`]), the body
 //! of a create about to be sent ([`super::begin_create_many`], invariant 14) and the link of a
 //! user to a contact ([`super::link_many`]). Each delivery sends its step with a reply channel
 //! and waits for the answer, so it goes on (or ends) only once the step is recorded, exactly as
@@ -39,8 +39,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::{
-    begin_create, begin_create_many, complete, complete_many, link, link_many, with_retries,
-    with_retries_after, Claim, Completion, CreateSlot, CreateStart, Done, LinkTo, Linked,
+    begin_create, begin_create_many, complete, link, link_many, with_retries, with_retries_after, Claim,
+    Completion, CreateSlot, CreateStart, Done, LinkTo, Linked,
 };
 use crate::db::{Db, DbError};
 
@@ -77,40 +77,17 @@ impl Recorder {
     /// Records a success of `claim` (see [`super::complete`]). Errors are
     /// [`super::with_retries`]'s.
     pub(crate) async fn complete(&self, claim: &Claim, done: Done) -> Result<(), DbError> {
-        match Completion::of(claim, done) {
-            Ok(completion) => self.send(completion).await,
-            // Forgetting a mapping (a deleted user's contact deleted) is rare: alone.
-            Err(done) => {
-                with_retries("complete", &claim.user_key, || {
-                    complete(&self.db, claim, &self.instance, &done)
-                })
-                .await?;
-                Ok(())
-            }
-        }
+        self.send(Completion { claim: claim.bare(), done }).await
     }
 
     /// Records the body of a create about to be sent (see [`super::begin_create`]).
     pub(crate) async fn begin_create(&self, claim: &Claim, body: &Value) -> Result<CreateSlot, DbError> {
-        let start = CreateStart {
-            user_key: claim.user_key.clone(),
-            version: claim.version,
-            attempts: claim.attempts,
-            body: body.clone(),
-        };
-        self.send(start).await
+        self.send(CreateStart { claim: claim.bare(), body: body.clone() }).await
     }
 
     /// Links the user to `contact_id` (see [`super::link`]).
     pub(crate) async fn link(&self, claim: &Claim, contact_id: i64, sent: &Value) -> Result<Linked, DbError> {
-        let link = LinkTo {
-            user_key: claim.user_key.clone(),
-            version: claim.version,
-            attempts: claim.attempts,
-            contact_id,
-            sent: sent.clone(),
-        };
-        self.send(link).await
+        self.send(LinkTo { claim: claim.bare(), contact_id, sent: sent.clone() }).await
     }
 
     async fn send<S: Step>(&self, step: S) -> Result<S::Answer, DbError> {
@@ -118,7 +95,8 @@ impl Recorder {
         if let Err(mpsc::error::SendError(request)) = self.requests.send(S::request(step, reply)) {
             // The task is gone (it can only have panicked): record this one here.
             let step = S::back(request);
-            return with_retries(S::WHAT, step.user_key(), || step.alone(&self.db, &self.instance)).await;
+            return with_retries(S::WHAT, &step.claim().user_key, || step.alone(&self.db, &self.instance))
+                .await;
         }
         // Dropped unanswered only if the task panicked mid-batch: whether the step was
         // recorded is unknown, and the change is delivered again when its lease ends.
@@ -142,7 +120,7 @@ trait Step: Sized + Send + Sync + 'static {
     fn request(self, reply: Reply<Self::Answer>) -> Request;
     /// The step of a request that [`Step::request`] made.
     fn back(request: Request) -> Self;
-    fn user_key(&self) -> &str;
+    fn claim(&self) -> &Claim;
     /// One answer per step, in order; fails as a whole.
     fn many<'a>(
         db: &'a Db,
@@ -166,16 +144,15 @@ impl Step for Completion {
         let Request::Complete(step, _) = request else { unreachable!("sent a Complete") };
         step
     }
-    fn user_key(&self) -> &str {
-        &self.user_key
+    fn claim(&self) -> &Claim {
+        &self.claim
     }
     async fn many(db: &Db, instance: &str, steps: &[Self]) -> Result<Vec<()>, DbError> {
-        complete_many(db, instance, steps).await?;
+        complete(db, instance, steps).await?;
         Ok(vec![(); steps.len()])
     }
     async fn alone(&self, db: &Db, instance: &str) -> Result<(), DbError> {
-        let (claim, done) = self.parts();
-        complete(db, &claim, instance, &done).await.map(|_| ())
+        complete(db, instance, std::slice::from_ref(self)).await
     }
 }
 
@@ -189,15 +166,14 @@ impl Step for CreateStart {
         let Request::BeginCreate(step, _) = request else { unreachable!("sent a BeginCreate") };
         step
     }
-    fn user_key(&self) -> &str {
-        &self.user_key
+    fn claim(&self) -> &Claim {
+        &self.claim
     }
     async fn many(db: &Db, instance: &str, steps: &[Self]) -> Result<Vec<CreateSlot>, DbError> {
         begin_create_many(db, instance, steps).await
     }
     async fn alone(&self, db: &Db, instance: &str) -> Result<CreateSlot, DbError> {
-        let claim = Claim::bare(&self.user_key, self.version, self.attempts);
-        begin_create(db, &claim, instance, &self.body).await
+        begin_create(db, &self.claim, instance, &self.body).await
     }
 }
 
@@ -211,15 +187,14 @@ impl Step for LinkTo {
         let Request::Link(step, _) = request else { unreachable!("sent a Link") };
         step
     }
-    fn user_key(&self) -> &str {
-        &self.user_key
+    fn claim(&self) -> &Claim {
+        &self.claim
     }
     async fn many(db: &Db, instance: &str, steps: &[Self]) -> Result<Vec<Linked>, DbError> {
         link_many(db, instance, steps).await
     }
     async fn alone(&self, db: &Db, instance: &str) -> Result<Linked, DbError> {
-        let claim = Claim::bare(&self.user_key, self.version, self.attempts);
-        link(db, &claim, instance, self.contact_id, &self.sent).await
+        link(db, &self.claim, instance, self.contact_id, &self.sent).await
     }
 }
 
@@ -299,7 +274,7 @@ async fn record<S: Step>(
         Err(e) => Some(e),
     };
     if let Some(error) = &error {
-        let users: Vec<&str> = steps.iter().map(|s| s.user_key()).take(10).collect();
+        let users: Vec<&str> = steps.iter().map(|s| s.claim().user_key.as_str()).take(10).collect();
         tracing::warn!(statement = S::WHAT, steps = steps.len(), users = ?users, error = %error, detail = %error.server_message(), "recording a batch failed; recording each alone");
     }
     // A unique violation is an answer, not a failure: a step alone reads it as "another user's
@@ -313,8 +288,8 @@ async fn record<S: Step>(
             let statement = || step.alone(&db, &instance);
             // The batch was each one's first try: the same waits and number of tries as alone.
             let result = match &error {
-                Some(e) => with_retries_after(e, S::WHAT, step.user_key(), statement).await,
-                None => with_retries(S::WHAT, step.user_key(), statement).await,
+                Some(e) => with_retries_after(e, S::WHAT, &step.claim().user_key, statement).await,
+                None => with_retries(S::WHAT, &step.claim().user_key, statement).await,
             };
             let _ = reply.send(result);
         });
