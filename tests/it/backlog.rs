@@ -7,22 +7,6 @@ use std::time::Duration;
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
 use tokio_postgres::Client;
 
-/// Counts every UPDATE statement on the outbox (a claim is one, even when it claims nothing)
-/// in an insert-only table, so the counting itself takes no lock a claim could wait on.
-async fn count_outbox_updates(app: &TestApp) {
-    app.exec(
-        "create table public.outbox_updates (at timestamptz not null default clock_timestamp());
-         create function public.count_outbox_update() returns trigger language plpgsql as $$
-         begin
-             insert into public.outbox_updates default values;
-             return null;
-         end $$;
-         create trigger count_outbox_update after update on keap_sync.outbox
-             for each statement execute function public.count_outbox_update();",
-    )
-    .await;
-}
-
 async fn outbox_updates(app: &TestApp) -> i64 {
     app.count("select count(*) from public.outbox_updates").await
 }
@@ -48,7 +32,8 @@ async fn a_due_row_locked_by_an_open_transaction_does_not_make_the_daemon_spin()
     let mut app = spawn_app_with(Options::stopped()).await;
     app.exec("insert into users (id, email, first_name) values (1, 'held@example.com', 'Held')").await;
     app.fold().await;
-    count_outbox_updates(&app).await;
+    // A claim is one UPDATE statement, even when it claims nothing.
+    crate::count_statements(&app, "outbox_updates", "update", "keap_sync.outbox").await;
     // The application's transaction: the key-change trigger locks the queued row until commit.
     let held = app::connect(&app.conninfo).await;
     held.batch_execute("begin; update users set id = 2, first_name = 'Held again' where id = 1")

@@ -164,22 +164,6 @@ async fn a_session_killed_mid_call_loses_and_duplicates_nothing() {
     assert!(reconnected >= 2, "the daemon reconnected ({reconnected} connections)");
 }
 
-/// Counts the DELETE statements on the outbox in an insert-only table: each statement that
-/// records a delivery's success runs one (even when it deletes nothing).
-async fn count_outbox_deletes(app: &TestApp) {
-    app.exec(
-        "create table public.outbox_deletes (at timestamptz not null default clock_timestamp());
-         create function public.count_outbox_delete() returns trigger language plpgsql as $$
-         begin
-             insert into public.outbox_deletes default values;
-             return null;
-         end $$;
-         create trigger count_outbox_delete after delete on keap_sync.outbox
-             for each statement execute function public.count_outbox_delete();",
-    )
-    .await;
-}
-
 fn sixteen_in_flight() -> Options {
     Options { tweak: |c| c.delivery.concurrency = 16, ..Options::default() }
 }
@@ -192,7 +176,9 @@ async fn results_that_arrive_together_are_recorded_in_one_statement() {
     let app = spawn_app_with(sixteen_in_flight()).await;
     app.insert_users(64).await;
     app.wait_idle().await;
-    count_outbox_deletes(&app).await;
+    // Each statement that records successes runs one DELETE on the outbox (even when it
+    // deletes nothing).
+    crate::count_statements(&app, "outbox_deletes", "delete", "keap_sync.outbox").await;
     // Sixteen calls at a time, each answered 50 ms after it was sent: their results arrive
     // within a moment of each other.
     app.fake.set_latency(Duration::from_millis(50));
@@ -209,28 +195,15 @@ async fn results_that_arrive_together_are_recorded_in_one_statement() {
     app.assert_keap_matches_users().await;
 }
 
-/// Counts the INSERT statements on the contact map: a link and a completion run one each.
-async fn count_mapping_inserts(app: &TestApp) {
-    app.exec(
-        "create table public.mapping_inserts (at timestamptz not null default clock_timestamp());
-         create function public.count_mapping_insert() returns trigger language plpgsql as $$
-         begin
-             insert into public.mapping_inserts default values;
-             return null;
-         end $$;
-         create trigger count_mapping_insert after insert on keap_sync.contact_map
-             for each statement execute function public.count_mapping_insert();",
-    )
-    .await;
-}
-
 /// A new user's delivery records three steps: the create before it is sent, the link once Keap
 /// answers, and the success. Deliveries that reach a step together share its statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_users_created_together_are_linked_and_recorded_in_shared_statements() {
     let app = spawn_app_with(Options { start_daemon: false, ..sixteen_in_flight() }).await;
-    count_outbox_deletes(&app).await;
-    count_mapping_inserts(&app).await;
+    // A completion runs one DELETE on the outbox (even when it deletes nothing), and a link
+    // and a completion one INSERT each on the contact map.
+    crate::count_statements(&app, "outbox_deletes", "delete", "keap_sync.outbox").await;
+    crate::count_statements(&app, "mapping_inserts", "insert", "keap_sync.contact_map").await;
     app.fake.set_latency(Duration::from_millis(50));
     app.insert_users(64).await;
     let mut app = app;

@@ -40,3 +40,25 @@ pub async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &
     db.batch_execute(between).await.unwrap();
     db.batch_execute(&std::fs::read_to_string(dir.join(&files[target])).unwrap()).await.unwrap();
 }
+
+/// Counts the `event` statements (`insert`, `update`, `delete`) on `table` in `public.<counter>`
+/// (read with `select count(*)`): a statement-level trigger appends a row to an insert-only
+/// table, so the counting takes no lock a counted statement could wait on.
+pub async fn count_statements(
+    app: &keap_sync_testkit::app::TestApp,
+    counter: &str,
+    event: &str,
+    table: &str,
+) {
+    app.exec(&format!(
+        "create table public.{counter} (at timestamptz not null default clock_timestamp());
+         create function public.{counter}_count() returns trigger language plpgsql as $$
+         begin
+             insert into public.{counter} default values;
+             return null;
+         end $$;
+         create trigger {counter}_count after {event} on {table}
+             for each statement execute function public.{counter}_count();"
+    ))
+    .await;
+}
