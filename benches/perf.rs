@@ -256,10 +256,10 @@ struct Perf(Vec<std::process::Child>);
 impl Perf {
     fn attach(args: &Args, daemon: &ChildDaemon, name: &str) -> Perf {
         let Some(dir) = &args.profile else { return Perf(Vec::new()) };
-        let record = |target: [String; 2], file: String| {
+        let record = |target: &[&str], file: String| {
             std::process::Command::new("perf")
                 .args(["record", "-g", "-F", "999"])
-                .args(target.iter().filter(|a| !a.is_empty()))
+                .args(target)
                 .arg("-o")
                 .arg(dir.join(file))
                 .stdout(std::process::Stdio::null())
@@ -269,8 +269,8 @@ impl Perf {
         };
         Perf(
             [
-                record(["-p".to_owned(), daemon.pid()], format!("{name}.perf.data")),
-                record(["-a".to_owned(), String::new()], format!("{name}.all.perf.data")),
+                record(&["-p", &daemon.pid()], format!("{name}.perf.data")),
+                record(&["-a"], format!("{name}.all.perf.data")),
             ]
             .into_iter()
             .flatten()
