@@ -427,7 +427,7 @@ impl Deliverer {
         deadline: Instant,
     ) -> Result<End, DbError> {
         let held = Held::from_contact(&contact.json, payload);
-        if let Some(end) = self.link(claim, contact.id, &held.link_sent(), payload).await? {
+        if let Some(end) = self.link(claim, contact.id, held.link_sent(), payload).await? {
             return Ok(end);
         }
         let changes = payload.changes(&held);
@@ -472,7 +472,7 @@ impl Deliverer {
         &self,
         claim: &Claim,
         contact_id: i64,
-        sent: &serde_json::Value,
+        sent: serde_json::Value,
         payload: &ContactPayload,
     ) -> Result<Option<End>, DbError> {
         Ok(match self.recorder.link(claim, contact_id, sent).await? {
@@ -515,7 +515,7 @@ impl Deliverer {
         match result {
             Ok(contact) => {
                 let linked = payload.as_held().link_sent();
-                if let Some(end) = self.link(claim, contact.id, &linked, payload).await? {
+                if let Some(end) = self.link(claim, contact.id, linked, payload).await? {
                     return Ok(end);
                 }
                 self.tag_new(claim, contact.id, want, on_create, deadline).await

@@ -86,8 +86,8 @@ impl Recorder {
     }
 
     /// Links the user to `contact_id` (see [`super::link`]).
-    pub(crate) async fn link(&self, claim: &Claim, contact_id: i64, sent: &Value) -> Result<Linked, DbError> {
-        self.send(LinkTo { claim: claim.bare(), contact_id, sent: sent.clone() }).await
+    pub(crate) async fn link(&self, claim: &Claim, contact_id: i64, sent: Value) -> Result<Linked, DbError> {
+        self.send(LinkTo { claim: claim.bare(), contact_id, sent }).await
     }
 
     async fn send<S: Step>(&self, step: S) -> Result<S::Answer, DbError> {
