@@ -91,7 +91,7 @@ pub struct DatabaseConfig {
 pub struct UsersConfig {
     /// `schema.table` or `table` (then `public`).
     pub table: String,
-    /// The primary key column (integer, bigint, uuid or text).
+    /// The primary key column: any type whose text form is exact (`schema::key` refuses the rest).
     pub key: String,
     /// The column sent as the contact's EMAIL1.
     pub email: String,

@@ -19,6 +19,9 @@ use std::collections::HashSet;
 use crate::config::{Field, ScalarKind, Source, TagTemplate, UsersConfig};
 use crate::db::{quote_ident, quote_literal, DbError};
 
+mod key;
+use key::KeyType;
+
 /// One embedded migration file.
 pub(crate) struct Migration {
     pub version: i32,
@@ -171,8 +174,13 @@ pub(crate) struct UserTable {
     pub qualified: String,
     /// Quoted key column.
     pub key: String,
-    /// The key column's type as `format_type` prints it, for casting the text key back.
+    /// The key column's type, schema-qualified unless it is in `pg_catalog` (the generated
+    /// functions pin `search_path`), for casting the text key back.
     pub key_type: String,
+    /// The key type's equality operator as the generated SQL must spell it: `=` for a type of
+    /// `pg_catalog`'s, `operator(schema.=)` for an extension's (`citext`), so that the users
+    /// table's index on the key serves the fold's lookups under a pinned `search_path`.
+    pub key_eq: String,
     /// One select expression per mapped value over the row aliased `t`, each read as text, in
     /// the order of `UsersConfig::fields` followed by the tag rules: what `outbox::read_users`
     /// reads and `mapping` consumes.
@@ -316,7 +324,8 @@ impl UserTable {
                 }
             })
         };
-        let key_type = column_type(&users.key, "users.key")?;
+        column_type(&users.key, "users.key")?;
+        let key = KeyType::resolve(client, oid, &users.key, &shown).await?;
         let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
 
         let mut sources: Vec<(String, Source, Option<ScalarKind>, bool)> = users
@@ -380,7 +389,14 @@ impl UserTable {
                 what: format!("{} ({key})", source.describe(&key)),
             });
         }
-        Ok(UserTable { qualified, key: quote_ident(&users.key), key_type, selects, synced })
+        Ok(UserTable {
+            qualified,
+            key: quote_ident(&users.key),
+            key_type: key.name,
+            key_eq: key.eq,
+            selects,
+            synced,
+        })
     }
 }
 
@@ -593,8 +609,55 @@ struct CaptureTrigger {
     function: &'static str,
     body: String,
     definition: String,
-    /// Whether the function pins `search_path` (see [`capture_triggers`]).
-    pinned: bool,
+    /// The function's `set` clauses (see [`capture_triggers`]).
+    settings: &'static [Setting],
+}
+
+/// A `set` clause of a generated function: `set {name} = {value}`. The catalog keeps it as
+/// `name=value`, unquoted ([`FunctionDef::settings`]).
+type Setting = (&'static str, &'static str);
+
+/// Names resolve in `pg_catalog` alone, never through the caller's path.
+const PINNED_PATH: Setting = ("search_path", "pg_catalog, pg_temp");
+
+/// PL/pgSQL plans a trigger's statement once per session, with the transition tables' sizes
+/// of its first call. Planned for one row, a join of the old and new tables is a nested loop,
+/// and a later 20,000-row statement in the same session compares every row with every other
+/// (13 s instead of 0.1 s, `tests/it/capture_shapes.rs`). Without nested loops the plan is a
+/// hash or merge join, linear for any size.
+const NO_NESTED_LOOP: Setting = ("enable_nestloop", "off");
+
+/// The fold's first, batched attempt waits this long for a row lock (see [`fold_function`]).
+const FOLD_LOCK_WAIT: Setting = ("lock_timeout", "'100ms'");
+
+/// The fold function's settings.
+const FOLD_SETTINGS: &[Setting] = &[PINNED_PATH, FOLD_LOCK_WAIT];
+
+/// A generated function as the catalog has it.
+#[derive(Debug, PartialEq, Eq)]
+struct FunctionDef {
+    /// `pg_proc.prosrc`.
+    body: String,
+    /// `pg_proc.proconfig`, as `name=value`.
+    settings: Vec<String>,
+}
+
+impl FunctionDef {
+    /// The function as `migrate` would install it.
+    fn generated(body: String, settings: &[Setting]) -> FunctionDef {
+        FunctionDef {
+            body,
+            settings: settings
+                .iter()
+                .map(|(name, value)| format!("{name}={}", value.trim_matches('\'')))
+                .collect(),
+        }
+    }
+}
+
+/// The `set …` clauses of `create function`.
+fn set_clauses(settings: &[Setting]) -> String {
+    settings.iter().map(|(name, value)| format!("set {name} = {value}\n")).collect()
 }
 
 /// The capture triggers for `table`, generated from the configured columns.
@@ -614,7 +677,9 @@ struct CaptureTrigger {
 /// security definer function must not resolve a name through its caller's `search_path`, or the
 /// caller could put a function, operator or type of its own in the definer's way. The update
 /// and key-change functions use operators (`=`, `is distinct from`) and so pin `search_path =
-/// pg_catalog, pg_temp`. The insert and delete functions, the ones every insert and delete
+/// pg_catalog, pg_temp`; the update function also plans without nested loops
+/// ([`NO_NESTED_LOOP`]), and pairs old and new rows by the key's text, which needs no operator
+/// of the key's type (an extension's type has its `=` outside `pg_catalog`). The insert and delete functions, the ones every insert and delete
 /// runs, instead name nothing unqualified but their transition table (which the parser finds
 /// before any schema) and use no operator; pinning costs each call a save, set and restore of
 /// the setting and a recomputed search path for the application's own cached plans (about 2.5
@@ -653,19 +718,19 @@ end"
             definition: format!(
                 "after insert on {t} referencing new table as keap_sync_new for each statement"
             ),
-            pinned: false,
+            settings: &[],
         },
         CaptureTrigger {
             name: UPDATE_TRIGGER_NAME,
             function: "keap_sync.capture_update",
             body: log(&format!(
-                "select n.{key}::text from keap_sync_new n join keap_sync_old o on o.{key} = n.{key}
+                "select n.{key}::text from keap_sync_new n join keap_sync_old o on o.{key}::text = n.{key}::text
       where n.{key} is not null and ({changed})"
             )),
             definition: format!(
                 "after update on {t} referencing old table as keap_sync_old new table as keap_sync_new for each statement"
             ),
-            pinned: true,
+            settings: &[PINNED_PATH, NO_NESTED_LOOP],
         },
         CaptureTrigger {
             name: DELETE_TRIGGER_NAME,
@@ -674,7 +739,7 @@ end"
             definition: format!(
                 "after delete on {t} referencing old table as keap_sync_old for each statement"
             ),
-            pinned: false,
+            settings: &[],
         },
         CaptureTrigger {
             name: KEY_TRIGGER_NAME,
@@ -699,7 +764,7 @@ end"
             definition: format!(
                 "after update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
             ),
-            pinned: true,
+            settings: &[PINNED_PATH],
         },
     ]
 }
@@ -731,9 +796,10 @@ pub(crate) const FOLD_FUNCTION: &str = "keap_sync.fold_changes";
 fn fold_function(table: &UserTable) -> String {
     let gone = |user_key: &str| {
         format!(
-            "not exists (select from {t} u where u.{key} = {user_key}::{key_type})",
+            "not exists (select from {t} u where u.{key} {eq} {user_key}::{key_type})",
             t = table.qualified,
             key = table.key,
+            eq = table.key_eq,
             key_type = table.key_type,
         )
     };
@@ -799,20 +865,21 @@ end"
     )
 }
 
-/// The body of function `name` taking `args` arguments as installed, if it exists.
-async fn function_body(
+/// Function `name` taking `args` arguments as installed, if it exists.
+async fn function_def(
     client: &impl GenericClient,
     name: &str,
     args: i16,
-) -> Result<Option<String>, SchemaError> {
+) -> Result<Option<FunctionDef>, SchemaError> {
     let row = client
         .query_opt(
-            "select p.prosrc from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace
+            "select p.prosrc, coalesce(p.proconfig, '{}')
+               from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace
               where n.nspname = 'keap_sync' and p.proname = $1 and p.pronargs = $2",
             &[&name.trim_start_matches("keap_sync."), &args],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| FunctionDef { body: r.get(0), settings: r.get(1) }))
 }
 
 /// True when every capture trigger is installed, enabled `always`, calling its function with
@@ -829,17 +896,16 @@ async fn trigger_problem(
     client: &impl GenericClient,
     table: &UserTable,
 ) -> Result<Option<String>, SchemaError> {
-    let mut checks: Vec<(&str, &str, Option<String>)> =
-        capture_triggers(table).into_iter().map(|t| (t.name, t.function, Some(t.body))).collect();
+    let mut checks: Vec<(&str, &str, Option<FunctionDef>)> = capture_triggers(table)
+        .into_iter()
+        .map(|t| (t.name, t.function, Some(FunctionDef::generated(t.body, t.settings))))
+        .collect();
     checks.push((TRUNCATE_TRIGGER_NAME, "keap_sync.capture_truncate", None));
-    for (name, function, body) in checks {
+    for (name, function, def) in checks {
         let problem = match installed(client, table, name).await? {
             None => "is missing",
             Some(t) if !t.args.is_empty() || t.function != function => "is an older kind of trigger",
-            Some(_)
-                if body.is_some()
-                    && function_body(client, function, 0).await?.as_deref() != body.as_deref() =>
-            {
+            Some(_) if def.is_some() && function_def(client, function, 0).await? != def => {
                 "captures other columns than the config names"
             }
             Some(t) if t.enabled == b'D' => "is disabled",
@@ -853,7 +919,9 @@ async fn trigger_problem(
             table.qualified
         )));
     }
-    if function_body(client, FOLD_FUNCTION, 1).await?.as_deref() != Some(fold_function(table).as_str()) {
+    if function_def(client, FOLD_FUNCTION, 1).await?
+        != Some(FunctionDef::generated(fold_function(table), FOLD_SETTINGS))
+    {
         return Ok(Some(format!(
             "the function {FOLD_FUNCTION} is missing or was generated for another configuration: captured \
              changes of {} are not queued for delivery; run `keap-sync migrate`",
@@ -913,15 +981,15 @@ async fn install_trigger(
 ) -> Result<bool, SchemaError> {
     let mut changed = false;
     for t in capture_triggers(table) {
-        if function_body(tx, t.function, 0).await?.as_deref() != Some(t.body.as_str()) {
+        if function_def(tx, t.function, 0).await? != Some(FunctionDef::generated(t.body.clone(), t.settings))
+        {
             tx.batch_execute(&format!(
                 "create or replace function {}() returns trigger
 language plpgsql
 security definer
-{}
-as {}",
+{}as {}",
                 t.function,
-                if t.pinned { "set search_path = pg_catalog, pg_temp" } else { "" },
+                set_clauses(t.settings),
                 quote_literal(&t.body)
             ))
             .await?;
@@ -956,13 +1024,13 @@ as {}",
         }
     }
     let fold = fold_function(table);
-    if function_body(tx, FOLD_FUNCTION, 1).await?.as_deref() != Some(fold.as_str()) {
+    if function_def(tx, FOLD_FUNCTION, 1).await? != Some(FunctionDef::generated(fold.clone(), FOLD_SETTINGS))
+    {
         tx.batch_execute(&format!(
             "create or replace function {FOLD_FUNCTION}(p_limit integer, out taken integer, out held integer)
 language plpgsql
-set search_path = pg_catalog, pg_temp
-set lock_timeout = '100ms'
-as {}",
+{}as {}",
+            set_clauses(FOLD_SETTINGS),
             quote_literal(&fold)
         ))
         .await?;

@@ -9,6 +9,7 @@
 mod architecture;
 mod backlog;
 mod capture;
+mod capture_shapes;
 mod cli;
 mod contacts;
 mod database;

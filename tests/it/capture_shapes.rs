@@ -1,0 +1,132 @@
+//! Capture in the shapes of Postgres users have: sessions that a pool reuses, key columns of
+//! types outside `pg_catalog`, and key types whose text form depends on the session.
+
+use std::time::Duration;
+
+use keap_sync_testkit::app::{self, spawn_app_with, Options};
+
+/// PL/pgSQL keeps the plan of the update trigger's join of the transition tables from its first
+/// call in a session. Planned for one row, it was a nested loop, and a 20,000-row update in the
+/// same session then compared every old row with every new one: 13 s instead of 0.1 s, holding
+/// the application's row locks. A pool makes "a one-row update first" the normal case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_update_after_a_one_row_update_in_the_same_session_stays_linear() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec("insert into users (email) select 'b' || g || '@example.com' from generate_series(1, 20000) g")
+        .await;
+    let pooled = app::connect(&app.conninfo).await;
+    pooled.batch_execute("update users set first_name = 'One' where id = 1").await.expect("one-row update");
+    // Linear, this takes about 0.1 s even on a loaded machine; the nested loop took 13 s.
+    pooled
+        .batch_execute("set statement_timeout = '5s'; update users set first_name = 'Everyone'")
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the bulk update after a one-row update in the same session: {:?}",
+                e.as_db_error().map(|d| d.message())
+            )
+        });
+    assert_eq!(app.count("select count(*) from keap_sync.change").await, 20_000 + 20_000 + 1);
+}
+
+/// A key column whose type lives outside `pg_catalog` (an extension's type, a domain) must be
+/// folded and delivered: the generated SQL used to name the type unqualified under the fold's
+/// pinned `search_path`, so every fold failed and changes piled up in the log.
+async fn a_key_of_a_type_outside_pg_catalog_is_folded_and_delivered(ddl: &'static str, keys: &[&str]) {
+    let app = spawn_app_with(Options { users_ddl: ddl, ..Options::default() }).await;
+    let values: Vec<String> =
+        keys.iter().map(|k| format!("('{k}', '{}@example.com')", k.to_lowercase())).collect();
+    app.exec(&format!("insert into users (id, email) values {}", values.join(", "))).await;
+    app::eventually(Duration::from_secs(20), "every user delivered", || async {
+        app.fake.contacts().len() == keys.len()
+            && app.count("select count(*) from keap_sync.change").await == 0
+    })
+    .await;
+    app.wait_idle().await;
+    app.exec(&format!("update users set first_name = 'Again' where id = '{}'", keys[0])).await;
+    app::eventually(Duration::from_secs(20), "the update delivered", || async {
+        app.fake.contacts().iter().any(|c| c.given_name.as_deref() == Some("Again"))
+    })
+    .await;
+    let mut emails: Vec<String> =
+        app.fake.contacts().iter().filter_map(|c| c.email1().map(str::to_owned)).collect();
+    emails.sort();
+    let mut want: Vec<String> = keys.iter().map(|k| format!("{}@example.com", k.to_lowercase())).collect();
+    want.sort();
+    assert_eq!(emails, want, "one contact per user");
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map").await, keys.len() as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_citext_key_is_folded_and_delivered() {
+    a_key_of_a_type_outside_pg_catalog_is_folded_and_delivered(
+        "create extension citext;
+         create table public.users (id public.citext primary key, email text, first_name text,
+                                    last_name text, plan text not null default 'free')",
+        &["Ann", "bob"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_a_domain_is_folded_and_delivered() {
+    a_key_of_a_type_outside_pg_catalog_is_folded_and_delivered(
+        "create domain public.user_ref as text check (value <> '');
+         create table public.users (id public.user_ref primary key, email text, first_name text,
+                                    last_name text, plan text not null default 'free')",
+        &["u-1", "u-2"],
+    )
+    .await;
+}
+
+/// A key's text form is what the change log and the outbox hold, and the daemon reads the row
+/// back by it. Dates, times, intervals, money and floats print differently under another
+/// `DateStyle`, `IntervalStyle`, `TimeZone`, `lc_monetary` or `extra_float_digits`, so the
+/// daemon might never find the row: `migrate` refuses them, naming the column, its type and the
+/// way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_a_key_whose_text_depends_on_the_session() {
+    let app = spawn_app_with(Options::stopped()).await;
+    for ty in [
+        "date",
+        "timestamp with time zone",
+        "timestamp without time zone",
+        "interval",
+        "money",
+        "double precision",
+        "real",
+        "time without time zone",
+    ] {
+        let table = format!("users_by_{}", ty.replace(' ', "_"));
+        app.exec(&format!("create domain public.{table}_key as {ty}; create table public.{table} (k public.{table}_key primary key, email text)"))
+            .await;
+        let mut config = app.config();
+        config.users.table = table.clone();
+        config.users.key = "k".into();
+        let mut client = app::connect(&app.conninfo).await;
+        let err = keap_sync::migrate(&mut client, &config.users)
+            .await
+            .expect_err(&format!("migrate accepted a {ty} key"))
+            .to_string();
+        assert!(
+            err.contains("users.key")
+                && err.contains("column k ")
+                && err.contains(ty)
+                && err.contains("text"),
+            "the refusal names the key, the column, the type and the way out: {err}"
+        );
+    }
+    // The types that do round-trip are accepted.
+    for ty in ["integer", "bigint", "smallint", "numeric", "uuid", "text", "character varying(40)"] {
+        let table = format!("users_ok_{}", ty.split(&[' ', '('][..]).next().unwrap());
+        app.exec(&format!(
+            "create table public.{table} (k {ty} primary key, email text, first_name text, last_name text)"
+        ))
+        .await;
+        let mut config = app.config();
+        config.users.table = table;
+        config.users.key = "k".into();
+        let mut client = app::connect(&app.conninfo).await;
+        keap_sync::migrate(&mut client, &config.users).await.unwrap_or_else(|e| panic!("a {ty} key: {e}"));
+    }
+}
