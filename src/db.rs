@@ -197,8 +197,17 @@ pub(crate) async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
             tracing::debug!(error = %e, "database connection ended");
         }
     });
+    client.batch_execute(NO_IDLE_SESSION_TIMEOUT).await?;
     Ok(client)
 }
+
+/// Turns `idle_session_timeout` (PostgreSQL 14 and later) off for this session. An operator may
+/// set it for the database or the role to end forgotten sessions, but the daemon's connections
+/// are idle by design: the one that LISTENs holds the delivery lock, and ending it restarted the
+/// session and moved the lock to a standby, over and over. Not a startup option like the
+/// others ([`session_options`]): a server before 14 refuses a setting it does not know.
+const NO_IDLE_SESSION_TIMEOUT: &str = "select pg_catalog.set_config('idle_session_timeout', '0', false)
+  where pg_catalog.current_setting('server_version_num')::integer >= 140000";
 
 /// A session's connection with its prepared statements: each statement the delivery path runs
 /// is parsed and planned once per connection (`Client::prepare`) and then only bound and
@@ -332,7 +341,7 @@ pub(crate) async fn connect_listener(
         };
         let _ = lost_tx.send(reason).await;
     });
-    client.batch_execute(&format!("listen {}", quote_ident(channel))).await?;
+    client.batch_execute(&format!("listen {}; {NO_IDLE_SESSION_TIMEOUT}", quote_ident(channel))).await?;
     Ok(Listener { client, lost })
 }
 

@@ -273,3 +273,50 @@ async fn a_locked_row_in_a_batch_of_results_holds_up_that_user_alone() {
     }
     app.assert_keap_matches_users().await;
 }
+
+/// The daemon's pids in this test's database, sorted.
+async fn daemon_pids(app: &TestApp) -> Vec<i32> {
+    app.db
+        .query(
+            "select pid from pg_stat_activity
+              where application_name = 'keap-sync' and datname = current_database() order by pid",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `idle_session_timeout` (PostgreSQL 14 and later), set for the database or the role, ends a
+/// session that waits for a command longer than it. The connection that holds the delivery lock
+/// and LISTENs is idle by design: it was ended over and over, and the daemon restarted its
+/// session each time (leadership flapped with a standby). Every connection of the daemon now
+/// turns the timeout off for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_session_timeout_does_not_end_the_daemons_sessions() {
+    let mut app = spawn_app_with(Options::stopped()).await;
+    app.exec("do $$ begin execute format('alter database %I set idle_session_timeout = 300', current_database()); end $$")
+        .await;
+    app.start_daemon().await;
+    app.exec("insert into users (email) values ('idle@example.com')").await;
+    app.wait_idle().await;
+    let pids = daemon_pids(&app).await;
+    assert!(!pids.is_empty(), "the daemon is connected");
+    // Watch the idle daemon for ten times the timeout: a session ended by it is gone at once.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let now = daemon_pids(&app).await;
+        for pid in &pids {
+            assert!(
+                now.contains(pid),
+                "session {pid} of the daemon ended while idle: {pids:?} became {now:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.exec("update users set first_name = 'Still' where email = 'idle@example.com'").await;
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts()[0].given_name.as_deref(), Some("Still"));
+}
