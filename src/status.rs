@@ -47,6 +47,7 @@ pub(crate) struct Depth {
     pub parked: i64,
     /// Changes captured but not yet folded into the outbox (rows of `keap_sync.change`; several
     /// can be one user's). Near zero while a daemon runs: it folds on every notification.
+    /// Counted up to [`CAPTURED_COUNT_LIMIT`]: a log that holds more says that many.
     pub captured: i64,
     /// Age of the oldest change not yet delivered (parked ones excluded).
     #[serde(skip)]
@@ -62,8 +63,14 @@ pub(crate) struct Depth {
 /// far fewer rows than the outbox's) until the next fold.
 ///
 /// The change log is counted: it has no index to ask, and it is short while a daemon runs (the
-/// daemon folds it on every notification); after an outage it holds one narrow row per captured
-/// change, which a count reads far faster than the outbox's rows.
+/// daemon folds it on every notification). After an outage, or with the fold broken, it can
+/// hold millions of rows, and this runs on the daemon's shared connection before each fold: a
+/// count of the whole log past `statement_timeout` failed the session every time, so it never
+/// folded. So the count (and the oldest time) reads at most [`CAPTURED_COUNT_LIMIT`] rows, the
+/// ones the next fold takes first.
+/// How many rows of the change log [`depth`] reads at most.
+pub(crate) const CAPTURED_COUNT_LIMIT: i64 = 100_000;
+
 pub(crate) async fn depth(client: &Client) -> Result<Depth, DbError> {
     let r = client
         .query_one(
@@ -75,9 +82,10 @@ pub(crate) async fn depth(client: &Client) -> Result<Depth, DbError> {
                             coalesce(sum(n) filter (where not parked and priority = 2), 0)::int8 as backfill,
                             coalesce(sum(n) filter (where parked), 0)::int8 as parked
                        from keap_sync.outbox_count) q,
-                    -- One scan of the log for both figures.
-                    (select count(*) as n, min(at) as at from keap_sync.change) c",
-            &[],
+                    -- One bounded scan of the log for both figures.
+                    (select count(*) as n, min(at) as at
+                       from (select at from keap_sync.change limit $1) l) c",
+            &[&CAPTURED_COUNT_LIMIT],
         )
         .await?;
     Ok(Depth {

@@ -52,7 +52,11 @@ pub(crate) fn status(s: &Status) -> String {
         if o.parked > 0 { " (see `keap-sync failures list`)" } else { "" }
     ));
     if o.captured > 0 {
-        line(format!("captured, not yet queued: {} changes (a running daemon queues them)", o.captured));
+        let at_least = if o.captured >= crate::status::CAPTURED_COUNT_LIMIT { "at least " } else { "" };
+        line(format!(
+            "captured, not yet queued: {at_least}{} changes (a running daemon queues them)",
+            o.captured
+        ));
     }
     line(match s.oldest_pending_age_secs {
         Some(age) => format!("oldest pending change: {}", human_secs(age)),

@@ -130,3 +130,35 @@ async fn migrate_refuses_a_key_whose_text_depends_on_the_session() {
         keap_sync::migrate(&mut client, &config.users).await.unwrap_or_else(|e| panic!("a {ty} key: {e}"));
     }
 }
+
+/// Rows of `keap_sync.change` read by sequential scans so far, as the statistics say.
+async fn change_log_rows_read(app: &app::TestApp) -> i64 {
+    app.count(
+        "select coalesce(seq_tup_read, 0) from pg_stat_user_tables
+          where schemaname = 'keap_sync' and relname = 'change'",
+    )
+    .await
+}
+
+/// `status`, and the daemon's heartbeat before each fold, counted the whole change log. After an
+/// outage (or with the fold broken) it can hold millions of rows: past `statement_timeout` the
+/// daemon's session failed at every heartbeat and never folded. The count now reads a bounded
+/// part of the log and says "at least".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_a_bounded_part_of_a_large_change_log() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec("insert into keap_sync.change (user_key) select g::text from generate_series(1, 250000) g")
+        .await;
+    let before = change_log_rows_read(&app).await;
+    let out = app.run_cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "status: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("at least 100000 changes"), "status says the log holds at least the limit: {text}");
+    // The CLI's backend reports its statistics when it exits.
+    app::eventually(Duration::from_secs(10), "the status session's statistics", || async {
+        change_log_rows_read(&app).await > before
+    })
+    .await;
+    let read = change_log_rows_read(&app).await - before;
+    assert!(read <= 100_001, "status read {read} rows of a 250,000-row change log");
+}
