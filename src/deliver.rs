@@ -31,7 +31,7 @@ use crate::config::{DeliveryConfig, OnDelete, TagRef};
 use crate::db::DbError;
 use crate::keap::model::Contact;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
-use crate::mapping::{Changes, ContactPayload, CustomModel, Held, Mapper};
+use crate::mapping::{Changes, ContactPayload, CustomModel, Held, Mapper, RuleTags};
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::outbox::recorder::Recorder;
 use crate::outbox::{self, Claim, CreateSlot, Done, FailureRecord, Linked, ReadUser};
@@ -259,6 +259,9 @@ impl Deliverer {
         // Tags our rules applied before; unknown (a mapping from an older release) counts as
         // none, so every wanted tag is applied (applying one twice is harmless).
         let had = held.tags().cloned().unwrap_or_default();
+        // Wanted tags someone else applied first stay theirs: not applied again, never removed.
+        let theirs: BTreeSet<i64> = held.theirs().intersection(want).copied().collect();
+        let ours_wanted: BTreeSet<i64> = want.difference(&theirs).copied().collect();
         let on_create = if held.is_fresh() {
             match self.tag_ids(claim, &self.mapper.on_create().iter().cloned().collect(), deadline).await? {
                 Ok(ids) => ids,
@@ -268,8 +271,9 @@ impl Deliverer {
             BTreeSet::new()
         };
         let mut changes = payload.changes(&held);
-        if !changes.any() && had == *want && on_create.is_empty() {
-            return Ok(End::Synced { contact_id: id, called: false, tags: want.clone() });
+        if !changes.any() && had == ours_wanted && on_create.is_empty() {
+            let tags = RuleTags::split(want, &theirs, &BTreeSet::new());
+            return Ok(End::Synced { contact_id: id, called: false, tags });
         }
         let mut current = None;
         if changes.touch_arrays() {
@@ -296,12 +300,13 @@ impl Deliverer {
                 return Ok(end);
             }
         }
-        let apply: BTreeSet<i64> = want.difference(&had).chain(&on_create).copied().collect();
+        let apply: BTreeSet<i64> = ours_wanted.difference(&had).chain(&on_create).copied().collect();
         let remove: Vec<i64> = had.difference(want).copied().collect();
-        if let Some(end) = self.move_tags(claim, id, &apply, &remove, deadline).await? {
-            return Ok(end);
-        }
-        Ok(End::Synced { contact_id: id, called: true, tags: want.clone() })
+        let already = match self.move_tags(claim, id, &apply, &remove, deadline).await? {
+            Ok(already) => already,
+            Err(end) => return Ok(end),
+        };
+        Ok(End::Synced { contact_id: id, called: true, tags: RuleTags::split(want, &theirs, &already) })
     }
 
     /// `PATCH` of the changed properties (`current`: the contact as Keap holds it, when an
@@ -329,7 +334,8 @@ impl Deliverer {
         })
     }
 
-    /// At most one apply call and one remove call; `Some(end)` if either failed.
+    /// At most one apply call and one remove call. `Ok(already)`: the applied tags Keap says
+    /// were on the contact before; `Err(end)` if either call failed.
     async fn move_tags(
         &self,
         claim: &Claim,
@@ -337,7 +343,8 @@ impl Deliverer {
         apply: &BTreeSet<i64>,
         remove: &[i64],
         deadline: Instant,
-    ) -> Result<Option<End>, DbError> {
+    ) -> Result<Result<BTreeSet<i64>, End>, DbError> {
+        let mut already = BTreeSet::new();
         if !apply.is_empty() {
             let ids: Vec<i64> = apply.iter().copied().collect();
             let ids = &ids;
@@ -347,20 +354,19 @@ impl Deliverer {
                 })
                 .await?;
             match result {
-                Ok(refused) if refused.is_empty() => {}
-                Ok(refused) if refused.iter().any(|(_, why)| why == "CONTACT_NOT_FOUND") => {
-                    return Ok(Some(End::Unlinked))
-                }
-                Ok(refused) => {
-                    let list: Vec<String> = refused.iter().map(|(id, why)| format!("{id} ({why})")).collect();
-                    return Ok(Some(End::Park(format!(
+                Ok(answer) if answer.contact_gone() => return Ok(Err(End::Unlinked)),
+                Ok(answer) if answer.refused.is_empty() => already.extend(answer.already),
+                Ok(answer) => {
+                    let list: Vec<String> =
+                        answer.refused.iter().map(|(id, why)| format!("{id} ({why})")).collect();
+                    return Ok(Err(End::Park(format!(
                         "Keap did not apply tag(s) {} to contact {contact}; check the tag ids in the \
-                         configuration",
+                         configuration, then `keap-sync failures retry`",
                         list.join(", ")
                     ))));
                 }
-                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(Some(End::Unlinked)),
-                Err(failure) => return Ok(Some(End::failed(failure, None))),
+                Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => return Ok(Err(End::Unlinked)),
+                Err(failure) => return Ok(Err(End::failed(failure, None))),
             }
         }
         if !remove.is_empty() {
@@ -370,10 +376,10 @@ impl Deliverer {
                 })
                 .await?;
             if let Err(failure) = result {
-                return Ok(Some(End::failed(failure, None)));
+                return Ok(Err(End::failed(failure, None)));
             }
         }
-        Ok(None)
+        Ok(Ok(already))
     }
 
     /// A user with no contact (or whose contact is gone): find it by email — first by the
@@ -459,11 +465,16 @@ impl Deliverer {
         let apply: BTreeSet<i64> = want.union(on_create).copied().collect();
         match self.move_tags(claim, contact_id, &apply, &[], deadline).await? {
             // Deleted in Keap just after it was linked: look again later.
-            Some(End::Unlinked) => {
+            Err(End::Unlinked) => {
                 Ok(End::RetryLater(format!("Keap contact {contact_id} vanished while being linked")))
             }
-            Some(end) => Ok(end),
-            None => Ok(End::Synced { contact_id, called: true, tags: want.clone() }),
+            Err(end) => Ok(end),
+            // A wanted tag already there (an adopted contact a person tagged) stays theirs.
+            Ok(already) => Ok(End::Synced {
+                contact_id,
+                called: true,
+                tags: RuleTags::split(want, &BTreeSet::new(), &already),
+            }),
         }
     }
 
@@ -594,9 +605,9 @@ impl Deliverer {
             Err(end) => return Ok(Ok(Some(end))),
         };
         match self.move_tags(claim, id, &ids, &[], deadline).await? {
-            None => {}
-            Some(End::Unlinked) => return Ok(Ok(None)),
-            Some(end) => return Ok(Ok(Some(end))),
+            Ok(_) => {}
+            Err(End::Unlinked) => return Ok(Ok(None)),
+            Err(end) => return Ok(Ok(Some(end))),
         }
         let Some(reason) = opt_out else {
             tracing::info!(user = %claim.user_key, contact = id, "user deleted; tagged the Keap contact");
@@ -755,7 +766,7 @@ enum Failure {
 enum End {
     /// Keap holds the payload and the rule tags `tags` on this contact; `called` is false
     /// when no call was needed.
-    Synced { contact_id: i64, called: bool, tags: BTreeSet<i64> },
+    Synced { contact_id: i64, called: bool, tags: RuleTags },
     /// The mapped contact is gone in Keap: look it up by email, or create it.
     Unlinked,
     /// A call or the credential failed; `sent` is the body of the failed write.

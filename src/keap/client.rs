@@ -20,6 +20,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::model::{Contact, ContactList, ErrorBody, ObjectModel, Tag, TagPage};
+use super::TagsApplied;
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
 use crate::secret::Secret;
@@ -259,17 +260,15 @@ impl KeapClient {
         Ok(tag.id)
     }
 
-    /// Applies tags to a contact in one call (`POST /v1/contacts/{id}/tags`). Returns the ids
-    /// Keap says it could not apply, with its reason (`TAG_ID_NOT_FOUND`, …), when the answer
-    /// has the shape the specification suggests (an object or a list of entries keyed by tag
-    /// id; unverified, so an answer of another shape counts as success).
+    /// Applies tags to a contact in one call (`POST /v1/contacts/{id}/tags`) and reads Keap's
+    /// answer tag by tag ([`TagsApplied::read`]).
     pub(crate) async fn apply_tags(
         &self,
         auth: &Auth,
         contact: i64,
         ids: &[i64],
         deadline: Instant,
-    ) -> Result<Vec<(i64, String)>, KeapError> {
+    ) -> Result<TagsApplied, KeapError> {
         let req = Request {
             method: Method::POST,
             path: format!("/v1/contacts/{contact}/tags"),
@@ -277,23 +276,7 @@ impl KeapClient {
             deadline,
         };
         let text = self.send(auth, req, Some(&json!({ "tagIds": ids }))).await?;
-        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let mut entries: Vec<(String, String)> = Vec::new();
-        match &answer {
-            Value::Object(m) => {
-                entries.extend(m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))))
-            }
-            Value::Array(items) => entries.extend(items.iter().filter_map(|i| {
-                let k = i.get("key").map(|k| k.as_str().map_or_else(|| k.to_string(), str::to_owned))?;
-                Some((k, i.get("value")?.as_str()?.to_owned()))
-            })),
-            _ => {}
-        }
-        Ok(entries
-            .into_iter()
-            .filter(|(_, v)| v != "SUCCESS" && v != "DUPLICATE")
-            .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
-            .collect())
+        Ok(TagsApplied::read(ids, &text))
     }
 
     /// Removes tags from a contact in one call (`DELETE /v1/contacts/{id}/tags?ids=1,2`); a

@@ -4,8 +4,10 @@
 
 mod client;
 pub(crate) mod model;
+mod tags_applied;
 mod transport;
 
 pub(crate) use client::{describe_reqwest, http_client};
 pub(crate) use client::{Auth, ErrorKind, KeapClient, KeapError};
+pub(crate) use tags_applied::TagsApplied;
 pub(crate) use transport::{read_reply, redirect_refused};

@@ -103,6 +103,16 @@ impl Path {
     }
 }
 
+/// The part of an array item without which the slot is not there and is not sent.
+fn main_part(property: &str) -> Option<&'static str> {
+    match property {
+        "email_addresses" => Some("email"),
+        "phone_numbers" => Some("number"),
+        // A custom field's empty content is how Keap lists a field without a value: kept.
+        _ => None,
+    }
+}
+
 /// The key inside an array item that says which slot it is.
 fn slot_key(property: &str) -> &'static str {
     if property == "custom_fields" {
@@ -380,6 +390,9 @@ fn hash(path: &Path, v: &Value) -> String {
 pub(crate) struct Held {
     hashes: HashMap<String, String>,
     tags: Option<BTreeSet<i64>>,
+    /// Tags the rules want that were on the contact before keap-sync applied them (Keap
+    /// answered `DUPLICATE`): a person's or a campaign's, never ours to remove.
+    theirs: BTreeSet<i64>,
     /// Linked, but the `on_create` tags are not applied yet (the delivery that linked the
     /// contact failed before applying them): the next delivery applies them.
     fresh: bool,
@@ -412,7 +425,12 @@ impl Held {
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(Value::as_i64).collect());
             let fresh = sent.get("new").and_then(Value::as_bool).unwrap_or(false);
-            return Held { hashes, tags, fresh };
+            let theirs = sent
+                .get("theirs")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default();
+            return Held { hashes, tags, theirs, fresh };
         }
         // Before per-field hashes: the values themselves, EMAIL1 under "email".
         let mut hashes = HashMap::new();
@@ -425,7 +443,7 @@ impl Held {
                 hashes.insert(path.key(), hash(&path, v));
             }
         }
-        Held { hashes, tags: Some(BTreeSet::new()), fresh: false }
+        Held { hashes, tags: Some(BTreeSet::new()), theirs: BTreeSet::new(), fresh: false }
     }
 
     /// For `contact_map.sent` at linking time: what Keap holds, no tags of ours applied yet,
@@ -458,12 +476,37 @@ impl Held {
             .get("tag_ids")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_i64).collect());
-        Held { hashes, tags, fresh: false }
+        Held { hashes, tags, theirs: BTreeSet::new(), fresh: false }
     }
 
     /// The ids of the tags our rules applied, if known.
     pub(crate) fn tags(&self) -> Option<&BTreeSet<i64>> {
         self.tags.as_ref()
+    }
+
+    /// The wanted tags someone else had applied first ([`Held::theirs`]).
+    pub(crate) fn theirs(&self) -> &BTreeSet<i64> {
+        &self.theirs
+    }
+}
+
+/// The tags the rules want on a contact, by who applied them. keap-sync removes only its own
+/// when a rule stops wanting them; a wanted tag that was on the contact already (Keap answered
+/// `DUPLICATE`) stays whoever's it was (issue 26, 14).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RuleTags {
+    /// Applied by keap-sync.
+    pub(crate) ours: BTreeSet<i64>,
+    /// Wanted, but applied by someone else first.
+    pub(crate) theirs: BTreeSet<i64>,
+}
+
+impl RuleTags {
+    /// `want` once `already` (the tags Keap said were there when applied) and the tags known
+    /// to be someone else's (`theirs`) are set apart.
+    pub(crate) fn split(want: &BTreeSet<i64>, theirs: &BTreeSet<i64>, already: &BTreeSet<i64>) -> RuleTags {
+        let theirs: BTreeSet<i64> = theirs.union(already).filter(|t| want.contains(t)).copied().collect();
+        RuleTags { ours: want.difference(&theirs).copied().collect(), theirs }
     }
 }
 
@@ -515,8 +558,12 @@ impl ContactPayload {
     }
 
     /// What to keep in `contact_map.sent` once Keap holds this payload and these rule tags.
-    pub(crate) fn sent(&self, tag_ids: &BTreeSet<i64>) -> Value {
-        json!({"v": 2, "f": self.held_hashes(), "tags": tag_ids})
+    pub(crate) fn sent(&self, tags: &RuleTags) -> Value {
+        let mut sent = json!({"v": 2, "f": self.held_hashes(), "tags": tags.ours});
+        if !tags.theirs.is_empty() {
+            sent["theirs"] = json!(tags.theirs);
+        }
+        sent
     }
 
     fn held_hashes(&self) -> HashMap<String, String> {
@@ -525,7 +572,7 @@ impl ContactPayload {
 
     /// What Keap holds if it holds exactly this payload (tags unknown).
     pub(crate) fn as_held(&self) -> Held {
-        Held { hashes: self.held_hashes(), tags: None, fresh: false }
+        Held { hashes: self.held_hashes(), tags: None, theirs: BTreeSet::new(), fresh: false }
     }
 
     /// The owned paths whose value in Keap differs from this row.
@@ -548,7 +595,10 @@ impl ContactPayload {
             set.iter().filter(|p| p.slot().is_some()).map(|p| p.property()).collect();
         arrays.dedup();
         for prop in arrays {
-            body.insert(prop.to_owned(), Value::Array(self.items(prop, &[])));
+            let items = self.items(prop, &[]);
+            if !items.is_empty() {
+                body.insert(prop.to_owned(), Value::Array(items));
+            }
         }
         body.insert("duplicate_option".into(), json!("Email"));
         body
@@ -586,7 +636,17 @@ impl ContactPayload {
             let v = if v.is_null() { json!("") } else { v.clone() };
             items[pos].insert(part.to_owned(), v);
         }
-        items.into_iter().map(Value::Object).collect()
+        // A slot without its main part (a phone whose number column is NULL but whose type is
+        // a constant) is not sent: Keap's answer to a phone without a number is not documented,
+        // and under the replace-whole rule leaving the item out removes the slot.
+        let main = main_part(prop);
+        items
+            .into_iter()
+            .filter(|i| {
+                main.is_none_or(|m| i.get(m).is_some_and(|v| v.as_str().is_none_or(|s| !s.is_empty())))
+            })
+            .map(Value::Object)
+            .collect()
     }
 
     /// Body and `update_mask` of `PATCH /v1/contacts/{id}` sending only the properties of
@@ -683,7 +743,7 @@ mod tests {
     fn only_changed_owned_properties_are_sent() {
         let m = mapper("[users]\nfamily_name = \"\"\n");
         let p = payload(&m, &[Some("a@x.io"), Some("Ada")]);
-        let held = Held::from_sent(&p.sent(&BTreeSet::new()));
+        let held = Held::from_sent(&p.sent(&RuleTags::default()));
         assert!(!p.changes(&held).any(), "what Keap holds from us is unchanged");
         let renamed = payload(&m, &[Some("a@x.io"), Some("Ada B")]);
         let changes = renamed.changes(&held);

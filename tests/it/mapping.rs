@@ -872,3 +872,112 @@ async fn the_readme_worked_example_makes_the_calls_it_describes() {
     app.stop_daemon().await;
     assert_eq!(app.fake.requests().len(), before, "an update that changes nothing costs nothing");
 }
+
+const USERS_WITH_PHONE: &str = "create table public.users (
+    id bigserial primary key, email text, first_name text, last_name text,
+    plan text not null default 'free', phone text)";
+
+/// A phone slot whose number column is NULL while its type is a constant was sent as
+/// `{"field": "PHONE1", "type": "Mobile"}`, a phone without a number. A slot without a number is
+/// not sent; once the number is there it is sent with its type; under `empty = "clear"` a
+/// number gone removes the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_slot_without_a_number_is_not_sent() {
+    let app = spawn_app_with(Options {
+        users_ddl: USERS_WITH_PHONE,
+        toml: "[contact.phone_numbers.PHONE1]\nnumber = { column = \"phone\", empty = \"clear\" }\ntype = { sql = \"'Mobile'\" }\n",
+        ..Options::default()
+    })
+    .await;
+    app.exec("insert into users (email) values ('nophone@example.com')").await;
+    app.wait_idle().await;
+    assert_eq!(
+        app.count("select count(*) from keap_sync.outbox where parked_at is not null").await,
+        0,
+        "not parked"
+    );
+    let contacts = app.fake.contacts();
+    assert_eq!(contacts.len(), 1, "the user is delivered");
+    let c = app.fake.contact_json(contacts[0].id).expect("contact");
+    assert!(item(&c, "phone_numbers", &json!("PHONE1")).is_none(), "no PHONE1 without a number: {c}");
+
+    app.exec("update users set phone = '555-0199'").await;
+    app.wait_idle().await;
+    let c = app.fake.contact_json(contacts[0].id).expect("contact");
+    let phone = item(&c, "phone_numbers", &json!("PHONE1")).expect("PHONE1 once it has a number");
+    assert_eq!((phone.get("number"), phone.get("type")), (Some(&json!("555-0199")), Some(&json!("Mobile"))));
+
+    app.exec("update users set phone = null").await;
+    app.wait_idle().await;
+    assert_eq!(
+        app.count("select count(*) from keap_sync.outbox where parked_at is not null").await,
+        0,
+        "not parked"
+    );
+    let c = app.fake.contact_json(contacts[0].id).expect("contact");
+    assert!(item(&c, "phone_numbers", &json!("PHONE1")).is_none(), "the number gone removes the slot: {c}");
+}
+
+/// A tag a person applied by hand is theirs, even when a rule later wants the same tag: Keap
+/// answers `DUPLICATE`, and when the rule stops wanting it the tag stays. It used to become
+/// keap-sync's (recorded as applied by the rule) and was removed with the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_a_person_applied_stays_when_the_rule_that_also_wanted_it_stops() {
+    let mut app =
+        spawn_app_with(Options { toml: TAGS_TOML, start_daemon: false, ..Options::default() }).await;
+    for name in ["Plan: free", "Plan: pro", "Paying"] {
+        app.fake.create_tag(name);
+    }
+    app.start_daemon().await;
+    let paying = app.fake.tag_id("Paying").unwrap();
+    app.exec("insert into users (email, plan) values ('p@example.com', 'free')").await;
+    app.wait_idle().await;
+    let id = contact_id_of(&app, "1").await;
+    // Sales tags the contact by hand; then the user starts paying, and the rule wants it too.
+    app.fake.apply_tag(id, paying);
+    app.exec("update users set plan = 'pro' where id = 1").await;
+    app.wait_idle().await;
+    assert!(app.fake.contact_tags(id).contains(&paying));
+    let applies = tag_calls(&app, "POST");
+    // Another change while the rule still wants it: the tag is not applied again.
+    app.exec("update users set first_name = 'Paula' where id = 1").await;
+    app.wait_idle().await;
+    assert_eq!(tag_calls(&app, "POST"), applies, "a tag that is theirs is not applied again");
+    // The rule stops wanting it: the person's tag stays.
+    app.exec("update users set plan = 'free' where id = 1").await;
+    app.wait_idle().await;
+    assert!(
+        app.fake.contact_tags(id).contains(&paying),
+        "the person's tag was removed with the rule: {:?}",
+        app.fake.contact_tags(id)
+    );
+}
+
+/// Keap's answer to applying tags is unverified (`docs/keap-api.md`); read literally, the v1
+/// specification allows `[{"key": "TAG_ID_NOT_FOUND"}]`. An answer that does not say a tag was
+/// applied must not be taken as success: the user is parked naming the tag, not recorded as
+/// tagged (which it used to be, so the tag was never applied and nothing said so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_apply_answer_that_is_not_clearly_success_parks_the_user() {
+    let mut app =
+        spawn_app_with(Options { toml: TAGS_TOML, start_daemon: false, ..Options::default() }).await;
+    app.fake.create_tag("Plan: free");
+    app.fake.inject(keap_sync_testkit::fake::FaultRule::new(
+        keap_sync_testkit::fake::Route::ApplyTags,
+        keap_sync_testkit::fake::FaultAction::Status(200, r#"[{"key": "TAG_ID_NOT_FOUND"}]"#.into()),
+    ));
+    app.start_daemon().await;
+    app.exec("insert into users (email, plan) values ('f@example.com', 'free')").await;
+    app::eventually(Duration::from_secs(20), "the user parked", || async {
+        app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
+    })
+    .await;
+    let reason: String = app
+        .db
+        .query_one("select last_error from keap_sync.outbox where parked_at is not null", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tag = app.fake.tag_id("Plan: free").unwrap();
+    assert!(reason.contains(&tag.to_string()) && reason.contains("TAG_ID_NOT_FOUND"), "{reason}");
+}

@@ -183,6 +183,8 @@ pub enum Route {
     Token,
     /// `PUT /crm/rest/v1/contacts` only: the create-or-update by email.
     Upsert,
+    /// `POST /crm/rest/v1/contacts/{id}/tags` only: applying tags.
+    ApplyTags,
 }
 
 /// What a firing [`FaultRule`] does to the request.
@@ -866,6 +868,11 @@ impl Kind {
             Route::Contacts => self == Kind::Rest,
             Route::Token => self == Kind::Token,
             Route::Upsert => req.method == Method::PUT && req.path == "/crm/rest/v1/contacts",
+            Route::ApplyTags => {
+                req.method == Method::POST
+                    && req.path.starts_with("/crm/rest/v1/contacts/")
+                    && req.path.ends_with("/tags")
+            }
         }
     }
 }

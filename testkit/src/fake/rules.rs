@@ -197,8 +197,15 @@ fn phone_item(m: &Map<String, Value>) -> Result<Value, String> {
         "PHONE4" | "PHONE5" => 20,
         _ => return Err("Phone field must be one of PHONE1 to PHONE5".into()),
     };
-    if too_long(text(m, "number", field)?, max) {
+    let number = text(m, "number", field)?;
+    if too_long(number, max) {
         return Err(format!("{field} number is too long (at most {max} characters)"));
+    }
+    // Keap's answer to a phone item with parts but no number is not documented (the v1 spec
+    // requires only `field`); the fake refuses it, the strictest reading. An empty number is
+    // how a slot is removed and stays accepted.
+    if number.is_none() && m.keys().any(|k| k != "field") {
+        return Err(format!("{field} needs a number"));
     }
     if too_long(text(m, "extension", field)?, 20) || too_long(text(m, "type", field)?, 255) {
         return Err(format!("{field} extension or type is too long"));
