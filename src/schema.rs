@@ -91,6 +91,9 @@ pub(crate) const UPDATE_TRIGGER_NAME: &str = "keap_sync_capture_update";
 pub(crate) const DELETE_TRIGGER_NAME: &str = "keap_sync_capture_delete";
 /// Name of the row-level trigger that fires only when an update changes the key.
 pub(crate) const KEY_TRIGGER_NAME: &str = "keap_sync_capture_key";
+/// Name of the row-level trigger enabled for `replica` mode only: what a logical replication
+/// apply worker writes, which fires no statement trigger.
+pub(crate) const APPLY_TRIGGER_NAME: &str = "keap_sync_capture_apply";
 /// Name of the statement-level `after truncate` trigger installed beside it.
 pub(crate) const TRUNCATE_TRIGGER_NAME: &str = "keap_sync_capture_truncate";
 /// Key for `pg_advisory_xact_lock`: "keapsync" in ASCII, so it is recognisable in `pg_locks`.
@@ -611,6 +614,8 @@ struct CaptureTrigger {
     definition: String,
     /// The function's `set` clauses (see [`capture_triggers`]).
     settings: &'static [Setting],
+    /// How it must be enabled (`pg_trigger.tgenabled`): `A` always, `R` replica only.
+    enabled: u8,
 }
 
 /// A `set` clause of a generated function: `set {name} = {value}`. The catalog keeps it as
@@ -669,6 +674,12 @@ fn set_clauses(settings: &[Setting]) -> String {
 /// Synced columns are compared directly (`o.col is distinct from n.col`), which is why the SQL
 /// is generated here and not in a migration.
 ///
+/// A logical replication apply worker fires row triggers only, so one more row trigger, enabled
+/// for `replica` mode only, logs each row a subscription inserts, updates (same key, a synced
+/// column changed) or deletes. In an ordinary session it never fires; in a session that sets
+/// `session_replication_role = replica` itself it logs beside the statement triggers (a change
+/// logged twice is folded once).
+///
 /// A key change writes the outbox itself: a row-level trigger that fires only when the key
 /// changes enqueues the old key as gone (taking its outbox row lock) *before* the mapping moves,
 /// then the new key (invariant 13). The update statement trigger pairs the remaining rows by key.
@@ -709,6 +720,12 @@ end"
     let changed: Vec<String> =
         table.synced.iter().map(|c| format!("o.{q} is distinct from n.{q}", q = quote_ident(c))).collect();
     let changed = if changed.is_empty() { "false".to_owned() } else { changed.join(" or ") };
+    let row_changed: Vec<String> = table
+        .synced
+        .iter()
+        .map(|c| format!("old.{q} is distinct from new.{q}", q = quote_ident(c)))
+        .collect();
+    let row_changed = if row_changed.is_empty() { "false".to_owned() } else { row_changed.join(" or ") };
     let t = &table.qualified;
     vec![
         CaptureTrigger {
@@ -719,6 +736,7 @@ end"
                 "after insert on {t} referencing new table as keap_sync_new for each statement"
             ),
             settings: &[],
+            enabled: b'A',
         },
         CaptureTrigger {
             name: UPDATE_TRIGGER_NAME,
@@ -731,6 +749,7 @@ end"
                 "after update on {t} referencing old table as keap_sync_old new table as keap_sync_new for each statement"
             ),
             settings: &[PINNED_PATH, NO_NESTED_LOOP],
+            enabled: b'A',
         },
         CaptureTrigger {
             name: DELETE_TRIGGER_NAME,
@@ -740,6 +759,7 @@ end"
                 "after delete on {t} referencing old table as keap_sync_old for each statement"
             ),
             settings: &[],
+            enabled: b'A',
         },
         CaptureTrigger {
             name: KEY_TRIGGER_NAME,
@@ -765,6 +785,39 @@ end"
                 "after update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
             ),
             settings: &[PINNED_PATH],
+            enabled: b'A',
+        },
+        CaptureTrigger {
+            name: APPLY_TRIGGER_NAME,
+            function: "keap_sync.capture_apply",
+            body: format!(
+                "declare
+    notified pg_catalog.text;
+begin
+    if tg_op = 'INSERT' then
+        if new.{key} is null then
+            return null;
+        end if;
+        insert into keap_sync.change (user_key) values (new.{key}::pg_catalog.text);
+    elsif tg_op = 'DELETE' then
+        if old.{key} is null then
+            return null;
+        end if;
+        insert into keap_sync.change (user_key) values (old.{key}::pg_catalog.text);
+    elsif new.{key} is null or old.{key}::pg_catalog.text <> new.{key}::pg_catalog.text
+          or old.{key} is null or not ({row_changed}) then
+        -- A key change is the key trigger's (it fires always); other columns are not synced.
+        return null;
+    else
+        insert into keap_sync.change (user_key) values (new.{key}::pg_catalog.text);
+    end if;
+    notified := pg_catalog.pg_notify('keap_sync', '');
+    return null;
+end"
+            ),
+            definition: format!("after insert or update or delete on {t} for each row"),
+            settings: &[PINNED_PATH],
+            enabled: b'R',
         },
     ]
 }
@@ -896,12 +949,12 @@ async fn trigger_problem(
     client: &impl GenericClient,
     table: &UserTable,
 ) -> Result<Option<String>, SchemaError> {
-    let mut checks: Vec<(&str, &str, Option<FunctionDef>)> = capture_triggers(table)
+    let mut checks: Vec<(&str, &str, Option<FunctionDef>, u8)> = capture_triggers(table)
         .into_iter()
-        .map(|t| (t.name, t.function, Some(FunctionDef::generated(t.body, t.settings))))
+        .map(|t| (t.name, t.function, Some(FunctionDef::generated(t.body, t.settings)), t.enabled))
         .collect();
-    checks.push((TRUNCATE_TRIGGER_NAME, "keap_sync.capture_truncate", None));
-    for (name, function, def) in checks {
+    checks.push((TRUNCATE_TRIGGER_NAME, "keap_sync.capture_truncate", None, b'A'));
+    for (name, function, def, enabled) in checks {
         let problem = match installed(client, table, name).await? {
             None => "is missing",
             Some(t) if !t.args.is_empty() || t.function != function => "is an older kind of trigger",
@@ -909,7 +962,10 @@ async fn trigger_problem(
                 "captures other columns than the config names"
             }
             Some(t) if t.enabled == b'D' => "is disabled",
-            Some(t) if t.enabled != b'A' => {
+            Some(t) if t.enabled != enabled && enabled == b'R' => {
+                "is not `enable replica` (changes applied by logical replication are missed)"
+            }
+            Some(t) if t.enabled != enabled => {
                 "is not `enable always` (changes written under session_replication_role = replica are missed)"
             }
             Some(_) => continue,
@@ -1013,10 +1069,11 @@ security definer
                 b'O'
             }
         };
-        if enabled != b'A' {
+        if enabled != t.enabled {
             tx.batch_execute(&format!(
-                "alter table {} enable always trigger {}",
+                "alter table {} enable {} trigger {}",
                 table.qualified,
+                if t.enabled == b'R' { "replica" } else { "always" },
                 quote_ident(t.name)
             ))
             .await?;
@@ -1075,9 +1132,14 @@ pub async fn uninstall(
         .and_then(|r| r.get::<_, Option<u32>>(0))
         .is_some();
     if exists {
-        for name in
-            [TRIGGER_NAME, UPDATE_TRIGGER_NAME, DELETE_TRIGGER_NAME, KEY_TRIGGER_NAME, TRUNCATE_TRIGGER_NAME]
-        {
+        for name in [
+            TRIGGER_NAME,
+            UPDATE_TRIGGER_NAME,
+            DELETE_TRIGGER_NAME,
+            KEY_TRIGGER_NAME,
+            APPLY_TRIGGER_NAME,
+            TRUNCATE_TRIGGER_NAME,
+        ] {
             tx.batch_execute(&format!("drop trigger if exists {} on {qualified}", quote_ident(name))).await?;
         }
     }

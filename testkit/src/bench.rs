@@ -257,7 +257,7 @@ pub async fn reset_users(client: &Client) {
 pub const ENABLE_CAPTURE: &str =
     "alter table users enable always trigger keap_sync_capture, enable always trigger keap_sync_capture_update,
          enable always trigger keap_sync_capture_delete, enable always trigger keap_sync_capture_key,
-         enable always trigger keap_sync_capture_truncate;";
+         enable always trigger keap_sync_capture_truncate, enable replica trigger keap_sync_capture_apply;";
 
 /// How many rounds [`insert_rates`] splits each case into.
 pub const CAPTURE_ROUNDS: i64 = 10;

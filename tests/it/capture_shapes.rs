@@ -162,3 +162,81 @@ async fn status_reads_a_bounded_part_of_a_large_change_log() {
     let read = change_log_rows_read(&app).await - before;
     assert!(read <= 100_001, "status read {read} rows of a 250,000-row change log");
 }
+
+/// Logical replication's apply worker fires row triggers only, never statement triggers: on a
+/// subscriber, the statement-level capture saw none of the inserts, updates and deletes the
+/// subscription applied, while the capture check stayed green. A row trigger enabled for
+/// `replica` mode now captures what the apply worker writes (the key-change and truncate
+/// triggers fire `always`). A real publication and subscription, in one cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_applied_by_a_logical_replication_subscription_are_captured() {
+    let mut app = spawn_app_with(Options {
+        private_cluster: true,
+        tweak: |c| c.delivery.on_delete = keap_sync::config::OnDelete::DeleteContact,
+        ..Options::stopped()
+    })
+    .await;
+    let cluster = app.cluster();
+    app.exec("alter system set wal_level = logical").await;
+    tokio::task::spawn_blocking(move || cluster.restart())
+        .await
+        .unwrap()
+        .expect("restart, wal_level = logical");
+    app.db = app::connect(&app.conninfo).await;
+
+    // The publisher: another database of the cluster, with the same table and one user.
+    let publisher_conninfo = cluster.fresh_database("pub").await.expect("publisher database");
+    let publisher = app::connect(&publisher_conninfo).await;
+    publisher
+        .batch_execute(&format!(
+            "{};
+             insert into users (id, email) values (1, 'copied@example.com');
+             create publication keap_pub for table users;",
+            app::USERS_DDL
+        ))
+        .await
+        .expect("publisher");
+    publisher
+        .batch_execute("select pg_create_logical_replication_slot('keap_sub', 'pgoutput')")
+        .await
+        .expect("slot");
+    // In one cluster the slot must exist before the subscription (it cannot create it).
+    app.exec(&format!(
+        "create subscription keap_sub connection '{}' publication keap_pub
+             with (create_slot = false, slot_name = 'keap_sub')",
+        publisher_conninfo.replace('\'', "''")
+    ))
+    .await;
+    app.start_daemon().await;
+    // `None`: no contact with that email; `Some(name)`: its given name.
+    let given_name = |email: &str| {
+        app.fake.contacts().into_iter().find(|c| c.email1() == Some(email)).map(|c| c.given_name)
+    };
+    app::eventually(Duration::from_secs(30), "the initial copy delivered", || async {
+        given_name("copied@example.com").is_some()
+    })
+    .await;
+
+    publisher.batch_execute("insert into users (id, email) values (2, 'applied@example.com')").await.unwrap();
+    app::eventually(Duration::from_secs(30), "the applied insert delivered", || async {
+        given_name("applied@example.com").is_some()
+    })
+    .await;
+    publisher.batch_execute("update users set first_name = 'Applied' where id = 2").await.unwrap();
+    app::eventually(Duration::from_secs(30), "the applied update delivered", || async {
+        given_name("applied@example.com") == Some(Some("Applied".to_owned()))
+    })
+    .await;
+    publisher.batch_execute("delete from users where id = 2").await.unwrap();
+    app::eventually(Duration::from_secs(30), "the applied delete delivered", || async {
+        given_name("applied@example.com").is_none()
+    })
+    .await;
+    publisher.batch_execute("truncate users").await.unwrap();
+    app::eventually(Duration::from_secs(30), "the applied truncate delivered", || async {
+        app.fake.contacts().is_empty()
+    })
+    .await;
+    app.stop_daemon().await;
+    app.exec("alter subscription keap_sub disable").await;
+}
