@@ -96,6 +96,8 @@ pub(crate) const KEY_TRIGGER_NAME: &str = "keap_sync_capture_key";
 pub(crate) const APPLY_TRIGGER_NAME: &str = "keap_sync_capture_apply";
 /// Name of the statement-level `after truncate` trigger installed beside it.
 pub(crate) const TRUNCATE_TRIGGER_NAME: &str = "keap_sync_capture_truncate";
+/// Key of the transaction advisory lock one fold holds at a time: "keapfold" in ASCII.
+const FOLD_LOCK: i64 = 0x6b65_6170_666f_6c64;
 /// Key for `pg_advisory_xact_lock`: "keapsync" in ASCII, so it is recognisable in `pg_locks`.
 const MIGRATION_LOCK: i64 = 0x6b65_6170_7379_6e63;
 
@@ -838,14 +840,19 @@ pub(crate) const FOLD_FUNCTION: &str = "keap_sync.fold_changes";
 /// That is the truth unless someone wrote the outbox row after the snapshot was taken: a key
 /// change that committed while this statement waited for the row's lock. Its `key_gone` is newer
 /// than our snapshot, so it is kept. The test: the version the statement sees in its snapshot
-/// (the subquery) differs from the locked row's (`o`, the newest).
+/// (the subquery) differs from the locked row's (`o`, the newest). Another fold is not such a
+/// writer (its snapshot may be older than ours), so folds take turns under a transaction
+/// advisory lock ([`FOLD_LOCK`]; they overlap only in a fail-over), and each statement after
+/// the lock sees what the previous fold wrote.
 ///
 /// Only a key change (and a truncate) writes the outbox from an application's transaction now;
 /// one left open holds that user's outbox row, and a fold that waited for it would stop every
-/// capture from reaching the outbox. So the function waits at most `lock_timeout` (100 ms) and
-/// then folds user by user, each in a subtransaction waiting 5 ms at most, leaving the held
-/// users' changes in the log (`held`) for the next fold, and stopping after 100 held users.
-/// The slow path runs only while such a transaction is open.
+/// capture from reaching the outbox. So the function first locks the visible outbox rows of the
+/// users it took, `skip locked`: the ones an open transaction holds are found without waiting,
+/// and their changes stay in the log (`held`) for the next fold, however many there are. Only a
+/// row no snapshot can see yet (a key change inserting its new key's outbox row) is found by
+/// waiting: the batch waits at most `lock_timeout` (100 ms) and then folds user by user, each in
+/// a subtransaction waiting 5 ms at most, stopping after 100 such waits.
 fn fold_function(table: &UserTable) -> String {
     let gone = |user_key: &str| {
         format!(
@@ -871,13 +878,42 @@ fn fold_function(table: &UserTable) -> String {
     format!(
         "declare
     one record;
+    v_rows tid[];
+    v_keys text[];
+    v_locked text[];
+    v_held text[];
+    v_waits integer := 0;
 begin
     taken := 0;
     held := 0;
+    -- One fold at a time. Two overlap only while two instances both lead (a fail-over); one
+    -- that decided from an older snapshot must not write after a newer one, or a present user
+    -- is left marked gone. The later fold waits (lock_timeout) for the earlier one's commit,
+    -- and its next statement sees what that one wrote; if it cannot wait, the next fold runs.
+    begin
+        perform pg_catalog.pg_advisory_xact_lock({FOLD_LOCK});
+    exception when lock_not_available then
+        return;
+    end;
+    select coalesce(array_agg(c.ctid), '{{}}'), coalesce(array_agg(distinct c.user_key), '{{}}')
+      into v_rows, v_keys
+      from (select ctid, user_key from keap_sync.change limit p_limit for update skip locked) c;
+    if cardinality(v_rows) = 0 then
+        return;
+    end if;
+    -- Users whose outbox row an open transaction holds (a key change, a truncate, not yet
+    -- committed): found without waiting (rows taken in key order, like every writer of the
+    -- outbox), and their changes stay in the log for the next fold.
+    select coalesce(array_agg(l.user_key), '{{}}') into v_locked
+      from (select o.user_key from keap_sync.outbox o where o.user_key = any (v_keys)
+             order by o.user_key for update skip locked) l;
+    select coalesce(array_agg(o.user_key), '{{}}') into v_held
+      from keap_sync.outbox o where o.user_key = any (v_keys) and o.user_key <> all (v_locked);
+    held := cardinality(v_held);
     begin
         with moved as (
             delete from keap_sync.change c
-             where c.ctid = any (array(select ctid from keap_sync.change limit p_limit for update skip locked))
+             where c.ctid = any (v_rows) and c.user_key <> all (v_held)
             returning c.user_key, c.at
         ), keys as (
             select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
@@ -894,12 +930,13 @@ begin
     exception when lock_not_available then
         taken := 0;
     end;
-    -- User by user, each waiting 5 ms at most: a user held by an open transaction costs this
-    -- fold that long, and after 100 of them the fold stops (the rest waits for the next one),
-    -- so even a transaction that changed every key cannot hold the daemon up for long.
+    -- An outbox row no statement can see yet (a key change inserting its new key's row) can
+    -- only be found by waiting for it: user by user, 5 ms each, and after 100 such waits the
+    -- fold stops (the rest waits for the next one), so the daemon is never held up for long.
     perform set_config('lock_timeout', '5ms', true);
     for one in select c.user_key, array_agg(c.ctid) as rows, min(c.at) as first_at, max(c.at) as last_at
-               from (select ctid, user_key, at from keap_sync.change limit p_limit for update skip locked) c
+               from keap_sync.change c
+              where c.ctid = any (v_rows) and c.user_key <> all (v_held)
               group by c.user_key
               order by c.user_key
     loop
@@ -911,7 +948,8 @@ begin
             taken := taken + cardinality(one.rows);
         exception when lock_not_available then
             held := held + 1;
-            exit when held >= 100;
+            v_waits := v_waits + 1;
+            exit when v_waits >= 100;
         end;
     end loop;
 end"

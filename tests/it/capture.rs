@@ -552,9 +552,9 @@ async fn capture_resolves_nothing_through_the_callers_search_path() {
 }
 
 /// A transaction that changed every key and stays open (a renumbering, say) holds every user's
-/// outbox row. A fold then waits 5 ms at most per held user and stops after 100 of them, so the
-/// daemon's loop is not held up for the length of the table (at 100 ms a user, 150 users would
-/// be 15 s: the 10 s bound of `fold_on_own_connection` fails the test).
+/// outbox row. The fold finds held rows without waiting for them, so the daemon's loop is not
+/// held up for the length of the table (at 100 ms a user, 150 users would be 15 s: the 10 s
+/// bound of `fold_on_own_connection` fails the test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fold_behind_an_open_renumbering_of_every_key_ends_quickly() {
     let app = spawn_app_with(Options::stopped()).await;
@@ -563,7 +563,7 @@ async fn a_fold_behind_an_open_renumbering_of_every_key_ends_quickly() {
     app.exec("update users set first_name = 'Again'").await;
     let renumbering = app::connect(&app.conninfo).await;
     renumbering.batch_execute("begin; update users set id = id + 1000").await.expect("open renumbering");
-    assert_eq!(fold_on_own_connection(&app.conninfo).await, (0, 100), "100 users held, then the fold stops");
+    assert_eq!(fold_on_own_connection(&app.conninfo).await, (0, 150), "every user held, none waited for");
     renumbering.batch_execute("rollback").await.expect("rollback");
     assert_eq!(app.fold().await, 150, "every change folded once the transaction ends");
 }

@@ -240,3 +240,94 @@ async fn changes_applied_by_a_logical_replication_subscription_are_captured() {
     app.stop_daemon().await;
     app.exec("alter subscription keap_sub disable").await;
 }
+
+/// A fold on a connection of its own, bounded by 10 s: `(taken, held)`.
+async fn fold_alone(conninfo: &str) -> (i32, i32) {
+    let client = app::connect(conninfo).await;
+    let row = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.query_one("select taken, held from keap_sync.fold_changes(1000)", &[]),
+    )
+    .await
+    .expect("the fold took over 10 s")
+    .unwrap_or_else(|e| panic!("fold: {:?}", e.as_db_error().map(|d| d.message())));
+    (row.get(0), row.get(1))
+}
+
+/// An open transaction that changed the keys of the 150 users who sort first holds their
+/// outbox rows. The fold used to wait 5 ms for each in key order and stop after 100 of them, so
+/// the users after them were never folded while it lived (and each try held the daemon's
+/// connection for 0.6 s). A held row is now found without waiting, and everyone else is folded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fold_does_not_starve_behind_many_held_users() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec(
+        "insert into users (id, email) select g, 'h' || g || '@example.com'
+           from generate_series(1000, 1149) g union all
+         select g, 'f' || g || '@example.com' from generate_series(2000, 2049) g",
+    )
+    .await;
+    app.fold().await;
+    app.exec("update users set first_name = 'Again'").await;
+    let renumbering = app::connect(&app.conninfo).await;
+    renumbering
+        .batch_execute("begin; update users set id = id + 10000 where id < 2000")
+        .await
+        .expect("open key change of the first 150 users");
+    let (taken, held) = fold_alone(&app.conninfo).await;
+    assert_eq!((taken, held), (50, 150), "the 50 free users folded, the 150 held ones left in the log");
+    assert_eq!(
+        app.count("select count(*) from keap_sync.change where user_key >= '2000'").await,
+        0,
+        "no change of a free user is left behind"
+    );
+    renumbering.batch_execute("rollback").await.expect("rollback");
+    assert_eq!(app.fold().await, 150, "the held changes are folded once the transaction ends");
+}
+
+/// Two folds at once (two instances during a fail-over): one decided from an older snapshot
+/// that a deleted user was gone and wrote after the other, newer one had seen the user back;
+/// the newer fold then kept the older one's `key_gone`, so a present user stayed marked gone.
+/// Folds now take turns, and the later one sees what the earlier one wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_folds_leave_a_present_user_present() {
+    let app = spawn_app_with(Options::stopped()).await;
+    app.exec("insert into users (id, email) values (1, 'o1@example.com')").await;
+    app.fold().await;
+    app.exec("delete from users where id = 1").await;
+    // The earlier fold: its snapshot predates the user's return (repeatable read pins it).
+    let older = app::connect(&app.conninfo).await;
+    older
+        .batch_execute("begin isolation level repeatable read; select count(*) from users")
+        .await
+        .expect("older snapshot");
+    app.exec("insert into users (id, email) values (1, 'o1@example.com')").await;
+    let row = older
+        .query_one("select taken, held from keap_sync.fold_changes(1000)", &[])
+        .await
+        .expect("older fold");
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 0), "the older fold took the delete");
+    // The newer fold sees the user back; let it wait long enough for the older one's commit.
+    app.exec("alter function keap_sync.fold_changes(integer) set lock_timeout = '10s'").await;
+    let conninfo = app.conninfo.clone();
+    let newer = tokio::spawn(async move { fold_alone(&conninfo).await });
+    app::eventually(Duration::from_secs(10), "the newer fold to wait for the older one", || async {
+        app.count(
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and wait_event_type in ('Lock', 'advisory')
+                and query like '%fold_changes%' and pid <> pg_backend_pid()",
+        )
+        .await
+            == 1
+    })
+    .await;
+    older.batch_execute("commit").await.expect("commit the older fold");
+    assert_eq!(newer.await.expect("newer fold").0, 1, "the newer fold took the insert");
+    let gone: bool = app
+        .db
+        .query_one("select key_gone from keap_sync.outbox where user_key = '1'", &[])
+        .await
+        .expect("outbox row")
+        .get(0);
+    assert!(!gone, "user 1 exists, but its outbox row says the key is gone");
+}
