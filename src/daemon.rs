@@ -51,6 +51,8 @@ use tokio_postgres::{Client, Config as PgConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod orphans;
+
 use crate::backfill::{self, BackfillMode, BackfillState};
 use crate::catalog::Catalog;
 use crate::config::{Config, ConfigError, Credential};
@@ -672,6 +674,23 @@ impl Session<'_> {
         }
     }
 
+    /// We hold the delivery lock, so no other instance is delivering: the claims of one whose
+    /// sessions are all gone are released once it cannot be calling Keap any more
+    /// ([`orphans`]).
+    async fn release_orphaned_claims(&self) -> Result<(), DbError> {
+        let found = outbox::orphans(&self.db, &self.ctx.instance).await?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        let grace = orphans::grace(&self.ctx.config, HEARTBEAT);
+        let gone = orphans::releasable(&found, &self.ctx.host, grace);
+        let released = outbox::release_instances(&self.db, &gone).await?;
+        if released > 0 {
+            tracing::info!(released, instances = ?gone, "released the claims of an instance that is gone");
+        }
+        Ok(())
+    }
+
     /// One turn: heartbeat when due, then either check whether a pause can end or start work.
     /// Returns how long to wait for something to happen.
     async fn turn(&mut self) -> Result<Duration, DbError> {
@@ -688,14 +707,9 @@ impl Session<'_> {
             };
             self.ctx.metrics.set_fatal(reason.clone());
             self.ctx.heartbeat(&self.db, InstanceRole::Active, reason.as_deref()).await?;
-            // We hold the delivery lock, so no other instance is delivering: the claims of one
-            // whose sessions are all gone (killed, crashed) have no task behind them. Checked on
-            // every heartbeat, not only after taking the lock, since a killed instance's backend
-            // may take a moment to exit.
-            let released = outbox::release_orphaned(&self.db, &self.ctx.instance).await?;
-            if released > 0 {
-                tracing::info!(released, "released the claims of an instance that is gone");
-            }
+            // Checked on every heartbeat, not only after taking the lock, since a killed
+            // instance's backend may take a moment to exit.
+            self.release_orphaned_claims().await?;
         }
         if self.capture.as_ref().is_some_and(|c| c.blocks_reads) {
             // No user can be read as configured: claiming (and folding, which reads the key)

@@ -916,34 +916,55 @@ pub(crate) async fn release_all(client: &Client, instance: &str, after: Duration
         .await?)
 }
 
-/// Forgets every instance other than `instance` none of whose recorded database session
-/// (`keap_sync.instances.backend_pid` and `backend_start`) is still connected, and releases its
-/// claims at once. Called only by the holder of the delivery lock: since that lock is ours, no
-/// other instance is delivering, and one with no session left cannot record a result either,
-/// so its claims would otherwise sit out their lease (two minutes by default) after a crash.
-/// A live instance that lost the lock releases its own claims as its session ends, so its rows
-/// are left to it. The attempt each claim counted is given back, as in [`release_all`].
-///
-/// Two statements, the second only when an instance is gone: the first reads the small
-/// instances table, and the outbox (which has no index on `leased_by`, so that claims stay HOT
-/// updates) is scanned only after a crash, not on every heartbeat.
-pub(crate) async fn release_orphaned(client: &Client, instance: &str) -> Result<u64, DbError> {
-    let gone: Vec<String> = client
+/// An instance none of whose recorded database sessions (`keap_sync.instances.backend_pid` and
+/// `backend_start`) is connected any more, as [`orphans`] finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Orphan {
+    pub(crate) instance: String,
+    /// Where it ran and its process id, as its heartbeats said.
+    pub(crate) host: String,
+    pub(crate) pid: i32,
+    /// Time since its last heartbeat.
+    pub(crate) silent_for: Duration,
+}
+
+/// Every instance other than `instance` with no session of its own left connected. Such an
+/// instance may be dead (killed, crashed), or alive on the other side of a database fail-over,
+/// or under a role whose sessions this one cannot see: the caller decides which
+/// (`daemon`). Reads only the small instances table.
+pub(crate) async fn orphans(client: &Client, instance: &str) -> Result<Vec<Orphan>, DbError> {
+    Ok(client
         .query(
-            "delete from keap_sync.instances i
+            "select i.instance, i.host, i.pid, extract(epoch from now() - i.last_seen)::float8
+               from keap_sync.instances i
               where i.instance <> $1
                 and not exists (select from pg_catalog.pg_stat_activity a
-                                 where a.pid = i.backend_pid and a.backend_start = i.backend_start)
-          returning i.instance",
+                                 where a.pid = i.backend_pid and a.backend_start = i.backend_start)",
             &[&instance],
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| Orphan {
+            instance: r.get(0),
+            host: r.get(1),
+            pid: r.get(2),
+            silent_for: Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0)),
+        })
+        .collect())
+}
+
+/// Forgets the instances `gone` and releases their claims. Called only by the holder of the
+/// delivery lock, for instances that can no longer have a call to Keap on the wire: their
+/// claims would otherwise sit out their lease (two minutes by default). The attempt each claim
+/// counted is given back, as in [`release_all`].
+///
+/// The outbox has no index on `leased_by` (claims stay HOT updates), so it is scanned only
+/// when an instance is gone, not on every heartbeat.
+pub(crate) async fn release_instances(client: &Client, gone: &[String]) -> Result<u64, DbError> {
     if gone.is_empty() {
         return Ok(0);
     }
+    client.execute("delete from keap_sync.instances where instance = any($1)", &[&gone]).await?;
     Ok(client
         .execute(
             "update keap_sync.outbox

@@ -320,3 +320,50 @@ async fn idle_session_timeout_does_not_end_the_daemons_sessions() {
     app.wait_idle().await;
     assert_eq!(app.fake.contacts()[0].given_name.as_deref(), Some("Still"));
 }
+
+/// An instance whose database sessions this one cannot see is not necessarily dead: across a
+/// database fail-over, or under a role whose sessions are hidden, it may still have a call on
+/// the wire. Its claims used to be released at the lock holder's next heartbeat, so a second
+/// call for the same user could go out beside the first. They are now released once its
+/// heartbeat is older than the longest a delivery's calls can take (or at once when its process
+/// is certainly gone from this host, which `faults::` covers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_instance_elsewhere_keeps_its_claims_until_it_cannot_be_calling() {
+    let mut app = spawn_app_with(Options::stopped()).await;
+    app.exec("insert into users (email) values ('claimed@example.com')").await;
+    app.fold().await;
+    let ghost = "elsewhere:1:ghost";
+    app.exec(&format!(
+        "insert into keap_sync.instances (instance, host, pid, role, backend_pid, backend_start)
+             values ('{ghost}', 'elsewhere', 1, 'standby', 2147483000, now());
+         update keap_sync.outbox set leased_by = '{ghost}', lease_until = now() + interval '10 minutes', attempts = 1"
+    ))
+    .await;
+    let started: String = app.db.query_one("select now()::text", &[]).await.unwrap().get(0);
+    app.start_daemon().await;
+    // Two heartbeats of ours (every 5 s): a release would have come at the first.
+    eventually(Duration::from_secs(20), "two heartbeats of the daemon", || async {
+        app.count(&format!(
+            "select count(*) from keap_sync.instances
+              where instance <> '{ghost}' and last_seen > '{started}'::timestamptz + interval '5.5 s'"
+        ))
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        app.count(&format!("select count(*) from keap_sync.outbox where leased_by = '{ghost}'")).await,
+        1,
+        "the claim of an instance that may still be calling was released"
+    );
+    assert_eq!(app.contact_calls("PUT"), 0, "no second call went out");
+    // Silent for longer than any call can take: released, and the user is delivered.
+    app.exec(&format!(
+        "update keap_sync.instances set last_seen = now() - interval '1 hour' where instance = '{ghost}'"
+    ))
+    .await;
+    eventually(Duration::from_secs(20), "the claim released and the user delivered", || async {
+        app.fake.contacts().len() == 1
+    })
+    .await;
+}
