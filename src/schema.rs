@@ -177,6 +177,11 @@ impl From<tokio_postgres::Error> for SchemaError {
 pub(crate) struct UserTable {
     /// `"schema"."table"`
     pub qualified: String,
+    /// Whether the users table is partitioned.
+    pub partitioned: bool,
+    /// Every partition of a partitioned users table (at any depth), qualified like `qualified`:
+    /// a statement on a partition fires that partition's statement triggers, not the parent's.
+    pub partitions: Vec<String>,
     /// Quoted key column.
     pub key: String,
     /// The key column's type, schema-qualified unless it is in `pg_catalog` (the generated
@@ -291,6 +296,24 @@ fn identifiers(sql: &str) -> Option<HashSet<String>> {
     Some(out)
 }
 
+/// The partitions of the partitioned table `oid`, at every depth, as `"schema"."name"`.
+async fn partitions(client: &impl GenericClient, oid: u32) -> Result<Vec<String>, SchemaError> {
+    Ok(client
+        .query(
+            "select pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)
+               from pg_catalog.pg_partition_tree($1::oid::regclass) t
+               join pg_catalog.pg_class c on c.oid = t.relid
+               join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+              where t.relid::oid <> $1::oid
+              order by 1",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 impl UserTable {
     /// Looks up the configured table and columns, and checks every SQL expression and type
     /// against it; any problem is an error naming its config key.
@@ -302,7 +325,7 @@ impl UserTable {
         let shown = format!("{schema}.{table}");
         let rel = client
             .query_opt(
-                "select c.oid from pg_catalog.pg_class c
+                "select c.oid, c.relkind = 'p' from pg_catalog.pg_class c
                    join pg_catalog.pg_namespace n on n.oid = c.relnamespace
                   where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
                 &[&schema, &table],
@@ -310,6 +333,8 @@ impl UserTable {
             .await?
             .ok_or_else(|| SchemaError::MissingTable(shown.clone()))?;
         let oid: u32 = rel.get(0);
+        let partitioned: bool = rel.get(1);
+        let partitions = if partitioned { partitions(client, oid).await? } else { Vec::new() };
         let columns: Vec<(String, String)> = client
             .query(
                 "select attname::text, pg_catalog.format_type(atttypid, atttypmod) from pg_catalog.pg_attribute
@@ -396,6 +421,8 @@ impl UserTable {
         }
         Ok(UserTable {
             qualified,
+            partitioned,
+            partitions,
             key: quote_ident(&users.key),
             key_type: key.name,
             key_eq: key.eq,
@@ -578,14 +605,14 @@ struct Installed {
 /// The trigger `name` on the users table, if there is one.
 async fn installed(
     client: &impl GenericClient,
-    table: &UserTable,
+    relation: &str,
     name: &str,
 ) -> Result<Option<Installed>, SchemaError> {
     let row = client
         .query_opt(
             &format!(
                 "select tgargs, tgenabled::text, tgfoid::regproc::text from pg_catalog.pg_trigger where tgrelid = {}::regclass and tgname = $1",
-                quote_literal(&table.qualified)
+                quote_literal(relation)
             ),
             &[&name],
         )
@@ -618,6 +645,55 @@ struct CaptureTrigger {
     settings: &'static [Setting],
     /// How it must be enabled (`pg_trigger.tgenabled`): `A` always, `R` replica only.
     enabled: u8,
+    /// A statement-level trigger (the others are row-level).
+    per_statement: bool,
+}
+
+/// One capture trigger on one relation: the users table or one of its partitions.
+struct Placement {
+    /// The relation, qualified.
+    relation: String,
+    name: &'static str,
+    function: &'static str,
+    /// The `create trigger` text after `create trigger <name>`.
+    definition: String,
+    enabled: u8,
+}
+
+/// Every capture trigger on every relation it belongs on. On the users table: the generated
+/// triggers and the truncate trigger. On each partition of a partitioned table, the statement
+/// triggers and the truncate trigger again: a statement that names a partition fires that
+/// partition's statement triggers, not the parent's, so without them a write or a TRUNCATE
+/// straight to a partition would go unseen. (A statement on the parent fires the parent's only,
+/// so nothing is logged twice.) The row triggers need no copy: PostgreSQL clones a partitioned
+/// table's row triggers onto its partitions.
+fn placements(table: &UserTable) -> Vec<Placement> {
+    let truncate = |relation: &str| Placement {
+        relation: relation.to_owned(),
+        name: TRUNCATE_TRIGGER_NAME,
+        function: "keap_sync.capture_truncate",
+        definition: format!("after truncate on {relation} for each statement"),
+        enabled: b'A',
+    };
+    let triggers = capture_triggers(table);
+    let on = |t: &CaptureTrigger, relation: &str| Placement {
+        relation: relation.to_owned(),
+        name: t.name,
+        function: t.function,
+        definition: t.definition.replacen(
+            &format!(" on {} ", table.qualified),
+            &format!(" on {relation} "),
+            1,
+        ),
+        enabled: t.enabled,
+    };
+    let mut out: Vec<Placement> = triggers.iter().map(|t| on(t, &table.qualified)).collect();
+    out.push(truncate(&table.qualified));
+    for partition in &table.partitions {
+        out.extend(triggers.iter().filter(|t| t.per_statement).map(|t| on(t, partition)));
+        out.push(truncate(partition));
+    }
+    out
 }
 
 /// A `set` clause of a generated function: `set {name} = {value}`. The catalog keeps it as
@@ -729,6 +805,11 @@ end"
         .collect();
     let row_changed = if row_changed.is_empty() { "false".to_owned() } else { row_changed.join(" or ") };
     let t = &table.qualified;
+    // An update that moves a row to another partition fires no update row trigger after it,
+    // only before it (on the partition the row leaves): there the key change must be caught
+    // before the row is written, and the trigger lets the row through.
+    let (key_change_timing, key_change_returns) =
+        if table.partitioned { ("before", "new") } else { ("after", "null") };
     vec![
         CaptureTrigger {
             name: TRIGGER_NAME,
@@ -739,6 +820,7 @@ end"
             ),
             settings: &[],
             enabled: b'A',
+            per_statement: true,
         },
         CaptureTrigger {
             name: UPDATE_TRIGGER_NAME,
@@ -752,6 +834,7 @@ end"
             ),
             settings: &[PINNED_PATH, NO_NESTED_LOOP],
             enabled: b'A',
+            per_statement: true,
         },
         CaptureTrigger {
             name: DELETE_TRIGGER_NAME,
@@ -762,6 +845,7 @@ end"
             ),
             settings: &[],
             enabled: b'A',
+            per_statement: true,
         },
         CaptureTrigger {
             name: KEY_TRIGGER_NAME,
@@ -780,14 +864,15 @@ end"
     if new.{key} is not null then
         perform keap_sync.enqueue(new.{key}::text, false);
     end if;
-    return null;
+    return {key_change_returns};
 end"
             ),
             definition: format!(
-                "after update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
+                "{key_change_timing} update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
             ),
             settings: &[PINNED_PATH],
             enabled: b'A',
+            per_statement: false,
         },
         CaptureTrigger {
             name: APPLY_TRIGGER_NAME,
@@ -820,6 +905,7 @@ end"
             definition: format!("after insert or update or delete on {t} for each row"),
             settings: &[PINNED_PATH],
             enabled: b'R',
+            per_statement: false,
         },
     ]
 }
@@ -987,30 +1073,36 @@ async fn trigger_problem(
     client: &impl GenericClient,
     table: &UserTable,
 ) -> Result<Option<String>, SchemaError> {
-    let mut checks: Vec<(&str, &str, Option<FunctionDef>, u8)> = capture_triggers(table)
-        .into_iter()
-        .map(|t| (t.name, t.function, Some(FunctionDef::generated(t.body, t.settings)), t.enabled))
-        .collect();
-    checks.push((TRUNCATE_TRIGGER_NAME, "keap_sync.capture_truncate", None, b'A'));
-    for (name, function, def, enabled) in checks {
-        let problem = match installed(client, table, name).await? {
+    for t in capture_triggers(table) {
+        if function_def(client, t.function, 0).await? != Some(FunctionDef::generated(t.body, t.settings)) {
+            return Ok(Some(format!(
+                "the capture function {} captures other columns than the config names: changes to users are \
+                 not all recorded; run `keap-sync migrate`",
+                t.function
+            )));
+        }
+    }
+    for p in placements(table) {
+        let problem = match installed(client, &p.relation, p.name).await? {
             None => "is missing",
-            Some(t) if !t.args.is_empty() || t.function != function => "is an older kind of trigger",
-            Some(_) if def.is_some() && function_def(client, function, 0).await? != def => {
-                "captures other columns than the config names"
-            }
+            Some(t) if !t.args.is_empty() || t.function != p.function => "is an older kind of trigger",
             Some(t) if t.enabled == b'D' => "is disabled",
-            Some(t) if t.enabled != enabled && enabled == b'R' => {
+            Some(t) if t.enabled != p.enabled && p.enabled == b'R' => {
                 "is not `enable replica` (changes applied by logical replication are missed)"
             }
-            Some(t) if t.enabled != enabled => {
+            Some(t) if t.enabled != p.enabled => {
                 "is not `enable always` (changes written under session_replication_role = replica are missed)"
             }
             Some(_) => continue,
         };
+        let whose = if p.relation == table.qualified {
+            String::new()
+        } else {
+            " (a partition of the users table)".to_owned()
+        };
         return Ok(Some(format!(
-            "the capture trigger {name} on {} {problem}: changes to users are not all recorded; run `keap-sync migrate`",
-            table.qualified
+            "the capture trigger {} on {}{whose} {problem}: changes to users are not all recorded; run `keap-sync migrate`",
+            p.name, p.relation
         )));
     }
     if function_def(client, FOLD_FUNCTION, 1).await?
@@ -1089,34 +1181,9 @@ security definer
             .await?;
             changed = true;
         }
-        let enabled = match installed(tx, table, t.name).await? {
-            Some(i) if i.args.is_empty() && i.function == t.function => i.enabled,
-            other => {
-                if other.is_some() {
-                    tx.batch_execute(&format!("drop trigger {} on {}", quote_ident(t.name), table.qualified))
-                        .await?;
-                }
-                tx.batch_execute(&format!(
-                    "create trigger {} {} execute function {}()",
-                    quote_ident(t.name),
-                    t.definition,
-                    t.function
-                ))
-                .await?;
-                changed = true;
-                b'O'
-            }
-        };
-        if enabled != t.enabled {
-            tx.batch_execute(&format!(
-                "alter table {} enable {} trigger {}",
-                table.qualified,
-                if t.enabled == b'R' { "replica" } else { "always" },
-                quote_ident(t.name)
-            ))
-            .await?;
-            changed = true;
-        }
+    }
+    for p in placements(table) {
+        changed |= place(tx, &p).await?;
     }
     let fold = fold_function(table);
     if function_def(tx, FOLD_FUNCTION, 1).await? != Some(FunctionDef::generated(fold.clone(), FOLD_SETTINGS))
@@ -1131,21 +1198,36 @@ language plpgsql
         .await?;
         changed = true;
     }
-    let truncate = installed(tx, table, TRUNCATE_TRIGGER_NAME).await?;
-    if truncate.is_none() {
+    Ok(changed)
+}
+
+/// Creates trigger `p` unless it is there calling its function, and enables it as it must be.
+/// Returns whether anything changed.
+async fn place(tx: &tokio_postgres::Transaction<'_>, p: &Placement) -> Result<bool, SchemaError> {
+    let mut changed = false;
+    let enabled = match installed(tx, &p.relation, p.name).await? {
+        Some(i) if i.args.is_empty() && i.function == p.function => i.enabled,
+        other => {
+            if other.is_some() {
+                tx.batch_execute(&format!("drop trigger {} on {}", quote_ident(p.name), p.relation)).await?;
+            }
+            tx.batch_execute(&format!(
+                "create trigger {} {} execute function {}()",
+                quote_ident(p.name),
+                p.definition,
+                p.function
+            ))
+            .await?;
+            changed = true;
+            b'O'
+        }
+    };
+    if enabled != p.enabled {
         tx.batch_execute(&format!(
-            "create trigger {} after truncate on {} for each statement execute function keap_sync.capture_truncate()",
-            quote_ident(TRUNCATE_TRIGGER_NAME),
-            table.qualified,
-        ))
-        .await?;
-        changed = true;
-    }
-    if truncate.map_or(b'O', |t| t.enabled) != b'A' {
-        tx.batch_execute(&format!(
-            "alter table {} enable always trigger {}",
-            table.qualified,
-            quote_ident(TRUNCATE_TRIGGER_NAME)
+            "alter table {} enable {} trigger {}",
+            p.relation,
+            if p.enabled == b'R' { "replica" } else { "always" },
+            quote_ident(p.name)
         ))
         .await?;
         changed = true;
@@ -1164,12 +1246,17 @@ pub async fn uninstall(
     tx.execute("select pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     let (schema, table) = users.schema_and_table();
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
-    let exists = tx
+    let oid = tx
         .query_opt("select pg_catalog.to_regclass($1)::oid", &[&qualified])
         .await?
-        .and_then(|r| r.get::<_, Option<u32>>(0))
-        .is_some();
-    if exists {
+        .and_then(|r| r.get::<_, Option<u32>>(0));
+    if let Some(oid) = oid {
+        for partition in partitions(&tx, oid).await? {
+            for name in [TRIGGER_NAME, UPDATE_TRIGGER_NAME, DELETE_TRIGGER_NAME, TRUNCATE_TRIGGER_NAME] {
+                tx.batch_execute(&format!("drop trigger if exists {} on {partition}", quote_ident(name)))
+                    .await?;
+            }
+        }
         for name in [
             TRIGGER_NAME,
             UPDATE_TRIGGER_NAME,

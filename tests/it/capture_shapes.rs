@@ -331,3 +331,66 @@ async fn overlapping_folds_leave_a_present_user_present() {
         .get(0);
     assert!(!gone, "user 1 exists, but its outbox row says the key is gone");
 }
+
+/// A users table partitioned by its key.
+const PARTITIONED_USERS: &str = "create table public.users (
+    id bigint primary key, email text, first_name text, last_name text, plan text not null default 'free'
+) partition by range (id);
+create table public.users_low partition of public.users for values from (minvalue) to (1000);
+create table public.users_high partition of public.users for values from (1000) to (maxvalue);";
+
+/// The contact id mapped to user `key`, if any.
+async fn mapped(app: &app::TestApp, key: &str) -> Option<i64> {
+    app.db
+        .query_opt("select contact_id from keap_sync.contact_map where user_key = $1", &[&key])
+        .await
+        .expect("contact_map")
+        .map(|r| r.get(0))
+}
+
+/// A partitioned users table: statement triggers on the parent do not fire for a write to a
+/// partition, nor for a TRUNCATE of one, and an update that moves a row to another partition
+/// fires no update row trigger, so a key change across partitions was lost. Each is captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_partitions_and_moves_between_them_are_captured() {
+    let app = spawn_app_with(Options {
+        users_ddl: PARTITIONED_USERS,
+        tweak: |c| c.delivery.on_delete = keap_sync::config::OnDelete::DeleteContact,
+        ..Options::default()
+    })
+    .await;
+    app.exec("insert into users (id, email) values (1, 'one@example.com'), (2000, 'two@example.com')").await;
+    app.wait_idle().await;
+    let one = mapped(&app, "1").await.expect("user 1 delivered");
+
+    // Straight into a partition.
+    app.exec("insert into users_low (id, email) values (3, 'three@example.com')").await;
+    app::eventually(Duration::from_secs(20), "an insert into a partition delivered", || async {
+        mapped(&app, "3").await.is_some()
+    })
+    .await;
+    app.exec("update users_high set first_name = 'Direct' where id = 2000").await;
+    app::eventually(Duration::from_secs(20), "an update of a partition delivered", || async {
+        app.fake.contacts().iter().any(|c| c.given_name.as_deref() == Some("Direct"))
+    })
+    .await;
+
+    // A key change that moves the row to the other partition keeps the user's contact.
+    app.exec("update users set id = 1500, first_name = 'Moved' where id = 1").await;
+    app::eventually(Duration::from_secs(20), "the moved user delivered under its new key", || async {
+        app.fake.contact(one).is_some_and(|c| c.given_name.as_deref() == Some("Moved"))
+            && mapped(&app, "1500").await == Some(one)
+            && mapped(&app, "1").await.is_none()
+    })
+    .await;
+    app.wait_idle().await;
+    assert_eq!(app.fake.contacts().len(), 3, "no contact created or deleted by the move");
+
+    // A TRUNCATE of one partition, and a delete from the other.
+    app.exec("truncate users_high").await;
+    app.exec("delete from users_low where id = 3").await;
+    app::eventually(Duration::from_secs(20), "the truncated and deleted users' contacts deleted", || async {
+        app.fake.contacts().is_empty()
+    })
+    .await;
+}
