@@ -11,6 +11,10 @@
 //! the capture triggers `migrate` installs (per statement, appending to the change log of 0011),
 //! and the row trigger of 0005 (`keap_sync.capture`, installed here explicitly for comparison).
 //! Prints rows/s and the ratio to no trigger.
+//!
+//! Then a bulk UPDATE of every row with the capture triggers, in a fresh session and in one
+//! that updated a single row first (a pooled connection's usual state: PL/pgSQL plans a
+//! trigger's statements once per session, with its first call's sizes), three rounds each.
 
 use keap_sync::config::Config;
 use keap_sync_testkit::bench::{self, arg, connect, insert_rates as measure};
@@ -70,4 +74,53 @@ async fn main() {
             100.0 * s / none.1
         );
     }
+    bulk_update_after_one_row(&client, &conninfo, rows).await;
+}
+
+/// Times `update users set first_name = …` of all `rows` rows, capture on, in a fresh session
+/// and in a session whose first update touched one row; prints the medians of three rounds.
+async fn bulk_update_after_one_row(client: &tokio_postgres::Client, conninfo: &str, rows: i64) {
+    bench::reset_users(client).await;
+    client.batch_execute(bench::ENABLE_CAPTURE).await.expect("enable capture");
+    client
+        .execute(
+            "insert into users (email, first_name) select 'u' || g || '@example.com', 'U' from generate_series(1, $1::int8) g",
+            &[&rows],
+        )
+        .await
+        .expect("rows");
+    let mut fresh = Vec::new();
+    let mut after_one = Vec::new();
+    for round in 0..3 {
+        for warm in [false, true] {
+            let session = connect(conninfo).await;
+            if warm {
+                session
+                    .batch_execute("update users set first_name = 'one' where id = 1")
+                    .await
+                    .expect("one row");
+            }
+            let started = std::time::Instant::now();
+            session
+                .execute("update users set first_name = $1 || id", &[&format!("r{round}{warm}")])
+                .await
+                .expect("bulk update");
+            let took = started.elapsed().as_secs_f64() * 1000.0;
+            if warm {
+                after_one.push(took)
+            } else {
+                fresh.push(took)
+            }
+            client.batch_execute("truncate keap_sync.change").await.expect("empty the log");
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (f, w) = (median(&mut fresh), median(&mut after_one));
+    println!();
+    println!("bulk UPDATE of {rows} rows, capture on (median of 3)");
+    println!("{:<40} {f:>10.1} ms", "fresh session");
+    println!("{:<40} {w:>10.1} ms ({:.2}x)", "after a one-row UPDATE in the session", w / f);
 }
