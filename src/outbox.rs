@@ -399,6 +399,71 @@ pub(crate) struct Completion {
     pub(crate) done: Done,
 }
 
+/// [`complete`]'s statement (a macro: [`COMPLETE`] and [`COMPLETE_BATCH`] differ in how they
+/// take their rows), one array element per success: `$4` (the contact id) set for a
+/// [`Done::Synced`], `$7` true for a [`Done::Forgotten`], neither for [`Done::Nothing`].
+///
+/// `gone` must be evaluated before `kept` decides; the reference to it guarantees that, and
+/// the two never touch the same row (one deletes it, the other runs only if it was not
+/// deleted). `ours` holds a user only if this claim still owned its outbox row (same instance
+/// and the same attempt count: a re-claim bumps it), so a holder whose lease expired changes
+/// nothing, not even the contact map. `forgotten` and the insert touch different users.
+macro_rules! complete_sql {
+    ($locks:literal, $join:literal) => {
+        concat!("with done as (
+         select * from unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[], $6::jsonb[], $7::bool[])
+             as d (user_key, version, attempts, contact_id, fingerprint, sent, forget)
+     )", $locks, ", gone as (
+         delete from keap_sync.outbox o
+          using done d ", $join, "
+          where o.user_key = d.user_key and o.version = d.version and o.leased_by = $8
+            and o.attempts = d.attempts
+         returning o.user_key, o.key_gone
+     ), kept as (
+         update keap_sync.outbox o
+            set lease_until = null, leased_by = null, attempts = 0, next_attempt_at = now(),
+                first_changed_at = now(), last_error = null, last_status = null, last_body = null,
+                payload = null, first_failed_at = null, last_failed_at = null,
+                create_sent = case when d.contact_id is not null then null else o.create_sent end
+           from done d ", $join, "
+          where o.user_key = d.user_key and o.leased_by = $8 and o.attempts = d.attempts
+            and not exists (select from gone g where g.user_key = d.user_key)
+         returning o.user_key, o.key_gone
+     ), ours as (
+         select user_key, key_gone from gone union all select user_key, key_gone from kept
+     ), forgotten as (
+         delete from keap_sync.contact_map m
+          using done d join ours using (user_key)
+          where d.forget and m.user_key = d.user_key
+     )
+     insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
+     select d.user_key, d.contact_id, d.fingerprint, d.sent, now()
+       from done d join ours using (user_key)
+      where d.contact_id is not null and not ours.key_gone
+        and not exists (select from keap_sync.contact_map m
+                         where m.contact_id = d.contact_id and m.user_key <> d.user_key)
+     on conflict (user_key) do update
+        set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint,
+            sent = excluded.sent, synced_at = now()")
+    };
+}
+
+/// One step alone: it may wait for its row (`lock_timeout`), holding no other.
+const COMPLETE: &str = complete_sql!("", "");
+
+/// How a statement recording several deliveries' steps takes their outbox rows: in key order,
+/// as every other writer of several outbox rows does (the fold, a TRUNCATE), and without
+/// waiting. In arrival order, waiting for a row an application's transaction held while
+/// holding others formed a cycle with a multi-row key change or a TRUNCATE, and PostgreSQL
+/// could abort the application's transaction to break it. Now a held row fails the batch at
+/// once (`lock_not_available`), nothing is recorded, and the recorder records each step alone
+/// (`outbox::recorder`), where waiting for one row holds no other.
+const COMPLETE_BATCH: &str = complete_sql!(
+    ", locked as (select o.user_key from keap_sync.outbox o where o.user_key = any ($1::text[])
+                   order by o.user_key for update nowait)",
+    "join locked l using (user_key)"
+);
+
 /// Records successes, each as if alone: the contact map is updated, and the outbox row is
 /// deleted if no newer change arrived meanwhile, else released for the next delivery. One
 /// statement for all of `done`; it fails as a whole (a lock timeout on one row, two users
@@ -427,58 +492,15 @@ pub(crate) async fn complete(client: &Db, instance: &str, done: &[Completion]) -
         sents.push(synced.map(|s| s.2));
         forget.push(matches!(done, Done::Forgotten));
     }
+    let sql = if done.len() > 1 { COMPLETE_BATCH } else { COMPLETE };
     client
         .cached_execute(
-            COMPLETE,
+            sql,
             &[&keys, &versions, &attempts, &contacts, &fingerprints, &sents, &forget, &instance],
         )
         .await?;
     Ok(())
 }
-
-/// [`complete`]'s statement, one array element per success: `$4` (the contact id) set for a
-/// [`Done::Synced`], `$7` true for a [`Done::Forgotten`], neither for [`Done::Nothing`].
-///
-/// `gone` must be evaluated before `kept` decides; the reference to it guarantees that, and
-/// the two never touch the same row (one deletes it, the other runs only if it was not
-/// deleted). `ours` holds a user only if this claim still owned its outbox row (same instance
-/// and the same attempt count: a re-claim bumps it), so a holder whose lease expired changes
-/// nothing, not even the contact map. `forgotten` and the insert touch different users.
-const COMPLETE: &str = "with done as (
-         select * from unnest($1::text[], $2::int8[], $3::int4[], $4::int8[], $5::text[], $6::jsonb[], $7::bool[])
-             as d (user_key, version, attempts, contact_id, fingerprint, sent, forget)
-     ), gone as (
-         delete from keap_sync.outbox o
-          using done d
-          where o.user_key = d.user_key and o.version = d.version and o.leased_by = $8
-            and o.attempts = d.attempts
-         returning o.user_key, o.key_gone
-     ), kept as (
-         update keap_sync.outbox o
-            set lease_until = null, leased_by = null, attempts = 0, next_attempt_at = now(),
-                first_changed_at = now(), last_error = null, last_status = null, last_body = null,
-                payload = null, first_failed_at = null, last_failed_at = null,
-                create_sent = case when d.contact_id is not null then null else o.create_sent end
-           from done d
-          where o.user_key = d.user_key and o.leased_by = $8 and o.attempts = d.attempts
-            and not exists (select from gone g where g.user_key = d.user_key)
-         returning o.user_key, o.key_gone
-     ), ours as (
-         select user_key, key_gone from gone union all select user_key, key_gone from kept
-     ), forgotten as (
-         delete from keap_sync.contact_map m
-          using done d join ours using (user_key)
-          where d.forget and m.user_key = d.user_key
-     )
-     insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
-     select d.user_key, d.contact_id, d.fingerprint, d.sent, now()
-       from done d join ours using (user_key)
-      where d.contact_id is not null and not ours.key_gone
-        and not exists (select from keap_sync.contact_map m
-                         where m.contact_id = d.contact_id and m.user_key <> d.user_key)
-     on conflict (user_key) do update
-        set contact_id = excluded.contact_id, fingerprint = excluded.fingerprint,
-            sent = excluded.sent, synced_at = now()";
 
 /// How many times [`with_retries`] runs a statement that failed without losing the connection.
 const RECORD_ATTEMPTS: u32 = 4;
@@ -636,6 +658,43 @@ fn linked_of(row: &tokio_postgres::Row) -> Linked {
     }
 }
 
+/// [`link_many`]'s statement; `$lock` says how it takes the outbox rows (see
+/// [`COMPLETE_BATCH`]).
+macro_rules! link_sql {
+    ($lock:literal) => {
+        concat!("with input as (
+                         select * from unnest($1::text[], $2::int4[], $3::int8[], $4::jsonb[]) with ordinality
+                             as i (user_key, attempts, contact_id, sent, n)
+                     ), ours as (
+                         select o.user_key, o.key_gone
+                           from keap_sync.outbox o join input i on i.user_key = o.user_key
+                          where o.leased_by = $5 and o.attempts = i.attempts
+                          ", $lock, "
+                     ), linked as (
+                         insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
+                         select i.user_key, i.contact_id, '', i.sent, now() from input i join ours using (user_key)
+                          where not ours.key_gone
+                            and not exists (select from keap_sync.contact_map m
+                                             where m.contact_id = i.contact_id and m.user_key <> i.user_key)
+                         on conflict (user_key) do update
+                            set contact_id = excluded.contact_id, fingerprint = '', sent = excluded.sent, synced_at = now()
+                         returning user_key
+                     )
+                     select ours.user_key is not null, coalesce(ours.key_gone, false),
+                            exists (select from linked l where l.user_key = i.user_key),
+                            (select m.user_key from keap_sync.contact_map m
+                              where m.contact_id = i.contact_id and m.user_key <> i.user_key)
+                       from input i left join ours using (user_key)
+                      order by i.n")
+    };
+}
+
+/// [`link_many`] for one step: it may wait for its row, holding no other.
+const LINK: &str = link_sql!("for update of o");
+
+/// [`link_many`] for several steps: rows in key order, without waiting (see [`COMPLETE_BATCH`]).
+const LINK_BATCH: &str = link_sql!("order by o.user_key for update of o nowait");
+
 /// [`link`] for many claims in one statement, one answer per element in order. Fails as a
 /// whole where [`link`] would answer [`Linked::TakenBy`] from a unique violation (two of them
 /// linking one contact, or another delivery linking it meanwhile): the caller links each alone.
@@ -644,35 +703,8 @@ pub(crate) async fn link_many(client: &Db, instance: &str, links: &[LinkTo]) -> 
     let attempts: Vec<i32> = links.iter().map(|l| l.claim.attempts).collect();
     let contacts: Vec<i64> = links.iter().map(|l| l.contact_id).collect();
     let sents: Vec<&Value> = links.iter().map(|l| &l.sent).collect();
-    let rows = client
-        .cached_query(
-            "with input as (
-                 select * from unnest($1::text[], $2::int4[], $3::int8[], $4::jsonb[]) with ordinality
-                     as i (user_key, attempts, contact_id, sent, n)
-             ), ours as (
-                 select o.user_key, o.key_gone
-                   from keap_sync.outbox o join input i on i.user_key = o.user_key
-                  where o.leased_by = $5 and o.attempts = i.attempts
-                  for update of o
-             ), linked as (
-                 insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent, synced_at)
-                 select i.user_key, i.contact_id, '', i.sent, now() from input i join ours using (user_key)
-                  where not ours.key_gone
-                    and not exists (select from keap_sync.contact_map m
-                                     where m.contact_id = i.contact_id and m.user_key <> i.user_key)
-                 on conflict (user_key) do update
-                    set contact_id = excluded.contact_id, fingerprint = '', sent = excluded.sent, synced_at = now()
-                 returning user_key
-             )
-             select ours.user_key is not null, coalesce(ours.key_gone, false),
-                    exists (select from linked l where l.user_key = i.user_key),
-                    (select m.user_key from keap_sync.contact_map m
-                      where m.contact_id = i.contact_id and m.user_key <> i.user_key)
-               from input i left join ours using (user_key)
-              order by i.n",
-            &[&keys, &attempts, &contacts, &sents, &instance],
-        )
-        .await?;
+    let sql = if links.len() > 1 { LINK_BATCH } else { LINK };
+    let rows = client.cached_query(sql, &[&keys, &attempts, &contacts, &sents, &instance]).await?;
     Ok(rows.iter().map(linked_of).collect())
 }
 
@@ -727,6 +759,33 @@ pub(crate) async fn begin_create(
     }
 }
 
+/// [`begin_create_many`]'s statement; `$locks` and `$join` say how it takes the outbox rows
+/// (see [`COMPLETE_BATCH`]).
+macro_rules! begin_create_sql {
+    ($locks:literal, $join:literal) => {
+        concat!("with input as (
+                         select * from unnest($1::text[], $2::int4[], $3::jsonb[]) with ordinality
+                             as i (user_key, attempts, body, n)
+                     )", $locks, ", reserved as (
+                         update keap_sync.outbox o set create_sent = i.body
+                           from input i ", $join, "
+                          where o.user_key = i.user_key and o.leased_by = $4 and o.attempts = i.attempts
+                         returning o.user_key
+                     )
+                     select exists (select from reserved r where r.user_key = i.user_key) from input i order by i.n")
+    };
+}
+
+/// [`begin_create_many`] for one step: it may wait for its row, holding no other.
+const BEGIN_CREATE: &str = begin_create_sql!("", "");
+
+/// [`begin_create_many`] for several steps: rows in key order, without waiting.
+const BEGIN_CREATE_BATCH: &str = begin_create_sql!(
+    ", locked as (select o.user_key from keap_sync.outbox o where o.user_key = any ($1::text[])
+                   order by o.user_key for update nowait)",
+    "join locked l using (user_key)"
+);
+
 /// [`begin_create`] for many claims in one statement, one answer per element in order
 /// (`Reserved` or `Lost`). Fails as a whole where [`begin_create`] would answer
 /// [`CreateSlot::EmailBusy`]: the caller records each alone.
@@ -738,21 +797,8 @@ pub(crate) async fn begin_create_many(
     let keys: Vec<&str> = creates.iter().map(|c| c.claim.user_key.as_str()).collect();
     let attempts: Vec<i32> = creates.iter().map(|c| c.claim.attempts).collect();
     let bodies: Vec<&Value> = creates.iter().map(|c| &c.body).collect();
-    let rows = client
-        .cached_query(
-            "with input as (
-                 select * from unnest($1::text[], $2::int4[], $3::jsonb[]) with ordinality
-                     as i (user_key, attempts, body, n)
-             ), reserved as (
-                 update keap_sync.outbox o set create_sent = i.body
-                   from input i
-                  where o.user_key = i.user_key and o.leased_by = $4 and o.attempts = i.attempts
-                 returning o.user_key
-             )
-             select exists (select from reserved r where r.user_key = i.user_key) from input i order by i.n",
-            &[&keys, &attempts, &bodies, &instance],
-        )
-        .await?;
+    let sql = if creates.len() > 1 { BEGIN_CREATE_BATCH } else { BEGIN_CREATE };
+    let rows = client.cached_query(sql, &[&keys, &attempts, &bodies, &instance]).await?;
     Ok(rows.iter().map(|r| if r.get(0) { CreateSlot::Reserved } else { CreateSlot::Lost }).collect())
 }
 

@@ -367,3 +367,65 @@ async fn a_silent_instance_elsewhere_keeps_its_claims_until_it_cannot_be_calling
     })
     .await;
 }
+
+/// Outbox rows the daemon's backends hold locks on, as `pgrowlocks` reads them.
+async fn rows_locked_by_the_daemon(app: &TestApp) -> i64 {
+    app.count(
+        "select count(*) from pgrowlocks('keap_sync.outbox') r
+          where exists (select from pg_stat_activity a
+                         where a.application_name = 'keap-sync' and a.datname = current_database()
+                           and a.pid = any (r.pids))",
+    )
+    .await
+}
+
+/// The recorder's batch statement took its users' outbox rows in the order the results
+/// arrived, and waited for one an application's transaction held while holding the others:
+/// with a multi-row key change or a TRUNCATE (which take outbox rows in key order) that is a
+/// deadlock, and PostgreSQL may end it by aborting the application's transaction. A batch now
+/// takes its rows in key order without waiting, so whenever the daemon waits for an outbox row
+/// it holds no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_never_waits_for_an_outbox_row_while_holding_another() {
+    let app = spawn_app_with(Options {
+        tweak: |c| {
+            c.delivery.concurrency = 16;
+            if let Some(db) = c.database.as_mut() {
+                db.lock_timeout = Duration::from_secs(2);
+            }
+        },
+        ..Options::default()
+    })
+    .await;
+    app.exec("create extension pgrowlocks").await;
+    app.insert_users(16).await;
+    app.wait_idle().await;
+    app.fake.set_latency(Duration::from_millis(700));
+    app.exec("update users set first_name = 'Again'").await;
+    // While the calls are on the wire, an application transaction takes user 9's outbox row.
+    eventually(Duration::from_secs(10), "user 9 claimed", || async {
+        app.count("select count(*) from keap_sync.outbox where user_key = '9' and leased_by is not null")
+            .await
+            == 1
+    })
+    .await;
+    let holder = app::connect(&app.conninfo).await;
+    holder
+        .batch_execute("begin; select from keap_sync.outbox where user_key = '9' for update")
+        .await
+        .expect("hold user 9's outbox row");
+    eventually(Duration::from_secs(10), "the daemon waiting for user 9's row", || async {
+        app.count(
+            "select count(*) from pg_stat_activity
+              where application_name = 'keap-sync' and datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    let held = rows_locked_by_the_daemon(&app).await;
+    holder.batch_execute("rollback").await.expect("release");
+    assert_eq!(held, 0, "the daemon held {held} outbox rows while it waited for user 9's");
+    app.wait_idle().await;
+    app.assert_keap_matches_users().await;
+}
