@@ -8,7 +8,7 @@
 //! | breaks a rule | any | – | park, naming the user, the column and the rule: only a new change can fix it |
 //! | present | mapped | unchanged, same tags | nothing: Keap already holds them |
 //! | present | mapped | changed | `PATCH` only the changed properties (an array property: read the contact first and send its other slots back); then at most one tag apply and one tag remove; a 404 links again |
-//! | present | none | – | look up by email (an in-doubt create's email first) → link and `PATCH` what differs, or record the create, then `PUT /v1/contacts`; then one apply of the rule and `on_create` tags |
+//! | present | none | – | look up by email (an in-doubt create's email first) → link a contact whose EMAIL1 is the address and `PATCH` what differs, or record the create, then `PUT /v1/contacts`; then one apply of the rule and `on_create` tags. A contact holding the address only in EMAIL2/EMAIL3 is never taken: the user is parked naming it (`not_adopted`) |
 //!
 //! A contact is linked (mapped) before anything is written to it, so two users never share one
 //! and a key that is gone is never mapped (`outbox::link`). Results: success completes the
@@ -411,12 +411,17 @@ impl Deliverer {
                     self.keap.find_by_email(&auth, email, optional, deadline).await
                 })
                 .await?;
-            match found {
-                Ok(Some(contact)) => {
-                    return self.adopt(claim, payload, contact, want, &on_create, deadline).await
-                }
-                Ok(None) => {}
+            let found = match found {
+                Ok(found) => found,
                 Err(failure) => return Ok(End::failed(failure, None)),
+            };
+            if let Some(contact) = found.email1 {
+                return self.adopt(claim, payload, contact, want, &on_create, deadline).await;
+            }
+            // An in-doubt create wrote its email as EMAIL1: a contact holding it elsewhere is
+            // not that create's. For the current email, it may be someone else's.
+            if !found.elsewhere.is_empty() && email.eq_ignore_ascii_case(&payload.email) {
+                return Ok(End::Park(not_adopted(&claim.user_key, &found.elsewhere)));
             }
         }
         self.create(claim, payload, want, &on_create, deadline).await
@@ -783,6 +788,29 @@ impl End {
     fn failed(failure: Failure, sent: Option<serde_json::Value>) -> End {
         End::Failed { failure, sent, settles_create: false }
     }
+}
+
+/// Why a user whose address Keap holds only in another contact's EMAIL2 or EMAIL3 is parked.
+///
+/// Such a contact may be another person's (a spouse, an assistant, a shared inbox): adopting
+/// it would overwrite that person's names and EMAIL1 (invariant 12), and `on_delete =
+/// "delete_contact"` would later delete a contact keap-sync never created (invariant 13).
+/// Creating a contact instead is no safer: `PUT /v1/contacts` with `duplicate_option=Email`
+/// may match the same slot and update that contact anyway (which slots Keap's duplicate check
+/// reads is undocumented), and `POST` would make a second contact for an address Keap already
+/// has (invariant 4). Only a person can tell, so the user is parked with the contact ids, the
+/// slots and both ways out; nothing is written to Keap. The message names no address.
+fn not_adopted(user_key: &str, elsewhere: &[(i64, String)]) -> String {
+    let held: Vec<String> = elsewhere.iter().map(|(id, slot)| format!("contact {id} ({slot})")).collect();
+    let first = elsewhere.first().map_or(0, |(id, _)| *id);
+    format!(
+        "user {user_key}: Keap holds this user's email address only as another address of {}, not as a \
+         contact's main address (EMAIL1); keap-sync does not take over a contact that may be someone else's, \
+         nor create a second one for an address Keap already has. If contact {first} is this user, make the \
+         address its EMAIL1 in Keap; if not, remove the address from it (or give the user another email); \
+         then run `keap-sync failures retry {user_key}` (the user's next change also tries again)",
+        held.join(", ")
+    )
 }
 
 /// The EMAIL1 of a create body kept in `outbox.create_sent`.

@@ -340,3 +340,89 @@ async fn the_migration_keeps_one_in_doubt_create_per_email() {
     let refused = db.batch_execute(&second).await.expect_err("a second create in flight for one email");
     assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
 }
+
+/// The parked reason of `user_key` (`None`: not parked).
+async fn parked_reason(app: &TestApp, user_key: &str) -> Option<String> {
+    app.db
+        .query_opt(
+            "select last_error from keap_sync.outbox where user_key = $1 and parked_at is not null",
+            &[&user_key],
+        )
+        .await
+        .expect("outbox")
+        .map(|r| r.get(0))
+}
+
+/// Keap's `?email=` filter is undocumented; the fake plays the widest reading (any of
+/// EMAIL1..3, every match). A contact holding the user's address only in EMAIL2 or EMAIL3 may be
+/// someone else's (a spouse, an assistant): it is never adopted, overwritten or deleted, and
+/// the user is parked naming it, its slot and the way out. A contact whose EMAIL1 is the address
+/// (in any case) is adopted, even when a lower id holds it in another slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_contact_whose_email1_is_the_address_is_adopted() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| c.delivery.on_delete = OnDelete::DeleteContact,
+        ..Options::default()
+    })
+    .await;
+    let stranger = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Stranger".into()),
+        family_name: None,
+        email_addresses: Some(vec![
+            email("stranger@example.com", EmailField::Email1),
+            email("ada@example.com", EmailField::Email2),
+        ]),
+        duplicate_option: None,
+    });
+    app.exec("insert into users (id, email, first_name) values (1, 'ada@example.com', 'Ada')").await;
+    app::eventually(Duration::from_secs(10), "user 1 to be parked or linked", || async {
+        parked_reason(&app, "1").await.is_some()
+            || app.count("select count(*) from keap_sync.contact_map where user_key = '1'").await == 1
+    })
+    .await;
+    assert_eq!(
+        mapped_keys(&app, stranger.id).await,
+        Vec::<String>::new(),
+        "a stranger's contact was adopted"
+    );
+    let reason = parked_reason(&app, "1").await.expect("user 1 is parked");
+    for needle in [format!("contact {}", stranger.id), "EMAIL2".into(), "failures retry 1".into()] {
+        assert!(reason.contains(&needle), "the reason names {needle}: {reason}");
+    }
+    assert_eq!(app.contact_calls("PUT") + app.contact_calls("PATCH"), 0, "nothing was written");
+    let kept = app.fake.contact(stranger.id).expect("the stranger's contact");
+    assert_eq!(kept.given_name.as_deref(), Some("Stranger"));
+    assert_eq!(slots(&kept), slots(&stranger));
+
+    // Deleting the user (with on_delete = delete_contact) deletes nothing it never owned.
+    app.exec("delete from users where id = 1").await;
+    app.wait_idle().await;
+    assert!(app.fake.contact(stranger.id).is_some(), "a contact keap-sync never owned was deleted");
+
+    // A lower id holding the address in EMAIL3, a higher one in EMAIL1 (another case): the
+    // EMAIL1 one is the user's.
+    let other = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Other".into()),
+        family_name: None,
+        email_addresses: Some(vec![
+            email("other@example.com", EmailField::Email1),
+            email("bob@example.com", EmailField::Email3),
+        ]),
+        duplicate_option: None,
+    });
+    let own = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Robert".into()),
+        family_name: None,
+        email_addresses: Some(vec![email("Bob@Example.com", EmailField::Email1)]),
+        duplicate_option: None,
+    });
+    assert!(other.id < own.id);
+    app.exec("insert into users (id, email, first_name) values (2, 'bob@example.com', 'Bob')").await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    assert_eq!(mapped_keys(&app, own.id).await, ["2"], "the contact whose EMAIL1 is the address");
+    assert_eq!(mapped_keys(&app, other.id).await, Vec::<String>::new());
+    assert_eq!(app.fake.contact(own.id).unwrap().given_name.as_deref(), Some("Bob"));
+    assert_eq!(app.fake.contact(other.id).unwrap().given_name.as_deref(), Some("Other"));
+    assert_eq!(app.fake.contacts().len(), 3, "no contact created");
+}
