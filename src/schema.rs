@@ -85,6 +85,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0014_parks_that_clear.sql",
         sql: include_str!("../sql/0014_parks_that_clear.sql"),
     },
+    Migration {
+        version: 15,
+        name: "0015_held_token_answer.sql",
+        sql: include_str!("../sql/0015_held_token_answer.sql"),
+    },
 ];
 
 /// Name of the statement-level insert capture trigger on the users table (the name the single
