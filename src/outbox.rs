@@ -798,7 +798,7 @@ pub(crate) struct FailureRecord {
     /// made, so an earlier in-doubt create record is cleared.
     pub settles_create: bool,
     /// Parked because another user holds this contact: the row is un-parked by itself when no
-    /// user holds it any more (`sql/0014_parks_that_clear.sql`). If that already happened when
+    /// user holds it any more (`sql/0013_parks_that_clear.sql`). If that already happened when
     /// the failure is recorded, the row is retried at once instead of parked.
     pub waits_for_contact: Option<i64>,
 }

@@ -81,14 +81,14 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0012_create_email_guard.sql"),
     },
     Migration {
-        version: 14,
-        name: "0014_parks_that_clear.sql",
-        sql: include_str!("../sql/0014_parks_that_clear.sql"),
+        version: 13,
+        name: "0013_parks_that_clear.sql",
+        sql: include_str!("../sql/0013_parks_that_clear.sql"),
     },
     Migration {
-        version: 15,
-        name: "0015_held_token_answer.sql",
-        sql: include_str!("../sql/0015_held_token_answer.sql"),
+        version: 14,
+        name: "0014_held_token_answer.sql",
+        sql: include_str!("../sql/0014_held_token_answer.sql"),
     },
 ];
 
