@@ -8,7 +8,7 @@
 //! | breaks a rule | any | – | park, naming the user, the column and the rule: only a new change can fix it |
 //! | present | mapped | unchanged, same tags | nothing: Keap already holds them |
 //! | present | mapped | changed | `PATCH` only the changed properties (an array property: read the contact first and send its other slots back); then at most one tag apply and one tag remove; a 404 links again |
-//! | present | none | – | look up by email (an in-doubt create's email first) → link and `PATCH` what differs, or record the create, then `PUT /v1/contacts`; then one apply of the rule and `on_create` tags |
+//! | present | none | – | look up by email (an in-doubt create's email first) → link a contact whose EMAIL1 is the address and `PATCH` what differs, or record the create, then `PUT /v1/contacts`; then one apply of the rule and `on_create` tags. A contact holding the address only in EMAIL2/EMAIL3 is never taken: the user is parked naming it (`not_adopted`) |
 //!
 //! A contact is linked (mapped) before anything is written to it, so two users never share one
 //! and a key that is gone is never mapped (`outbox::link`). Results: success completes the
@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::catalog::{Catalog, Tags};
 use crate::config::{DeliveryConfig, OnDelete, TagRef};
 use crate::db::DbError;
-use crate::keap::model::Contact;
+use crate::keap::model::{ByEmail, Contact};
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
 use crate::mapping::{Changes, ContactPayload, CustomModel, Held, Mapper, RuleTags};
 use crate::metrics::{DeliveryOutcome, Metrics};
@@ -214,6 +214,20 @@ impl Deliverer {
                 tracing::warn!(user = %claim.user_key, reason = %message, "parked");
                 self.park(claim, message).await
             }
+            End::Taken { message, contact_id } => {
+                tracing::warn!(user = %claim.user_key, reason = %message, "parked until the contact is free");
+                let record = FailureRecord {
+                    message,
+                    waits_for_contact: Some(contact_id),
+                    ..FailureRecord::default()
+                };
+                outbox::with_retries("park", &claim.user_key, || {
+                    outbox::park(&self.db, claim, &self.instance, &record)
+                })
+                .await?;
+                self.metrics.delivery(DeliveryOutcome::Parked);
+                Ok(Outcome::Handled)
+            }
             End::RetryLater(message) => {
                 let delay = backoff(&self.delivery, claim.attempts);
                 tracing::info!(user = %claim.user_key, retry_in_ms = delay.as_millis() as u64, reason = %message, "trying again later");
@@ -386,6 +400,13 @@ impl Deliverer {
     /// email of an earlier create whose answer never came (invariant 14), then by the current
     /// one — and link it, or create it. A read before any write, so an existing contact is
     /// updated property by property and its other slots survive (invariant 12).
+    ///
+    /// The lookup of an in-doubt create's email settles the doubt for good: a contact whose
+    /// EMAIL1 it is, and that no other user holds, is that create's (or the one its upsert
+    /// merged into) and is linked; anything else means the create left nothing of this user's,
+    /// and the record is cleared at once (`outbox::settle_create`). Kept, it would be looked
+    /// up on every later attempt, after a park and a `failures retry` too, and could then
+    /// find another user's contact (a park on every change) or a stranger's (adopted).
     async fn link_or_create(
         &self,
         claim: &Claim,
@@ -398,28 +419,60 @@ impl Deliverer {
                 Ok(ids) => ids,
                 Err(end) => return Ok(end),
             };
-        let mut emails: Vec<String> =
-            claim.create_sent.as_ref().and_then(email_of_create).into_iter().collect();
-        if !emails.iter().any(|e| e.eq_ignore_ascii_case(&payload.email)) {
-            emails.push(payload.email.clone());
-        }
-        let optional = self.mapper.optional_properties();
-        for email in &emails {
-            let (email, optional) = (email.as_str(), &optional);
-            let found = self
-                .with_auth(claim, |auth| async move {
-                    self.keap.find_by_email(&auth, email, optional, deadline).await
-                })
-                .await?;
-            match found {
-                Ok(Some(contact)) => {
-                    return self.adopt(claim, payload, contact, want, &on_create, deadline).await
-                }
-                Ok(None) => {}
+        let mut current = None;
+        if let Some(in_doubt) = claim.create_sent.as_ref().and_then(email_of_create) {
+            let found = match self.find_by_email(claim, &in_doubt, deadline).await? {
+                Ok(found) => found,
                 Err(failure) => return Ok(End::failed(failure, None)),
+            };
+            if let Some(contact) = &found.email1 {
+                match self.adopt(claim, payload, contact.clone(), want, &on_create, deadline).await? {
+                    // Another user's contact: this user's create made none of its own.
+                    End::Taken { .. } => {}
+                    end => return Ok(end),
+                }
+            }
+            let settled = outbox::with_retries("settle_create", &claim.user_key, || {
+                outbox::settle_create(&self.db, claim, &self.instance)
+            })
+            .await?;
+            if !settled {
+                return Ok(End::Release);
+            }
+            tracing::info!(user = %claim.user_key, "an earlier create whose answer was lost made no contact of this user's; settled");
+            if in_doubt.eq_ignore_ascii_case(&payload.email) {
+                current = Some(found);
             }
         }
+        let found = match current {
+            Some(found) => found,
+            None => match self.find_by_email(claim, &payload.email, deadline).await? {
+                Ok(found) => found,
+                Err(failure) => return Ok(End::failed(failure, None)),
+            },
+        };
+        if let Some(contact) = found.email1 {
+            return self.adopt(claim, payload, contact, want, &on_create, deadline).await;
+        }
+        if !found.elsewhere.is_empty() {
+            return Ok(End::Park(not_adopted(&claim.user_key, &found.elsewhere)));
+        }
         self.create(claim, payload, want, &on_create, deadline).await
+    }
+
+    /// `GET /v1/contacts?email=…`, sorted by slot (`keap::model::ByEmail`).
+    async fn find_by_email(
+        &self,
+        claim: &Claim,
+        email: &str,
+        deadline: Instant,
+    ) -> Result<Result<ByEmail, Failure>, DbError> {
+        let optional = self.mapper.optional_properties();
+        let optional = &optional;
+        self.with_auth(claim, |auth| async move {
+            self.keap.find_by_email(&auth, email, optional, deadline).await
+        })
+        .await
     }
 
     /// Links an existing contact to the user, then sends what differs and applies the tags.
@@ -433,7 +486,7 @@ impl Deliverer {
         deadline: Instant,
     ) -> Result<End, DbError> {
         let held = Held::from_contact(&contact.json, payload);
-        if let Some(end) = self.link(claim, contact.id, held.link_sent(), payload).await? {
+        if let Some(end) = self.link(claim, contact.id, held.link_sent()).await? {
             return Ok(end);
         }
         let changes = payload.changes(&held);
@@ -484,15 +537,20 @@ impl Deliverer {
         claim: &Claim,
         contact_id: i64,
         sent: serde_json::Value,
-        payload: &ContactPayload,
     ) -> Result<Option<End>, DbError> {
         Ok(match self.recorder.link(claim, contact_id, sent).await? {
             Linked::Yes => None,
-            Linked::TakenBy(other) => Some(End::Park(format!(
-                "Keap contact {contact_id} ({}) is already linked to user {other}; one contact belongs to one \
-                 user: give this user another email address (the change is tried again by itself)",
-                payload.email
-            ))),
+            Linked::TakenBy(other) => Some(End::Taken {
+                message: format!(
+                    "user {user}: Keap contact {contact_id}, the one with this user's email address, is already \
+                     linked to user {other}; one contact belongs to one user. The change is tried again by \
+                     itself as soon as no user holds contact {contact_id} (user {other} deleted, or linked \
+                     to another contact); to sync this user sooner, give it another email address, or run \
+                     `keap-sync failures retry {user}` once user {other} no longer holds it",
+                    user = claim.user_key
+                ),
+                contact_id,
+            }),
             // Gone since the claim (its newer change is queued), or no longer our claim.
             Linked::KeyGone | Linked::Lost => Some(End::Release),
         })
@@ -526,7 +584,7 @@ impl Deliverer {
         match result {
             Ok(contact) => {
                 let linked = payload.as_held().link_sent();
-                if let Some(end) = self.link(claim, contact.id, linked, payload).await? {
+                if let Some(end) = self.link(claim, contact.id, linked).await? {
                     return Ok(end);
                 }
                 self.tag_new(claim, contact.id, want, on_create, deadline).await
@@ -720,6 +778,7 @@ impl Deliverer {
             body: e.body.clone(),
             payload,
             settles_create,
+            waits_for_contact: None,
         };
         match e.kind {
             ErrorKind::Unauthorized | ErrorKind::Forbidden => {
@@ -773,6 +832,9 @@ enum End {
     Failed { failure: Failure, sent: Option<serde_json::Value>, settles_create: bool },
     /// Cannot succeed as things stand: park with this reason.
     Park(String),
+    /// The contact this user's email leads to is linked to another user: park with this
+    /// reason until no user holds `contact_id` any more (then it is un-parked by itself).
+    Taken { message: String, contact_id: i64 },
     /// Not now (another user's create of the same email is in flight): retry with backoff.
     RetryLater(String),
     /// Someone else's work now (the key is gone, or the claim was lost): give the claim back.
@@ -783,6 +845,29 @@ impl End {
     fn failed(failure: Failure, sent: Option<serde_json::Value>) -> End {
         End::Failed { failure, sent, settles_create: false }
     }
+}
+
+/// Why a user whose address Keap holds only in another contact's EMAIL2 or EMAIL3 is parked.
+///
+/// Such a contact may be another person's (a spouse, an assistant, a shared inbox): adopting
+/// it would overwrite that person's names and EMAIL1 (invariant 12), and `on_delete =
+/// "delete_contact"` would later delete a contact keap-sync never created (invariant 13).
+/// Creating a contact instead is no safer: `PUT /v1/contacts` with `duplicate_option=Email`
+/// may match the same slot and update that contact anyway (which slots Keap's duplicate check
+/// reads is undocumented), and `POST` would make a second contact for an address Keap already
+/// has (invariant 4). Only a person can tell, so the user is parked with the contact ids, the
+/// slots and both ways out; nothing is written to Keap. The message names no address.
+fn not_adopted(user_key: &str, elsewhere: &[(i64, String)]) -> String {
+    let held: Vec<String> = elsewhere.iter().map(|(id, slot)| format!("contact {id} ({slot})")).collect();
+    let first = elsewhere.first().map_or(0, |(id, _)| *id);
+    format!(
+        "user {user_key}: Keap holds this user's email address only as another address of {}, not as a \
+         contact's main address (EMAIL1); keap-sync does not take over a contact that may be someone else's, \
+         nor create a second one for an address Keap already has. If contact {first} is this user, make the \
+         address its EMAIL1 in Keap; if not, remove the address from it (or give the user another email); \
+         then run `keap-sync failures retry {user_key}` (the user's next change also tries again)",
+        held.join(", ")
+    )
 }
 
 /// The EMAIL1 of a create body kept in `outbox.create_sent`.

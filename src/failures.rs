@@ -4,7 +4,8 @@
 //! A parked change stays in the outbox with its reason, Keap's answer and the payload that was
 //! sent; nothing is dropped. The user's next change un-parks it by itself (the trigger clears
 //! `parked_at`); `failures retry` does the same on demand, for example after fixing a custom
-//! field in Keap.
+//! field in Keap. A change parked because its contact is linked to another user is also
+//! un-parked by itself when no user holds that contact any more (`sql/0013_parks_that_clear.sql`).
 
 use serde::Serialize;
 use tokio_postgres::Client;

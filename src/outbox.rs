@@ -843,6 +843,10 @@ pub(crate) struct FailureRecord {
     /// The failed call was a create that Keap answered for certain (a 4xx): no contact was
     /// made, so an earlier in-doubt create record is cleared.
     pub settles_create: bool,
+    /// Parked because another user holds this contact: the row is un-parked by itself when no
+    /// user holds it any more (`sql/0013_parks_that_clear.sql`). If that already happened when
+    /// the failure is recorded, the row is retried at once instead of parked.
+    pub waits_for_contact: Option<i64>,
 }
 
 /// Puts a transiently failed change back with a retry time, as a retry (priority 1, so live
@@ -883,7 +887,11 @@ async fn record_failure(
         .cached_execute(
             "update keap_sync.outbox
                 set lease_until = null, leased_by = null,
-                    parked_at = case when $3::float8 is null and version = $2 then now() end,
+                    parked_at = case when $3::float8 is null and version = $2
+                                          and ($11::int8 is null or exists (select from keap_sync.contact_map m
+                                                                             where m.contact_id = $11))
+                                     then now() end,
+                    waits_for_contact = $11,
                     next_attempt_at = now() + make_interval(secs => coalesce($3, 0)),
                     priority = case when $3 is null then priority else greatest(priority, 1) end,
                     last_error = $5, last_status = $6, last_body = $7, payload = $8,
@@ -901,10 +909,28 @@ async fn record_failure(
                 &failure.payload,
                 &claim.attempts,
                 &failure.settles_create,
+                &failure.waits_for_contact,
             ],
         )
         .await?;
     Ok(())
+}
+
+/// Settles an in-doubt create (invariant 14) that a lookup by its email showed made no contact
+/// of this user's: nothing has that address as EMAIL1, or the contact that has it is another
+/// user's. Cleared at once, so a later park, a `failures retry` or an email change never looks
+/// for that email again (where a stranger's contact, or another user's, may have it by then),
+/// and the email no longer holds back another user's create. False if the claim is no longer
+/// ours.
+pub(crate) async fn settle_create(client: &Db, claim: &Claim, instance: &str) -> Result<bool, DbError> {
+    let n = client
+        .cached_execute(
+            "update keap_sync.outbox set create_sent = null
+              where user_key = $1 and leased_by = $2 and attempts = $3",
+            &[&claim.user_key, &instance, &claim.attempts],
+        )
+        .await?;
+    Ok(n == 1)
 }
 
 /// Gives back a claim without a result (shutdown, lost token), so it is retried at once by

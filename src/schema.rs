@@ -80,6 +80,16 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0012_create_email_guard.sql",
         sql: include_str!("../sql/0012_create_email_guard.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_parks_that_clear.sql",
+        sql: include_str!("../sql/0013_parks_that_clear.sql"),
+    },
+    Migration {
+        version: 14,
+        name: "0014_held_token_answer.sql",
+        sql: include_str!("../sql/0014_held_token_answer.sql"),
+    },
 ];
 
 /// Name of the statement-level insert capture trigger on the users table (the name the single

@@ -418,8 +418,15 @@ impl OAuth {
             let parsed: TokenResponse = match serde_json::from_str(&text) {
                 Ok(t) => t,
                 Err(e) => {
-                    // The old refresh token may already be spent; nothing better to do than
-                    // retry and, if Keap then says invalid_grant, ask for re-authorisation.
+                    let why = format!(
+                        "the token endpoint answered {status} with a body keap-sync cannot read as a token answer ({})",
+                        e.classify_name()
+                    );
+                    if rotated(&text) {
+                        return self.hold(tx, &text, &why, HeldUse::Salvage).await;
+                    }
+                    // No refresh token in it: nothing to keep. Retry, and if Keap then says
+                    // invalid_grant, ask for re-authorisation.
                     tx.rollback().await.ok();
                     return Err(TokenError::Transient(format!(
                         "token endpoint answered {status} with an unreadable body ({})",
@@ -428,13 +435,23 @@ impl OAuth {
                 }
             };
             if let Some(detail) = refreshed_for_other_app(stored.account.as_deref(), &parsed) {
+                if rotated(&text) {
+                    return self.hold(tx, &text, &detail, HeldUse::Switch).await;
+                }
                 self.metrics.token_refresh(false);
                 mark_reauthorization_needed(&tx, &detail).await?;
                 tx.commit().await?;
                 tracing::error!(reason = %detail, "the token refresh answered for another Keap app; deliveries pause");
                 return Err(TokenError::NeedsAuthorization(format!("{detail}; {REAUTHORIZE_HINT}")));
             }
-            store(&tx, &parsed, false).await?;
+            match store(&tx, &parsed, false).await {
+                Ok(()) => {}
+                Err(TokenError::InvalidResponse(why)) if rotated(&text) => {
+                    let why = format!("Keap's answer to the token refresh cannot be stored: {why}");
+                    return self.hold(tx, &text, &why, HeldUse::Salvage).await;
+                }
+                Err(e) => return Err(e),
+            }
             tx.commit().await?;
             self.metrics.token_refresh(true);
             tracing::info!(expires_in_secs = parsed.expires_in, "refreshed the Keap access token");
@@ -467,6 +484,66 @@ impl OAuth {
         tx.rollback().await.ok();
         Err(TokenError::Transient(format!("token endpoint answered {status}: {describe}")))
     }
+}
+
+impl OAuth {
+    /// Keeps aside a 200 answer that rotated the pair but is refused (`why`), in the
+    /// transaction that holds the token row, marks the grant "re-authorisation needed" with a
+    /// detail that says it was kept and how to store it, and commits. Keap has spent the old
+    /// refresh token, so the answer's is the only live one: thrown away, the grant would be
+    /// lost for good. The answer is a secret: it goes to the table, never to a log or error.
+    async fn hold(
+        &self,
+        tx: tokio_postgres::Transaction<'_>,
+        answer: &str,
+        why: &str,
+        used: HeldUse,
+    ) -> Result<Secret, TokenError> {
+        self.metrics.token_refresh(false);
+        let how = match used {
+            HeldUse::Switch => {
+                "to move the sync to that app with it, stop every keap-sync daemon, then run \
+                 `psql \"$DATABASE_URL\" -Atc 'select held_answer from keap_sync.oauth_token' | keap-sync auth \
+                 import --switch-account`"
+            }
+            HeldUse::Salvage => {
+                "its refresh token is still unspent: once the answer is corrected (or Keap support \
+                 confirms it), `psql \"$DATABASE_URL\" -Atc 'select held_answer from keap_sync.oauth_token' | \
+                 keap-sync auth import` stores it"
+            }
+        };
+        let detail = format!(
+            "{why}. Keap rotated the pair all the same (the refresh token sent is spent), so its answer is kept \
+             aside, unused, in keap_sync.oauth_token.held_answer (a secret: never logged); {how}"
+        );
+        tx.execute(
+            "update keap_sync.oauth_token set held_answer = $1, held_at = now() where id = 1",
+            &[&answer],
+        )
+        .await?;
+        mark_reauthorization_needed(&tx, &detail).await?;
+        tx.commit().await?;
+        tracing::error!(reason = %detail, "refused the token refresh answer and kept it aside; deliveries pause");
+        Err(TokenError::NeedsAuthorization(format!("{detail}; otherwise {REAUTHORIZE_HINT}")))
+    }
+}
+
+/// How a kept answer can be used, for the message that says it was kept.
+#[derive(Debug, Clone, Copy)]
+enum HeldUse {
+    /// A valid grant for another Keap app: `auth import --switch-account`.
+    Switch,
+    /// An answer that failed a check: worth keeping for its refresh token.
+    Salvage,
+}
+
+/// True when a 200 answer of the token endpoint carries a refresh token: Keap rotated the
+/// pair, so the one sent is spent and this one must not be thrown away.
+fn rotated(answer: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(answer)
+        .ok()
+        .and_then(|v| v.get("refresh_token").and_then(|t| t.as_str()).map(|t| !t.trim().is_empty()))
+        .unwrap_or(false)
 }
 
 trait ClassifyName {
@@ -592,6 +669,8 @@ async fn write_grant(
                     granted_at = case when $5 then now() else o.granted_at end,
                     refresh_token_issued_at = now(),
                     refreshed_at = case when $5 then o.refreshed_at else now() end,
+                    held_answer = case when $5 then null else o.held_answer end,
+                    held_at = case when $5 then null else o.held_at end,
                     state = 'ok', state_detail = null, updated_at = now()
               where $7 or o.account is null or excluded.account is null or o.account = excluded.account",
             &[&t.access_token, &t.refresh_token, &(t.expires_in as f64), &t.scope, &new_grant, &account, &switch],

@@ -19,7 +19,7 @@ use reqwest::{Method, StatusCode};
 
 use serde_json::{json, Map, Value};
 
-use super::model::{Contact, ContactList, ErrorBody, ObjectModel, Tag, TagPage};
+use super::model::{ByEmail, Contact, ContactList, ErrorBody, ObjectModel, Tag, TagPage};
 use super::TagsApplied;
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
@@ -148,18 +148,19 @@ impl KeapClient {
         self.call(auth, req, Some(body)).await
     }
 
-    /// The contact whose email is `email` (any slot, as Keap's `email` filter matches), the
-    /// lowest id if several (the one Keap's upsert by email would pick), or `None`
-    /// (`GET /v1/contacts?email=…`). A read before a first write, so a contact that already
-    /// exists is linked and updated property by property, never overwritten whole.
-    /// `optional` names properties Keap returns only when asked (`custom_fields`).
+    /// The contacts Keap lists for `email` (`GET /v1/contacts?email=…`), sorted by slot
+    /// ([`ByEmail`]): the lowest-id contact whose EMAIL1 is the address, and those that hold it
+    /// only in another slot. Keap may match any slot, or partially (undocumented), so the
+    /// answer is checked here rather than trusted. A read before a first write, so a contact
+    /// that already exists is linked and updated property by property, never overwritten
+    /// whole. `optional` names properties Keap returns only when asked (`custom_fields`).
     pub(crate) async fn find_by_email(
         &self,
         auth: &Auth,
         email: &str,
         optional: &[&str],
         deadline: Instant,
-    ) -> Result<Option<Contact>, KeapError> {
+    ) -> Result<ByEmail, KeapError> {
         let mut query = vec![("email", email.to_owned())];
         if !optional.is_empty() {
             query.push(("optional_properties", optional.join(",")));
@@ -173,7 +174,7 @@ impl KeapClient {
         for c in list.contacts {
             contacts.push(Contact::from_json(c).map_err(|e| bad_reply(name.clone(), &e))?);
         }
-        Ok(contacts.into_iter().min_by_key(|c| c.id))
+        Ok(ByEmail::of(email, contacts))
     }
 
     /// Contact `id` as Keap holds it (`GET /v1/contacts/{id}`), to learn the slots of its array

@@ -34,6 +34,55 @@ impl Contact {
         let slot = items.iter().find(|e| e.get("field").and_then(|f| f.as_str()) == Some("EMAIL1"))?;
         slot.get("email")?.as_str()
     }
+
+    /// The first slot (EMAIL1, EMAIL2, EMAIL3) holding `email`, compared ASCII
+    /// case-insensitively; `None` if no slot does.
+    pub(crate) fn slot_of(&self, email: &str) -> Option<String> {
+        let items = self.json.get("email_addresses").and_then(serde_json::Value::as_array)?;
+        let mut slots: Vec<&str> = items
+            .iter()
+            .filter(|e| {
+                e.get("email")
+                    .and_then(|a| a.as_str())
+                    .is_some_and(|a| a.trim().eq_ignore_ascii_case(email.trim()))
+            })
+            .filter_map(|e| e.get("field").and_then(|f| f.as_str()))
+            .collect();
+        slots.sort_unstable();
+        slots.first().map(|s| (*s).to_owned())
+    }
+}
+
+/// What `GET /v1/contacts?email=…` found, sorted by slot. Keap's filter semantics are not
+/// documented (exact or partial, EMAIL1 only or every slot: `docs/keap-api.md`), so the answer
+/// is read strictly: only a contact whose EMAIL1 is the address (ASCII case-insensitive) is the
+/// address's owner; a contact holding it in EMAIL2 or EMAIL3 alone is listed, never chosen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ByEmail {
+    /// The lowest-id contact whose EMAIL1 is the address.
+    pub(crate) email1: Option<Contact>,
+    /// Contacts holding the address only in another slot: (contact id, slot), by id.
+    pub(crate) elsewhere: Vec<(i64, String)>,
+}
+
+impl ByEmail {
+    /// Sorts `contacts` (any order, any match) for `email`; a contact that does not hold the
+    /// address in any slot (a partial match) is ignored.
+    pub(crate) fn of(email: &str, mut contacts: Vec<Contact>) -> ByEmail {
+        contacts.sort_by_key(|c| c.id);
+        let mut found = ByEmail::default();
+        for c in contacts {
+            let Some(slot) = c.slot_of(email) else { continue };
+            if slot == "EMAIL1" {
+                if found.email1.is_none() {
+                    found.email1 = Some(c);
+                }
+            } else {
+                found.elsewhere.push((c.id, slot));
+            }
+        }
+        found
+    }
 }
 
 /// `ContactList`: the answer of `GET /v1/contacts` (only the contacts are read).
@@ -152,6 +201,29 @@ mod tests {
         assert_eq!((c.id, c.email1()), (7, Some("a@x.io")));
         assert_eq!(c.json["tag_ids"], serde_json::json!([1]));
         assert!(Contact::from_json(serde_json::json!({"id": "7"})).is_err());
+    }
+
+    #[test]
+    fn only_email1_owns_an_address() {
+        let c = |id: i64, slots: &[(&str, &str)]| {
+            let items: Vec<_> =
+                slots.iter().map(|(f, e)| serde_json::json!({"field": f, "email": e})).collect();
+            Contact::from_json(serde_json::json!({"id": id, "email_addresses": items})).unwrap()
+        };
+        let found = ByEmail::of(
+            "ada@x.io",
+            vec![
+                c(9, &[("EMAIL1", "ADA@x.io")]),
+                c(3, &[("EMAIL1", "b@x.io"), ("EMAIL2", "ada@x.io")]),
+                c(4, &[("EMAIL1", "ada@x.io.evil")]),
+                c(12, &[("EMAIL1", "ada@x.io")]),
+                c(5, &[("EMAIL3", "ada@X.io")]),
+            ],
+        );
+        assert_eq!(found.email1.map(|c| c.id), Some(9), "the lowest id whose EMAIL1 is the address");
+        assert_eq!(found.elsewhere, [(3, "EMAIL2".to_owned()), (5, "EMAIL3".to_owned())]);
+        let none = ByEmail::of("ada@x.io", vec![c(3, &[("EMAIL2", "ada@x.io")])]);
+        assert!(none.email1.is_none());
     }
 
     #[test]

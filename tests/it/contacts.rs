@@ -340,3 +340,182 @@ async fn the_migration_keeps_one_in_doubt_create_per_email() {
     let refused = db.batch_execute(&second).await.expect_err("a second create in flight for one email");
     assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
 }
+
+/// The parked reason of `user_key` (`None`: not parked).
+async fn parked_reason(app: &TestApp, user_key: &str) -> Option<String> {
+    app.db
+        .query_opt(
+            "select last_error from keap_sync.outbox where user_key = $1 and parked_at is not null",
+            &[&user_key],
+        )
+        .await
+        .expect("outbox")
+        .map(|r| r.get(0))
+}
+
+/// Keap's `?email=` filter is undocumented; the fake plays the widest reading (any of
+/// EMAIL1..3, every match). A contact holding the user's address only in EMAIL2 or EMAIL3 may be
+/// someone else's (a spouse, an assistant): it is never adopted, overwritten or deleted, and
+/// the user is parked naming it, its slot and the way out. A contact whose EMAIL1 is the address
+/// (in any case) is adopted, even when a lower id holds it in another slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_contact_whose_email1_is_the_address_is_adopted() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| c.delivery.on_delete = OnDelete::DeleteContact,
+        ..Options::default()
+    })
+    .await;
+    let stranger = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Stranger".into()),
+        family_name: None,
+        email_addresses: Some(vec![
+            email("stranger@example.com", EmailField::Email1),
+            email("ada@example.com", EmailField::Email2),
+        ]),
+        duplicate_option: None,
+    });
+    app.exec("insert into users (id, email, first_name) values (1, 'ada@example.com', 'Ada')").await;
+    app::eventually(Duration::from_secs(10), "user 1 to be parked or linked", || async {
+        parked_reason(&app, "1").await.is_some()
+            || app.count("select count(*) from keap_sync.contact_map where user_key = '1'").await == 1
+    })
+    .await;
+    assert_eq!(
+        mapped_keys(&app, stranger.id).await,
+        Vec::<String>::new(),
+        "a stranger's contact was adopted"
+    );
+    let reason = parked_reason(&app, "1").await.expect("user 1 is parked");
+    for needle in [format!("contact {}", stranger.id), "EMAIL2".into(), "failures retry 1".into()] {
+        assert!(reason.contains(&needle), "the reason names {needle}: {reason}");
+    }
+    assert_eq!(app.contact_calls("PUT") + app.contact_calls("PATCH"), 0, "nothing was written");
+    let kept = app.fake.contact(stranger.id).expect("the stranger's contact");
+    assert_eq!(kept.given_name.as_deref(), Some("Stranger"));
+    assert_eq!(slots(&kept), slots(&stranger));
+
+    // Deleting the user (with on_delete = delete_contact) deletes nothing it never owned.
+    app.exec("delete from users where id = 1").await;
+    app.wait_idle().await;
+    assert!(app.fake.contact(stranger.id).is_some(), "a contact keap-sync never owned was deleted");
+
+    // A lower id holding the address in EMAIL3, a higher one in EMAIL1 (another case): the
+    // EMAIL1 one is the user's.
+    let other = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Other".into()),
+        family_name: None,
+        email_addresses: Some(vec![
+            email("other@example.com", EmailField::Email1),
+            email("bob@example.com", EmailField::Email3),
+        ]),
+        duplicate_option: None,
+    });
+    let own = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Robert".into()),
+        family_name: None,
+        email_addresses: Some(vec![email("Bob@Example.com", EmailField::Email1)]),
+        duplicate_option: None,
+    });
+    assert!(other.id < own.id);
+    app.exec("insert into users (id, email, first_name) values (2, 'bob@example.com', 'Bob')").await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    assert_eq!(mapped_keys(&app, own.id).await, ["2"], "the contact whose EMAIL1 is the address");
+    assert_eq!(mapped_keys(&app, other.id).await, Vec::<String>::new());
+    assert_eq!(app.fake.contact(own.id).unwrap().given_name.as_deref(), Some("Bob"));
+    assert_eq!(app.fake.contact(other.id).unwrap().given_name.as_deref(), Some("Other"));
+    assert_eq!(app.fake.contacts().len(), 3, "no contact created");
+}
+
+/// A user parked because its contact is linked to another user clears by itself once that
+/// link is gone (here: the other user is deleted), as its message says, without a
+/// `failures retry`, and takes over the contact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_park_on_a_contact_taken_by_another_user_clears_when_that_link_is_gone() {
+    let mut app = spawn_app_with(Options::default()).await;
+    app.exec("insert into users (id, email, first_name) values (1, 'shared@example.com', 'Ann')").await;
+    app.wait_idle().await;
+    app.exec("insert into users (id, email, first_name) values (2, 'shared@example.com', 'Bob')").await;
+    app::eventually(Duration::from_secs(10), "user 2 to be parked", || async {
+        parked_reason(&app, "2").await.is_some()
+    })
+    .await;
+    let contact = app.fake.contacts_with_email("shared@example.com")[0].id;
+    let reason = parked_reason(&app, "2").await.unwrap();
+    assert!(reason.contains("user 1") && reason.contains(&format!("contact {contact}")), "{reason}");
+
+    app.exec("delete from users where id = 1").await;
+    app::eventually(Duration::from_secs(15), "user 2 to take over the contact by itself", || async {
+        mapped_keys(&app, contact).await == ["2"]
+    })
+    .await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    assert_eq!(parked_reason(&app, "2").await, None);
+    assert_eq!(app.fake.contact(contact).unwrap().given_name.as_deref(), Some("Bob"));
+    assert_eq!(app.fake.contacts().len(), 1);
+}
+
+/// A create whose request never reached Keap leaves its email in doubt. Meanwhile another
+/// user links the contact that has that email, and this user's email changes. The first
+/// lookup settles the doubt: the contact found is another user's, so nothing of this user's
+/// exists, and the user gets a contact of its own instead of being parked on every change
+/// (and after `failures retry`) against the other user's contact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_doubt_create_is_settled_by_its_first_lookup() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| c.delivery.retry_base = Duration::from_secs(600),
+        ..Options::default()
+    })
+    .await;
+    app.fake.inject(FaultRule::new(Route::Upsert, FaultAction::Drop).times(1));
+    app.exec("insert into users (id, email, first_name) values (7, 'first@example.com', 'Seven')").await;
+    app::eventually(Duration::from_secs(10), "the create to be in doubt", || async {
+        app.count("select count(*) from keap_sync.outbox where user_key = '7' and create_sent is not null")
+            .await
+            == 1
+            && app
+                .count(
+                    "select count(*) from keap_sync.outbox where user_key = '7' and last_error is not null",
+                )
+                .await
+                == 1
+    })
+    .await;
+    assert_eq!(app.fake.contacts().len(), 0, "the create never reached Keap");
+
+    let theirs = app.fake.seed_contact(ContactWrite {
+        given_name: Some("Nine".into()),
+        family_name: None,
+        email_addresses: Some(vec![email("first@example.com", EmailField::Email1)]),
+        duplicate_option: None,
+    });
+    app.exec("insert into users (id, email, first_name) values (9, 'first@example.com', 'Nine')").await;
+    app::eventually(Duration::from_secs(10), "user 9 linked", || async {
+        mapped_keys(&app, theirs.id).await == ["9"]
+    })
+    .await;
+
+    app.exec("update users set email = 'second@example.com' where id = 7").await;
+    app.exec("update keap_sync.outbox set next_attempt_at = now() where user_key = '7'").await;
+    app::eventually(Duration::from_secs(10), "user 7 linked or parked", || async {
+        parked_reason(&app, "7").await.is_some()
+            || app.count("select count(*) from keap_sync.contact_map where user_key = '7'").await == 1
+    })
+    .await;
+    if let Some(reason) = parked_reason(&app, "7").await {
+        panic!("user 7 was parked against the in-doubt create's old email: {reason}");
+    }
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    let own = app.fake.contacts_with_email("second@example.com");
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(mapped_keys(&app, own[0].id).await, ["7"]);
+    assert_eq!(mapped_keys(&app, theirs.id).await, ["9"]);
+    assert_eq!(app.fake.contact(theirs.id).unwrap().given_name.as_deref(), Some("Nine"), "not overwritten");
+    assert_eq!(
+        app.count("select count(*) from keap_sync.outbox where create_sent is not null").await,
+        0,
+        "the doubt is settled"
+    );
+}

@@ -611,3 +611,79 @@ async fn a_refresh_in_flight_at_shutdown_still_stores_the_new_pair() {
     assert_eq!(app.fake.spent_refresh_reuse_count(), 0, "a spent refresh token was sent");
     assert_no_secrets(&app, "");
 }
+
+/// The answer kept aside, if any. A secret: compared, never printed.
+async fn held(app: &TestApp) -> (Option<String>,) {
+    let row =
+        app.db.query_one("select held_answer from keap_sync.oauth_token", &[]).await.expect("stored grant");
+    (row.get(0),)
+}
+
+/// Waits until the grant needs re-authorisation, then checks that the answer Keap rotated the
+/// pair with is kept aside (its refresh token unspent, the last Keap issued) and that the state
+/// says so, naming the way to use it. Returns the kept answer and the detail.
+async fn refused_answer_kept(app: &TestApp) -> (TokenGrant, String) {
+    app::eventually(Duration::from_secs(15), "re-authorisation needed", || async {
+        app.count("select count(*) from keap_sync.oauth_token where state = 'reauthorization_needed'").await
+            == 1
+    })
+    .await;
+    let detail: String = app
+        .db
+        .query_one("select coalesce(state_detail, '') from keap_sync.oauth_token", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for needle in ["kept aside", "held_answer", "keap-sync auth import"] {
+        assert!(detail.contains(needle), "the state says the answer was kept ({needle}): {detail}");
+    }
+    let answer = held(app).await.0;
+    let answer: TokenGrant =
+        serde_json::from_str(&answer.expect("the answer is kept")).expect("a token answer");
+    let (_, last_refresh) = app.fake.last_issued_pair().expect("pairs issued");
+    assert!(answer.refresh_token == last_refresh, "the kept refresh token is the one Keap issued last");
+    assert!(app.fake.refresh_token_is_live(&answer.refresh_token), "the kept refresh token is unspent");
+    (answer, detail)
+}
+
+/// A refresh Keap answered 200 (so the pair is rotated and the old refresh token spent) but
+/// keap-sync refuses — a field it cannot accept, or another Keap app — keeps the answer aside
+/// instead of throwing it away, says so, and the kept grant can then be stored by `auth import`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_pair_the_daemon_refuses_is_kept_aside() {
+    let mut app = spawn_app_with(oauth(Duration::from_secs(3600))).await;
+    app.exec("insert into users (email, first_name) values ('held@example.com', 'A')").await;
+    app.wait_idle().await;
+
+    // 1. Keap rotates the pair but answers an expires_in keap-sync cannot use.
+    app.fake.inject(
+        FaultRule::new(Route::Token, FaultAction::EditAnswer(serde_json::json!({"expires_in": 0}))).times(1),
+    );
+    app.fake.expire_access_tokens();
+    app.exec("update users set first_name = 'B'").await;
+    let (_, first_detail) = refused_answer_kept(&app).await;
+    assert_eq!(app.fake.spent_refresh_reuse_count(), 0, "the spent refresh token was sent again");
+
+    // A new grant clears what was kept.
+    app.import_grant(&app.fake.issue_grant()).await;
+    app.wait_idle_for(Duration::from_secs(15)).await;
+    assert!(held(&app).await.0.is_none(), "a new grant clears the kept answer");
+
+    // 2. Keap answers the refresh for another app.
+    let other = app.fake.issue_grant_for(OTHER_APP);
+    app.db
+        .execute("update keap_sync.oauth_token set refresh_token = $1", &[&other.refresh_token])
+        .await
+        .unwrap();
+    app.fake.expire_access_tokens();
+    app.exec("update users set first_name = 'C'").await;
+    let (kept, detail) = refused_answer_kept(&app).await;
+    assert!(detail.contains(OTHER_APP) && detail.contains("--switch-account"), "{detail}");
+
+    // The grant is not lost: the operator can move the sync to that app with it.
+    app.stop_daemon().await;
+    let (ok, stdout, stderr) = import(&app, &kept, &["--switch-account"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stored_accounts(&app).await.0.as_deref(), Some(OTHER_APP));
+    assert_no_secrets(&app, &format!("{first_detail}{detail}{stdout}{stderr}"));
+}

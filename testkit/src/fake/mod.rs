@@ -198,6 +198,11 @@ pub enum FaultAction {
     Drop,
     /// Perform the request, then close the connection without answering: a lost reply.
     DropAfterCommit,
+    /// Perform the request, then answer its JSON object with each top-level field of this
+    /// object put in (a `null` removes the field), same status: a well-formed answer whose
+    /// content the client must judge, e.g. a token answer Keap rotated the pair for but with a
+    /// field the client refuses.
+    EditAnswer(Value),
     /// Answer this 3xx status with `Location: <the string>` and an empty body, without
     /// touching state: a moved endpoint, or a hijacked one sending credentials elsewhere
     /// (point it at an [`OtherHost`] to see what would follow).
@@ -1007,7 +1012,7 @@ async fn serve(state: &Mutex<State>, req: &Req, kind: Kind) -> Result<Reply, Dro
     if kind == Kind::Rest && !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let (mut next_rule, mut drop_after) = (0, false);
+    let (mut next_rule, mut drop_after, mut edit) = (0, false, None);
     loop {
         let action = lock(state).next_fault(kind, req, &mut next_rule);
         match action {
@@ -1027,11 +1032,27 @@ async fn serve(state: &Mutex<State>, req: &Req, kind: Kind) -> Result<Reply, Dro
                 drop_after = true;
                 break;
             }
+            Some(FaultAction::EditAnswer(fields)) => {
+                edit = Some(fields);
+                break;
+            }
         }
     }
-    let answer = lock(state).dispatch(req, kind);
+    let mut answer = lock(state).dispatch(req, kind);
     if drop_after {
         return Err(DropConnection);
+    }
+    if let Some(Value::Object(fields)) = edit {
+        if let Ok(Value::Object(mut body)) = serde_json::from_str::<Value>(&answer.body) {
+            for (k, v) in fields {
+                if v.is_null() {
+                    body.remove(&k);
+                } else {
+                    body.insert(k, v);
+                }
+            }
+            answer.body = Value::Object(body).to_string();
+        }
     }
     Ok(answer)
 }
