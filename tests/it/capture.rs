@@ -438,7 +438,7 @@ async fn the_fold_queues_a_deleted_key_as_gone_and_a_re_inserted_one_as_present(
 
 /// Runs the fold on a connection of its own and returns `(taken, held)`, failing the test if
 /// it does not end within 10 s (a fold that waits for an application's transaction).
-async fn fold_on_own_connection(conninfo: &str) -> (i32, i32) {
+pub(crate) async fn fold_on_own_connection(conninfo: &str) -> (i32, i32) {
     let client = app::connect(conninfo).await;
     let row = tokio::time::timeout(
         Duration::from_secs(10),
@@ -446,7 +446,7 @@ async fn fold_on_own_connection(conninfo: &str) -> (i32, i32) {
     )
     .await
     .expect("the fold waited for the open transaction instead of folding around it")
-    .expect("fold");
+    .unwrap_or_else(|e| panic!("fold: {:?}", e.as_db_error().map(|d| d.message())));
     (row.get(0), row.get(1))
 }
 

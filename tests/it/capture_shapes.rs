@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use keap_sync_testkit::app::{self, spawn_app_with, Options};
 
+use crate::capture::fold_on_own_connection;
+
 /// PL/pgSQL keeps the plan of the update trigger's join of the transition tables from its first
 /// call in a session. Planned for one row, it was a nested loop, and a 20,000-row update in the
 /// same session then compared every old row with every new one: 13 s instead of 0.1 s, holding
@@ -241,19 +243,6 @@ async fn changes_applied_by_a_logical_replication_subscription_are_captured() {
     app.exec("alter subscription keap_sub disable").await;
 }
 
-/// A fold on a connection of its own, bounded by 10 s: `(taken, held)`.
-async fn fold_alone(conninfo: &str) -> (i32, i32) {
-    let client = app::connect(conninfo).await;
-    let row = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.query_one("select taken, held from keap_sync.fold_changes(1000)", &[]),
-    )
-    .await
-    .expect("the fold took over 10 s")
-    .unwrap_or_else(|e| panic!("fold: {:?}", e.as_db_error().map(|d| d.message())));
-    (row.get(0), row.get(1))
-}
-
 /// An open transaction that changed the keys of the 150 users who sort first holds their
 /// outbox rows. The fold used to wait 5 ms for each in key order and stop after 100 of them, so
 /// the users after them were never folded while it lived (and each try held the daemon's
@@ -274,7 +263,7 @@ async fn the_fold_does_not_starve_behind_many_held_users() {
         .batch_execute("begin; update users set id = id + 10000 where id < 2000")
         .await
         .expect("open key change of the first 150 users");
-    let (taken, held) = fold_alone(&app.conninfo).await;
+    let (taken, held) = fold_on_own_connection(&app.conninfo).await;
     assert_eq!((taken, held), (50, 150), "the 50 free users folded, the 150 held ones left in the log");
     assert_eq!(
         app.count("select count(*) from keap_sync.change where user_key >= '2000'").await,
@@ -310,7 +299,7 @@ async fn overlapping_folds_leave_a_present_user_present() {
     // The newer fold sees the user back; let it wait long enough for the older one's commit.
     app.exec("alter function keap_sync.fold_changes(integer) set lock_timeout = '10s'").await;
     let conninfo = app.conninfo.clone();
-    let newer = tokio::spawn(async move { fold_alone(&conninfo).await });
+    let newer = tokio::spawn(async move { fold_on_own_connection(&conninfo).await });
     app::eventually(Duration::from_secs(10), "the newer fold to wait for the older one", || async {
         app.count(
             "select count(*) from pg_stat_activity
