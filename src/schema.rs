@@ -943,12 +943,14 @@ pub(crate) const FOLD_FUNCTION: &str = "keap_sync.fold_changes";
 ///
 /// Only a key change (and a truncate) writes the outbox from an application's transaction now;
 /// one left open holds that user's outbox row, and a fold that waited for it would stop every
-/// capture from reaching the outbox. So the function first locks the visible outbox rows of the
-/// users it took, `skip locked`: the ones an open transaction holds are found without waiting,
-/// and their changes stay in the log (`held`) for the next fold, however many there are. Only a
-/// row no snapshot can see yet (a key change inserting its new key's outbox row) is found by
-/// waiting: the batch waits at most `lock_timeout` (100 ms) and then folds user by user, each in
-/// a subtransaction waiting 5 ms at most, stopping after 100 such waits.
+/// capture from reaching the outbox. So the one-statement fold waits at most `lock_timeout`
+/// (100 ms); then the function locks the visible outbox rows of the users it took, `skip
+/// locked`: the ones an open transaction holds are found without waiting, and their changes
+/// stay in the log (`held`) for the next fold, however many there are, while the others are
+/// folded in one statement again. Only a row no snapshot can see yet (a key change inserting
+/// its new key's outbox row) is found by waiting: then the fold goes user by user, each in a
+/// subtransaction waiting 5 ms at most, stopping after 100 such waits. The usual fold, with no
+/// row held, costs one statement, as before (`cargo bench --bench perf -- --profile DIR`).
 fn fold_function(table: &UserTable) -> String {
     let gone = |user_key: &str| {
         format!(
@@ -991,14 +993,35 @@ begin
     exception when lock_not_available then
         return;
     end;
+    -- The usual case, no outbox row held: one statement, waiting at most lock_timeout.
+    begin
+        with moved as (
+            delete from keap_sync.change c
+             where c.ctid = any (array(select ctid from keap_sync.change limit p_limit for update skip locked))
+            returning c.user_key, c.at
+        ), keys as (
+            select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
+        ), upserted as (
+            {insert}
+            select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
+              from keys k
+             order by k.user_key
+            {on_conflict}
+            returning 1
+        )
+        select count(*) into taken from moved;
+        return;
+    exception when lock_not_available then
+        taken := 0;
+    end;
     select coalesce(array_agg(c.ctid), '{{}}'), coalesce(array_agg(distinct c.user_key), '{{}}')
       into v_rows, v_keys
       from (select ctid, user_key from keap_sync.change limit p_limit for update skip locked) c;
     if cardinality(v_rows) = 0 then
         return;
     end if;
-    -- Users whose outbox row an open transaction holds (a key change, a truncate, not yet
-    -- committed): found without waiting (rows taken in key order, like every writer of the
+    -- Some outbox row is held. Users whose row an open transaction holds (a key change, a
+    -- truncate, not yet committed): found without waiting (rows taken in key order, like every writer of the
     -- outbox), and their changes stay in the log for the next fold.
     select coalesce(array_agg(l.user_key), '{{}}') into v_locked
       from (select o.user_key from keap_sync.outbox o where o.user_key = any (v_keys)

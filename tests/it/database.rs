@@ -383,8 +383,8 @@ async fn rows_locked_by_the_daemon(app: &TestApp) -> i64 {
 /// arrived, and waited for one an application's transaction held while holding the others:
 /// with a multi-row key change or a TRUNCATE (which take outbox rows in key order) that is a
 /// deadlock, and PostgreSQL may end it by aborting the application's transaction. A batch now
-/// takes its rows in key order without waiting, so whenever the daemon waits for an outbox row
-/// it holds no other.
+/// waits 1 ms at most (far below `deadlock_timeout`) and then records each step alone, so
+/// whenever the daemon is seen waiting for an outbox row it holds no other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_never_waits_for_an_outbox_row_while_holding_another() {
     let app = spawn_app_with(Options {
@@ -426,6 +426,10 @@ async fn the_daemon_never_waits_for_an_outbox_row_while_holding_another() {
     let held = rows_locked_by_the_daemon(&app).await;
     holder.batch_execute("rollback").await.expect("release");
     assert_eq!(held, 0, "the daemon held {held} outbox rows while it waited for user 9's");
+    assert!(
+        app::captured_logs().contains("recording a batch failed; recording each alone"),
+        "the batch with user 9 in it gave up and its steps were recorded alone"
+    );
     app.wait_idle().await;
     app.assert_keap_matches_users().await;
 }
