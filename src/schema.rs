@@ -187,8 +187,6 @@ impl From<tokio_postgres::Error> for SchemaError {
 pub(crate) struct UserTable {
     /// `"schema"."table"`
     pub qualified: String,
-    /// Whether the users table is partitioned.
-    pub partitioned: bool,
     /// Every partition of a partitioned users table (at any depth), qualified like `qualified`:
     /// a statement on a partition fires that partition's statement triggers, not the parent's.
     pub partitions: Vec<String>,
@@ -431,7 +429,6 @@ impl UserTable {
         }
         Ok(UserTable {
             qualified,
-            partitioned,
             partitions,
             key: quote_ident(&users.key),
             key_type: key.name,
@@ -610,6 +607,8 @@ struct Installed {
     enabled: u8,
     /// The trigger function, as `regproc` prints it (`keap_sync.capture_insert`).
     function: String,
+    /// Whether it fires before the row is written (`tgtype`'s BEFORE bit).
+    before: bool,
 }
 
 /// The trigger `name` on the users table, if there is one.
@@ -621,7 +620,7 @@ async fn installed(
     let row = client
         .query_opt(
             &format!(
-                "select tgargs, tgenabled::text, tgfoid::regproc::text from pg_catalog.pg_trigger where tgrelid = {}::regclass and tgname = $1",
+                "select tgargs, tgenabled::text, tgfoid::regproc::text, (tgtype & 2) <> 0 from pg_catalog.pg_trigger where tgrelid = {}::regclass and tgname = $1",
                 quote_literal(relation)
             ),
             &[&name],
@@ -638,6 +637,7 @@ async fn installed(
                 .collect(),
             enabled: enabled.bytes().next().unwrap_or(b'D'),
             function: row.get(2),
+            before: row.get(3),
         }
     }))
 }
@@ -668,6 +668,13 @@ struct Placement {
     /// The `create trigger` text after `create trigger <name>`.
     definition: String,
     enabled: u8,
+}
+
+impl Placement {
+    /// Whether the trigger fires before the row is written.
+    fn before(&self) -> bool {
+        self.definition.starts_with("before ")
+    }
 }
 
 /// Every capture trigger on every relation it belongs on. On the users table: the generated
@@ -770,7 +777,14 @@ fn set_clauses(settings: &[Setting]) -> String {
 ///
 /// A key change writes the outbox itself: a row-level trigger that fires only when the key
 /// changes enqueues the old key as gone (taking its outbox row lock) *before* the mapping moves,
-/// then the new key (invariant 13). The update statement trigger pairs the remaining rows by key.
+/// then the new key (invariant 13). It runs *before* the row is written: an update that moves a
+/// row to another partition fires no update row trigger after it, and before it the table
+/// still says whether the new key was free before this row took it. A new key that still maps
+/// a user deleted before the daemon handled the deletion swaps mappings with the old key (the
+/// old key's delivery then applies `on_delete` to the deleted user's contact). A key freed by
+/// another row of the same statement (a shift under a deferrable key) is not free yet when
+/// this row's trigger runs first, and then the mapping is not moved, as before. The update
+/// statement trigger pairs the remaining rows by key.
 ///
 /// The functions are `security definer` (application roles need no grant on keap_sync), and a
 /// security definer function must not resolve a name through its caller's `search_path`, or the
@@ -815,11 +829,7 @@ end"
         .collect();
     let row_changed = if row_changed.is_empty() { "false".to_owned() } else { row_changed.join(" or ") };
     let t = &table.qualified;
-    // An update that moves a row to another partition fires no update row trigger after it,
-    // only before it (on the partition the row leaves): there the key change must be caught
-    // before the row is written, and the trigger lets the row through.
-    let (key_change_timing, key_change_returns) =
-        if table.partitioned { ("before", "new") } else { ("after", "null") };
+    let eq = &table.key_eq;
     vec![
         CaptureTrigger {
             name: TRIGGER_NAME,
@@ -861,24 +871,47 @@ end"
             name: KEY_TRIGGER_NAME,
             function: "keap_sync.capture_key_change",
             body: format!(
-                "begin
+                "declare
+    theirs record;
+    ours record;
+    had_ours boolean;
+begin
     if old.{key} is not null then
         perform keap_sync.enqueue(old.{key}::text, true);
         if new.{key} is not null then
-            update keap_sync.contact_map
-               set user_key = new.{key}::text
-             where user_key = old.{key}::text
-               and not exists (select from keap_sync.contact_map where user_key = new.{key}::text);
+            if exists (select from keap_sync.contact_map where user_key = new.{key}::text)
+               and not exists (select from {t} u where u.{key} {eq} new.{key}) then
+                -- The new key still maps a user deleted before the daemon handled it. The two
+                -- mappings change places: ours follows the user, and the old key, now gone,
+                -- carries the deleted user's contact to its deletion (on_delete).
+                -- (Separate statements: one would still see the rows it deleted as taken.)
+                delete from keap_sync.contact_map where user_key = new.{key}::text
+                    returning contact_id, fingerprint, synced_at, sent into theirs;
+                delete from keap_sync.contact_map where user_key = old.{key}::text
+                    returning contact_id, fingerprint, synced_at, sent into ours;
+                had_ours := found;
+                insert into keap_sync.contact_map (user_key, contact_id, fingerprint, synced_at, sent)
+                values (old.{key}::text, theirs.contact_id, theirs.fingerprint, theirs.synced_at, theirs.sent);
+                if had_ours then
+                    insert into keap_sync.contact_map (user_key, contact_id, fingerprint, synced_at, sent)
+                    values (new.{key}::text, ours.contact_id, ours.fingerprint, ours.synced_at, ours.sent);
+                end if;
+            else
+                update keap_sync.contact_map
+                   set user_key = new.{key}::text
+                 where user_key = old.{key}::text
+                   and not exists (select from keap_sync.contact_map where user_key = new.{key}::text);
+            end if;
         end if;
     end if;
     if new.{key} is not null then
         perform keap_sync.enqueue(new.{key}::text, false);
     end if;
-    return {key_change_returns};
+    return new;
 end"
             ),
             definition: format!(
-                "{key_change_timing} update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
+                "before update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
             ),
             settings: &[PINNED_PATH],
             enabled: b'A',
@@ -1118,7 +1151,9 @@ async fn trigger_problem(
     for p in placements(table) {
         let problem = match installed(client, &p.relation, p.name).await? {
             None => "is missing",
-            Some(t) if !t.args.is_empty() || t.function != p.function => "is an older kind of trigger",
+            Some(t) if !t.args.is_empty() || t.function != p.function || t.before != p.before() => {
+                "is an older kind of trigger"
+            }
             Some(t) if t.enabled == b'D' => "is disabled",
             Some(t) if t.enabled != p.enabled && p.enabled == b'R' => {
                 "is not `enable replica` (changes applied by logical replication are missed)"
@@ -1239,7 +1274,7 @@ language plpgsql
 async fn place(tx: &tokio_postgres::Transaction<'_>, p: &Placement) -> Result<bool, SchemaError> {
     let mut changed = false;
     let enabled = match installed(tx, &p.relation, p.name).await? {
-        Some(i) if i.args.is_empty() && i.function == p.function => i.enabled,
+        Some(i) if i.args.is_empty() && i.function == p.function && i.before == p.before() => i.enabled,
         other => {
             if other.is_some() {
                 tx.batch_execute(&format!("drop trigger {} on {}", quote_ident(p.name), p.relation)).await?;

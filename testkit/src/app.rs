@@ -360,7 +360,9 @@ impl TestApp {
     }
 
     pub async fn exec(&self, sql: &str) {
-        self.db.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.db.batch_execute(sql).await.unwrap_or_else(|e| {
+            panic!("{sql}: {e}: {:?}", e.as_db_error().map(|d| (d.message(), d.where_())))
+        });
     }
 
     pub async fn count(&self, sql: &str) -> i64 {

@@ -383,3 +383,33 @@ async fn writes_to_partitions_and_moves_between_them_are_captured() {
     })
     .await;
 }
+
+/// A key change onto the key of a user deleted before the daemon handled that deletion: the
+/// new key still had the deleted user's mapping, so the renamed user's data went to the deleted
+/// user's contact, and the renamed user's own contact, left under the old key, was handled as
+/// deleted (here: deleted). Each contact now stays with its own: the renamed user's follows it,
+/// and the deleted user's gets the deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_onto_a_deleted_users_key_keeps_each_contact_with_its_own() {
+    let mut app = spawn_app_with(Options {
+        tweak: |c| c.delivery.on_delete = keap_sync::config::OnDelete::DeleteContact,
+        ..Options::default()
+    })
+    .await;
+    app.exec(
+        "insert into users (id, email, first_name) values (1, 'ann@example.com', 'Ann'), (2, 'bob@example.com', 'Bob')",
+    )
+    .await;
+    app.wait_idle().await;
+    let (ann, bob) = (mapped(&app, "1").await.expect("Ann"), mapped(&app, "2").await.expect("Bob"));
+    app.stop_daemon().await;
+    app.exec("delete from users where id = 2").await;
+    app.exec("update users set id = 2, first_name = 'Ann B.' where id = 1").await;
+    app.start_daemon().await;
+    app.wait_idle().await;
+    assert_eq!(mapped(&app, "2").await, Some(ann), "Ann's contact follows her to key 2");
+    let kept = app.fake.contact(ann).expect("Ann's contact kept");
+    assert_eq!((kept.email1(), kept.given_name.as_deref()), (Some("ann@example.com"), Some("Ann B.")));
+    assert!(app.fake.contact(bob).is_none(), "Bob's contact got Bob's deletion");
+    assert_eq!(app.fake.contacts().len(), 1);
+}
