@@ -8,6 +8,9 @@
 
 use std::fmt;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
 /// A string that is never printed.
 ///
 /// ```
@@ -29,6 +32,13 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// The value of an `Authorization` header with HTTP Basic credentials (RFC 7617): `Basic `
+/// and the base64 of `id:secret`. The token endpoint takes the OAuth client's credentials this
+/// way. A `Secret` itself, since anyone who reads it has the client secret.
+pub(crate) fn basic_credentials(id: &str, secret: &Secret) -> Secret {
+    Secret(format!("Basic {}", STANDARD.encode(format!("{id}:{}", secret.expose()))))
 }
 
 impl fmt::Debug for Secret {
@@ -60,5 +70,13 @@ mod tests {
         assert_eq!(format!("{s}"), "<redacted>");
         assert_eq!(format!("{:?}", Some(s.clone())), "Some(<redacted>)");
         assert_eq!(s.expose(), "hunter2-token");
+    }
+
+    #[test]
+    fn basic_credentials_are_rfc_7617s() {
+        // The example of RFC 7617, section 2.
+        let header = basic_credentials("Aladdin", &Secret::new("open sesame"));
+        assert_eq!(header.expose(), "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        assert_eq!(format!("{header:?}"), "<redacted>");
     }
 }

@@ -347,6 +347,18 @@ impl OAuth {
             .unwrap_or_else(|e| Err(TokenError::Transient(format!("the token refresh task failed: {e}"))))
     }
 
+    /// The client's credentials for the token endpoint: an `Authorization: Basic` header value,
+    /// marked sensitive (HTTP/2 never indexes it, and `Debug` hides it).
+    fn basic_credentials(&self) -> Result<reqwest::header::HeaderValue, TokenError> {
+        let value = crate::secret::basic_credentials(&self.client_id, &self.client_secret);
+        // Base64 after "Basic " is always a valid header value; say so rather than panic.
+        let mut header = reqwest::header::HeaderValue::from_str(value.expose()).map_err(|_| {
+            TokenError::NeedsAuthorization("the OAuth client credentials cannot be sent in a header".into())
+        })?;
+        header.set_sensitive(true);
+        Ok(header)
+    }
+
     /// The refresh itself; the caller holds `refreshing`.
     async fn refresh_locked(&self, stale: Option<&Secret>) -> Result<Secret, TokenError> {
         let mut conn = db::connect(&self.pg).await?;
@@ -371,7 +383,7 @@ impl OAuth {
         let answer = self
             .http
             .post(&self.token_url)
-            .basic_auth(&self.client_id, Some(self.client_secret.expose()))
+            .header(reqwest::header::AUTHORIZATION, self.basic_credentials()?)
             .form(&[("grant_type", "refresh_token"), ("refresh_token", stored.refresh_token.expose())])
             .send()
             .await;
