@@ -684,7 +684,7 @@ impl Placement {
 /// straight to a partition would go unseen. (A statement on the parent fires the parent's only,
 /// so nothing is logged twice.) The row triggers need no copy: PostgreSQL clones a partitioned
 /// table's row triggers onto its partitions.
-fn placements(table: &UserTable) -> Vec<Placement> {
+fn placements(table: &UserTable, triggers: &[CaptureTrigger]) -> Vec<Placement> {
     let truncate = |relation: &str| Placement {
         relation: relation.to_owned(),
         name: TRUNCATE_TRIGGER_NAME,
@@ -692,7 +692,6 @@ fn placements(table: &UserTable) -> Vec<Placement> {
         definition: format!("after truncate on {relation} for each statement"),
         enabled: b'A',
     };
-    let triggers = capture_triggers(table);
     let on = |t: &CaptureTrigger, relation: &str| Placement {
         relation: relation.to_owned(),
         name: t.name,
@@ -819,15 +818,20 @@ begin
 end"
         )
     };
-    let changed: Vec<String> =
-        table.synced.iter().map(|c| format!("o.{q} is distinct from n.{q}", q = quote_ident(c))).collect();
-    let changed = if changed.is_empty() { "false".to_owned() } else { changed.join(" or ") };
-    let row_changed: Vec<String> = table
-        .synced
-        .iter()
-        .map(|c| format!("old.{q} is distinct from new.{q}", q = quote_ident(c)))
-        .collect();
-    let row_changed = if row_changed.is_empty() { "false".to_owned() } else { row_changed.join(" or ") };
+    // Whether a synced column differs between the rows `old` and `new`.
+    let differ = |old: &str, new: &str| {
+        let each: Vec<String> = table
+            .synced
+            .iter()
+            .map(|c| format!("{old}.{q} is distinct from {new}.{q}", q = quote_ident(c)))
+            .collect();
+        if each.is_empty() {
+            "false".to_owned()
+        } else {
+            each.join(" or ")
+        }
+    };
+    let (changed, row_changed) = (differ("o", "n"), differ("old", "new"));
     let t = &table.qualified;
     let eq = &table.key_eq;
     vec![
@@ -1006,6 +1010,36 @@ fn fold_function(table: &UserTable) -> String {
                next_attempt_at = case when o.parked_at is not null then now() else o.next_attempt_at end,
                attempts        = case when o.parked_at is not null then 0 else o.attempts end,
                parked_at       = null";
+    // The log rows `rows` (a condition on `c`) folded in one statement, which returns from the
+    // function; a lock wait past `lock_timeout` falls through to what follows it.
+    let batch = |rows: &str| {
+        format!(
+            "    begin
+        with moved as (
+            delete from keap_sync.change c
+             where {rows}
+            returning c.user_key, c.at
+        ), keys as (
+            select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
+        ), upserted as (
+            {insert}
+            select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
+              from keys k
+             order by k.user_key
+            {on_conflict}
+            returning 1
+        )
+        select count(*) into taken from moved;
+        return;
+    exception when lock_not_available then
+        taken := 0;
+    end;
+"
+        )
+    };
+    let batch_all =
+        batch("c.ctid = any (array(select ctid from keap_sync.change limit p_limit for update skip locked))");
+    let batch_free = batch("c.ctid = any (v_rows) and c.user_key <> all (v_held)");
     format!(
         "declare
     one record;
@@ -1027,27 +1061,7 @@ begin
         return;
     end;
     -- The usual case, no outbox row held: one statement, waiting at most lock_timeout.
-    begin
-        with moved as (
-            delete from keap_sync.change c
-             where c.ctid = any (array(select ctid from keap_sync.change limit p_limit for update skip locked))
-            returning c.user_key, c.at
-        ), keys as (
-            select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
-        ), upserted as (
-            {insert}
-            select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
-              from keys k
-             order by k.user_key
-            {on_conflict}
-            returning 1
-        )
-        select count(*) into taken from moved;
-        return;
-    exception when lock_not_available then
-        taken := 0;
-    end;
-    select coalesce(array_agg(c.ctid), '{{}}'), coalesce(array_agg(distinct c.user_key), '{{}}')
+{batch_all}    select coalesce(array_agg(c.ctid), '{{}}'), coalesce(array_agg(distinct c.user_key), '{{}}')
       into v_rows, v_keys
       from (select ctid, user_key from keap_sync.change limit p_limit for update skip locked) c;
     if cardinality(v_rows) = 0 then
@@ -1062,27 +1076,7 @@ begin
     select coalesce(array_agg(o.user_key), '{{}}') into v_held
       from keap_sync.outbox o where o.user_key = any (v_keys) and o.user_key <> all (v_locked);
     held := cardinality(v_held);
-    begin
-        with moved as (
-            delete from keap_sync.change c
-             where c.ctid = any (v_rows) and c.user_key <> all (v_held)
-            returning c.user_key, c.at
-        ), keys as (
-            select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
-        ), upserted as (
-            {insert}
-            select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
-              from keys k
-             order by k.user_key
-            {on_conflict}
-            returning 1
-        )
-        select count(*) into taken from moved;
-        return;
-    exception when lock_not_available then
-        taken := 0;
-    end;
-    -- An outbox row no statement can see yet (a key change inserting its new key's row) can
+{batch_free}    -- An outbox row no statement can see yet (a key change inserting its new key's row) can
     -- only be found by waiting for it: user by user, 5 ms each, and after 100 such waits the
     -- fold stops (the rest waits for the next one), so the daemon is never held up for long.
     perform set_config('lock_timeout', '5ms', true);
@@ -1139,8 +1133,11 @@ async fn trigger_problem(
     client: &impl GenericClient,
     table: &UserTable,
 ) -> Result<Option<String>, SchemaError> {
-    for t in capture_triggers(table) {
-        if function_def(client, t.function, 0).await? != Some(FunctionDef::generated(t.body, t.settings)) {
+    let triggers = capture_triggers(table);
+    for t in &triggers {
+        if function_def(client, t.function, 0).await?
+            != Some(FunctionDef::generated(t.body.clone(), t.settings))
+        {
             return Ok(Some(format!(
                 "the capture function {} captures other columns than the config names: changes to users are \
                  not all recorded; run `keap-sync migrate`",
@@ -1148,7 +1145,7 @@ async fn trigger_problem(
             )));
         }
     }
-    for p in placements(table) {
+    for p in placements(table, &triggers) {
         let problem = match installed(client, &p.relation, p.name).await? {
             None => "is missing",
             Some(t) if !t.args.is_empty() || t.function != p.function || t.before != p.before() => {
@@ -1234,7 +1231,8 @@ async fn install_trigger(
     table: &UserTable,
 ) -> Result<bool, SchemaError> {
     let mut changed = false;
-    for t in capture_triggers(table) {
+    let triggers = capture_triggers(table);
+    for t in &triggers {
         if function_def(tx, t.function, 0).await? != Some(FunctionDef::generated(t.body.clone(), t.settings))
         {
             tx.batch_execute(&format!(
@@ -1250,7 +1248,7 @@ security definer
             changed = true;
         }
     }
-    for p in placements(table) {
+    for p in placements(table, &triggers) {
         changed |= place(tx, &p).await?;
     }
     let fold = fold_function(table);
