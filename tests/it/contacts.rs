@@ -12,6 +12,8 @@ use keap_sync_testkit::fake::{
     Contact, ContactWrite, EmailAddress, EmailField, FaultAction, FaultRule, RecordedRequest, Route,
 };
 
+use crate::parked_reason;
+
 fn email(address: &str, field: EmailField) -> EmailAddress {
     EmailAddress { email: Some(address.to_owned()), field }
 }
@@ -339,18 +341,6 @@ async fn the_migration_keeps_one_in_doubt_create_per_email() {
     );
     let refused = db.batch_execute(&second).await.expect_err("a second create in flight for one email");
     assert_eq!(refused.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
-}
-
-/// The parked reason of `user_key` (`None`: not parked).
-async fn parked_reason(app: &TestApp, user_key: &str) -> Option<String> {
-    app.db
-        .query_opt(
-            "select last_error from keap_sync.outbox where user_key = $1 and parked_at is not null",
-            &[&user_key],
-        )
-        .await
-        .expect("outbox")
-        .map(|r| r.get(0))
 }
 
 /// Keap's `?email=` filter is undocumented; the fake plays the widest reading (any of

@@ -63,3 +63,15 @@ pub async fn count_statements(
     ))
     .await;
 }
+
+/// Why user `key` is parked (`outbox.last_error`); `None` when it is not parked.
+pub async fn parked_reason(app: &keap_sync_testkit::app::TestApp, key: &str) -> Option<String> {
+    app.db
+        .query_opt(
+            "select last_error from keap_sync.outbox where user_key = $1 and parked_at is not null",
+            &[&key],
+        )
+        .await
+        .expect("outbox")
+        .and_then(|r| r.get(0))
+}

@@ -14,6 +14,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+use crate::parked_reason;
+
 /// A users table with a column for every kind of value the mapping takes.
 const WIDE_DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -156,17 +158,6 @@ fn masks(r: &RecordedRequest) -> BTreeSet<String> {
 
 fn tag_calls(app: &TestApp, method: &str) -> usize {
     app.fake.count(|r| r.method == method && r.path.contains("/contacts/") && r.path.ends_with("/tags"))
-}
-
-async fn parked_reason(app: &TestApp, key: &str) -> Option<String> {
-    app.db
-        .query_opt(
-            "select last_error from keap_sync.outbox where user_key = $1 and parked_at is not null",
-            &[&key],
-        )
-        .await
-        .expect("outbox")
-        .and_then(|r| r.get(0))
 }
 
 /// Waits until nothing is waiting for delivery: every change delivered or parked.
@@ -972,12 +963,7 @@ async fn a_tag_apply_answer_that_is_not_clearly_success_parks_the_user() {
         app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
     })
     .await;
-    let reason: String = app
-        .db
-        .query_one("select last_error from keap_sync.outbox where parked_at is not null", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let reason = parked_reason(&app, "1").await.expect("user 1 parked");
     let tag = app.fake.tag_id("Plan: free").unwrap();
     assert!(reason.contains(&tag.to_string()) && reason.contains("TAG_ID_NOT_FOUND"), "{reason}");
 }

@@ -348,6 +348,15 @@ async fn an_idle_daemon_refreshes_a_grant_before_its_refresh_token_lapses() {
 /// A Keap app other than the fake's default one ([`FAKE_ACCOUNT`]).
 const OTHER_APP: &str = "other456.infusionsoft.com";
 
+/// Stores a refresh token of a grant for [`OTHER_APP`]: Keap's next refresh answers for that app.
+async fn refresh_leads_to_another_app(app: &TestApp) {
+    let other = app.fake.issue_grant_for(OTHER_APP);
+    app.db
+        .execute("update keap_sync.oauth_token set refresh_token = $1", &[&other.refresh_token])
+        .await
+        .unwrap();
+}
+
 /// Pipes `grant` into `auth import` (plus `extra` arguments); returns (success, stdout, stderr).
 fn import(app: &TestApp, grant: &TokenGrant, extra: &[&str]) -> (bool, String, String) {
     let config = app.write_config_file("", "");
@@ -460,11 +469,7 @@ async fn a_refresh_that_answers_for_another_keap_app_pauses_instead_of_switching
     app.wait_idle().await;
 
     // Keap answering a refresh for another app: the stored refresh token leads to one.
-    let other = app.fake.issue_grant_for(OTHER_APP);
-    app.db
-        .execute("update keap_sync.oauth_token set refresh_token = $1", &[&other.refresh_token])
-        .await
-        .unwrap();
+    refresh_leads_to_another_app(&app).await;
     app.fake.expire_access_tokens();
     app.exec("update users set first_name = 'B'").await;
     app::eventually(Duration::from_secs(10), "re-authorisation needed", || async {
@@ -670,11 +675,7 @@ async fn a_rotated_pair_the_daemon_refuses_is_kept_aside() {
     assert!(held(&app).await.0.is_none(), "a new grant clears the kept answer");
 
     // 2. Keap answers the refresh for another app.
-    let other = app.fake.issue_grant_for(OTHER_APP);
-    app.db
-        .execute("update keap_sync.oauth_token set refresh_token = $1", &[&other.refresh_token])
-        .await
-        .unwrap();
+    refresh_leads_to_another_app(&app).await;
     app.fake.expire_access_tokens();
     app.exec("update users set first_name = 'C'").await;
     let (kept, detail) = refused_answer_kept(&app).await;
