@@ -274,8 +274,7 @@ impl Deliverer {
         // none, so every wanted tag is applied (applying one twice is harmless).
         let had = held.tags().cloned().unwrap_or_default();
         // Wanted tags someone else applied first stay theirs: not applied again, never removed.
-        let theirs: BTreeSet<i64> = held.theirs().intersection(want).copied().collect();
-        let ours_wanted: BTreeSet<i64> = want.difference(&theirs).copied().collect();
+        let wanted = RuleTags::split(want, held.theirs(), &BTreeSet::new());
         let on_create = if held.is_fresh() {
             match self.tag_ids(claim, &self.mapper.on_create().iter().cloned().collect(), deadline).await? {
                 Ok(ids) => ids,
@@ -285,9 +284,8 @@ impl Deliverer {
             BTreeSet::new()
         };
         let mut changes = payload.changes(&held);
-        if !changes.any() && had == ours_wanted && on_create.is_empty() {
-            let tags = RuleTags::split(want, &theirs, &BTreeSet::new());
-            return Ok(End::Synced { contact_id: id, called: false, tags });
+        if !changes.any() && had == wanted.ours && on_create.is_empty() {
+            return Ok(End::Synced { contact_id: id, called: false, tags: wanted });
         }
         let mut current = None;
         if changes.touch_arrays() {
@@ -314,13 +312,17 @@ impl Deliverer {
                 return Ok(end);
             }
         }
-        let apply: BTreeSet<i64> = ours_wanted.difference(&had).chain(&on_create).copied().collect();
+        let apply: BTreeSet<i64> = wanted.ours.difference(&had).chain(&on_create).copied().collect();
         let remove: Vec<i64> = had.difference(want).copied().collect();
         let already = match self.move_tags(claim, id, &apply, &remove, deadline).await? {
             Ok(already) => already,
             Err(end) => return Ok(end),
         };
-        Ok(End::Synced { contact_id: id, called: true, tags: RuleTags::split(want, &theirs, &already) })
+        Ok(End::Synced {
+            contact_id: id,
+            called: true,
+            tags: RuleTags::split(want, &wanted.theirs, &already),
+        })
     }
 
     /// `PATCH` of the changed properties (`current`: the contact as Keap holds it, when an
