@@ -202,22 +202,3 @@ pub(crate) async fn finish_if_delivered(client: &Client) -> Result<Option<Progre
         .await?;
     progress(client).await
 }
-
-/// Enqueues every user of the configured table as a backfill, without delivering: the first
-/// half of `keap-sync backfill`, for embedding and for the backfill benchmark. `on_batch` sees
-/// the running count after each batch (one statement, one transaction). Returns false, having
-/// done nothing, when a finished backfill exists and `mode` is [`BackfillMode::Resume`].
-pub async fn enqueue_backfill(
-    config: &crate::config::Config,
-    mode: BackfillMode,
-    on_batch: impl FnMut(i64),
-) -> Result<bool, crate::RunError> {
-    let client = db::connect(&db::parse(config.database()?)?).await?;
-    crate::schema::ensure_current(&client).await?;
-    let table = UserTable::resolve(&client, &config.users).await?;
-    if !begin(&client, &table, mode).await? {
-        return Ok(false);
-    }
-    enqueue_all(&client, &table, on_batch).await?;
-    Ok(true)
-}

@@ -1101,6 +1101,25 @@ async fn run_backfill(ctx: &Context, mode: BackfillMode) -> Result<(), DbError> 
     }
 }
 
+/// Enqueues every user of the configured table as a backfill, without delivering: the first
+/// half of `keap-sync backfill`, for embedding and for the backfill benchmark. `on_batch` sees
+/// the running count after each batch (one statement, one transaction). Returns false, having
+/// done nothing, when a finished backfill exists and `mode` is [`BackfillMode::Resume`].
+pub async fn enqueue_backfill(
+    config: &Config,
+    mode: BackfillMode,
+    on_batch: impl FnMut(i64),
+) -> Result<bool, RunError> {
+    let client = db::connect(&db::parse(config.database()?)?).await?;
+    schema::ensure_current(&client).await?;
+    let table = UserTable::resolve(&client, &config.users).await?;
+    if !backfill::begin(&client, &table, mode).await? {
+        return Ok(false);
+    }
+    backfill::enqueue_all(&client, &table, on_batch).await?;
+    Ok(true)
+}
+
 /// A name for this process's claims: host, pid and a random part (pids repeat across hosts
 /// and restarts; the random part keeps a restarted daemon from mistaking old claims for its own).
 fn instance_id(host: &str) -> String {

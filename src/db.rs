@@ -169,27 +169,11 @@ fn redact_password(message: &str) -> String {
     }
 }
 
-fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
-    crate::install_crypto_provider();
-    use rustls_platform_verifier::BuilderVerifierExt;
-    let config = rustls::ClientConfig::builder()
-        .with_platform_verifier()
-        .map(|b| b.with_no_client_auth())
-        .unwrap_or_else(|_| {
-            // No usable system trust store: still allow plaintext/unix-socket servers; a TLS
-            // server will then fail verification with a clear error instead of being trusted.
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        });
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
-}
-
 /// Opens a connection whose driver runs in a spawned task. The returned `Client` fails with a
 /// "closed" error once the connection is lost.
 pub(crate) async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
     let (client, connection) = cfg
-        .connect(tls())
+        .connect(crate::tls::postgres())
         .await
         .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
     tokio::spawn(async move {
@@ -326,7 +310,7 @@ pub(crate) async fn connect_listener(
     wake: Arc<Notify>,
 ) -> Result<Listener, DbError> {
     let (client, mut connection) = cfg
-        .connect(tls())
+        .connect(crate::tls::postgres())
         .await
         .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
     let (lost_tx, lost) = mpsc::channel(1);

@@ -26,7 +26,8 @@
 //! Each module uses only modules in the layers above it in this list, never one below (checked
 //! by `tests/it/architecture.rs`):
 //!
-//! 1. `config`, `secret` — the TOML file and environment; credentials that never print.
+//! 1. `config`, `secret`, `tls` — the TOML file and environment; credentials that never print;
+//!    the one TLS configuration of every connection.
 //! 2. `db` — connections (TLS, LISTEN), identifier quoting, the NOTIFY channel.
 //! 3. `schema` — migrations in `sql/`, the capture triggers and the fold they feed, catalog checks.
 //! 4. `outbox` — fold captured changes in, claim with a lease, record results; every function
@@ -75,18 +76,13 @@ mod schema;
 mod secret;
 mod status;
 mod systemd;
+mod tls;
 mod token;
 
-pub use backfill::{enqueue_backfill, BackfillMode};
-pub use daemon::{Daemon, RunError, RunOptions};
+pub use backfill::BackfillMode;
+pub use daemon::{enqueue_backfill, Daemon, RunError, RunOptions};
 pub use db::DbError;
 pub use preview::{dry_run, preview, Call, Plan, PreviewError, Selection};
 pub use schema::{migrate, migrate_reporting, uninstall, MigrateReport, SchemaError};
 pub use secret::Secret;
 pub use token::{import_grant, ImportError, TokenError};
-
-/// Selects rustls' crypto provider (ring) for the whole process. reqwest and tokio-postgres
-/// both use rustls without a built-in provider choice; calling this more than once is harmless.
-fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}

@@ -26,8 +26,10 @@ use crate::catalog::{Catalog, Tags};
 use crate::config::{Config, OnDelete, TagRef};
 use crate::daemon::{keap_access, KeapAccess, RunError};
 use crate::db::{self, DbError};
+use crate::deliver::plan::{self, Mapped, Seen, Step, User};
+use crate::keap::route::{self, Route};
 use crate::keap::{Auth, KeapError};
-use crate::mapping::{ContactPayload, CustomModel, Held, Mapper};
+use crate::mapping::{CustomModel, Held, Mapper};
 use crate::outbox::{self, Mapping, ReadUser};
 use crate::ratelimit::Reserving;
 use crate::schema::{self, UserTable};
@@ -171,54 +173,45 @@ impl Planner {
             .map_err(|e: KeapError| e.to_string())
     }
 
-    /// Tag ids for `refs`, never creating one: names not found are returned as names.
-    async fn tags(&self, refs: &BTreeSet<TagRef>, notes: &mut Vec<String>) -> Result<Vec<Value>, String> {
-        let mut shown = Vec::new();
-        let mut names = BTreeSet::new();
+    /// Tag ids for `refs`, never creating one. A name not resolved (missing, with
+    /// `create_missing`; or Keap not asked) gets a stand-in id below zero that is printed
+    /// by name; a missing one without `create_missing` is the user's problem.
+    async fn tags(&self, refs: &BTreeSet<TagRef>, names: &mut StandIns) -> Result<BTreeSet<i64>, String> {
+        let mut ids = BTreeSet::new();
         for r in refs {
-            match r {
-                TagRef::Id(id) => shown.push(json!(id)),
-                TagRef::Name(_) => {
-                    names.insert(r.clone());
+            let name = match r {
+                TagRef::Id(id) => {
+                    ids.insert(*id);
+                    continue;
+                }
+                TagRef::Name(name) => name,
+            };
+            match self.tag_id(r).await {
+                Ok(Tags::Ids(m)) => ids.extend(m.into_values()),
+                Ok(Tags::Missing(_)) if self.mapper.create_missing_tags() => {
+                    names.notes.push(format!("tag {name} does not exist in Keap; it would be created"));
+                    ids.insert(names.stand_in(name));
+                }
+                Ok(Tags::Missing(_)) => {
+                    return Err(format!(
+                    "Keap has no tag named {name}; create it in Keap, or set `[tags] create_missing = true`"
+                ))
+                }
+                Err(e) => {
+                    names.notes.push(format!("tag names not resolved ({e}); shown by name"));
+                    ids.insert(names.stand_in(name));
                 }
             }
         }
-        if names.is_empty() {
-            return Ok(shown);
-        }
-        let resolved = match self.auth().await {
-            Ok(auth) => {
-                let (access, catalog) = self.keap.as_ref().ok_or("no Keap access")?;
-                let mut ids = Vec::new();
-                for r in &names {
-                    let one = BTreeSet::from([r.clone()]);
-                    match catalog.tag_ids(&access.keap, &auth, &one, false, self.deadline()).await {
-                        Ok(Tags::Ids(m)) => ids.extend(m.into_values().map(|id| json!(id))),
-                        Ok(Tags::Missing(names)) if self.mapper.create_missing_tags() => {
-                            notes.push(format!("tag {} does not exist in Keap; it would be created", names.join(", ")));
-                            ids.push(json!(tag_name(r)));
-                        }
-                        Ok(Tags::Missing(names)) => {
-                            return Err(format!(
-                                "Keap has no tag named {}; create it in Keap, or set `[tags] create_missing = true`",
-                                names.join(", ")
-                            ))
-                        }
-                        Err(e) => {
-                            notes.push(format!("tag names not resolved ({e}); shown by name"));
-                            ids.push(json!(tag_name(r)));
-                        }
-                    }
-                }
-                ids
-            }
-            Err(e) => {
-                notes.push(format!("tag names not resolved ({e}); shown by name"));
-                names.iter().map(|r| json!(tag_name(r))).collect()
-            }
-        };
-        shown.extend(resolved);
-        Ok(shown)
+        Ok(ids)
+    }
+
+    /// One tag name looked up in Keap (cached by the catalog), never created.
+    async fn tag_id(&self, r: &TagRef) -> Result<Tags, String> {
+        let auth = self.auth().await?;
+        let (access, catalog) = self.keap.as_ref().ok_or("no Keap access")?;
+        let one = BTreeSet::from([r.clone()]);
+        catalog.tag_ids(&access.keap, &auth, &one, false, self.deadline()).await.map_err(|e| e.to_string())
     }
 
     /// Plans for `keys`, in order.
@@ -234,192 +227,174 @@ impl Planner {
         Ok(plans)
     }
 
+    /// What delivery would do for one user now: the planner's first plan, shown as calls.
     async fn plan_one(&self, key: &str, row: Option<ReadUser>, mapping: Option<&Mapping>) -> Plan {
-        let mut plan = Plan {
-            user: key.to_owned(),
-            contact_id: mapping.map(|m| m.contact_id),
+        let shown = Plan::new(key, mapping.map(|m| m.contact_id));
+        let mut names = StandIns::default();
+        let row = match row {
+            None => return self.plan_delete(shown, names).await,
+            Some(Err(unreadable)) => return shown.parked(unreadable.0),
+            Some(Ok(row)) => row,
+        };
+        let payload = match self.mapper.payload(key, &row, self.model.as_ref()) {
+            Ok(p) => p,
+            Err(e) => return shown.parked(e.to_string()),
+        };
+        let mapped = mapping.map(|m| Mapped {
+            id: m.contact_id,
+            held: Held::of_mapping(m.sent.as_ref(), m.fingerprint.as_deref(), &payload),
+        });
+        let want = self.tags(&payload.tags, &mut names).await;
+        let on_create = match plan::needs_on_create(mapped.as_ref()) {
+            true => self.tags(&self.mapper.on_create().iter().cloned().collect(), &mut names).await,
+            false => Ok(BTreeSet::new()),
+        };
+        let (want, on_create) = match (want, on_create) {
+            (Ok(want), Ok(on_create)) => (want, on_create),
+            (Err(e), _) | (_, Err(e)) => return shown.parked(format!("user {key}: {e}")),
+        };
+        let user = User {
+            key,
+            payload: &payload,
+            mapped: mapped.as_ref(),
+            in_doubt: None,
+            want: &want,
+            on_create: &on_create,
+            seen: Seen::Nothing,
+        };
+        shown.present(mapped.is_some(), &plan::present(&user), names)
+    }
+
+    /// A deleted user: the `on_delete` policy on the contact mapped now.
+    async fn plan_delete(&self, mut shown: Plan, mut names: StandIns) -> Plan {
+        let Some(id) = shown.contact_id else {
+            shown.notes.push("user deleted, never synced: nothing to do".into());
+            return shown;
+        };
+        let tag = match &self.on_delete {
+            OnDelete::Keep => {
+                shown.action = "keep";
+                shown.notes.push("user deleted: the contact is kept, the mapping forgotten".into());
+                return shown;
+            }
+            OnDelete::DeleteContact => {
+                shown.action = "delete";
+                None
+            }
+            OnDelete::Tag { tag, .. } => {
+                shown.action = "tag";
+                match self.tags(&BTreeSet::from([tag.clone()]), &mut names).await {
+                    Ok(ids) => ids.first().copied(),
+                    Err(e) => {
+                        let problem = format!("user {}: {e}", shown.user);
+                        return shown.parked(problem);
+                    }
+                }
+            }
+        };
+        shown.show(&plan::deleted(id, &self.on_delete, tag, None), names)
+    }
+}
+
+/// Tag names shown in place of ids not known (a tag that would be created, or names Keap was
+/// not asked for): each gets an id below zero for the planner, printed back as its name.
+#[derive(Default)]
+struct StandIns {
+    names: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl StandIns {
+    fn stand_in(&mut self, name: &str) -> i64 {
+        let at = self.names.iter().position(|n| n == name).unwrap_or_else(|| {
+            self.names.push(name.to_owned());
+            self.names.len() - 1
+        });
+        -1 - at as i64
+    }
+
+    fn shown(&self, ids: &BTreeSet<i64>) -> Vec<Value> {
+        let name = |id: i64| usize::try_from(-1 - id).ok().and_then(|at| self.names.get(at));
+        ids.iter().map(|id| name(*id).map_or_else(|| json!(id), |n| json!(n))).collect()
+    }
+}
+
+impl Plan {
+    fn new(user: &str, contact_id: Option<i64>) -> Plan {
+        Plan {
+            user: user.to_owned(),
+            contact_id,
             action: "nothing",
             calls: Vec::new(),
             changed: Vec::new(),
             problem: None,
             notes: Vec::new(),
-        };
-        let row = match row {
-            None => {
-                self.plan_delete(&mut plan).await;
-                return plan;
-            }
-            Some(Err(unreadable)) => return parked(plan, unreadable.0),
-            Some(Ok(row)) => row,
-        };
-        let payload = match self.mapper.payload(key, &row, self.model.as_ref()) {
-            Ok(p) => p,
-            Err(e) => return parked(plan, e.to_string()),
-        };
-        let mut notes = Vec::new();
-        let want = match self.tags(&payload.tags, &mut notes).await {
-            Ok(t) => t,
-            Err(e) => return parked(plan, format!("user {key}: {e}")),
-        };
-        plan.notes = notes;
-        match mapping {
-            Some(m) => self.plan_update(plan, &payload, m, want).await,
-            None => self.plan_create(plan, &payload, want).await,
         }
     }
 
-    async fn plan_create(&self, mut plan: Plan, payload: &ContactPayload, want: Vec<Value>) -> Plan {
-        plan.action = "create_or_update";
-        let on_create: BTreeSet<TagRef> = self.mapper.on_create().iter().cloned().collect();
-        let mut tags = want;
-        match self.tags(&on_create, &mut plan.notes).await {
-            Ok(t) => tags.extend(t),
-            Err(e) => {
-                let problem = format!("user {}: {e}", plan.user);
-                return parked(plan, problem);
-            }
-        }
-        plan.calls.push(Call {
-            method: "GET",
-            path: format!("/v1/contacts?email={}", payload.email),
-            body: None,
-        });
-        plan.notes.push(
-            "a contact found by this email is linked and gets a PATCH of what differs; otherwise the PUT creates it"
-                .into(),
-        );
-        plan.calls.push(Call {
-            method: "PUT",
-            path: "/v1/contacts".into(),
-            body: Some(Value::Object(payload.create_body())),
-        });
-        if !tags.is_empty() {
-            tags.dedup();
-            plan.calls.push(Call {
-                method: "POST",
-                path: "/v1/contacts/{new}/tags".into(),
-                body: Some(json!({ "tagIds": tags })),
-            });
-        }
-        plan
+    fn parked(mut self, problem: String) -> Plan {
+        self.action = "parked";
+        self.calls.clear();
+        self.problem = Some(problem);
+        self
     }
 
-    async fn plan_update(
-        &self,
-        mut plan: Plan,
-        payload: &ContactPayload,
-        m: &Mapping,
-        want: Vec<Value>,
-    ) -> Plan {
-        let id = m.contact_id;
-        let held = Held::of_mapping(m.sent.as_ref(), m.fingerprint.as_deref(), payload);
-        let changes = payload.changes(&held);
-        let had: BTreeSet<i64> = held.tags().cloned().unwrap_or_default();
-        let want_ids: BTreeSet<i64> = want.iter().filter_map(Value::as_i64).collect();
-        let mut apply: Vec<Value> =
-            want.iter().filter(|v| v.as_i64().is_none_or(|id| !had.contains(&id))).cloned().collect();
-        if held.is_fresh() {
-            let on_create: BTreeSet<TagRef> = self.mapper.on_create().iter().cloned().collect();
-            match self.tags(&on_create, &mut plan.notes).await {
-                Ok(t) => apply.extend(t),
-                Err(e) => {
-                    let problem = format!("user {}: {e}", plan.user);
-                    return parked(plan, problem);
-                }
-            }
-        }
-        let remove: Vec<i64> = had.difference(&want_ids).copied().collect();
-        if changes.any() {
-            plan.action = "update";
-            plan.changed = changes.paths();
-            if changes.touch_arrays() {
-                plan.calls.push(Call { method: "GET", path: format!("/v1/contacts/{id}"), body: None });
-                plan.notes.push(
-                    "array properties are sent with the slots keap-sync does not own as Keap holds them at send time".into(),
-                );
-            }
-            let (body, mask) = payload.patch(&changes, None);
-            let query: Vec<String> = mask.iter().map(|m| format!("update_mask={m}")).collect();
-            plan.calls.push(Call {
-                method: "PATCH",
-                path: format!("/v1/contacts/{id}?{}", query.join("&")),
-                body: Some(Value::Object(body)),
-            });
-        }
-        if !apply.is_empty() {
-            plan.action = if plan.action == "nothing" { "update" } else { plan.action };
-            plan.calls.push(Call {
-                method: "POST",
-                path: format!("/v1/contacts/{id}/tags"),
-                body: Some(json!({ "tagIds": apply })),
-            });
-        }
-        if !remove.is_empty() {
-            plan.action = if plan.action == "nothing" { "update" } else { plan.action };
-            let ids: Vec<String> = remove.iter().map(i64::to_string).collect();
-            plan.calls.push(Call {
-                method: "DELETE",
-                path: format!("/v1/contacts/{id}/tags?ids={}", ids.join(",")),
-                body: None,
-            });
-        }
-        plan
-    }
-
-    async fn plan_delete(&self, plan: &mut Plan) {
-        let Some(id) = plan.contact_id else {
-            plan.notes.push("user deleted, never synced: nothing to do".into());
-            return;
+    /// A present user's plan: created or updated, and which owned properties change.
+    fn present(mut self, mapped: bool, decided: &plan::Plan, names: StandIns) -> Plan {
+        self.action = match (mapped, decided.steps.is_empty()) {
+            (false, _) => "create_or_update",
+            (true, true) => "nothing",
+            (true, false) => "update",
         };
-        match &self.on_delete {
-            OnDelete::Keep => {
-                plan.action = "keep";
-                plan.notes.push("user deleted: the contact is kept, the mapping forgotten".into());
+        if mapped {
+            self.changed = decided.changed.clone();
+        }
+        self.show(decided, names)
+    }
+
+    /// The planner's steps as the calls they make, with what is worth knowing about them.
+    fn show(mut self, decided: &plan::Plan, names: StandIns) -> Plan {
+        let deleting = matches!(self.action, "delete" | "tag");
+        for step in &decided.steps {
+            if let Step::Park(problem) = step {
+                return self.parked(problem.clone());
             }
-            OnDelete::DeleteContact => {
-                plan.action = "delete";
-                plan.calls.push(Call { method: "DELETE", path: format!("/v1/contacts/{id}"), body: None });
-            }
-            OnDelete::Tag { tag, opt_out } => {
-                plan.action = "tag";
-                let mut notes = Vec::new();
-                match self.tags(&BTreeSet::from([tag.clone()]), &mut notes).await {
-                    Ok(ids) => plan.calls.push(Call {
-                        method: "POST",
-                        path: format!("/v1/contacts/{id}/tags"),
-                        body: Some(json!({ "tagIds": ids })),
-                    }),
-                    Err(e) => {
-                        plan.action = "parked";
-                        plan.problem = Some(format!("user {}: {e}", plan.user));
-                    }
-                }
-                plan.notes.extend(notes);
-                if let Some(reason) = opt_out {
-                    plan.calls.push(Call { method: "GET", path: format!("/v1/contacts/{id}"), body: None });
-                    plan.calls.push(Call {
-                        method: "PUT",
-                        path: "/v1/emailAddresses/{EMAIL1 of the contact}".into(),
-                        body: Some(json!({"opted_in": false, "reason": reason})),
-                    });
-                }
+            self.calls.extend(call_of(step, &names));
+            match step {
+                Step::Lookup { .. } => self.notes.push(
+                    "a contact found by this email is linked and gets a PATCH of what differs; otherwise the PUT creates it"
+                        .into(),
+                ),
+                Step::Read { .. } if !deleting => self.notes.push(
+                    "array properties are sent with the slots keap-sync does not own as Keap holds them at send time"
+                        .into(),
+                ),
+                _ => {}
             }
         }
+        self.notes.extend(names.notes);
+        self
     }
 }
 
-fn parked(mut plan: Plan, problem: String) -> Plan {
-    plan.action = "parked";
-    plan.calls.clear();
-    plan.problem = Some(problem);
-    plan
-}
-
-fn tag_name(r: &TagRef) -> String {
-    match r {
-        TagRef::Id(id) => id.to_string(),
-        TagRef::Name(n) => n.clone(),
-    }
+/// The Keap call of one step (`None` for a step that is not a call).
+fn call_of(step: &Step, names: &StandIns) -> Option<Call> {
+    let (route, body) = match step {
+        Step::Lookup { email } => (Route::find_by_email(email, &[]), None),
+        Step::Read { id } => (Route::get_contact(id, &[]), None),
+        Step::Create { body } => (Route::upsert_contact(), Some(Value::Object(body.clone()))),
+        Step::Patch { id, body, mask } => {
+            (Route::update_contact(id, mask), Some(Value::Object(body.clone())))
+        }
+        Step::ApplyTags { id, ids } => (Route::apply_tags(id), Some(route::tag_ids(&names.shown(ids)))),
+        Step::RemoveTags { id, ids } => {
+            (Route::remove_tags(id, &ids.iter().copied().collect::<Vec<_>>()), None)
+        }
+        Step::Delete { id } => (Route::delete_contact(id), None),
+        Step::OptOut { email, reason } => (Route::opt_out(email.as_deref()), Some(route::opt_out(reason))),
+        Step::Settle | Step::Link { .. } | Step::Park(_) => return None,
+    };
+    Some(Call { method: route.method_name(), path: route.path_and_query(), body })
 }
 
 /// Plans for the selected users. Makes no Keap write call and changes no table.

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use super::model::{ByEmail, Contact, ContactList, ErrorBody, ObjectModel, Tag, TagPage};
+use super::route::{self, Route};
 use super::TagsApplied;
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
@@ -126,7 +127,7 @@ impl KeapClient {
         body: &Map<String, Value>,
         deadline: Instant,
     ) -> Result<Contact, KeapError> {
-        let req = Request { method: Method::PUT, path: "/v1/contacts".into(), query: Vec::new(), deadline };
+        let req = Request { route: Route::upsert_contact(), deadline };
         self.call(auth, req, Some(body)).await
     }
 
@@ -139,12 +140,7 @@ impl KeapClient {
         mask: &[&'static str],
         deadline: Instant,
     ) -> Result<Contact, KeapError> {
-        let req = Request {
-            method: Method::PATCH,
-            path: format!("/v1/contacts/{id}"),
-            query: mask.iter().map(|m| ("update_mask", (*m).to_owned())).collect(),
-            deadline,
-        };
+        let req = Request { route: Route::update_contact(id, mask), deadline };
         self.call(auth, req, Some(body)).await
     }
 
@@ -161,11 +157,7 @@ impl KeapClient {
         optional: &[&str],
         deadline: Instant,
     ) -> Result<ByEmail, KeapError> {
-        let mut query = vec![("email", email.to_owned())];
-        if !optional.is_empty() {
-            query.push(("optional_properties", optional.join(",")));
-        }
-        let req = Request { method: Method::GET, path: "/v1/contacts".into(), query, deadline };
+        let req = Request { route: Route::find_by_email(email, optional), deadline };
         let name = req.name();
         let text = self.send(auth, req, None::<&()>).await?;
         let list: ContactList =
@@ -186,9 +178,7 @@ impl KeapClient {
         optional: &[&str],
         deadline: Instant,
     ) -> Result<Contact, KeapError> {
-        let query =
-            if optional.is_empty() { Vec::new() } else { vec![("optional_properties", optional.join(","))] };
-        let req = Request { method: Method::GET, path: format!("/v1/contacts/{id}"), query, deadline };
+        let req = Request { route: Route::get_contact(id, optional), deadline };
         self.call(auth, req, None::<&()>).await
     }
 
@@ -199,12 +189,7 @@ impl KeapClient {
         id: i64,
         deadline: Instant,
     ) -> Result<(), KeapError> {
-        let req = Request {
-            method: Method::DELETE,
-            path: format!("/v1/contacts/{id}"),
-            query: Vec::new(),
-            deadline,
-        };
+        let req = Request { route: Route::delete_contact(id), deadline };
         match self.send(auth, req, None::<&()>).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
@@ -218,8 +203,7 @@ impl KeapClient {
         auth: &Auth,
         deadline: Instant,
     ) -> Result<ObjectModel, KeapError> {
-        let req =
-            Request { method: Method::GET, path: "/v1/contacts/model".into(), query: Vec::new(), deadline };
+        let req = Request { route: Route::contact_model(), deadline };
         let name = req.name();
         let text = self.send(auth, req, None::<&()>).await?;
         serde_json::from_str(&text).map_err(|e| unreadable(name, &e, &text))
@@ -233,12 +217,7 @@ impl KeapClient {
         name: &str,
         deadline: Instant,
     ) -> Result<Option<i64>, KeapError> {
-        let req = Request {
-            method: Method::GET,
-            path: "/v1/tags".into(),
-            query: vec![("name", name.to_owned()), ("limit", "1000".into())],
-            deadline,
-        };
+        let req = Request { route: Route::find_tag(name), deadline };
         let what = req.name();
         let text = self.send(auth, req, None::<&()>).await?;
         let page: TagPage = serde_json::from_str(&text).map_err(|e| unreadable(what, &e, &text))?;
@@ -253,10 +232,9 @@ impl KeapClient {
         name: &str,
         deadline: Instant,
     ) -> Result<i64, KeapError> {
-        let req = Request { method: Method::POST, path: "/v1/tags".into(), query: Vec::new(), deadline };
+        let req = Request { route: Route::create_tag(), deadline };
         let what = req.name();
-        let text =
-            self.send(auth, req, Some(&json!({"name": name, "description": "Created by keap-sync"}))).await?;
+        let text = self.send(auth, req, Some(&route::new_tag(name))).await?;
         let tag: Tag = serde_json::from_str(&text).map_err(|e| unreadable(what, &e, &text))?;
         Ok(tag.id)
     }
@@ -270,13 +248,8 @@ impl KeapClient {
         ids: &[i64],
         deadline: Instant,
     ) -> Result<TagsApplied, KeapError> {
-        let req = Request {
-            method: Method::POST,
-            path: format!("/v1/contacts/{contact}/tags"),
-            query: Vec::new(),
-            deadline,
-        };
-        let text = self.send(auth, req, Some(&json!({ "tagIds": ids }))).await?;
+        let req = Request { route: Route::apply_tags(contact), deadline };
+        let text = self.send(auth, req, Some(&route::tag_ids(ids))).await?;
         Ok(TagsApplied::read(ids, &text))
     }
 
@@ -289,13 +262,7 @@ impl KeapClient {
         ids: &[i64],
         deadline: Instant,
     ) -> Result<(), KeapError> {
-        let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-        let req = Request {
-            method: Method::DELETE,
-            path: format!("/v1/contacts/{contact}/tags"),
-            query: vec![("ids", list.join(","))],
-            deadline,
-        };
+        let req = Request { route: Route::remove_tags(contact, ids), deadline };
         match self.send(auth, req, None::<&()>).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
@@ -311,11 +278,8 @@ impl KeapClient {
         reason: &str,
         deadline: Instant,
     ) -> Result<(), KeapError> {
-        let mut url = reqwest::Url::parse("http://x/v1/emailAddresses/")
-            .map_err(|e| bad_reply(String::new(), &e.to_string()))?;
-        url.path_segments_mut().map_err(|()| bad_reply(String::new(), "no path"))?.pop_if_empty().push(email);
-        let req = Request { method: Method::PUT, path: url.path().to_owned(), query: Vec::new(), deadline };
-        self.send(auth, req, Some(&json!({"opted_in": false, "reason": reason}))).await.map(|_| ())
+        let req = Request { route: Route::opt_out(Some(email)), deadline };
+        self.send(auth, req, Some(&route::opt_out(reason))).await.map(|_| ())
     }
 
     async fn call<B: serde::Serialize>(
@@ -355,8 +319,11 @@ impl KeapClient {
                 retry_after: None,
             });
         }
-        let mut builder =
-            self.http.request(req.method.clone(), format!("{}{}", self.api_url, req.path)).query(&req.query);
+        let route = &req.route;
+        let mut builder = self
+            .http
+            .request(route.method.clone(), format!("{}{}", self.api_url, route.path))
+            .query(&route.query);
         builder = match auth {
             Auth::Bearer(token) => builder.bearer_auth(token.expose()),
             Auth::ApiKey(key) => {
@@ -377,7 +344,7 @@ impl KeapClient {
         if let Some(body) = body {
             builder = builder.json(body);
         }
-        let method = method_name(&req.method);
+        let method = route.method_name();
         let started = std::time::Instant::now();
         let sent = builder.send().await;
         // The call has reached Keap, or never will: its per-minute slot ages from now
@@ -459,29 +426,16 @@ fn unreadable(request: String, e: &serde_json::Error, text: &str) -> KeapError {
     }
 }
 
-fn method_name(m: &Method) -> &'static str {
-    match *m {
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::POST => "POST",
-        _ => "GET",
-    }
-}
-
 /// One call to make: where, and by when it must be done.
 struct Request {
-    method: Method,
-    /// Below the API base, e.g. `/v1/contacts/7`.
-    path: String,
-    query: Vec<(&'static str, String)>,
+    route: Route,
     deadline: Instant,
 }
 
 impl Request {
     /// `PATCH /v1/contacts/7`, for messages.
     fn name(&self) -> String {
-        format!("{} {}", self.method, self.path)
+        self.route.name()
     }
 }
 
@@ -494,8 +448,7 @@ pub(crate) fn http_client(
     request_timeout: Duration,
     connect_timeout: Duration,
 ) -> Result<reqwest::Client, String> {
-    crate::install_crypto_provider();
-    reqwest::Client::builder()
+    crate::tls::http()
         .timeout(request_timeout)
         .connect_timeout(connect_timeout)
         .user_agent(concat!("keap-sync/", env!("CARGO_PKG_VERSION")))

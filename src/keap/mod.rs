@@ -4,6 +4,7 @@
 
 mod client;
 pub(crate) mod model;
+pub(crate) mod route;
 mod tags_applied;
 mod transport;
 

@@ -1,0 +1,433 @@
+//! Running a plan: each step is one Keap call or one outbox statement. A read adds what it
+//! found to the facts and the user is planned again ([`super::plan`]); the writes then run in
+//! order. How each answer ends the delivery (synced, retried, parked, linked again) is decided
+//! here; what to send never is.
+
+use std::collections::BTreeSet;
+
+use tokio::time::Instant;
+
+use super::plan::{self, IfTaken, Mapped, Plan, Seen, Step, Target, User};
+use super::{Deliverer, End, Failure, Outcome};
+use crate::config::{OnDelete, TagRef};
+use crate::db::DbError;
+use crate::keap::model::{ByEmail, Contact};
+use crate::keap::{ErrorKind, TagsApplied};
+use crate::mapping::{ContactPayload, Held};
+use crate::outbox::{self, Claim, CreateSlot, Done, Linked};
+
+/// Plans per delivery at most: every read or settle answers one question for good, so a plan
+/// is made at most once per read kind and once more after a contact vanished; far fewer in practice.
+const MAX_PLANS: usize = 12;
+
+/// What one Keap call answered.
+enum Answer {
+    Found(ByEmail),
+    Contact(Contact),
+    Tagged(TagsApplied),
+    Done,
+}
+
+/// What the run of one plan came to.
+enum Flow {
+    /// A read answered: plan again with what it found.
+    Replan,
+    /// The delivery ended.
+    End(End),
+}
+
+/// What one delivery has learnt so far, from the claim and from Keap.
+struct Facts {
+    mapped: Option<Mapped>,
+    in_doubt: Option<String>,
+    /// The contact as read (`Step::Read`).
+    contact: Option<Contact>,
+    /// What a lookup found, and for which address.
+    found: Option<(String, ByEmail)>,
+    /// `on_create` tag ids, once resolved.
+    on_create: Option<BTreeSet<i64>>,
+    /// The contact this delivery linked (by lookup or create): a 404 on it is a vanished
+    /// contact, not a mapping to make again.
+    linked: Option<i64>,
+    /// Keap calls made.
+    calls: u32,
+}
+
+impl Facts {
+    fn of(claim: &Claim, payload: &ContactPayload) -> Facts {
+        Facts {
+            mapped: claim.contact_id.map(|id| Mapped {
+                id,
+                held: Held::of_mapping(claim.sent.as_ref(), claim.fingerprint.as_deref(), payload),
+            }),
+            in_doubt: claim.create_sent.as_ref().and_then(plan::email_of_create),
+            contact: None,
+            found: None,
+            on_create: None,
+            linked: None,
+            calls: 0,
+        }
+    }
+
+    fn seen(&self) -> Seen<'_> {
+        match (&self.contact, &self.found) {
+            (Some(contact), _) => Seen::Contact(contact),
+            (None, Some((email, found))) => Seen::Found { email, found },
+            (None, None) => Seen::Nothing,
+        }
+    }
+
+    /// The contact the user is linked to now.
+    fn contact_id(&self) -> Option<i64> {
+        self.linked.or(self.mapped.as_ref().map(|m| m.id))
+    }
+}
+
+impl Deliverer {
+    /// Delivers a present user: plan, run, plan again after each read.
+    pub(super) async fn present(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        want: &BTreeSet<i64>,
+        deadline: Instant,
+    ) -> Result<End, DbError> {
+        let mut facts = Facts::of(claim, payload);
+        let none = BTreeSet::new();
+        for _ in 0..MAX_PLANS {
+            if facts.on_create.is_none() && plan::needs_on_create(facts.mapped.as_ref()) {
+                let refs: BTreeSet<TagRef> = self.mapper.on_create().iter().cloned().collect();
+                match self.tag_ids(claim, &refs, deadline).await? {
+                    Ok(ids) => facts.on_create = Some(ids),
+                    Err(end) => return Ok(end),
+                }
+            }
+            let user = User {
+                key: &claim.user_key,
+                payload,
+                mapped: facts.mapped.as_ref(),
+                in_doubt: facts.in_doubt.as_deref(),
+                want,
+                on_create: facts.on_create.as_ref().unwrap_or(&none),
+                seen: facts.seen(),
+            };
+            let plan = plan::present(&user);
+            match self.run(claim, payload, want, &plan, &mut facts, deadline).await? {
+                Flow::Replan => continue,
+                Flow::End(end) => return Ok(end),
+            }
+        }
+        tracing::error!(user = %claim.user_key, "the delivery plan did not settle; trying again later");
+        Ok(End::RetryLater("the delivery plan did not settle (a keap-sync defect; please report it)".into()))
+    }
+
+    /// Runs `plan`'s steps in order, until a read answers or the delivery ends.
+    async fn run(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        want: &BTreeSet<i64>,
+        plan: &Plan,
+        facts: &mut Facts,
+        deadline: Instant,
+    ) -> Result<Flow, DbError> {
+        let mut already = BTreeSet::new();
+        for step in &plan.steps {
+            match step {
+                Step::Settle => return self.settle(claim, payload, facts).await,
+                Step::Link { id, sent, if_taken } => match self.link(claim, *id, sent.clone()).await? {
+                    None => facts.linked = Some(*id),
+                    Some(End::Taken { .. }) if *if_taken == IfTaken::Settle => {
+                        // Another user's contact: this user's create made none of its own.
+                        return self.settle(claim, payload, facts).await;
+                    }
+                    Some(end) => return Ok(Flow::End(end)),
+                },
+                Step::Create { body } => {
+                    if let Some(end) = self.create(claim, payload, body, facts, deadline).await? {
+                        return Ok(Flow::End(end));
+                    }
+                }
+                Step::Park(reason) => return Ok(Flow::End(End::Park(reason.clone()))),
+                step => {
+                    facts.calls += 1;
+                    let answer = match self.call(claim, step, facts.contact_id(), deadline).await? {
+                        Ok(answer) => answer,
+                        Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => {
+                            return Ok(self.gone(claim, facts))
+                        }
+                        Err(failure) => return Ok(Flow::End(End::failed(failure, patch_body(step)))),
+                    };
+                    match answer {
+                        Answer::Found(found) => {
+                            let Step::Lookup { email } = step else {
+                                unreachable!("a lookup answers a lookup")
+                            };
+                            facts.found = Some((email.clone(), found));
+                            return Ok(Flow::Replan);
+                        }
+                        Answer::Contact(contact) => {
+                            facts.contact = Some(contact);
+                            return Ok(Flow::Replan);
+                        }
+                        Answer::Tagged(answer) if answer.contact_gone() => return Ok(self.gone(claim, facts)),
+                        Answer::Tagged(answer) if answer.refused.is_empty() => already.extend(answer.already),
+                        Answer::Tagged(answer) => {
+                            return Ok(Flow::End(End::Park(not_applied(
+                                &answer,
+                                facts.contact_id().unwrap_or_default(),
+                            ))))
+                        }
+                        Answer::Done => {}
+                    }
+                }
+            }
+        }
+        let Some(contact_id) = facts.contact_id() else {
+            return Ok(Flow::End(End::Park(format!("user {}: the plan linked no contact", claim.user_key))));
+        };
+        Ok(Flow::End(End::Synced { contact_id, called: facts.calls > 0, tags: plan.tags(want, &already) }))
+    }
+
+    /// The contact a step was sent to is gone in Keap: the mapped one is linked again by
+    /// email (planned again, knowing no contact); one this delivery linked vanished under it.
+    fn gone(&self, claim: &Claim, facts: &mut Facts) -> Flow {
+        if let Some(id) = facts.linked {
+            return Flow::End(End::RetryLater(format!("Keap contact {id} vanished while being linked")));
+        }
+        if let Some(mapped) = facts.mapped.take() {
+            tracing::info!(user = %claim.user_key, contact = mapped.id, "contact gone in Keap; linking again by email");
+        }
+        facts.contact = None;
+        facts.found = None;
+        Flow::Replan
+    }
+
+    /// An in-doubt create made no contact of this user's: clear its record for good, so that
+    /// no later attempt looks its address up again (`outbox::settle_create`).
+    async fn settle(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        facts: &mut Facts,
+    ) -> Result<Flow, DbError> {
+        let settled = outbox::with_retries("settle_create", &claim.user_key, || {
+            outbox::settle_create(&self.db, claim, &self.instance)
+        })
+        .await?;
+        if !settled {
+            return Ok(Flow::End(End::Release));
+        }
+        tracing::info!(user = %claim.user_key, "an earlier create whose answer was lost made no contact of this user's; settled");
+        facts.in_doubt = None;
+        // The lookup's answer still holds if it was for the user's own address.
+        if facts.found.as_ref().is_some_and(|(email, _)| !email.eq_ignore_ascii_case(&payload.email)) {
+            facts.found = None;
+        }
+        Ok(Flow::Replan)
+    }
+
+    /// Maps the user to `contact_id`; `Some(end)` when that must not (or cannot) happen.
+    async fn link(
+        &self,
+        claim: &Claim,
+        contact_id: i64,
+        sent: serde_json::Value,
+    ) -> Result<Option<End>, DbError> {
+        Ok(match self.recorder.link(claim, contact_id, sent).await? {
+            Linked::Yes => None,
+            Linked::TakenBy(other) => Some(End::Taken {
+                message: format!(
+                    "user {user}: Keap contact {contact_id}, the one with this user's email address, is already \
+                     linked to user {other}; one contact belongs to one user. The change is tried again by \
+                     itself as soon as no user holds contact {contact_id} (user {other} deleted, or linked \
+                     to another contact); to sync this user sooner, give it another email address, or run \
+                     `keap-sync failures retry {user}` once user {other} no longer holds it",
+                    user = claim.user_key
+                ),
+                contact_id,
+            }),
+            // Gone since the claim (its newer change is queued), or no longer our claim.
+            Linked::KeyGone | Linked::Lost => Some(End::Release),
+        })
+    }
+
+    /// Creates the contact, having recorded what is sent first (invariant 14), then links it.
+    async fn create(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        body: &serde_json::Map<String, serde_json::Value>,
+        facts: &mut Facts,
+        deadline: Instant,
+    ) -> Result<Option<End>, DbError> {
+        let sent = serde_json::to_value(body).unwrap_or_default();
+        match self.recorder.begin_create(claim, &sent).await? {
+            CreateSlot::Reserved => {}
+            CreateSlot::EmailBusy => {
+                return Ok(Some(End::RetryLater(format!(
+                    "another user's contact for {} is being created; this one waits for it",
+                    payload.email
+                ))))
+            }
+            CreateSlot::Lost => return Ok(Some(End::Release)),
+        }
+        facts.calls += 1;
+        let result = self
+            .with_auth(claim, |auth| async move { self.keap.upsert_contact(&auth, body, deadline).await })
+            .await?;
+        match result {
+            Ok(contact) => {
+                let end = self.link(claim, contact.id, payload.as_held().link_sent()).await?;
+                facts.linked = Some(contact.id);
+                Ok(end)
+            }
+            Err(failure) => {
+                // A 4xx is a definite answer: nothing was created.
+                let settles_create = matches!(&failure, Failure::Keap(e) if e.kind == ErrorKind::Rejected);
+                Ok(Some(End::Failed { failure, sent: Some(sent), settles_create }))
+            }
+        }
+    }
+
+    /// The Keap call of one step (`contact`: the contact a [`Target::Created`] step means).
+    async fn call(
+        &self,
+        claim: &Claim,
+        step: &Step,
+        contact: Option<i64>,
+        deadline: Instant,
+    ) -> Result<Result<Answer, Failure>, DbError> {
+        let keap = &self.keap;
+        let optional = self.mapper.optional_properties();
+        let optional = &optional;
+        let target = |t: &Target| match t {
+            Target::Id(id) => *id,
+            Target::Created => contact.unwrap_or_default(),
+        };
+        Ok(match step {
+            Step::Lookup { email } => {
+                self.with_auth(claim, |auth| async move {
+                    keap.find_by_email(&auth, email, optional, deadline).await
+                })
+                .await?
+                .map(Answer::Found)
+            }
+            Step::Read { id } => self
+                .with_auth(
+                    claim,
+                    |auth| async move { keap.get_contact(&auth, *id, optional, deadline).await },
+                )
+                .await?
+                .map(Answer::Contact),
+            Step::Patch { id, body, mask } => self
+                .with_auth(claim, |auth| async move {
+                    keap.update_contact(&auth, *id, body, mask, deadline).await
+                })
+                .await?
+                .map(|_| Answer::Done),
+            Step::ApplyTags { id, ids } => {
+                let (id, ids) = (target(id), &ids.iter().copied().collect::<Vec<i64>>());
+                self.with_auth(claim, |auth| async move { keap.apply_tags(&auth, id, ids, deadline).await })
+                    .await?
+                    .map(Answer::Tagged)
+            }
+            Step::RemoveTags { id, ids } => {
+                let ids = &ids.iter().copied().collect::<Vec<i64>>();
+                self.with_auth(claim, |auth| async move { keap.remove_tags(&auth, *id, ids, deadline).await })
+                    .await?
+                    .map(|()| Answer::Done)
+            }
+            Step::Delete { id } => self
+                .with_auth(claim, |auth| async move { keap.delete_contact(&auth, *id, deadline).await })
+                .await?
+                .map(|()| Answer::Done),
+            Step::OptOut { email: Some(email), reason } => self
+                .with_auth(claim, |auth| async move { keap.opt_out(&auth, email, reason, deadline).await })
+                .await?
+                .map(|()| Answer::Done),
+            Step::OptOut { email: None, .. }
+            | Step::Settle
+            | Step::Link { .. }
+            | Step::Create { .. }
+            | Step::Park(_) => Ok(Answer::Done),
+        })
+    }
+
+    /// A deleted user: `[delivery] on_delete` on the contact mapped now, then the mapping is
+    /// forgotten (a user restored later is linked again by email).
+    pub(super) async fn deleted(&self, claim: &Claim, deadline: Instant) -> Result<Outcome, DbError> {
+        let Some(id) = self.mapped_now(claim).await? else { return Ok(Outcome::Handled) };
+        let Some(id) = id else { return self.forget(claim, Done::Nothing).await.map(|()| Outcome::Handled) };
+        let tag = match &self.delivery.on_delete {
+            OnDelete::Tag { tag, .. } => {
+                match self.tag_ids(claim, &BTreeSet::from([tag.clone()]), deadline).await? {
+                    Ok(ids) => ids.first().copied(),
+                    Err(end) => return self.record_delete_end(claim, end).await,
+                }
+            }
+            _ => None,
+        };
+        let mut seen = None;
+        let mut calls = 0;
+        'plan: for _ in 0..MAX_PLANS {
+            let plan = plan::deleted(id, &self.delivery.on_delete, tag, seen.as_ref());
+            for step in &plan.steps {
+                calls += u32::from(step.is_call());
+                match self.call(claim, step, Some(id), deadline).await? {
+                    Ok(Answer::Contact(contact)) => {
+                        seen = Some(contact);
+                        continue 'plan;
+                    }
+                    Ok(Answer::Tagged(answer)) if answer.contact_gone() => break,
+                    Ok(Answer::Tagged(answer)) if !answer.refused.is_empty() => {
+                        return self.record_delete_end(claim, End::Park(not_applied(&answer, id))).await;
+                    }
+                    Ok(_) => {}
+                    // Already gone in Keap: nothing left to do to it.
+                    Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => break,
+                    Err(failure) => return self.failed(claim, failure, None, false).await,
+                }
+            }
+            break;
+        }
+        tracing::info!(user = %claim.user_key, contact = id, policy = ?self.delivery.on_delete, "user deleted; on_delete done");
+        self.forget(claim, Done::Forgotten).await?;
+        Ok(if calls > 0 { Outcome::Accepted } else { Outcome::Handled })
+    }
+
+    /// The contact mapped to a deleted user now, not at claim time: a key change moves it to
+    /// the new key, and a renamed user must keep its contact (invariant 13). `None`: a newer
+    /// change arrived (a key change, a re-insert) and the claim was given back for it.
+    async fn mapped_now(&self, claim: &Claim) -> Result<Option<Option<i64>>, DbError> {
+        let now = outbox::with_retries("mapping_if_unchanged", &claim.user_key, || {
+            outbox::mapping_if_unchanged(&self.db, claim, &self.instance)
+        })
+        .await?;
+        if now.is_none() {
+            outbox::with_retries("release", &claim.user_key, || {
+                outbox::release(&self.db, claim, &self.instance)
+            })
+            .await?;
+        }
+        Ok(now)
+    }
+}
+
+/// The body of a failed `PATCH`, kept with the failure.
+fn patch_body(step: &Step) -> Option<serde_json::Value> {
+    match step {
+        Step::Patch { body, .. } => serde_json::to_value(body).ok(),
+        _ => None,
+    }
+}
+
+/// Why a tag apply that Keap refused for some tags parks the change.
+fn not_applied(answer: &TagsApplied, contact: i64) -> String {
+    let list: Vec<String> = answer.refused.iter().map(|(id, why)| format!("{id} ({why})")).collect();
+    format!(
+        "Keap did not apply tag(s) {} to contact {contact}; check the tag ids in the configuration, then \
+         `keap-sync failures retry`",
+        list.join(", ")
+    )
+}
