@@ -36,7 +36,8 @@
 //! 5. `mapping` (user row → the contact properties and tags we own, checked against Keap's
 //!    rules; per-field fingerprints of what Keap holds), `keap` (REST client and wire types), `ratelimit`,
 //!    `metrics`, `token` (API key or OAuth grant, refreshed under a row lock), `systemd`.
-//! 6. `deliver` — one change: decide, make the fewest Keap calls (one write per net change,
+//! 6. `access` — the Keap client, credential and limiter of a configuration, built once for
+//!    whoever calls Keap; `deliver` — one change: decide, make the fewest Keap calls (one write per net change,
 //!    at most one tag apply and one tag remove), classify the result; `catalog` — Keap's
 //!    custom field and tag names, resolved once and cached.
 //! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`,
@@ -60,6 +61,7 @@
 pub mod cli;
 pub mod config;
 
+mod access;
 mod backfill;
 mod catalog;
 mod daemon;

@@ -22,9 +22,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
+use crate::access::KeapAccess;
 use crate::catalog::{Catalog, Tags};
 use crate::config::{Config, OnDelete, TagRef};
-use crate::daemon::{keap_access, KeapAccess, RunError};
+use crate::daemon::RunError;
 use crate::db::{self, DbError};
 use crate::deliver::plan::{self, Mapped, Seen, Step, User};
 use crate::keap::route::{self, Route};
@@ -131,7 +132,11 @@ impl Planner {
         let names = mapper.uses_names()
             || matches!(&on_delete, OnDelete::Tag { tag: TagRef::Name(_), .. })
             || mapper.needs_model();
-        let keap = if names { Some((keap_access(config, &pg)?, Catalog::default())) } else { None };
+        let keap = if names {
+            Some((KeapAccess::build(config, &pg).map_err(RunError::from)?, Catalog::default()))
+        } else {
+            None
+        };
         let mut planner = Planner {
             db,
             table,

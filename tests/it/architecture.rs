@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["schema"],
     &["outbox"],
     &["mapping", "keap", "ratelimit", "metrics", "token", "systemd"],
-    &["deliver", "catalog"],
+    &["access", "deliver", "catalog"],
     &["daemon", "backfill", "failures", "status", "preview"],
     &["cli"],
 ];
