@@ -11,6 +11,10 @@
 //! resident memory (`VmHWM`) before and after, which shows that memory does not grow with the
 //! table: the rows never leave the database.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests, benches and the demo own the servers and daemons they spawn, which end with them"
+)]
 use std::time::{Duration, Instant};
 
 use keap_sync::config::Config;

@@ -15,6 +15,10 @@
 //! (`/proc/<pid>/stat`, the postmaster and each backend). For comparison it also times, with
 //! `explain analyze`, the queue-depth and next-due queries keap-sync ran before migration 0007.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests, benches and the demo own the servers and daemons they spawn, which end with them"
+)]
 use std::time::{Duration, Instant};
 
 use keap_sync::config::Config;

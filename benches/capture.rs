@@ -16,6 +16,10 @@
 //! that updated a single row first (a pooled connection's usual state: PL/pgSQL plans a
 //! trigger's statements once per session, with its first call's sizes), three rounds each.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests, benches and the demo own the servers and daemons they spawn, which end with them"
+)]
 use keap_sync::config::Config;
 use keap_sync_testkit::bench::{self, arg, connect, insert_rates as measure};
 

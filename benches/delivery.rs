@@ -27,6 +27,10 @@
 //! Defaults: `--limit 25 --changes 2000 --probes 20`. The drain takes about changes ÷ limit
 //! seconds. Daemon logs go to stderr at `warn` unless `KEAP_SYNC_LOG` says otherwise.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests, benches and the demo own the servers and daemons they spawn, which end with them"
+)]
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 

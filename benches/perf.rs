@@ -44,6 +44,10 @@
 //! date, the load average before and after, and the number of cores; README.md's "Benchmarks"
 //! holds the latest run.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests, benches and the demo own the servers and daemons they spawn, which end with them"
+)]
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};

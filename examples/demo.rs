@@ -7,6 +7,10 @@
 //! cargo run --release --example demo -- --keep-running  # stays up for psql until Ctrl-C
 //! ```
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests, benches and the demo own the servers and daemons they spawn, which end with them"
+)]
 use std::process::ExitCode;
 
 #[tokio::main]

@@ -176,6 +176,10 @@ pub(crate) async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
         .connect(crate::tls::postgres())
         .await
         .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the connection's driver: it ends with its Client, which the caller owns"
+    )]
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection ended");
@@ -314,6 +318,10 @@ pub(crate) async fn connect_listener(
         .await
         .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
     let (lost_tx, lost) = mpsc::channel(1);
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "the LISTEN connection's driver: it ends with its Client, which the Listener owns"
+    )]
     tokio::spawn(async move {
         let reason = loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {

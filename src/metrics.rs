@@ -453,6 +453,7 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "a test owns the servers it spawns; they end with it")]
 mod tests {
     use super::*;
     use std::collections::HashMap;

@@ -384,6 +384,7 @@ pub(super) async fn status(config: Config) -> Result<(), CliError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "a test owns the servers it spawns; they end with it")]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -78,6 +78,7 @@ pub(crate) fn redirect_refused(response: &reqwest::Response, key: &str) -> Strin
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "a test owns the servers it spawns; they end with it")]
 mod tests {
     use super::*;
     use std::time::Duration;

@@ -70,6 +70,10 @@ impl Recorder {
     /// [`Recorder`] of it is dropped, after recording what was sent.
     pub(crate) fn start(db: Arc<Db>, instance: String) -> Recorder {
         let (requests, received) = mpsc::unbounded_channel();
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "owned by the Recorder: the task ends once every Recorder is dropped, after recording what was sent"
+        )]
         tokio::spawn(record_until_closed(Arc::clone(&db), instance.clone(), received));
         Recorder { db, instance, requests }
     }

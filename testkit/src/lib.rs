@@ -14,6 +14,10 @@
 //! keap-sync` lists none of it, and the release binary holds no fake and no cluster code.
 
 #![forbid(unsafe_code)]
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the fake's servers and the harness own the tasks they spawn; waits are on conditions (app::eventually)"
+)]
 
 pub mod app;
 pub mod bench;

@@ -6,6 +6,10 @@
 //! Each module is an area; run one with `cargo test --test it sync::` (or any name filter).
 //! Tests never sleep to synchronise: they wait for a condition with a deadline.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests, benches and the demo own the servers and daemons they spawn, which end with them"
+)]
 mod architecture;
 mod backlog;
 mod capture;

@@ -4,7 +4,7 @@
 //! tags follow columns with at most one apply and one remove; each delete policy; the dry run
 //! writes nothing; any users table, however its names are spelled.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use keap_sync::config::{OnDelete, TagRef};
@@ -966,4 +966,87 @@ async fn a_tag_apply_answer_that_is_not_clearly_success_parks_the_user() {
     let reason = parked_reason(&app, "1").await.expect("user 1 parked");
     let tag = app.fake.tag_id("Plan: free").unwrap();
     assert!(reason.contains(&tag.to_string()) && reason.contains("TAG_ID_NOT_FOUND"), "{reason}");
+}
+
+/// The calls of `requests` to the contact endpoints, by method (`PUT` and `PATCH` together:
+/// a contact found by email is patched where the plan creates it). Token, tag-name and model
+/// reads and tag creation are the catalog's, not a delivery's.
+fn contact_calls_by_kind(
+    methods_and_paths: impl Iterator<Item = (String, String)>,
+) -> BTreeMap<&'static str, usize> {
+    let mut by = BTreeMap::new();
+    for (method, path) in methods_and_paths {
+        if !path.starts_with("/v1/contacts") && !path.starts_with("/v1/emailAddresses")
+            || path == "/v1/contacts/model"
+        {
+            continue;
+        }
+        let kind = match method.as_str() {
+            "GET" => "read",
+            "PUT" if path.starts_with("/v1/emailAddresses") => "opt out",
+            "PUT" | "PATCH" => "write",
+            "POST" => "tag",
+            _ => "delete",
+        };
+        *by.entry(kind).or_default() += 1;
+    }
+    by
+}
+
+/// `preview` shows the plan delivery starts from; delivery, planning again after each read,
+/// makes no call of a kind, and no more calls in all, than the preview listed. Covers a
+/// renamed user, a changed phone (read first), moved tags, a new user, a new user whose
+/// address Keap has (linked and patched, not created), a deleted user and an unchanged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_makes_no_call_the_preview_did_not_list() {
+    let mut app = wide_app(true).await;
+    app.exec(
+        "insert into users (email, first_name, plan, phone) select 'p' || g || '@example.com', 'P' || g, 'pro', '555-' || g from generate_series(1, 6) g",
+    )
+    .await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    app.fake.seed_contact_json(json!({
+        "given_name": "Known", "email_addresses": [{"field": "EMAIL1", "email": "known@example.com"}]
+    }));
+    app.exec(
+        "update users set first_name = 'Renamed' where id = 1;
+         update users set phone = '555-0002' where id = 2;
+         update users set plan = 'team' where id = 3;
+         update users set vip = true where id = 4;
+         delete from users where id = 5;
+         insert into users (email, first_name, plan) values ('new@example.com', 'New', 'free'), ('known@example.com', 'Known B', 'pro');",
+    )
+    .await;
+
+    let plans =
+        keap_sync::preview(&app.config(), &keap_sync::Selection::Pending(100)).await.expect("preview");
+    let listed = contact_calls_by_kind(
+        plans
+            .iter()
+            .flat_map(|p| &p.calls)
+            .map(|c| (c.method.to_owned(), c.path.split('?').next().unwrap_or_default().to_owned())),
+    );
+    let before = app.fake.requests().len();
+    app.start_daemon().await;
+    app.wait_idle().await;
+    let made = contact_calls_by_kind(
+        app.fake.requests()[before..]
+            .iter()
+            .map(|r| (r.method.clone(), r.path.strip_prefix("/crm/rest").unwrap_or(&r.path).to_owned())),
+    );
+
+    eprintln!("listed {listed:?}\nmade   {made:?}");
+    for (kind, n) in &made {
+        assert!(
+            listed.get(kind).is_some_and(|l| l >= n),
+            "{n} {kind} calls made, {listed:?} listed\nplans: {plans:#?}"
+        );
+    }
+    assert!(made.values().sum::<usize>() <= listed.values().sum::<usize>());
+    assert!(made.get("write").is_some_and(|n| *n >= 5), "the test exercised the writes: {made:?}");
+    let known = app.fake.contacts_with_email("known@example.com");
+    assert_eq!(known.len(), 1, "the contact Keap had was linked, not duplicated");
+    assert_eq!(contact_id_of(&app, "8").await, known[0].id);
+    assert_eq!(contact_of(&app, "2").await["phone_numbers"][0]["number"], "555-0002");
 }
