@@ -795,18 +795,19 @@ impl FileMetrics {
     }
 }
 
-/// Identifiers are later checked against the catalog and always quoted; this early check only
-/// turns an obviously broken value into an error that names the key.
+/// Identifiers are later checked against the catalog and always quoted (a double quote inside
+/// one is doubled, as SQL spells it); this early check only turns an obviously broken value
+/// into an error that names the key. 63 bytes is PostgreSQL's limit for a name.
 fn validate_identifier(key: &str, value: &str, qualified: bool) -> Result<(), ConfigError> {
     let parts: Vec<&str> = if qualified { value.split('.').collect() } else { vec![value] };
     let ok = !parts.is_empty()
         && parts.len() <= 2
-        && parts.iter().all(|p| !p.is_empty() && p.len() <= 63 && !p.contains('\0') && !p.contains('"'));
+        && parts.iter().all(|p| !p.is_empty() && p.len() <= 63 && !p.contains('\0'));
     if ok {
         Ok(())
     } else {
         Err(ConfigError::Invalid(format!(
-            "{key} = {value:?} is not a valid {}: use 1 to 63 characters without double quotes{}",
+            "{key} = {value:?} is not a valid {}: use 1 to 63 bytes, no NUL character{}",
             if qualified { "table name" } else { "column name" },
             if qualified { ", optionally as schema.table" } else { "" }
         )))
@@ -1010,9 +1011,13 @@ mod tests {
     }
 
     #[test]
-    fn quoted_identifier_is_refused() {
-        let err = load_str("[users]\ntable = 'x\"; drop table y'\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("users.table"), "{err}");
+    fn a_double_quote_in_a_name_is_kept_for_quoting_and_a_nul_is_refused() {
+        // Quoted wherever it is used (`db::quote_ident` doubles the quote): no injection.
+        let c =
+            load_str("[users]\ntable = 'x\"; drop table y'\ngiven_name = 'First \"Name\"'\n", &[]).unwrap();
+        assert_eq!(c.users.table, "x\"; drop table y");
+        let err = load_str("[users]\ngiven_name = \"a\\u0000b\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("users.given_name") && err.contains("NUL"), "{err}");
     }
 
     /// A scratch directory for secret files; the caller removes it.

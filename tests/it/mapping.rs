@@ -693,7 +693,7 @@ create table "App"."Accounts" (
     "Id"        uuid primary key default gen_random_uuid(),
     "E-Mail"    text,
     "FirstName" text,
-    "Last Name" text,
+    "Last ""Name""" text,
     "Phone"     text,
     "Plan"      text
 )"#;
@@ -704,7 +704,7 @@ table = "App.Accounts"
 key = "Id"
 email = "E-Mail"
 given_name = "FirstName"
-family_name = "Last Name"
+family_name = 'Last "Name"'
 
 [contact.phone_numbers.PHONE1]
 number = "Phone"
@@ -716,10 +716,11 @@ tag = 77
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uuid_keyed_table_with_mixed_case_names_syncs_like_public_users() {
+    // `Last "Name"`: any spelling, a double quote too, as the README promises.
     let app =
         spawn_app_with(Options { users_ddl: ACCOUNTS_DDL, toml: ACCOUNTS_TOML, ..Options::default() }).await;
     app.fake.create_tag_with_id(77, "Pro");
-    app.exec(r#"insert into "App"."Accounts" ("E-Mail", "FirstName", "Last Name", "Phone", "Plan") values ('acc@example.com', 'Acc', 'Ount', '555-0001', 'pro')"#).await;
+    app.exec(r#"insert into "App"."Accounts" ("E-Mail", "FirstName", "Last ""Name""", "Phone", "Plan") values ('acc@example.com', 'Acc', 'Ount', '555-0001', 'pro')"#).await;
     app.wait_idle().await;
     let key: String =
         app.db.query_one(r#"select "Id"::text from "App"."Accounts""#, &[]).await.unwrap().get(0);
