@@ -294,6 +294,8 @@ impl KeapClient {
         Contact::from_json(json).map_err(|e| bad_reply(name, &e))
     }
 
+    /// One call: admitted by the limiter, sent with the credential, its answer read and
+    /// classified. `Ok` holds the body of a 2xx.
     async fn send<B: serde::Serialize>(
         &self,
         auth: &Auth,
@@ -301,71 +303,46 @@ impl KeapClient {
         body: Option<&B>,
     ) -> Result<String, KeapError> {
         let request = req.name();
-        // The caller's claim must outlive this call. Wait for the limiter only as long as the
-        // call could still finish in time (a quota pause can last hours); otherwise give the
-        // claim back rather than risk a second delivery of the same user.
-        let latest_start = req.deadline.checked_sub(self.request_timeout + self.connect_timeout);
-        let permit = match latest_start {
-            Some(t) => tokio::time::timeout_at(t, self.limiter.until_ready()).await.ok(),
-            None => None,
-        };
-        if permit.is_none() || Instant::now() + self.request_timeout + self.connect_timeout > req.deadline {
-            return Err(KeapError {
-                kind: ErrorKind::Transient,
-                status: None,
-                request,
-                message: "not sent: the claim's lease would run out before the call could finish".into(),
-                body: None,
-                retry_after: None,
-            });
-        }
+        let permit = self.admit(&req).await.ok_or_else(|| {
+            transient(&request, "not sent: the claim's lease would run out before the call could finish")
+        })?;
         let route = &req.route;
         let mut builder = self
             .http
             .request(route.method.clone(), format!("{}{}", self.api_url, route.path))
             .query(&route.query);
-        builder = match auth {
-            Auth::Bearer(token) => builder.bearer_auth(token.expose()),
-            Auth::ApiKey(key) => {
-                // Marked sensitive like the bearer header, so no Debug of the request shows it.
-                let mut value =
-                    reqwest::header::HeaderValue::from_str(key.expose()).map_err(|_| KeapError {
-                        kind: ErrorKind::Unauthorized,
-                        status: None,
-                        request: request.clone(),
-                        message: "the API key contains characters not allowed in an HTTP header".into(),
-                        body: None,
-                        retry_after: None,
-                    })?;
-                value.set_sensitive(true);
-                builder.header("X-Keap-API-Key", value)
-            }
-        };
+        builder = authorize(builder, auth, &request)?;
         if let Some(body) = body {
             builder = builder.json(body);
         }
-        let method = route.method_name();
         let started = std::time::Instant::now();
         let sent = builder.send().await;
         // The call has reached Keap, or never will: its per-minute slot ages from now
         // (ARCHITECTURE.md, invariant 15).
         drop(permit);
-        let response = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.keap_call(method, 0, started.elapsed().as_secs_f64());
-                return Err(KeapError {
-                    kind: ErrorKind::Transient,
-                    status: None,
-                    request,
-                    message: describe_reqwest(&e),
-                    body: None,
-                    retry_after: None,
-                });
-            }
-        };
+        let method = route.method_name();
+        let response = sent.map_err(|e| {
+            self.metrics.keap_call(method, 0, started.elapsed().as_secs_f64());
+            transient(&request, &describe_reqwest(&e))
+        })?;
+        self.metrics.keap_call(method, response.status().as_u16(), started.elapsed().as_secs_f64());
+        self.answer(response, request).await
+    }
+
+    /// Waits for the limiter, only as long as the call could still finish before the claim's
+    /// deadline (a quota pause can last hours): `None` gives the claim back rather than risk a
+    /// second delivery of the same user.
+    async fn admit(&self, req: &Request) -> Option<crate::ratelimit::Permit<'_>> {
+        let call = self.request_timeout + self.connect_timeout;
+        let latest_start = req.deadline.checked_sub(call)?;
+        let permit = tokio::time::timeout_at(latest_start, self.limiter.until_ready()).await.ok()?;
+        (Instant::now() + call <= req.deadline).then_some(permit)
+    }
+
+    /// Reads Keap's answer: tells the limiter about its headers (a 429 pauses every sender),
+    /// refuses a redirect, reads the body up to the cap, and classifies a failure.
+    async fn answer(&self, response: reqwest::Response, request: String) -> Result<String, KeapError> {
         let status = response.status();
-        self.metrics.keap_call(method, status.as_u16(), started.elapsed().as_secs_f64());
         self.limiter.observe(status.as_u16(), response.headers());
         let retry_after = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
             self.metrics.throttled();
@@ -377,29 +354,51 @@ impl KeapClient {
             // every change aside for a person to replay one by one. Retried with the usual
             // backoff (capped at `delivery.retry_max_secs`), it cannot loop or hammer, and it
             // goes through once the endpoint answers again or `keap.api_url` is corrected.
-            return Err(KeapError {
-                kind: ErrorKind::Transient,
-                status: Some(status.as_u16()),
-                request,
-                message: super::redirect_refused(&response, "keap.api_url (KEAP_API_URL)"),
-                body: None,
-                retry_after: None,
-            });
+            let message = super::redirect_refused(&response, "keap.api_url (KEAP_API_URL)");
+            return Err(KeapError { status: Some(status.as_u16()), ..transient(&request, &message) });
         }
         // Capped (invariant 16); an answer we cannot read is retried like a lost one.
         let text = super::read_reply(response).await.map_err(|e| KeapError {
-            kind: ErrorKind::Transient,
             status: Some(status.as_u16()),
-            request: request.clone(),
-            message: e.to_string(),
-            body: None,
-            retry_after: None,
+            ..transient(&request, &e.to_string())
         })?;
         if status.is_success() {
             return Ok(text);
         }
         Err(KeapError { retry_after, ..classify(status, request, &text) })
     }
+}
+
+/// A call that failed before Keap answered, or whose answer could not be read: retried later.
+fn transient(request: &str, message: &str) -> KeapError {
+    KeapError {
+        kind: ErrorKind::Transient,
+        status: None,
+        request: request.to_owned(),
+        message: message.to_owned(),
+        body: None,
+        retry_after: None,
+    }
+}
+
+/// Adds the credential's header. An API key is marked sensitive like the bearer header, so
+/// no `Debug` of the request shows it.
+fn authorize(
+    builder: reqwest::RequestBuilder,
+    auth: &Auth,
+    request: &str,
+) -> Result<reqwest::RequestBuilder, KeapError> {
+    Ok(match auth {
+        Auth::Bearer(token) => builder.bearer_auth(token.expose()),
+        Auth::ApiKey(key) => {
+            let mut value = reqwest::header::HeaderValue::from_str(key.expose()).map_err(|_| KeapError {
+                kind: ErrorKind::Unauthorized,
+                ..transient(request, "the API key contains characters not allowed in an HTTP header")
+            })?;
+            value.set_sensitive(true);
+            builder.header("X-Keap-API-Key", value)
+        }
+    })
 }
 
 /// A 2xx whose JSON lacks what the API promises: transient, like [`unreadable`].
