@@ -32,63 +32,63 @@ pub(crate) struct Migration {
 /// Every file in `sql/` named `NNNN_*.sql`, in order. A unit test checks this list against the
 /// folder, so a new file cannot be forgotten here.
 pub(crate) const MIGRATIONS: &[Migration] = &[
-    Migration { version: 1, name: "0001_core.sql", sql: include_str!("../sql/0001_core.sql") },
+    Migration { version: 1, name: "0001_core.sql", sql: include_str!("../../sql/0001_core.sql") },
     Migration {
         version: 2,
         name: "0002_priorities_and_failures.sql",
-        sql: include_str!("../sql/0002_priorities_and_failures.sql"),
+        sql: include_str!("../../sql/0002_priorities_and_failures.sql"),
     },
     Migration {
         version: 3,
         name: "0003_backfill_and_instances.sql",
-        sql: include_str!("../sql/0003_backfill_and_instances.sql"),
+        sql: include_str!("../../sql/0003_backfill_and_instances.sql"),
     },
     Migration {
         version: 4,
         name: "0004_key_change_keeps_contact.sql",
-        sql: include_str!("../sql/0004_key_change_keeps_contact.sql"),
+        sql: include_str!("../../sql/0004_key_change_keeps_contact.sql"),
     },
     Migration {
         version: 5,
         name: "0005_one_user_one_contact.sql",
-        sql: include_str!("../sql/0005_one_user_one_contact.sql"),
+        sql: include_str!("../../sql/0005_one_user_one_contact.sql"),
     },
     Migration {
         version: 6,
         name: "0006_grant_account.sql",
-        sql: include_str!("../sql/0006_grant_account.sql"),
+        sql: include_str!("../../sql/0006_grant_account.sql"),
     },
-    Migration { version: 7, name: "0007_quota_usage.sql", sql: include_str!("../sql/0007_quota_usage.sql") },
+    Migration { version: 7, name: "0007_quota_usage.sql", sql: include_str!("../../sql/0007_quota_usage.sql") },
     Migration {
         version: 8,
         name: "0008_capture_truncate.sql",
-        sql: include_str!("../sql/0008_capture_truncate.sql"),
+        sql: include_str!("../../sql/0008_capture_truncate.sql"),
     },
     Migration {
         version: 9,
         name: "0009_queue_counts.sql",
-        sql: include_str!("../sql/0009_queue_counts.sql"),
+        sql: include_str!("../../sql/0009_queue_counts.sql"),
     },
     Migration {
         version: 10,
         name: "0010_instance_sessions.sql",
-        sql: include_str!("../sql/0010_instance_sessions.sql"),
+        sql: include_str!("../../sql/0010_instance_sessions.sql"),
     },
-    Migration { version: 11, name: "0011_change_log.sql", sql: include_str!("../sql/0011_change_log.sql") },
+    Migration { version: 11, name: "0011_change_log.sql", sql: include_str!("../../sql/0011_change_log.sql") },
     Migration {
         version: 12,
         name: "0012_create_email_guard.sql",
-        sql: include_str!("../sql/0012_create_email_guard.sql"),
+        sql: include_str!("../../sql/0012_create_email_guard.sql"),
     },
     Migration {
         version: 13,
         name: "0013_parks_that_clear.sql",
-        sql: include_str!("../sql/0013_parks_that_clear.sql"),
+        sql: include_str!("../../sql/0013_parks_that_clear.sql"),
     },
     Migration {
         version: 14,
         name: "0014_held_token_answer.sql",
-        sql: include_str!("../sql/0014_held_token_answer.sql"),
+        sql: include_str!("../../sql/0014_held_token_answer.sql"),
     },
 ];
 

@@ -918,7 +918,7 @@ mod tests {
 
     #[test]
     fn the_example_file_parses_to_the_defaults() {
-        let example = Config::from_toml(include_str!("../keap-sync.example.toml"), &|_| None).unwrap();
+        let example = Config::from_toml(include_str!("../../keap-sync.example.toml"), &|_| None).unwrap();
         let defaults = Config::from_toml("", &|_| None).unwrap();
         assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
     }
@@ -1032,7 +1032,7 @@ mod tests {
         // are exactly those.
         assert_eq!(toml::from_str::<FileConfig>("").unwrap(), FileConfig::default());
         assert_eq!(toml::from_str::<FileConfig>("[delivery]\n").unwrap(), FileConfig::default());
-        let example = toml::from_str::<FileConfig>(include_str!("../keap-sync.example.toml")).unwrap();
+        let example = toml::from_str::<FileConfig>(include_str!("../../keap-sync.example.toml")).unwrap();
         assert_eq!(example, FileConfig::default());
         // And the file shape's `Default` validated is what an empty file gives.
         let validated = FileConfig::default().validate(None).unwrap();
@@ -1044,7 +1044,7 @@ mod tests {
     fn the_example_mapping_once_uncommented_is_valid() {
         // The commented `[contact]` and `[tags]` of the example are documentation: each line
         // must still be a valid setting when a user uncomments it.
-        let text = include_str!("../keap-sync.example.toml");
+        let text = include_str!("../../keap-sync.example.toml");
         let start = text.find("# [contact]").unwrap();
         let end = text.find("[keap]").unwrap();
         let mapping: String = text[start..end]
