@@ -374,7 +374,7 @@ impl FileSource {
 fn source(key: &str, column: Option<String>, sql: Option<String>) -> Result<Source, ConfigError> {
     match (column, sql) {
         (Some(c), None) => {
-            super::validate_identifier(key, &c, false)?;
+            super::values::validate_identifier(key, &c, false)?;
             Ok(Source::Column(c))
         }
         (None, Some(s)) if !s.trim().is_empty() && !s.contains(';') => Ok(Source::Sql(s)),
