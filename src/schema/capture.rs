@@ -160,14 +160,25 @@ pub(super) fn set_clauses(settings: &[Setting]) -> String {
 /// the GUC save and restore and the path checks were a quarter of the trigger's samples), so
 /// they do without. `tests/it/capture.rs` runs them under a hostile `search_path`.
 pub(super) fn capture_triggers(table: &UserTable) -> Vec<CaptureTrigger> {
-    let key = &table.key;
-    // The notification is an assignment, not a `perform`: PL/pgSQL evaluates an assignment's
-    // lone function call directly, where `perform` starts an executor for a one-row query
-    // (1.2 of the trigger's 5.9 µs per statement in a loop of 30,000 inserts). The variable
-    // only receives pg_notify's void.
-    let log = |select: &str| {
-        format!(
-            "declare
+    vec![
+        insert_trigger(table),
+        update_trigger(table),
+        delete_trigger(table),
+        key_trigger(table),
+        apply_trigger(table),
+    ]
+}
+
+/// The body of a statement trigger's function: the keys `select` yields appended to the change
+/// log, and one notification if there were any.
+///
+/// The notification is an assignment, not a `perform`: PL/pgSQL evaluates an assignment's
+/// lone function call directly, where `perform` starts an executor for a one-row query
+/// (1.2 of the trigger's 5.9 µs per statement in a loop of 30,000 inserts). The variable
+/// only receives pg_notify's void.
+fn log_body(select: &str) -> String {
+    format!(
+        "declare
     notified pg_catalog.text;
 begin
     insert into keap_sync.change (user_key)
@@ -177,66 +188,90 @@ begin
     end if;
     return null;
 end"
-        )
-    };
-    // Whether a synced column differs between the rows `old` and `new`.
-    let differ = |old: &str, new: &str| {
-        let each: Vec<String> = table
-            .synced
-            .iter()
-            .map(|c| format!("{old}.{q} is distinct from {new}.{q}", q = quote_ident(c)))
-            .collect();
-        if each.is_empty() {
-            "false".to_owned()
-        } else {
-            each.join(" or ")
-        }
-    };
-    let (changed, row_changed) = (differ("o", "n"), differ("old", "new"));
+    )
+}
+
+/// Whether a synced column differs between the rows `old` and `new`, as an SQL condition.
+fn synced_differ(table: &UserTable, old: &str, new: &str) -> String {
+    let each: Vec<String> = table
+        .synced
+        .iter()
+        .map(|c| format!("{old}.{q} is distinct from {new}.{q}", q = quote_ident(c)))
+        .collect();
+    if each.is_empty() {
+        "false".to_owned()
+    } else {
+        each.join(" or ")
+    }
+}
+
+/// The insert statement trigger: every new row's key logged.
+fn insert_trigger(table: &UserTable) -> CaptureTrigger {
+    let key = &table.key;
+    let t = &table.qualified;
+    CaptureTrigger {
+        name: TRIGGER_NAME,
+        function: "keap_sync.capture_insert",
+        body: log_body(&format!(
+            "select n.{key}::pg_catalog.text from keap_sync_new n where n.{key} is not null"
+        )),
+        definition: format!("after insert on {t} referencing new table as keap_sync_new for each statement"),
+        settings: &[],
+        enabled: b'A',
+        per_statement: true,
+    }
+}
+
+/// The update statement trigger: the key of every same-key row whose synced columns changed,
+/// logged.
+fn update_trigger(table: &UserTable) -> CaptureTrigger {
+    let key = &table.key;
+    let t = &table.qualified;
+    let changed = synced_differ(table, "o", "n");
+    CaptureTrigger {
+        name: UPDATE_TRIGGER_NAME,
+        function: "keap_sync.capture_update",
+        body: log_body(&format!(
+            "select n.{key}::text from keap_sync_new n join keap_sync_old o on o.{key}::text = n.{key}::text
+      where n.{key} is not null and ({changed})"
+        )),
+        definition: format!(
+            "after update on {t} referencing old table as keap_sync_old new table as keap_sync_new for each statement"
+        ),
+        settings: &[PINNED_PATH, NO_NESTED_LOOP],
+        enabled: b'A',
+        per_statement: true,
+    }
+}
+
+/// The delete statement trigger: every deleted row's key logged.
+fn delete_trigger(table: &UserTable) -> CaptureTrigger {
+    let key = &table.key;
+    let t = &table.qualified;
+    CaptureTrigger {
+        name: DELETE_TRIGGER_NAME,
+        function: "keap_sync.capture_delete",
+        body: log_body(&format!(
+            "select o.{key}::pg_catalog.text from keap_sync_old o where o.{key} is not null"
+        )),
+        definition: format!("after delete on {t} referencing old table as keap_sync_old for each statement"),
+        settings: &[],
+        enabled: b'A',
+        per_statement: true,
+    }
+}
+
+/// The row trigger of a key change: the old key enqueued as gone and its mapping moved (or
+/// swapped) before the row is written, then the new key enqueued.
+fn key_trigger(table: &UserTable) -> CaptureTrigger {
+    let key = &table.key;
     let t = &table.qualified;
     let eq = &table.key_eq;
-    vec![
-        CaptureTrigger {
-            name: TRIGGER_NAME,
-            function: "keap_sync.capture_insert",
-            body: log(&format!("select n.{key}::pg_catalog.text from keap_sync_new n where n.{key} is not null")),
-            definition: format!(
-                "after insert on {t} referencing new table as keap_sync_new for each statement"
-            ),
-            settings: &[],
-            enabled: b'A',
-            per_statement: true,
-        },
-        CaptureTrigger {
-            name: UPDATE_TRIGGER_NAME,
-            function: "keap_sync.capture_update",
-            body: log(&format!(
-                "select n.{key}::text from keap_sync_new n join keap_sync_old o on o.{key}::text = n.{key}::text
-      where n.{key} is not null and ({changed})"
-            )),
-            definition: format!(
-                "after update on {t} referencing old table as keap_sync_old new table as keap_sync_new for each statement"
-            ),
-            settings: &[PINNED_PATH, NO_NESTED_LOOP],
-            enabled: b'A',
-            per_statement: true,
-        },
-        CaptureTrigger {
-            name: DELETE_TRIGGER_NAME,
-            function: "keap_sync.capture_delete",
-            body: log(&format!("select o.{key}::pg_catalog.text from keap_sync_old o where o.{key} is not null")),
-            definition: format!(
-                "after delete on {t} referencing old table as keap_sync_old for each statement"
-            ),
-            settings: &[],
-            enabled: b'A',
-            per_statement: true,
-        },
-        CaptureTrigger {
-            name: KEY_TRIGGER_NAME,
-            function: "keap_sync.capture_key_change",
-            body: format!(
-                "declare
+    CaptureTrigger {
+        name: KEY_TRIGGER_NAME,
+        function: "keap_sync.capture_key_change",
+        body: format!(
+            "declare
     theirs record;
     ours record;
     had_ours boolean;
@@ -274,19 +309,27 @@ begin
     end if;
     return new;
 end"
-            ),
-            definition: format!(
-                "before update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
-            ),
-            settings: &[PINNED_PATH],
-            enabled: b'A',
-            per_statement: false,
-        },
-        CaptureTrigger {
-            name: APPLY_TRIGGER_NAME,
-            function: "keap_sync.capture_apply",
-            body: format!(
-                "declare
+        ),
+        definition: format!(
+            "before update of {key} on {t} for each row when (old.{key} is distinct from new.{key})"
+        ),
+        settings: &[PINNED_PATH],
+        enabled: b'A',
+        per_statement: false,
+    }
+}
+
+/// The row trigger for logical replication's apply worker (`replica` mode only): each row it
+/// inserts, updates (same key, a synced column changed) or deletes, logged.
+fn apply_trigger(table: &UserTable) -> CaptureTrigger {
+    let key = &table.key;
+    let t = &table.qualified;
+    let row_changed = synced_differ(table, "old", "new");
+    CaptureTrigger {
+        name: APPLY_TRIGGER_NAME,
+        function: "keap_sync.capture_apply",
+        body: format!(
+            "declare
     notified pg_catalog.text;
 begin
     if tg_op = 'INSERT' then
@@ -309,11 +352,10 @@ begin
     notified := pg_catalog.pg_notify('keap_sync', '');
     return null;
 end"
-            ),
-            definition: format!("after insert or update or delete on {t} for each row"),
-            settings: &[PINNED_PATH],
-            enabled: b'R',
-            per_statement: false,
-        },
-    ]
+        ),
+        definition: format!("after insert or update or delete on {t} for each row"),
+        settings: &[PINNED_PATH],
+        enabled: b'R',
+        per_statement: false,
+    }
 }
