@@ -45,57 +45,13 @@ pub(crate) const FOLD_FUNCTION: &str = "keap_sync.fold_changes";
 /// subtransaction waiting 5 ms at most, stopping after 100 such waits. The usual fold, with no
 /// row held, costs one statement, as before (`cargo bench --bench perf -- --profile DIR`).
 pub(super) fn fold_function(table: &UserTable) -> String {
-    let gone = |user_key: &str| {
-        format!(
-            "not exists (select from {t} u where u.{key} {eq} {user_key}::{key_type})",
-            t = table.qualified,
-            key = table.key,
-            eq = table.key_eq,
-            key_type = table.key_type,
-        )
-    };
-    let (gone_batch, gone_one) = (gone("k.user_key"), gone("one.user_key"));
-    let insert = "insert into keap_sync.outbox as o (user_key, key_gone, first_changed_at, changed_at, next_attempt_at)";
-    let on_conflict = "on conflict (user_key) do update
-           set version         = o.version + 1,
-               changed_at      = greatest(o.changed_at, excluded.changed_at),
-               priority        = 0,
-               key_gone        = case when o.version = (select s.version from keap_sync.outbox s
-                                                         where s.user_key = excluded.user_key)
-                                      then excluded.key_gone else o.key_gone end,
-               next_attempt_at = case when o.parked_at is not null then now() else o.next_attempt_at end,
-               attempts        = case when o.parked_at is not null then 0 else o.attempts end,
-               parked_at       = null";
-    // The log rows `rows` (a condition on `c`) folded in one statement, which returns from the
-    // function; a lock wait past `lock_timeout` falls through to what follows it.
-    let batch = |rows: &str| {
-        format!(
-            "    begin
-        with moved as (
-            delete from keap_sync.change c
-             where {rows}
-            returning c.user_key, c.at
-        ), keys as (
-            select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
-        ), upserted as (
-            {insert}
-            select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
-              from keys k
-             order by k.user_key
-            {on_conflict}
-            returning 1
-        )
-        select count(*) into taken from moved;
-        return;
-    exception when lock_not_available then
-        taken := 0;
-    end;
-"
-        )
-    };
-    let batch_all =
-        batch("c.ctid = any (array(select ctid from keap_sync.change limit p_limit for update skip locked))");
-    let batch_free = batch("c.ctid = any (v_rows) and c.user_key <> all (v_held)");
+    let batch_all = fold_batch(
+        table,
+        "c.ctid = any (array(select ctid from keap_sync.change limit p_limit for update skip locked))",
+    );
+    let batch_free = fold_batch(table, "c.ctid = any (v_rows) and c.user_key <> all (v_held)");
+    let gone_one = key_gone(table, "one.user_key");
+    let (insert, on_conflict) = (FOLD_INSERT, FOLD_ON_CONFLICT);
     format!(
         "declare
     one record;
@@ -155,5 +111,64 @@ begin
         end;
     end loop;
 end"
+    )
+}
+
+/// The upsert of one user into the outbox, up to its rows: a fold's `insert`.
+const FOLD_INSERT: &str =
+    "insert into keap_sync.outbox as o (user_key, key_gone, first_changed_at, changed_at, next_attempt_at)";
+
+/// What a fold's upsert does to a user already queued: a new version, `priority` 0, a parked row
+/// unparked, and `key_gone` from this statement's snapshot unless a newer version holds it.
+const FOLD_ON_CONFLICT: &str = "on conflict (user_key) do update
+           set version         = o.version + 1,
+               changed_at      = greatest(o.changed_at, excluded.changed_at),
+               priority        = 0,
+               key_gone        = case when o.version = (select s.version from keap_sync.outbox s
+                                                         where s.user_key = excluded.user_key)
+                                      then excluded.key_gone else o.key_gone end,
+               next_attempt_at = case when o.parked_at is not null then now() else o.next_attempt_at end,
+               attempts        = case when o.parked_at is not null then 0 else o.attempts end,
+               parked_at       = null";
+
+/// Whether the key `user_key` (an SQL expression of the log's text key) is absent from the users
+/// table, in the statement's snapshot.
+fn key_gone(table: &UserTable, user_key: &str) -> String {
+    format!(
+        "not exists (select from {t} u where u.{key} {eq} {user_key}::{key_type})",
+        t = table.qualified,
+        key = table.key,
+        eq = table.key_eq,
+        key_type = table.key_type,
+    )
+}
+
+/// The log rows `rows` (a condition on `c`) folded in one statement, which returns from the
+/// function; a lock wait past `lock_timeout` falls through to what follows it.
+fn fold_batch(table: &UserTable, rows: &str) -> String {
+    let gone_batch = key_gone(table, "k.user_key");
+    let (insert, on_conflict) = (FOLD_INSERT, FOLD_ON_CONFLICT);
+    format!(
+        "    begin
+        with moved as (
+            delete from keap_sync.change c
+             where {rows}
+            returning c.user_key, c.at
+        ), keys as (
+            select user_key, min(at) as first_at, max(at) as last_at from moved group by user_key
+        ), upserted as (
+            {insert}
+            select k.user_key, {gone_batch}, k.first_at, k.last_at, k.first_at
+              from keys k
+             order by k.user_key
+            {on_conflict}
+            returning 1
+        )
+        select count(*) into taken from moved;
+        return;
+    exception when lock_not_available then
+        taken := 0;
+    end;
+"
     )
 }
