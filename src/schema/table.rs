@@ -160,104 +160,23 @@ impl UserTable {
     ) -> Result<UserTable, SchemaError> {
         let (schema, table) = users.schema_and_table();
         let shown = format!("{schema}.{table}");
-        let rel = client
-            .query_opt(
-                "select c.oid, c.relkind = 'p' from pg_catalog.pg_class c
-                   join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-                  where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
-                &[&schema, &table],
-            )
-            .await?
-            .ok_or_else(|| SchemaError::MissingTable(shown.clone()))?;
-        let oid: u32 = rel.get(0);
-        let partitioned: bool = rel.get(1);
+        let (oid, partitioned) = relation(client, schema, table, &shown).await?;
         let partitions = if partitioned { partitions(client, oid).await? } else { Vec::new() };
-        let columns: Vec<(String, String)> = client
-            .query(
-                "select attname::text, pg_catalog.format_type(atttypid, atttypmod) from pg_catalog.pg_attribute
-                  where attrelid = $1 and attnum > 0 and not attisdropped order by attnum",
-                &[&oid],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let column_type = |name: &str, key: &str| {
-            columns.iter().find(|(c, _)| c == name).map(|(_, t)| t.clone()).ok_or_else(|| {
-                SchemaError::MissingColumn {
-                    table: shown.clone(),
-                    column: name.to_owned(),
-                    key: key.to_owned(),
-                }
-            })
+        let found = Found {
+            columns: columns(client, oid).await?,
+            shown,
+            qualified: format!("{}.{}", quote_ident(schema), quote_ident(table)),
         };
-        column_type(&users.key, "users.key")?;
-        let key = KeyType::resolve(client, oid, &users.key, &shown).await?;
-        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
-
-        let mut sources: Vec<(String, Source, Option<ScalarKind>, bool)> = users
-            .fields()
-            .into_iter()
-            .map(|f| {
-                let kind = match &f.field {
-                    Field::Scalar(s) => Some(s.kind),
-                    _ => None,
-                };
-                (f.key, f.source, kind, false)
-            })
-            .collect();
-        for rule in &users.contact.tags.rules {
-            let when = matches!(rule.tag, TagTemplate::When(_));
-            sources.push((rule.key.clone(), rule.source.clone(), None, when));
-        }
+        found.column_type(&users.key, "users.key")?;
+        let key = KeyType::resolve(client, oid, &users.key, &found.shown).await?;
+        let sources = mapped_sources(users);
         let mut selects = Vec::with_capacity(sources.len());
         let mut synced: Vec<String> = Vec::new();
-        let mut watch = |name: &str| {
-            if !synced.iter().any(|c| c == name) {
-                synced.push(name.to_owned());
-            }
-        };
         for (key, source, kind, when) in sources {
-            let bad = |message: String| SchemaError::BadMapping { key: key.clone(), message };
-            let (expr, type_name) = match &source {
-                Source::Column(c) => {
-                    let t = column_type(c, &key)?;
-                    watch(c);
-                    (format!("t.{}", quote_ident(c)), t)
-                }
-                Source::Sql(sql) => {
-                    // Prepared, never run: Postgres checks names, syntax and types, and says
-                    // what the expression's type is.
-                    let probe = format!("select ({sql}) from {qualified} t where false");
-                    let stmt = client.prepare(&probe).await.map_err(|e| {
-                        let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
-                        bad(format!("the SQL expression does not work on {shown}: {why}"))
-                    })?;
-                    if stmt.columns().len() != 1 {
-                        return Err(bad("the SQL expression must give exactly one value".into()));
-                    }
-                    match identifiers(sql) {
-                        Some(words) => {
-                            for (c, _) in &columns {
-                                if words.contains(c) {
-                                    watch(c);
-                                }
-                            }
-                        }
-                        None => columns.iter().for_each(|(c, _)| watch(c)),
-                    }
-                    (format!("({sql})"), stmt.columns()[0].type_().name().to_owned())
-                }
-            };
-            type_fits(kind, when, &type_name)
-                .map_err(|why| bad(format!("{why}; {} is {type_name}", source.describe(&key))))?;
-            selects.push(Selected {
-                sql: format!("{expr}::text"),
-                what: format!("{} ({key})", source.describe(&key)),
-            });
+            selects.push(found.select(client, &key, &source, kind, when, &mut synced).await?);
         }
         Ok(UserTable {
-            qualified,
+            qualified: found.qualified,
             partitions,
             key: quote_ident(&users.key),
             key_type: key.name,
@@ -265,5 +184,157 @@ impl UserTable {
             selects,
             synced,
         })
+    }
+}
+
+/// The configured table's oid and whether it is partitioned; `MissingTable` if there is none.
+async fn relation(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+    shown: &str,
+) -> Result<(u32, bool), SchemaError> {
+    let rel = client
+        .query_opt(
+            "select c.oid, c.relkind = 'p' from pg_catalog.pg_class c
+                   join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                  where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
+            &[&schema, &table],
+        )
+        .await?
+        .ok_or_else(|| SchemaError::MissingTable(shown.to_owned()))?;
+    Ok((rel.get(0), rel.get(1)))
+}
+
+/// Every column of the relation `oid` and its type, in order.
+async fn columns(client: &impl GenericClient, oid: u32) -> Result<Vec<(String, String)>, SchemaError> {
+    Ok(client
+        .query(
+            "select attname::text, pg_catalog.format_type(atttypid, atttypmod) from pg_catalog.pg_attribute
+                  where attrelid = $1 and attnum > 0 and not attisdropped order by attnum",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// One value the mapping reads: its config key, where it comes from, the kind of the property it
+/// feeds (a scalar's), and whether it is the truth value of a tag rule without `{value}`.
+type MappedSource = (String, Source, Option<ScalarKind>, bool);
+
+/// Every value the mapping reads, in `UsersConfig::fields` order followed by the tag rules.
+fn mapped_sources(users: &UsersConfig) -> Vec<MappedSource> {
+    let mut sources: Vec<MappedSource> = users
+        .fields()
+        .into_iter()
+        .map(|f| {
+            let kind = match &f.field {
+                Field::Scalar(s) => Some(s.kind),
+                _ => None,
+            };
+            (f.key, f.source, kind, false)
+        })
+        .collect();
+    for rule in &users.contact.tags.rules {
+        let when = matches!(rule.tag, TagTemplate::When(_));
+        sources.push((rule.key.clone(), rule.source.clone(), None, when));
+    }
+    sources
+}
+
+/// Adds column `name` to the watched columns, once.
+fn watch(synced: &mut Vec<String>, name: &str) {
+    if !synced.iter().any(|c| c == name) {
+        synced.push(name.to_owned());
+    }
+}
+
+/// The users table as found: its names and its columns.
+struct Found {
+    /// `schema.table` as configured, for messages.
+    shown: String,
+    /// `"schema"."table"`.
+    qualified: String,
+    /// Every column and its type, in order.
+    columns: Vec<(String, String)>,
+}
+
+impl Found {
+    /// The type of column `name`; `MissingColumn`, naming the config `key`, if there is none.
+    fn column_type(&self, name: &str, key: &str) -> Result<String, SchemaError> {
+        self.columns.iter().find(|(c, _)| c == name).map(|(_, t)| t.clone()).ok_or_else(|| {
+            SchemaError::MissingColumn {
+                table: self.shown.clone(),
+                column: name.to_owned(),
+                key: key.to_owned(),
+            }
+        })
+    }
+
+    /// One mapped value checked against the table (it exists, works, and has a type its
+    /// property can take), as the select expression that reads it; the columns it reads are
+    /// added to `synced`.
+    async fn select(
+        &self,
+        client: &impl GenericClient,
+        key: &str,
+        source: &Source,
+        kind: Option<ScalarKind>,
+        when: bool,
+        synced: &mut Vec<String>,
+    ) -> Result<Selected, SchemaError> {
+        let bad = |message: String| SchemaError::BadMapping { key: key.to_owned(), message };
+        let (expr, type_name) = match source {
+            Source::Column(c) => {
+                let t = self.column_type(c, key)?;
+                watch(synced, c);
+                (format!("t.{}", quote_ident(c)), t)
+            }
+            Source::Sql(sql) => {
+                let type_name = self.probe(client, sql, &bad).await?;
+                self.watch_read_by(sql, synced);
+                (format!("({sql})"), type_name)
+            }
+        };
+        type_fits(kind, when, &type_name)
+            .map_err(|why| bad(format!("{why}; {} is {type_name}", source.describe(key))))?;
+        Ok(Selected { sql: format!("{expr}::text"), what: format!("{} ({key})", source.describe(key)) })
+    }
+
+    /// The type of the SQL expression `sql` over the table. Prepared, never run: Postgres checks
+    /// names, syntax and types, and says what the expression's type is.
+    async fn probe(
+        &self,
+        client: &impl GenericClient,
+        sql: &str,
+        bad: &impl Fn(String) -> SchemaError,
+    ) -> Result<String, SchemaError> {
+        let (qualified, shown) = (&self.qualified, &self.shown);
+        let probe = format!("select ({sql}) from {qualified} t where false");
+        let stmt = client.prepare(&probe).await.map_err(|e| {
+            let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
+            bad(format!("the SQL expression does not work on {shown}: {why}"))
+        })?;
+        if stmt.columns().len() != 1 {
+            return Err(bad("the SQL expression must give exactly one value".into()));
+        }
+        Ok(stmt.columns()[0].type_().name().to_owned())
+    }
+
+    /// Adds the columns the SQL expression `sql` reads to `synced`: every column when it reads
+    /// the whole row.
+    fn watch_read_by(&self, sql: &str, synced: &mut Vec<String>) {
+        match identifiers(sql) {
+            Some(words) => {
+                for (c, _) in &self.columns {
+                    if words.contains(c) {
+                        watch(synced, c);
+                    }
+                }
+            }
+            None => self.columns.iter().for_each(|(c, _)| watch(synced, c)),
+        }
     }
 }
