@@ -264,25 +264,7 @@ impl Mapper {
             let what = f.source.describe(&f.key);
             let invalid =
                 |rule: String| MappingError::Invalid { key: key.to_owned(), what: what.clone(), rule };
-            let path = match &f.field {
-                Field::Scalar(s) => Path::Scalar(s.name),
-                Field::Email(n) => Path::Email(*n),
-                Field::Phone(n, p) => Path::Phone(*n, *p),
-                Field::Address(a, p) => Path::Address(a, *p),
-                Field::Custom(r) => match model.and_then(|m| m.resolve(r)) {
-                    Some((id, _)) => Path::Custom(id),
-                    None => {
-                        return Err(MappingError::UnknownCustomField {
-                            key: key.to_owned(),
-                            what,
-                            field: match r {
-                                CustomFieldRef::Id(id) => id.to_string(),
-                                CustomFieldRef::Name(n) => format!("{n:?}"),
-                            },
-                        })
-                    }
-                },
-            };
+            let path = field_path(f, key, model)?;
             let empty = raw.as_deref().is_none_or(|v| v.trim().is_empty());
             if f.field == Field::Email(1) {
                 if empty {
@@ -294,24 +276,22 @@ impl Mapper {
                 }
                 continue;
             }
-            let v = raw.unwrap_or_default();
-            let value = match &f.field {
-                Field::Scalar(Scalar { kind, .. }) => validate::scalar(*kind, &v),
-                Field::Email(n) => validate::email(*n, &v),
-                Field::Phone(n, p) => validate::phone(*n, *p, &v),
-                Field::Address(a, p) => validate::address(a, *p, &v),
-                Field::Custom(r) => {
-                    let t = model.and_then(|m| m.resolve(r)).map_or("Text", |(_, t)| t);
-                    validate::custom(t, &v)
-                }
-            }
-            .map_err(invalid)?;
+            let value = checked_value(f, &raw.unwrap_or_default(), model).map_err(invalid)?;
             if f.field == Field::Email(1) {
                 email = value.as_str().map(str::to_owned);
             }
             values.insert(path, value);
         }
-        // Rules across the parts of one address (`docs/keap-api.md`).
+        self.check_addresses(key, &values)?;
+        let tags = self.rule_tags(key, row)?;
+        let email =
+            email.ok_or_else(|| MappingError::NoEmail { key: key.to_owned(), what: "users.email".into() })?;
+        Ok(ContactPayload { email, values, tags })
+    }
+
+    /// Keap's rules across the parts of one address (`docs/keap-api.md`): a region needs a
+    /// country code, a zip code and a postal code exclude each other, a zip_four needs a zip code.
+    fn check_addresses(&self, key: &str, values: &BTreeMap<Path, Value>) -> Result<(), MappingError> {
         for field in crate::config::ADDRESS_FIELDS {
             let has = |p: AddressPart| values.get(&Path::Address(field, p)).is_some_and(|v| !v.is_null());
             let what = |p: AddressPart| {
@@ -341,6 +321,12 @@ impl Mapper {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// The tags the tag rules derive from the row (the values after the mapped fields); a tag
+    /// name Keap would refuse is a [`MappingError`].
+    fn rule_tags(&self, key: &str, row: &UserRow) -> Result<BTreeSet<TagRef>, MappingError> {
         let mut tags = BTreeSet::new();
         for (i, (rule_key, tag)) in self.rules.iter().enumerate() {
             let raw = row.values.get(self.fields.len() + i).cloned().flatten().unwrap_or_default();
@@ -361,9 +347,48 @@ impl Mapper {
                 }
             }
         }
-        let email =
-            email.ok_or_else(|| MappingError::NoEmail { key: key.to_owned(), what: "users.email".into() })?;
-        Ok(ContactPayload { email, values, tags })
+        Ok(tags)
+    }
+}
+
+/// Where field `f`'s value goes on the contact; a custom field Keap's `model` lacks is a
+/// [`MappingError`].
+fn field_path(f: &FieldMapping, key: &str, model: Option<&CustomModel>) -> Result<Path, MappingError> {
+    let what = f.source.describe(&f.key);
+    let path = match &f.field {
+        Field::Scalar(s) => Path::Scalar(s.name),
+        Field::Email(n) => Path::Email(*n),
+        Field::Phone(n, p) => Path::Phone(*n, *p),
+        Field::Address(a, p) => Path::Address(a, *p),
+        Field::Custom(r) => match model.and_then(|m| m.resolve(r)) {
+            Some((id, _)) => Path::Custom(id),
+            None => {
+                return Err(MappingError::UnknownCustomField {
+                    key: key.to_owned(),
+                    what,
+                    field: match r {
+                        CustomFieldRef::Id(id) => id.to_string(),
+                        CustomFieldRef::Name(n) => format!("{n:?}"),
+                    },
+                })
+            }
+        },
+    };
+    Ok(path)
+}
+
+/// Field `f`'s value `v` checked against Keap's rule for its property, as it is sent; the rule
+/// it breaks otherwise.
+fn checked_value(f: &FieldMapping, v: &str, model: Option<&CustomModel>) -> Result<Value, String> {
+    match &f.field {
+        Field::Scalar(Scalar { kind, .. }) => validate::scalar(*kind, v),
+        Field::Email(n) => validate::email(*n, v),
+        Field::Phone(n, p) => validate::phone(*n, *p, v),
+        Field::Address(a, p) => validate::address(a, *p, v),
+        Field::Custom(r) => {
+            let t = model.and_then(|m| m.resolve(r)).map_or("Text", |(_, t)| t);
+            validate::custom(t, v)
+        }
     }
 }
 
