@@ -19,6 +19,7 @@ use super::{connect_migrated, CliError};
 use crate::config::{Config, Credential};
 use crate::db::DbError;
 use crate::keap::model::ErrorBody;
+use crate::secret::Secret;
 use crate::token::{self, REAUTHORIZE_HINT};
 
 /// How long a browser connection may take to send its request head to the `--listen`
@@ -101,6 +102,34 @@ pub(super) async fn login(
     listen: Option<SocketAddr>,
     switch_account: bool,
 ) -> Result<(), CliError> {
+    let (client_id, client_secret, redirect_uri) = login_client(&config)?;
+    let mut client = connect_migrated(&config).await?;
+
+    // Listen before printing the URL, so the redirect can never arrive before we are ready.
+    let listener = match listen {
+        Some(addr) => Some(bind_redirect_listener(addr).await?),
+        None => None,
+    };
+    let state = format!("{:032x}", rand::random::<u128>());
+    let url = consent_url(&config, client_id, &redirect_uri, &state)?;
+    println!("Open this URL in a browser, sign in to Keap and allow access:\n\n  {url}\n");
+    let answer = redirected(listener, listen).await?;
+    let code = code_from_redirect(&answer, &state)?;
+    let text = exchange_code(&config, client_id, client_secret, &code, &redirect_uri).await?;
+    let tokens = token::parse_token_response(&text)
+        .map_err(|e| CliError::Other(format!("the token endpoint's answer is {e}")))?;
+    let imported = token::import(&mut client, &tokens, switch_account).await.map_err(import_failed)?;
+    println!(
+        "Authorised{}. The grant is stored; the daemon refreshes it from now on.",
+        imported.account.as_deref().map(|a| format!(" for Keap app {a}")).unwrap_or_default()
+    );
+    report_account(&imported, switch_account);
+    Ok(())
+}
+
+/// The OAuth client `auth login` needs, and the redirect URL registered for it; an API key, or
+/// no `redirect_uri`, is an error that says what to set.
+fn login_client(config: &Config) -> Result<(&String, &Secret, String), CliError> {
     let Credential::OAuth { client_id, client_secret } = config.credential()? else {
         return Err(CliError::Other(
             "`auth login` is for OAuth clients (KEAP_CLIENT_ID and KEAP_CLIENT_SECRET); an API key needs no login"
@@ -114,27 +143,36 @@ pub(super) async fn login(
                 .into(),
         )
     })?;
-    let mut client = connect_migrated(&config).await?;
+    Ok((client_id, client_secret, redirect_uri))
+}
 
-    // Listen before printing the URL, so the redirect can never arrive before we are ready.
-    let listener = match listen {
-        Some(addr) => Some(bind_redirect_listener(addr).await?),
-        None => None,
-    };
-    let state = format!("{:032x}", rand::random::<u128>());
-    let url = reqwest::Url::parse_with_params(
+/// Keap's consent page for this client, carrying `state`.
+fn consent_url(
+    config: &Config,
+    client_id: &str,
+    redirect_uri: &str,
+    state: &str,
+) -> Result<reqwest::Url, CliError> {
+    reqwest::Url::parse_with_params(
         &config.keap.authorize_url,
         [
-            ("client_id", client_id.as_str()),
-            ("redirect_uri", redirect_uri.as_str()),
+            ("client_id", client_id),
+            ("redirect_uri", redirect_uri),
             ("response_type", "code"),
             ("scope", "full"),
-            ("state", state.as_str()),
+            ("state", state),
         ],
     )
-    .map_err(|e| CliError::Other(format!("keap.authorize_url is not a URL: {e}")))?;
-    println!("Open this URL in a browser, sign in to Keap and allow access:\n\n  {url}\n");
-    let answer = match (listener, listen) {
+    .map_err(|e| CliError::Other(format!("keap.authorize_url is not a URL: {e}")))
+}
+
+/// Where the browser was sent after consent: received by the loopback `listener`, or pasted on
+/// standard input.
+async fn redirected(
+    listener: Option<tokio::net::TcpListener>,
+    listen: Option<SocketAddr>,
+) -> Result<String, CliError> {
+    Ok(match (listener, listen) {
         (Some(listener), Some(addr)) => {
             println!("Waiting for the redirect on http://{addr}/ …");
             receive_redirect(listener).await?
@@ -147,19 +185,28 @@ pub(super) async fn login(
                 .map_err(|e| CliError::Other(format!("cannot read standard input: {e}")))?;
             line
         }
-    };
-    let code = code_from_redirect(&answer, &state)?;
+    })
+}
 
+/// The code exchanged at the token endpoint; Keap's answer, read up to the cap, when it is a
+/// success. A redirect is never followed (the form holds the client secret and the code).
+async fn exchange_code(
+    config: &Config,
+    client_id: &str,
+    client_secret: &Secret,
+    code: &str,
+    redirect_uri: &str,
+) -> Result<String, CliError> {
     let http = crate::keap::http_client(config.keap.request_timeout, config.keap.connect_timeout)
         .map_err(CliError::Other)?;
     let response = http
         .post(&config.keap.token_url)
         .form(&[
-            ("client_id", client_id.as_str()),
+            ("client_id", client_id),
             ("client_secret", client_secret.expose()),
-            ("code", code.as_str()),
+            ("code", code),
             ("grant_type", "authorization_code"),
-            ("redirect_uri", redirect_uri.as_str()),
+            ("redirect_uri", redirect_uri),
         ])
         .send()
         .await
@@ -190,15 +237,7 @@ pub(super) async fn login(
             body.summary().unwrap_or_default()
         )));
     }
-    let tokens = token::parse_token_response(&text)
-        .map_err(|e| CliError::Other(format!("the token endpoint's answer is {e}")))?;
-    let imported = token::import(&mut client, &tokens, switch_account).await.map_err(import_failed)?;
-    println!(
-        "Authorised{}. The grant is stored; the daemon refreshes it from now on.",
-        imported.account.as_deref().map(|a| format!(" for Keap app {a}")).unwrap_or_default()
-    );
-    report_account(&imported, switch_account);
-    Ok(())
+    Ok(text)
 }
 
 /// The authorization code from what the user pasted: the redirected URL (whose `state`

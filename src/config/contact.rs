@@ -374,7 +374,7 @@ impl FileSource {
 fn source(key: &str, column: Option<String>, sql: Option<String>) -> Result<Source, ConfigError> {
     match (column, sql) {
         (Some(c), None) => {
-            super::validate_identifier(key, &c, false)?;
+            super::values::validate_identifier(key, &c, false)?;
             Ok(Source::Column(c))
         }
         (None, Some(s)) if !s.trim().is_empty() && !s.contains(';') => Ok(Source::Sql(s)),
@@ -404,87 +404,16 @@ fn slot(key: &str, name: &str, prefix: &str, max: u8) -> Result<u8, ConfigError>
 }
 
 impl FileContact {
+    /// The mapping of `[contact]`: every scalar property, array slot and part, and custom field
+    /// checked and named by its config key, each Keap property mapped once.
     pub(super) fn validate(self) -> Result<ContactMapping, ConfigError> {
         let mut fields = Vec::new();
-        for (name, src) in self.scalars {
-            let key = format!("contact.{name}");
-            let keap_name = ALIASES.iter().find(|(a, _)| *a == name).map_or(name.as_str(), |(_, k)| k);
-            if ["given_name", "family_name", "email"].contains(&keap_name) {
-                return Err(invalid(format!(
-                    "{key}: set it under [users] (users.{keap_name}), where it has always been"
-                )));
-            }
-            let Some(scalar) = SCALARS.iter().find(|s| s.name == keap_name) else {
-                let known: Vec<&str> = SCALARS.iter().map(|s| s.name).collect();
-                return Err(invalid(format!(
-                    "{key} is not a Keap contact property keap-sync can write: use one of {}, or the \
-                     tables email_addresses, phone_numbers, addresses, custom_fields",
-                    known.join(", ")
-                )));
-            };
-            let (source, empty) = src.validate(&key, Empty::Keep)?;
-            fields.push(FieldMapping { key, field: Field::Scalar(scalar), source, empty });
-        }
-        for (name, src) in self.email_addresses {
-            let key = format!("contact.email_addresses.{name}");
-            let n = slot(&key, &name, "EMAIL", 3)?;
-            if n == 1 {
-                return Err(invalid(format!("{key}: EMAIL1 is users.email; map EMAIL2 or EMAIL3 here")));
-            }
-            let (source, empty) = src.validate(&key, Empty::Keep)?;
-            fields.push(FieldMapping { key, field: Field::Email(n), source, empty });
-        }
-        for (name, parts) in self.phone_numbers {
-            let key = format!("contact.phone_numbers.{name}");
-            let n = slot(&key, &name, "PHONE", 5)?;
-            if !parts.contains_key("number") {
-                return Err(invalid(format!("{key}: map its number (`number = \"column\"`)")));
-            }
-            for (part, src) in parts {
-                let key = format!("{key}.{part}");
-                let Some((p, _)) = PhonePart::ALL.iter().find(|(_, n)| *n == part) else {
-                    return Err(invalid(format!("{key}: a phone number has number, extension and type")));
-                };
-                let (source, empty) = src.validate(&key, Empty::Keep)?;
-                fields.push(FieldMapping { key, field: Field::Phone(n, *p), source, empty });
-            }
-        }
-        for (name, parts) in self.addresses {
-            let key = format!("contact.addresses.{name}");
-            let Some(kind) = ADDRESS_FIELDS.iter().find(|f| **f == name) else {
-                return Err(invalid(format!(
-                    "{key}: unknown address {name:?}: use BILLING, SHIPPING or OTHER"
-                )));
-            };
-            if parts.contains_key("region") && !parts.contains_key("country_code") {
-                return Err(invalid(format!(
-                    "{key}: region is mapped without country_code; Keap accepts a region only with its country"
-                )));
-            }
-            for (part, src) in parts {
-                let key = format!("{key}.{part}");
-                let Some((p, _)) = AddressPart::ALL.iter().find(|(_, n)| *n == part) else {
-                    let known: Vec<&str> = AddressPart::ALL.iter().map(|(_, n)| *n).collect();
-                    return Err(invalid(format!("{key}: an address has {}", known.join(", "))));
-                };
-                let (source, empty) = src.validate(&key, Empty::Keep)?;
-                fields.push(FieldMapping { key, field: Field::Address(kind, *p), source, empty });
-            }
-        }
-        for (i, cf) in self.custom_fields.into_iter().enumerate() {
-            let key = format!("contact.custom_fields[{i}]");
-            let r = match (cf.id, cf.name) {
-                (Some(id), None) if id > 0 => CustomFieldRef::Id(id),
-                (None, Some(name)) if !name.trim().is_empty() => CustomFieldRef::Name(name),
-                _ => {
-                    return Err(invalid(format!(
-                        "{key}: name the custom field by `id = 12` or by `name = \"Plan\"`, not both"
-                    )))
-                }
-            };
-            let (source, empty) = cf.value.validate(&key, Empty::Keep)?;
-            fields.push(FieldMapping { key, field: Field::Custom(r), source, empty });
-        }
+        let FileContact { email_addresses, phone_numbers, addresses, custom_fields, scalars } = self;
+        scalar_fields(scalars, &mut fields)?;
+        email_fields(email_addresses, &mut fields)?;
+        phone_fields(phone_numbers, &mut fields)?;
+        address_fields(addresses, &mut fields)?;
+        custom_field_refs(custom_fields, &mut fields)?;
         let mut seen = HashSet::new();
         for f in &fields {
             if !seen.insert(&f.field) {
@@ -493,6 +422,123 @@ impl FileContact {
         }
         Ok(ContactMapping { fields, tags: TagsConfig::default() })
     }
+}
+
+/// The scalar properties (every other key of `[contact]`), checked against [`SCALARS`].
+fn scalar_fields(
+    scalars: BTreeMap<String, FileSource>,
+    fields: &mut Vec<FieldMapping>,
+) -> Result<(), ConfigError> {
+    for (name, src) in scalars {
+        let key = format!("contact.{name}");
+        let keap_name = ALIASES.iter().find(|(a, _)| *a == name).map_or(name.as_str(), |(_, k)| k);
+        if ["given_name", "family_name", "email"].contains(&keap_name) {
+            return Err(invalid(format!(
+                "{key}: set it under [users] (users.{keap_name}), where it has always been"
+            )));
+        }
+        let Some(scalar) = SCALARS.iter().find(|s| s.name == keap_name) else {
+            let known: Vec<&str> = SCALARS.iter().map(|s| s.name).collect();
+            return Err(invalid(format!(
+                "{key} is not a Keap contact property keap-sync can write: use one of {}, or the \
+                 tables email_addresses, phone_numbers, addresses, custom_fields",
+                known.join(", ")
+            )));
+        };
+        let (source, empty) = src.validate(&key, Empty::Keep)?;
+        fields.push(FieldMapping { key, field: Field::Scalar(scalar), source, empty });
+    }
+    Ok(())
+}
+
+/// `[contact.email_addresses]`: EMAIL2 and EMAIL3 (EMAIL1 is `users.email`).
+fn email_fields(
+    email_addresses: BTreeMap<String, FileSource>,
+    fields: &mut Vec<FieldMapping>,
+) -> Result<(), ConfigError> {
+    for (name, src) in email_addresses {
+        let key = format!("contact.email_addresses.{name}");
+        let n = slot(&key, &name, "EMAIL", 3)?;
+        if n == 1 {
+            return Err(invalid(format!("{key}: EMAIL1 is users.email; map EMAIL2 or EMAIL3 here")));
+        }
+        let (source, empty) = src.validate(&key, Empty::Keep)?;
+        fields.push(FieldMapping { key, field: Field::Email(n), source, empty });
+    }
+    Ok(())
+}
+
+/// `[contact.phone_numbers]`: PHONE1 to PHONE5, each with its number mapped.
+fn phone_fields(
+    phone_numbers: BTreeMap<String, BTreeMap<String, FileSource>>,
+    fields: &mut Vec<FieldMapping>,
+) -> Result<(), ConfigError> {
+    for (name, parts) in phone_numbers {
+        let key = format!("contact.phone_numbers.{name}");
+        let n = slot(&key, &name, "PHONE", 5)?;
+        if !parts.contains_key("number") {
+            return Err(invalid(format!("{key}: map its number (`number = \"column\"`)")));
+        }
+        for (part, src) in parts {
+            let key = format!("{key}.{part}");
+            let Some((p, _)) = PhonePart::ALL.iter().find(|(_, n)| *n == part) else {
+                return Err(invalid(format!("{key}: a phone number has number, extension and type")));
+            };
+            let (source, empty) = src.validate(&key, Empty::Keep)?;
+            fields.push(FieldMapping { key, field: Field::Phone(n, *p), source, empty });
+        }
+    }
+    Ok(())
+}
+
+/// `[contact.addresses]`: BILLING, SHIPPING and OTHER, a region only with its country.
+fn address_fields(
+    addresses: BTreeMap<String, BTreeMap<String, FileSource>>,
+    fields: &mut Vec<FieldMapping>,
+) -> Result<(), ConfigError> {
+    for (name, parts) in addresses {
+        let key = format!("contact.addresses.{name}");
+        let Some(kind) = ADDRESS_FIELDS.iter().find(|f| **f == name) else {
+            return Err(invalid(format!("{key}: unknown address {name:?}: use BILLING, SHIPPING or OTHER")));
+        };
+        if parts.contains_key("region") && !parts.contains_key("country_code") {
+            return Err(invalid(format!(
+                "{key}: region is mapped without country_code; Keap accepts a region only with its country"
+            )));
+        }
+        for (part, src) in parts {
+            let key = format!("{key}.{part}");
+            let Some((p, _)) = AddressPart::ALL.iter().find(|(_, n)| *n == part) else {
+                let known: Vec<&str> = AddressPart::ALL.iter().map(|(_, n)| *n).collect();
+                return Err(invalid(format!("{key}: an address has {}", known.join(", "))));
+            };
+            let (source, empty) = src.validate(&key, Empty::Keep)?;
+            fields.push(FieldMapping { key, field: Field::Address(kind, *p), source, empty });
+        }
+    }
+    Ok(())
+}
+
+/// `[[contact.custom_fields]]`: each named by id or by name, not both.
+fn custom_field_refs(
+    custom_fields: Vec<FileCustomField>,
+    fields: &mut Vec<FieldMapping>,
+) -> Result<(), ConfigError> {
+    for (i, cf) in custom_fields.into_iter().enumerate() {
+        let key = format!("contact.custom_fields[{i}]");
+        let r = match (cf.id, cf.name) {
+            (Some(id), None) if id > 0 => CustomFieldRef::Id(id),
+            (None, Some(name)) if !name.trim().is_empty() => CustomFieldRef::Name(name),
+            _ => {
+                return Err(invalid(format!(
+                    "{key}: name the custom field by `id = 12` or by `name = \"Plan\"`, not both"
+                )))
+            }
+        };
+        let (source, empty) = cf.value.validate(&key, Empty::Keep)?;
+        fields.push(FieldMapping { key, field: Field::Custom(r), source, empty });
+    }
+    Ok(())
 }
 
 impl FileTags {

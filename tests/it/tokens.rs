@@ -536,7 +536,7 @@ async fn a_grant_stored_before_the_upgrade_gets_its_account_from_its_scope() {
     let account: Option<String> =
         db.query_one("select account from keap_sync.oauth_token", &[]).await.unwrap().get(0);
     assert_eq!(account.as_deref(), Some("abc123.infusionsoft.com"));
-    // The same reading as `src/token.rs` (`account_from_scope`), case by case.
+    // The same reading as `src/token/store.rs` (`account_from_scope`), case by case.
     for (scope, want) in [
         ("full|abc123.infusionsoft.com", Some("abc123.infusionsoft.com")),
         (" full| Abc123.Infusionsoft.com ", Some("abc123.infusionsoft.com")),

@@ -185,7 +185,9 @@ fn email_item(m: &Map<String, Value>) -> Result<Value, String> {
         Some(a) if a.chars().count() > max => {
             Err(format!("Email address is too long (at most {max} characters)"))
         }
-        Some(a) if !a.is_empty() && !super::email_is_valid(a) => Err("Email address is invalid".into()),
+        Some(a) if !a.is_empty() && !super::contacts::email_is_valid(a) => {
+            Err("Email address is invalid".into())
+        }
         _ => Ok(Value::String(field.into())),
     }
 }

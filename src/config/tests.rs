@@ -1,0 +1,250 @@
+//! Unit tests of loading and validating the configuration.
+
+use super::load::FileConfig;
+use super::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+#[test]
+fn the_lock_timeout_must_be_below_the_statement_timeout() {
+    let toml = "[database]\nurl = \"postgres://h/db\"\nlock_timeout_secs = 30\n";
+    let err = load_str(toml, &[]).unwrap_err().to_string();
+    assert!(err.contains("lock_timeout_secs (30)") && err.contains("statement_timeout_secs (30)"), "{err}");
+    let err = load_str("[database]\nurl = \"postgres://h/db\"\nkeepalive_idle_secs = 0\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("database.keepalive_idle_secs must be at least 1"), "{err}");
+}
+
+fn load_str(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let dir = std::env::temp_dir().join(format!(
+        "keap-sync-config-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keap-sync.toml");
+    std::fs::write(&path, toml_text).unwrap();
+    let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let result = Config::load(Some(&path), &|k| env.get(k).cloned());
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+#[test]
+fn defaults_apply() {
+    let c = load_str("", &[]).unwrap();
+    assert!(c.database.is_none());
+    assert_eq!(c.users.table, "public.users");
+    assert_eq!(c.users.synced_columns(), vec!["email", "first_name", "last_name"]);
+    assert_eq!(c.keap.api_url, DEFAULT_API_URL);
+    assert_eq!(c.delivery.concurrency, 4);
+    assert_eq!(c.limits, LimitsConfig::OAUTH);
+    assert!(c.credential().is_err());
+}
+
+#[test]
+fn the_example_file_parses_to_the_defaults() {
+    let example = Config::from_toml(include_str!("../../keap-sync.example.toml"), &|_| None).unwrap();
+    let defaults = Config::from_toml("", &|_| None).unwrap();
+    assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = load_str("[delivery]\nconcurency = 3\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("concurency"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
+}
+
+#[test]
+fn environment_wins_over_file() {
+    let c = load_str(
+        "[database]\nurl = \"postgres://file/db\"\n[keap]\napi_url = \"https://file.example/crm/rest\"\n",
+        &[("DATABASE_URL", "postgres://env/db"), ("KEAP_API_URL", "http://127.0.0.1:9/crm/rest/")],
+    )
+    .unwrap();
+    assert_eq!(c.database().unwrap().url.expose(), "postgres://env/db");
+    assert_eq!(c.keap.api_url, "http://127.0.0.1:9/crm/rest");
+}
+
+#[test]
+fn keap_urls_must_be_https_except_on_loopback() {
+    let load = |key: &str, value: &str| load_str(&format!("[keap]\n{key} = {value:?}\n"), &[]);
+    for key in ["api_url", "token_url", "authorize_url", "redirect_uri"] {
+        // Plain http to a real host: refused, naming the key and the fix, on one line.
+        let err = load(key, "http://api.example.com/crm/rest").unwrap_err().to_string();
+        assert!(err.starts_with(&format!("keap.{key}")), "{err}");
+        assert!(err.contains("http://api.example.com/crm/rest") && err.contains("use https://"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        // Another scheme, or no URL at all.
+        for bad in ["ftp://api.example.com/x", "api.example.com/crm/rest"] {
+            let err = load(key, bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("keap.{key}")) && err.contains("https://"), "{err}");
+        }
+        // Credentials inside the URL: refused without quoting them.
+        let err = load(key, "https://user:hunter2@api.example.com/").unwrap_err().to_string();
+        assert!(err.contains("user name or password") && !err.contains("hunter2"), "{err}");
+        // https anywhere, and plain http on loopback hosts (the tests, the demo, `--listen`).
+        for good in [
+            "https://api.example.com/crm/rest",
+            "http://127.0.0.1:8080/crm/rest",
+            "http://127.9.9.9/token",
+            "http://[::1]:9/token",
+            "http://localhost:1234/keap/callback",
+            "http://LOCALHOST/cb",
+        ] {
+            assert!(load(key, good).is_ok(), "keap.{key} = {good}: {:?}", load(key, good).err());
+        }
+    }
+    // Lookalikes of loopback are not loopback.
+    for bad in ["http://localhost.example.com/", "http://127.0.0.1.example.com/", "http://[::2]/"] {
+        assert!(load("api_url", bad).is_err(), "{bad}");
+    }
+    // The environment's value is checked the same way, and the message names the variable.
+    let err = load_str("", &[("KEAP_TOKEN_URL", "http://token.example.com/token")]).unwrap_err().to_string();
+    assert!(err.contains("KEAP_TOKEN_URL") && err.contains("keap.token_url"), "{err}");
+    // The redirect URL is kept exactly as registered; the endpoints lose trailing slashes.
+    let c = load_str("[keap]\nredirect_uri = \"https://app.example.com/cb/\"\n", &[]).unwrap();
+    assert_eq!(c.keap.redirect_uri.as_deref(), Some("https://app.example.com/cb/"));
+}
+
+#[test]
+fn api_key_selects_api_key_limits_and_is_redacted() {
+    let c = load_str("", &[("KEAP_API_KEY", "KeapAK-secretvalue")]).unwrap();
+    assert!(matches!(c.credential().unwrap(), Credential::ApiKey(_)));
+    assert_eq!(c.limits, LimitsConfig::API_KEY);
+    assert!(!format!("{c:?}").contains("secretvalue"));
+}
+
+#[test]
+fn half_an_oauth_client_is_an_error() {
+    let err = load_str("", &[("KEAP_CLIENT_ID", "abc")]).unwrap_err().to_string();
+    assert!(err.contains("KEAP_CLIENT_SECRET"), "{err}");
+}
+
+#[test]
+fn lease_shorter_than_a_call_is_refused() {
+    let err = load_str("[delivery]\nlease_secs = 60\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("delivery.lease_secs"), "{err}");
+}
+
+#[test]
+fn empty_optional_column_disables_it() {
+    let c = load_str("[users]\ngiven_name = \"\"\n", &[]).unwrap();
+    assert_eq!(c.users.synced_columns(), vec!["email", "last_name"]);
+}
+
+#[test]
+fn a_double_quote_in_a_name_is_kept_for_quoting_and_a_nul_is_refused() {
+    // Quoted wherever it is used (`db::quote_ident` doubles the quote): no injection.
+    let c = load_str("[users]\ntable = 'x\"; drop table y'\ngiven_name = 'First \"Name\"'\n", &[]).unwrap();
+    assert_eq!(c.users.table, "x\"; drop table y");
+    let err = load_str("[users]\ngiven_name = \"a\\u0000b\"\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("users.given_name") && err.contains("NUL"), "{err}");
+}
+
+/// A scratch directory for secret files; the caller removes it.
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "keap-sync-secrets-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn defaults_are_written_once() {
+    // Leaving a key out of the file means the section's `Default`, and the example's values
+    // are exactly those.
+    assert_eq!(toml::from_str::<FileConfig>("").unwrap(), FileConfig::default());
+    assert_eq!(toml::from_str::<FileConfig>("[delivery]\n").unwrap(), FileConfig::default());
+    let example = toml::from_str::<FileConfig>(include_str!("../../keap-sync.example.toml")).unwrap();
+    assert_eq!(example, FileConfig::default());
+    // And the file shape's `Default` validated is what an empty file gives.
+    let validated = FileConfig::default().validate(None).unwrap();
+    let empty = Config::from_toml("", &|_| None).unwrap();
+    assert_eq!(format!("{validated:?}"), format!("{empty:?}"));
+}
+
+#[test]
+fn the_example_mapping_once_uncommented_is_valid() {
+    // The commented `[contact]` and `[tags]` of the example are documentation: each line
+    // must still be a valid setting when a user uncomments it.
+    let text = include_str!("../../keap-sync.example.toml");
+    let start = text.find("# [contact]").unwrap();
+    let end = text.find("[keap]").unwrap();
+    let mapping: String =
+        text[start..end].lines().map(|l| l.strip_prefix("# ").unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let c = Config::from_toml(&mapping, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.users.contact.fields.len(), 27, "every field the example shows");
+    assert_eq!(c.users.contact.tags.rules.len(), 2);
+    assert_eq!(c.users.contact.tags.on_create.len(), 1);
+}
+
+#[test]
+fn a_key_left_out_keeps_its_default_beside_one_set() {
+    let c = load_str("[delivery]\nconcurrency = 8\n[limits]\nper_day = 1000\n", &[]).unwrap();
+    assert_eq!(c.delivery.concurrency, 8);
+    assert_eq!(c.delivery.lease, Duration::from_secs(120));
+    assert_eq!(c.limits, LimitsConfig { per_day: 1000, ..LimitsConfig::OAUTH });
+    let c = load_str("[limits]\nper_second = 5\n", &[("KEAP_API_KEY", "k")]).unwrap();
+    assert_eq!(c.limits, LimitsConfig { per_second: 5, ..LimitsConfig::API_KEY });
+}
+
+#[test]
+fn an_environment_secret_wins_over_the_secret_file() {
+    let dir = scratch_dir();
+    let key_file = dir.join("api-key");
+    std::fs::write(&key_file, "from-file\n").unwrap();
+    let text = format!("[keap]\napi_key_file = {:?}\n", key_file.to_str().unwrap());
+    let api_key = |c: &Config| match c.credential().unwrap() {
+        Credential::ApiKey(key) => key.expose().to_owned(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(api_key(&load_str(&text, &[]).unwrap()), "from-file");
+    assert_eq!(api_key(&load_str(&text, &[("KEAP_API_KEY", " from-env\n")]).unwrap()), "from-env");
+
+    // The OAuth client secret: systemd's credential, unless the environment has one.
+    std::fs::write(dir.join("keap-client-secret"), "from-systemd").unwrap();
+    let creds = ("CREDENTIALS_DIRECTORY", dir.to_str().unwrap());
+    let client_secret = |env: &[(&str, &str)]| match load_str("[keap]\nclient_id = \"file-id\"\n", env)
+        .unwrap()
+        .credential()
+        .unwrap()
+    {
+        Credential::OAuth { client_id, client_secret } => {
+            (client_id.clone(), client_secret.expose().to_owned())
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(client_secret(&[creds]), ("file-id".into(), "from-systemd".into()));
+    assert_eq!(
+        client_secret(&[creds, ("KEAP_CLIENT_SECRET", "from-env"), ("KEAP_CLIENT_ID", "env-id")]),
+        ("env-id".into(), "from-env".into())
+    );
+    std::fs::remove_dir_all(&dir).ok();
+
+    // Never from the TOML itself.
+    let err = load_str("[keap]\nclient_secret = \"hunter2\"\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("client_secret"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn a_syntax_error_never_echoes_the_source() {
+    for (text, line) in [
+        ("[database]\nurl = \"postgres://u:secret@h/db\" oops\n", 2),
+        ("[database]\nurl = \"postgres://u:secret@h/db\"\n= 3\n", 3),
+        ("[database]\nurl = \"postgres://u:secret@h/db\n", 2),
+        ("[database]\nurl = postgres://u:secret@h/db\n", 2),
+        ("[database]\nurl = \"postgres://u:secret@h/db\"\nurl = \"postgres://u:secret@h/db\"\n", 3),
+    ] {
+        let err = load_str(text, &[]).unwrap_err().to_string();
+        assert!(!err.contains("secret"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(err.contains(&format!("TOML parse error at line {line}, column ")), "{err}");
+    }
+}

@@ -1,0 +1,122 @@
+//! `[users]`: the application's table, its key and the basic contact columns; the whole mapping
+//! as the rest of the crate reads it ([`UsersConfig`]).
+
+use serde::Deserialize;
+
+use super::values::validate_identifier;
+use super::{ConfigError, ContactMapping, Empty, Field, FieldMapping, Source, SCALARS};
+
+/// The application's table and the columns that are synced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsersConfig {
+    /// `schema.table` or `table` (then `public`).
+    pub table: String,
+    /// The primary key column: any type whose text form is exact (`schema::key` refuses the rest).
+    pub key: String,
+    /// The column sent as the contact's EMAIL1.
+    pub email: String,
+    /// The column sent as `given_name`; `None` when not synced.
+    pub given_name: Option<String>,
+    /// The column sent as `family_name`; `None` when not synced.
+    pub family_name: Option<String>,
+    /// Every other mapped property and the tags (`[contact]`, `[tags]`).
+    pub contact: ContactMapping,
+}
+
+impl UsersConfig {
+    /// The table split into schema and name.
+    pub fn schema_and_table(&self) -> (&str, &str) {
+        match self.table.split_once('.') {
+            Some((schema, table)) => (schema, table),
+            None => ("public", self.table.as_str()),
+        }
+    }
+
+    /// The columns named directly (not inside an SQL expression) whose change must reach
+    /// Keap, in a stable order (email first), without repeats. `schema` adds the columns the
+    /// expressions read.
+    pub fn synced_columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = Vec::new();
+        let direct = self.fields().into_iter().map(|f| f.source).chain(self.tag_sources());
+        for source in direct {
+            if let Source::Column(c) = source {
+                if !cols.contains(&c) {
+                    cols.push(c);
+                }
+            }
+        }
+        cols
+    }
+
+    /// Every mapped property: EMAIL1 (`email`) first, then the names of `[users]` (which
+    /// clear Keap's value when empty, as they always have), then `[contact]` in file order.
+    pub fn fields(&self) -> Vec<FieldMapping> {
+        let scalar = |name: &str| SCALARS.iter().find(|s| s.name == name).expect("a known property");
+        let mut fields = vec![FieldMapping {
+            key: "users.email".into(),
+            field: Field::Email(1),
+            source: Source::Column(self.email.clone()),
+            empty: Empty::Clear,
+        }];
+        for (key, name, column) in [
+            ("users.given_name", "given_name", &self.given_name),
+            ("users.family_name", "family_name", &self.family_name),
+        ] {
+            if let Some(c) = column {
+                fields.push(FieldMapping {
+                    key: key.into(),
+                    field: Field::Scalar(scalar(name)),
+                    source: Source::Column(c.clone()),
+                    empty: Empty::Clear,
+                });
+            }
+        }
+        fields.extend(self.contact.fields.iter().cloned());
+        fields
+    }
+
+    /// The sources of the tag rules, in order.
+    pub fn tag_sources(&self) -> impl Iterator<Item = Source> + '_ {
+        self.contact.tags.rules.iter().map(|r| r.source.clone())
+    }
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct FileUsers {
+    pub(super) table: String,
+    pub(super) key: String,
+    pub(super) email: String,
+    /// `""` means "do not sync this field" (also for `family_name`).
+    pub(super) given_name: String,
+    pub(super) family_name: String,
+}
+
+impl Default for FileUsers {
+    fn default() -> Self {
+        FileUsers {
+            table: "public.users".into(),
+            key: "id".into(),
+            email: "email".into(),
+            given_name: "first_name".into(),
+            family_name: "last_name".into(),
+        }
+    }
+}
+
+impl FileUsers {
+    pub(super) fn validate(self) -> Result<UsersConfig, ConfigError> {
+        validate_identifier("users.table", &self.table, true)?;
+        let column = |key: &str, name: String| validate_identifier(key, &name, false).map(|()| name);
+        let optional =
+            |key: &str, name: String| if name.is_empty() { Ok(None) } else { column(key, name).map(Some) };
+        Ok(UsersConfig {
+            key: column("users.key", self.key)?,
+            email: column("users.email", self.email)?,
+            given_name: optional("users.given_name", self.given_name)?,
+            family_name: optional("users.family_name", self.family_name)?,
+            table: self.table,
+            contact: ContactMapping::default(),
+        })
+    }
+}

@@ -1,0 +1,495 @@
+//! Unit tests of the fake over real HTTP: contacts, tokens, limits, faults, tags.
+
+use std::collections::BTreeSet;
+use std::io;
+
+use reqwest::{RequestBuilder, Response as HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::*;
+use super::{contacts::*, http::*};
+
+/// The fake's error answers, read leniently: v1 `{"message"}`, the gateway's
+/// `{"code","message","status","details"}` and the token endpoint's
+/// `{"error","error_description"}`. Only the fields the tests look at.
+#[derive(Debug, Default, Deserialize)]
+struct ErrorReply {
+    message: Option<String>,
+    code: Option<Value>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// A started fake, a plain-HTTP client (no proxy from the environment) and a live token.
+struct Kit {
+    fake: FakeKeap,
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Kit {
+    async fn new(opts: FakeOptions) -> Kit {
+        let fake = FakeKeap::start(opts).await.expect("start");
+        let token = fake.issue_grant().access_token;
+        Kit { fake, http: client(), token }
+    }
+    fn url(&self, rest: &str) -> String {
+        format!("{}/v1/contacts{rest}", self.fake.api_url())
+    }
+    fn get(&self, rest: &str) -> RequestBuilder {
+        self.http.get(self.url(rest)).bearer_auth(&self.token)
+    }
+    fn put(&self, body: &Value) -> RequestBuilder {
+        self.http.put(self.url("")).bearer_auth(&self.token).json(body)
+    }
+    fn refresh(&self, rt: &str, secret: &str) -> RequestBuilder {
+        let form = [("grant_type", "refresh_token"), ("refresh_token", rt)];
+        let req = self.http.post(self.fake.token_url()).form(&form);
+        req.basic_auth("fake-client-id", Some(secret))
+    }
+}
+
+fn client() -> reqwest::Client {
+    // reqwest is built without a rustls provider; same as `crate::install_crypto_provider`.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy().build().expect("client")
+}
+
+async fn send(req: RequestBuilder) -> HttpResponse {
+    req.send().await.expect("send")
+}
+
+async fn status(req: RequestBuilder) -> u16 {
+    send(req).await.status().as_u16()
+}
+
+async fn error(req: RequestBuilder) -> ErrorReply {
+    send(req).await.json().await.expect("error body")
+}
+
+async fn contact(req: RequestBuilder) -> Contact {
+    send(req).await.json().await.expect("contact")
+}
+
+fn upsert(email: &str, given: &str) -> Value {
+    let emails = json!([{"email": email, "field": "EMAIL1"}]);
+    json!({"given_name": given, "email_addresses": emails, "duplicate_option": "Email"})
+}
+
+#[test]
+fn handle_is_send_sync_and_clone() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<FakeKeap>();
+}
+
+#[tokio::test]
+async fn upsert_creates_then_updates_the_same_contact() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let created = contact(k.put(&upsert("Ada@Example.com", "Ada"))).await;
+    assert!(created.id >= FIRST_ID);
+    let updated = contact(k.put(&upsert("ada@example.COM", "Ada L."))).await;
+    assert_eq!(updated.id, created.id);
+    assert_eq!(updated.given_name.as_deref(), Some("Ada L."));
+    assert_eq!(updated.email1(), Some("ada@example.COM"));
+    assert_eq!(k.fake.contacts().len(), 1);
+    // EmailAndName with another name finds no duplicate: a second contact.
+    let mut other = upsert("ada@example.com", "Bob");
+    other["duplicate_option"] = json!("EmailAndName");
+    assert_ne!(contact(k.put(&other)).await.id, created.id);
+    assert_eq!(k.fake.contacts_with_email("ADA@example.com").len(), 2);
+    // POST always creates, with 201.
+    let body = json!({"email_addresses": [{"email": "ada@example.com", "field": "EMAIL1"}]});
+    let post = k.http.post(k.url("")).bearer_auth(&k.token).json(&body);
+    assert_eq!(status(post).await, 201);
+    assert_eq!(k.fake.contacts().len(), 3);
+}
+
+#[tokio::test]
+async fn get_list_and_delete() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let email = EmailAddress { email: Some("x@y.io".into()), field: EmailField::Email2 };
+    let w = ContactWrite { email_addresses: Some(vec![email]), ..ContactWrite::default() };
+    let seeded = k.fake.seed_contact(w);
+    assert!(k.fake.requests().is_empty(), "seeding is not logged");
+    let list: ContactList = send(k.get("").query(&[("email", "X@Y.IO")])).await.json().await.unwrap();
+    assert_eq!((list.count, list.contacts[0].id), (1, seeded.id));
+    let one = format!("/{}", seeded.id);
+    assert_eq!(status(k.get(&one)).await, 200);
+    assert_eq!(status(k.http.delete(k.url(&one)).bearer_auth(&k.token)).await, 204);
+    assert_eq!(status(k.get(&one)).await, 404);
+    assert_eq!(status(k.get("/abc")).await, 400);
+}
+
+#[tokio::test]
+async fn patch_honours_update_mask() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let id = contact(k.put(&upsert("p@q.io", "Old"))).await.id;
+    let patch = |mask: &[&str]| {
+        let query: Vec<(&str, &str)> = mask.iter().map(|m| ("update_mask", *m)).collect();
+        let body = json!({"given_name": "New", "family_name": "Fam"});
+        k.http.patch(k.url(&format!("/{id}"))).bearer_auth(&k.token).query(&query).json(&body)
+    };
+    assert_eq!(status(patch(&["family_name"])).await, 200);
+    let after = k.fake.contact(id).unwrap();
+    assert_eq!((after.given_name.as_deref(), after.family_name.as_deref()), (Some("Old"), Some("Fam")));
+    assert_eq!(status(patch(&["family_name", "given_name"])).await, 200);
+    assert_eq!(k.fake.contact(id).unwrap().given_name.as_deref(), Some("New"));
+    assert_eq!(status(patch(&["given_name,family_name"])).await, 400);
+    let missing = k.http.patch(k.url("/999999")).bearer_auth(&k.token).json(&json!({}));
+    assert_eq!(status(missing).await, 404);
+}
+
+#[tokio::test]
+async fn a_refresh_the_client_gave_up_on_still_rotates_the_pair() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let grant = k.fake.issue_grant();
+    k.fake.inject(FaultRule::new(Route::Token, FaultAction::Delay(Duration::from_millis(300))));
+    let gave_up = k.refresh(&grant.refresh_token, "fake-client-secret").timeout(Duration::from_millis(50));
+    assert!(gave_up.send().await.is_err(), "the client hung up before the answer");
+    // Strict: the token endpoint finishes the request anyway (looked at every 20 ms, 5 s at most).
+    for _ in 0..250 {
+        if k.fake.refresh_count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(k.fake.refresh_count(), 1, "the refresh token was spent");
+    assert!(!k.fake.refresh_token_is_live(&grant.refresh_token));
+    let (_, newest) = k.fake.last_issued_pair().expect("a pair");
+    assert!(newest != grant.refresh_token && k.fake.refresh_token_is_live(&newest));
+}
+
+#[tokio::test]
+async fn calls_without_valid_credentials_get_401() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let resp = send(k.http.get(k.url(""))).await;
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().get("x-keap-product-throttle-limit").is_none());
+    assert_eq!(resp.json::<ErrorReply>().await.unwrap().code, Some(json!(401)));
+    let err = error(k.http.get(k.url("")).bearer_auth("nope")).await;
+    assert_eq!(err.message.as_deref(), Some("Invalid Access Token"));
+    assert_eq!(status(k.http.get(k.url("")).bearer_auth("k1")).await, 401);
+    k.fake.add_api_key("k1");
+    let resp = send(k.http.get(k.url("")).header("X-Keap-API-Key", "k1")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-keap-product-throttle-limit"], "240");
+    let auths: Vec<AuthKind> = k.fake.requests().iter().map(|r| r.auth).collect();
+    assert_eq!(auths, [AuthKind::None, AuthKind::Bearer, AuthKind::Bearer, AuthKind::ApiKey]);
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_are_single_use() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let grant = k.fake.issue_grant();
+    let next: TokenGrant =
+        send(k.refresh(&grant.refresh_token, "fake-client-secret")).await.json().await.unwrap();
+    assert_ne!(next.refresh_token, grant.refresh_token);
+    assert_eq!((next.token_type.as_str(), next.expires_in), ("bearer", 86_400));
+    assert_eq!(next.scope, FAKE_SCOPE);
+    let reuse = send(k.refresh(&grant.refresh_token, "fake-client-secret")).await;
+    assert_eq!(reuse.status(), 400);
+    assert_eq!(reuse.json::<ErrorReply>().await.unwrap().error.as_deref(), Some("invalid_grant"));
+    assert_eq!((k.fake.refresh_count(), k.fake.spent_refresh_reuse_count()), (1, 1));
+    // The old access token lives until its own expiry; the new one works too.
+    for t in [&grant.access_token, &next.access_token] {
+        assert_eq!(status(k.http.get(k.url("")).bearer_auth(t)).await, 200);
+    }
+    let err = error(k.refresh(&next.refresh_token, "wrong")).await;
+    assert_eq!(err.error.as_deref(), Some("invalid_client"));
+    let json_body = json!({"grant_type": "refresh_token", "refresh_token": next.refresh_token});
+    let as_json = k.http.post(k.fake.token_url()).basic_auth("fake-client-id", Some("fake-client-secret"));
+    let err = error(as_json.json(&json_body)).await;
+    assert_eq!(err.error_description.as_deref(), Some("response_type or grant_type is required"));
+
+    k.fake.revoke_all_grants();
+    assert_eq!(status(k.refresh(&next.refresh_token, "fake-client-secret")).await, 400);
+    assert_eq!(status(k.http.get(k.url("")).bearer_auth(&next.access_token)).await, 401);
+    assert_eq!(k.fake.spent_refresh_reuse_count(), 1, "revoked is not reuse");
+    let log = format!("{:?}", k.fake.requests());
+    assert!(
+        log.contains(REDACTED) && !log.contains(&grant.refresh_token) && !log.contains(&next.access_token)
+    );
+}
+
+#[tokio::test]
+async fn authorization_code_grant_is_single_use_and_checks_redirect() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let code = k.fake.issue_code("https://app.example/cb");
+    let exchange = |redirect: &str| {
+        let form = [
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("client_id", "fake-client-id"),
+            ("client_secret", "fake-client-secret"),
+            ("redirect_uri", redirect),
+        ];
+        k.http.post(k.fake.token_url()).form(&form)
+    };
+    assert_eq!(status(exchange("https://evil.example/cb")).await, 400);
+    let grant: TokenGrant = send(exchange("https://app.example/cb")).await.json().await.unwrap();
+    assert_eq!(status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await, 200);
+    let err = error(exchange("https://app.example/cb")).await;
+    assert_eq!(err.error.as_deref(), Some("invalid_grant"));
+}
+
+#[tokio::test]
+async fn a_grant_for_another_app_keeps_naming_it_through_refreshes_and_codes() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let other = "other456.infusionsoft.com";
+    let grant = k.fake.issue_grant_for(other);
+    assert_eq!(grant.scope, format!("full|{other}"));
+    let next: TokenGrant =
+        send(k.refresh(&grant.refresh_token, "fake-client-secret")).await.json().await.unwrap();
+    assert_eq!(next.scope, format!("full|{other}"), "a refresh answers for the same app");
+    let default: TokenGrant = send(k.refresh(&k.fake.issue_grant().refresh_token, "fake-client-secret"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(default.scope, FAKE_SCOPE);
+    assert_eq!(FAKE_SCOPE.split_once('|').map(|(_, a)| a), Some(FAKE_ACCOUNT));
+
+    let code = k.fake.issue_code_for("https://app.example/cb", other);
+    let form = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("client_id", "fake-client-id"),
+        ("client_secret", "fake-client-secret"),
+        ("redirect_uri", "https://app.example/cb"),
+    ];
+    let exchanged: TokenGrant = send(k.http.post(k.fake.token_url()).form(&form)).await.json().await.unwrap();
+    assert_eq!(exchanged.scope, format!("full|{other}"));
+}
+
+#[tokio::test]
+async fn expired_access_tokens_get_401() {
+    let k = Kit::new(FakeOptions::default()).await;
+    k.fake.expire_access_tokens();
+    assert_eq!(status(k.get("")).await, 401);
+    k.fake.set_access_token_lifetime(Duration::from_millis(300));
+    let grant = k.fake.issue_grant();
+    assert_eq!(grant.expires_in, 1, "expires_in is at least one second");
+    assert_eq!(status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await, 200);
+    // The lifetime passes: the token turns 401 on its own (looked at every 20 ms, 5 s at most).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(k.http.get(k.url("")).bearer_auth(&grant.access_token)).await != 401 {
+        assert!(Instant::now() < deadline, "a 300 ms token still accepted after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn over_the_limit_answers_429_with_keap_headers() {
+    let k = Kit::new(FakeOptions { per_second_limit: Some(2), ..FakeOptions::default() }).await;
+    assert_eq!(status(k.get("")).await, 200);
+    assert_eq!(status(k.get("")).await, 200);
+    let resp = send(k.get("")).await;
+    assert_eq!(resp.status(), 429);
+    let h = resp.headers();
+    assert!(h.get("retry-after").is_none());
+    for (name, want) in [
+        ("throttle-limit", "1500"),
+        ("throttle-used", "2"),
+        ("throttle-available", "1498"),
+        ("throttle-time-unit", "minute"),
+        ("throttle-interval", "1"),
+        ("quota-used", "2"),
+        ("quota-limit", "150000"),
+    ] {
+        assert_eq!(h[format!("x-keap-product-{name}").as_str()], want, "{name}");
+    }
+    let expiry: u64 = h["x-keap-product-quota-expiry-time"].to_str().unwrap().parse().unwrap();
+    assert_eq!(expiry % DAY_MS, 0);
+    assert!(expiry > unix_ms() && expiry <= unix_ms() + DAY_MS);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"code":"429","message":"Quota Exceeded","status":"Request Throttled","details":null})
+    );
+    assert_eq!((k.fake.throttled_count(), k.fake.count(|r| r.status == 429)), (1, 1));
+    k.fake.set_limits(None, Some(2));
+    assert_eq!(status(k.get("")).await, 429, "the minute window still holds two requests");
+}
+
+#[tokio::test]
+async fn drop_closes_the_connection_and_other_faults() {
+    let k = Kit::new(FakeOptions::default()).await;
+    k.fake.inject(FaultRule::new(Route::Contacts, FaultAction::Drop).times(1));
+    assert!(k.put(&upsert("d@e.io", "D")).send().await.is_err(), "no answer");
+    assert!(k.fake.contacts().is_empty(), "not performed");
+    assert_eq!(k.fake.requests()[0].status, 0);
+    k.fake.inject(FaultRule::new(Route::Contacts, FaultAction::DropAfterCommit).times(1));
+    assert!(k.put(&upsert("d@e.io", "D")).send().await.is_err());
+    assert_eq!(k.fake.contacts().len(), 1, "a lost reply still commits");
+    k.fake.inject(FaultRule::new(Route::Any, FaultAction::Status(503, "busy".into())).times(1));
+    k.fake.inject(FaultRule::new(Route::Token, FaultAction::Status(500, "{}".into())));
+    k.fake.inject(FaultRule::new(Route::Contacts, FaultAction::Drop).probability(0.0));
+    assert_eq!(status(k.put(&upsert("d@e.io", "D"))).await, 503);
+    assert_eq!(status(k.put(&upsert("d@e.io", "D"))).await, 200);
+    assert_eq!(status(k.refresh("x", "y")).await, 500);
+    k.fake.clear_faults();
+    k.fake.inject(FaultRule::new(Route::Contacts, FaultAction::Delay(Duration::from_millis(50))));
+    let t0 = Instant::now();
+    assert_eq!(status(k.get("")).await, 200);
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+}
+
+#[tokio::test]
+async fn set_down_refuses_connections_until_back_up_on_the_same_port() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let addr = k.fake.addr();
+    assert_eq!(status(k.get("")).await, 200);
+    k.fake.set_down(true);
+    let refused = tokio::net::TcpStream::connect(addr).await.err().map(|e| e.kind());
+    assert_eq!(refused, Some(io::ErrorKind::ConnectionRefused));
+    assert!(k.get("").send().await.is_err(), "the keep-alive connection was cut too");
+    k.fake.set_down(false);
+    assert_eq!(k.fake.addr(), addr);
+    assert_eq!(status(k.get("")).await, 200);
+    assert_eq!(status(client().get(k.url("")).bearer_auth(&k.token)).await, 200);
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_server() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let addr = k.fake.addr();
+    k.fake.shutdown().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn invalid_bodies_get_400_with_a_v1_message() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let (long_name, long_email) = ("x".repeat(41), format!("{}@b.io", "x".repeat(72)));
+    let item = |field: &str| json!({"email_addresses": [{"email": "a@b.io", "field": field}], "duplicate_option": "Email"});
+    let cases = [
+        (upsert("not-an-email", "A"), "Email address is invalid"),
+        (upsert("a@b", "A"), "Email address is invalid"),
+        (upsert("a@b.io", &long_name), "given_name must be at most 40 characters"),
+        (upsert(&long_email, "A"), "Email address is too long (at most 75 characters)"),
+        (
+            json!({"email_addresses": [{"email": "a@b.io"}], "duplicate_option": "Email"}),
+            "Email field must be one of EMAIL1, EMAIL2, EMAIL3",
+        ),
+        (item("EMAIL4"), "Email field must be one of EMAIL1, EMAIL2, EMAIL3"),
+        (
+            json!({"email_addresses": [{"email": "a@b.io", "field": "EMAIL1"}]}),
+            "duplicate_option is required",
+        ),
+        (json!({"given_name": "A", "duplicate_option": "Email"}), "At least one email"),
+        (json!({"given_name": "A", "nickname": "B", "duplicate_option": "Email"}), "Unrecognized field"),
+        (
+            json!({"given_name": "A", "duplicate_option": "EmailAndNameAndCompany"}),
+            "duplicate_option must be",
+        ),
+        (
+            json!({"phone_numbers": [{"number": "1", "field": "PHONE1", "kind": "x"}], "duplicate_option": "Email"}),
+            "Unrecognized field \"kind\" in phone_numbers",
+        ),
+        (json!([1, 2]), BAD_INPUT),
+    ];
+    for (body, want) in cases {
+        let resp = send(k.put(&body)).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        assert!(resp.headers().contains_key("x-keap-product-quota-limit"));
+        let text = resp.json::<ErrorReply>().await.unwrap().message.unwrap_or_default();
+        assert!(text.starts_with(want), "{body}: {text}");
+    }
+    let broken = k.http.put(k.url("")).bearer_auth(&k.token).header("content-type", "application/json");
+    assert_eq!(status(broken.body("{oops")).await, 400);
+    assert_eq!(status(k.http.put(k.url("")).bearer_auth(&k.token).body("{}")).await, 415);
+    let v2 = format!("{}/v2/contacts", k.fake.api_url());
+    assert_eq!(status(k.http.get(v2).bearer_auth(&k.token)).await, 404);
+    assert!(k.fake.contacts().is_empty());
+}
+
+#[tokio::test]
+async fn the_whole_contact_tags_model_and_opt_out() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let seats = k.fake.add_custom_field("Seats", "WholeNumber");
+    let body = json!({"duplicate_option": "Email", "given_name": "A", "job_title": "CTO", "owner_id": 9,
+        "email_addresses": [{"email": "a@b.io", "field": "EMAIL1"}],
+        "phone_numbers": [{"number": "1", "field": "PHONE1", "type": "Work"}, {"number": "2", "field": "PHONE2"}],
+        "addresses": [{"field": "BILLING", "locality": "Paris", "country_code": "FRA"}],
+        "custom_fields": [{"id": seats, "content": 3}], "opt_in_reason": "Asked"});
+    let c = contact(k.put(&body)).await;
+    // Optional properties only when asked for.
+    let plain: Value = send(k.get(&format!("/{}", c.id))).await.json().await.unwrap();
+    assert!(plain.get("job_title").is_none() && plain.get("custom_fields").is_none());
+    assert_eq!(plain["owner_id"], 9);
+    assert_eq!(plain["email_opted_in"], true);
+    let asked: Value = send(k.get(&format!("/{}?optional_properties=job_title,custom_fields", c.id)))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (asked["job_title"].clone(), asked["custom_fields"][0]["content"].clone()),
+        (json!("CTO"), json!(3))
+    );
+    // Arrays are replaced: a PATCH of PHONE1 alone removes PHONE2; a mask without
+    // phone_numbers keeps both.
+    let patch =
+        |q: &str, b: Value| k.http.patch(k.url(&format!("/{}{q}", c.id))).bearer_auth(&k.token).json(&b);
+    let kept = send(patch("?update_mask=given_name", json!({"given_name": "B", "phone_numbers": []}))).await;
+    assert_eq!(kept.status(), 200);
+    assert_eq!(k.fake.contact_json(c.id).unwrap()["phone_numbers"].as_array().unwrap().len(), 2);
+    assert_eq!(status(patch("", json!({"phone_numbers": [{"number": "3", "field": "PHONE1"}]}))).await, 200);
+    assert_eq!(
+        k.fake.contact_json(c.id).unwrap()["phone_numbers"],
+        json!([{"number": "3", "field": "PHONE1"}])
+    );
+    // The model.
+    let model: Value = send(k.get("/model")).await.json().await.unwrap();
+    assert_eq!(model["custom_fields"][0]["field_type"], "WholeNumber");
+    // Tags: a contains-filter catalogue, apply with per-id answers, remove by a %2C list.
+    let tags_url = format!("{}/v1/tags", k.fake.api_url());
+    let created: Value = send(k.http.post(&tags_url).bearer_auth(&k.token).json(&json!({"name": "VIP"})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let vip = created["id"].as_i64().unwrap();
+    let other = k.fake.create_tag("VIP customer");
+    let found: Value =
+        send(k.http.get(format!("{tags_url}?name=VIP")).bearer_auth(&k.token)).await.json().await.unwrap();
+    assert_eq!(found["tags"].as_array().unwrap().len(), 2, "Keap's filter is not exact: {found}");
+    let tags_of = format!("{}/{}/tags", k.url(""), c.id);
+    let apply = |ids: Value| k.http.post(&tags_of).bearer_auth(&k.token).json(&json!({"tagIds": ids}));
+    let answer: Value = send(apply(json!([vip, 999]))).await.json().await.unwrap();
+    assert_eq!(answer, json!({vip.to_string(): "SUCCESS", "999": "TAG_ID_NOT_FOUND"}));
+    let again: Value = send(apply(json!([vip, other]))).await.json().await.unwrap();
+    assert_eq!(again[vip.to_string()], "DUPLICATE");
+    assert_eq!(k.fake.contact_tags(c.id), BTreeSet::from([vip, other]));
+    let remove = k.http.delete(format!("{tags_of}?ids={vip}%2C{other}")).bearer_auth(&k.token);
+    assert_eq!(status(remove).await, 204);
+    assert!(k.fake.contact_tags(c.id).is_empty());
+    // Opt-out: exactly {opted_in, reason}; an unknown address is 404.
+    let opt = |email: &str, b: Value| {
+        let url = format!("{}/v1/emailAddresses/{email}", k.fake.api_url());
+        k.http.put(url).bearer_auth(&k.token).json(&b)
+    };
+    assert_eq!(status(opt("a%40b.io", json!({"opted_in": false}))).await, 400);
+    assert_eq!(status(opt("x%40b.io", json!({"opted_in": false, "reason": "r"}))).await, 404);
+    assert_eq!(status(opt("a%40b.io", json!({"opted_in": false, "reason": "Gone"}))).await, 200);
+    assert_eq!(k.fake.email_opt_status("A@b.io"), Some((false, "Gone".into())));
+}
+
+#[test]
+fn helpers() {
+    assert_eq!(rfc3339_ms(1_723_680_000_123), "2024-08-15T00:00:00.123Z");
+    assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    assert_eq!(url_decode("a%20b+c%7C"), Some("a b c|".into()));
+    for bad in ["%zz", "%+5", "%4", "%FF"] {
+        assert_eq!(url_decode(bad), None, "{bad}");
+    }
+    assert!(email_is_valid("first.last+tag@sub.example.co"));
+    for bad in ["", "a", "@b.io", "a@b", "a@.io", "a b@c.io", "a@b.c", "a..b@c.io", "é@c.io", "a@b.i1"] {
+        assert!(!email_is_valid(bad), "{bad}");
+    }
+    assert!(format!("{:?}", FakeOptions::default()).contains(REDACTED));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let remote = FakeKeap::start_on("10.0.0.1:0".parse().unwrap(), FakeOptions::default());
+    assert!(rt.block_on(remote).is_err(), "never listens beyond loopback");
+}
