@@ -1,15 +1,18 @@
 //! The dry run: what delivery would send for a user, worked out from the row and keap-sync's
-//! own tables, without calling any of Keap's write endpoints and without changing any table
-//! (`keap-sync preview`, `keap-sync run --dry-run`).
+//! own tables, without calling any of Keap's write endpoints and without changing any sync
+//! state (`keap-sync preview`, `keap-sync run --dry-run`).
 //!
-//! A plan is what [`crate::deliver`] would do from the state keap-sync keeps: the mapping and
-//! the per-field fingerprints of what Keap holds. Delivery itself also reads Keap (a contact
-//! before an array property is written, a lookup by email before a first link), so the real
-//! call can be smaller than the plan — never larger. Keap is asked only for names: the contact
-//! model when custom fields are mapped by name (`GET /v1/contacts/model`) and tag ids of tags
+//! A plan is the first plan of [`crate::deliver::plan`], the planner delivery follows, made
+//! from the state keap-sync keeps: the mapping and the per-field fingerprints of what Keap
+//! holds. Delivery plans again after each read of Keap (a contact before an array property is
+//! written, a lookup by email before a first link), which can only remove or replace calls, so
+//! the real calls are never more than the plan. Keap is asked only for names: the contact model
+//! when custom fields are mapped by name (`GET /v1/contacts/model`) and tag ids of tags
 //! configured by name (`GET /v1/tags`); a configuration that uses ids only makes no call at all.
-//! Getting a credential for those reads may refresh the OAuth grant, which stores the new
-//! token pair: that is the credential's upkeep, not sync state.
+//! Those reads count against the day like any call (invariant 15): each is reserved in
+//! `keap_sync.quota_usage` as it is made, one at a time, so an interrupted preview leaves no
+//! call counted that it did not make. Getting a credential for them may refresh the OAuth
+//! grant, which stores the new token pair: the credential's upkeep, not sync state.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -115,7 +118,8 @@ struct Planner {
     mapper: Mapper,
     on_delete: OnDelete,
     keap: Option<(KeapAccess, Catalog)>,
-    /// Keeps the day's reservations topped up while Keap may be asked for names.
+    /// Reserves each call made for names in `keap_sync.quota_usage`, one at a time, as it is
+    /// made: those calls count against the day (invariant 15), and only those.
     _reserving: Option<Reserving>,
     model: Option<CustomModel>,
     timeout: Duration,
@@ -147,7 +151,8 @@ impl Planner {
             model: None,
             timeout: config.keap.request_timeout,
         };
-        planner._reserving = planner.keap.as_ref().map(|(access, _)| Reserving::start(&access.limiter, &pg));
+        planner._reserving =
+            planner.keap.as_ref().map(|(access, _)| Reserving::start_exact(&access.limiter, &pg));
         if planner.mapper.needs_model() {
             let model = planner.read_model().await.map_err(PreviewError::Model)?;
             planner

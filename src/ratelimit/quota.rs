@@ -127,9 +127,21 @@ impl Limiter {
 pub(crate) struct Reserving(CancellationToken);
 
 impl Reserving {
+    /// Reserves one call at a time, as it is about to be made: for a short job whose few
+    /// calls should count exactly (`preview`), so that stopping it mid-way leaves no block of
+    /// calls reserved that were never made.
+    pub(crate) fn start_exact(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
+        limiter.windows().day.block = 1;
+        Reserving::start(limiter, pg)
+    }
+
+    /// Reserves in blocks, like the daemon.
     pub(crate) fn start(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
         let stop = CancellationToken::new();
-        #[allow(clippy::disallowed_methods, reason = "owned by the Reserving guard: dropping it ends the task")]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "owned by the Reserving guard: dropping it ends the task"
+        )]
         tokio::spawn(reserve_until_stopped(Arc::clone(limiter), pg.clone(), stop.clone()));
         Reserving(stop)
     }
