@@ -197,6 +197,19 @@ impl KeapClient {
         }
     }
 
+    /// One page of the v2 listing ([`Route::list_contacts`]), read into v1 shape.
+    pub(crate) async fn list_contacts(
+        &self,
+        auth: &Auth,
+        route: Route,
+        deadline: Instant,
+    ) -> Result<super::v2::Page, KeapError> {
+        let req = Request { route, deadline };
+        let name = req.name();
+        let text = self.send(auth, req, None::<&()>).await?;
+        super::v2::read_page(&text).map_err(|e| bad_reply(name, &e))
+    }
+
     /// Keap's contact model (`GET /v1/contacts/model`): the custom fields.
     pub(crate) async fn contact_model(
         &self,

@@ -220,6 +220,14 @@ impl Mapper {
         }
     }
 
+    /// Every contact property the mapping reads or writes (v1 names), once each.
+    pub(crate) fn properties(&self) -> Vec<&'static str> {
+        let mut props: Vec<&'static str> = self.fields.iter().map(|f| f.field.property()).collect();
+        props.sort_unstable();
+        props.dedup();
+        props
+    }
+
     /// The properties Keap returns only when asked (`optional_properties`) among those mapped.
     pub(crate) fn optional_properties(&self) -> Vec<&'static str> {
         let mut props: Vec<&'static str> = self

@@ -87,6 +87,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0014_held_token_answer.sql",
         sql: include_str!("../../sql/0014_held_token_answer.sql"),
     },
+    Migration { version: 15, name: "0015_mirror.sql", sql: include_str!("../../sql/0015_mirror.sql") },
 ];
 
 /// What `migrate` did, for the operator.

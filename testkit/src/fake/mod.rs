@@ -59,6 +59,7 @@ mod other_host;
 mod rules;
 mod server;
 mod tags;
+mod v2;
 mod wire;
 
 pub use other_host::{Arrival, OtherHost};
