@@ -95,6 +95,7 @@ impl HttpMethod {
     #[cfg(test)]
     const ALL: [HttpMethod; 6] = [Self::GET, Self::PUT, Self::PATCH, Self::POST, Self::DELETE, Self::OTHER];
 
+    /// The method label for a method name; anything unusual is `OTHER`, so labels stay few.
     fn from_name(name: &str) -> HttpMethod {
         match name {
             "GET" => Self::GET,
@@ -120,6 +121,7 @@ impl StatusClass {
     #[cfg(test)]
     const ALL: [StatusClass; 4] = [Self::Success, Self::ClientError, Self::ServerError, Self::Error];
 
+    /// The status class label of an HTTP status: 2xx, 4xx, 5xx, or anything else as an error.
     fn of(status: u16) -> StatusClass {
         match status {
             200..=299 => Self::Success,
@@ -201,6 +203,7 @@ struct WindowLabels {
     window: QuotaWindow,
 }
 
+/// A Keap request duration histogram with [`DURATION_BUCKETS`].
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
@@ -341,6 +344,7 @@ impl Metrics {
         }
     }
 
+    /// Sets `keap_sync_database_connected`; `/healthz` fails while it is 0.
     pub(crate) fn set_db_connected(&self, up: bool) {
         self.database_connected.set(i64::from(up));
     }
@@ -353,6 +357,8 @@ impl Metrics {
         *fatal = reason;
     }
 
+    /// The fatal reason; a panic while it was held does not lock out `/healthz` (a poisoned lock is
+    /// taken anyway).
     fn fatal(&self) -> MutexGuard<'_, Option<String>> {
         self.fatal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -370,11 +376,13 @@ impl Metrics {
         }
     }
 
+    /// Deliveries counted with `outcome`.
     #[cfg(test)]
     fn deliveries(&self, outcome: DeliveryOutcome) -> u64 {
         self.deliveries.get_or_create(&OutcomeLabels { outcome }).get()
     }
 
+    /// Keap requests counted, over every method and status class.
     #[cfg(test)]
     fn keap_requests(&self) -> u64 {
         let labels = HttpMethod::ALL.into_iter().flat_map(|method| {
@@ -435,6 +443,8 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metric
     }
 }
 
+/// Answers `GET /metrics` and `GET /healthz` (503 with the reasons when unhealthy); anything else is
+/// a 404.
 fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, CONTENT_TYPE_METRICS, metrics.render()),

@@ -126,6 +126,8 @@ struct Planner {
 }
 
 impl Planner {
+    /// A planner on its own connection; it asks Keap (within the quota) only when tag names or custom
+    /// fields must be resolved.
     async fn new(config: &Config) -> Result<Planner, PreviewError> {
         let pg = db::parse(config.database().map_err(RunError::from)?)?;
         let db = db::connect(&pg).await?;
@@ -164,15 +166,18 @@ impl Planner {
         Ok(planner)
     }
 
+    /// When a Keap read started now must be done: two request timeouts from now.
     fn deadline(&self) -> Instant {
         Instant::now() + self.timeout * 2
     }
 
+    /// The credential for a Keap read, or why there is none.
     async fn auth(&self) -> Result<Auth, String> {
         let Some((access, _)) = &self.keap else { return Err("no Keap access configured".into()) };
         access.tokens.auth(&self.db).await.map_err(|e| e.to_string())
     }
 
+    /// Keap's custom fields, read once through the catalog.
     async fn read_model(&self) -> Result<CustomModel, String> {
         let auth = self.auth().await?;
         let Some((access, catalog)) = &self.keap else { return Err("no Keap access".into()) };
@@ -315,6 +320,7 @@ struct StandIns {
 }
 
 impl StandIns {
+    /// The id below zero that stands for the tag `name` (the same one each time it is asked).
     fn stand_in(&mut self, name: &str) -> i64 {
         let at = self.names.iter().position(|n| n == name).unwrap_or_else(|| {
             self.names.push(name.to_owned());
@@ -323,6 +329,7 @@ impl StandIns {
         -1 - at as i64
     }
 
+    /// `ids` as shown: a stand-in as its tag name, any other id as a number.
     fn shown(&self, ids: &BTreeSet<i64>) -> Vec<Value> {
         let name = |id: i64| usize::try_from(-1 - id).ok().and_then(|at| self.names.get(at));
         ids.iter().map(|id| name(*id).map_or_else(|| json!(id), |n| json!(n))).collect()
@@ -330,6 +337,7 @@ impl StandIns {
 }
 
 impl Plan {
+    /// A plan for `user` that does nothing yet.
     fn new(user: &str, contact_id: Option<i64>) -> Plan {
         Plan {
             user: user.to_owned(),
@@ -342,6 +350,7 @@ impl Plan {
         }
     }
 
+    /// The plan turned into parking the change for `problem`, with no calls.
     fn parked(mut self, problem: String) -> Plan {
         self.action = "parked";
         self.calls.clear();
@@ -416,6 +425,7 @@ pub async fn preview(config: &Config, which: &Selection) -> Result<Vec<Plan>, Pr
 }
 
 impl Planner {
+    /// The users `which` selects (given keys, pending changes, or every user in pages), each planned.
     async fn select_and_plan(&self, which: &Selection) -> Result<Vec<Plan>, PreviewError> {
         let planner = self;
         let keys: Vec<String> = match which {
@@ -450,6 +460,7 @@ impl Planner {
     }
 }
 
+/// `n` as an `int8` limit; one too large for it becomes the largest.
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

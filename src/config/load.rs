@@ -126,6 +126,8 @@ impl FileConfig {
 }
 
 impl FileConfig {
+    /// The whole file checked section by section; the lease is checked against `[keap]`'s timeouts and the
+    /// limits default by the credential's kind.
     pub(super) fn validate(self, credential: Option<Credential>) -> Result<Config, ConfigError> {
         let database = self.database.validate()?;
         let mut users = self.users.validate()?;
@@ -140,6 +142,7 @@ impl FileConfig {
 }
 
 impl FileMetrics {
+    /// The metrics listen address, if set: loopback only, so the endpoint is never exposed without a proxy.
     pub(super) fn validate(self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
         let Some(text) = self.listen else { return Ok(None) };
         let addr: std::net::SocketAddr = text.parse().map_err(|_| {

@@ -426,6 +426,8 @@ impl Session<'_> {
         }
     }
 
+    /// What a finished delivery means for the session: a probe's verdict on a refused credential, a
+    /// pause until a person authorises, or a lost connection.
     pub(super) fn handle(&mut self, joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>) {
         let id = match &joined {
             Ok((id, _)) => *id,

@@ -17,10 +17,12 @@ pub(crate) struct Route {
 }
 
 impl Route {
+    /// A route with no query yet.
     fn new(method: Method, path: impl Into<String>) -> Route {
         Route { method, path: path.into(), query: Vec::new() }
     }
 
+    /// The route with one more query parameter.
     fn with(mut self, name: &'static str, value: impl Into<String>) -> Route {
         self.query.push((name, value.into()));
         self

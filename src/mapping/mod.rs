@@ -181,6 +181,7 @@ pub(crate) struct Mapper {
 }
 
 impl Mapper {
+    /// The mapper for `users`: its fields in read order, its tag rules and on-create tags.
     pub(crate) fn new(users: &UsersConfig) -> Mapper {
         Mapper {
             fields: users.fields(),

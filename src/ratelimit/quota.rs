@@ -267,6 +267,7 @@ pub(super) fn utc_day() -> i32 {
     i32::try_from(secs / 86_400).unwrap_or(i32::MAX)
 }
 
+/// How long until the next 00:00 UTC, when the day's count starts again.
 pub(super) fn until_next_utc_midnight() -> Duration {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     Duration::from_secs(86_400 - now % 86_400)

@@ -99,6 +99,7 @@ pub struct MigrateReport {
     pub trigger_changed: bool,
 }
 
+/// A migration's SHA-256 in hex: an applied migration whose SQL has since changed is refused.
 fn checksum(sql: &str) -> String {
     let digest = Sha256::digest(sql.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
