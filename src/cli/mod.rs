@@ -79,6 +79,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare Keap with the table: list Keap's contacts into keap-sync's mirror, then report
+    /// each user that is not in sync (an owned property that differs in Keap, a contact gone,
+    /// no contact yet, parked, two contacts for one address). Changes nothing unless --apply.
+    Reconcile {
+        /// User keys to compare (default: every user).
+        user_keys: Vec<String>,
+        /// Queue each repairable user for delivery; the running daemon sends the repair.
+        #[arg(long)]
+        apply: bool,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sync every existing user, then exit (resumable; live changes still go first).
     Backfill {
         /// Start over even if a backfill already finished.
@@ -269,6 +282,9 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
             let mode = if restart { BackfillMode::Restart } else { BackfillMode::Resume };
             backfill(load(&cli.config)?, mode, progress_bar).await
         }
+        Command::Reconcile { user_keys, apply, json } => {
+            reconcile(load(&cli.config)?, &user_keys, apply, json).await
+        }
         Command::Status { json } => status(load(&cli.config)?, json).await,
         Command::Auth(AuthCommand::Import { switch_account }) => {
             auth::import(load(&cli.config)?, switch_account).await
@@ -331,6 +347,20 @@ async fn preview(config: Config, which: &Selection, json: bool) -> Result<(), Cl
 }
 
 /// A preview's failure as the command's error; a configuration error keeps its exit code.
+/// `keap-sync reconcile`: the report as text or JSON.
+async fn reconcile(config: Config, keys: &[String], apply: bool, json: bool) -> Result<(), CliError> {
+    let report = crate::reconcile::reconcile(&config, keys, apply).await.map_err(|e| match e {
+        crate::reconcile::ReconcileError::Run(e) => CliError::Run(e),
+        other => CliError::Other(other.to_string()),
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.to_string()))?);
+    } else {
+        print!("{}", render::reconcile(&report, apply));
+    }
+    Ok(())
+}
+
 fn preview_error(e: PreviewError) -> CliError {
     match e {
         PreviewError::Run(e) => CliError::Run(e),

@@ -145,6 +145,44 @@ pub(crate) fn plans(plans: &[Plan]) -> String {
     out
 }
 
+/// `keap-sync reconcile`: a summary line, then one line per user not in sync, then (with
+/// `--apply`) what was queued and what only a person can repair.
+pub(crate) fn reconcile(r: &crate::reconcile::Report, apply: bool) -> String {
+    use crate::reconcile::Class;
+    let mut out = format!(
+        "reconcile: {} users, {} in sync, {} not (mirror refreshed: {} contacts in {} list calls, {} gone from Keap)\n",
+        r.users,
+        r.in_sync,
+        r.drift.len(),
+        r.listing.contacts,
+        r.listing.pages,
+        r.listing.removed
+    );
+    for d in &r.drift {
+        let contact = d.contact_id.map(|id| format!(" (contact {id})")).unwrap_or_default();
+        let what = match d.class {
+            Class::InSync => "in sync",
+            Class::Differs => "differs in Keap",
+            Class::ContactGone => "contact gone from Keap",
+            Class::NoContact => "no contact yet",
+            Class::Unlinked => "not linked yet; Keap has a contact with its address",
+            Class::Parked => "parked (see `keap-sync failures`)",
+            Class::Duplicates => "several contacts have its address as EMAIL1: merge them in Keap",
+        };
+        let differs =
+            if d.differs.is_empty() { String::new() } else { format!(": {}", d.differs.join(", ")) };
+        out.push_str(&format!("user {}{contact}: {what}{differs}\n", d.user));
+    }
+    if apply {
+        let left = r.drift.iter().filter(|d| !d.class.repairable()).count();
+        out.push_str(&format!(
+            "queued {} users for delivery (the daemon sends the repairs); {left} need a person\n",
+            r.queued
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

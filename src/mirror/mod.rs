@@ -11,6 +11,7 @@
 //! Calls go through the configuration's Keap access, so the limiter and the day's quota
 //! count them like deliveries (invariant 15).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -26,7 +27,7 @@ use crate::mapping::Mapper;
 use crate::token::TokenError;
 
 /// What a full listing did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Listing {
     /// List calls made.
     pub pages: u64,
@@ -174,4 +175,27 @@ async fn call(
         }
         other => other.map_err(MirrorError::Keap),
     }
+}
+
+/// The mirrored contacts of `ids`: their properties (v1 shape) and tag ids.
+pub(crate) async fn contacts(db: &Client, ids: &[i64]) -> Result<HashMap<i64, (Value, Vec<i64>)>, DbError> {
+    let rows = db
+        .query(
+            "select contact_id, contact, tag_ids from keap_sync.mirror where contact_id = any($1)",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
+}
+
+/// For each of `emails` (lower-cased), the mirrored contacts whose EMAIL1 it is, by id.
+pub(crate) async fn by_email1(db: &Client, emails: &[String]) -> Result<HashMap<String, Vec<i64>>, DbError> {
+    let rows = db
+        .query(
+            "select email1, array_agg(contact_id order by contact_id) from keap_sync.mirror
+              where email1 = any($1) group by email1",
+            &[&emails],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

@@ -2,7 +2,10 @@
 //!
 //! Run alone with `cargo test --test it mirror`.
 
-use keap_sync_testkit::app::{spawn_app_with, Options};
+use keap_sync::Class;
+use std::time::Duration;
+
+use keap_sync_testkit::app::{self, spawn_app_with, Options};
 use serde_json::json;
 
 /// A full listing of 10,000 contacts takes 10 list calls of 1,000, and the mirror then holds
@@ -65,4 +68,107 @@ async fn a_full_listing_of_10000_contacts_takes_10_calls_and_mirrors_keap() {
     assert_eq!(edited, "Edited");
     let state = app.db.query_one("select listing_token is null and listed_at is not null and watermark >= listed_at from keap_sync.mirror_state", &[]).await.unwrap();
     assert!(state.get::<_, bool>(0), "the listing completed and the watermark reached its start");
+}
+
+/// The contact-side tables and the users table, as one hash: what reconcile must not change.
+const SNAPSHOT: &str = "select md5(string_agg(t, '|' order by t)) from (
+    select o::text as t from keap_sync.outbox o union all select m::text from keap_sync.contact_map m
+    union all select c::text from keap_sync.change c union all select u::text from public.users u) s";
+
+/// `reconcile` over 1,000 synced users after hand edits in Keap reports each in its class,
+/// makes no write call and changes no table but the mirror; `--apply` queues the repairable
+/// ones, the daemon repairs them, and a second run reports only what needs a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
+    let mut app =
+        spawn_app_with(Options { toml: "[[tags.from]]\nsql = \"true\"\ntag = 77\n", ..Options::default() })
+            .await;
+    app.fake.create_tag_with_id(77, "Member");
+    app.insert_users(1000).await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    let contact = |key: &str| {
+        let app = &app;
+        let key = key.to_owned();
+        async move {
+            let id: i64 = app
+                .db
+                .query_one("select contact_id from keap_sync.contact_map where user_key = $1", &[&key])
+                .await
+                .unwrap()
+                .get(0);
+            id
+        }
+    };
+    let (c1, c2, c3, c5, c6) =
+        (contact("1").await, contact("2").await, contact("3").await, contact("5").await, contact("6").await);
+    app.fake.edit_contact(c1, |c| c.given_name = Some("Edited in Keap".into()));
+    assert!(app.fake.remove_tag(c2, 77));
+    app.fake.delete_contact(c3);
+    let email4: String = app.db.query_one("select email from users where id = 4", &[]).await.unwrap().get(0);
+    let duplicate = app.fake.seed_contact_json(
+        json!({"given_name": "Dup", "email_addresses": [{"field": "EMAIL1", "email": email4}]}),
+    );
+    // Users 5 and 6 merged in Keap: 6's contact is gone, its address now 5's EMAIL2.
+    let email6: String = app.db.query_one("select email from users where id = 6", &[]).await.unwrap().get(0);
+    app.fake.delete_contact(c6);
+    app.fake.edit_contact_json(c5, |m| {
+        m["email_addresses"].as_array_mut().unwrap().push(json!({"field": "EMAIL2", "email": email6}));
+    });
+    let before = app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, Option<String>>(0);
+    let writes_before = app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token"));
+
+    let report = keap_sync::reconcile(&app.config(), &[], false).await.expect("reconcile");
+
+    assert_eq!(
+        app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token")),
+        writes_before,
+        "no write call"
+    );
+    assert_eq!(
+        app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, Option<String>>(0),
+        before,
+        "no table changed"
+    );
+    assert_eq!((report.users, report.in_sync), (1000, 995), "{:#?}", report.drift);
+    let class = |key: &str| report.drift.iter().find(|d| d.user == key).map(|d| (d.class, d.differs.clone()));
+    assert_eq!(class("1"), Some((Class::Differs, vec!["given_name".to_owned()])));
+    assert_eq!(class("2"), Some((Class::Differs, vec!["tag 77".to_owned()])));
+    assert_eq!(class("3").map(|c| c.0), Some(Class::ContactGone));
+    assert_eq!(
+        class("4"),
+        Some((
+            Class::Duplicates,
+            vec![format!("contact {}", contact("4").await), format!("contact {}", duplicate.id)]
+        ))
+    );
+    assert_eq!(class("6").map(|c| c.0), Some(Class::ContactGone));
+
+    let applied = keap_sync::reconcile(&app.config(), &[], true).await.expect("reconcile --apply");
+    assert_eq!(applied.queued, 4, "users 1, 2, 3 and 6; user 4 needs a person: {:#?}", applied.drift);
+    app.start_daemon().await;
+    let settled = "select (select count(*) from keap_sync.outbox where parked_at is null)
+                        + (select count(*) from keap_sync.change)";
+    app::eventually(Duration::from_secs(30), "the repairs to be delivered (user 6 parks)", || async {
+        app.count(settled).await == 0
+    })
+    .await;
+    let after = keap_sync::reconcile(&app.config(), &[], false).await.expect("reconcile again");
+    let left: Vec<(String, Class)> = after.drift.iter().map(|d| (d.user.clone(), d.class)).collect();
+    // User 6's address is only another contact's EMAIL2 now: delivery parks it for a person.
+    assert_eq!(left, [("4".to_owned(), Class::Duplicates), ("6".to_owned(), Class::Parked)]);
+    assert_eq!(app.fake.contact_json(c1).unwrap()["given_name"], "F1", "the table's value is back");
+    assert!(app.fake.contact_tags(c2).contains(&77));
+    assert_eq!(
+        app.fake
+            .contacts_with_email(
+                &app.db
+                    .query_one("select email from users where id = 3", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0)
+            )
+            .len(),
+        1
+    );
 }
