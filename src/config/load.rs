@@ -74,6 +74,7 @@ pub(super) struct FileConfig {
     pub(super) delivery: FileDelivery,
     pub(super) limits: FileLimits,
     pub(super) metrics: FileMetrics,
+    pub(super) mirror: super::mirror::FileMirror,
 }
 
 /// Off unless `listen` is set.
@@ -137,7 +138,8 @@ impl FileConfig {
         let delivery = self.delivery.validate(&keap)?;
         let limits = self.limits.validate(keap.credential.as_ref())?;
         let metrics_listen = self.metrics.validate()?;
-        Ok(Config { metrics_listen, database, users, keap, delivery, limits })
+        let mirror = self.mirror.validate()?;
+        Ok(Config { metrics_listen, database, users, keap, delivery, limits, mirror })
     }
 }
 

@@ -11,6 +11,10 @@
 //! Calls go through the configuration's Keap access, so the limiter and the day's quota
 //! count them like deliveries (invariant 15).
 
+mod sweep;
+
+pub(crate) use sweep::sweep;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -18,13 +22,12 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use crate::access::KeapAccess;
 use crate::db::DbError;
 use crate::keap::route::Route;
 use crate::keap::v2::{self, Listed, Page};
-use crate::keap::{Auth, ErrorKind, KeapError};
+use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
 use crate::mapping::Mapper;
-use crate::token::TokenError;
+use crate::token::{TokenError, TokenSource};
 
 /// What a full listing did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -49,18 +52,13 @@ pub(crate) enum MirrorError {
 }
 
 /// Lists every contact into the mirror, resuming a listing in progress.
-pub(crate) async fn list_all(
-    db: &Client,
-    access: &KeapAccess,
-    mapper: &Mapper,
-    timeout: Duration,
-) -> Result<Listing, MirrorError> {
+pub(crate) async fn list_all(db: &Client, keap: &Keap<'_>, mapper: &Mapper) -> Result<Listing, MirrorError> {
     let fields = v2::fields(&mapper.properties());
     let mut token = resume_or_start(db).await?;
     let mut listing = Listing::default();
     loop {
         let route = Route::list_contacts("id", "", &fields, token.as_deref());
-        let page = call(db, access, route, Instant::now() + timeout * 2).await?;
+        let page = keap.page(db, route).await?;
         listing.pages += 1;
         listing.contacts += page.contacts.len() as u64;
         token = page.next.clone();
@@ -109,7 +107,7 @@ async fn store_page(db: &Client, page: &Page) -> Result<(), DbError> {
 }
 
 /// One listed contact as a row of `keap_sync.mirror`.
-fn record(listed: &Listed) -> Value {
+pub(crate) fn record(listed: &Listed) -> Value {
     let c = &listed.contact;
     let mut emails: Vec<(String, String)> = c
         .json
@@ -160,20 +158,26 @@ async fn finish_listing(db: &Client) -> Result<u64, DbError> {
     Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
-/// One list call with the current credential; after a 401, refreshed once and tried again.
-async fn call(
-    db: &Client,
-    access: &KeapAccess,
-    route: Route,
-    deadline: Instant,
-) -> Result<Page, MirrorError> {
-    let auth = access.tokens.auth(db).await.map_err(MirrorError::Token)?;
-    match access.keap.list_contacts(&auth, route.clone(), deadline).await {
-        Err(e) if e.kind == ErrorKind::Unauthorized => {
-            let fresh: Auth = access.tokens.after_unauthorized(&auth).await.map_err(MirrorError::Token)?;
-            access.keap.list_contacts(&fresh, route, deadline).await.map_err(MirrorError::Keap)
+/// What a listing needs of Keap: the client (its limiter counts the calls) and the credential.
+pub(crate) struct Keap<'a> {
+    pub(crate) client: &'a KeapClient,
+    pub(crate) tokens: &'a TokenSource,
+    /// Keap's request timeout; a page must arrive within twice that.
+    pub(crate) timeout: Duration,
+}
+
+impl Keap<'_> {
+    /// One list call with the current credential; after a 401, refreshed once and tried again.
+    async fn page(&self, db: &Client, route: Route) -> Result<Page, MirrorError> {
+        let deadline = Instant::now() + self.timeout * 2;
+        let auth = self.tokens.auth(db).await.map_err(MirrorError::Token)?;
+        match self.client.list_contacts(&auth, route.clone(), deadline).await {
+            Err(e) if e.kind == ErrorKind::Unauthorized => {
+                let fresh: Auth = self.tokens.after_unauthorized(&auth).await.map_err(MirrorError::Token)?;
+                self.client.list_contacts(&fresh, route, deadline).await.map_err(MirrorError::Keap)
+            }
+            other => other.map_err(MirrorError::Keap),
         }
-        other => other.map_err(MirrorError::Keap),
     }
 }
 

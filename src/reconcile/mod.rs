@@ -134,7 +134,9 @@ async fn list(config: &Config, client: &Client) -> Result<Listing, ReconcileErro
     let access = KeapAccess::build(config, &pg).map_err(RunError::from)?;
     let reserving = Reserving::start(&access.limiter, &pg);
     let mapper = Mapper::new(&config.users);
-    let listed = mirror::list_all(client, &access, &mapper, config.keap.request_timeout).await;
+    let keap =
+        mirror::Keap { client: &access.keap, tokens: &access.tokens, timeout: config.keap.request_timeout };
+    let listed = mirror::list_all(client, &keap, &mapper).await;
     drop(reserving);
     access.limiter.give_back(client).await;
     Ok(listed?)

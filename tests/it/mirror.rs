@@ -172,3 +172,48 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
         1
     );
 }
+
+/// The daemon's sweep: contacts edited in Keap reach the mirror within one sweep interval plus
+/// the lag, listed in one call (a window on Keap's update time, not a full listing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_in_keap_reach_the_mirror_within_a_sweep_in_one_list_call() {
+    let toml = "[mirror]\nsweep_secs = 1\nlag_secs = 0\noverlap_secs = 1\n";
+    let app = spawn_app_with(Options { toml, ..Options::default() }).await;
+    let ids: Vec<i64> = (0..500)
+        .map(|i| {
+            let email = format!("k{i}@example.com");
+            app.fake
+                .seed_contact_json(
+                    json!({"given_name": "Keap", "email_addresses": [{"field": "EMAIL1", "email": email}]}),
+                )
+                .id
+        })
+        .collect();
+    app::eventually(
+        Duration::from_secs(20),
+        "the first sweep (a full listing) to fill the mirror",
+        || async { app.count("select count(*) from keap_sync.mirror").await == 500 },
+    )
+    .await;
+    let lists = || app.fake.count(|r| r.path.ends_with("/v2/contacts"));
+    let before = lists();
+    for (i, id) in ids.iter().take(100).enumerate() {
+        app.fake.edit_contact(*id, |c| c.given_name = Some(format!("Edited {i}")));
+    }
+    app::eventually(
+        Duration::from_secs(5),
+        "the edits to reach the mirror (sweep every 1 s, lag 0)",
+        || async {
+            app.count("select count(*) from keap_sync.mirror where contact->>'given_name' like 'Edited %'")
+                .await
+                == 100
+        },
+    )
+    .await;
+    let calls = lists() - before;
+    assert!(
+        (1..=2).contains(&calls),
+        "{calls} list calls for one sweep's window (one more may have been under way)"
+    );
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 500, "a sweep adds, never removes");
+}

@@ -291,6 +291,8 @@ impl FakeKeap {
         let edited = state.contacts.edit(id, |c| {
             edit(c);
             c.email_addresses.sort_by_key(|e| slot(e.field));
+            // A person's edit moves the contact's update time, as in Keap.
+            c.last_updated = Some(rfc3339_ms(unix_ms()));
         });
         edited.is_some()
     }
