@@ -150,6 +150,8 @@ pub(crate) struct Status {
     pub quota_day_available: Option<i64>,
     pub last_delivery_secs_ago: Option<f64>,
     pub instances_alive: Vec<Instance>,
+    /// keap-sync's mirror of Keap: how fresh, and the last reconcile's counts.
+    pub mirror: crate::mirror::Freshness,
 }
 
 /// Everything `status` shows: queue depth, backfill, token, live instances, the active one's quota
@@ -216,5 +218,6 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
         quota_day_available: quota.and_then(|q| q.1),
         last_delivery_secs_ago: last_delivery,
         instances_alive: instances.into_iter().map(|(i, _, _)| i).collect(),
+        mirror: crate::mirror::freshness(client).await?,
     })
 }

@@ -69,6 +69,7 @@ pub(crate) fn status(s: &Status) -> String {
     if let Some(b) = &s.backfill {
         line(format!("backfill: {} — {}", b.state.as_str(), progress(b, 0.0)));
     }
+    line(mirror(&s.mirror));
     if let Some(t) = &s.token {
         line(format!(
             "keap app: {}",
@@ -143,6 +144,33 @@ pub(crate) fn plans(plans: &[Plan]) -> String {
         if summary.is_empty() { "none".into() } else { summary.join(", ") }
     );
     out
+}
+
+/// The mirror's line of `status`: how many contacts, how far behind Keap, the last reconcile.
+fn mirror(m: &crate::mirror::Freshness) -> String {
+    let mut text = match (m.behind_secs, m.listing) {
+        (None, true) => format!("mirror of Keap: first listing under way, {} contacts so far", m.contacts),
+        (None, false) => "mirror of Keap: never listed (`keap-sync reconcile`, or the daemon's sweep)".into(),
+        (Some(behind), _) => format!(
+            "mirror of Keap: {} contacts, Keap's changes in up to {} ago",
+            m.contacts,
+            human_secs(behind)
+        ),
+    };
+    if let Some(ago) = m.listed_secs_ago {
+        text.push_str(&format!(" (last full listing {} ago)", human_secs(ago)));
+    }
+    if let (Some(ago), Some(users), Some(drift)) = (m.reconciled_secs_ago, m.reconciled_users, &m.drift) {
+        let counts: Vec<String> = drift
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(class, n)| format!("{n} {}", class.replace('_', " ")))
+            .collect();
+        let found = if counts.is_empty() { "all in sync".to_owned() } else { counts.join(", ") };
+        text.push_str(&format!("; last reconcile {} ago, {users} users: {found}", human_secs(ago)));
+    }
+    text
 }
 
 /// `keap-sync reconcile`: a summary line, then one line per user not in sync, then (with

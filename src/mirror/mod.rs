@@ -203,3 +203,45 @@ pub(crate) async fn by_email1(db: &Client, emails: &[String]) -> Result<HashMap<
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
+
+/// How fresh the mirror is, and what the last reconcile found, for `status`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub(crate) struct Freshness {
+    /// Contacts mirrored (counted up to 1,000,000; more reads as that).
+    pub(crate) contacts: i64,
+    /// Seconds since the newest of Keap's changes known to be in the mirror (now − watermark);
+    /// `None`: no listing has completed.
+    pub(crate) behind_secs: Option<f64>,
+    /// Seconds since the last completed full listing started.
+    pub(crate) listed_secs_ago: Option<f64>,
+    /// A full listing is under way (it resumes where it stopped).
+    pub(crate) listing: bool,
+    /// Seconds since the last `reconcile`, the users it compared and its counts by class.
+    pub(crate) reconciled_secs_ago: Option<f64>,
+    pub(crate) reconciled_users: Option<i64>,
+    pub(crate) drift: Option<Value>,
+}
+
+/// Reads [`Freshness`].
+pub(crate) async fn freshness(db: &Client) -> Result<Freshness, DbError> {
+    let r = db
+        .query_one(
+            "select (select count(*) from (select 1 from keap_sync.mirror limit 1000000) m),
+                    extract(epoch from now() - watermark)::float8,
+                    extract(epoch from now() - listed_at)::float8,
+                    listing_started_at is not null,
+                    extract(epoch from now() - reconciled_at)::float8, reconciled_users, drift
+               from keap_sync.mirror_state",
+            &[],
+        )
+        .await?;
+    Ok(Freshness {
+        contacts: r.get(0),
+        behind_secs: r.get(1),
+        listed_secs_ago: r.get(2),
+        listing: r.get(3),
+        reconciled_secs_ago: r.get(4),
+        reconciled_users: r.get(5),
+        drift: r.get(6),
+    })
+}

@@ -118,6 +118,9 @@ pub async fn reconcile(config: &Config, keys: &[String], apply: bool) -> Result<
         report.drift.extend(found);
         after = Some(last);
     }
+    if keys.is_empty() {
+        record_counts(&client, &report).await?;
+    }
     Ok(report)
 }
 
@@ -192,6 +195,26 @@ async fn compare(
         }
     }
     Ok(drift)
+}
+
+/// Keeps a whole-table run's counts by class (no key, no value) for `status`.
+async fn record_counts(client: &Client, report: &Report) -> Result<(), DbError> {
+    let mut counts = serde_json::Map::new();
+    for d in &report.drift {
+        let class = serde_json::to_value(d.class)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let n = counts.get(&class).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        counts.insert(class, n.saturating_add(1).into());
+    }
+    client
+        .execute(
+            "update keap_sync.mirror_state set reconciled_at = now(), reconciled_users = $1, drift = $2",
+            &[&i64::try_from(report.users).unwrap_or(i64::MAX), &serde_json::Value::Object(counts)],
+        )
+        .await?;
+    Ok(())
 }
 
 /// The users of `keys` whose change is parked.

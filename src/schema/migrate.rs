@@ -88,6 +88,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0014_held_token_answer.sql"),
     },
     Migration { version: 15, name: "0015_mirror.sql", sql: include_str!("../../sql/0015_mirror.sql") },
+    Migration {
+        version: 16,
+        name: "0016_reconcile_counts.sql",
+        sql: include_str!("../../sql/0016_reconcile_counts.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.

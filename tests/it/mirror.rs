@@ -144,6 +144,16 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
     );
     assert_eq!(class("6").map(|c| c.0), Some(Class::ContactGone));
 
+    // `status` shows the mirror's freshness and the counts, never a key or a value.
+    let config = app.write_config_file("", "");
+    let out = app.run_cli(&["--config", config.to_str().unwrap(), "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mirror of Keap: 999 contacts")
+            && text.contains("1000 users: 2 contact gone, 2 differs, 1 duplicates")
+            && !text.contains("@example.com"),
+        "{text}"
+    );
     let applied = keap_sync::reconcile(&app.config(), &[], true).await.expect("reconcile --apply");
     assert_eq!(applied.queued, 4, "users 1, 2, 3 and 6; user 4 needs a person: {:#?}", applied.drift);
     app.start_daemon().await;
