@@ -194,6 +194,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClassLabels {
+    class: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabels {
     kind: QueueKind,
 }
@@ -226,6 +231,10 @@ pub(crate) struct Metrics {
     quota_remaining: Family<WindowLabels, Gauge>,
     database_connected: Gauge,
     paused: Gauge,
+    /// Keap's newest change known to be in the mirror, as Unix seconds (age: `time() - it`).
+    mirror_watermark: Gauge<f64, AtomicU64>,
+    /// The last whole-table reconcile's users by class (only classes other than in sync).
+    reconcile_drift: Family<ClassLabels, Gauge>,
     /// Why delivery stopped; `paused` is written under this lock, see the module docs.
     fatal: Mutex<Option<String>>,
 }
@@ -264,6 +273,8 @@ impl Metrics {
             quota_remaining: Family::default(),
             database_connected: Gauge::default(),
             paused: Gauge::default(),
+            mirror_watermark: Gauge::default(),
+            reconcile_drift: Family::default(),
             fatal: Mutex::new(None),
         };
         // In exposition order. Counters are named without `_total`, which the encoder appends
@@ -283,6 +294,10 @@ impl Metrics {
         let help = "1 while the database connection is up";
         r.register("database_connected", help, m.database_connected.clone());
         r.register("paused", "1 while delivery is stopped by a fatal condition", m.paused.clone());
+        let help = "Keap's newest change known to be in keap-sync's mirror, as Unix time";
+        r.register_with_unit("mirror_watermark", help, Unit::Seconds, m.mirror_watermark.clone());
+        let help = "Users not in sync with Keap at the last reconcile, by class";
+        r.register("reconcile_drift", help, m.reconcile_drift.clone());
         m
     }
 
@@ -341,6 +356,16 @@ impl Metrics {
                     self.quota_remaining.remove(&labels);
                 }
             }
+        }
+    }
+
+    /// Sets the mirror's watermark (Unix seconds) and the last reconcile's counts by class, as
+    /// read after a sweep.
+    pub(crate) fn set_mirror(&self, watermark_unix: Option<f64>, drift: &[(String, i64)]) {
+        self.mirror_watermark.set(watermark_unix.unwrap_or(0.0));
+        self.reconcile_drift.clear();
+        for (class, n) in drift {
+            self.reconcile_drift.get_or_create(&ClassLabels { class: class.clone() }).set(*n);
         }
     }
 
@@ -593,6 +618,23 @@ mod tests {
         assert_eq!(m.healthy(), Ok(()));
         let s = parse(&m.render());
         assert_eq!((s["keap_sync_paused"], s["keap_sync_database_connected"]), (0.0, 1.0));
+    }
+
+    #[test]
+    fn the_mirror_watermark_and_the_reconcile_counts_are_exposed_and_replaced() {
+        let m = Metrics::new();
+        m.set_mirror(Some(1_765_000_000.5), &[("differs".into(), 3), ("contact_gone".into(), 1)]);
+        let s = parse(&m.render());
+        assert_eq!(s.get("keap_sync_mirror_watermark_seconds"), Some(&1_765_000_000.5));
+        assert_eq!(s.get(r#"keap_sync_reconcile_drift{class="differs"}"#), Some(&3.0));
+        m.set_mirror(Some(1_765_000_300.0), &[("differs".into(), 1)]);
+        let s = parse(&m.render());
+        assert_eq!(
+            s.get(r#"keap_sync_reconcile_drift{class="contact_gone"}"#),
+            None,
+            "a class no longer found is gone"
+        );
+        assert_eq!(s.get(r#"keap_sync_reconcile_drift{class="differs"}"#), Some(&1.0));
     }
 
     #[test]

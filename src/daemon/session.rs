@@ -291,11 +291,15 @@ impl Session<'_> {
         let (client, tokens, mapper) =
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
         let (timing, timeout) = (self.ctx.config.mirror.clone(), self.ctx.config.keap.request_timeout);
+        let metrics = Arc::clone(&self.ctx.metrics);
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout };
             let outcome = match mirror::sweep(&db, &keap, &mapper, &timing).await {
                 Ok(swept) => {
                     tracing::debug!(pages = swept.pages, contacts = swept.contacts, full = swept.full, "swept Keap's changes into the mirror");
+                    if let Ok((watermark, drift)) = mirror::gauges(&db).await {
+                        metrics.set_mirror(watermark, &drift);
+                    }
                     Outcome::Handled
                 }
                 Err(MirrorError::Db(e)) if e.is_connection_lost() => Outcome::DbLost(e),

@@ -245,3 +245,19 @@ pub(crate) async fn freshness(db: &Client) -> Result<Freshness, DbError> {
         drift: r.get(6),
     })
 }
+
+/// The watermark as Unix seconds and the last reconcile's counts by class, for `/metrics`.
+pub(crate) async fn gauges(db: &Client) -> Result<(Option<f64>, Vec<(String, i64)>), DbError> {
+    let r = db
+        .query_one("select extract(epoch from watermark)::float8, drift from keap_sync.mirror_state", &[])
+        .await?;
+    let drift: Option<Value> = r.get(1);
+    let counts = drift
+        .as_ref()
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(class, n)| (class.clone(), n.as_i64().unwrap_or(0)))
+        .collect();
+    Ok((r.get(0), counts))
+}
