@@ -6,6 +6,7 @@ use keap_sync::Class;
 use std::time::Duration;
 
 use keap_sync_testkit::app::{self, spawn_app_with, Options};
+use keap_sync_testkit::fake::{FaultAction, FaultRule, Route};
 use serde_json::json;
 
 /// A full listing of 10,000 contacts takes 10 list calls of 1,000, and the mirror then holds
@@ -226,4 +227,35 @@ async fn edits_in_keap_reach_the_mirror_within_a_sweep_in_one_list_call() {
         "{calls} list calls for one sweep's window (one more may have been under way)"
     );
     assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 500, "a sweep adds, never removes");
+}
+
+/// A listing cut short resumes from the page after the last one stored, and only the
+/// resumed run's completion removes contacts from the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cut_short_resumes_where_it_stopped() {
+    let app = spawn_app_with(Options::stopped()).await;
+    for i in 0..3_500 {
+        let email = format!("r{i}@example.com");
+        app.fake.seed_contact_json(
+            json!({"given_name": "R", "email_addresses": [{"field": "EMAIL1", "email": email}]}),
+        );
+    }
+    // The third page answers 500: two pages (2,000 contacts) are stored, the listing stops.
+    app.fake.inject(
+        FaultRule::new(
+            Route::Contacts,
+            FaultAction::Status(500, r#"{"message":"Internal Server Error"}"#.into()),
+        )
+        .after(2)
+        .times(1),
+    );
+    let failed = keap_sync::refresh_mirror(&app.config()).await;
+    assert!(failed.is_err(), "the listing stopped at the 500");
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 2_000);
+    let lists = || app.fake.count(|r| r.path.ends_with("/v2/contacts"));
+    let before = lists();
+    let resumed = keap_sync::refresh_mirror(&app.config()).await.expect("the resumed listing");
+    assert_eq!((resumed.pages, resumed.contacts, resumed.removed), (2, 1_500, 0), "pages 3 and 4 only");
+    assert_eq!(lists() - before, 2);
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 3_500);
 }
