@@ -29,7 +29,7 @@
 //! (`ratelimit::reserve_until_stopped`) runs in the tracker too, on a token of its own that is
 //! cancelled once the deliveries have ended, so none of them waits for a reservation in vain.
 //!
-//! Deliveries run in a [`JoinSet`] owned by the session, at most `delivery.concurrency` at a
+//! Deliveries run in a [`JoinSet`](tokio::task::JoinSet) owned by the session, at most `delivery.concurrency` at a
 //! time; one dispatcher loop owns the claiming, so no lock guards the claim path. Never two calls
 //! for one user: a user has one outbox row, and a claimed row is invisible to other claims until
 //! its lease ends (the lease outlives the longest possible call, which the config enforces).

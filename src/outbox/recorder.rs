@@ -8,7 +8,7 @@
 //! nothing is being recorded goes out at once, alone; only results that arrive while statements
 //! run wait, for those, and then go together.
 //!
-//! Three steps of a delivery are recorded here: a success ([`super::complete`]), the body
+//! Three steps of a delivery are recorded here: a success ([`super::complete()`]), the body
 //! of a create about to be sent ([`super::begin_create_many`], invariant 14) and the link of a
 //! user to a contact ([`super::link_many`]). Each delivery sends its step with a reply channel
 //! and waits for the answer, so it goes on (or ends) only once the step is recorded, exactly as
@@ -78,7 +78,7 @@ impl Recorder {
         Recorder { db, instance, requests }
     }
 
-    /// Records a success of `claim` (see [`super::complete`]). Errors are
+    /// Records a success of `claim` (see [`super::complete()`]). Errors are
     /// [`super::with_retries`]'s.
     pub(crate) async fn complete(&self, claim: &Claim, done: Done) -> Result<(), DbError> {
         self.send(Completion { claim: claim.bare(), done }).await
@@ -89,7 +89,7 @@ impl Recorder {
         self.send(CreateStart { claim: claim.bare(), body: body.clone() }).await
     }
 
-    /// Links the user to `contact_id` (see [`super::link`]).
+    /// Links the user to `contact_id` (see [`super::link()`]).
     pub(crate) async fn link(&self, claim: &Claim, contact_id: i64, sent: Value) -> Result<Linked, DbError> {
         self.send(LinkTo { claim: claim.bare(), contact_id, sent }).await
     }

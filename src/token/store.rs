@@ -79,7 +79,7 @@ pub(super) fn stored_from(row: Option<tokio_postgres::Row>) -> Result<Stored, To
 
 /// Writes a token response into the store. `new_grant` (import, login) also resets the grant's
 /// start time and clears a "re-authorisation needed" state. A refresh must have been checked
-/// with [`refreshed_for_other_app`] first; a new grant for another app than the stored one is
+/// with [`refreshed_for_other_app`](super::refresh::refreshed_for_other_app) first; a new grant for another app than the stored one is
 /// not written (see [`Write::NewGrant`]).
 pub(crate) async fn store(
     db: &impl tokio_postgres::GenericClient,
