@@ -24,6 +24,10 @@ impl FakeKeap {
     }
 
     /// Starts a fake on `addr` (port 0 = random), which must be a loopback address.
+    #[expect(
+        clippy::unused_async,
+        reason = "async so that it is only called inside a Tokio runtime, which the listener and its task need"
+    )]
     pub async fn start_on(addr: SocketAddr, opts: FakeOptions) -> io::Result<FakeKeap> {
         if !addr.ip().is_loopback() {
             let msg = "the fake Keap server only listens on loopback";
