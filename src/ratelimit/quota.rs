@@ -129,7 +129,10 @@ pub(crate) struct Reserving(CancellationToken);
 impl Reserving {
     pub(crate) fn start(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
         let stop = CancellationToken::new();
-        #[allow(clippy::disallowed_methods, reason = "owned by the Reserving guard: dropping it ends the task")]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "owned by the Reserving guard: dropping it ends the task"
+        )]
         tokio::spawn(reserve_until_stopped(Arc::clone(limiter), pg.clone(), stop.clone()));
         Reserving(stop)
     }
