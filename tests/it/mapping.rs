@@ -297,10 +297,18 @@ async fn what_the_mapping_does_not_own_survives_and_a_patch_carries_only_what_ch
     assert_eq!(c.get("job_title"), Some(&json!("Admiral")));
     assert_eq!(c.get("contact_type"), Some(&json!("Customer")));
 
-    // A column no mapping reads changes nothing in Keap.
+    // A column no mapping reads changes nothing in Keap. With no daemon running nothing folds
+    // or delivers, so the change log and the outbox show exactly what the trigger captured.
     let before = writes(&app).len();
+    app.stop_daemon().await;
     app.exec("update users set notes = 'called on Monday' where id = 1").await;
     app.exec("update users set first_name = first_name where id = 1").await;
+    let captured = "select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)";
+    assert_eq!(app.count(captured).await, 0, "an unmapped column or a no-op update is not captured");
+    // And a daemon started on it has nothing to send: whatever was captured is delivered (or
+    // completed without a call) before the outbox is empty.
+    app.start_daemon().await;
+    app.wait_idle().await;
     app.stop_daemon().await;
     assert_eq!(writes(&app).len(), before, "no call for unmapped columns or no-op updates");
 }
