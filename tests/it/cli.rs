@@ -112,14 +112,19 @@ async fn migrate_twice_is_a_no_op_and_uninstall_removes_the_trigger() {
 
     let out = keap_sync(&["uninstall"], &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let triggers = "select count(*) from pg_trigger where tgrelid = 'public.users'::regclass and not tgisinternal";
+    let triggers =
+        "select count(*) from pg_trigger where tgrelid = 'public.users'::regclass and not tgisinternal";
     assert_eq!(app.count(triggers).await, 0, "uninstall leaves no trigger on users");
     app.exec("insert into users (email) values ('after@example.com')").await;
     app.exec("update users set first_name = 'Renamed'").await;
     app.exec("update users set id = id + 1000 where email = 'after@example.com'").await;
     app.exec("delete from users where email = 'before@example.com'").await;
     app.exec("truncate users").await;
-    assert_eq!(app.count(captured).await, 0, "no capture after uninstall: insert, update, key change, delete, truncate");
+    assert_eq!(
+        app.count(captured).await,
+        0,
+        "no capture after uninstall: insert, update, key change, delete, truncate"
+    );
 
     let out = keap_sync(&["uninstall", "--drop-schema"], &env);
     assert!(out.status.success());

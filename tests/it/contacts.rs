@@ -130,7 +130,11 @@ async fn two_users_with_one_email_never_share_a_contact() {
     assert!(reason.contains("user 1"), "the message names the other user: {reason}");
     let unique = "insert into keap_sync.contact_map (user_key, contact_id, fingerprint) \
                   select '2', contact_id, '' from keap_sync.contact_map where user_key = '1'";
-    assert!(app.db.batch_execute(unique).await.is_err(), "the schema refuses a second key for one contact");
+    let refused =
+        app.db.batch_execute(unique).await.expect_err("the schema refuses a second key for one contact");
+    let refused = refused.as_db_error().unwrap_or_else(|| panic!("a database error: {refused}"));
+    assert_eq!(refused.code(), &tokio_postgres::error::SqlState::UNIQUE_VIOLATION, "{refused}");
+    assert_eq!(refused.constraint(), Some("contact_map_contact_idx"), "{refused}");
 }
 
 /// Two new users with one email, delivered at the same moment: their creates are recorded in

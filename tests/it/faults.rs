@@ -27,17 +27,32 @@ async fn at_20_per_second_the_limit_is_used_and_respected() {
         ..Options::stopped()
     })
     .await;
-    app.insert_users(2000).await;
+    // 400 first syncs: 800 calls (a lookup and a create each), about 42 s at the design rate.
+    app.insert_users(400).await;
     app.start_daemon().await;
-    app.wait_idle_for(Duration::from_secs(300)).await;
+    app.wait_idle_for(Duration::from_secs(120)).await;
 
-    let times = contact_times(&app);
+    let mut times = contact_times(&app);
+    times.sort();
     let span = times.last().unwrap().duration_since(times[0]).as_secs_f64();
     let rate = (times.len() - 1) as f64 / span;
+    // The most calls that arrived at Keap in any rolling second (a window starting at each call).
+    let busiest = (0..times.len())
+        .map(|i| {
+            times[i..].iter().take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1)).count()
+        })
+        .max()
+        .unwrap_or(0);
     let throttled = app.fake.throttled_count();
-    eprintln!("2000 changes: {} calls in {span:.1} s = {rate:.2}/s, {throttled} answered 429", times.len());
-    assert!((18.0..=22.0).contains(&rate), "throughput {rate:.2}/s not within 10% of 20/s");
-    assert!(throttled <= 5, "{throttled} 429s");
+    eprintln!(
+        "400 changes: {} calls in {span:.1} s = {rate:.2}/s, at most {busiest} in a rolling second, {throttled} answered 429",
+        times.len()
+    );
+    // The design: evenly spaced at 95% of the limit, 19/s. Above 19.2/s the headroom is gone;
+    // below 18/s the limit is not used.
+    assert!((18.0..=19.2).contains(&rate), "throughput {rate:.2}/s, design 19/s");
+    assert!(busiest <= 20, "{busiest} calls arrived within one second; Keap allows 20");
+    assert_eq!(throttled, 0, "Keap's spike arrest never answered 429");
     app.assert_keap_matches_users().await;
 }
 

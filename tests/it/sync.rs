@@ -77,7 +77,10 @@ async fn a_burst_of_200_updates_costs_one_call() {
     if burst < Duration::from_secs(1) {
         assert_eq!(calls, 1, "200 updates in {burst:?} cost {calls} calls");
     } else {
-        assert!((1..=2).contains(&calls), "200 updates in {burst:?} (over the settle cap) cost {calls} calls");
+        assert!(
+            (1..=2).contains(&calls),
+            "200 updates in {burst:?} (over the settle cap) cost {calls} calls"
+        );
     }
     app.assert_keap_matches_users().await;
     assert_eq!(app.fake.contacts()[0].family_name.as_deref(), Some("v200"));
