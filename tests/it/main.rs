@@ -22,6 +22,7 @@ mod limits;
 mod mapping;
 mod ops;
 mod pg_restart;
+mod promises;
 mod refusals;
 mod sync;
 mod tokens;
