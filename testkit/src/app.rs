@@ -95,12 +95,20 @@ fn init_tracing() {
     });
 }
 
-/// The fake as tests use it: Keap's behaviour, but a per-minute limit far above what a test
-/// sends. (The fake reports its per-minute limit in `x-keap-product-throttle-limit`, as Keap
-/// does, and the daemon adopts a lower reported limit: an API key's real 240/min would make
-/// every bulk test take minutes.)
+/// The fake as tests use it: Keap's strictest behaviour, except its limits, which are lifted
+/// out of the way: a per-minute limit far above what a test sends, no spike arrest and no
+/// tenant limit. (The fake reports its per-minute limits in `x-keap-product-throttle-limit` and
+/// `x-keap-tenant-throttle-limit`, as Keap does, and the daemon adopts a lower reported limit:
+/// an API key's real 10/s and 240/min would make every bulk test take minutes.) The tests of the
+/// limits set them on the fake explicitly; `limits::the_fakes_default_limits_...` runs the
+/// daemon's own defaults against the fake's.
 pub fn fake_options() -> FakeOptions {
-    FakeOptions { per_minute_limit: Some(10_000_000), ..FakeOptions::default() }
+    FakeOptions {
+        per_minute_limit: Some(10_000_000),
+        documented_limits: false,
+        tenant_minute_limit: None,
+        ..FakeOptions::default()
+    }
 }
 
 /// How [`spawn_app_with`] sets up a test: the fake's options, the credential kind, the tables and config.

@@ -262,7 +262,8 @@ async fn a_spent_daily_quota_pauses_deliveries_and_says_so() {
     // and the quota can end between the two for each delivery in flight: of the 20 calls, 16
     // to 20 went to users that were created (8 to 10 of them), depending on how the four
     // deliveries interleaved.
-    let answered = app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && r.status == 200);
+    let answered =
+        app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && (200..300).contains(&r.status));
     assert_eq!(answered, 20, "exactly the day's quota was used");
     let created = app.fake.contacts().len() as i64;
     assert!((8..=10).contains(&created), "{created} contacts created with 20 calls");

@@ -1091,3 +1091,35 @@ async fn delivery_makes_no_call_the_preview_did_not_list() {
     assert_eq!(contact_id_of(&app, "8").await, known[0].id);
     assert_eq!(contact_of(&app, "2").await["phone_numbers"][0]["number"], "555-0002");
 }
+
+/// `opt_in_reason` makes an email marketable only from the statuses Keap's v1 spec names (the
+/// fake's default): an address that unsubscribed stays unsubscribed, the user is synced all the
+/// same (nothing parked, no call repeated), and a fresh address becomes marketable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_does_not_resubscribe_an_address_that_unsubscribed() {
+    let mut app = wide_app(true).await;
+    let unsubscribed = app.fake.seed_contact(keap_sync_testkit::fake::ContactWrite {
+        given_name: Some("Una".into()),
+        family_name: None,
+        email_addresses: Some(vec![keap_sync_testkit::fake::EmailAddress {
+            email: Some("una@example.com".into()),
+            field: keap_sync_testkit::fake::EmailField::Email1,
+        }]),
+        duplicate_option: None,
+    });
+    app.fake.set_email_status("una@example.com", "ListUnsubscribe");
+    app.exec(
+        "insert into users (id, email, first_name, consent) values
+             (1, 'una@example.com', 'Una', true), (2, 'new@example.com', 'New', true)",
+    )
+    .await;
+    wait_settled(&app).await;
+    app.stop_daemon().await;
+    assert_eq!(parked_reason(&app, "1").await, None, "nothing parked");
+    assert_eq!(contact_id_of(&app, "1").await, unsubscribed.id, "linked to the existing contact");
+    assert_eq!(app.fake.email_status("una@example.com"), "ListUnsubscribe", "still unsubscribed");
+    assert_eq!(app.fake.email_status("new@example.com"), "UnconfirmedMarketable");
+    let writes_to_una =
+        app.fake.count(|r| r.method == "PATCH" && r.path.ends_with(&unsubscribed.id.to_string()));
+    assert_eq!(writes_to_una, 1, "one PATCH, not repeated because Keap kept the status");
+}

@@ -691,3 +691,29 @@ async fn a_rotated_pair_the_daemon_refuses_is_kept_aside() {
     assert_eq!(stored_accounts(&app).await.0.as_deref(), Some(OTHER_APP));
     assert_no_secrets(&app, &format!("{first_detail}{detail}{stdout}{stderr}"));
 }
+
+/// A spent or revoked refresh token is answered `invalid_request` "Invalid Refresh Token" by
+/// Keap's newer gateway (API notes §2.4, §11.1) and `invalid_grant` by the older one: either
+/// way the grant is lost, deliveries pause and say what to run, and nothing is retried blindly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_answers_to_a_spent_refresh_token_ask_for_re_authorisation() {
+    use keap_sync_testkit::fake::SpentRefreshError;
+    for answer in [SpentRefreshError::InvalidRequest, SpentRefreshError::InvalidGrant] {
+        let app = spawn_app_with(Options {
+            fake: FakeOptions { spent_refresh_error: answer, ..app::fake_options() },
+            ..oauth(Duration::from_secs(3600))
+        })
+        .await;
+        app.fake.revoke_all_grants();
+        app.exec("insert into users (email) values ('after@example.com')").await;
+        app::eventually(Duration::from_secs(10), "re-authorisation needed", || async {
+            app.count("select count(*) from keap_sync.oauth_token where state = 'reauthorization_needed'")
+                .await
+                == 1
+        })
+        .await;
+        let refreshes = app.fake.count(|r| r.path == "/token");
+        assert_eq!(refreshes, 1, "{answer:?}: one refresh attempt, not retried");
+        assert_eq!(app.count("select count(*) from keap_sync.outbox where parked_at is null").await, 1);
+    }
+}

@@ -278,6 +278,20 @@ impl FakeKeap {
         self.state().applied.get(&contact_id).map(|t| t.keys().copied().collect()).unwrap_or_default()
     }
 
+    /// Puts `email` in Keap status `status` (`ListUnsubscribe`, `HardBounce`, `Manual`, …), as a
+    /// person unsubscribing or a bounce would: an `opt_in_reason` lifts only the statuses the
+    /// v1 spec names.
+    pub fn set_email_status(&self, email: &str, status: &str) {
+        let mut st = self.state();
+        st.email_opt.remove(&email.to_lowercase());
+        st.email_status.insert(email.to_lowercase(), status.to_owned());
+    }
+
+    /// The `email_status` Keap would answer for this address now.
+    pub fn email_status(&self, email: &str) -> String {
+        self.state().email_status_of(&email.to_lowercase())
+    }
+
     /// (opted in, reason) of the last opt-in or opt-out of this address, if any.
     pub fn email_opt_status(&self, email: &str) -> Option<(bool, String)> {
         self.state().email_opt.get(&email.to_lowercase()).cloned()
