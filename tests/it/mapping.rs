@@ -1123,3 +1123,25 @@ async fn consent_does_not_resubscribe_an_address_that_unsubscribed() {
         app.fake.count(|r| r.method == "PATCH" && r.path.ends_with(&unsubscribed.id.to_string()));
     assert_eq!(writes_to_una, 1, "one PATCH, not repeated because Keap kept the status");
 }
+
+/// The tag catalogue's `name` filter matches by substring (the fake's reading): with tags whose
+/// names contain the wanted one ("VIP Gold" before "VIP", "Signed up late" before "Signed
+/// up"), the daemon applies exactly the tag the rule names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_whose_name_contains_the_wanted_one_is_not_applied() {
+    let mut app = wide_app(false).await;
+    let decoys = [
+        app.fake.create_tag("VIP Gold"),
+        app.fake.create_tag("Signed up late"),
+        app.fake.create_tag("Plan: pro plus"),
+    ];
+    let wanted =
+        [app.fake.create_tag("VIP"), app.fake.create_tag("Signed up"), app.fake.create_tag("Plan: pro")];
+    app.start_daemon().await;
+    app.exec("insert into users (email, first_name, plan, vip) values ('v@example.com', 'V', 'pro', true)")
+        .await;
+    wait_settled(&app).await;
+    app.stop_daemon().await;
+    let tags = app.fake.contact_tags(contact_id_of(&app, "1").await);
+    assert_eq!(tags, BTreeSet::from(wanted), "applied {tags:?}; decoys {decoys:?}");
+}
