@@ -41,6 +41,7 @@ pub(crate) enum BackfillState {
 }
 
 impl BackfillState {
+    /// The state as `keap_sync.backfill.state` spells it.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             BackfillState::Running => "running",
@@ -49,6 +50,7 @@ impl BackfillState {
         }
     }
 
+    /// The state `keap_sync.backfill.state` holds; any other text is an error naming the column.
     fn from_db(text: &str) -> Result<Self, DbError> {
         match text {
             "running" => Ok(BackfillState::Running),

@@ -69,6 +69,7 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// The error for a value of ours in `column` this version does not know.
     pub(crate) fn unknown_value(column: &'static str, value: &str) -> DbError {
         DbError::UnknownValue { column, value: value.to_owned() }
     }
@@ -160,6 +161,7 @@ pub(crate) fn describe(cfg: &PgConfig) -> String {
     )
 }
 
+/// A URL parse error's message, or a generic one if it mentions a password, so no password is logged.
 fn redact_password(message: &str) -> String {
     // tokio-postgres' parse errors do not echo the input, but be safe if that ever changes.
     if message.contains("password") {
@@ -208,6 +210,7 @@ pub(crate) struct Db {
 }
 
 impl Db {
+    /// A session's connection with no statement prepared yet.
     pub(crate) fn new(client: Client) -> Db {
         Db { client, prepared: std::sync::Mutex::default() }
     }
@@ -222,6 +225,8 @@ impl Db {
         Ok(statement)
     }
 
+    /// The prepared statements; a panic while they were held does not lock out the rest (a poisoned
+    /// lock is taken anyway).
     fn cache(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Statement>> {
         self.prepared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -308,6 +313,8 @@ pub(crate) struct Listener {
     pub lost: mpsc::Receiver<String>,
 }
 
+/// A new connection that LISTENs on `channel`, driven by its own task, with no idle-session timeout
+/// since it is idle by design.
 pub(crate) async fn connect_listener(
     cfg: &PgConfig,
     channel: &str,

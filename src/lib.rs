@@ -37,11 +37,13 @@
 //!    rules; per-field fingerprints of what Keap holds), `keap` (REST client and wire types), `ratelimit`,
 //!    `metrics`, `token` (API key or OAuth grant, refreshed under a row lock), `systemd`.
 //! 6. `access` — the Keap client, credential and limiter of a configuration, built once for
-//!    whoever calls Keap; `deliver` — one change: decide, make the fewest Keap calls (one write per net change,
+//!    whoever calls Keap; `mirror` — keap-sync's picture of Keap, listed page by page;
+//!    `deliver` — one change: decide, make the fewest Keap calls (one write per net change,
 //!    at most one tag apply and one tag remove), classify the result; `catalog` — Keap's
 //!    custom field and tag names, resolved once and cached.
 //! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`,
-//!    `preview` (the dry run: the calls a sync would make, with no Keap write and no state change).
+//!    `preview` (the dry run: the calls a sync would make, with no Keap write and no state change),
+//!    `reconcile` (Keap as it is: the mirror brought up to date).
 //! 8. [`cli`] — the command line; `main.rs` only calls [`cli::main`].
 //!
 //! Everything is private to the crate except the small embedding API below, which the
@@ -71,9 +73,11 @@ mod failures;
 mod keap;
 mod mapping;
 mod metrics;
+mod mirror;
 mod outbox;
 mod preview;
 mod ratelimit;
+mod reconcile;
 mod schema;
 mod secret;
 mod status;
@@ -85,6 +89,7 @@ pub use backfill::BackfillMode;
 pub use daemon::{enqueue_backfill, Daemon, RunError, RunOptions};
 pub use db::DbError;
 pub use preview::{dry_run, preview, Call, Plan, PreviewError, Selection};
+pub use reconcile::{reconcile, refresh_mirror, Class, Drift, Listing, ReconcileError, Report};
 pub use schema::{migrate, migrate_reporting, uninstall, MigrateReport, SchemaError};
 pub use secret::Secret;
 pub use token::{import_grant, ImportError, TokenError};

@@ -95,6 +95,7 @@ impl HttpMethod {
     #[cfg(test)]
     const ALL: [HttpMethod; 6] = [Self::GET, Self::PUT, Self::PATCH, Self::POST, Self::DELETE, Self::OTHER];
 
+    /// The method label for a method name; anything unusual is `OTHER`, so labels stay few.
     fn from_name(name: &str) -> HttpMethod {
         match name {
             "GET" => Self::GET,
@@ -120,6 +121,7 @@ impl StatusClass {
     #[cfg(test)]
     const ALL: [StatusClass; 4] = [Self::Success, Self::ClientError, Self::ServerError, Self::Error];
 
+    /// The status class label of an HTTP status: 2xx, 4xx, 5xx, or anything else as an error.
     fn of(status: u16) -> StatusClass {
         match status {
             200..=299 => Self::Success,
@@ -192,6 +194,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClassLabels {
+    class: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabels {
     kind: QueueKind,
 }
@@ -201,6 +208,7 @@ struct WindowLabels {
     window: QuotaWindow,
 }
 
+/// A Keap request duration histogram with [`DURATION_BUCKETS`].
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
@@ -223,6 +231,10 @@ pub(crate) struct Metrics {
     quota_remaining: Family<WindowLabels, Gauge>,
     database_connected: Gauge,
     paused: Gauge,
+    /// Keap's newest change known to be in the mirror, as Unix seconds (age: `time() - it`).
+    mirror_watermark: Gauge<f64, AtomicU64>,
+    /// The last whole-table reconcile's users by class (only classes other than in sync).
+    reconcile_drift: Family<ClassLabels, Gauge>,
     /// Why delivery stopped; `paused` is written under this lock, see the module docs.
     fatal: Mutex<Option<String>>,
 }
@@ -261,6 +273,8 @@ impl Metrics {
             quota_remaining: Family::default(),
             database_connected: Gauge::default(),
             paused: Gauge::default(),
+            mirror_watermark: Gauge::default(),
+            reconcile_drift: Family::default(),
             fatal: Mutex::new(None),
         };
         // In exposition order. Counters are named without `_total`, which the encoder appends
@@ -280,6 +294,10 @@ impl Metrics {
         let help = "1 while the database connection is up";
         r.register("database_connected", help, m.database_connected.clone());
         r.register("paused", "1 while delivery is stopped by a fatal condition", m.paused.clone());
+        let help = "Keap's newest change known to be in keap-sync's mirror, as Unix time";
+        r.register_with_unit("mirror_watermark", help, Unit::Seconds, m.mirror_watermark.clone());
+        let help = "Users not in sync with Keap at the last reconcile, by class";
+        r.register("reconcile_drift", help, m.reconcile_drift.clone());
         m
     }
 
@@ -341,6 +359,17 @@ impl Metrics {
         }
     }
 
+    /// Sets the mirror's watermark (Unix seconds) and the last reconcile's counts by class, as
+    /// read after a sweep.
+    pub(crate) fn set_mirror(&self, watermark_unix: Option<f64>, drift: &[(String, i64)]) {
+        self.mirror_watermark.set(watermark_unix.unwrap_or(0.0));
+        self.reconcile_drift.clear();
+        for (class, n) in drift {
+            self.reconcile_drift.get_or_create(&ClassLabels { class: class.clone() }).set(*n);
+        }
+    }
+
+    /// Sets `keap_sync_database_connected`; `/healthz` fails while it is 0.
     pub(crate) fn set_db_connected(&self, up: bool) {
         self.database_connected.set(i64::from(up));
     }
@@ -353,6 +382,8 @@ impl Metrics {
         *fatal = reason;
     }
 
+    /// The fatal reason; a panic while it was held does not lock out `/healthz` (a poisoned lock is
+    /// taken anyway).
     fn fatal(&self) -> MutexGuard<'_, Option<String>> {
         self.fatal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -370,11 +401,13 @@ impl Metrics {
         }
     }
 
+    /// Deliveries counted with `outcome`.
     #[cfg(test)]
     fn deliveries(&self, outcome: DeliveryOutcome) -> u64 {
         self.deliveries.get_or_create(&OutcomeLabels { outcome }).get()
     }
 
+    /// Keap requests counted, over every method and status class.
     #[cfg(test)]
     fn keap_requests(&self) -> u64 {
         let labels = HttpMethod::ALL.into_iter().flat_map(|method| {
@@ -435,6 +468,8 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metric
     }
 }
 
+/// Answers `GET /metrics` and `GET /healthz` (503 with the reasons when unhealthy); anything else is
+/// a 404.
 fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, CONTENT_TYPE_METRICS, metrics.render()),
@@ -583,6 +618,23 @@ mod tests {
         assert_eq!(m.healthy(), Ok(()));
         let s = parse(&m.render());
         assert_eq!((s["keap_sync_paused"], s["keap_sync_database_connected"]), (0.0, 1.0));
+    }
+
+    #[test]
+    fn the_mirror_watermark_and_the_reconcile_counts_are_exposed_and_replaced() {
+        let m = Metrics::new();
+        m.set_mirror(Some(1_765_000_000.5), &[("differs".into(), 3), ("contact_gone".into(), 1)]);
+        let s = parse(&m.render());
+        assert_eq!(s.get("keap_sync_mirror_watermark_seconds"), Some(&1_765_000_000.5));
+        assert_eq!(s.get(r#"keap_sync_reconcile_drift{class="differs"}"#), Some(&3.0));
+        m.set_mirror(Some(1_765_000_300.0), &[("differs".into(), 1)]);
+        let s = parse(&m.render());
+        assert_eq!(
+            s.get(r#"keap_sync_reconcile_drift{class="contact_gone"}"#),
+            None,
+            "a class no longer found is gone"
+        );
+        assert_eq!(s.get(r#"keap_sync_reconcile_drift{class="differs"}"#), Some(&1.0));
     }
 
     #[test]

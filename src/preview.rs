@@ -1,15 +1,18 @@
 //! The dry run: what delivery would send for a user, worked out from the row and keap-sync's
-//! own tables, without calling any of Keap's write endpoints and without changing any table
-//! (`keap-sync preview`, `keap-sync run --dry-run`).
+//! own tables, without calling any of Keap's write endpoints and without changing any sync
+//! state (`keap-sync preview`, `keap-sync run --dry-run`).
 //!
-//! A plan is what [`crate::deliver`] would do from the state keap-sync keeps: the mapping and
-//! the per-field fingerprints of what Keap holds. Delivery itself also reads Keap (a contact
-//! before an array property is written, a lookup by email before a first link), so the real
-//! call can be smaller than the plan — never larger. Keap is asked only for names: the contact
-//! model when custom fields are mapped by name (`GET /v1/contacts/model`) and tag ids of tags
+//! A plan is the first plan of [`crate::deliver::plan`], the planner delivery follows, made
+//! from the state keap-sync keeps: the mapping and the per-field fingerprints of what Keap
+//! holds. Delivery plans again after each read of Keap (a contact before an array property is
+//! written, a lookup by email before a first link), which can only remove or replace calls, so
+//! the real calls are never more than the plan. Keap is asked only for names: the contact model
+//! when custom fields are mapped by name (`GET /v1/contacts/model`) and tag ids of tags
 //! configured by name (`GET /v1/tags`); a configuration that uses ids only makes no call at all.
-//! Getting a credential for those reads may refresh the OAuth grant, which stores the new
-//! token pair: that is the credential's upkeep, not sync state.
+//! Those reads count against the day like any call (invariant 15): each is reserved in
+//! `keap_sync.quota_usage` as it is made, one at a time, so an interrupted preview leaves no
+//! call counted that it did not make. Getting a credential for them may refresh the OAuth
+//! grant, which stores the new token pair: the credential's upkeep, not sync state.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -115,13 +118,16 @@ struct Planner {
     mapper: Mapper,
     on_delete: OnDelete,
     keap: Option<(KeapAccess, Catalog)>,
-    /// Keeps the day's reservations topped up while Keap may be asked for names.
+    /// Reserves each call made for names in `keap_sync.quota_usage`, one at a time, as it is
+    /// made: those calls count against the day (invariant 15), and only those.
     _reserving: Option<Reserving>,
     model: Option<CustomModel>,
     timeout: Duration,
 }
 
 impl Planner {
+    /// A planner on its own connection; it asks Keap (within the quota) only when tag names or custom
+    /// fields must be resolved.
     async fn new(config: &Config) -> Result<Planner, PreviewError> {
         let pg = db::parse(config.database().map_err(RunError::from)?)?;
         let db = db::connect(&pg).await?;
@@ -147,7 +153,8 @@ impl Planner {
             model: None,
             timeout: config.keap.request_timeout,
         };
-        planner._reserving = planner.keap.as_ref().map(|(access, _)| Reserving::start(&access.limiter, &pg));
+        planner._reserving =
+            planner.keap.as_ref().map(|(access, _)| Reserving::start_exact(&access.limiter, &pg));
         if planner.mapper.needs_model() {
             let model = planner.read_model().await.map_err(PreviewError::Model)?;
             planner
@@ -159,15 +166,18 @@ impl Planner {
         Ok(planner)
     }
 
+    /// When a Keap read started now must be done: two request timeouts from now.
     fn deadline(&self) -> Instant {
         Instant::now() + self.timeout * 2
     }
 
+    /// The credential for a Keap read, or why there is none.
     async fn auth(&self) -> Result<Auth, String> {
         let Some((access, _)) = &self.keap else { return Err("no Keap access configured".into()) };
         access.tokens.auth(&self.db).await.map_err(|e| e.to_string())
     }
 
+    /// Keap's custom fields, read once through the catalog.
     async fn read_model(&self) -> Result<CustomModel, String> {
         let auth = self.auth().await?;
         let Some((access, catalog)) = &self.keap else { return Err("no Keap access".into()) };
@@ -310,6 +320,7 @@ struct StandIns {
 }
 
 impl StandIns {
+    /// The id below zero that stands for the tag `name` (the same one each time it is asked).
     fn stand_in(&mut self, name: &str) -> i64 {
         let at = self.names.iter().position(|n| n == name).unwrap_or_else(|| {
             self.names.push(name.to_owned());
@@ -318,6 +329,7 @@ impl StandIns {
         -1 - at as i64
     }
 
+    /// `ids` as shown: a stand-in as its tag name, any other id as a number.
     fn shown(&self, ids: &BTreeSet<i64>) -> Vec<Value> {
         let name = |id: i64| usize::try_from(-1 - id).ok().and_then(|at| self.names.get(at));
         ids.iter().map(|id| name(*id).map_or_else(|| json!(id), |n| json!(n))).collect()
@@ -325,6 +337,7 @@ impl StandIns {
 }
 
 impl Plan {
+    /// A plan for `user` that does nothing yet.
     fn new(user: &str, contact_id: Option<i64>) -> Plan {
         Plan {
             user: user.to_owned(),
@@ -337,6 +350,7 @@ impl Plan {
         }
     }
 
+    /// The plan turned into parking the change for `problem`, with no calls.
     fn parked(mut self, problem: String) -> Plan {
         self.action = "parked";
         self.calls.clear();
@@ -411,6 +425,7 @@ pub async fn preview(config: &Config, which: &Selection) -> Result<Vec<Plan>, Pr
 }
 
 impl Planner {
+    /// The users `which` selects (given keys, pending changes, or every user in pages), each planned.
     async fn select_and_plan(&self, which: &Selection) -> Result<Vec<Plan>, PreviewError> {
         let planner = self;
         let keys: Vec<String> = match which {
@@ -445,6 +460,7 @@ impl Planner {
     }
 }
 
+/// `n` as an `int8` limit; one too large for it becomes the largest.
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -20,6 +20,7 @@ pub(crate) enum InstanceRole {
 }
 
 impl InstanceRole {
+    /// The role as `keap_sync.instances.role` spells it.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             InstanceRole::Active => "active",
@@ -27,6 +28,7 @@ impl InstanceRole {
         }
     }
 
+    /// The role `keap_sync.instances.role` holds; any other text is an error naming the column.
     fn from_db(text: &str) -> Result<Self, DbError> {
         match text {
             "active" => Ok(InstanceRole::Active),
@@ -54,6 +56,9 @@ pub(crate) struct Depth {
     pub oldest_pending_age_secs: Option<f64>,
 }
 
+/// How many rows of the change log [`depth`] reads at most.
+pub(crate) const CAPTURED_COUNT_LIMIT: i64 = 100_000;
+
 /// Outbox depth by kind and the oldest pending change's age, without counting the outbox: the
 /// sums of `keap_sync.outbox_count` (kept by triggers on the outbox, `sql/0009_queue_counts.sql`)
 /// and the first entry of the index on `first_changed_at`. Exact, and as cheap for a backlog of
@@ -68,9 +73,6 @@ pub(crate) struct Depth {
 /// count of the whole log past `statement_timeout` failed the session every time, so it never
 /// folded. So the count (and the oldest time) reads at most [`CAPTURED_COUNT_LIMIT`] rows, the
 /// ones the next fold takes first.
-/// How many rows of the change log [`depth`] reads at most.
-pub(crate) const CAPTURED_COUNT_LIMIT: i64 = 100_000;
-
 pub(crate) async fn depth(client: &Client) -> Result<Depth, DbError> {
     let r = client
         .query_one(
@@ -148,8 +150,12 @@ pub(crate) struct Status {
     pub quota_day_available: Option<i64>,
     pub last_delivery_secs_ago: Option<f64>,
     pub instances_alive: Vec<Instance>,
+    /// keap-sync's mirror of Keap: how fresh, and the last reconcile's counts.
+    pub mirror: crate::mirror::Freshness,
 }
 
+/// Everything `status` shows: queue depth, backfill, token, live instances, the active one's quota
+/// report and the last delivery's age.
 pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
     let depth = depth(client).await?;
     let token = client
@@ -212,5 +218,6 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
         quota_day_available: quota.and_then(|q| q.1),
         last_delivery_secs_ago: last_delivery,
         instances_alive: instances.into_iter().map(|(i, _, _)| i).collect(),
+        mirror: crate::mirror::freshness(client).await?,
     })
 }

@@ -180,6 +180,8 @@ pub(crate) fn stderr_is_journal() -> bool {
     journal_stream_matches(var.as_deref(), stderr)
 }
 
+/// Whether `$JOURNAL_STREAM` names stderr's device and inode; trusted as is when stderr's cannot be
+/// read.
 fn journal_stream_matches(var: Option<&str>, stderr: Option<(u64, u64)>) -> bool {
     let Some((dev, ino)) = var.and_then(|v| v.trim().split_once(':')) else { return false };
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
@@ -238,6 +240,7 @@ where
     }
 }
 
+/// The journal's syslog priority prefix for a log level (debug and trace both `<7>`).
 fn priority_prefix(level: &Level) -> &'static str {
     match *level {
         Level::ERROR => "<3>",

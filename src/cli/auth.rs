@@ -47,6 +47,7 @@ pub(super) async fn import(config: Config, switch_account: bool) -> Result<(), C
     Ok(())
 }
 
+/// An import that failed, as the command's error.
 fn import_failed(e: token::ImportError) -> CliError {
     CliError::Other(e.to_string())
 }
@@ -329,6 +330,8 @@ async fn receive_redirect(listener: tokio::net::TcpListener) -> Result<String, C
     }
 }
 
+/// Keeps a request that carries `code=` or `error=` as the redirect and thanks the browser; any other
+/// request (a favicon, say) gets a 404.
 fn answer_redirect(req: &Request<Incoming>, seen: &Mutex<Option<String>>) -> Response<Full<Bytes>> {
     let target = req.uri().path_and_query().map(|pq| pq.as_str().to_owned()).unwrap_or_default();
     if !target.contains("code=") && !target.contains("error=") {

@@ -79,6 +79,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare Keap with the table: list Keap's contacts into keap-sync's mirror, then report
+    /// each user that is not in sync (an owned property that differs in Keap, a contact gone,
+    /// no contact yet, parked, two contacts for one address). Changes nothing unless --apply.
+    Reconcile {
+        /// User keys to compare (default: every user).
+        user_keys: Vec<String>,
+        /// Queue each repairable user for delivery; the running daemon sends the repair.
+        #[arg(long)]
+        apply: bool,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sync every existing user, then exit (resumable; live changes still go first).
     Backfill {
         /// Start over even if a backfill already finished.
@@ -178,6 +191,7 @@ enum CliError {
 }
 
 impl CliError {
+    /// The exit code: 2 for a configuration error, 1 for any other failure.
     fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Run(RunError::Config(_)) => 2,
@@ -212,10 +226,14 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `s` with every run of whitespace, line breaks included, made one space, so an error prints on one
+/// line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Logs to stderr at `KEAP_SYNC_LOG`'s level, else `default_level`: with journal priorities under
+/// systemd, in colour only at a terminal, or as JSON.
 fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KEAP_SYNC_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -233,10 +251,12 @@ fn init_logging(format: LogFormat, default_level: &str) {
     };
 }
 
+/// The configuration: the `--config` file if given, then the process environment.
 fn load(cli_config: &Option<PathBuf>) -> Result<Config, ConfigError> {
     Config::load(cli_config.as_deref(), &|name| std::env::var(name).ok())
 }
 
+/// Runs the command given; `preview` without keys or `--all` shows up to 100 pending users.
 async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
     match cli.command {
         Command::Migrate => migrate(load(&cli.config)?).await,
@@ -261,6 +281,9 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
         Command::Backfill { restart } => {
             let mode = if restart { BackfillMode::Restart } else { BackfillMode::Resume };
             backfill(load(&cli.config)?, mode, progress_bar).await
+        }
+        Command::Reconcile { user_keys, apply, json } => {
+            reconcile(load(&cli.config)?, &user_keys, apply, json).await
         }
         Command::Status { json } => status(load(&cli.config)?, json).await,
         Command::Auth(AuthCommand::Import { switch_account }) => {
@@ -312,12 +335,28 @@ async fn backfill(config: Config, mode: BackfillMode, progress_bar: bool) -> Res
     }
 }
 
+/// Prints what delivery would do for the selected users, as text or as JSON.
 async fn preview(config: Config, which: &Selection, json: bool) -> Result<(), CliError> {
     let plans = crate::preview::preview(&config, which).await.map_err(preview_error)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&plans).map_err(|e| CliError::Other(e.to_string()))?);
     } else {
         print!("{}", render::plans(&plans));
+    }
+    Ok(())
+}
+
+/// A preview's failure as the command's error; a configuration error keeps its exit code.
+/// `keap-sync reconcile`: the report as text or JSON.
+async fn reconcile(config: Config, keys: &[String], apply: bool, json: bool) -> Result<(), CliError> {
+    let report = crate::reconcile::reconcile(&config, keys, apply).await.map_err(|e| match e {
+        crate::reconcile::ReconcileError::Run(e) => CliError::Run(e),
+        other => CliError::Other(other.to_string()),
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.to_string()))?);
+    } else {
+        print!("{}", render::reconcile(&report, apply));
     }
     Ok(())
 }
@@ -329,6 +368,7 @@ fn preview_error(e: PreviewError) -> CliError {
     }
 }
 
+/// Applies pending migrations and (re)installs the capture trigger, saying what changed, if anything.
 async fn migrate(config: Config) -> Result<(), CliError> {
     let mut client = connect(&config).await?;
     let report =
@@ -349,6 +389,7 @@ async fn migrate(config: Config) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Removes the capture trigger, and with `drop_schema` the whole `keap_sync` schema.
 async fn uninstall(config: Config, drop_schema: bool) -> Result<(), CliError> {
     let mut client = connect(&config).await?;
     schema::uninstall(&mut client, &config.users, drop_schema).await?;
@@ -359,6 +400,7 @@ async fn uninstall(config: Config, drop_schema: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Prints the status of the queue, the token and the instances, as text or as JSON.
 async fn status(config: Config, json: bool) -> Result<(), CliError> {
     let client = connect_migrated(&config).await?;
     let status = crate::status::read(&client).await?;

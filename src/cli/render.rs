@@ -69,6 +69,7 @@ pub(crate) fn status(s: &Status) -> String {
     if let Some(b) = &s.backfill {
         line(format!("backfill: {} — {}", b.state.as_str(), progress(b, 0.0)));
     }
+    line(mirror(&s.mirror));
     if let Some(t) = &s.token {
         line(format!(
             "keap app: {}",
@@ -142,6 +143,71 @@ pub(crate) fn plans(plans: &[Plan]) -> String {
         plans.len(),
         if summary.is_empty() { "none".into() } else { summary.join(", ") }
     );
+    out
+}
+
+/// The mirror's line of `status`: how many contacts, how far behind Keap, the last reconcile.
+fn mirror(m: &crate::mirror::Freshness) -> String {
+    let mut text = match (m.behind_secs, m.listing) {
+        (None, true) => format!("mirror of Keap: first listing under way, {} contacts so far", m.contacts),
+        (None, false) => "mirror of Keap: never listed (`keap-sync reconcile`, or the daemon's sweep)".into(),
+        (Some(behind), _) => format!(
+            "mirror of Keap: {} contacts, Keap's changes in up to {} ago",
+            m.contacts,
+            human_secs(behind)
+        ),
+    };
+    if let Some(ago) = m.listed_secs_ago {
+        text.push_str(&format!(" (last full listing {} ago)", human_secs(ago)));
+    }
+    if let (Some(ago), Some(users), Some(drift)) = (m.reconciled_secs_ago, m.reconciled_users, &m.drift) {
+        let counts: Vec<String> = drift
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(class, n)| format!("{n} {}", class.replace('_', " ")))
+            .collect();
+        let found = if counts.is_empty() { "all in sync".to_owned() } else { counts.join(", ") };
+        text.push_str(&format!("; last reconcile {} ago, {users} users: {found}", human_secs(ago)));
+    }
+    text
+}
+
+/// `keap-sync reconcile`: a summary line, then one line per user not in sync, then (with
+/// `--apply`) what was queued and what only a person can repair.
+pub(crate) fn reconcile(r: &crate::reconcile::Report, apply: bool) -> String {
+    use crate::reconcile::Class;
+    let mut out = format!(
+        "reconcile: {} users, {} in sync, {} not (mirror refreshed: {} contacts in {} list calls, {} gone from Keap)\n",
+        r.users,
+        r.in_sync,
+        r.drift.len(),
+        r.listing.contacts,
+        r.listing.pages,
+        r.listing.removed
+    );
+    for d in &r.drift {
+        let contact = d.contact_id.map(|id| format!(" (contact {id})")).unwrap_or_default();
+        let what = match d.class {
+            Class::InSync => "in sync",
+            Class::Differs => "differs in Keap",
+            Class::ContactGone => "contact gone from Keap",
+            Class::NoContact => "no contact yet",
+            Class::Unlinked => "not linked yet; Keap has a contact with its address",
+            Class::Parked => "parked (see `keap-sync failures`)",
+            Class::Duplicates => "several contacts have its address as EMAIL1: merge them in Keap",
+        };
+        let differs =
+            if d.differs.is_empty() { String::new() } else { format!(": {}", d.differs.join(", ")) };
+        out.push_str(&format!("user {}{contact}: {what}{differs}\n", d.user));
+    }
+    if apply {
+        let left = r.drift.iter().filter(|d| !d.class.repairable()).count();
+        out.push_str(&format!(
+            "queued {} users for delivery (the daemon sends the repairs); {left} need a person\n",
+            r.queued
+        ));
+    }
     out
 }
 

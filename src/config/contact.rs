@@ -340,6 +340,7 @@ impl Default for FileTagRefOrDefault {
 }
 
 impl FileTagRefOrDefault {
+    /// The tag `key` names: a positive id or a non-blank name.
     pub(super) fn validate(&self, key: &str) -> Result<TagRef, ConfigError> {
         tag_ref(key, self.0.clone())
     }
@@ -355,11 +356,14 @@ pub(super) struct FileTagRule {
 
 // ---- validation ---------------------------------------------------------------------------------
 
+/// An invalid-config error with `message`, which names the config key first.
 fn invalid(message: String) -> ConfigError {
     ConfigError::Invalid(message)
 }
 
 impl FileSource {
+    /// The column or expression a property reads, and what counts as empty for it: the file's `empty`,
+    /// else `default_empty`.
     fn validate(self, key: &str, default_empty: Empty) -> Result<(Source, Empty), ConfigError> {
         let (column, sql, empty) = match self {
             FileSource::Column(c) => (Some(c), None, None),
@@ -387,6 +391,7 @@ fn source(key: &str, column: Option<String>, sql: Option<String>) -> Result<Sour
     }
 }
 
+/// Whether `t` can name a tag: a positive id or a non-blank name; anything else is refused.
 fn tag_ref(key: &str, t: FileTagRef) -> Result<TagRef, ConfigError> {
     match t {
         FileTagRef::Id(id) if id > 0 => Ok(TagRef::Id(id)),
@@ -542,6 +547,8 @@ fn custom_field_refs(
 }
 
 impl FileTags {
+    /// `[tags]` checked: a `tags.from` rule whose tag name holds `{value}` names one tag per value; any
+    /// other tag is applied while the value is true.
     pub(super) fn validate(self) -> Result<TagsConfig, ConfigError> {
         let on_create = self
             .on_create

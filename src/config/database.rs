@@ -55,6 +55,7 @@ impl Default for FileDatabase {
 }
 
 impl FileDatabase {
+    /// `[database]` checked, or `None` without a URL; the lock timeout must be below the statement timeout.
     pub(super) fn validate(self) -> Result<Option<DatabaseConfig>, ConfigError> {
         let Some(url) = self.url else { return Ok(None) };
         let statement_timeout = secs("database.statement_timeout_secs", self.statement_timeout_secs)?;

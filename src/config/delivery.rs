@@ -99,6 +99,7 @@ impl Default for FileDelivery {
 }
 
 impl FileDelivery {
+    /// `[delivery]` checked: concurrency from 1 to 64, and a lease longer than two worst-case Keap calls.
     pub(super) fn validate(self, keap: &KeapConfig) -> Result<DeliveryConfig, ConfigError> {
         if !(1..=64).contains(&self.concurrency) {
             return Err(ConfigError::Invalid(format!(
@@ -133,6 +134,8 @@ impl FileDelivery {
 }
 
 impl FileDelivery {
+    /// What a deleted user's contact gets; an opt-out is allowed only with `on_delete = "tag"`, and needs
+    /// a reason because Keap asks for one.
     fn on_delete(&self) -> Result<OnDelete, ConfigError> {
         let opt_out = self.on_delete_opt_out.then(|| self.on_delete_opt_out_reason.clone());
         match self.on_delete {

@@ -89,6 +89,8 @@ impl Default for FileKeap {
 }
 
 impl FileKeap {
+    /// `[keap]` checked: each URL by [`keap_url`], timeouts positive, and a refresh token's maximum age
+    /// below the 45 days after which Keap lets it lapse.
     pub(super) fn validate(self, credential: Option<Credential>) -> Result<KeapConfig, ConfigError> {
         let refresh_token_max_age =
             secs("keap.refresh_token_max_age_days", self.refresh_token_max_age_days.saturating_mul(86_400))?;

@@ -36,6 +36,8 @@ pub(super) struct FileLimits {
 }
 
 impl FileLimits {
+    /// The call limits: each as the file sets it, else Keap's limit for the credential's kind (API key or
+    /// OAuth); none may be zero.
     pub(super) fn validate(self, credential: Option<&Credential>) -> Result<LimitsConfig, ConfigError> {
         let keap = match credential {
             Some(Credential::ApiKey(_)) => LimitsConfig::API_KEY,

@@ -74,6 +74,7 @@ pub(super) struct FileConfig {
     pub(super) delivery: FileDelivery,
     pub(super) limits: FileLimits,
     pub(super) metrics: FileMetrics,
+    pub(super) mirror: super::mirror::FileMirror,
 }
 
 /// Off unless `listen` is set.
@@ -126,6 +127,8 @@ impl FileConfig {
 }
 
 impl FileConfig {
+    /// The whole file checked section by section; the lease is checked against `[keap]`'s timeouts and the
+    /// limits default by the credential's kind.
     pub(super) fn validate(self, credential: Option<Credential>) -> Result<Config, ConfigError> {
         let database = self.database.validate()?;
         let mut users = self.users.validate()?;
@@ -135,11 +138,13 @@ impl FileConfig {
         let delivery = self.delivery.validate(&keap)?;
         let limits = self.limits.validate(keap.credential.as_ref())?;
         let metrics_listen = self.metrics.validate()?;
-        Ok(Config { metrics_listen, database, users, keap, delivery, limits })
+        let mirror = self.mirror.validate()?;
+        Ok(Config { metrics_listen, database, users, keap, delivery, limits, mirror })
     }
 }
 
 impl FileMetrics {
+    /// The metrics listen address, if set: loopback only, so the endpoint is never exposed without a proxy.
     pub(super) fn validate(self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
         let Some(text) = self.listen else { return Ok(None) };
         let addr: std::net::SocketAddr = text.parse().map_err(|_| {

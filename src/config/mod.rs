@@ -32,6 +32,7 @@ mod delivery;
 mod keap;
 mod limits;
 mod load;
+mod mirror;
 mod secrets;
 mod users;
 mod values;
@@ -44,6 +45,7 @@ pub use database::DatabaseConfig;
 pub use delivery::{DeliveryConfig, OnDelete};
 pub use keap::{Credential, KeapConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL};
 pub use limits::LimitsConfig;
+pub use mirror::MirrorConfig;
 pub use users::UsersConfig;
 
 /// A configuration problem, phrased for the operator: what is wrong and how to fix it.
@@ -88,6 +90,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Client-side rate limits.
     pub limits: LimitsConfig,
+    /// The daemon's sweep of Keap's changes into keap-sync's mirror.
+    pub mirror: MirrorConfig,
 }
 
 impl Config {

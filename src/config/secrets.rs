@@ -63,6 +63,7 @@ pub(super) fn read_secret(
     Ok(None)
 }
 
+/// The secret in the file at `path`, trimmed; an unreadable or empty file is an error naming `what`.
 pub(super) fn secret_from_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::Invalid(format!("cannot read {what} {}: {e}", path.display())))?;

@@ -105,6 +105,8 @@ impl Default for FileUsers {
 }
 
 impl FileUsers {
+    /// `[users]` checked: the table, key and email columns must be valid names; an empty name column is
+    /// not synced.
     pub(super) fn validate(self) -> Result<UsersConfig, ConfigError> {
         validate_identifier("users.table", &self.table, true)?;
         let column = |key: &str, name: String| validate_identifier(key, &name, false).map(|()| name);

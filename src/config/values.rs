@@ -24,10 +24,12 @@ pub(super) fn validate_identifier(key: &str, value: &str, qualified: bool) -> Re
     }
 }
 
+/// `value` seconds as a duration; zero is refused, naming `key`.
 pub(super) fn secs(key: &str, value: u64) -> Result<Duration, ConfigError> {
     positive(key, value).map(Duration::from_secs)
 }
 
+/// `value` milliseconds as a duration; zero is refused, naming `key`.
 pub(super) fn millis(key: &str, value: u64) -> Result<Duration, ConfigError> {
     positive(key, value).map(Duration::from_millis)
 }

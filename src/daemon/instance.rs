@@ -107,6 +107,8 @@ impl Context {
             capture_checked: None,
             fold_due: true,
             next_fold: Instant::now(),
+            next_sweep: Instant::now() + self.config.mirror.sweep.unwrap_or_default(),
+            sweeping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);
@@ -224,11 +226,14 @@ impl Context {
         self.config.keap.request_timeout + self.config.keap.connect_timeout
     }
 
+    /// The claim timing: the configured lease, and a change claimed once its user is quiet for
+    /// `settle`, or after ten times that at the latest.
     pub(super) fn claim_timing(&self) -> ClaimTiming {
         let d = &self.config.delivery;
         ClaimTiming { lease: d.lease, settle: d.settle, max_settle: d.settle * 10 }
     }
 
+    /// Tells systemd start-up is complete, once however often it is called.
     pub(super) fn mark_ready(&self) {
         if !self.ready.swap(true, Ordering::Relaxed) {
             self.notifier.ready();
@@ -283,6 +288,8 @@ pub(super) fn instance_id(host: &str) -> String {
     format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
 }
 
+/// This machine's name for the instance id, from `/etc/hostname` where `/proc/sys` is hidden; else
+/// "host".
 pub(super) fn hostname() -> String {
     // /proc/sys is hidden under the systemd unit's ProcSubset=pid; /etc/hostname is not.
     ["/proc/sys/kernel/hostname", "/etc/hostname"]

@@ -1,6 +1,7 @@
 //! One connected, delivering stretch: the loop that folds captured changes, claims, spawns
 //! deliveries and reads their outcomes, and pauses while Keap refuses the credential.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{orphans, Context, HEARTBEAT};
 use crate::db::{self, DbError};
 use crate::deliver::{Deliverer, Outcome};
+use crate::mirror::{self, MirrorError};
 use crate::outbox;
 use crate::schema;
 use crate::status::InstanceRole;
@@ -98,6 +100,10 @@ pub(super) struct Session<'a> {
     /// When to fold without a notification: [`FOLD_SWEEP`] after the last fold, or a poll
     /// interval after one that had to leave changes in the log.
     pub(super) next_fold: Instant,
+    /// When the next sweep of Keap's changes into the mirror is due (`[mirror] sweep_secs`).
+    pub(super) next_sweep: Instant,
+    /// Set while a sweep runs (it is one of `tasks`), so two never overlap.
+    pub(super) sweeping: Arc<AtomicBool>,
 }
 
 impl Session<'_> {
@@ -166,7 +172,8 @@ impl Session<'_> {
             self.check_pause().await?
         } else {
             self.check_token_when_due();
-            self.claim_when_free(wait).await?
+            let wait = self.claim_when_free(wait).await?;
+            self.sweep_when_idle(wait)
         };
         // A fold that filled its batch left more in the log: turn again at once.
         Ok(if self.fold_due {
@@ -267,6 +274,44 @@ impl Session<'_> {
                 }
             }
         });
+    }
+
+    /// Starts a sweep of Keap's changes into the mirror when one is due and no delivery is in
+    /// flight (live changes go first; a sweep's calls share the limiter and the day's quota).
+    /// Returns how long the loop may wait: until the next sweep, at most `wait`.
+    pub(super) fn sweep_when_idle(&mut self, wait: Duration) -> Duration {
+        let Some(every) = self.ctx.config.mirror.sweep else { return wait };
+        let now = Instant::now();
+        if now < self.next_sweep || !self.tasks.is_empty() || self.sweeping.load(Ordering::Relaxed) {
+            return wait.min(self.next_sweep.saturating_duration_since(now).max(Duration::from_millis(10)));
+        }
+        self.next_sweep = now + every;
+        self.sweeping.store(true, Ordering::Relaxed);
+        let (db, flag) = (Arc::clone(&self.db), Arc::clone(&self.sweeping));
+        let (client, tokens, mapper) =
+            (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
+        let (timing, timeout) = (self.ctx.config.mirror.clone(), self.ctx.config.keap.request_timeout);
+        let metrics = Arc::clone(&self.ctx.metrics);
+        self.tasks.spawn(async move {
+            let keap = mirror::Keap { client: &client, tokens: &tokens, timeout };
+            let outcome = match mirror::sweep(&db, &keap, &mapper, &timing).await {
+                Ok(swept) => {
+                    tracing::debug!(pages = swept.pages, contacts = swept.contacts, full = swept.full, "swept Keap's changes into the mirror");
+                    if let Ok((watermark, drift)) = mirror::gauges(&db).await {
+                        metrics.set_mirror(watermark, &drift);
+                    }
+                    Outcome::Handled
+                }
+                Err(MirrorError::Db(e)) if e.is_connection_lost() => Outcome::DbLost(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not sweep Keap's changes into the mirror; trying again at the next sweep");
+                    Outcome::Handled
+                }
+            };
+            flag.store(false, Ordering::Relaxed);
+            outcome
+        });
+        wait.min(every)
     }
 
     /// Claims as many changes as there are free delivery slots (unless every sender is paused
@@ -426,6 +471,8 @@ impl Session<'_> {
         }
     }
 
+    /// What a finished delivery means for the session: a probe's verdict on a refused credential, a
+    /// pause until a person authorises, or a lost connection.
     pub(super) fn handle(&mut self, joined: Result<(tokio::task::Id, Outcome), tokio::task::JoinError>) {
         let id = match &joined {
             Ok((id, _)) => *id,

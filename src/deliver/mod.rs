@@ -103,6 +103,8 @@ impl Deliverer {
         }
     }
 
+    /// What becomes of one claimed change: parked when the row cannot be read or mapped, handled as a
+    /// deletion when the row is gone, else sent to Keap and recorded.
     async fn attempt(
         &self,
         claim: &Claim,
@@ -233,6 +235,7 @@ enum End {
 }
 
 impl End {
+    /// A failure that leaves a create in doubt unsettled: only a create's own 4xx says none was made.
     fn failed(failure: Failure, sent: Option<serde_json::Value>) -> End {
         End::Failed { failure, sent, settles_create: false }
     }

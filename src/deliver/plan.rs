@@ -114,6 +114,7 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// A plan of just these steps, with no tags of others and no changes named.
     fn of(steps: Vec<Step>) -> Plan {
         Plan { steps, ..Plan::default() }
     }

@@ -54,6 +54,8 @@ struct Facts {
 }
 
 impl Facts {
+    /// What the claim tells before any call: the contact mapped and what it holds, and the email of a
+    /// create in doubt.
     fn of(claim: &Claim, payload: &ContactPayload) -> Facts {
         Facts {
             mapped: claim.contact_id.map(|id| Mapped {
@@ -69,6 +71,7 @@ impl Facts {
         }
     }
 
+    /// What has been read from Keap to plan from: the contact read, else a lookup's answer, else nothing.
     fn seen(&self) -> Seen<'_> {
         match (&self.contact, &self.found) {
             (Some(contact), _) => Seen::Contact(contact),

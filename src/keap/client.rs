@@ -197,6 +197,19 @@ impl KeapClient {
         }
     }
 
+    /// One page of the v2 listing ([`Route::list_contacts`]), read into v1 shape.
+    pub(crate) async fn list_contacts(
+        &self,
+        auth: &Auth,
+        route: Route,
+        deadline: Instant,
+    ) -> Result<super::v2::Page, KeapError> {
+        let req = Request { route, deadline };
+        let name = req.name();
+        let text = self.send(auth, req, None::<&()>).await?;
+        super::v2::read_page(&text).map_err(|e| bad_reply(name, &e))
+    }
+
     /// Keap's contact model (`GET /v1/contacts/model`): the custom fields.
     pub(crate) async fn contact_model(
         &self,
@@ -282,6 +295,8 @@ impl KeapClient {
         self.send(auth, req, Some(&route::opt_out(reason))).await.map(|_| ())
     }
 
+    /// Sends a request whose answer is a contact and reads it; an answer that is not one is an error
+    /// naming the request.
     async fn call<B: serde::Serialize>(
         &self,
         auth: &Auth,
@@ -457,6 +472,8 @@ pub(crate) fn http_client(
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
+/// The error a non-2xx answer is: 401, 403 and 404 their own kinds, 429 throttled, other 4xx
+/// rejected, 408, 425 and the rest transient; the message is Keap's own when its body has one.
 fn classify(status: StatusCode, request: String, text: &str) -> KeapError {
     let parsed: Option<ErrorBody> = serde_json::from_str(text).ok();
     let message =
@@ -507,6 +524,7 @@ pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     message
 }
 
+/// `text` cut to at most 2,000 bytes on a character boundary, so an error never carries a whole page.
 fn truncate(text: &str) -> String {
     const MAX: usize = 2_000;
     if text.len() <= MAX {

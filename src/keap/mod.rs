@@ -7,6 +7,7 @@ pub(crate) mod model;
 pub(crate) mod route;
 mod tags_applied;
 mod transport;
+pub(crate) mod v2;
 
 pub(crate) use client::{describe_reqwest, http_client};
 pub(crate) use client::{Auth, ErrorKind, KeapClient, KeapError};

@@ -17,10 +17,12 @@ pub(crate) struct Route {
 }
 
 impl Route {
+    /// A route with no query yet.
     fn new(method: Method, path: impl Into<String>) -> Route {
         Route { method, path: path.into(), query: Vec::new() }
     }
 
+    /// The route with one more query parameter.
     fn with(mut self, name: &'static str, value: impl Into<String>) -> Route {
         self.query.push((name, value.into()));
         self
@@ -97,6 +99,26 @@ impl Route {
             segments.pop_if_empty().push(email);
         }
         Route::new(Method::PUT, url.path())
+    }
+
+    /// `GET /v2/contacts?…`: one page of the v2 listing, ordered by `order_by`, `filter` as
+    /// the v2 syntax spells it (`start_update_time==…;end_update_time==…`), only `fields`.
+    pub(crate) fn list_contacts(
+        order_by: &str,
+        filter: &str,
+        fields: &str,
+        page_token: Option<&str>,
+    ) -> Route {
+        let mut route =
+            Route::new(Method::GET, "/v2/contacts").with("page_size", "1000").with("order_by", order_by);
+        if !filter.is_empty() {
+            route = route.with("filter", filter);
+        }
+        route = route.with("fields", fields);
+        match page_token {
+            Some(token) => route.with("page_token", token),
+            None => route,
+        }
     }
 
     /// `PATCH /v1/contacts/7`, for messages (no query: it may hold an address).

@@ -153,6 +153,7 @@ impl RuleTags {
 pub(crate) struct Changes(pub(super) BTreeSet<Path>);
 
 impl Changes {
+    /// Whether any owned path differs, i.e. whether the contact needs a patch at all.
     pub(crate) fn any(&self) -> bool {
         !self.0.is_empty()
     }

@@ -181,6 +181,7 @@ pub(crate) struct Mapper {
 }
 
 impl Mapper {
+    /// The mapper for `users`: its fields in read order, its tag rules and on-create tags.
     pub(crate) fn new(users: &UsersConfig) -> Mapper {
         Mapper {
             fields: users.fields(),
@@ -218,6 +219,14 @@ impl Mapper {
                 missing.join(", ")
             ))
         }
+    }
+
+    /// Every contact property the mapping reads or writes (v1 names), once each.
+    pub(crate) fn properties(&self) -> Vec<&'static str> {
+        let mut props: Vec<&'static str> = self.fields.iter().map(|f| f.field.property()).collect();
+        props.sort_unstable();
+        props.dedup();
+        props
     }
 
     /// The properties Keap returns only when asked (`optional_properties`) among those mapped.

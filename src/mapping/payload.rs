@@ -47,6 +47,7 @@ impl ContactPayload {
         sent
     }
 
+    /// Each owned path's key with its value's hash, as kept in `contact_map.sent` and compared later.
     pub(super) fn held_hashes(&self) -> HashMap<String, String> {
         self.values.iter().map(|(p, v)| (p.key(), hash(p, v))).collect()
     }

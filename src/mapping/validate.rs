@@ -34,6 +34,7 @@ pub(super) const MAX_TAG_NAME: usize = 100;
 /// Why a value cannot be sent: the rule it breaks, phrased without the value.
 pub(super) type Rule = String;
 
+/// Whether a text value Keap takes: no control characters and at most `max` characters.
 fn text(v: &str, max: usize) -> Result<Value, Rule> {
     if v.chars().any(char::is_control) {
         return Err("holds control characters (tabs, line breaks or others), which Keap refuses".into());
@@ -71,6 +72,7 @@ fn date(v: &str) -> Result<Value, Rule> {
     }
 }
 
+/// Whether a Keap id: a positive whole number, sent as a JSON number.
 fn id(v: &str) -> Result<Value, Rule> {
     match v.trim().parse::<i64>() {
         Ok(n) if n > 0 => Ok(Value::from(n)),
@@ -118,6 +120,7 @@ pub(super) fn email(n: u8, v: &str) -> Result<Value, Rule> {
     Ok(Value::String(v.to_owned()))
 }
 
+/// Whether `e` has the plain ASCII `local@domain.tld` shape Keap accepts (no quoted or IP-literal forms).
 fn email_shape(e: &str) -> bool {
     let Some((local, domain)) = e.split_once('@') else { return false };
     let local_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~.-".contains(c);

@@ -136,6 +136,7 @@ pub(crate) struct LinkTo {
     pub(crate) sent: Value,
 }
 
+/// The user the contact is linked to, if any: who won a race to link it.
 async fn owner_of(client: &Client, contact_id: i64) -> Result<Option<String>, DbError> {
     let row = client
         .query_opt("select user_key from keap_sync.contact_map where contact_id = $1", &[&contact_id])

@@ -94,6 +94,7 @@ impl Recorder {
         self.send(LinkTo { claim: claim.bare(), contact_id, sent }).await
     }
 
+    /// Hands `step` to the recording task and waits for its answer; records it here if the task is gone.
     async fn send<S: Step>(&self, step: S) -> Result<S::Answer, DbError> {
         let (reply, answer) = oneshot::channel();
         if let Err(mpsc::error::SendError(request)) = self.requests.send(S::request(step, reply)) {
@@ -121,9 +122,11 @@ trait Step: Sized + Send + Sync + 'static {
     type Answer: Send + 'static;
     /// The statement's name in logs.
     const WHAT: &'static str;
+    /// The request that carries this step to the recording task, answered on `reply`.
     fn request(self, reply: Reply<Self::Answer>) -> Request;
     /// The step of a request that [`Step::request`] made.
     fn back(request: Request) -> Self;
+    /// The claim the step records for (its user key names it in logs).
     fn claim(&self) -> &Claim;
     /// One answer per step, in order; fails as a whole.
     fn many<'a>(
@@ -131,6 +134,7 @@ trait Step: Sized + Send + Sync + 'static {
         instance: &'a str,
         steps: &'a [Self],
     ) -> impl Future<Output = Result<Vec<Self::Answer>, DbError>> + Send + 'a;
+    /// The statement for this step alone, after its batch failed or without a recording task.
     fn alone<'a>(
         &'a self,
         db: &'a Db,
@@ -241,6 +245,7 @@ async fn record_until_closed(db: Arc<Db>, instance: String, mut received: mpsc::
     while alone.join_next().await.is_some() {}
 }
 
+/// Whether a batch failed on a unique constraint, which is an answer for the steps alone, not a failure.
 fn is_unique_violation(e: &DbError) -> bool {
     matches!(e, DbError::Query(q) if q.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
 }

@@ -51,6 +51,7 @@ where
     }
 }
 
+/// Runs `statement` from try `attempt` on, until it succeeds, or [`retry_delay`] says to give up.
 async fn retrying<T, F, Fut>(
     what: &str,
     user_key: &str,

@@ -103,6 +103,8 @@ impl Limiter {
     }
 }
 
+/// How long until the epoch-milliseconds time `ms`; `None` when it has passed or is more than a day
+/// away, which no daily reset is.
 fn until_epoch_ms(ms: i64) -> Option<Duration> {
     let target = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).ok()?);
     let d = target.duration_since(SystemTime::now()).ok()?;

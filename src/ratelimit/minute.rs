@@ -19,6 +19,7 @@ pub(super) struct MinuteLog {
 }
 
 impl MinuteLog {
+    /// Drops the calls that ended 60 s or more before `now`: they no longer count in the window.
     fn forget_old(&mut self, now: Instant) {
         while self.ended.front().is_some_and(|t| now.saturating_duration_since(*t) >= MINUTE) {
             self.ended.pop_front();

@@ -96,6 +96,7 @@ pub(crate) enum CredentialKind {
 }
 
 impl CredentialKind {
+    /// Whose quota a credential draws on: an API key's or an OAuth app's.
     pub(crate) fn of(credential: &Credential) -> CredentialKind {
         match credential {
             Credential::ApiKey(_) => CredentialKind::ApiKey,
@@ -164,15 +165,19 @@ enum Wait {
     DaySpent,
 }
 
+/// `n` as a non-zero count, 1 for zero, so a zero limit never panics.
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
 }
 
 impl Limiter {
+    /// The limiter for `limits`, counting the day's calls under the credential's kind.
     pub(crate) fn new(limits: &LimitsConfig, credential: &Credential) -> Limiter {
         Limiter::with_kind(limits, CredentialKind::of(credential))
     }
 
+    /// The limiter for `limits`: calls spaced at 95% of the per-second limit, the minute's log empty, no
+    /// day's calls reserved yet.
     fn with_kind(limits: &LimitsConfig, kind: CredentialKind) -> Limiter {
         let spacing = Duration::from_secs_f64(1.0 / (f64::from(limits.per_second.max(1)) * SPIKE_HEADROOM));
         Limiter {
@@ -210,6 +215,8 @@ impl Limiter {
         limits.per_second.saturating_mul(4).clamp(10, 100)
     }
 
+    /// The minute's and day's windows; a sender that panicked holding them does not lock out the
+    /// others (a poisoned lock is taken anyway).
     fn windows(&self) -> MutexGuard<'_, Windows> {
         self.windows.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -288,6 +295,7 @@ impl Limiter {
         }
     }
 
+    /// Pauses every sender for `d`, unless a pause already runs longer; returns when the pause ends.
     fn pause_for(&self, d: Duration) -> Instant {
         let until = Instant::now() + d;
         let mut guard = self.paused_until.lock().unwrap_or_else(PoisonError::into_inner);

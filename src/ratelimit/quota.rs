@@ -127,6 +127,15 @@ impl Limiter {
 pub(crate) struct Reserving(CancellationToken);
 
 impl Reserving {
+    /// Reserves one call at a time, as it is about to be made: for a short job whose few
+    /// calls should count exactly (`preview`), so that stopping it mid-way leaves no block of
+    /// calls reserved that were never made.
+    pub(crate) fn start_exact(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
+        limiter.windows().day.block = 1;
+        Reserving::start(limiter, pg)
+    }
+
+    /// Reserves in blocks, like the daemon.
     pub(crate) fn start(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
         let stop = CancellationToken::new();
         #[allow(
@@ -258,6 +267,7 @@ pub(super) fn utc_day() -> i32 {
     i32::try_from(secs / 86_400).unwrap_or(i32::MAX)
 }
 
+/// How long until the next 00:00 UTC, when the day's count starts again.
 pub(super) fn until_next_utc_midnight() -> Duration {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     Duration::from_secs(86_400 - now % 86_400)

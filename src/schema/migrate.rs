@@ -87,6 +87,12 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0014_held_token_answer.sql",
         sql: include_str!("../../sql/0014_held_token_answer.sql"),
     },
+    Migration { version: 15, name: "0015_mirror.sql", sql: include_str!("../../sql/0015_mirror.sql") },
+    Migration {
+        version: 16,
+        name: "0016_reconcile_counts.sql",
+        sql: include_str!("../../sql/0016_reconcile_counts.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.
@@ -98,6 +104,7 @@ pub struct MigrateReport {
     pub trigger_changed: bool,
 }
 
+/// A migration's SHA-256 in hex: an applied migration whose SQL has since changed is refused.
 fn checksum(sql: &str) -> String {
     let digest = Sha256::digest(sql.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()

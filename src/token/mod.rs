@@ -134,6 +134,7 @@ pub(crate) struct TokenPolicy {
 }
 
 impl TokenPolicy {
+    /// The refresh margin and maximum refresh-token age `[keap]` sets.
     pub(crate) fn from_config(keap: &crate::config::KeapConfig) -> TokenPolicy {
         TokenPolicy { refresh_margin: keap.refresh_margin, max_refresh_token_age: keap.refresh_token_max_age }
     }
@@ -151,6 +152,7 @@ pub(crate) enum GrantState {
 }
 
 impl GrantState {
+    /// The state `keap_sync.oauth_token.state` holds; any other text is an error naming the column.
     pub(crate) fn from_db(text: &str) -> Result<Self, DbError> {
         match text {
             "ok" => Ok(GrantState::Ok),

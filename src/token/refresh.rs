@@ -282,6 +282,8 @@ fn rotated(answer: &str) -> bool {
 }
 
 pub(super) trait ClassifyName {
+    /// What kind of parse failure this is, in a few words that quote nothing of the text (it may
+    /// hold a token).
     fn classify_name(&self) -> &'static str;
 }
 

@@ -53,6 +53,8 @@ pub(super) struct OAuth {
 }
 
 impl TokenSource {
+    /// The token source for `credential`: an API key as it is, or an OAuth client that refreshes the
+    /// stored grant through `token_url`.
     pub(crate) fn new(
         credential: &Credential,
         token_url: &str,
@@ -161,6 +163,8 @@ impl TokenSource {
 }
 
 impl OAuth {
+    /// Whether to refresh now: the access token expires within the margin, or the refresh token has
+    /// reached its maximum age.
     pub(super) fn needs_refresh(&self, s: &Stored) -> bool {
         s.expires_in <= self.policy.refresh_margin.as_secs_f64()
             || s.refresh_age >= self.policy.max_refresh_token_age.as_secs_f64()

@@ -44,6 +44,7 @@ pub(super) async fn mark_reauthorization_needed(
     Ok(())
 }
 
+/// Whether the stored grant may be used; one marked for re-authorisation is an error saying why.
 pub(super) fn check_state(s: &Stored) -> Result<(), TokenError> {
     if s.state == GrantState::Ok {
         return Ok(());
@@ -54,11 +55,13 @@ pub(super) fn check_state(s: &Stored) -> Result<(), TokenError> {
     )))
 }
 
+/// The stored grant, or an error asking for re-authorisation when none is stored.
 pub(super) async fn read(db: &Client) -> Result<Stored, TokenError> {
     let row = db.query_opt(SELECT_STORED, &[]).await?;
     stored_from(row)
 }
 
+/// The grant in a row of [`SELECT_STORED`], or an error asking for re-authorisation when there is none.
 pub(super) fn stored_from(row: Option<tokio_postgres::Row>) -> Result<Stored, TokenError> {
     let row = row.ok_or_else(|| {
         TokenError::NeedsAuthorization(format!("no Keap OAuth tokens are stored yet; {REAUTHORIZE_HINT}"))

@@ -15,8 +15,8 @@ const LAYERS: &[&[&str]] = &[
     &["schema"],
     &["outbox"],
     &["mapping", "keap", "ratelimit", "metrics", "token", "systemd"],
-    &["access", "deliver", "catalog"],
-    &["daemon", "backfill", "failures", "status", "preview"],
+    &["access", "mirror", "deliver", "catalog"],
+    &["daemon", "backfill", "failures", "status", "preview", "reconcile"],
     &["cli"],
 ];
 

@@ -20,6 +20,7 @@ mod database;
 mod faults;
 mod limits;
 mod mapping;
+mod mirror;
 mod ops;
 mod pg_restart;
 mod promises;

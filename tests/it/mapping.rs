@@ -1145,3 +1145,30 @@ async fn a_tag_whose_name_contains_the_wanted_one_is_not_applied() {
     let tags = app.fake.contact_tags(contact_id_of(&app, "1").await);
     assert_eq!(tags, BTreeSet::from(wanted), "applied {tags:?}; decoys {decoys:?}");
 }
+
+/// `preview` counts the calls it makes for names against the day (invariant 15), one at a
+/// time as each is made: stopped mid-way, it leaves no call counted that it never made. (It
+/// used to reserve a block ahead, as the daemon does, and a killed preview left the block
+/// counted against the day.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_preview_counts_only_the_calls_it_made() {
+    let app = wide_app(false).await;
+    // A tag name per user ("Plan: plan7"): one name lookup each.
+    app.exec("insert into users (email, first_name, plan) select 'p' || g || '@example.com', 'P' || g, 'plan' || g from generate_series(1, 40) g").await;
+    app.fake.set_latency(Duration::from_millis(200));
+    let quota = "select coalesce(sum(calls), 0)::int8 from keap_sync.quota_usage";
+    let before = app.count(quota).await;
+    let config = app.write_config_file("", "");
+    let mut child = app.spawn_command(&config, &["preview", "--all"]);
+    app::eventually(Duration::from_secs(20), "the preview to look up a few tag names", || async {
+        app.fake.count(|r| r.path.ends_with("/v1/tags")) >= 3
+    })
+    .await;
+    child.kill();
+    let counted = app.count(quota).await - before;
+    let made = app.fake.count(|r| r.method == "GET" && !r.path.ends_with("/token")) as i64;
+    assert!(
+        (1..=made + 1).contains(&counted),
+        "{counted} calls counted in keap_sync.quota_usage, {made} made"
+    );
+}

@@ -46,6 +46,14 @@ impl State {
             return msg(400, "Malformed query string");
         };
         let body = &req.body[..];
+        if req.path == "/crm/rest/v2/contacts" {
+            let listed = if req.method == Method::GET {
+                self.list_v2(&query)
+            } else {
+                Err(msg(405, "Method Not Allowed"))
+            };
+            return listed.unwrap_or_else(|e| e);
+        }
         let Some(rest) = req.path.strip_prefix("/crm/rest/v1/") else {
             return msg(404, "Not Found");
         };

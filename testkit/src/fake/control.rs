@@ -273,6 +273,11 @@ impl FakeKeap {
         self.state().applied.entry(contact_id).or_default().insert(tag_id, unix_ms());
     }
 
+    /// Removes a tag from a contact as a person would (not logged); whether it was there.
+    pub fn remove_tag(&self, contact_id: i64, tag_id: i64) -> bool {
+        self.state().applied.get_mut(&contact_id).is_some_and(|t| t.remove(&tag_id).is_some())
+    }
+
     /// The tags applied to a contact.
     pub fn contact_tags(&self, contact_id: i64) -> std::collections::BTreeSet<i64> {
         self.state().applied.get(&contact_id).map(|t| t.keys().copied().collect()).unwrap_or_default()
@@ -304,6 +309,8 @@ impl FakeKeap {
         let edited = state.contacts.edit(id, |c| {
             edit(c);
             c.email_addresses.sort_by_key(|e| slot(e.field));
+            // A person's edit moves the contact's update time, as in Keap.
+            c.last_updated = Some(rfc3339_ms(unix_ms()));
         });
         edited.is_some()
     }

@@ -278,6 +278,10 @@ impl State {
             *from += 1;
             let p = rule.probability;
             let lucky = p >= 1.0 || (p > 0.0 && rand::random::<f64>() < p);
+            if kind.matches(rule.route, req) && rule.skip > 0 {
+                rule.skip -= 1;
+                continue;
+            }
             if kind.matches(rule.route, req) && rule.times != Some(0) && lucky {
                 if let Some(n) = rule.times.as_mut() {
                     *n -= 1;

@@ -71,6 +71,7 @@ mod other_host;
 mod rules;
 mod server;
 mod tags;
+mod v2;
 mod wire;
 
 pub use other_host::{Arrival, OtherHost};
@@ -281,17 +282,23 @@ pub struct FaultRule {
     pub times: Option<u32>,
     /// Chance that the rule fires on a matching request, 0..=1.
     pub probability: f64,
+    /// Matching requests to let through before the rule may fire (the n+1-th is the first).
+    pub skip: u32,
 }
 
 impl FaultRule {
     /// A rule that fires on every matching request, forever.
     pub fn new(route: Route, action: FaultAction) -> Self {
         let (times, probability) = (None, 1.0);
-        FaultRule { route, action, times, probability }
+        FaultRule { route, action, times, probability, skip: 0 }
     }
     /// Limits the rule to its next `n` firings.
     pub fn times(self, n: u32) -> Self {
         FaultRule { times: Some(n), ..self }
+    }
+    /// Lets the next `n` matching requests through first (a fault in the middle of a run).
+    pub fn after(self, n: u32) -> Self {
+        FaultRule { skip: n, ..self }
     }
     /// Makes the rule fire on a matching request with probability `p` only.
     pub fn probability(self, p: f64) -> Self {

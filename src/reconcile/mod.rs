@@ -1,0 +1,264 @@
+//! `keap-sync reconcile`: Keap as it is, against the table. The mirror is brought up to date
+//! (a full v2 listing, [`crate::mirror`]), then every user is classified ([`classify`]) from
+//! its row, its mapping and the mirror: in sync, an owned property that differs in Keap, a
+//! mapped contact gone, no contact yet, parked, or two contacts with its address. The report
+//! changes nothing but the mirror: no Keap write, no change to the users table, the outbox or
+//! the contact map. `--apply` queues each repairable user for delivery, having made its next
+//! delivery rewrite what keap-sync owns (its record of what Keap holds is cleared) or link
+//! again by email (the mapping of a gone contact is dropped); delivery never makes a duplicate
+//! (invariant 4) and sends only owned properties (invariant 12).
+
+mod classify;
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::access::KeapAccess;
+use crate::config::Config;
+use crate::daemon::RunError;
+use crate::db::{self, DbError};
+use crate::mapping::{Held, Mapper};
+use crate::mirror::{self, MirrorError};
+use crate::outbox;
+use crate::ratelimit::Reserving;
+use crate::schema::{self, UserTable};
+
+pub use crate::mirror::Listing;
+pub use classify::Class;
+
+/// Users read per statement.
+const BATCH: usize = 1_000;
+
+/// Why reconcile could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The configuration, schema or database.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// Keap's listing failed; what was stored stays, and the next run resumes the listing.
+    #[error("{0}")]
+    Mirror(String),
+}
+
+impl From<MirrorError> for ReconcileError {
+    fn from(e: MirrorError) -> Self {
+        match e {
+            MirrorError::Db(e) => ReconcileError::Run(e.into()),
+            other => ReconcileError::Mirror(other.to_string()),
+        }
+    }
+}
+
+impl From<DbError> for ReconcileError {
+    fn from(e: DbError) -> Self {
+        ReconcileError::Run(e.into())
+    }
+}
+
+/// One user that is not in sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    /// The user key.
+    pub user: String,
+    /// How it stands.
+    pub class: Class,
+    /// The contact it is linked to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contact_id: Option<i64>,
+    /// What differs: owned property paths, `tag <id>`, or the contacts sharing the address.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub differs: Vec<String>,
+}
+
+/// What a reconcile found (and, with `apply`, queued).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// The listing that refreshed the mirror.
+    pub listing: Listing,
+    /// Users compared.
+    pub users: u64,
+    /// Users in sync.
+    pub in_sync: u64,
+    /// Every user that is not, in key order.
+    pub drift: Vec<Drift>,
+    /// Users queued for delivery by `--apply`.
+    pub queued: u64,
+}
+
+/// Lists every Keap contact into the mirror (resuming a listing stopped half-way), counting
+/// the calls against the day like deliveries. Changes nothing in Keap or the users table.
+pub async fn refresh_mirror(config: &Config) -> Result<Listing, ReconcileError> {
+    let client = connect(config).await?;
+    list(config, &client).await
+}
+
+/// `keap-sync reconcile [KEYS…] [--apply]`: refreshes the mirror, then classifies `keys` (all
+/// users when empty); with `apply`, queues the repairable ones for delivery.
+pub async fn reconcile(config: &Config, keys: &[String], apply: bool) -> Result<Report, ReconcileError> {
+    let client = connect(config).await?;
+    let table = UserTable::resolve(&client, &config.users).await.map_err(RunError::from)?;
+    let mut report = Report { listing: list(config, &client).await?, ..Report::default() };
+    let mapper = Mapper::new(&config.users);
+    let mut after: Option<String> = None;
+    loop {
+        let batch = match keys.is_empty() {
+            true => outbox::user_keys(&client, &table, after.as_deref(), BATCH as i64).await?,
+            false if after.is_none() => keys.to_vec(),
+            false => Vec::new(),
+        };
+        let Some(last) = batch.last().cloned() else { break };
+        let found = compare(&client, &table, &mapper, &batch).await?;
+        report.users += batch.len() as u64;
+        report.in_sync += batch.len() as u64 - found.len() as u64;
+        if apply {
+            report.queued += repair(&client, &found).await?;
+        }
+        report.drift.extend(found);
+        after = Some(last);
+    }
+    if keys.is_empty() {
+        record_counts(&client, &report).await?;
+    }
+    Ok(report)
+}
+
+async fn connect(config: &Config) -> Result<Client, ReconcileError> {
+    let pg = db::parse(config.database().map_err(RunError::from)?).map_err(RunError::from)?;
+    let client = db::connect(&pg).await.map_err(RunError::from)?;
+    schema::ensure_current(&client).await.map_err(RunError::from)?;
+    Ok(client)
+}
+
+/// The full listing, with the day's calls reserved like the daemon's and the rest given back.
+async fn list(config: &Config, client: &Client) -> Result<Listing, ReconcileError> {
+    let pg = db::parse(config.database().map_err(RunError::from)?).map_err(RunError::from)?;
+    let access = KeapAccess::build(config, &pg).map_err(RunError::from)?;
+    let reserving = Reserving::start(&access.limiter, &pg);
+    let mapper = Mapper::new(&config.users);
+    let keap =
+        mirror::Keap { client: &access.keap, tokens: &access.tokens, timeout: config.keap.request_timeout };
+    let listed = mirror::list_all(client, &keap, &mapper).await;
+    drop(reserving);
+    access.limiter.give_back(client).await;
+    Ok(listed?)
+}
+
+/// The users of `keys` that are not in sync, in key order.
+async fn compare(
+    client: &Client,
+    table: &UserTable,
+    mapper: &Mapper,
+    keys: &[String],
+) -> Result<Vec<Drift>, DbError> {
+    let mut rows = outbox::read_users(client, table, keys).await?;
+    let maps = outbox::mappings(client, keys).await?;
+    let parked = parked(client, keys).await?;
+    let contact_ids: Vec<i64> = maps.values().map(|m| m.contact_id).collect();
+    let contacts = mirror::contacts(client, &contact_ids).await?;
+    let mut drift = Vec::new();
+    let mut payloads = HashMap::new();
+    for key in keys {
+        let Some(row) = rows.remove(key) else { continue };
+        payloads.insert(key.clone(), row.ok().and_then(|row| mapper.payload(key, &row, None).ok()));
+    }
+    let emails: Vec<String> =
+        payloads.values().flatten().map(|p| p.email.trim().to_ascii_lowercase()).collect();
+    let by_email = mirror::by_email1(client, &emails).await?;
+    for key in keys {
+        let Some(payload) = payloads.get(key) else { continue };
+        let mapping = maps.get(key);
+        let mapped = mapping.map(|m| {
+            let held =
+                payload.as_ref().map(|p| Held::of_mapping(m.sent.as_ref(), m.fingerprint.as_deref(), p));
+            (m.contact_id, held.and_then(|h| h.tags().cloned()).unwrap_or_default())
+        });
+        let contact =
+            mapping.and_then(|m| contacts.get(&m.contact_id)).map(|(json, tags)| (json, tags.as_slice()));
+        let email = payload.as_ref().map(|p| p.email.trim().to_ascii_lowercase()).unwrap_or_default();
+        let facts = classify::Facts {
+            payload: payload.as_ref(),
+            mapped,
+            contact,
+            by_email: by_email.get(&email).map_or(&[][..], Vec::as_slice),
+            parked: parked.contains(key),
+        };
+        let (class, differs) = classify::classify(&facts);
+        if class != Class::InSync {
+            drift.push(Drift {
+                user: key.clone(),
+                class,
+                contact_id: mapping.map(|m| m.contact_id),
+                differs,
+            });
+        }
+    }
+    Ok(drift)
+}
+
+/// Keeps a whole-table run's counts by class (no key, no value) for `status`.
+async fn record_counts(client: &Client, report: &Report) -> Result<(), DbError> {
+    let mut counts = serde_json::Map::new();
+    for d in &report.drift {
+        let class = serde_json::to_value(d.class)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let n = counts.get(&class).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        counts.insert(class, n.saturating_add(1).into());
+    }
+    client
+        .execute(
+            "update keap_sync.mirror_state set reconciled_at = now(), reconciled_users = $1, drift = $2",
+            &[&i64::try_from(report.users).unwrap_or(i64::MAX), &serde_json::Value::Object(counts)],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The users of `keys` whose change is parked.
+async fn parked(client: &Client, keys: &[String]) -> Result<BTreeSet<String>, DbError> {
+    let rows = client
+        .query(
+            "select user_key from keap_sync.outbox where user_key = any($1) and parked_at is not null",
+            &[&keys],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Queues the repairable users for delivery, in one statement: a differing user's record of
+/// what Keap holds is cleared (its next delivery sends every owned property, reading the
+/// contact first for arrays), a gone contact's mapping is dropped (the next delivery links by
+/// email, or creates), and each is queued at the backfill's priority, behind live changes.
+/// Returns how many were queued.
+async fn repair(client: &Client, drift: &[Drift]) -> Result<u64, DbError> {
+    let pick = |class: Class| -> Vec<String> {
+        drift.iter().filter(|d| d.class == class).map(|d| d.user.clone()).collect()
+    };
+    let queue: Vec<String> = drift.iter().filter(|d| d.class.repairable()).map(|d| d.user.clone()).collect();
+    if queue.is_empty() {
+        return Ok(0);
+    }
+    let row = client
+        .query_one(
+            "with cleared as (
+                 update keap_sync.contact_map set sent = null, fingerprint = ''
+                  where user_key = any($1)
+                 returning 1
+             ), gone as (
+                 delete from keap_sync.contact_map where user_key = any($2)
+                 returning 1
+             ), queued as (
+                 insert into keap_sync.outbox (user_key, priority)
+                 select k, 2 from unnest($3::text[]) k
+                 on conflict (user_key) do update set version = keap_sync.outbox.version + 1
+                 returning 1
+             )
+             select (select count(*) from queued), pg_notify($4, '')::text is null",
+            &[&pick(Class::Differs), &pick(Class::ContactGone), &queue, &db::NOTIFY_CHANNEL],
+        )
+        .await?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}

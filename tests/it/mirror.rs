@@ -1,0 +1,261 @@
+//! keap-sync's mirror of Keap (`keap_sync.mirror`): the full listing through the v2 API.
+//!
+//! Run alone with `cargo test --test it mirror`.
+
+use keap_sync::Class;
+use std::time::Duration;
+
+use keap_sync_testkit::app::{self, spawn_app_with, Options};
+use keap_sync_testkit::fake::{FaultAction, FaultRule, Route};
+use serde_json::json;
+
+/// A full listing of 10,000 contacts takes 10 list calls of 1,000, and the mirror then holds
+/// what Keap holds: every contact, its addresses lower-cased, the mapped names and its tags. A
+/// second listing, after contacts were deleted and edited in Keap, removes and updates them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listing_of_10000_contacts_takes_10_calls_and_mirrors_keap() {
+    let app = spawn_app_with(Options::stopped()).await;
+    let vip = app.fake.create_tag("VIP");
+    let mut ids = Vec::new();
+    for i in 0..10_000 {
+        let c = app.fake.seed_contact_json(json!({
+            "given_name": format!("G{i}"), "family_name": "Family",
+            "email_addresses": [{"field": "EMAIL1", "email": format!("Person{i}@Example.com")},
+                                {"field": "EMAIL2", "email": format!("other{i}@example.com")}],
+        }));
+        if i % 100 == 0 {
+            app.fake.apply_tag(c.id, vip);
+        }
+        ids.push(c.id);
+    }
+    let lists = |app: &keap_sync_testkit::app::TestApp| app.fake.count(|r| r.path.ends_with("/v2/contacts"));
+
+    let listing = keap_sync::refresh_mirror(&app.config()).await.expect("the listing");
+
+    assert_eq!((listing.pages, listing.contacts, listing.removed), (10, 10_000, 0));
+    assert_eq!(lists(&app), 10, "one list call per 1,000 contacts");
+    let row = app
+        .db
+        .query_one(
+            "select emails, email1, contact->>'given_name', contact->>'family_name', tag_ids
+               from keap_sync.mirror where contact_id = $1",
+            &[&ids[4200]],
+        )
+        .await
+        .expect("contact 4200 in the mirror");
+    assert_eq!(row.get::<_, Vec<String>>(0), ["person4200@example.com", "other4200@example.com"]);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("person4200@example.com"));
+    assert_eq!((row.get::<_, String>(2), row.get::<_, String>(3)), ("G4200".into(), "Family".into()));
+    assert_eq!(row.get::<_, Vec<i64>>(4), [vip]);
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 10_000);
+    assert_eq!(
+        app.count("select count(*) from keap_sync.mirror where tag_ids = array[]::bigint[]").await,
+        9_900
+    );
+
+    for id in &ids[..3] {
+        app.fake.delete_contact(*id);
+    }
+    app.fake.edit_contact(ids[5000], |c| c.given_name = Some("Edited".into()));
+    let again = keap_sync::refresh_mirror(&app.config()).await.expect("the second listing");
+    assert_eq!((again.pages, again.contacts, again.removed), (10, 9_997, 3));
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 9_997);
+    let edited: String = app
+        .db
+        .query_one("select contact->>'given_name' from keap_sync.mirror where contact_id = $1", &[&ids[5000]])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(edited, "Edited");
+    let state = app.db.query_one("select listing_token is null and listed_at is not null and watermark >= listed_at from keap_sync.mirror_state", &[]).await.unwrap();
+    assert!(state.get::<_, bool>(0), "the listing completed and the watermark reached its start");
+}
+
+/// The contact-side tables and the users table, as one hash: what reconcile must not change.
+const SNAPSHOT: &str = "select md5(string_agg(t, '|' order by t)) from (
+    select o::text as t from keap_sync.outbox o union all select m::text from keap_sync.contact_map m
+    union all select c::text from keap_sync.change c union all select u::text from public.users u) s";
+
+/// `reconcile` over 1,000 synced users after hand edits in Keap reports each in its class,
+/// makes no write call and changes no table but the mirror; `--apply` queues the repairable
+/// ones, the daemon repairs them, and a second run reports only what needs a person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
+    let mut app =
+        spawn_app_with(Options { toml: "[[tags.from]]\nsql = \"true\"\ntag = 77\n", ..Options::default() })
+            .await;
+    app.fake.create_tag_with_id(77, "Member");
+    app.insert_users(1000).await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    let contact = |key: &str| {
+        let app = &app;
+        let key = key.to_owned();
+        async move {
+            let id: i64 = app
+                .db
+                .query_one("select contact_id from keap_sync.contact_map where user_key = $1", &[&key])
+                .await
+                .unwrap()
+                .get(0);
+            id
+        }
+    };
+    let (c1, c2, c3, c5, c6) =
+        (contact("1").await, contact("2").await, contact("3").await, contact("5").await, contact("6").await);
+    app.fake.edit_contact(c1, |c| c.given_name = Some("Edited in Keap".into()));
+    assert!(app.fake.remove_tag(c2, 77));
+    app.fake.delete_contact(c3);
+    let email4: String = app.db.query_one("select email from users where id = 4", &[]).await.unwrap().get(0);
+    let duplicate = app.fake.seed_contact_json(
+        json!({"given_name": "Dup", "email_addresses": [{"field": "EMAIL1", "email": email4}]}),
+    );
+    // Users 5 and 6 merged in Keap: 6's contact is gone, its address now 5's EMAIL2.
+    let email6: String = app.db.query_one("select email from users where id = 6", &[]).await.unwrap().get(0);
+    app.fake.delete_contact(c6);
+    app.fake.edit_contact_json(c5, |m| {
+        m["email_addresses"].as_array_mut().unwrap().push(json!({"field": "EMAIL2", "email": email6}));
+    });
+    let before = app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, Option<String>>(0);
+    let writes_before = app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token"));
+
+    let report = keap_sync::reconcile(&app.config(), &[], false).await.expect("reconcile");
+
+    assert_eq!(
+        app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token")),
+        writes_before,
+        "no write call"
+    );
+    assert_eq!(
+        app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, Option<String>>(0),
+        before,
+        "no table changed"
+    );
+    assert_eq!((report.users, report.in_sync), (1000, 995), "{:#?}", report.drift);
+    let class = |key: &str| report.drift.iter().find(|d| d.user == key).map(|d| (d.class, d.differs.clone()));
+    assert_eq!(class("1"), Some((Class::Differs, vec!["given_name".to_owned()])));
+    assert_eq!(class("2"), Some((Class::Differs, vec!["tag 77".to_owned()])));
+    assert_eq!(class("3").map(|c| c.0), Some(Class::ContactGone));
+    assert_eq!(
+        class("4"),
+        Some((
+            Class::Duplicates,
+            vec![format!("contact {}", contact("4").await), format!("contact {}", duplicate.id)]
+        ))
+    );
+    assert_eq!(class("6").map(|c| c.0), Some(Class::ContactGone));
+
+    // `status` shows the mirror's freshness and the counts, never a key or a value.
+    let config = app.write_config_file("", "");
+    let out = app.run_cli(&["--config", config.to_str().unwrap(), "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mirror of Keap: 999 contacts")
+            && text.contains("1000 users: 2 contact gone, 2 differs, 1 duplicates")
+            && !text.contains("@example.com"),
+        "{text}"
+    );
+    let applied = keap_sync::reconcile(&app.config(), &[], true).await.expect("reconcile --apply");
+    assert_eq!(applied.queued, 4, "users 1, 2, 3 and 6; user 4 needs a person: {:#?}", applied.drift);
+    app.start_daemon().await;
+    let settled = "select (select count(*) from keap_sync.outbox where parked_at is null)
+                        + (select count(*) from keap_sync.change)";
+    app::eventually(Duration::from_secs(30), "the repairs to be delivered (user 6 parks)", || async {
+        app.count(settled).await == 0
+    })
+    .await;
+    let after = keap_sync::reconcile(&app.config(), &[], false).await.expect("reconcile again");
+    let left: Vec<(String, Class)> = after.drift.iter().map(|d| (d.user.clone(), d.class)).collect();
+    // User 6's address is only another contact's EMAIL2 now: delivery parks it for a person.
+    assert_eq!(left, [("4".to_owned(), Class::Duplicates), ("6".to_owned(), Class::Parked)]);
+    assert_eq!(app.fake.contact_json(c1).unwrap()["given_name"], "F1", "the table's value is back");
+    assert!(app.fake.contact_tags(c2).contains(&77));
+    assert_eq!(
+        app.fake
+            .contacts_with_email(
+                &app.db
+                    .query_one("select email from users where id = 3", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0)
+            )
+            .len(),
+        1
+    );
+}
+
+/// The daemon's sweep: contacts edited in Keap reach the mirror within one sweep interval plus
+/// the lag, listed in one call (a window on Keap's update time, not a full listing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_in_keap_reach_the_mirror_within_a_sweep_in_one_list_call() {
+    let toml = "[mirror]\nsweep_secs = 1\nlag_secs = 0\noverlap_secs = 1\n";
+    let app = spawn_app_with(Options { toml, ..Options::default() }).await;
+    let ids: Vec<i64> = (0..500)
+        .map(|i| {
+            let email = format!("k{i}@example.com");
+            app.fake
+                .seed_contact_json(
+                    json!({"given_name": "Keap", "email_addresses": [{"field": "EMAIL1", "email": email}]}),
+                )
+                .id
+        })
+        .collect();
+    app::eventually(
+        Duration::from_secs(20),
+        "the first sweep (a full listing) to fill the mirror",
+        || async { app.count("select count(*) from keap_sync.mirror").await == 500 },
+    )
+    .await;
+    let lists = || app.fake.count(|r| r.path.ends_with("/v2/contacts"));
+    let before = lists();
+    for (i, id) in ids.iter().take(100).enumerate() {
+        app.fake.edit_contact(*id, |c| c.given_name = Some(format!("Edited {i}")));
+    }
+    app::eventually(
+        Duration::from_secs(5),
+        "the edits to reach the mirror (sweep every 1 s, lag 0)",
+        || async {
+            app.count("select count(*) from keap_sync.mirror where contact->>'given_name' like 'Edited %'")
+                .await
+                == 100
+        },
+    )
+    .await;
+    let calls = lists() - before;
+    assert!(
+        (1..=2).contains(&calls),
+        "{calls} list calls for one sweep's window (one more may have been under way)"
+    );
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 500, "a sweep adds, never removes");
+}
+
+/// A listing cut short resumes from the page after the last one stored, and only the
+/// resumed run's completion removes contacts from the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cut_short_resumes_where_it_stopped() {
+    let app = spawn_app_with(Options::stopped()).await;
+    for i in 0..3_500 {
+        let email = format!("r{i}@example.com");
+        app.fake.seed_contact_json(
+            json!({"given_name": "R", "email_addresses": [{"field": "EMAIL1", "email": email}]}),
+        );
+    }
+    // The third page answers 500: two pages (2,000 contacts) are stored, the listing stops.
+    app.fake.inject(
+        FaultRule::new(
+            Route::Contacts,
+            FaultAction::Status(500, r#"{"message":"Internal Server Error"}"#.into()),
+        )
+        .after(2)
+        .times(1),
+    );
+    let failed = keap_sync::refresh_mirror(&app.config()).await;
+    assert!(failed.is_err(), "the listing stopped at the 500");
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 2_000);
+    let lists = || app.fake.count(|r| r.path.ends_with("/v2/contacts"));
+    let before = lists();
+    let resumed = keap_sync::refresh_mirror(&app.config()).await.expect("the resumed listing");
+    assert_eq!((resumed.pages, resumed.contacts, resumed.removed), (2, 1_500, 0), "pages 3 and 4 only");
+    assert_eq!(lists() - before, 2);
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 3_500);
+}
