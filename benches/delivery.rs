@@ -119,6 +119,8 @@ async fn bench(cluster: &Cluster, a: &Args) {
         // Set so the fake's throttle header agrees with the config: left unset, it reports the
         // API-key default (240/min), which the daemon adopts, and the test would measure that.
         per_minute_limit: Some(per_minute),
+        // The limits measured are the configured ones, not the fake's tenant minute.
+        tenant_minute_limit: None,
         ..Default::default()
     })
     .await

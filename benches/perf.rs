@@ -185,9 +185,12 @@ async fn run(args: &Args) {
     if args.runs("drain") || args.runs("latency") || args.runs("kill") {
         // Limits the fake does not enforce are still reported (an API key's 30,000/day), and the
         // daemon pauses when the reported day is spent: report limits far above the run's calls.
+        // And no spike arrest or tenant limit: the drain measures the daemon, not Keap's limits.
         let fake = FakeOptions {
             per_minute_limit: Some(100_000_000),
             daily_quota: Some(1_000_000_000),
+            documented_limits: false,
+            tenant_minute_limit: None,
             ..FakeOptions::default()
         };
         let env = Env::new(&cluster, "drain", fake, false, args.profile.is_some()).await;

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
+/// The API key the test configuration sends and the fake accepts.
 pub const API_KEY: &str = "test-api-key-0123456789";
 
 /// The application's table as a typical app has it: `plan` is not synced.
@@ -63,6 +64,7 @@ pub fn cluster() -> &'static Cluster {
 /// Lines are also printed when `KEAP_SYNC_LOG` is set.
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 
+/// Every log line captured so far in this test process, for tests that grep the log.
 pub fn captured_logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
 }
@@ -93,16 +95,27 @@ fn init_tracing() {
     });
 }
 
-/// The fake as tests use it: Keap's behaviour, but a per-minute limit far above what a test
-/// sends. (The fake reports its per-minute limit in `x-keap-product-throttle-limit`, as Keap
-/// does, and the daemon adopts a lower reported limit: an API key's real 240/min would make
-/// every bulk test take minutes.)
+/// The fake as tests use it: Keap's strictest behaviour, except its limits, which are lifted
+/// out of the way: a per-minute limit far above what a test sends, no spike arrest and no
+/// tenant limit. (The fake reports its per-minute limits in `x-keap-product-throttle-limit` and
+/// `x-keap-tenant-throttle-limit`, as Keap does, and the daemon adopts a lower reported limit:
+/// an API key's real 10/s and 240/min would make every bulk test take minutes.) The tests of the
+/// limits set them on the fake explicitly; `limits::the_fakes_default_limits_...` runs the
+/// daemon's own defaults against the fake's.
 pub fn fake_options() -> FakeOptions {
-    FakeOptions { per_minute_limit: Some(10_000_000), ..FakeOptions::default() }
+    FakeOptions {
+        per_minute_limit: Some(10_000_000),
+        documented_limits: false,
+        tenant_minute_limit: None,
+        ..FakeOptions::default()
+    }
 }
 
+/// How [`spawn_app_with`] sets up a test: the fake's options, the credential kind, the tables and config.
 pub struct Options {
+    /// The fake Keap's behaviour ([`fake_options`] by default).
     pub fake: FakeOptions,
+    /// Whether an in-process daemon is started before the app is returned.
     pub start_daemon: bool,
     /// OAuth client credentials (and a grant imported before start) instead of an API key.
     pub oauth: bool,
@@ -144,11 +157,15 @@ struct RunningDaemon {
     handle: JoinHandle<Result<(), RunError>>,
 }
 
+/// One test's world: a fresh database migrated for keap-sync, a fake Keap and the daemons started on them.
 pub struct TestApp {
     /// The application's own connection (plays the app writing `users`).
     pub db: Client,
+    /// The libpq connection string of the test's database.
     pub conninfo: String,
+    /// The fake Keap server the daemon's configuration points at.
     pub fake: FakeKeap,
+    /// Whether the app uses OAuth (a stored grant) rather than an API key.
     pub oauth: bool,
     tweak: fn(&mut Config),
     toml: &'static str,
@@ -157,10 +174,12 @@ pub struct TestApp {
     private_cluster: Option<&'static Cluster>,
 }
 
+/// A test app with the default [`Options`]: the users table, an API key and a running daemon.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(Options::default()).await
 }
 
+/// A test app set up as `options` say: database, migrations, fake Keap and (unless stopped) a daemon.
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
     let private_cluster = options.private_cluster.then(|| {
@@ -197,6 +216,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     app
 }
 
+/// A plain Postgres connection, its connection task spawned; panics if it cannot connect.
 pub async fn connect(conninfo: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.expect("connect");
     tokio::spawn(async move {
@@ -235,6 +255,7 @@ impl TestApp {
         keap_sync::import_grant(&self.db, &json).await.expect("store grant");
     }
 
+    /// The daemon configuration of this app: the test TOML, its secrets from the environment, then `tweak`.
     pub fn config(&self) -> Config {
         let env = self.env();
         let text = format!("{TEST_TOML}\n{}", self.toml);
@@ -244,6 +265,7 @@ impl TestApp {
         config
     }
 
+    /// Starts one more in-process daemon with [`TestApp::config`].
     pub async fn start_daemon(&mut self) {
         self.start_daemon_with(self.config()).await;
     }
@@ -253,6 +275,11 @@ impl TestApp {
         self.start_daemon_with_options(config, RunOptions::default()).await;
     }
 
+    /// Starts one more in-process daemon with `config` and run options (a backfill, say).
+    #[expect(
+        clippy::unused_async,
+        reason = "async like the other starts, and only callable inside the Tokio runtime it spawns the daemon on"
+    )]
     pub async fn start_daemon_with_options(&mut self, config: Config, options: RunOptions) {
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -355,16 +382,19 @@ impl TestApp {
         panic!("outbox not empty after {timeout:?}:\n{}", dump.join("\n"));
     }
 
+    /// Waits up to 30 s until the change log and the outbox are empty; panics with a dump otherwise.
     pub async fn wait_idle(&self) {
         self.wait_idle_for(Duration::from_secs(30)).await;
     }
 
+    /// Runs `sql` (one or more statements) as the application; panics with the server's message on error.
     pub async fn exec(&self, sql: &str) {
         self.db.batch_execute(sql).await.unwrap_or_else(|e| {
             panic!("{sql}: {e}: {:?}", e.as_db_error().map(|d| (d.message(), d.where_())))
         });
     }
 
+    /// The first column of the one row `sql` returns, as an `i64` (a `count(*)`, typically).
     pub async fn count(&self, sql: &str) -> i64 {
         self.db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
     }
@@ -481,7 +511,9 @@ impl Drop for TestApp {
 
 /// A `keap-sync run` child process; SIGKILLed on drop so a failing test leaves nothing behind.
 pub struct ChildDaemon {
+    /// The `keap-sync run` process.
     pub child: Child,
+    /// The file its standard output and error go to.
     pub log: PathBuf,
 }
 
@@ -492,6 +524,7 @@ impl ChildDaemon {
         let _ = self.child.wait();
     }
 
+    /// Everything the child has logged so far (empty if the file cannot be read).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -503,6 +536,7 @@ impl Drop for ChildDaemon {
     }
 }
 
+/// A number unlikely to repeat within the process, to make names (databases, roles) unique.
 pub fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

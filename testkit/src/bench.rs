@@ -71,9 +71,13 @@ pub async fn enable_pg_stat_statements(cluster: Cluster) -> Cluster {
 /// One statement as `pg_stat_statements` saw it.
 #[derive(Debug, Clone)]
 pub struct Statement {
+    /// How many times it ran.
     pub calls: i64,
+    /// Its total execution time, in milliseconds.
     pub total_ms: f64,
+    /// Its mean execution time, in milliseconds.
     pub mean_ms: f64,
+    /// How many rows it returned or touched, over all its runs.
     pub rows: i64,
     /// The normalised text, whitespace folded.
     pub query: String,
@@ -170,6 +174,7 @@ pub fn server_pids(cluster: &Cluster) -> Vec<String> {
 pub struct ServerCpu(HashMap<String, u64>);
 
 impl ServerCpu {
+    /// The CPU ticks each server process of `cluster` has used so far.
     pub fn read(cluster: &Cluster) -> ServerCpu {
         ServerCpu(server_pids(cluster).into_iter().map(|pid| (pid.clone(), cpu_ticks(&pid))).collect())
     }
@@ -342,10 +347,12 @@ pub async fn users_right_in_keap(db: &Client, fake: &FakeKeap) -> (usize, usize)
 pub struct ChildDaemon {
     /// The harness's child process (kill, log, SIGKILL on drop).
     inner: crate::app::ChildDaemon,
+    /// When the process was spawned, to time its start and first call from.
     pub started: Instant,
 }
 
 impl ChildDaemon {
+    /// Spawns `binary run` with `toml` written into `dir` as its configuration and `env` as its environment.
     pub fn spawn(binary: &Path, dir: &Path, toml: &str, env: &HashMap<String, String>) -> ChildDaemon {
         std::fs::create_dir_all(dir).expect("bench dir");
         let config = dir.join("keap-sync.toml");
@@ -367,6 +374,7 @@ impl ChildDaemon {
         ChildDaemon { inner: crate::app::ChildDaemon { child, log }, started }
     }
 
+    /// The child's process id, as text (as `/proc` and `ps` name it).
     pub fn pid(&self) -> String {
         self.inner.child.id().to_string()
     }
@@ -417,6 +425,7 @@ impl ChildDaemon {
         self.inner.kill();
     }
 
+    /// Everything the child has logged so far.
     pub fn log_text(&self) -> String {
         self.inner.log_text()
     }
@@ -443,6 +452,7 @@ pub async fn delivery_latencies_ms(db: &Client, committed: &[(String, SystemTime
     ms
 }
 
+/// The `q` quantile (0–1, nearest rank) of ascending `sorted`; NaN when empty.
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     match sorted.len() {
         0 => f64::NAN,

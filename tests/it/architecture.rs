@@ -257,3 +257,27 @@ fn nothing_in_the_repository_points_outside_it() {
     }
     assert!(hits.is_empty(), "these lines point outside the repository:\n{}", hits.join("\n"));
 }
+
+/// ARCHITECTURE.md's table of invariants names, for each of the sixteen, integration tests that
+/// exist (`module::name` is `fn name` in `tests/it/module.rs`), so a renamed or removed test
+/// cannot leave an invariant guarded on paper only.
+#[test]
+fn every_invariant_names_tests_that_exist() {
+    let text = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    let mut guarded = BTreeSet::new();
+    for row in
+        text.lines().filter(|l| l.starts_with("| ") && l.as_bytes().get(2).is_some_and(u8::is_ascii_digit))
+    {
+        let number: u32 = row[2..].split_whitespace().next().unwrap().parse().unwrap();
+        let tests: Vec<&str> = row.split('`').skip(1).step_by(2).filter(|t| t.contains("::")).collect();
+        assert!(!tests.is_empty(), "invariant {number} names no test");
+        for test in tests {
+            let (module, name) = test.split_once("::").unwrap();
+            let source = std::fs::read_to_string(root().join(format!("tests/it/{module}.rs")))
+                .unwrap_or_else(|e| panic!("invariant {number}: {test}: tests/it/{module}.rs: {e}"));
+            assert!(source.contains(&format!("fn {name}(")), "invariant {number}: no test {test}");
+        }
+        guarded.insert(number);
+    }
+    assert_eq!(guarded, (1..=16).collect::<BTreeSet<u32>>(), "every invariant has a row");
+}

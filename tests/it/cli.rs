@@ -103,10 +103,28 @@ async fn migrate_twice_is_a_no_op_and_uninstall_removes_the_trigger() {
         .count();
     assert_eq!(applied, files as i64, "one applied migration per sql/NNNN_*.sql file");
 
+    // Capture writes the change log (and the outbox for a key change or a truncate); count both.
+    let captured = "select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)";
+    // A positive control first: installed, every kind of write is captured.
+    app.exec("insert into users (email) values ('before@example.com')").await;
+    assert!(app.count(captured).await > 0, "an insert is captured while the triggers are installed");
+    app.exec("delete from keap_sync.change; delete from keap_sync.outbox").await;
+
     let out = keap_sync(&["uninstall"], &env);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let triggers =
+        "select count(*) from pg_trigger where tgrelid = 'public.users'::regclass and not tgisinternal";
+    assert_eq!(app.count(triggers).await, 0, "uninstall leaves no trigger on users");
     app.exec("insert into users (email) values ('after@example.com')").await;
-    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0, "no capture after uninstall");
+    app.exec("update users set first_name = 'Renamed'").await;
+    app.exec("update users set id = id + 1000 where email = 'after@example.com'").await;
+    app.exec("delete from users where email = 'before@example.com'").await;
+    app.exec("truncate users").await;
+    assert_eq!(
+        app.count(captured).await,
+        0,
+        "no capture after uninstall: insert, update, key change, delete, truncate"
+    );
 
     let out = keap_sync(&["uninstall", "--drop-schema"], &env);
     assert!(out.status.success());
@@ -215,4 +233,97 @@ async fn a_log_file_gets_no_colour_codes() {
     .await;
     let log = daemon.log_text();
     assert!(!log.contains('\u{1b}'), "escape codes in a log file:\n{log:?}");
+}
+
+/// A migration whose file changed after it was applied is refused with the fix (invariant 9:
+/// forward-only, checksummed). The edit is played by the recorded checksum no longer matching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_migration_is_refused_naming_it() {
+    let app = spawn_app_with(Options::stopped()).await;
+    let env = [("DATABASE_URL", app.conninfo.as_str())];
+    app.exec("update keap_sync.schema_migrations set checksum = 'edited' where version = 3").await;
+    let out = keap_sync(&["migrate"], &env);
+    assert_one_line_error(&out, &["migration 0003", "changed after it was applied", "add a new one"]);
+    // Nothing was applied or installed meanwhile: the refusal rolled back the whole attempt.
+    assert_eq!(
+        app.count("select count(*) from keap_sync.schema_migrations where checksum = 'edited'").await,
+        1
+    );
+}
+
+/// A fresh database holding the users table only, and its conninfo.
+async fn bare_database(app: &keap_sync_testkit::app::TestApp) -> (tokio_postgres::Client, String) {
+    let conninfo = app.cluster().fresh_database("bare").await.expect("a fresh database");
+    let db = app::connect(&conninfo).await;
+    db.batch_execute(app::USERS_DDL).await.expect("users table");
+    (db, conninfo)
+}
+
+/// Every migration runs in one transaction: one that fails leaves nothing of the others, not
+/// even the bookkeeping table (invariant 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_in_one_transaction() {
+    let app = spawn_app_with(Options::stopped()).await;
+    let (db, conninfo) = bare_database(&app).await;
+    // An object in the way of a later migration (0007 creates keap_sync.quota_usage).
+    db.batch_execute("create schema keap_sync; create table keap_sync.quota_usage (x int)").await.unwrap();
+    let out = keap_sync(&["migrate"], &[("DATABASE_URL", conninfo.as_str())]);
+    assert!(!out.status.success(), "migrate must fail: {}", String::from_utf8_lossy(&out.stdout));
+    let left = "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                 where n.nspname = 'keap_sync' and c.relname <> 'quota_usage'";
+    let left: i64 = db.query_one(left, &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "nothing of migrations 0001-0006 (nor schema_migrations) is left");
+    let triggers: i64 = db
+        .query_one("select count(*) from pg_trigger where tgrelid = 'public.users'::regclass", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0, "no trigger installed");
+    // With the obstacle gone it applies everything.
+    db.batch_execute("drop table keap_sync.quota_usage").await.unwrap();
+    let out = keap_sync(&["migrate"], &[("DATABASE_URL", conninfo.as_str())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Migrations run under the advisory lock: while another session holds it, `migrate` waits
+/// (says so) and applies nothing; it goes ahead once the lock is free (invariant 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_waits_for_the_advisory_lock() {
+    /// `schema::MIGRATION_LOCK`: "keapsync" in ASCII.
+    const MIGRATION_LOCK: i64 = 0x6b65_6170_7379_6e63;
+    let app = spawn_app_with(Options::stopped()).await;
+    let (db, conninfo) = bare_database(&app).await;
+    let holder = app::connect(&conninfo).await;
+    holder.execute("select pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keap-sync"))
+        .arg("migrate")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &conninfo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn migrate");
+    let waiting = "select count(*) from pg_locks where locktype = 'advisory' and not granted
+                    and database = (select oid from pg_database where datname = current_database())";
+    app::eventually(Duration::from_secs(10), "migrate waiting on the advisory lock", || async {
+        db.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    let applied: bool = db
+        .query_one("select to_regclass('keap_sync.schema_migrations') is not null", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!applied, "nothing is visible while migrate waits for the lock");
+    assert!(child.try_wait().unwrap().is_none(), "migrate waits");
+    holder.execute("select pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let applied: bool = db
+        .query_one("select to_regclass('keap_sync.schema_migrations') is not null", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(applied, "applied once the lock was free");
 }

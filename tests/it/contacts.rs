@@ -130,7 +130,11 @@ async fn two_users_with_one_email_never_share_a_contact() {
     assert!(reason.contains("user 1"), "the message names the other user: {reason}");
     let unique = "insert into keap_sync.contact_map (user_key, contact_id, fingerprint) \
                   select '2', contact_id, '' from keap_sync.contact_map where user_key = '1'";
-    assert!(app.db.batch_execute(unique).await.is_err(), "the schema refuses a second key for one contact");
+    let refused =
+        app.db.batch_execute(unique).await.expect_err("the schema refuses a second key for one contact");
+    let refused = refused.as_db_error().unwrap_or_else(|| panic!("a database error: {refused}"));
+    assert_eq!(refused.code(), &tokio_postgres::error::SqlState::UNIQUE_VIOLATION, "{refused}");
+    assert_eq!(refused.constraint(), Some("contact_map_contact_idx"), "{refused}");
 }
 
 /// Two new users with one email, delivered at the same moment: their creates are recorded in
@@ -344,7 +348,7 @@ async fn the_migration_keeps_one_in_doubt_create_per_email() {
 }
 
 /// Keap's `?email=` filter is undocumented; the fake plays the widest reading (any of
-/// EMAIL1..3, every match). A contact holding the user's address only in EMAIL2 or EMAIL3 may be
+/// EMAIL1..3, part of an address, every match). A contact holding the user's address only in EMAIL2 or EMAIL3 may be
 /// someone else's (a spouse, an assistant): it is never adopted, overwritten or deleted, and
 /// the user is parked naming it, its slot and the way out. A contact whose EMAIL1 is the address
 /// (in any case) is adopted, even when a lower id holds it in another slot.
@@ -508,4 +512,45 @@ async fn an_in_doubt_create_is_settled_by_its_first_lookup() {
         0,
         "the doubt is settled"
     );
+}
+
+/// The lookup by email may match part of an address (the fake's default reading): contacts
+/// whose addresses merely contain the user's are neither linked nor a reason to park; only a
+/// contact whose EMAIL1 is the whole address (in any case) is linked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_email_match_is_neither_linked_nor_a_reason_to_park() {
+    let app = spawn_app_with(Options::default()).await;
+    let seed = |slots: Vec<EmailAddress>| {
+        app.fake.seed_contact(ContactWrite {
+            given_name: Some("Other".into()),
+            family_name: None,
+            email_addresses: Some(slots),
+            duplicate_option: None,
+        })
+    };
+    let near: Vec<Contact> = vec![
+        seed(vec![email("joann@example.com", EmailField::Email1)]),
+        seed(vec![email("ann@example.com.au", EmailField::Email1)]),
+        seed(vec![
+            email("x@example.org", EmailField::Email1),
+            email("mary-ann@example.com", EmailField::Email2),
+        ]),
+        seed(vec![email("Bo@Example.com", EmailField::Email1)]),
+    ];
+    app.exec("insert into users (id, email, first_name) values (1, 'ann@example.com', 'Ann')").await;
+    app.exec("insert into users (id, email, first_name) values (2, 'o@example.com', 'O')").await;
+    app.exec("insert into users (id, email, first_name) values (3, 'bo@example.com', 'Bo')").await;
+    app.wait_idle().await;
+    for c in &near[..3] {
+        assert_eq!(mapped_keys(&app, c.id).await, Vec::<String>::new(), "contact {} was linked", c.id);
+        assert_eq!(app.fake.contact(c.id).expect("kept").given_name.as_deref(), Some("Other"), "written");
+    }
+    let ann = app.fake.contacts_with_email("ann@example.com");
+    assert_eq!(ann.len(), 1, "user 1 got a contact of its own");
+    assert_eq!(mapped_keys(&app, ann[0].id).await, ["1"]);
+    // `o@example.com` is part of every address seeded: still a contact of its own.
+    assert_eq!(app.fake.contacts_with_email("o@example.com").len(), 1);
+    // Among the partial matches, the contact whose EMAIL1 is the address (another case) is linked.
+    assert_eq!(mapped_keys(&app, near[3].id).await, ["3"]);
+    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0, "nobody parked");
 }

@@ -438,3 +438,39 @@ async fn the_daemon_never_waits_for_an_outbox_row_while_holding_another() {
     app.wait_idle().await;
     app.assert_keap_matches_users().await;
 }
+
+/// A bookkeeping statement that fails every try gives up with an error-level log line naming
+/// the user, and the change is delivered again after its lease (README, "Postgres faults").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bookkeeping_statement_that_gives_up_logs_an_error_naming_the_user() {
+    let app = spawn_app_with(short_lock_timeout()).await;
+    // A key no other test uses, so this test's line is told apart in the process's log.
+    let user = 7_310_031_i64;
+    app.exec(&format!("insert into users (id, email) values ({user}, 'gives-up@example.com')")).await;
+    app.wait_idle().await;
+    let locked = contact_of(&app, user).await;
+
+    // The completion's statement waits 1 s on the lock each try; four tries and it gives up.
+    let locker = lock_mapping(&app, user).await;
+    app.exec(&format!("update users set first_name = 'GaveUp' where id = {user}")).await;
+    let wanted = |l: &&str| l.contains("ERROR") && l.contains(&format!("user={user}"));
+    eventually(Duration::from_secs(20), "an error-level line naming the user", || async {
+        app::captured_logs().lines().any(|l| wanted(&l))
+    })
+    .await;
+    let logs = app::captured_logs();
+    let line = logs.lines().find(wanted).expect("the line");
+    assert!(line.contains("could not record a delivery result after retrying"), "{line}");
+    let tries = logs
+        .lines()
+        .filter(|l| {
+            l.contains("WARN") && l.contains(&format!("user={user}")) && l.contains("trying it again")
+        })
+        .count();
+    assert!(tries >= 1, "the statement was tried again before it gave up");
+
+    // Nothing is lost: once the lock is gone the change is delivered again.
+    locker.batch_execute("rollback").await.expect("release the lock");
+    app.wait_idle_for(Duration::from_secs(30)).await;
+    assert_eq!(app.fake.contact(locked).expect("contact").given_name.as_deref(), Some("GaveUp"));
+}

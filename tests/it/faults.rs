@@ -27,17 +27,32 @@ async fn at_20_per_second_the_limit_is_used_and_respected() {
         ..Options::stopped()
     })
     .await;
-    app.insert_users(2000).await;
+    // 400 first syncs: 800 calls (a lookup and a create each), about 42 s at the design rate.
+    app.insert_users(400).await;
     app.start_daemon().await;
-    app.wait_idle_for(Duration::from_secs(300)).await;
+    app.wait_idle_for(Duration::from_secs(120)).await;
 
-    let times = contact_times(&app);
+    let mut times = contact_times(&app);
+    times.sort();
     let span = times.last().unwrap().duration_since(times[0]).as_secs_f64();
     let rate = (times.len() - 1) as f64 / span;
+    // The most calls that arrived at Keap in any rolling second (a window starting at each call).
+    let busiest = (0..times.len())
+        .map(|i| {
+            times[i..].iter().take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1)).count()
+        })
+        .max()
+        .unwrap_or(0);
     let throttled = app.fake.throttled_count();
-    eprintln!("2000 changes: {} calls in {span:.1} s = {rate:.2}/s, {throttled} answered 429", times.len());
-    assert!((18.0..=22.0).contains(&rate), "throughput {rate:.2}/s not within 10% of 20/s");
-    assert!(throttled <= 5, "{throttled} 429s");
+    eprintln!(
+        "400 changes: {} calls in {span:.1} s = {rate:.2}/s, at most {busiest} in a rolling second, {throttled} answered 429",
+        times.len()
+    );
+    // The design: evenly spaced at 95% of the limit, 19/s. Above 19.2/s the headroom is gone;
+    // below 18/s the limit is not used.
+    assert!((18.0..=19.2).contains(&rate), "throughput {rate:.2}/s, design 19/s");
+    assert!(busiest <= 20, "{busiest} calls arrived within one second; Keap allows 20");
+    assert_eq!(throttled, 0, "Keap's spike arrest never answered 429");
     app.assert_keap_matches_users().await;
 }
 
@@ -247,7 +262,8 @@ async fn a_spent_daily_quota_pauses_deliveries_and_says_so() {
     // and the quota can end between the two for each delivery in flight: of the 20 calls, 16
     // to 20 went to users that were created (8 to 10 of them), depending on how the four
     // deliveries interleaved.
-    let answered = app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && r.status == 200);
+    let answered =
+        app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && (200..300).contains(&r.status));
     assert_eq!(answered, 20, "exactly the day's quota was used");
     let created = app.fake.contacts().len() as i64;
     assert!((8..=10).contains(&created), "{created} contacts created with 20 calls");

@@ -153,3 +153,58 @@ async fn a_killed_daemon_never_lets_the_day_exceed_its_count() {
     assert_eq!(app.count("select calls from keap_sync.quota_usage").await, 20, "the day's count is spent");
     drop(daemon);
 }
+
+/// The daemon's defaults for an API key (10/s, 240/min) against the fake's strictest default
+/// limits (Keap's documented ones, and a tenant's 5,000/min): no call is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_default_limits_meet_the_fakes_default_limits() {
+    let app = spawn_app_with(Options {
+        fake: keap_sync_testkit::fake::FakeOptions::default(),
+        tweak: |c| c.limits = keap_sync::config::LimitsConfig::API_KEY,
+        ..Options::default()
+    })
+    .await;
+    // 20 first syncs: 40 calls, about 4 s at 9.5/s.
+    app.insert_users(20).await;
+    app.wait_idle_for(Duration::from_secs(30)).await;
+    assert_eq!(app.fake.count(|r| r.status == 429), 0, "Keap refused a call");
+    app.assert_keap_matches_users().await;
+}
+
+/// Waits until Keap has admitted `limit` contact calls, watches a further 2 s (absence is the
+/// assertion: this waits on the clock) and asserts that no more were admitted and none refused.
+async fn holds_to_a_reported_minute_limit(app: &TestApp, limit: usize) {
+    let admitted = || app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts") && r.status != 429);
+    app::eventually(Duration::from_secs(20), "the reported minute's calls made", || async {
+        admitted() >= limit
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.fake.count(|r| r.status == 429), 0, "the daemon went past the reported limit");
+    assert_eq!(admitted(), limit, "the daemon holds at the reported limit until the minute has passed");
+}
+
+/// Keap reports a per-minute limit lower than the configured one in
+/// `x-keap-product-throttle-limit`: the daemon adopts it (invariant 8) instead of meeting 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_per_minute_limit_keap_reports_is_adopted() {
+    let app = spawn_app_with(Options {
+        fake: keap_sync_testkit::fake::FakeOptions { per_minute_limit: Some(20), ..app::fake_options() },
+        ..Options::default()
+    })
+    .await;
+    app.insert_users(15).await;
+    holds_to_a_reported_minute_limit(&app, 20).await;
+}
+
+/// The same for the tenant's limit, reported in `x-keap-tenant-throttle-limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_per_minute_limit_keap_reports_is_adopted() {
+    let app = spawn_app_with(Options {
+        fake: keap_sync_testkit::fake::FakeOptions { tenant_minute_limit: Some(20), ..app::fake_options() },
+        ..Options::default()
+    })
+    .await;
+    app.insert_users(15).await;
+    holds_to_a_reported_minute_limit(&app, 20).await;
+}

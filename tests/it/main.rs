@@ -23,6 +23,7 @@ mod mapping;
 mod mirror;
 mod ops;
 mod pg_restart;
+mod promises;
 mod refusals;
 mod sync;
 mod tokens;

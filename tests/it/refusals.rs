@@ -98,7 +98,7 @@ async fn a_401_with_a_fresh_token_pauses_with_growing_backoff_and_resumes_by_its
         .fake
         .requests()
         .iter()
-        .filter(|r| is_contact_call(r) && r.status == 200 && r.at > last)
+        .filter(|r| is_contact_call(r) && (200..300).contains(&r.status) && r.at > last)
         .map(|r| r.at.duration_since(last))
         .min()
         .expect("delivered after the fault");
@@ -152,10 +152,25 @@ async fn a_403_pauses_deliveries_without_parking_anyone_and_resumes_by_itself() 
         "no log line of the pause"
     );
 
+    let in_flight = app.fake.count(is_contact_call);
+    eprintln!("403 on every call: {in_flight} contact calls by the time the pause showed; {reason}");
+    // One wave of deliveries in flight (4); then nothing until the first probe, 5 s after the
+    // refusal, though the loop polls every 200 ms with 20 changes due.
+    assert!(in_flight <= 4, "{in_flight} contact calls before the pause");
+    app::eventually(Duration::from_secs(12), "the first probe", || async {
+        app.fake.count(is_contact_call) > in_flight
+    })
+    .await;
+    let mut refused = call_times(&app, 403);
+    refused.sort();
+    let quiet = refused[in_flight] - refused[in_flight - 1];
+    eprintln!("the first probe came {quiet:?} after the last refusal");
+    assert!(
+        quiet >= Duration::from_millis(4_800),
+        "the first probe came {quiet:?} after the refusal, not 5 s"
+    );
     let calls = app.fake.count(is_contact_call);
-    eprintln!("403 on every call: {calls} contact calls by the time the pause showed; {reason}");
-    // One wave of deliveries in flight (4) and at most one probe.
-    assert!(calls <= 5, "{calls} contact calls");
+    assert_eq!(calls, in_flight + 1, "the probe is one delivery, one call");
 
     app.fake.clear_faults();
     app.wait_idle_for(Duration::from_secs(30)).await;

@@ -50,7 +50,7 @@ async fn insert_creates_one_contact_and_update_patches_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_200_updates_costs_far_fewer_calls() {
+async fn a_burst_of_200_updates_costs_one_call() {
     let app = spawn_app().await;
     app.exec(
         "insert into users (id, email, first_name, last_name) values (1, 'burst@example.com', 'B', 'v0')",
@@ -71,8 +71,17 @@ async fn a_burst_of_200_updates_costs_far_fewer_calls() {
 
     let calls = app.contact_calls("PATCH") + app.contact_calls("PUT") - before;
     eprintln!("200 updates in {burst:?} cost {calls} Keap call(s)");
-    assert!(calls >= 1, "the final state must be sent");
-    assert!(calls <= 20, "200 updates cost {calls} calls");
+    // The README's figure: 200 quick updates cost one call. A change waits for the user to go
+    // quiet for `settle_ms` (100 ms), at most ten times that, so a burst that ends within the
+    // cap is one call; a machine so slow that the burst outlasted it may send one more.
+    if burst < Duration::from_secs(1) {
+        assert_eq!(calls, 1, "200 updates in {burst:?} cost {calls} calls");
+    } else {
+        assert!(
+            (1..=2).contains(&calls),
+            "200 updates in {burst:?} (over the settle cap) cost {calls} calls"
+        );
+    }
     app.assert_keap_matches_users().await;
     assert_eq!(app.fake.contacts()[0].family_name.as_deref(), Some("v200"));
 }
@@ -142,19 +151,26 @@ async fn an_email_change_updates_the_same_contact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_that_change_nothing_synced_cost_no_call() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     app.exec("insert into users (email, first_name, last_name) values ('same@example.com', 'S', 'T')").await;
     app.wait_idle().await;
     let calls = app.fake.requests().len();
+    // No daemon from here on until the last step, so nothing folds or delivers what capture
+    // wrote: the change log and the outbox show exactly what the trigger captured.
+    app.stop_daemon().await;
+    let captured = "select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)";
 
     // A column that is not synced: the trigger does not even enqueue.
     app.exec("update users set plan = 'pro'").await;
-    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0);
+    assert_eq!(app.count(captured).await, 0, "an update of an unsynced column is not captured");
     // The same values rewritten: nothing enqueued either.
     app.exec("update users set first_name = first_name, email = email").await;
-    assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0);
-    // Changed and changed back: enqueued, but the payload's fingerprint is unchanged.
+    assert_eq!(app.count(captured).await, 0, "a rewrite of the same values is not captured");
+    // Changed and changed back: captured (the positive control of the two checks above), but
+    // the payload's fingerprint is unchanged.
     app.exec("update users set first_name = 'X'; update users set first_name = 'S'").await;
+    assert!(app.count(captured).await > 0, "a change of a synced column is captured");
+    app.start_daemon().await;
     app.wait_idle().await;
 
     assert_eq!(app.fake.requests().len(), calls, "no Keap call");

@@ -77,13 +77,14 @@ async fn short_lived_tokens_are_refreshed_under_a_steady_stream() {
     app.assert_keap_matches_users().await;
     assert_eq!(app.fake.contacts().len(), users);
     let refreshes = app.fake.refresh_count();
-    let expiries = (elapsed / 2.0).ceil() as usize;
     let rejected = unauthorized_contact_calls(&app);
     eprintln!(
         "{users} users in {elapsed:.1} s: {refreshes} refreshes, {rejected} contact calls answered 401"
     );
     assert!(refreshes >= 4, "tokens were refreshed ({refreshes})");
-    assert!(rejected <= expiries, "at most one 401 per expiry: {rejected} for {expiries}");
+    // Refreshed ahead of expiry (refresh_margin_secs = 1 of a 2 s token), never after Keap
+    // refused one: a daemon that refreshed only on a 401 would meet one per expiry.
+    assert_eq!(rejected, 0, "no contact call was answered 401 ({refreshes} refreshes in {elapsed:.1} s)");
     assert_eq!(app.fake.spent_refresh_reuse_count(), 0);
     assert_no_secrets(&app, "");
 }
@@ -309,13 +310,15 @@ async fn a_refused_api_key_pauses_instead_of_hammering_keap() {
         app.count("select count(*) from keap_sync.instances where paused_reason like '%API key%'").await == 1
     })
     .await;
-    // Observe many poll cycles: at most the calls that were in flight when the key was refused.
-    let observe_until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < observe_until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // At most the calls that were in flight when the key was refused, then none: an API key
+    // Keap refuses needs a person, and the daemon retries once a minute, not on the 5 s probe
+    // schedule of a refused OAuth token. Observed past that 5 s (the assertion is that nothing
+    // happens, so this waits on the clock), with the loop polling every 100 ms and 20 changes due.
+    let in_flight = unauthorized_contact_calls(&app);
+    assert!((1..=4).contains(&in_flight), "{in_flight} calls with a refused key before the pause");
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let refused = unauthorized_contact_calls(&app);
-    assert!(refused <= 4, "{refused} calls with a refused key");
+    assert_eq!(refused, in_flight, "no call in the 6 s after the pause began");
     assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 20, "every change stays queued");
 }
 
@@ -687,4 +690,30 @@ async fn a_rotated_pair_the_daemon_refuses_is_kept_aside() {
     assert!(ok, "{stderr}");
     assert_eq!(stored_accounts(&app).await.0.as_deref(), Some(OTHER_APP));
     assert_no_secrets(&app, &format!("{first_detail}{detail}{stdout}{stderr}"));
+}
+
+/// A spent or revoked refresh token is answered `invalid_request` "Invalid Refresh Token" by
+/// Keap's newer gateway (API notes §2.4, §11.1) and `invalid_grant` by the older one: either
+/// way the grant is lost, deliveries pause and say what to run, and nothing is retried blindly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_answers_to_a_spent_refresh_token_ask_for_re_authorisation() {
+    use keap_sync_testkit::fake::SpentRefreshError;
+    for answer in [SpentRefreshError::InvalidRequest, SpentRefreshError::InvalidGrant] {
+        let app = spawn_app_with(Options {
+            fake: FakeOptions { spent_refresh_error: answer, ..app::fake_options() },
+            ..oauth(Duration::from_secs(3600))
+        })
+        .await;
+        app.fake.revoke_all_grants();
+        app.exec("insert into users (email) values ('after@example.com')").await;
+        app::eventually(Duration::from_secs(10), "re-authorisation needed", || async {
+            app.count("select count(*) from keap_sync.oauth_token where state = 'reauthorization_needed'")
+                .await
+                == 1
+        })
+        .await;
+        let refreshes = app.fake.count(|r| r.path == "/token");
+        assert_eq!(refreshes, 1, "{answer:?}: one refresh attempt, not retried");
+        assert_eq!(app.count("select count(*) from keap_sync.outbox where parked_at is null").await, 1);
+    }
 }

@@ -10,7 +10,12 @@ use serde_json::{json, Map, Value};
 use super::http::{
     content_type_is, field, json_reply, msg, parse_pairs, reply, url_decode, v2_error, Reply, Req,
 };
-use super::{rfc3339_ms, rules, unix_ms, Contact, EmailField, State, Write, UPDATE_MASK_VALUES};
+use super::{rfc3339_ms, rules, unix_ms, Contact, EmailField, EmailFilter, State, Write, UPDATE_MASK_VALUES};
+
+/// The email statuses from which `opt_in_reason` makes an address marketable, as Keap's v1
+/// spec lists them ("Unengaged Marketable, Unengaged Non-Marketable, Non-Marketable, Opt-Out:
+/// Manual"); every other status stays as it is.
+const OPT_IN_LIFTS: [&str; 4] = ["UnengagedMarketable", "UnengagedNonMarketable", "NonMarketable", "Manual"];
 
 impl State {
     /// Everything under `/crm/rest`: auth, rate limits, then the contact endpoints.
@@ -93,16 +98,26 @@ impl State {
         result.unwrap_or_else(|e| e)
     }
 
-    /// `GET /v1/contacts`: exact, case-insensitive `email` filter over EMAIL1..3, paged. Items
-    /// are RestPartialContacts: no `tag_ids`, `opt_in_reason` or `origin`.
+    /// `GET /v1/contacts`: case-insensitive `email` filter over EMAIL1..3, partial unless the
+    /// options say exact, paged. Items are RestPartialContacts: no `tag_ids`, `opt_in_reason` or
+    /// `origin`.
     pub(super) fn list(&self, query: &[(String, String)]) -> Result<Reply, Reply> {
         let number = |k: &str, default: usize| field(query, k).map_or(Ok(default), str::parse);
         let (Ok(limit), Ok(offset)) = (number("limit", 1000), number("offset", 0)) else {
             return Err(msg(400, "limit and offset must be non-negative integers"));
         };
-        let matching: Vec<&Contact> = match field(query, "email") {
-            Some(email) => self.contacts.with_email(email).collect(),
-            None => self.contacts.values().collect(),
+        let matching: Vec<&Contact> = match (field(query, "email"), self.opts.email_filter) {
+            (Some(email), EmailFilter::Exact) => self.contacts.with_email(email).collect(),
+            (Some(email), EmailFilter::Partial) => {
+                let part = email.to_lowercase();
+                let has = |c: &&Contact| {
+                    c.email_addresses
+                        .iter()
+                        .any(|e| e.email.as_deref().is_some_and(|a| a.to_lowercase().contains(&part)))
+                };
+                self.contacts.values().filter(has).collect()
+            }
+            (None, _) => self.contacts.values().collect(),
         };
         let optional = optional(query);
         let page: Vec<Value> = matching
@@ -118,15 +133,16 @@ impl State {
     /// `PUT /v1/contacts`: update the duplicate found by `duplicate_option`, else create.
     pub(super) fn upsert(&mut self, body: &[u8]) -> Result<Reply, Reply> {
         let w = rules::parse_write(body, Write::Upsert, &self.model).map_err(|e| msg(400, &e))?;
-        let id = match self.find_duplicate(&w) {
+        let (id, status) = match self.find_duplicate(&w) {
             Some(id) => {
                 self.contacts.edit(id, |c| apply(c, &w, None));
-                id
+                (id, 200)
             }
-            None => self.create(&w)?.id,
+            // The spec declares 200 only; a create answering 201 is the stricter reading.
+            None => (self.create(&w)?.id, 201),
         };
         self.after_write(id, &w);
-        Ok(json_reply(200, &self.full_json(&self.contacts[&id], &[], false)))
+        Ok(json_reply(status, &self.full_json(&self.contacts[&id], &[], false)))
     }
 
     /// `POST /v1/contacts`: always a new contact.
@@ -204,13 +220,32 @@ impl State {
         c
     }
 
-    /// Sending `opt_in_reason` marks EMAIL1 marketable (Keap does so from most statuses,
-    /// `docs/keap-api.md`; the fake from every one).
+    /// Sending `opt_in_reason` marks EMAIL1 marketable, but only from the statuses Keap's v1
+    /// spec names ([`OPT_IN_LIFTS`]) unless the options say any status.
     pub(super) fn after_write(&mut self, id: i64, w: &Map<String, Value>) {
         let reason = w.get("opt_in_reason").and_then(Value::as_str).filter(|r| !r.is_empty());
         let email = self.contacts.get(&id).and_then(|c| c.email1().map(str::to_lowercase));
         if let (Some(reason), Some(email)) = (reason, email) {
-            self.email_opt.insert(email, (true, reason.to_owned()));
+            if self.opt_in_lifts(&email) {
+                self.email_status.remove(&email);
+                self.email_opt.insert(email, (true, reason.to_owned()));
+            }
+        }
+    }
+
+    /// Whether an opt-in may make `email` (lower case) marketable now.
+    pub(super) fn opt_in_lifts(&self, email: &str) -> bool {
+        self.opts.opt_in_from_any_status
+            || self.email_status.get(email).is_none_or(|s| OPT_IN_LIFTS.contains(&s.as_str()))
+    }
+
+    /// The `email_status` Keap would answer for `email` (lower case).
+    pub(super) fn email_status_of(&self, email: &str) -> String {
+        match (self.email_status.get(email), self.email_opt.get(email)) {
+            (Some(set), _) => set.clone(),
+            (None, Some((true, _))) => "UnconfirmedMarketable".into(),
+            (None, Some((false, _))) => "Manual".into(),
+            (None, None) => "UnengagedMarketable".into(),
         }
     }
 
@@ -226,9 +261,10 @@ impl State {
                 m.remove(hidden);
             }
         }
-        let opted_in =
-            c.email1().and_then(|e| self.email_opt.get(&e.to_lowercase())).is_some_and(|(o, _)| *o);
-        let status = if opted_in { "UnconfirmedMarketable" } else { "UnengagedMarketable" };
+        let email1 = c.email1().map(str::to_lowercase);
+        let status =
+            email1.as_deref().map_or_else(|| "UnengagedMarketable".to_owned(), |e| self.email_status_of(e));
+        let opted_in = status == "UnconfirmedMarketable";
         m.insert("email_status".into(), json!(status));
         m.insert("email_opted_in".into(), json!(opted_in));
         m.insert("ScoreValue".into(), json!("0"));

@@ -24,6 +24,10 @@ impl FakeKeap {
     }
 
     /// Starts a fake on `addr` (port 0 = random), which must be a loopback address.
+    #[expect(
+        clippy::unused_async,
+        reason = "async so that it is only called inside a Tokio runtime, which the listener and its task need"
+    )]
     pub async fn start_on(addr: SocketAddr, opts: FakeOptions) -> io::Result<FakeKeap> {
         if !addr.ip().is_loopback() {
             let msg = "the fake Keap server only listens on loopback";
@@ -277,6 +281,20 @@ impl FakeKeap {
     /// The tags applied to a contact.
     pub fn contact_tags(&self, contact_id: i64) -> std::collections::BTreeSet<i64> {
         self.state().applied.get(&contact_id).map(|t| t.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Puts `email` in Keap status `status` (`ListUnsubscribe`, `HardBounce`, `Manual`, …), as a
+    /// person unsubscribing or a bounce would: an `opt_in_reason` lifts only the statuses the
+    /// v1 spec names.
+    pub fn set_email_status(&self, email: &str, status: &str) {
+        let mut st = self.state();
+        st.email_opt.remove(&email.to_lowercase());
+        st.email_status.insert(email.to_lowercase(), status.to_owned());
+    }
+
+    /// The `email_status` Keap would answer for this address now.
+    pub fn email_status(&self, email: &str) -> String {
+        self.state().email_status_of(&email.to_lowercase())
     }
 
     /// (opted in, reason) of the last opt-in or opt-out of this address, if any.

@@ -9,14 +9,26 @@
 //!
 //! It follows the Keap facts summarised in `docs/keap-api.md` and, wherever a behaviour is
 //! unverified, plays the strictest variant, so a client that survives the fake survives Keap:
-//! - refresh tokens are single use with no grace period (a reused one answers 400
-//!   `invalid_grant`); the access token issued with a spent refresh token stays valid until its
-//!   own expiry; the refresh grant accepts client credentials only as HTTP Basic;
+//! - refresh tokens are single use with no grace period (a reused, revoked or unknown one
+//!   answers 400 `invalid_request` "Invalid Refresh Token", the newer gateway's answer;
+//!   [`SpentRefreshError::InvalidGrant`] plays the older `invalid_grant`); the access token
+//!   issued with a spent refresh token stays valid until its own expiry; the refresh grant
+//!   accepts client credentials only as HTTP Basic;
 //! - a token request, once read, is carried out even if the client hangs up before the answer
 //!   (its refresh token is spent and the new pair is never seen by the client);
-//! - `PUT /v1/contacts` answers 200 for both create and update (the only declared status) and
-//!   needs `duplicate_option`; when several contacts share the email the lowest id wins;
-//! - 429s carry no `Retry-After`; requests refused with 429 do not use up quota;
+//! - `PUT /v1/contacts` answers 201 when it created the contact and 200 when it updated one
+//!   (200 is the only declared status; 201 is what a create answers elsewhere) and needs
+//!   `duplicate_option`; when several contacts share the email the lowest id wins;
+//! - `GET /v1/contacts?email=` matches part of an address, in any of EMAIL1..3, case-insensitive
+//!   ([`EmailFilter::Partial`]), so a client must pick the exact EMAIL1 match itself;
+//! - Keap's documented limits of the credential are enforced where a test sets none (OAuth
+//!   25/s, 1,500/min, 150,000/day; API key 10/s, 240/min, 30,000/day), and a tenant's
+//!   per-minute limit of 5,000 (a 2024 capture; the 2026 docs say 10,000) across credentials,
+//!   reported in the `x-keap-tenant-throttle-*` headers; 429s carry no `Retry-After`; requests
+//!   refused with 429 do not use up quota;
+//! - `opt_in_reason` makes an email marketable only from the statuses the v1 spec names
+//!   (unengaged marketable or non-marketable, non-marketable, opted out by hand): one that
+//!   unsubscribed through a list link or bounced stays as it is;
 //! - unmodelled JSON properties (also inside array items), enum values not spelled exactly as
 //!   the spec does, non-JSON write bodies and `Authorization: Bearer <api key>` are rejected;
 //!   `update_mask` takes repeated parameters only (no comma lists);
@@ -93,9 +105,10 @@ const UPDATE_MASK_VALUES: &str = "addresses anniversary birthday company contact
 const BAD_INPUT: &str = "Input could not be converted to a valid request";
 const REDACTED: &str = "<redacted>";
 
-/// How the fake starts: credentials, limits and speed. Limits left `None` are not enforced,
-/// but the throttle/quota headers still report Keap's documented defaults (1,500/min and
-/// 150,000/day for OAuth, 240/min and 30,000/day for API keys) so header readers see real values.
+/// How the fake starts: credentials, limits, speed and which reading of Keap's undocumented
+/// behaviour it plays (the strictest by default). Limits left `None` are Keap's documented ones
+/// for the credential (25/s, 1,500/min and 150,000/day for OAuth; 10/s, 240/min and 30,000/day
+/// for API keys), enforced unless `documented_limits` is off; the headers report them either way.
 #[derive(Clone)]
 pub struct FakeOptions {
     /// Lifetime of every access token minted from now on (Keap: 24 h).
@@ -112,6 +125,39 @@ pub struct FakeOptions {
     pub daily_quota: Option<u64>,
     /// Added before every `/crm/rest` answer, to model a distant server.
     pub latency: Duration,
+    /// Enforce Keap's documented per-credential limits where the three above are `None`
+    /// (default); off, a `None` limit is not enforced (for tests whose daemon runs far faster).
+    pub documented_limits: bool,
+    /// The tenant's per-minute limit across every credential, enforced and reported in the
+    /// `x-keap-tenant-throttle-*` headers; `None`: no tenant headers, no tenant limit.
+    pub tenant_minute_limit: Option<u32>,
+    /// How `GET /v1/contacts?email=` matches (undocumented): partly, by default.
+    pub email_filter: EmailFilter,
+    /// What a refresh with a spent, revoked or unknown refresh token answers (Keap's answer
+    /// changed over the years).
+    pub spent_refresh_error: SpentRefreshError,
+    /// Let `opt_in_reason` make an email marketable from every status (lenient); by default
+    /// only from the statuses the v1 spec names.
+    pub opt_in_from_any_status: bool,
+}
+
+/// How the fake's `GET /v1/contacts?email=` filter matches an address (Keap documents neither).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmailFilter {
+    /// Any contact with the address in EMAIL1..3, whole, case-insensitive.
+    Exact,
+    /// Any contact with the address as part of one of EMAIL1..3, case-insensitive: a search for
+    /// `ann@example.com` also finds `joann@example.com` and `ann@example.com.au`.
+    Partial,
+}
+
+/// The token endpoint's answer to a refresh token that is spent, revoked or unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpentRefreshError {
+    /// `{"error":"invalid_grant","error_description":"Invalid refresh token"}` (2016-2019).
+    InvalidGrant,
+    /// `{"error":"invalid_request","error_description":"Invalid Refresh Token"}` (newer gateway).
+    InvalidRequest,
 }
 
 impl Default for FakeOptions {
@@ -124,6 +170,11 @@ impl Default for FakeOptions {
             per_minute_limit: None,
             daily_quota: None,
             latency: Duration::ZERO,
+            documented_limits: true,
+            tenant_minute_limit: Some(5_000),
+            email_filter: EmailFilter::Partial,
+            spent_refresh_error: SpentRefreshError::InvalidRequest,
+            opt_in_from_any_status: false,
         }
     }
 }
@@ -139,6 +190,11 @@ impl fmt::Debug for FakeOptions {
             .field("per_minute_limit", &self.per_minute_limit)
             .field("daily_quota", &self.daily_quota)
             .field("latency", &self.latency)
+            .field("documented_limits", &self.documented_limits)
+            .field("tenant_minute_limit", &self.tenant_minute_limit)
+            .field("email_filter", &self.email_filter)
+            .field("spent_refresh_error", &self.spent_refresh_error)
+            .field("opt_in_from_any_status", &self.opt_in_from_any_status)
             .finish()
     }
 }
@@ -282,6 +338,11 @@ struct State {
     applied: HashMap<i64, BTreeMap<i64, u64>>,
     /// Lower-cased email address -> (opted in, reason of the last change).
     email_opt: HashMap<String, (bool, String)>,
+    /// Lower-cased email address -> an `email_status` a test set (a person unsubscribed, a
+    /// bounce), which an `opt_in_reason` may not lift.
+    email_status: HashMap<String, String>,
+    /// The tenant's rolling minute, across credentials.
+    tenant_minute: std::collections::VecDeque<Instant>,
     requests: Vec<RecordedRequest>,
     faults: Vec<FaultRule>,
     buckets: HashMap<String, Bucket>,

@@ -12,7 +12,7 @@ use super::http::{
     random_token, v2_error, Reply, Req,
 };
 use super::limits::Cred;
-use super::{State, TokenGrant, FAKE_SCOPE};
+use super::{SpentRefreshError, State, TokenGrant, FAKE_SCOPE};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Refresh {
@@ -78,13 +78,19 @@ impl State {
                 let Some(rt) = get("refresh_token") else {
                     return oauth(400, "invalid_request", "refresh_token is required");
                 };
+                let refused = match self.opts.spent_refresh_error {
+                    SpentRefreshError::InvalidGrant => oauth(400, "invalid_grant", "Invalid refresh token"),
+                    SpentRefreshError::InvalidRequest => {
+                        oauth(400, "invalid_request", "Invalid Refresh Token")
+                    }
+                };
                 match self.refresh.get_mut(rt) {
                     Some(s @ Refresh::Live) => *s = Refresh::Spent,
                     Some(Refresh::Spent) => {
                         self.spent_reuse += 1;
-                        return oauth(400, "invalid_grant", "Invalid refresh token");
+                        return refused;
                     }
-                    _ => return oauth(400, "invalid_grant", "Invalid refresh token"),
+                    _ => return refused,
                 }
                 self.refresh_count += 1;
                 let scope = self.scopes.get(rt).cloned();

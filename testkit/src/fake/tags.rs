@@ -164,7 +164,14 @@ impl State {
         if self.contacts.with_email(email).next().is_none() {
             return Err(msg(404, &format!("Email address {email} not found")));
         }
-        self.email_opt.insert(email.to_lowercase(), (opted_in, reason.to_owned()));
+        let key = email.to_lowercase();
+        if opted_in && !self.opt_in_lifts(&key) {
+            // Keap leaves an address that unsubscribed or bounced as it is.
+            let status = self.email_status_of(&key);
+            return Ok(json_reply(200, &json!({"email": email, "opted_in": false, "status": status})));
+        }
+        self.email_status.remove(&key);
+        self.email_opt.insert(key, (opted_in, reason.to_owned()));
         let status = if opted_in { "Unconfirmed" } else { "Opt-Out" };
         Ok(json_reply(200, &json!({"email": email, "opted_in": opted_in, "status": status})))
     }

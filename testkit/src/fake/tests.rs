@@ -189,7 +189,9 @@ async fn refresh_tokens_rotate_and_are_single_use() {
     assert_eq!(next.scope, FAKE_SCOPE);
     let reuse = send(k.refresh(&grant.refresh_token, "fake-client-secret")).await;
     assert_eq!(reuse.status(), 400);
-    assert_eq!(reuse.json::<ErrorReply>().await.unwrap().error.as_deref(), Some("invalid_grant"));
+    let reuse = reuse.json::<ErrorReply>().await.unwrap();
+    assert_eq!(reuse.error.as_deref(), Some("invalid_request"), "the newer gateway's answer by default");
+    assert_eq!(reuse.error_description.as_deref(), Some("Invalid Refresh Token"));
     assert_eq!((k.fake.refresh_count(), k.fake.spent_refresh_reuse_count()), (1, 1));
     // The old access token lives until its own expiry; the new one works too.
     for t in [&grant.access_token, &next.access_token] {
@@ -500,4 +502,88 @@ fn helpers() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let remote = FakeKeap::start_on("10.0.0.1:0".parse().unwrap(), FakeOptions::default());
     assert!(rt.block_on(remote).is_err(), "never listens beyond loopback");
+}
+
+#[tokio::test]
+async fn a_spent_refresh_token_can_answer_invalid_grant_as_before() {
+    let opts = FakeOptions { spent_refresh_error: SpentRefreshError::InvalidGrant, ..FakeOptions::default() };
+    let k = Kit::new(opts).await;
+    let grant = k.fake.issue_grant();
+    assert_eq!(status(k.refresh(&grant.refresh_token, "fake-client-secret")).await, 200);
+    let reuse = error(k.refresh(&grant.refresh_token, "fake-client-secret")).await;
+    assert_eq!(reuse.error.as_deref(), Some("invalid_grant"));
+}
+
+#[tokio::test]
+async fn the_email_filter_matches_part_of_an_address_unless_exact() {
+    for (filter, want) in [(EmailFilter::Partial, 3), (EmailFilter::Exact, 1)] {
+        let k = Kit::new(FakeOptions { email_filter: filter, ..FakeOptions::default() }).await;
+        for email in ["ann@example.com", "joann@example.com", "ann@example.com.au", "bob@example.com"] {
+            assert_eq!(status(k.put(&upsert(email, "X"))).await, 201, "{email} created");
+        }
+        let list: ContactList = send(k.get("?email=ANN%40example.com")).await.json().await.unwrap();
+        assert_eq!(list.contacts.len(), want, "{filter:?}: {list:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_upsert_answers_201_when_it_creates_and_200_when_it_updates() {
+    let k = Kit::new(FakeOptions::default()).await;
+    assert_eq!(status(k.put(&upsert("new@example.com", "A"))).await, 201);
+    assert_eq!(status(k.put(&upsert("new@example.com", "B"))).await, 200);
+}
+
+#[tokio::test]
+async fn keaps_documented_limits_and_a_tenant_limit_hold_by_default() {
+    let k = Kit::new(FakeOptions::default()).await;
+    k.fake.add_api_key("key-1");
+    let get = || k.http.get(k.url("")).header("X-Keap-API-Key", "key-1");
+    let mut answers = Vec::new();
+    for _ in 0..11 {
+        answers.push(status(get()).await);
+    }
+    // An API key's spike arrest is 10/s: eleven requests within a second, the last refused.
+    assert_eq!(answers.iter().filter(|s| **s == 429).count(), 1, "{answers:?}");
+    let h = send(get()).await;
+    let h = h.headers();
+    assert_eq!(h["x-keap-product-throttle-limit"], "240");
+    assert_eq!(h["x-keap-tenant-throttle-limit"], "5000");
+    assert_eq!(h["x-keap-tenant-throttle-time-unit"], "minute");
+    assert!(h.contains_key("x-keap-tenant-throttle-available"));
+    // The tenant limit counts every credential.
+    let k = Kit::new(FakeOptions { tenant_minute_limit: Some(3), ..FakeOptions::default() }).await;
+    k.fake.add_api_key("key-2");
+    assert_eq!(status(k.get("")).await, 200);
+    assert_eq!(status(k.get("")).await, 200);
+    assert_eq!(status(k.http.get(k.url("")).header("X-Keap-API-Key", "key-2")).await, 200);
+    assert_eq!(status(k.get("")).await, 429, "the tenant's minute is spent, whatever the credential");
+}
+
+#[tokio::test]
+async fn opt_in_reason_lifts_only_the_statuses_the_v1_spec_names() {
+    let k = Kit::new(FakeOptions::default()).await;
+    for (email, status_before, lifted) in [
+        ("fresh@example.com", None, true),
+        ("manual@example.com", Some("Manual"), true),
+        ("nonmarketable@example.com", Some("NonMarketable"), true),
+        ("unsubscribed@example.com", Some("ListUnsubscribe"), false),
+        ("bounced@example.com", Some("HardBounce"), false),
+    ] {
+        assert_eq!(status(k.put(&upsert(email, "X"))).await, 201);
+        if let Some(s) = status_before {
+            k.fake.set_email_status(email, s);
+        }
+        let mut body = upsert(email, "Y");
+        body["opt_in_reason"] = json!("Consented");
+        assert_eq!(status(k.put(&body)).await, 200);
+        let after = k.fake.email_status(email);
+        assert_eq!(after == "UnconfirmedMarketable", lifted, "{email}: {after}");
+    }
+    let lenient = Kit::new(FakeOptions { opt_in_from_any_status: true, ..FakeOptions::default() }).await;
+    assert_eq!(status(lenient.put(&upsert("u@example.com", "X"))).await, 201);
+    lenient.fake.set_email_status("u@example.com", "ListUnsubscribe");
+    let mut body = upsert("u@example.com", "Y");
+    body["opt_in_reason"] = json!("Consented");
+    assert_eq!(status(lenient.put(&body)).await, 200);
+    assert_eq!(lenient.fake.email_status("u@example.com"), "UnconfirmedMarketable");
 }

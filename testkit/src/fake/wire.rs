@@ -12,10 +12,13 @@ use serde::{Deserialize, Serialize};
 /// `EmailAddress.field`: which of a contact's three email slots (spec enum, exact spelling).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EmailField {
+    /// The primary slot (`EMAIL1`), the one the daemon owns.
     #[serde(rename = "EMAIL1")]
     Email1,
+    /// The second slot (`EMAIL2`).
     #[serde(rename = "EMAIL2")]
     Email2,
+    /// The third slot (`EMAIL3`).
     #[serde(rename = "EMAIL3")]
     Email3,
 }
@@ -24,15 +27,19 @@ pub enum EmailField {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailAddress {
+    /// The address; absent empties the slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// Which slot the address goes in.
     pub field: EmailField,
 }
 
 /// `UpsertContact.duplicate_option` (v1 knows no `EmailAndNameAndCompany`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DuplicateOption {
+    /// Match an existing contact by email alone.
     Email,
+    /// Match by email and first and last name together.
     EmailAndName,
 }
 
@@ -42,12 +49,16 @@ pub enum DuplicateOption {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContactWrite {
+    /// The first name to write, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_name: Option<String>,
+    /// The last name to write, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub family_name: Option<String>,
+    /// The email slots to write (the array replaces the stored one whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email_addresses: Option<Vec<EmailAddress>>,
+    /// How an upsert finds an existing contact; only `PUT` accepts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_option: Option<DuplicateOption>,
 }
@@ -56,16 +67,21 @@ pub struct ContactWrite {
 /// does not keep (see the parent module's `full_json`); parsing one back ignores them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contact {
+    /// Keap's contact id.
     pub id: i64,
+    /// The stored first name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub given_name: Option<String>,
+    /// The stored last name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub family_name: Option<String>,
+    /// The stored email slots.
     #[serde(default)]
     pub email_addresses: Vec<EmailAddress>,
     /// RFC 3339 with milliseconds, like `2024-08-14T12:34:56.789Z`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub date_created: Option<String>,
+    /// When the contact was last written, in the format of `date_created`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated: Option<String>,
     /// Every other stored property (`phone_numbers`, `addresses`, `custom_fields`,
@@ -85,10 +101,14 @@ impl Contact {
 /// `ContactList`: the answer of `GET /v1/contacts`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContactList {
+    /// The contacts of this page.
     pub contacts: Vec<Contact>,
+    /// How many contacts matched in all.
     pub count: i64,
+    /// The URL of the next page, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+    /// The URL of the previous page, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<String>,
 }
@@ -99,6 +119,7 @@ pub struct ContactList {
 /// No `Debug`, so a test failure never prints a token the log checks look for.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenGrant {
+    /// The bearer token API calls present.
     pub access_token: String,
     /// Always `bearer` (lower case, as captured from Keap).
     pub token_type: String,
