@@ -88,7 +88,16 @@ async fn resume_or_start(db: &Client) -> Result<Option<String>, DbError> {
 /// not at all, and a resumed listing starts after the last page stored.
 async fn store_page(db: &Client, page: &Page) -> Result<(), DbError> {
     let rows: Vec<Value> = page.contacts.iter().map(record).collect();
-    db.execute(
+    let sql = format!("{} update keap_sync.mirror_state set listing_token = $2", upsert_page(""));
+    db.execute(&sql, &[&Value::Array(rows), &page.next]).await?;
+    Ok(())
+}
+
+/// The first part of a statement that stores a page (`$1`, rows as [`record`] makes them) and
+/// then moves the listing's state: a CTE upserting every contact, `guard` added to its update
+/// (`""`, or a condition that keeps a row stored from a newer read).
+pub(crate) fn upsert_page(guard: &str) -> String {
+    format!(
         "with page as (
              insert into keap_sync.mirror as m (contact_id, emails, email1, contact, tag_ids, opted_in, updated_at, read_at)
              select c.id, c.emails, c.email1, c.contact, c.tag_ids, c.opted_in, c.updated_at, now()
@@ -98,12 +107,9 @@ async fn store_page(db: &Client, page: &Page) -> Result<(), DbError> {
                 set emails = excluded.emails, email1 = excluded.email1, contact = excluded.contact,
                     tag_ids = excluded.tag_ids, opted_in = excluded.opted_in,
                     updated_at = excluded.updated_at, read_at = excluded.read_at
-         )
-         update keap_sync.mirror_state set listing_token = $2",
-        &[&Value::Array(rows), &page.next],
+              {guard}
+         )"
     )
-    .await?;
-    Ok(())
 }
 
 /// One listed contact as a row of `keap_sync.mirror`.

@@ -7,7 +7,7 @@
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use super::{list_all, record, Keap, MirrorError};
+use super::{list_all, record, upsert_page, Keap, MirrorError};
 use crate::config::MirrorConfig;
 use crate::db::DbError;
 use crate::keap::route::Route;
@@ -79,21 +79,12 @@ async fn window(db: &Client, timing: &MirrorConfig) -> Result<Option<(String, St
 /// watermark to `reached`, in one statement.
 async fn store(db: &Client, page: &Page, reached: Option<&str>) -> Result<(), DbError> {
     let rows: Vec<Value> = page.contacts.iter().map(record).collect();
-    db.execute(
-        "with page as (
-             insert into keap_sync.mirror as m (contact_id, emails, email1, contact, tag_ids, opted_in, updated_at, read_at)
-             select c.id, c.emails, c.email1, c.contact, c.tag_ids, c.opted_in, c.updated_at, now()
-               from jsonb_to_recordset($1::jsonb)
-                    as c(id bigint, emails text[], email1 text, contact jsonb, tag_ids bigint[], opted_in boolean, updated_at timestamptz)
-             on conflict (contact_id) do update
-                set emails = excluded.emails, email1 = excluded.email1, contact = excluded.contact,
-                    tag_ids = excluded.tag_ids, opted_in = excluded.opted_in,
-                    updated_at = excluded.updated_at, read_at = excluded.read_at
-              where m.updated_at is null or excluded.updated_at is null or excluded.updated_at >= m.updated_at
-         )
-         update keap_sync.mirror_state set watermark = greatest(watermark, $2::text::timestamptz)",
-        &[&Value::Array(rows), &reached],
-    )
-    .await?;
+    let newer =
+        "where m.updated_at is null or excluded.updated_at is null or excluded.updated_at >= m.updated_at";
+    let sql = format!(
+        "{} update keap_sync.mirror_state set watermark = greatest(watermark, $2::text::timestamptz)",
+        upsert_page(newer)
+    );
+    db.execute(&sql, &[&Value::Array(rows), &reached]).await?;
     Ok(())
 }
