@@ -4,9 +4,10 @@
 //! mapped contact gone, no contact yet, parked, or two contacts with its address. The report
 //! changes nothing but the mirror: no Keap write, no change to the users table, the outbox or
 //! the contact map. `--apply` queues each repairable user for delivery, having made its next
-//! delivery rewrite what keap-sync owns (its record of what Keap holds is cleared) or link
-//! again by email (the mapping of a gone contact is dropped); delivery never makes a duplicate
-//! (invariant 4) and sends only owned properties (invariant 12).
+//! delivery rewrite what keap-sync owns (its record of what Keap holds is cleared). Nothing is
+//! unlinked on the mirror's word (invariant 20): a contact the listing no longer saw is
+//! confirmed gone by Keap's 404 to that delivery, which then links the user again by email;
+//! delivery never makes a duplicate (invariant 4) and sends only owned properties (invariant 12).
 
 mod classify;
 
@@ -228,15 +229,18 @@ async fn parked(client: &Client, keys: &[String]) -> Result<BTreeSet<String>, Db
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Queues the repairable users for delivery, in one statement: a differing user's record of
-/// what Keap holds is cleared (its next delivery sends every owned property, reading the
-/// contact first for arrays), a gone contact's mapping is dropped (the next delivery links by
-/// email, or creates), and each is queued at the backfill's priority, behind live changes.
-/// Returns how many were queued.
+/// Queues the repairable users for delivery, in one statement. The mirror only suggests
+/// (invariant 20): nothing is unlinked here. A differing or gone user's record of what Keap
+/// holds is cleared, so its next delivery sends every owned property to its contact (reading
+/// it first for arrays); Keap then confirms a gone contact with a 404, and only then does
+/// delivery link the user again by email, or create its contact. Users with no contact are
+/// simply queued. Each at the backfill's priority, behind live changes. Returns how many.
 async fn repair(client: &Client, drift: &[Drift]) -> Result<u64, DbError> {
-    let pick = |class: Class| -> Vec<String> {
-        drift.iter().filter(|d| d.class == class).map(|d| d.user.clone()).collect()
-    };
+    let rewrite: Vec<String> = drift
+        .iter()
+        .filter(|d| matches!(d.class, Class::Differs | Class::ContactGone))
+        .map(|d| d.user.clone())
+        .collect();
     let queue: Vec<String> = drift.iter().filter(|d| d.class.repairable()).map(|d| d.user.clone()).collect();
     if queue.is_empty() {
         return Ok(0);
@@ -247,17 +251,14 @@ async fn repair(client: &Client, drift: &[Drift]) -> Result<u64, DbError> {
                  update keap_sync.contact_map set sent = null, fingerprint = ''
                   where user_key = any($1)
                  returning 1
-             ), gone as (
-                 delete from keap_sync.contact_map where user_key = any($2)
-                 returning 1
              ), queued as (
                  insert into keap_sync.outbox (user_key, priority)
-                 select k, 2 from unnest($3::text[]) k
+                 select k, 2 from unnest($2::text[]) k
                  on conflict (user_key) do update set version = keap_sync.outbox.version + 1
                  returning 1
              )
-             select (select count(*) from queued), pg_notify($4, '')::text is null",
-            &[&pick(Class::Differs), &pick(Class::ContactGone), &queue, &db::NOTIFY_CHANNEL],
+             select (select count(*) from queued), pg_notify($3, '')::text is null",
+            &[&rewrite, &queue, &db::NOTIFY_CHANNEL],
         )
         .await?;
     Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
