@@ -279,5 +279,7 @@ fn every_invariant_names_tests_that_exist() {
         }
         guarded.insert(number);
     }
-    assert_eq!(guarded, (1..=16).collect::<BTreeSet<u32>>(), "every invariant has a row");
+    // 17, 18 and 21 are the inbound work's (issue 29): rows come with their code.
+    let built: BTreeSet<u32> = (1..=16).chain([19, 20]).collect();
+    assert_eq!(guarded, built, "every invariant built so far has a row");
 }
