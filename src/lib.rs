@@ -89,7 +89,9 @@ pub use backfill::BackfillMode;
 pub use daemon::{enqueue_backfill, Daemon, RunError, RunOptions};
 pub use db::DbError;
 pub use preview::{dry_run, preview, Call, Plan, PreviewError, Selection};
-pub use reconcile::{reconcile, refresh_mirror, Class, Drift, Listing, ReconcileError, Report};
+pub use reconcile::{
+    reconcile, refresh_mirror, Class, Difference, Drift, Listing, ReconcileError, ReconcileOptions, Report,
+};
 pub use schema::{migrate, migrate_reporting, uninstall, MigrateReport, SchemaError};
 pub use secret::Secret;
 pub use token::{import_grant, ImportError, TokenError};

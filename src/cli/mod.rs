@@ -88,6 +88,9 @@ enum Command {
         /// Queue each repairable user for delivery; the running daemon sends the repair.
         #[arg(long)]
         apply: bool,
+        /// Also print each differing property's value in the table and in Keap (personal data).
+        #[arg(long)]
+        show_values: bool,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -282,8 +285,9 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
             let mode = if restart { BackfillMode::Restart } else { BackfillMode::Resume };
             backfill(load(&cli.config)?, mode, progress_bar).await
         }
-        Command::Reconcile { user_keys, apply, json } => {
-            reconcile(load(&cli.config)?, &user_keys, apply, json).await
+        Command::Reconcile { user_keys, apply, show_values, json } => {
+            let options = crate::reconcile::ReconcileOptions { apply, show_values };
+            reconcile(load(&cli.config)?, &user_keys, options, json).await
         }
         Command::Status { json } => status(load(&cli.config)?, json).await,
         Command::Auth(AuthCommand::Import { switch_account }) => {
@@ -348,15 +352,20 @@ async fn preview(config: Config, which: &Selection, json: bool) -> Result<(), Cl
 
 /// A preview's failure as the command's error; a configuration error keeps its exit code.
 /// `keap-sync reconcile`: the report as text or JSON.
-async fn reconcile(config: Config, keys: &[String], apply: bool, json: bool) -> Result<(), CliError> {
-    let report = crate::reconcile::reconcile(&config, keys, apply).await.map_err(|e| match e {
+async fn reconcile(
+    config: Config,
+    keys: &[String],
+    options: crate::reconcile::ReconcileOptions,
+    json: bool,
+) -> Result<(), CliError> {
+    let report = crate::reconcile::reconcile(&config, keys, options).await.map_err(|e| match e {
         crate::reconcile::ReconcileError::Run(e) => CliError::Run(e),
         other => CliError::Other(other.to_string()),
     })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.to_string()))?);
     } else {
-        print!("{}", render::reconcile(&report, apply));
+        print!("{}", render::reconcile(&report, options.apply));
     }
     Ok(())
 }

@@ -200,6 +200,9 @@ pub(crate) fn reconcile(r: &crate::reconcile::Report, apply: bool) -> String {
         let differs =
             if d.differs.is_empty() { String::new() } else { format!(": {}", d.differs.join(", ")) };
         out.push_str(&format!("user {}{contact}: {what}{differs}\n", d.user));
+        for v in &d.values {
+            out.push_str(&format!("    {}: table {}, Keap {}\n", v.path, v.table, v.keap));
+        }
     }
     if apply {
         let left = r.drift.iter().filter(|d| !d.class.repairable()).count();

@@ -99,16 +99,7 @@ impl Held {
     pub(crate) fn from_contact(contact: &Value, payload: &ContactPayload) -> Held {
         let mut hashes = HashMap::new();
         for path in payload.values.keys() {
-            let v = match path.slot() {
-                None => contact.get(path.property()).cloned().unwrap_or(Value::Null),
-                Some((slot, part)) => {
-                    let items = contact.get(path.property()).and_then(Value::as_array);
-                    let key = slot_key(path.property());
-                    let item = items.into_iter().flatten().find(|i| i.get(key) == Some(&slot));
-                    item.and_then(|i| i.get(part)).cloned().unwrap_or(Value::Null)
-                }
-            };
-            hashes.insert(path.key(), hash(path, &v));
+            hashes.insert(path.key(), hash(path, &value_at(contact, path)));
         }
         let tags = contact
             .get("tag_ids")
@@ -176,5 +167,18 @@ impl Changes {
     /// The paths, for logs and `preview`.
     pub(crate) fn paths(&self) -> Vec<String> {
         self.0.iter().map(Path::key).collect()
+    }
+}
+
+/// The value at `path` of a contact as Keap returned it (`Null` when it has none).
+pub(super) fn value_at(contact: &Value, path: &Path) -> Value {
+    match path.slot() {
+        None => contact.get(path.property()).cloned().unwrap_or(Value::Null),
+        Some((slot, part)) => {
+            let items = contact.get(path.property()).and_then(Value::as_array);
+            let key = slot_key(path.property());
+            let item = items.into_iter().flatten().find(|i| i.get(key) == Some(&slot));
+            item.and_then(|i| i.get(part)).cloned().unwrap_or(Value::Null)
+        }
     }
 }

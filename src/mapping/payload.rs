@@ -57,6 +57,18 @@ impl ContactPayload {
         Held { hashes: self.held_hashes(), tags: None, theirs: BTreeSet::new(), fresh: false }
     }
 
+    /// For each owned path whose value differs from `contact`'s (as Keap returned it): the path,
+    /// the row's value and Keap's. Personal data: only for `reconcile --show-values`.
+    pub(crate) fn differences(&self, contact: &Value) -> Vec<(String, Value, Value)> {
+        let held = Held::from_contact(contact, self);
+        let changed = self.changes(&held);
+        self.values
+            .iter()
+            .filter(|(p, _)| changed.0.contains(*p))
+            .map(|(p, ours)| (p.key(), ours.clone(), super::held::value_at(contact, p)))
+            .collect()
+    }
+
     /// The owned paths whose value in Keap differs from this row.
     pub(crate) fn changes(&self, held: &Held) -> Changes {
         let differs = |(p, v): &(&Path, &Value)| held.hashes.get(&p.key()) != Some(&hash(p, v));

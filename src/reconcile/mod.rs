@@ -71,6 +71,29 @@ pub struct Drift {
     /// What differs: owned property paths, `tag <id>`, or the contacts sharing the address.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub differs: Vec<String>,
+    /// With `show_values` only: each differing property's value in the table and in Keap.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<Difference>,
+}
+
+/// One owned property that differs, with both values (personal data: shown only when asked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    /// The property path, as `preview` names it (`given_name`, `phone_numbers.PHONE1.number`).
+    pub path: String,
+    /// The value the table gives it.
+    pub table: serde_json::Value,
+    /// The value Keap holds.
+    pub keap: serde_json::Value,
+}
+
+/// What `reconcile` does besides reporting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconcileOptions {
+    /// Queue each repairable user for delivery.
+    pub apply: bool,
+    /// Put each differing property's values in the report (personal data).
+    pub show_values: bool,
 }
 
 /// What a reconcile found (and, with `apply`, queued).
@@ -97,7 +120,11 @@ pub async fn refresh_mirror(config: &Config) -> Result<Listing, ReconcileError> 
 
 /// `keap-sync reconcile [KEYS…] [--apply]`: refreshes the mirror, then classifies `keys` (all
 /// users when empty); with `apply`, queues the repairable ones for delivery.
-pub async fn reconcile(config: &Config, keys: &[String], apply: bool) -> Result<Report, ReconcileError> {
+pub async fn reconcile(
+    config: &Config,
+    keys: &[String],
+    options: ReconcileOptions,
+) -> Result<Report, ReconcileError> {
     let client = connect(config).await?;
     let table = UserTable::resolve(&client, &config.users).await.map_err(RunError::from)?;
     let mut report = Report { listing: list(config, &client).await?, ..Report::default() };
@@ -110,10 +137,10 @@ pub async fn reconcile(config: &Config, keys: &[String], apply: bool) -> Result<
             false => Vec::new(),
         };
         let Some(last) = batch.last().cloned() else { break };
-        let found = compare(&client, &table, &mapper, &batch).await?;
+        let found = compare(&client, &table, &mapper, &batch, options.show_values).await?;
         report.users += batch.len() as u64;
         report.in_sync += batch.len() as u64 - found.len() as u64;
-        if apply {
+        if options.apply {
             report.queued += repair(&client, &found).await?;
         }
         report.drift.extend(found);
@@ -152,6 +179,7 @@ async fn compare(
     table: &UserTable,
     mapper: &Mapper,
     keys: &[String],
+    show_values: bool,
 ) -> Result<Vec<Drift>, DbError> {
     let mut rows = outbox::read_users(client, table, keys).await?;
     let maps = outbox::mappings(client, keys).await?;
@@ -186,14 +214,19 @@ async fn compare(
             parked: parked.contains(key),
         };
         let (class, differs) = classify::classify(&facts);
-        if class != Class::InSync {
-            drift.push(Drift {
-                user: key.clone(),
-                class,
-                contact_id: mapping.map(|m| m.contact_id),
-                differs,
-            });
+        if class == Class::InSync {
+            continue;
         }
+        let values = match (show_values, payload, contact) {
+            (true, Some(p), Some((json, _))) => p
+                .differences(json)
+                .into_iter()
+                .map(|(path, table, keap)| Difference { path, table, keap })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let contact_id = mapping.map(|m| m.contact_id);
+        drift.push(Drift { user: key.clone(), class, contact_id, differs, values });
     }
     Ok(drift)
 }

@@ -2,7 +2,7 @@
 //!
 //! Run alone with `cargo test --test it mirror`.
 
-use keap_sync::Class;
+use keap_sync::{Class, Difference, ReconcileOptions};
 use std::time::Duration;
 
 use keap_sync_testkit::app::{self, spawn_app_with, Options};
@@ -119,7 +119,8 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
     let before = app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, Option<String>>(0);
     let writes_before = app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token"));
 
-    let report = keap_sync::reconcile(&app.config(), &[], false).await.expect("reconcile");
+    let report =
+        keap_sync::reconcile(&app.config(), &[], ReconcileOptions::default()).await.expect("reconcile");
 
     assert_eq!(
         app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token")),
@@ -145,6 +146,14 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
     );
     assert_eq!(class("6").map(|c| c.0), Some(Class::ContactGone));
 
+    assert!(report.drift.iter().all(|d| d.values.is_empty()), "no value unless asked");
+    let only_1 = ["1".to_owned()];
+    let asked = ReconcileOptions { show_values: true, ..Default::default() };
+    let shown = keap_sync::reconcile(&app.config(), &only_1, asked).await.expect("reconcile --show-values");
+    assert_eq!(
+        shown.drift[0].values,
+        [Difference { path: "given_name".into(), table: json!("F1"), keap: json!("Edited in Keap") }]
+    );
     // `status` shows the mirror's freshness and the counts, never a key or a value.
     let config = app.write_config_file("", "");
     let out = app.run_cli(&["--config", config.to_str().unwrap(), "status"]);
@@ -155,7 +164,10 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
             && !text.contains("@example.com"),
         "{text}"
     );
-    let applied = keap_sync::reconcile(&app.config(), &[], true).await.expect("reconcile --apply");
+    let applied =
+        keap_sync::reconcile(&app.config(), &[], ReconcileOptions { apply: true, ..Default::default() })
+            .await
+            .expect("reconcile --apply");
     assert_eq!(applied.queued, 4, "users 1, 2, 3 and 6; user 4 needs a person: {:#?}", applied.drift);
     app.start_daemon().await;
     let settled = "select (select count(*) from keap_sync.outbox where parked_at is null)
@@ -164,7 +176,8 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
         app.count(settled).await == 0
     })
     .await;
-    let after = keap_sync::reconcile(&app.config(), &[], false).await.expect("reconcile again");
+    let after =
+        keap_sync::reconcile(&app.config(), &[], ReconcileOptions::default()).await.expect("reconcile again");
     let left: Vec<(String, Class)> = after.drift.iter().map(|d| (d.user.clone(), d.class)).collect();
     // User 6's address is only another contact's EMAIL2 now: delivery parks it for a person.
     assert_eq!(left, [("4".to_owned(), Class::Duplicates), ("6".to_owned(), Class::Parked)]);
