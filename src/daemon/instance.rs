@@ -108,7 +108,6 @@ impl Context {
             fold_due: true,
             next_fold: Instant::now(),
             next_sweep: Instant::now() + self.config.mirror.sweep.unwrap_or_default(),
-            sweeping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);

@@ -1,7 +1,6 @@
 //! One connected, delivering stretch: the loop that folds captured changes, claims, spawns
 //! deliveries and reads their outcomes, and pauses while Keap refuses the credential.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,8 +101,6 @@ pub(super) struct Session<'a> {
     pub(super) next_fold: Instant,
     /// When the next sweep of Keap's changes into the mirror is due (`[mirror] sweep_secs`).
     pub(super) next_sweep: Instant,
-    /// Set while a sweep runs (it is one of `tasks`), so two never overlap.
-    pub(super) sweeping: Arc<AtomicBool>,
 }
 
 impl Session<'_> {
@@ -276,25 +273,28 @@ impl Session<'_> {
         });
     }
 
-    /// Starts a sweep of Keap's changes into the mirror when one is due and no delivery is in
-    /// flight (live changes go first; a sweep's calls share the limiter and the day's quota).
-    /// Returns how long the loop may wait: until the next sweep, at most `wait`.
+    /// Starts a sweep of Keap's changes into the mirror when one is due and no task is in
+    /// flight: no delivery (live changes go first; a sweep's calls share the limiter and the
+    /// day's quota) and no sweep (it is one of `tasks`). Returns how long the loop may wait:
+    /// until the sweep is due, at most `wait`; while tasks run, the end of one wakes the loop.
     pub(super) fn sweep_when_idle(&mut self, wait: Duration) -> Duration {
         let Some(every) = self.ctx.config.mirror.sweep else { return wait };
         let now = Instant::now();
-        if now < self.next_sweep || !self.tasks.is_empty() || self.sweeping.load(Ordering::Relaxed) {
-            return wait.min(self.next_sweep.saturating_duration_since(now).max(Duration::from_millis(10)));
+        if now < self.next_sweep {
+            return wait.min(self.next_sweep - now);
+        }
+        if !self.tasks.is_empty() {
+            return wait;
         }
         self.next_sweep = now + every;
-        self.sweeping.store(true, Ordering::Relaxed);
-        let (db, flag) = (Arc::clone(&self.db), Arc::clone(&self.sweeping));
+        let db = Arc::clone(&self.db);
         let (client, tokens, mapper) =
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
         let (timing, timeout) = (self.ctx.config.mirror.clone(), self.ctx.config.keap.request_timeout);
         let metrics = Arc::clone(&self.ctx.metrics);
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout };
-            let outcome = match mirror::sweep(&db, &keap, &mapper, &timing).await {
+            match mirror::sweep(&db, &keap, &mapper, &timing).await {
                 Ok(swept) => {
                     tracing::debug!(pages = swept.pages, contacts = swept.contacts, full = swept.full, "swept Keap's changes into the mirror");
                     if let Ok((watermark, drift)) = mirror::gauges(&db).await {
@@ -307,9 +307,7 @@ impl Session<'_> {
                     tracing::warn!(error = %e, "could not sweep Keap's changes into the mirror; trying again at the next sweep");
                     Outcome::Handled
                 }
-            };
-            flag.store(false, Ordering::Relaxed);
-            outcome
+            }
         });
         wait.min(every)
     }
