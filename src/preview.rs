@@ -193,6 +193,8 @@ impl Planner {
     /// by name; a missing one without `create_missing` is the user's problem.
     async fn tags(&self, refs: &BTreeSet<TagRef>, names: &mut StandIns) -> Result<BTreeSet<i64>, String> {
         let mut ids = BTreeSet::new();
+        // The credential is read once for all the names (for OAuth it is a database read).
+        let mut credential: Option<Result<Auth, String>> = None;
         for r in refs {
             let name = match r {
                 TagRef::Id(id) => {
@@ -201,7 +203,15 @@ impl Planner {
                 }
                 TagRef::Name(name) => name,
             };
-            match self.tag_id(r).await {
+            let auth = match &mut credential {
+                Some(read) => read,
+                unread => unread.insert(self.auth().await),
+            };
+            let found = match auth {
+                Ok(auth) => self.tag_id(auth, r).await,
+                Err(e) => Err(e.clone()),
+            };
+            match found {
                 Ok(Tags::Ids(m)) => ids.extend(m.into_values()),
                 Ok(Tags::Missing(_)) if self.mapper.create_missing_tags() => {
                     names.notes.push(format!("tag {name} does not exist in Keap; it would be created"));
@@ -222,11 +232,10 @@ impl Planner {
     }
 
     /// One tag name looked up in Keap (cached by the catalog), never created.
-    async fn tag_id(&self, r: &TagRef) -> Result<Tags, String> {
-        let auth = self.auth().await?;
+    async fn tag_id(&self, auth: &Auth, r: &TagRef) -> Result<Tags, String> {
         let (access, catalog) = self.keap.as_ref().ok_or("no Keap access")?;
         let one = BTreeSet::from([r.clone()]);
-        catalog.tag_ids(&access.keap, &auth, &one, false, self.deadline()).await.map_err(|e| e.to_string())
+        catalog.tag_ids(&access.keap, auth, &one, false, self.deadline()).await.map_err(|e| e.to_string())
     }
 
     /// Plans for `keys`, in order.
