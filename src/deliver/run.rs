@@ -302,7 +302,11 @@ impl Deliverer {
         deadline: Instant,
     ) -> Result<Result<Answer, Failure>, DbError> {
         let keap = &self.keap;
-        let optional = self.mapper.optional_properties();
+        // Only reads ask for optional properties; computed for them alone (not for every PATCH).
+        let optional = match step {
+            Step::Lookup { .. } | Step::Read { .. } => self.mapper.optional_properties(),
+            _ => Vec::new(),
+        };
         let optional = &optional;
         let target = |t: &Target| match t {
             Target::Id(id) => *id,
