@@ -27,9 +27,13 @@ pub(crate) fn client_config() -> Arc<rustls::ClientConfig> {
     }))
 }
 
-/// The connector `tokio-postgres` uses.
+/// The connector `tokio-postgres` uses, built once: a copy is a reference count, so every
+/// connect (and reconnect) shares the one configuration.
 pub(crate) fn postgres() -> tokio_postgres_rustls::MakeRustlsConnect {
-    tokio_postgres_rustls::MakeRustlsConnect::new((*client_config()).clone())
+    static CONNECTOR: OnceLock<tokio_postgres_rustls::MakeRustlsConnect> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| tokio_postgres_rustls::MakeRustlsConnect::new((*client_config()).clone()))
+        .clone()
 }
 
 /// The HTTP client builder every Keap call starts from (contacts, the token endpoint, `auth
