@@ -14,7 +14,7 @@ mod classify;
 use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Config as PgConfig};
 
 use crate::access::KeapAccess;
 use crate::config::Config;
@@ -114,8 +114,8 @@ pub struct Report {
 /// Lists every Keap contact into the mirror (resuming a listing stopped half-way), counting
 /// the calls against the day like deliveries. Changes nothing in Keap or the users table.
 pub async fn refresh_mirror(config: &Config) -> Result<Listing, ReconcileError> {
-    let client = connect(config).await?;
-    list(config, &client).await
+    let (client, pg) = connect(config).await?;
+    list(config, &client, &pg).await
 }
 
 /// `keap-sync reconcile [KEYS…] [--apply]`: refreshes the mirror, then classifies `keys` (all
@@ -125,9 +125,9 @@ pub async fn reconcile(
     keys: &[String],
     options: ReconcileOptions,
 ) -> Result<Report, ReconcileError> {
-    let client = connect(config).await?;
+    let (client, pg) = connect(config).await?;
     let table = UserTable::resolve(&client, &config.users).await.map_err(RunError::from)?;
-    let mut report = Report { listing: list(config, &client).await?, ..Report::default() };
+    let mut report = Report { listing: list(config, &client, &pg).await?, ..Report::default() };
     let mapper = Mapper::new(&config.users);
     let mut after: Option<String> = None;
     loop {
@@ -152,18 +152,19 @@ pub async fn reconcile(
     Ok(report)
 }
 
-async fn connect(config: &Config) -> Result<Client, ReconcileError> {
-    let pg = db::parse(config.database().map_err(RunError::from)?).map_err(RunError::from)?;
-    let client = db::connect(&pg).await.map_err(RunError::from)?;
+/// A connection at this binary's schema version, and the settings it was made from (the
+/// listing's reservations open connections of their own).
+async fn connect(config: &Config) -> Result<(Client, PgConfig), ReconcileError> {
+    let pg = db::parse(config.database().map_err(RunError::from)?)?;
+    let client = db::connect(&pg).await?;
     schema::ensure_current(&client).await.map_err(RunError::from)?;
-    Ok(client)
+    Ok((client, pg))
 }
 
 /// The full listing, with the day's calls reserved like the daemon's and the rest given back.
-async fn list(config: &Config, client: &Client) -> Result<Listing, ReconcileError> {
-    let pg = db::parse(config.database().map_err(RunError::from)?).map_err(RunError::from)?;
-    let access = KeapAccess::build(config, &pg).map_err(RunError::from)?;
-    let reserving = Reserving::start(&access.limiter, &pg);
+async fn list(config: &Config, client: &Client, pg: &PgConfig) -> Result<Listing, ReconcileError> {
+    let access = KeapAccess::build(config, pg).map_err(RunError::from)?;
+    let reserving = Reserving::start(&access.limiter, pg);
     let mapper = Mapper::new(&config.users);
     let keap =
         mirror::Keap { client: &access.keap, tokens: &access.tokens, timeout: config.keap.request_timeout };
