@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 use keap_sync_testkit::app::{self, spawn_app, spawn_app_with, Options, TestApp, API_KEY};
 use keap_sync_testkit::fake::{FakeKeap, FaultAction, FaultRule, Route};
 
-fn contact_calls(fake: &FakeKeap) -> Vec<Instant> {
-    let mut at: Vec<Instant> = fake
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.starts_with("/crm/rest/v1/contacts"))
-        .map(|r| r.at)
-        .collect();
-    at.sort();
-    at
-}
-
 async fn mapped(app: &TestApp, key: &str) -> bool {
     app.count(&format!("select count(*) from keap_sync.contact_map where user_key = '{key}'")).await == 1
 }
@@ -129,7 +118,7 @@ async fn a_429_pauses_every_sender_and_loses_nothing() {
     let t0 = answered_429[0];
     // Calls already on the wire when the 429 came arrive within a few ms; after that, none
     // until the pause ends.
-    let during: Vec<Duration> = contact_calls(&app.fake)
+    let during: Vec<Duration> = crate::contact_call_times(&app.fake)
         .into_iter()
         .filter(|t| *t > t0)
         .map(|t| t - t0)
@@ -159,7 +148,7 @@ async fn one_user_never_has_two_calls_in_flight() {
     // Checked before the outbox must be empty, so a defect shows as overlapping calls rather
     // than as a delivery that never settles.
     let _ = app::wait_until_empty(&app.db, Duration::from_secs(10)).await;
-    let calls = contact_calls(&app.fake);
+    let calls = crate::contact_call_times(&app.fake);
     eprintln!("{n} updates of one user: {} calls", calls.len());
     assert!(calls.len() >= 4, "several calls were made ({})", calls.len());
     for pair in calls.windows(2) {
@@ -288,7 +277,7 @@ async fn the_retry_schedule_survives_a_restart() {
     assert!(due_in > 1.0, "a retry {due_in:.2} s away");
     app.start_daemon().await;
     app.wait_idle_for(Duration::from_secs(20)).await;
-    let calls = contact_calls(&app.fake);
+    let calls = crate::contact_call_times(&app.fake);
     assert_eq!(calls.len(), 3, "the refused lookup, then the lookup and the create");
     let early = due.saturating_duration_since(calls[1]);
     assert!(early <= Duration::from_millis(100), "retried {early:?} before its time after the restart");
