@@ -22,7 +22,8 @@ const MAX_PLANS: usize = 12;
 
 /// What one Keap call answered.
 enum Answer {
-    Found(ByEmail),
+    /// What a lookup found, and for which address.
+    Found(String, ByEmail),
     Contact(Contact),
     Tagged(TagsApplied),
     Done,
@@ -162,11 +163,8 @@ impl Deliverer {
                         Err(failure) => return Ok(Flow::End(End::failed(failure, patch_body(step)))),
                     };
                     match answer {
-                        Answer::Found(found) => {
-                            let Step::Lookup { email } = step else {
-                                unreachable!("a lookup answers a lookup")
-                            };
-                            facts.found = Some((email.clone(), found));
+                        Answer::Found(email, found) => {
+                            facts.found = Some((email, found));
                             return Ok(Flow::Replan);
                         }
                         Answer::Contact(contact) => {
@@ -318,7 +316,7 @@ impl Deliverer {
                     keap.find_by_email(&auth, email, optional, deadline).await
                 })
                 .await?
-                .map(Answer::Found)
+                .map(|found| Answer::Found(email.clone(), found))
             }
             Step::Read { id } => self
                 .with_auth(
