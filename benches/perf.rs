@@ -28,7 +28,9 @@
 //! - **drain**: `--changes` users (20,000) inserted while no daemon runs, then the daemon is
 //!   started and the time from its start to an empty change log and outbox is taken (first sync: a lookup by
 //!   email and a create per user); then every user is updated in one statement and drained
-//!   again (one PATCH each). Deliveries/s, daemon and Postgres CPU per delivery.
+//!   again (one PATCH each); then Keap's contacts are listed into the mirror and `--changes`
+//!   new users drained (first sync by the mirror: one create per user, lookups answered by the
+//!   mirror). Deliveries/s, calls per user, daemon and Postgres CPU per delivery.
 //! - **latency**: 500 single-row commits (updates of synced users) at 50/s to a running daemon;
 //!   commit (as the client saw it return) → `keap_sync.contact_map.synced_at`, p50/p95/p99/max.
 //! - **coalesce**: Keap's OAuth limits (the daemon with OAuth credentials and no `[limits]`: 25/s,
@@ -163,6 +165,11 @@ impl Env {
     fn contact_calls(&self) -> usize {
         self.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts"))
     }
+
+    /// Calls to the v2 listing (`GET /v2/contacts`): the mirror's.
+    fn list_calls(&self) -> usize {
+        self.fake.count(|r| r.path.ends_with("/v2/contacts"))
+    }
 }
 
 fn main() {
@@ -208,6 +215,7 @@ async fn run(args: &Args) {
             rows.push(
                 drain(&cluster, &env, args, "drain-update", format!("drain, {n} updates (PATCH)")).await,
             );
+            rows.push(first_sync_by_the_mirror(&cluster, &env, args).await);
         }
         if args.runs("latency") {
             rows.push(latency(&cluster, &env, args).await);
@@ -323,6 +331,7 @@ async fn drain(cluster: &Cluster, env: &Env, args: &Args, name: &str, scenario: 
     let queued = env.count(bench::PENDING_USERS).await;
     reset_statements(env, args).await;
     let calls_before = env.contact_calls();
+    let lists_before = env.list_calls();
     let looker = bench::backend_pid(&env.db).await;
     let (pg_before, bench_before) = (ServerCpu::read(cluster), bench::self_cpu_secs());
     let daemon = env.spawn(LIFTED);
@@ -337,16 +346,18 @@ async fn drain(cluster: &Cluster, env: &Env, args: &Args, name: &str, scenario: 
     perf.finish().await;
     save_statements(env, args, name).await;
     let calls = env.contact_calls() - calls_before;
+    let lists = env.list_calls() - lists_before;
     assert!(daemon.stop(Duration::from_secs(30)).await, "the daemon stops cleanly");
     let n = queued as f64;
     Row {
         scenario,
         result: format!(
-            "{:.0} deliveries/s ({queued} in {took:.2} s from the daemon's start{}; {calls} Keap calls; \
-             bench + fake Keap CPU {:.3} ms per delivery, the bench's looks at the outbox {:.3} ms of \
+            "{:.0} deliveries/s ({queued} in {took:.2} s from the daemon's start{}; {calls} contact calls and \
+             {lists} list calls, {:.4} calls per user; bench + fake Keap CPU {:.3} ms per delivery, the bench's looks at the outbox {:.3} ms of \
              Postgres CPU per delivery, not counted)",
             n / took,
             if drained { "" } else { ", TIMED OUT" },
+            (calls + lists) as f64 / n,
             bench_cpu * 1000.0 / n,
             looking_cpu * 1000.0 / n
         ),
@@ -355,6 +366,26 @@ async fn drain(cluster: &Cluster, env: &Env, args: &Args, name: &str, scenario: 
         pg_ms: Some(pg_cpu * 1000.0 / n),
         rss_kib: Some(rss),
     }
+}
+
+/// `--changes` new users after Keap's contacts were listed into the mirror (as a backfill
+/// does first): each user's lookup is answered by the mirror, so a first sync costs one call
+/// per user plus the listings of Keap's latest changes.
+async fn first_sync_by_the_mirror(cluster: &Cluster, env: &Env, args: &Args) -> Row {
+    let config =
+        keap_sync::config::Config::from_toml(LIFTED, &|k| env.vars().get(k).cloned()).expect("config");
+    let listed = keap_sync::refresh_mirror(&config).await.expect("the listing");
+    let n = args.changes;
+    env.exec(&format!(
+        "insert into users (email, first_name, last_name)
+         select 'new' || g || '@example.com', 'First' || g, 'Last' || g from generate_series(1, {n}) g"
+    ))
+    .await;
+    let scenario = format!(
+        "drain, first sync of {n} new users by the mirror ({} contacts listed first)",
+        listed.contacts
+    );
+    drain(cluster, env, args, "drain-first-sync-mirror", scenario).await
 }
 
 /// Single-row commits at 50/s to a running daemon: commit → synced_at.

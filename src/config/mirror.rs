@@ -19,35 +19,57 @@ pub struct MirrorConfig {
     /// How far before the last sweep's end the next one starts, so a contact whose update time
     /// was recorded late is still seen.
     pub overlap: Duration,
+    /// Whether a new user's contact is looked up in the mirror instead of by a call per user
+    /// (`GET /v1/contacts?email=…`), once a full listing has filled it. A backfill then starts
+    /// with that listing when the mirror has none.
+    pub lookups: bool,
+    /// How old the mirror's knowledge of Keap's latest changes may be when it answers a
+    /// lookup: older, and the contacts Keap changed since are listed first (one call, shared
+    /// by every lookup in that time). This bounds the window in which a contact made in Keap
+    /// by someone else can be missed.
+    pub confirm: Duration,
 }
 
-/// Sweep every 5 minutes, 60 s behind now, overlapping the last window by 5 minutes.
+/// Sweep every 5 minutes, 60 s behind now, overlapping the last window by 5 minutes; answer
+/// lookups from the mirror, with Keap's changes listed at most 10 s before.
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct FileMirror {
     pub(super) sweep_secs: u64,
     pub(super) lag_secs: u64,
     pub(super) overlap_secs: u64,
+    pub(super) lookups: bool,
+    pub(super) confirm_secs: u64,
 }
 
 impl Default for FileMirror {
     fn default() -> Self {
-        FileMirror { sweep_secs: 300, lag_secs: 60, overlap_secs: 300 }
+        FileMirror { sweep_secs: 300, lag_secs: 60, overlap_secs: 300, lookups: true, confirm_secs: 10 }
     }
 }
 
 impl FileMirror {
-    /// `sweep_secs = 0` turns the sweep off; a day or more of lag would leave the mirror stale.
+    /// `sweep_secs = 0` turns the sweep off; a day or more of lag would leave the mirror stale,
+    /// and a lookup must not trust a picture of Keap more than an hour old.
     pub(super) fn validate(self) -> Result<MirrorConfig, ConfigError> {
         if self.lag_secs >= 86_400 || self.overlap_secs >= 86_400 {
             return Err(ConfigError::Invalid(
                 "mirror.lag_secs and mirror.overlap_secs must each be under a day (86400)".into(),
             ));
         }
+        if !(1..=3_600).contains(&self.confirm_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "mirror.confirm_secs = {} is out of range: give 1 to 3600 seconds (10 is the default), \
+                 or set mirror.lookups = false to look every new user up in Keap instead",
+                self.confirm_secs
+            )));
+        }
         Ok(MirrorConfig {
             sweep: (self.sweep_secs > 0).then(|| Duration::from_secs(self.sweep_secs)),
             lag: Duration::from_secs(self.lag_secs),
             overlap: Duration::from_secs(self.overlap_secs),
+            lookups: self.lookups,
+            confirm: Duration::from_secs(self.confirm_secs),
         })
     }
 }

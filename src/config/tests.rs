@@ -51,6 +51,17 @@ fn the_example_file_parses_to_the_defaults() {
 }
 
 #[test]
+fn mirror_lookups_are_on_by_default_and_their_confirmation_must_be_in_range() {
+    let c = load_str("", &[]).unwrap();
+    assert!(c.mirror.lookups);
+    assert_eq!(c.mirror.confirm, Duration::from_secs(10));
+    let off = load_str("[mirror]\nlookups = false\n", &[]).unwrap();
+    assert!(!off.mirror.lookups);
+    let err = load_str("[mirror]\nconfirm_secs = 0\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("mirror.confirm_secs = 0") && err.contains("1 to 3600"), "{err}");
+}
+
+#[test]
 fn unknown_key_is_named() {
     let err = load_str("[delivery]\nconcurency = 3\n", &[]).unwrap_err().to_string();
     assert!(err.contains("concurency"), "{err}");

@@ -11,6 +11,7 @@ use super::{Context, RunError};
 use crate::backfill::{self, BackfillMode, BackfillState};
 use crate::config::Config;
 use crate::db::{self, DbError};
+use crate::mirror::{self, MirrorError};
 use crate::schema::{self, UserTable};
 
 /// How often a running backfill's progress is read (and, every 10 s, logged).
@@ -48,6 +49,31 @@ pub(super) async fn backfill_until_done(
     }
 }
 
+/// With `[mirror] lookups`, a backfill starts with a full listing of Keap's contacts when the
+/// mirror has none: one call per 1,000 contacts, so that each user's delivery finds its
+/// contact (or that it has none) in the mirror instead of a lookup per user. A listing that
+/// fails is logged, and the users are looked up in Keap one by one instead.
+async fn list_first(ctx: &Context, client: &tokio_postgres::Client) -> Result<(), DbError> {
+    if !ctx.config.mirror.lookups || mirror::listed(client).await? {
+        return Ok(());
+    }
+    tracing::info!("backfill: listing Keap's contacts into the mirror first");
+    let keap =
+        mirror::Keap { client: &ctx.keap, tokens: &ctx.tokens, timeout: ctx.config.keap.request_timeout };
+    match mirror::list_all(client, &keap, &ctx.mapper).await {
+        Ok(listed) => tracing::info!(
+            contacts = listed.contacts,
+            calls = listed.pages,
+            "backfill: Keap's contacts listed"
+        ),
+        Err(MirrorError::Db(e)) => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "backfill: could not list Keap's contacts; each user is looked up in Keap instead")
+        }
+    }
+    Ok(())
+}
+
 /// Enqueues the backfill, then watches it until every backfill change is delivered, logging
 /// progress every 10 s.
 pub(super) async fn run_backfill(ctx: &Context, mode: BackfillMode) -> Result<(), DbError> {
@@ -58,6 +84,7 @@ pub(super) async fn run_backfill(ctx: &Context, mode: BackfillMode) -> Result<()
         );
         return Ok(());
     }
+    list_first(ctx, &client).await?;
     let started = Instant::now();
     let mut logged = Instant::now();
     backfill::enqueue_all(&client, &ctx.table, |enqueued| {

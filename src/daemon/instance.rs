@@ -88,6 +88,7 @@ impl Context {
             metrics: Arc::clone(&self.metrics),
             mapper: Arc::clone(&self.mapper),
             catalog: Arc::clone(&self.catalog),
+            lookups: crate::mirror::Lookups::new(&self.config.mirror, self.config.keap.request_timeout),
         });
         self.metrics.set_db_connected(true);
         tracing::info!("listening for changes; draining the outbox");

@@ -13,7 +13,7 @@
 //! | breaks a rule | any | – | park, naming the user, the column and the rule: only a new change can fix it |
 //! | present | mapped | unchanged, same tags | nothing: Keap already holds them |
 //! | present | mapped | changed | `PATCH` only the changed properties (an array property: read the contact first and send its other slots back); then at most one tag apply and one tag remove; a 404 links again |
-//! | present | none | – | look up by email (an in-doubt create's email first) → link a contact whose EMAIL1 is the address and `PATCH` what differs, or record the create, then `PUT /v1/contacts`; then one apply of the rule and `on_create` tags. A contact holding the address only in EMAIL2/EMAIL3 is never taken: the user is parked naming it (`not_adopted`) |
+//! | present | none | – | look up by email (an in-doubt create's email first) → link a contact whose EMAIL1 is the address and `PATCH` what differs, or record the create, then `PUT /v1/contacts`; then one apply of the rule and `on_create` tags. A contact holding the address only in EMAIL2/EMAIL3 is never taken: the user is parked naming it (`not_adopted`). With `[mirror] lookups`, the mirror answers the lookup of the user's own address (`crate::mirror::Lookups`): a contact it names is linked only with a call to it (a `PATCH`, else a read first), and an answer that would park the user is asked of Keap |
 //!
 //! A contact is linked (mapped) before anything is written to it, so two users never share one
 //! and a key that is gone is never mapped (`outbox::link`). Results: success completes the
@@ -78,6 +78,8 @@ pub(crate) struct Deliverer {
     pub mapper: Arc<Mapper>,
     /// Keap's custom fields and tag ids, looked up once (it outlives reconnects).
     pub catalog: Arc<Catalog>,
+    /// New users' lookups answered from the mirror (`[mirror] lookups`), or `None`: by Keap.
+    pub lookups: Option<crate::mirror::Lookups>,
 }
 
 impl Deliverer {

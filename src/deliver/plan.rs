@@ -11,6 +11,10 @@
 //!   read is expected to find (no contact for an address; the mapped contact as last sent).
 //! - **preview** prints the first plan, made with nothing read from Keap.
 //!
+//! A lookup may be answered by keap-sync's mirror of Keap instead of a call
+//! ([`Seen::Mirrored`]): the plan then trusts it only where it cannot do what Keap's answer
+//! would not (`link_or_create`).
+//!
 //! Why the real calls are never more than the first plan (checked by the property test
 //! below): a read only ever replaces itself with what it found — a lookup that finds a contact
 //! turns `Create` into `Link` and at most one `Patch`; a contact read turns the `Patch` of
@@ -58,6 +62,9 @@ pub(crate) enum IfTaken {
     /// The contact came from looking up an in-doubt create's address: that create made no
     /// contact of this user's. Settle it and plan again.
     Settle,
+    /// The contact came from the mirror, which may be stale: look the address up in Keap
+    /// and plan again with Keap's answer.
+    AskKeap,
 }
 
 /// One step of a plan. Every step but [`Step::Settle`], [`Step::Link`] and [`Step::Park`] is
@@ -143,6 +150,9 @@ pub(crate) enum Seen<'a> {
     Contact(&'a Contact),
     /// What looking up `email` found.
     Found { email: &'a str, found: &'a ByEmail },
+    /// What the mirror holds for `email` (`crate::mirror::Lookups`): Keap's contacts as of
+    /// moments ago, except that a contact deleted since may still be there.
+    Mirrored { email: &'a str, found: &'a ByEmail },
 }
 
 /// Everything the planner knows about a user whose row is present.
@@ -249,9 +259,13 @@ fn in_doubt(user: &User<'_>, doubt: &str) -> Plan {
 
 /// An unmapped user: look its address up; link a contact whose EMAIL1 it is, park one that
 /// holds it only in another slot (`not_adopted`), else create one.
+///
+/// The mirror's answer is used where it cannot do what Keap's answer would not: no contact
+/// with the address, a create; a contact whose EMAIL1 it is, linked with a call to it that
+/// confirms it exists. An address held only in another slot would park the user: that is
+/// asked of Keap.
 fn link_or_create(user: &User<'_>) -> Plan {
     let payload = user.payload;
-    let new_tags: BTreeSet<i64> = user.want.union(user.on_create).copied().collect();
     let mut steps = Vec::new();
     match user.seen {
         Seen::Found { email, found } if same_address(email, &payload.email) => {
@@ -262,14 +276,40 @@ fn link_or_create(user: &User<'_>) -> Plan {
                 return Plan::of(vec![Step::Park(not_adopted(user.key, &found.elsewhere))]);
             }
         }
+        Seen::Mirrored { email, found } if same_address(email, &payload.email) => {
+            if let Some(contact) = &found.email1 {
+                return adopt_mirrored(user, contact);
+            }
+            if !found.elsewhere.is_empty() {
+                steps.push(Step::Lookup { email: payload.email.clone() });
+            }
+        }
         // Planned as if the lookup finds nothing.
         _ => steps.push(Step::Lookup { email: payload.email.clone() }),
     }
+    create(user, steps)
+}
+
+/// `steps`, then the create of the user's contact and one apply of its rule and `on_create` tags.
+fn create(user: &User<'_>, mut steps: Vec<Step>) -> Plan {
+    let payload = user.payload;
+    let new_tags: BTreeSet<i64> = user.want.union(user.on_create).copied().collect();
     steps.push(Step::Create { body: payload.create_body() });
     if !new_tags.is_empty() {
         steps.push(Step::ApplyTags { id: Target::Created, ids: new_tags });
     }
     Plan::of(steps)
+}
+
+/// Links a contact the mirror holds the address for: as [`adopt`], but only with a call to
+/// the contact after the link (its answer confirms Keap still has it; a 404 unlinks it), or
+/// else a read of it first; and another user's contact is asked of Keap, not parked for.
+fn adopt_mirrored(user: &User<'_>, contact: &Contact) -> Plan {
+    let mut plan = adopt(user, contact, IfTaken::AskKeap);
+    if !plan.steps.iter().any(Step::is_call) {
+        plan.steps.insert(0, Step::Read { id: contact.id });
+    }
+    plan
 }
 
 /// Links an existing contact, then sends what differs and applies the rule and `on_create` tags.

@@ -14,6 +14,7 @@ use crate::db::DbError;
 use crate::keap::model::{ByEmail, Contact};
 use crate::keap::{ErrorKind, TagsApplied};
 use crate::mapping::{ContactPayload, Held};
+use crate::mirror;
 use crate::outbox::{self, Claim, CreateSlot, Done, Linked};
 
 /// Plans per delivery at most: every read or settle answers one question for good, so a plan
@@ -45,11 +46,17 @@ struct Facts {
     contact: Option<Contact>,
     /// What a lookup found, and for which address.
     found: Option<(String, ByEmail)>,
+    /// `found` is the mirror's answer, not yet Keap's.
+    mirrored: bool,
+    /// The mirror was asked already (it answers once per delivery; then Keap does).
+    asked_mirror: bool,
     /// `on_create` tag ids, once resolved.
     on_create: Option<BTreeSet<i64>>,
     /// The contact this delivery linked (by lookup or create): a 404 on it is a vanished
     /// contact, not a mapping to make again.
     linked: Option<i64>,
+    /// `linked` came from the mirror: a 404 on it says the mirror was stale.
+    linked_from_mirror: bool,
     /// Keap calls made.
     calls: u32,
 }
@@ -66,8 +73,11 @@ impl Facts {
             in_doubt: claim.create_sent.as_ref().and_then(plan::email_of_create),
             contact: None,
             found: None,
+            mirrored: false,
+            asked_mirror: false,
             on_create: None,
             linked: None,
+            linked_from_mirror: false,
             calls: 0,
         }
     }
@@ -76,6 +86,7 @@ impl Facts {
     fn seen(&self) -> Seen<'_> {
         match (&self.contact, &self.found) {
             (Some(contact), _) => Seen::Contact(contact),
+            (None, Some((email, found))) if self.mirrored => Seen::Mirrored { email, found },
             (None, Some((email, found))) => Seen::Found { email, found },
             (None, None) => Seen::Nothing,
         }
@@ -84,6 +95,24 @@ impl Facts {
     /// The contact the user is linked to now.
     fn contact_id(&self) -> Option<i64> {
         self.linked.or(self.mapped.as_ref().map(|m| m.id))
+    }
+
+    /// The contact the mirror named and no call has confirmed yet: the one it found for the
+    /// address, or the one linked from its answer.
+    fn unconfirmed(&self) -> Option<i64> {
+        match (&self.found, self.linked) {
+            (_, Some(id)) if self.linked_from_mirror => Some(id),
+            (Some((_, found)), None) if self.mirrored => found.email1.as_ref().map(|c| c.id),
+            _ => None,
+        }
+    }
+
+    /// Forgets the mirror's answer: the next lookup asks Keap.
+    fn ask_keap(&mut self) {
+        self.found = None;
+        self.mirrored = false;
+        self.linked = None;
+        self.linked_from_mirror = false;
     }
 }
 
@@ -137,13 +166,26 @@ impl Deliverer {
     ) -> Result<Flow, DbError> {
         let mut already = BTreeSet::new();
         for step in &plan.steps {
+            if let Step::Lookup { email } = step {
+                if let Some(found) = self.ask_mirror(claim, facts, email).await? {
+                    (facts.found, facts.mirrored) = (Some((email.clone(), found)), true);
+                    return Ok(Flow::Replan);
+                }
+            }
             match step {
                 Step::Settle => return self.settle(claim, payload, facts).await,
                 Step::Link { id, sent, if_taken } => match self.link(claim, *id, sent.clone()).await? {
-                    None => facts.linked = Some(*id),
+                    None => {
+                        (facts.linked, facts.linked_from_mirror) = (Some(*id), *if_taken == IfTaken::AskKeap)
+                    }
                     Some(End::Taken { .. }) if *if_taken == IfTaken::Settle => {
                         // Another user's contact: this user's create made none of its own.
                         return self.settle(claim, payload, facts).await;
+                    }
+                    Some(End::Taken { .. }) if *if_taken == IfTaken::AskKeap => {
+                        // Another user's, says the mirror: Keap's lookup decides.
+                        facts.ask_keap();
+                        return Ok(Flow::Replan);
                     }
                     Some(end) => return Ok(Flow::End(end)),
                 },
@@ -158,20 +200,29 @@ impl Deliverer {
                     let answer = match self.call(claim, step, facts.contact_id(), deadline).await? {
                         Ok(answer) => answer,
                         Err(Failure::Keap(e)) if e.kind == ErrorKind::NotFound => {
-                            return Ok(self.gone(claim, facts))
+                            return self.gone(claim, facts).await
                         }
                         Err(failure) => return Ok(Flow::End(End::failed(failure, patch_body(step)))),
                     };
+                    self.answered(step, facts).await?;
                     match answer {
                         Answer::Found(email, found) => {
-                            facts.found = Some((email, found));
+                            (facts.found, facts.mirrored) = (Some((email, found)), false);
+                            return Ok(Flow::Replan);
+                        }
+                        Answer::Contact(contact)
+                            if facts.unconfirmed() == Some(contact.id) && facts.linked.is_none() =>
+                        {
+                            confirmed(facts, contact);
                             return Ok(Flow::Replan);
                         }
                         Answer::Contact(contact) => {
                             facts.contact = Some(contact);
                             return Ok(Flow::Replan);
                         }
-                        Answer::Tagged(answer) if answer.contact_gone() => return Ok(self.gone(claim, facts)),
+                        Answer::Tagged(answer) if answer.contact_gone() => {
+                            return self.gone(claim, facts).await
+                        }
                         Answer::Tagged(answer) if answer.refused.is_empty() => already.extend(answer.already),
                         Answer::Tagged(answer) => {
                             return Ok(Flow::End(End::Park(not_applied(
@@ -192,16 +243,55 @@ impl Deliverer {
 
     /// The contact a step was sent to is gone in Keap: the mapped one is linked again by
     /// email (planned again, knowing no contact); one this delivery linked vanished under it.
-    fn gone(&self, claim: &Claim, facts: &mut Facts) -> Flow {
+    /// One the mirror named was stale there: it leaves the mirror, and Keap is asked.
+    async fn gone(&self, claim: &Claim, facts: &mut Facts) -> Result<Flow, DbError> {
+        if let Some(id) = facts.unconfirmed() {
+            tracing::info!(user = %claim.user_key, contact = id, "a contact the mirror held is gone in Keap; looking the address up in Keap");
+            mirror::forget(&self.db, id).await?;
+            facts.ask_keap();
+            return Ok(Flow::Replan);
+        }
         if let Some(id) = facts.linked {
-            return Flow::End(End::RetryLater(format!("Keap contact {id} vanished while being linked")));
+            return Ok(Flow::End(End::RetryLater(format!("Keap contact {id} vanished while being linked"))));
         }
         if let Some(mapped) = facts.mapped.take() {
             tracing::info!(user = %claim.user_key, contact = mapped.id, "contact gone in Keap; linking again by email");
         }
         facts.contact = None;
         facts.found = None;
-        Flow::Replan
+        Ok(Flow::Replan)
+    }
+
+    /// The mirror's answer for `email`, when it may give one: for a user's own address (never
+    /// an in-doubt create's, invariant 14), once per delivery, when `[mirror] lookups` is on
+    /// and the mirror holds a full listing.
+    async fn ask_mirror(
+        &self,
+        claim: &Claim,
+        facts: &mut Facts,
+        email: &str,
+    ) -> Result<Option<ByEmail>, DbError> {
+        let Some(lookups) = &self.lookups else { return Ok(None) };
+        if facts.asked_mirror || facts.in_doubt.is_some() || claim.create_sent.is_some() {
+            return Ok(None);
+        }
+        facts.asked_mirror = true;
+        lookups.find(&self.db, (&self.keap, &self.tokens), &self.mapper, email).await
+    }
+
+    /// After a call Keap accepted: a contact linked from the mirror is confirmed (every step
+    /// after a link is a call to that contact), and after a `PATCH` of a contact's addresses
+    /// the mirror learns them, for the lookups it answers.
+    async fn answered(&self, step: &Step, facts: &mut Facts) -> Result<(), DbError> {
+        if facts.linked.is_some() {
+            facts.linked_from_mirror = false;
+        }
+        if let (Some(_), Step::Patch { id, body, .. }) = (&self.lookups, step) {
+            if body.contains_key("email_addresses") {
+                mirror::remember(&self.db, *id, body).await?;
+            }
+        }
+        Ok(())
     }
 
     /// An in-doubt create made no contact of this user's: clear its record for good, so that
@@ -279,6 +369,9 @@ impl Deliverer {
             .await?;
         match result {
             Ok(contact) => {
+                if self.lookups.is_some() {
+                    mirror::remember(&self.db, contact.id, body).await?;
+                }
                 let end = self.link(claim, contact.id, payload.as_held().link_sent()).await?;
                 facts.linked = Some(contact.id);
                 Ok(end)
@@ -416,6 +509,16 @@ impl Deliverer {
             .await?;
         }
         Ok(now)
+    }
+}
+
+/// The mirror's candidate for the user's address, as Keap holds it now: Keap's answer to the
+/// lookup if its EMAIL1 is still the address; else Keap is asked.
+fn confirmed(facts: &mut Facts, contact: Contact) {
+    let email = facts.found.as_ref().map(|(email, _)| email.clone()).unwrap_or_default();
+    facts.ask_keap();
+    if contact.email1().is_some_and(|e| e.trim().eq_ignore_ascii_case(email.trim())) {
+        facts.found = Some((email, ByEmail { email1: Some(contact), elsewhere: Vec::new() }));
     }
 }
 

@@ -11,9 +11,11 @@
 //! Calls go through the configuration's Keap access, so the limiter and the day's quota
 //! count them like deliveries (invariant 15).
 
+mod lookup;
 mod sweep;
 
-pub(crate) use sweep::sweep;
+pub(crate) use lookup::{forget, remember, Lookups};
+pub(crate) use sweep::{catch_up, sweep};
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -115,8 +117,22 @@ pub(crate) fn upsert_page(guard: &str) -> String {
 /// One listed contact as a row of `keap_sync.mirror`.
 pub(crate) fn record(listed: &Listed) -> Value {
     let c = &listed.contact;
-    let mut emails: Vec<(String, String)> = c
-        .json
+    let (emails, email1) = addresses(&c.json);
+    let tags = c.json.get("tag_ids").cloned().unwrap_or_else(|| json!([]));
+    json!({
+        "id": c.id,
+        "emails": emails,
+        "email1": email1,
+        "contact": c.json,
+        "tag_ids": tags,
+        "opted_in": listed.opted_in,
+        "updated_at": listed.updated,
+    })
+}
+
+/// A contact's addresses (v1 shape), lower-cased (ASCII) in slot order, and its EMAIL1.
+fn addresses(contact: &Value) -> (Vec<String>, Option<String>) {
+    let mut emails: Vec<(String, String)> = contact
         .get("email_addresses")
         .and_then(Value::as_array)
         .into_iter()
@@ -129,16 +145,8 @@ pub(crate) fn record(listed: &Listed) -> Value {
         })
         .collect();
     emails.sort();
-    let tags = c.json.get("tag_ids").cloned().unwrap_or_else(|| json!([]));
-    json!({
-        "id": c.id,
-        "emails": emails.iter().map(|(_, e)| e).collect::<Vec<_>>(),
-        "email1": emails.iter().find(|(slot, _)| slot == "EMAIL1").map(|(_, e)| e),
-        "contact": c.json,
-        "tag_ids": tags,
-        "opted_in": listed.opted_in,
-        "updated_at": listed.updated,
-    })
+    let email1 = emails.iter().find(|(slot, _)| slot == "EMAIL1").map(|(_, e)| e.clone());
+    (emails.into_iter().map(|(_, e)| e).collect(), email1)
 }
 
 /// Ends a completed listing: removes the contacts it did not see, and records how far the
@@ -208,6 +216,12 @@ pub(crate) async fn by_email1(db: &Client, emails: &[String]) -> Result<HashMap<
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Whether a full listing has completed: the mirror has a watermark.
+pub(crate) async fn listed(db: &Client) -> Result<bool, DbError> {
+    let row = db.query_one("select watermark is not null from keap_sync.mirror_state", &[]).await?;
+    Ok(row.get(0))
 }
 
 /// How fresh the mirror is, and what the last reconcile found, for `status`.

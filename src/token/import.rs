@@ -125,6 +125,14 @@ async fn import_new_grant(
             return Err(e.into());
         }
         unlinked = db.execute("delete from keap_sync.contact_map", &[]).await?;
+        // The mirror pictures the old app's contacts: a lookup must never find one there.
+        db.batch_execute(
+            "delete from keap_sync.mirror;
+             update keap_sync.mirror_state
+                set watermark = null, listing_token = null, listing_started_at = null, listed_at = null,
+                    reconciled_at = null, reconciled_users = null, drift = null",
+        )
+        .await?;
     }
     let how = if switching { Write::SwitchApp } else { Write::NewGrant };
     if !write_grant(db, tokens, how).await? {

@@ -214,7 +214,8 @@ async fn the_demo_runs_end_to_end() {
     let result = keap_sync_testkit::demo::run(&mut narration, false).await;
     let stdout = String::from_utf8_lossy(&narration);
     assert!(result.is_ok(), "{result:?}\nnarration:\n{stdout}");
-    assert!(stdout.contains("backfill done with 4 calls"), "{stdout}");
+    assert!(stdout.contains("backfill done with 2 contact calls, one create per user"), "{stdout}");
+    assert!(stdout.contains("with 3 calls (two creates"), "{stdout}");
     assert!(stdout.contains("50 changes cost"), "{stdout}");
     assert!(stdout.contains("holds 5 contacts for 5 users"), "{stdout}");
 }

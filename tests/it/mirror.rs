@@ -272,3 +272,172 @@ async fn a_listing_cut_short_resumes_where_it_stopped() {
     assert_eq!(lists() - before, 2);
     assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 3_500);
 }
+
+/// Seeds a contact whose EMAIL1 is `email`, with other addresses and a phone of its own.
+fn seed_known(app: &keap_sync_testkit::app::TestApp, email: &str, given: &str, n: usize) -> i64 {
+    app.fake
+        .seed_contact_json(json!({
+            "given_name": given, "family_name": format!("L{n}"),
+            "email_addresses": [{"field": "EMAIL1", "email": email},
+                                {"field": "EMAIL2", "email": format!("home{n}@example.net")},
+                                {"field": "EMAIL3", "email": format!("work{n}@example.org")}],
+            "phone_numbers": [{"field": "PHONE1", "number": format!("555-{n:04}")}],
+        }))
+        .id
+}
+
+/// Asserts that contact `id` still holds the addresses and phone [`seed_known`] gave it.
+fn assert_kept(app: &keap_sync_testkit::app::TestApp, id: i64, n: usize) {
+    let c = app.fake.contact_json(id).unwrap_or_else(|| panic!("contact {id} gone"));
+    let slot = |field: &str| {
+        c["email_addresses"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["field"] == field))
+            .map(|e| e["email"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(slot("EMAIL2").as_deref(), Some(format!("home{n}@example.net").as_str()), "contact {id}: {c}");
+    assert_eq!(slot("EMAIL3").as_deref(), Some(format!("work{n}@example.org").as_str()), "contact {id}: {c}");
+    assert_eq!(c["phone_numbers"][0]["number"], format!("555-{n:04}"), "contact {id}: {c}");
+}
+
+/// Lookups by email (`GET /v1/contacts?email=…`) the fake has seen.
+fn lookups(app: &keap_sync_testkit::app::TestApp) -> usize {
+    app.fake.count(|r| r.method == "GET" && r.path.ends_with("/v1/contacts"))
+}
+
+/// The contact a user is linked to.
+async fn linked(app: &keap_sync_testkit::app::TestApp, key: &str) -> Option<i64> {
+    app.db
+        .query_opt("select contact_id from keap_sync.contact_map where user_key = $1", &[&key])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// A backfill of 5,000 users into a Keap holding 3,000 contacts, 2,000 of them with a user's
+/// address: one listing, then one contact call per user (a create, or the patch or read that
+/// links a contact found in the mirror), never a lookup by email; no duplicate, every match
+/// linked, and what those contacts hold that keap-sync does not own (EMAIL2, EMAIL3, phones) kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_by_the_mirror_makes_one_call_per_user_and_keeps_what_keap_holds() {
+    let mut app = spawn_app_with(Options::stopped()).await;
+    app.insert_preexisting_users(5_000).await;
+    let mut matched = Vec::new();
+    for n in 1..=2_000 {
+        // Half of them already hold the user's names, half an older family name.
+        let id = seed_known(&app, &format!("pre{n}@example.com"), &format!("F{n}"), n);
+        if n % 2 == 1 {
+            app.fake.edit_contact(id, |c| c.family_name = Some("Older".into()));
+        }
+        matched.push((n, id));
+    }
+    for n in 0..1_000 {
+        app.fake.seed_contact_json(
+            json!({"email_addresses": [{"field": "EMAIL1", "email": format!("stranger{n}@example.com")}]}),
+        );
+    }
+    let options =
+        keap_sync::RunOptions { backfill: Some(keap_sync::BackfillMode::Resume), ..Default::default() };
+    app.start_daemon_with_options(app.config(), options).await;
+    app::eventually(Duration::from_secs(120), "the backfill done", || async {
+        app.count("select count(*) from keap_sync.backfill where state = 'done'").await == 1
+    })
+    .await;
+    app.wait_idle().await;
+
+    let contact_calls = app.fake.count(|r| r.path.starts_with("/crm/rest/v1/contacts"));
+    let list_calls = app.fake.count(|r| r.path.ends_with("/v2/contacts"));
+    eprintln!("backfill of 5,000 users: {contact_calls} contact calls, {list_calls} list calls");
+    assert_eq!(lookups(&app), 0, "no lookup by email");
+    assert!(contact_calls <= 5_000, "{contact_calls} contact calls for 5,000 users");
+    assert!(list_calls <= 20, "{list_calls} list calls");
+    assert_eq!(app.fake.contacts().len(), 6_000, "3,000 contacts made, none twice");
+    assert_eq!(app.count("select count(*) from keap_sync.contact_map").await, 5_000);
+    for (n, id) in matched {
+        assert_eq!(linked(&app, &n.to_string()).await, Some(id), "user {n} linked to its contact");
+        assert_kept(&app, id, n);
+        assert_eq!(app.fake.contact(id).unwrap().family_name.as_deref(), Some(format!("L{n}").as_str()));
+    }
+    for n in [2_001, 3_500, 5_000] {
+        assert_eq!(app.fake.contacts_with_email(&format!("pre{n}@example.com")).len(), 1);
+    }
+}
+
+/// A contact made in Keap after the mirror's listing, with a new user's address, is found by
+/// the listing of what changed since (one list call), linked and patched: not duplicated,
+/// and its other addresses and phone kept. No lookup by email is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_made_in_keap_after_the_listing_is_linked_not_duplicated() {
+    let mut app = spawn_app_with(Options::stopped()).await;
+    keap_sync::refresh_mirror(&app.config()).await.expect("the listing");
+    let late = seed_known(&app, "late@example.com", "Someone", 7);
+    let lists_before = app.fake.count(|r| r.path.ends_with("/v2/contacts"));
+    app.start_daemon().await;
+
+    app.exec("insert into users (email, first_name, last_name) values ('late@example.com', 'Late', 'L7')")
+        .await;
+    app.wait_idle().await;
+
+    assert_eq!(app.fake.contacts_with_email("late@example.com").len(), 1, "no duplicate");
+    let key: i64 = app.db.query_one("select id from users", &[]).await.unwrap().get(0);
+    assert_eq!(linked(&app, &key.to_string()).await, Some(late));
+    assert_eq!(app.fake.contact(late).unwrap().given_name.as_deref(), Some("Late"));
+    assert_kept(&app, late, 7);
+    assert_eq!(lookups(&app), 0, "answered by the mirror");
+    assert_eq!(
+        app.fake.count(|r| r.path.ends_with("/v2/contacts")) - lists_before,
+        1,
+        "one listing of what changed"
+    );
+    assert_eq!(app.contact_calls("PATCH") + app.contact_calls("PUT"), 1);
+}
+
+/// The mirror is only a cache (invariant 20). A contact it still holds but Keap deleted is
+/// read before a user is linked to it (Keap's 404 removes it from the mirror, and the user
+/// gets a contact of its own); an address a linked user gave up is free for a new user, who
+/// gets a contact of its own, not the other user's; and the contact of a user keap-sync made
+/// a moment ago is known, so a second user with that address is parked, never written over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_mirror_never_links_a_deleted_contact_nor_writes_over_another_users() {
+    let mut app = spawn_app_with(Options::stopped()).await;
+    let ghost = app.fake.seed_contact_json(json!({"given_name": "Ghost", "family_name": "G",
+        "email_addresses": [{"field": "EMAIL1", "email": "ghost@example.com"}]}));
+    app.exec("insert into users (email, first_name, last_name) values ('ann@example.com', 'Ann', 'A')").await;
+    app.start_daemon().await;
+    app.wait_idle().await;
+    let ann = app.db.query_one("select id::text from users", &[]).await.unwrap().get::<_, String>(0);
+    let ann_contact = linked(&app, &ann).await.expect("ann linked");
+    keap_sync::refresh_mirror(&app.config()).await.expect("the listing");
+    app.fake.delete_contact(ghost.id);
+
+    // Ann moves to a new address; new users sign up with her old one and with the ghost's.
+    app.exec("update users set email = 'ann.new@example.com' where id::text = '1'").await;
+    app.wait_idle().await;
+    app.exec(
+        "insert into users (email, first_name, last_name) values
+            ('ann@example.com', 'Other', 'O'), ('ghost@example.com', 'New', 'N')",
+    )
+    .await;
+    app.wait_idle().await;
+    // Then a twin of the user just made, its address differing in case alone.
+    app.exec("insert into users (email, first_name, last_name) values ('ANN@example.com', 'Twin', 'T')")
+        .await;
+    app::eventually(Duration::from_secs(30), "the twin parked", || async {
+        app.count("select count(*) from keap_sync.outbox where parked_at is not null").await == 1
+    })
+    .await;
+
+    assert_eq!(app.fake.contact(ann_contact).unwrap().email1(), Some("ann.new@example.com"));
+    assert_eq!(app.fake.contact(ann_contact).unwrap().given_name.as_deref(), Some("Ann"), "not written over");
+    let other = app.fake.contacts_with_email("ann@example.com");
+    assert_eq!(other.len(), 1, "a contact of its own for Ann's old address");
+    assert_ne!(other[0].id, ann_contact);
+    assert_eq!(other[0].given_name.as_deref(), Some("Other"));
+    let new = app.fake.contacts_with_email("ghost@example.com");
+    assert_eq!(new.len(), 1);
+    assert_ne!(new[0].id, ghost.id, "not linked to the deleted contact");
+    assert_eq!(
+        app.count(&format!("select count(*) from keap_sync.mirror where contact_id = {}", ghost.id)).await,
+        0
+    );
+}

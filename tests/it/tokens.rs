@@ -420,6 +420,7 @@ async fn a_grant_for_another_keap_app_is_refused_unless_the_switch_is_explicit()
     assert_eq!(stored_accounts(&app).await, (Some(FAKE_ACCOUNT.into()), None));
 
     app.stop_daemon().await;
+    keap_sync::refresh_mirror(&app.config()).await.expect("the old app's contacts in the mirror");
     let (ok, stdout, stderr) = import(&app, &other, &["--switch-account"]);
     assert!(ok, "{stderr}");
     for needle in [FAKE_ACCOUNT, OTHER_APP, "keap-sync backfill --restart"] {
@@ -432,6 +433,14 @@ async fn a_grant_for_another_keap_app_is_refused_unless_the_switch_is_explicit()
         "links to the old app forgotten"
     );
     assert!(stderr.contains("switched the Keap app"), "the switch is logged: {stderr}");
+    assert_eq!(
+        app.count(
+            "select (select count(*) from keap_sync.mirror) + (select count(watermark) from keap_sync.mirror_state)"
+        )
+        .await,
+        0,
+        "the old app's picture forgotten"
+    );
 
     let config = app.write_config_file("", "");
     let auth_status = bin(&app, &config, &["auth", "status"]).output().unwrap();
@@ -442,8 +451,17 @@ async fn a_grant_for_another_keap_app_is_refused_unless_the_switch_is_explicit()
     let status_text = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(status_text.contains(OTHER_APP), "{status_text}");
 
-    // The backfill the report asks for finds the user in the new app by email, never by an id
-    // of the old app.
+    // The backfill the report asks for finds the user in the new app by email (a listing of
+    // the new app's contacts first, then a read of the one the listing showed with its
+    // address), never by an id of the old app.
+    let old_contact = app.fake.contacts()[0].id;
+    app.fake.delete_contact(old_contact);
+    let new_contact = app
+        .fake
+        .seed_contact_json(
+            serde_json::json!({"email_addresses": [{"field": "EMAIL1", "email": "linked@example.com"}]}),
+        )
+        .id;
     let seen = app.fake.requests().len();
     let options = RunOptions { backfill: Some(keap_sync::BackfillMode::Restart), ..RunOptions::default() };
     app.start_daemon_with_options(app.config(), options).await;
@@ -453,14 +471,16 @@ async fn a_grant_for_another_keap_app_is_refused_unless_the_switch_is_explicit()
     .await;
     let after: Vec<_> = app.fake.requests().into_iter().skip(seen).collect();
     assert!(
-        after
-            .iter()
-            .any(|r| r.method == "GET" && r.path == "/crm/rest/v1/contacts" && r.query.contains("email=")),
-        "looked up by email: {after:?}"
+        after.iter().any(|r| r.method == "GET" && r.path.ends_with("/v2/contacts")),
+        "the new app's contacts listed: {after:?}"
     );
     assert!(
-        !after.iter().any(|r| r.path.starts_with("/crm/rest/v1/contacts/")),
+        !after.iter().any(|r| r.path.ends_with(&format!("/v1/contacts/{old_contact}"))),
         "no call by a contact id of the old app: {after:?}"
+    );
+    assert_eq!(
+        app.db.query_one("select contact_id from keap_sync.contact_map", &[]).await.unwrap().get::<_, i64>(0),
+        new_contact
     );
     assert_no_secrets(&app, &format!("{stdout}{stderr}{auth_text}{status_text}"));
 }

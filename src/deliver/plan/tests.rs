@@ -210,6 +210,29 @@ fn an_address_held_only_in_another_slot_parks_without_naming_the_address() {
 }
 
 #[test]
+fn the_mirrors_answer_creates_or_links_with_one_call_and_leaves_a_park_to_keap() {
+    let p = payload("ada@x.io", "Ada", None);
+    let none = BTreeSet::new();
+    let mirrored = |found: &ByEmail| {
+        present(&User { seen: Seen::Mirrored { email: "ADA@x.io", found }, ..user(&p, None, &none, &none) })
+    };
+    assert_eq!(kinds(&mirrored(&ByEmail::default())), ["create"], "no contact has the address: no lookup");
+
+    let differs = ByEmail { email1: Some(contact(5, "ada@x.io", "Adeline", &[])), elsewhere: vec![] };
+    let plan = mirrored(&differs);
+    assert_eq!(kinds(&plan), ["link", "patch"], "the PATCH's answer confirms the contact exists");
+    let Step::Link { id: 5, if_taken: IfTaken::AskKeap, .. } = &plan.steps[0] else { panic!("{plan:?}") };
+
+    let same = ByEmail { email1: Some(contact(5, "ada@x.io", "Ada", &[])), elsewhere: vec![] };
+    let plan = mirrored(&same);
+    assert_eq!(kinds(&plan), ["read", "link"], "nothing to send: read before linking");
+    let Step::Read { id: 5 } = &plan.steps[0] else { panic!("{plan:?}") };
+
+    let elsewhere = ByEmail { email1: None, elsewhere: vec![(5, "EMAIL2".into())] };
+    assert_eq!(kinds(&mirrored(&elsewhere)), ["lookup", "create"], "a park is Keap's to decide");
+}
+
+#[test]
 fn an_in_doubt_create_is_looked_up_and_settled_before_the_users_own_address() {
     let p = payload("ada@x.io", "Ada", None);
     let none = BTreeSet::new();
@@ -296,12 +319,18 @@ fn random_lookup(rng: &mut StdRng, email: &str) -> ByEmail {
 /// Runs a delivery the way `run.rs` does: a read (or settle) first is answered (by `rng`
 /// playing Keap and the outbox) and the user planned again; otherwise the steps run in order,
 /// a link possibly finding its contact taken. Returns the Keap calls made.
-fn deliver(rng: &mut StdRng, facts: &User<'_>) -> Vec<Step> {
+///
+/// With `mirror`, the first lookup of the user's own address (no create in doubt) is answered
+/// by the mirror, with no call; a read of the contact it named then answers the lookup (the
+/// contact still there, or gone: Keap is asked), and a link of it found taken asks Keap.
+fn deliver(rng: &mut StdRng, facts: &User<'_>, mirror: bool) -> Vec<Step> {
     let mut made = Vec::new();
     let (mut in_doubt, mut read, mut found) = (facts.in_doubt, None::<Contact>, None::<(String, ByEmail)>);
+    let (mut asked_mirror, mut mirrored) = (!mirror || facts.in_doubt.is_some(), false);
     for _ in 0..12 {
         let seen = match (&read, &found) {
             (Some(c), _) => Seen::Contact(c),
+            (None, Some((email, f))) if mirrored => Seen::Mirrored { email, found: f },
             (None, Some((email, f))) => Seen::Found { email, found: f },
             (None, None) => Seen::Nothing,
         };
@@ -313,9 +342,22 @@ fn deliver(rng: &mut StdRng, facts: &User<'_>) -> Vec<Step> {
             }
         };
         match plan.steps.first() {
+            Some(Step::Lookup { email }) if !asked_mirror => {
+                (asked_mirror, mirrored) = (true, true);
+                found = Some((email.clone(), random_lookup(rng, email)));
+                continue;
+            }
             Some(Step::Lookup { email }) => {
                 made.push(plan.steps[0].clone());
-                found = Some((email.clone(), random_lookup(rng, email)));
+                (found, mirrored) = (Some((email.clone(), random_lookup(rng, email))), false);
+                continue;
+            }
+            Some(Step::Read { id }) if mirrored => {
+                made.push(plan.steps[0].clone());
+                let email = facts.payload.email.clone();
+                let still = rng.random_bool(0.7).then(|| random_contact(rng, *id, &email));
+                (found, mirrored) =
+                    (still.map(|c| (email, ByEmail { email1: Some(c), elsewhere: vec![] })), false);
                 continue;
             }
             Some(Step::Read { id }) => {
@@ -334,10 +376,11 @@ fn deliver(rng: &mut StdRng, facts: &User<'_>) -> Vec<Step> {
             if let Step::Link { if_taken, .. } = step {
                 // Another user holds the contact (decided by the outbox, played here).
                 if rng.random_bool(0.3) {
-                    if *if_taken == IfTaken::Park {
-                        return made;
+                    match if_taken {
+                        IfTaken::Park => return made,
+                        IfTaken::AskKeap => (found, mirrored) = (None, false),
+                        IfTaken::Settle => settle(&mut in_doubt, &mut found),
                     }
-                    settle(&mut in_doubt, &mut found);
                     replan = true;
                     break;
                 }
@@ -356,7 +399,8 @@ fn deliver(rng: &mut StdRng, facts: &User<'_>) -> Vec<Step> {
 
 /// Whether `made` is covered by the calls of `first`: no more calls, and each made call
 /// matched by a listed one of its kind (a `PATCH` of a contact found by email by the `PUT`
-/// that would have created it), tag calls with no tag that was not listed.
+/// that would have created it; a read of the contact the mirror named by the lookup it
+/// answers), tag calls with no tag that was not listed.
 fn covered(first: &Plan, made: &[Step]) -> Result<(), String> {
     let mut listed: Vec<&Step> = first.steps.iter().filter(|s| s.is_call()).collect();
     if made.len() > listed.len() {
@@ -365,7 +409,7 @@ fn covered(first: &Plan, made: &[Step]) -> Result<(), String> {
     for call in made {
         let at = listed.iter().position(|l| match (call, l) {
             (Step::Lookup { email: a }, Step::Lookup { email: b }) => a.eq_ignore_ascii_case(b),
-            (Step::Read { .. }, Step::Read { .. }) => true,
+            (Step::Read { .. }, Step::Read { .. } | Step::Lookup { .. }) => true,
             (Step::Patch { .. }, Step::Patch { .. } | Step::Create { .. }) => true,
             (Step::Create { body: a }, Step::Create { body: b }) => a == b,
             (Step::ApplyTags { ids: a, .. }, Step::ApplyTags { ids: b, .. }) => a.is_subset(b),
@@ -410,7 +454,8 @@ fn delivery_never_makes_a_call_the_first_plan_did_not_list() {
             ..user(&payload, mapped.as_ref(), &want, &on_create)
         };
         let first = present(&facts);
-        let made = deliver(&mut rng, &facts);
+        let mirror = rng.random_bool(0.5);
+        let made = deliver(&mut rng, &facts, mirror);
         if let Err(why) = covered(&first, &made) {
             panic!("case {case}: {why}\nfacts: {facts:?}\nfirst plan: {first:?}\nmade: {made:?}");
         }
