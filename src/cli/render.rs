@@ -170,6 +170,13 @@ fn mirror(m: &crate::mirror::Freshness) -> String {
         let found = if counts.is_empty() { "all in sync".to_owned() } else { counts.join(", ") };
         text.push_str(&format!("; last reconcile {} ago, {users} users: {found}", human_secs(ago)));
     }
+    if m.gone > 0 {
+        text.push_str(&format!(
+            "; {} linked contact(s) found gone in Keap (deleted or merged; their users linked again by \
+             email): keap_sync.contact_gone",
+            m.gone
+        ));
+    }
     text
 }
 

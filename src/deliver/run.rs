@@ -256,6 +256,10 @@ impl Deliverer {
         }
         if let Some(mapped) = facts.mapped.take() {
             tracing::info!(user = %claim.user_key, contact = mapped.id, "contact gone in Keap; linking again by email");
+            outbox::with_retries("record_gone", &claim.user_key, || {
+                outbox::record_gone(&self.db, mapped.id, &claim.user_key)
+            })
+            .await?;
         }
         facts.contact = None;
         facts.found = None;

@@ -240,6 +240,8 @@ pub(crate) struct Freshness {
     pub(crate) reconciled_secs_ago: Option<f64>,
     pub(crate) reconciled_users: Option<i64>,
     pub(crate) drift: Option<Value>,
+    /// Linked contacts Keap answered 404 for (`keap_sync.contact_gone`).
+    pub(crate) gone: i64,
 }
 
 /// Reads [`Freshness`].
@@ -250,7 +252,8 @@ pub(crate) async fn freshness(db: &Client) -> Result<Freshness, DbError> {
                     extract(epoch from now() - watermark)::float8,
                     extract(epoch from now() - listed_at)::float8,
                     listing_started_at is not null,
-                    extract(epoch from now() - reconciled_at)::float8, reconciled_users, drift
+                    extract(epoch from now() - reconciled_at)::float8, reconciled_users, drift,
+                    (select count(*) from keap_sync.contact_gone)
                from keap_sync.mirror_state",
             &[],
         )
@@ -263,6 +266,7 @@ pub(crate) async fn freshness(db: &Client) -> Result<Freshness, DbError> {
         reconciled_secs_ago: r.get(4),
         reconciled_users: r.get(5),
         drift: r.get(6),
+        gone: r.get(7),
     })
 }
 

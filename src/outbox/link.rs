@@ -163,3 +163,20 @@ pub(crate) async fn mapping_if_unchanged(
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
+
+/// Records that Keap answered 404 for `contact_id`, the contact `user_key` was linked to
+/// (`keap_sync.contact_gone`), and drops it from the mirror: deleted or merged away in Keap.
+/// The user is linked again by email by the delivery that found it.
+pub(crate) async fn record_gone(client: &Client, contact_id: i64, user_key: &str) -> Result<(), DbError> {
+    client
+        .execute(
+            "with gone as (
+                 insert into keap_sync.contact_gone (contact_id, user_key) values ($1, $2)
+                 on conflict (contact_id, user_key) do update set found_at = now()
+             )
+             delete from keap_sync.mirror where contact_id = $1",
+            &[&contact_id, &user_key],
+        )
+        .await?;
+    Ok(())
+}

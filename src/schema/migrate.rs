@@ -93,6 +93,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0016_reconcile_counts.sql",
         sql: include_str!("../../sql/0016_reconcile_counts.sql"),
     },
+    Migration {
+        version: 17,
+        name: "0017_contact_gone.sql",
+        sql: include_str!("../../sql/0017_contact_gone.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.

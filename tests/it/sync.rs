@@ -246,6 +246,11 @@ async fn a_contact_deleted_in_keap_is_relinked_by_email() {
     assert_ne!(contacts[0].id, first);
     assert_eq!(contacts[0].given_name.as_deref(), Some("B"));
     app.assert_keap_matches_users().await;
+    let gone =
+        app.db.query_one("select contact_id, user_key from keap_sync.contact_gone", &[]).await.unwrap();
+    assert_eq!((gone.get::<_, i64>(0), gone.get::<_, String>(1)), (first, "1".to_owned()), "recorded");
+    let status = String::from_utf8_lossy(&app.run_cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("1 linked contact(s) found gone in Keap"), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
