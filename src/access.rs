@@ -4,9 +4,8 @@
 
 use std::sync::Arc;
 
-use tokio_postgres::Config as PgConfig;
-
 use crate::config::{Config, ConfigError};
+use crate::db;
 use crate::keap::KeapClient;
 use crate::metrics::Metrics;
 use crate::ratelimit::Limiter;
@@ -33,7 +32,7 @@ pub(crate) enum AccessError {
 
 impl KeapAccess {
     /// Builds the access of `config`; `pg` is where the OAuth grant is kept. Makes no call.
-    pub(crate) fn build(config: &Config, pg: &PgConfig) -> Result<KeapAccess, AccessError> {
+    pub(crate) fn build(config: &Config, pg: &db::Target) -> Result<KeapAccess, AccessError> {
         let credential = config.credential()?.clone();
         let limiter = Arc::new(Limiter::new(&config.limits, &credential));
         let metrics = Arc::new(Metrics::new());

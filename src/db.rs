@@ -1,5 +1,6 @@
-//! Postgres connections: TLS when the server offers it (or `sslmode=require` demands it), a
-//! connect timeout, and a driver task per connection.
+//! Postgres connections: TLS when the server offers it (or `sslmode=require` demands it), with
+//! the server's certificate verified against the system's CAs and those of `ca_file`; a
+//! connect timeout; and a driver task per connection.
 //!
 //! tokio-postgres splits a connection into a `Client` (cheap to share; queries from many tasks
 //! are pipelined over the one socket) and a `Connection` that must be polled to make progress.
@@ -14,6 +15,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config as PgConfig, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseConfig;
 
@@ -98,8 +100,109 @@ impl DbError {
     }
 }
 
-/// Parses the configured URL (either a `postgresql://` URL or a `key=value` string).
-pub(crate) fn parse(db: &DatabaseConfig) -> Result<PgConfig, DbError> {
+/// Where and how to connect: the parsed URL with keap-sync's session settings, and the TLS
+/// connector for `[database] ca_file` (built once per distinct CA; a clone shares it).
+#[derive(Clone)]
+pub(crate) struct Target {
+    pg: PgConfig,
+    tls: MakeRustlsConnect,
+    /// `ca_file`, for the message when the server's certificate is not trusted.
+    ca_file: Option<std::path::PathBuf>,
+}
+
+impl Target {
+    /// "host H port P database D user U" ([`describe`]).
+    pub(crate) fn describe(&self) -> String {
+        describe(&self.pg)
+    }
+
+    /// A connect that failed, as the operator should read it: tokio-postgres' own message
+    /// stops at its kind ("error performing TLS handshake", "db error"), so the causes are
+    /// added, and a certificate the client refused says what to do about it.
+    fn connect_failed(&self, error: &tokio_postgres::Error) -> DbError {
+        let mut message = error.to_string();
+        let mut cause = std::error::Error::source(error);
+        while let Some(e) = cause {
+            // One line: a server's message puts its DETAIL and HINT on lines of their own.
+            message.push_str(": ");
+            message.push_str(&e.to_string().lines().collect::<Vec<_>>().join("; "));
+            cause = e.source();
+        }
+        if let Some(advice) = rustls_error(error).and_then(|e| self.certificate_advice(e)) {
+            message = format!("{advice} ({message})");
+        }
+        DbError::Connect { target: self.describe(), message }
+    }
+
+    /// What to do about a server certificate this client refused; `None` for other TLS errors.
+    fn certificate_advice(&self, error: &rustls::Error) -> Option<String> {
+        use rustls::CertificateError as C;
+        let rustls::Error::InvalidCertificate(why) = error else { return None };
+        Some(match why {
+            C::UnknownIssuer | C::BadSignature => match &self.ca_file {
+                None => "the server's TLS certificate is not trusted: it is not signed by a CA this \
+                         system trusts; set `ca_file` under [database] to the PEM file of the CA \
+                         that signed it"
+                    .to_owned(),
+                Some(path) => format!(
+                    "the server's TLS certificate is not trusted: it is signed neither by a CA in \
+                     `ca_file` ({}) nor by one this system trusts; put the CA that signed it in that \
+                     file",
+                    path.display()
+                ),
+            },
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "the server's TLS certificate does not name the host connected to: use a host name \
+                 or address the certificate lists in the database URL"
+                    .to_owned()
+            }
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the server's TLS certificate is expired or not yet valid (check the server's \
+                 certificate and this machine's clock)"
+                    .to_owned()
+            }
+            _ => "the server's TLS certificate is not trusted".to_owned(),
+        })
+    }
+}
+
+/// The rustls error under a failed connect, if TLS is what failed. tokio-rustls hands it over
+/// inside an `io::Error`, whose `source` skips it, so each link is also looked into.
+fn rustls_error(error: &tokio_postgres::Error) -> Option<&rustls::Error> {
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(found) = e.downcast_ref::<rustls::Error>() {
+            return Some(found);
+        }
+        let inner = e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref);
+        if let Some(found) = inner.and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            return Some(found);
+        }
+        cause = e.source();
+    }
+    None
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("Target").field("target", &self.describe()).field("ca_file", &self.ca_file).finish()
+    }
+}
+
+/// Parses the configured URL (either a `postgresql://` URL or a `key=value` string) and picks
+/// the TLS connector for its `ca_file`.
+pub(crate) fn parse(db: &DatabaseConfig) -> Result<Target, DbError> {
+    Ok(Target {
+        pg: parse_url(db)?,
+        tls: crate::tls::postgres(db.ca_file.as_ref()),
+        ca_file: db.ca_file.as_ref().map(|ca| ca.path().to_owned()),
+    })
+}
+
+/// The configured URL with keap-sync's connect timeout, application name, keepalives and
+/// session settings.
+fn parse_url(db: &DatabaseConfig) -> Result<PgConfig, DbError> {
     let mut cfg: PgConfig = db
         .url
         .expose()
@@ -173,11 +276,9 @@ fn redact_password(message: &str) -> String {
 
 /// Opens a connection whose driver runs in a spawned task. The returned `Client` fails with a
 /// "closed" error once the connection is lost.
-pub(crate) async fn connect(cfg: &PgConfig) -> Result<Client, DbError> {
-    let (client, connection) = cfg
-        .connect(crate::tls::postgres())
-        .await
-        .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
+pub(crate) async fn connect(target: &Target) -> Result<Client, DbError> {
+    let (client, connection) =
+        target.pg.connect(target.tls.clone()).await.map_err(|e| target.connect_failed(&e))?;
     #[allow(
         clippy::disallowed_methods,
         reason = "the connection's driver: it ends with its Client, which the caller owns"
@@ -316,14 +417,12 @@ pub(crate) struct Listener {
 /// A new connection that LISTENs on `channel`, driven by its own task, with no idle-session timeout
 /// since it is idle by design.
 pub(crate) async fn connect_listener(
-    cfg: &PgConfig,
+    target: &Target,
     channel: &str,
     wake: Arc<Notify>,
 ) -> Result<Listener, DbError> {
-    let (client, mut connection) = cfg
-        .connect(crate::tls::postgres())
-        .await
-        .map_err(|e| DbError::Connect { target: describe(cfg), message: e.to_string() })?;
+    let (client, mut connection) =
+        target.pg.connect(target.tls.clone()).await.map_err(|e| target.connect_failed(&e))?;
     let (lost_tx, lost) = mpsc::channel(1);
     #[allow(
         clippy::disallowed_methods,
@@ -403,14 +502,14 @@ mod tests {
             "postgresql://app:Zq9secretPW@db/crm?Zq9secretPW=1",
         ];
         for url in bad {
-            let message = parse(&database(url)).err().map(|e| e.to_string()).unwrap_or_default();
+            let message = parse_url(&database(url)).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(!message.contains("Zq9secretPW"), "{url} → {message}");
         }
     }
 
     #[test]
     fn describe_hides_the_password() {
-        let text = describe(&parse(&database("postgresql://app:s3cret@db.internal:6543/crm")).unwrap());
+        let text = describe(&parse_url(&database("postgresql://app:s3cret@db.internal:6543/crm")).unwrap());
         assert_eq!(text, "host db.internal port 6543 database crm user app");
     }
 
@@ -422,12 +521,13 @@ mod tests {
             lock_timeout: Duration::from_secs(5),
             idle_in_transaction_timeout: Duration::from_secs(60),
             keepalive_idle: Duration::from_secs(30),
+            ca_file: None,
         }
     }
 
     #[test]
     fn every_connection_has_timeouts_and_keepalives() {
-        let cfg = parse(&database("postgresql://app@db/crm")).unwrap();
+        let cfg = parse_url(&database("postgresql://app@db/crm")).unwrap();
         assert_eq!(
             cfg.get_options(),
             Some("-c statement_timeout=30000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=60000")
@@ -435,7 +535,7 @@ mod tests {
         assert!(cfg.get_keepalives());
         assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(30));
         // The operator's own options come last, so they win.
-        let cfg = parse(&database("postgresql://app@db/crm?options=-c%20lock_timeout%3D100")).unwrap();
+        let cfg = parse_url(&database("postgresql://app@db/crm?options=-c%20lock_timeout%3D100")).unwrap();
         assert!(cfg.get_options().unwrap().ends_with("-c lock_timeout=100"), "{:?}", cfg.get_options());
     }
 

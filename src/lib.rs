@@ -27,7 +27,7 @@
 //! by `tests/it/architecture.rs`):
 //!
 //! 1. `config`, `secret`, `tls` — the TOML file and environment; credentials that never print;
-//!    the one TLS configuration of every connection.
+//!    the one TLS configuration of every connection (and one per `[database] ca_file`).
 //! 2. `db` — connections (TLS, LISTEN), identifier quoting, the NOTIFY channel.
 //! 3. `schema` — migrations in `sql/`, the capture triggers and the fold they feed, catalog checks.
 //! 4. `outbox` — fold captured changes in, claim with a lease, record results; every function

@@ -53,7 +53,7 @@ impl Config {
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let file = file.with_env(&env);
         let credential = read_credential(&file.keap, base_dir, &env)?;
-        file.validate(credential)
+        file.validate(credential, base_dir)
     }
 }
 
@@ -128,9 +128,13 @@ impl FileConfig {
 
 impl FileConfig {
     /// The whole file checked section by section; the lease is checked against `[keap]`'s timeouts and the
-    /// limits default by the credential's kind.
-    pub(super) fn validate(self, credential: Option<Credential>) -> Result<Config, ConfigError> {
-        let database = self.database.validate()?;
+    /// limits default by the credential's kind. Relative paths start at `base_dir`.
+    pub(super) fn validate(
+        self,
+        credential: Option<Credential>,
+        base_dir: &Path,
+    ) -> Result<Config, ConfigError> {
+        let database = self.database.validate(base_dir)?;
         let mut users = self.users.validate()?;
         users.contact = self.contact.validate()?;
         users.contact.tags = self.tags.validate()?;

@@ -41,7 +41,7 @@ pub use contact::{
     AddressPart, ContactMapping, CustomFieldRef, Empty, Field, FieldMapping, PhonePart, Scalar, ScalarKind,
     Source, TagRef, TagRule, TagTemplate, TagsConfig, ADDRESS_FIELDS, SCALARS,
 };
-pub use database::DatabaseConfig;
+pub use database::{CaFile, DatabaseConfig};
 pub use delivery::{DeliveryConfig, OnDelete};
 pub use keap::{Credential, KeapConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL};
 pub use limits::LimitsConfig;

@@ -175,7 +175,7 @@ fn defaults_are_written_once() {
     let example = toml::from_str::<FileConfig>(include_str!("../../keap-sync.example.toml")).unwrap();
     assert_eq!(example, FileConfig::default());
     // And the file shape's `Default` validated is what an empty file gives.
-    let validated = FileConfig::default().validate(None).unwrap();
+    let validated = FileConfig::default().validate(None, std::path::Path::new(".")).unwrap();
     let empty = Config::from_toml("", &|_| None).unwrap();
     assert_eq!(format!("{validated:?}"), format!("{empty:?}"));
 }
@@ -257,5 +257,76 @@ fn a_syntax_error_never_echoes_the_source() {
         assert!(!err.contains("secret"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
         assert!(err.contains(&format!("TOML parse error at line {line}, column ")), "{err}");
+    }
+}
+
+/// Two self-signed CA certificates (EC P-256, valid until 2126), made with the openssl command
+/// line for these tests only: their keys were thrown away.
+const TWO_CAS: &str = include_str!("testdata/two-cas.pem");
+
+/// `[database]` with `ca_file` set to `file` (written next to the config as `ca.pem`, unless
+/// `None`), loaded from a config file; the error, if any, as text.
+fn load_with_ca_file(ca_file: &str, contents: Option<&[u8]>) -> Result<Config, String> {
+    let dir =
+        std::env::temp_dir().join(format!("keap-sync-ca-{}-{}", std::process::id(), rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    if let Some(contents) = contents {
+        std::fs::write(dir.join("ca.pem"), contents).unwrap();
+    }
+    let path = dir.join("keap-sync.toml");
+    std::fs::write(&path, format!("[database]\nurl = \"postgres://h/db\"\nca_file = '{ca_file}'\n")).unwrap();
+    let result = Config::load(Some(&path), &|_| None).map_err(|e| e.to_string());
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+#[test]
+fn a_ca_file_relative_to_the_config_file_is_read_with_every_certificate() {
+    let config = load_with_ca_file("ca.pem", Some(TWO_CAS.as_bytes())).unwrap();
+    let ca = config.database().unwrap().ca_file.as_ref().expect("ca_file is read");
+    assert!(
+        ca.path().is_absolute() && ca.path().ends_with("ca.pem"),
+        "beside the config file: {:?}",
+        ca.path()
+    );
+    assert_eq!(ca.certificates().len(), 2);
+    // Without the key it is off, and the example file leaves it out.
+    assert!(load_str("[database]\nurl = \"postgres://h/db\"\n", &[])
+        .unwrap()
+        .database()
+        .unwrap()
+        .ca_file
+        .is_none());
+}
+
+#[test]
+fn a_ca_file_that_is_missing_unreadable_or_not_pem_is_an_error_naming_it_and_the_fix() {
+    let dir = std::env::temp_dir();
+    let key = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+    let cases: [(&str, Option<&[u8]>, &str); 6] = [
+        ("missing.pem", None, "cannot be read"),
+        (dir.to_str().unwrap(), None, "cannot be read"),
+        ("ca.pem", Some(b"not a certificate\n"), "holds no PEM certificate"),
+        ("ca.pem", Some(key.as_bytes()), "holds no PEM certificate"),
+        ("ca.pem", Some(b"-----BEGIN CERTIFICATE-----\nMIIB\n"), "no END line"),
+        (
+            "ca.pem",
+            Some(b"-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n"),
+            "certificate 1 is not a usable CA certificate",
+        ),
+    ];
+    for (file, contents, why) in cases {
+        let err = load_with_ca_file(file, contents).unwrap_err();
+        assert!(
+            err.starts_with("database.ca_file ") && err.contains(file),
+            "names the key and the file: {err}"
+        );
+        assert!(err.contains(why), "{file}: says why ({why}): {err}");
+        assert!(err.contains("set database.ca_file to a PEM file"), "says how to fix it: {err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(
+            !err.contains("MIGHAgEAMBMG") && !err.contains("aGVsbG8"),
+            "quotes nothing of the file: {err}"
+        );
     }
 }

@@ -50,7 +50,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, Config as PgConfig};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -288,7 +288,7 @@ async fn check_custom_fields(
 /// Everything a session needs that outlives it: built once by [`Daemon::build`], shared
 /// read-only (`Arc<Context>`) with the backfill task.
 struct Context {
-    pg: PgConfig,
+    pg: db::Target,
     table: UserTable,
     keap: KeapClient,
     /// Shared with the Keap client: the loop reads its pause to avoid claiming while every

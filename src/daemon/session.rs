@@ -461,7 +461,7 @@ impl Session<'_> {
             _ = tokio::time::sleep(wait) => {}
             reason = self.listener.lost.recv() => {
                 self.lost = Some(DbError::Connect {
-                    target: db::describe(&self.ctx.pg),
+                    target: self.ctx.pg.describe(),
                     message: reason.unwrap_or_else(|| "listener ended".into()),
                 });
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
-use tokio_postgres::{Client, Config as PgConfig};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::{CredentialKind, Limiter};
@@ -130,13 +130,13 @@ impl Reserving {
     /// Reserves one call at a time, as it is about to be made: for a short job whose few
     /// calls should count exactly (`preview`), so that stopping it mid-way leaves no block of
     /// calls reserved that were never made.
-    pub(crate) fn start_exact(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
+    pub(crate) fn start_exact(limiter: &Arc<Limiter>, pg: &db::Target) -> Reserving {
         limiter.windows().day.block = 1;
         Reserving::start(limiter, pg)
     }
 
     /// Reserves in blocks, like the daemon.
-    pub(crate) fn start(limiter: &Arc<Limiter>, pg: &PgConfig) -> Reserving {
+    pub(crate) fn start(limiter: &Arc<Limiter>, pg: &db::Target) -> Reserving {
         let stop = CancellationToken::new();
         #[allow(
             clippy::disallowed_methods,
@@ -160,7 +160,7 @@ impl Drop for Reserving {
 ///
 /// Spawned by the daemon into its task tracker; `stop` should come only once deliveries have
 /// ended, so that none waits for a reservation that will not come.
-pub(crate) async fn reserve_until_stopped(limiter: Arc<Limiter>, pg: PgConfig, stop: CancellationToken) {
+pub(crate) async fn reserve_until_stopped(limiter: Arc<Limiter>, pg: db::Target, stop: CancellationToken) {
     let mut conn: Option<Client> = None;
     let mut failures = 0u32;
     let mut cleaned_up: Option<i32> = None;
@@ -208,7 +208,7 @@ pub(crate) async fn reserve_until_stopped(limiter: Arc<Limiter>, pg: PgConfig, s
 /// [`KEEP_DAYS`] go too (a failure there is only logged: the reservation stands).
 async fn reserve_on(
     conn: &mut Option<Client>,
-    pg: &PgConfig,
+    pg: &db::Target,
     limiter: &Limiter,
     day: i32,
     ask: u32,

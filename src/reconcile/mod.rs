@@ -14,7 +14,7 @@ mod classify;
 use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
-use tokio_postgres::{Client, Config as PgConfig};
+use tokio_postgres::Client;
 
 use crate::access::KeapAccess;
 use crate::config::Config;
@@ -154,7 +154,7 @@ pub async fn reconcile(
 
 /// A connection at this binary's schema version, and the settings it was made from (the
 /// listing's reservations open connections of their own).
-async fn connect(config: &Config) -> Result<(Client, PgConfig), ReconcileError> {
+async fn connect(config: &Config) -> Result<(Client, db::Target), ReconcileError> {
     let pg = db::parse(config.database().map_err(RunError::from)?)?;
     let client = db::connect(&pg).await?;
     schema::ensure_current(&client).await.map_err(RunError::from)?;
@@ -162,7 +162,7 @@ async fn connect(config: &Config) -> Result<(Client, PgConfig), ReconcileError> 
 }
 
 /// The full listing, with the day's calls reserved like the daemon's and the rest given back.
-async fn list(config: &Config, client: &Client, pg: &PgConfig) -> Result<Listing, ReconcileError> {
+async fn list(config: &Config, client: &Client, pg: &db::Target) -> Result<Listing, ReconcileError> {
     let access = KeapAccess::build(config, pg).map_err(RunError::from)?;
     let reserving = Reserving::start(&access.limiter, pg);
     let mapper = Mapper::new(&config.users);

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, Config as PgConfig};
+use tokio_postgres::Client;
 use tokio_util::task::TaskTracker;
 
 use super::store::{check_state, read, Stored};
 use super::{GrantState, TokenError, TokenPolicy};
 use crate::config::Credential;
+use crate::db;
 use crate::keap::Auth;
 use crate::secret::Secret;
 
@@ -38,7 +39,7 @@ pub(super) struct OAuth {
     pub(super) client_secret: Secret,
     pub(super) token_url: String,
     pub(super) http: reqwest::Client,
-    pub(super) pg: PgConfig,
+    pub(super) pg: db::Target,
     pub(super) policy: TokenPolicy,
     /// Serialises refreshes inside this process, so concurrent deliveries that all find the
     /// token stale queue here and then find the fresh pair, instead of each opening a
@@ -58,7 +59,7 @@ impl TokenSource {
     pub(crate) fn new(
         credential: &Credential,
         token_url: &str,
-        pg: PgConfig,
+        pg: db::Target,
         policy: TokenPolicy,
         request_timeout: Duration,
         connect_timeout: Duration,

@@ -16,7 +16,7 @@ use keap_sync::config::Config;
 use keap_sync::{Daemon, RunError, RunOptions};
 
 use crate::fake::{FakeKeap, FakeOptions, TokenGrant};
-use crate::pg::Cluster;
+use crate::pg::{Cluster, TlsOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
@@ -124,6 +124,10 @@ pub struct Options {
     /// A cluster of the test's own instead of the shared one, for a test that stops and
     /// restarts Postgres (the other tests of the process share theirs).
     pub private_cluster: bool,
+    /// A private cluster that also accepts TLS over TCP ([`Cluster::start_tls`]); the app's own
+    /// connection and `DATABASE_URL` still use the Unix socket, and a test connects over TLS
+    /// with [`TestApp::tcp_conninfo`] and [`TestApp::config_with_database`].
+    pub tls: Option<TlsOptions>,
     /// The application's tables, created before `migrate` ([`USERS_DDL`] by default).
     pub users_ddl: &'static str,
     /// TOML appended to [`TEST_TOML`]: `[users]`, `[contact]`, `[tags]` sections of a test.
@@ -138,6 +142,7 @@ impl Default for Options {
             oauth: false,
             tweak: |_| {},
             private_cluster: false,
+            tls: None,
             users_ddl: USERS_DDL,
             toml: "",
         }
@@ -182,11 +187,15 @@ pub async fn spawn_app() -> TestApp {
 /// A test app set up as `options` say: database, migrations, fake Keap and (unless stopped) a daemon.
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
-    let private_cluster = options.private_cluster.then(|| {
+    let private_cluster = (options.private_cluster || options.tls.is_some()).then(|| {
+        let started = match options.tls {
+            Some(tls) => Cluster::start_tls(tls),
+            None => Cluster::start(),
+        };
         // Leaked: it lives as long as the test process, like the shared one, and its watchdog
         // removes it when the process ends.
         &*Box::leak(Box::new(
-            Cluster::start().unwrap_or_else(|e| panic!("cannot start a private test PostgreSQL: {e}")),
+            started.unwrap_or_else(|e| panic!("cannot start a private test PostgreSQL: {e}")),
         ))
     });
     let cluster = private_cluster.unwrap_or_else(cluster);
@@ -263,6 +272,26 @@ impl TestApp {
             Config::from_toml(&text, &|k| env.get(k).cloned()).unwrap_or_else(|e| panic!("test config: {e}"));
         (self.tweak)(&mut config);
         config
+    }
+
+    /// The configuration of [`TestApp::config`], but with `database` (TOML keys: `url`,
+    /// `ca_file`, …) as its `[database]` section instead of `DATABASE_URL`; an error if that
+    /// section does not load.
+    pub fn config_with_database(&self, database: &str) -> Result<Config, keap_sync::config::ConfigError> {
+        let mut env = self.env();
+        env.remove("DATABASE_URL");
+        let text = format!("[database]\n{database}\n{TEST_TOML}\n{}", self.toml);
+        let mut config = Config::from_toml(&text, &|k| env.get(k).cloned())?;
+        (self.tweak)(&mut config);
+        Ok(config)
+    }
+
+    /// This app's database over TCP on a TLS cluster ([`Cluster::tcp_conninfo`]: host
+    /// `localhost`, the password, no `sslmode`); panics unless the app has [`Options::tls`].
+    pub fn tcp_conninfo(&self) -> String {
+        let parsed: tokio_postgres::Config = self.conninfo.parse().expect("the app's conninfo parses");
+        let dbname = parsed.get_dbname().expect("the app's conninfo names its database");
+        self.cluster().tcp_conninfo(dbname).expect("a TLS cluster: set Options::tls")
     }
 
     /// Starts one more in-process daemon with [`TestApp::config`].

@@ -2,7 +2,8 @@
 //! not contain.
 //!
 //! - [`pg`] — a throwaway PostgreSQL cluster started with the system's `initdb`/`postgres`
-//!   (as root too), private to the process and removed when it ends.
+//!   (as root too), private to the process and removed when it ends; optionally also on
+//!   loopback TCP with TLS, its certificate signed by a throwaway CA.
 //! - [`fake`] — a fake Keap server over real HTTP on loopback, with its own wire types (an
 //!   independent witness of the daemon's client), playing the strictest reading of Keap's API.
 //! - [`bench`](mod@bench) — what the benchmarks share: `/proc` CPU and memory readings, the daemon as a

@@ -26,6 +26,7 @@ mod pg_restart;
 mod promises;
 mod refusals;
 mod sync;
+mod tls;
 mod tokens;
 mod transport;
 

@@ -41,13 +41,23 @@
 //! the shell), and the pipe is created close-on-exec by the standard library,
 //! so no other child process of ours can accidentally keep it open.
 //!
+//! # TLS
+//!
+//! [`Cluster::start_tls`] starts a cluster that also listens on TCP, on 127.0.0.1 and a free
+//! port only, with `ssl = on` and a certificate for `localhost` and `127.0.0.1` signed by a
+//! throwaway CA made with the `openssl` command line in the cluster's directory
+//! ([`Cluster::ca_file`]). TCP connections need the superuser's password
+//! ([`Cluster::tcp_conninfo`] holds it), and with [`TlsOptions::reject_plaintext`] they need
+//! TLS too; the Unix socket stays as it is, for the test's own connections.
+//!
 //! The one state the watchdog cannot cover is a process killed *between*
 //! [`Cluster::stop`] and [`Cluster::restart`]: no server is running then, but
 //! the temporary directory stays behind.
 //!
 //! The files: the cluster's life cycle here; finding the server's programs (`binaries`),
 //! running them as the right user (`runner`), the processes and their logs (`process`), and
-//! quoting for connection strings, settings and shells (`quote`).
+//! quoting for connection strings, settings and shells (`quote`), and a TLS cluster's
+//! certificates and rules (`tls`).
 
 use std::ffi::OsString;
 use std::fs;
@@ -64,15 +74,21 @@ mod binaries;
 mod process;
 mod quote;
 mod runner;
+mod tls;
 
 use binaries::find_binaries;
 use process::{log_tail, pid_file_status, send_signal, wait_for_exit};
 use quote::{conninfo_value, describe, percent_encode, quote_guc_list_item, validate_database_name};
 use runner::{create_private_dir, open_log, Runner};
+use tls::Tcp;
+pub use tls::TlsOptions;
 
-/// Port number the server is told to use. It only names the socket file
+/// Port number the server is told to use unless it listens on TCP. It only names the socket file
 /// (`.s.PGSQL.5432`) inside the private socket directory; no TCP port is opened.
 const PORT: u16 = 5432;
+
+/// How many ports a TLS cluster tries, in case another process takes a free one first.
+const PORT_ATTEMPTS: usize = 5;
 
 /// Superuser created by `initdb -U`, the only role in the cluster.
 const SUPERUSER: &str = "postgres";
@@ -276,6 +292,10 @@ pub struct Cluster {
     server: Mutex<Option<Watchdog>>,
     /// Suffix counter for [`Cluster::fresh_database`].
     next_database: AtomicU64,
+    /// The port: [`PORT`], or a TLS cluster's TCP port.
+    port: u16,
+    /// A TLS cluster's TCP side ([`Cluster::start_tls`]).
+    tcp: Option<Tcp>,
 }
 
 /// A running watchdog shell (possibly wrapped in `runuser`/`setpriv`/`su`).
@@ -295,23 +315,73 @@ impl Cluster {
         Cluster::start_with(Runner::detect()?)
     }
 
+    /// A cluster that also accepts TCP connections over TLS, on 127.0.0.1 only: see the
+    /// [module docs](self#tls). Its Unix socket works as [`Cluster::start`]'s does.
+    pub fn start_tls(options: TlsOptions) -> Result<Cluster, ClusterError> {
+        let started = Instant::now();
+        let runner = Runner::detect()?;
+        let binaries = find_binaries()?;
+        let root = create_private_dir(&runner)?;
+        let prepared = Tcp::prepare(&root, &runner, options);
+        let mut cluster = Cluster::new(root, binaries.postgres, runner);
+        // From here on, an early return drops `cluster`, which removes the directory.
+        let tcp = prepared?;
+        let password_file = tcp.password_file(&cluster.root);
+        let mut initdb_args: Vec<OsString> = vec!["--auth-host=scram-sha-256".into(), "--pwfile".into()];
+        initdb_args.push(password_file.clone().into());
+        cluster.tcp = Some(tcp);
+        cluster.initdb(&binaries.initdb, initdb_args)?;
+        tls::remove(&password_file)?;
+        let mut attempt = 1;
+        loop {
+            cluster.port = tls::free_port()?;
+            match cluster.spawn_server() {
+                Ok(watchdog) => {
+                    *cluster.lock_server() = Some(watchdog);
+                    break;
+                }
+                // Someone else took the port between our look and the server's bind.
+                Err(ClusterError::StartFailed { log_tail, .. })
+                    if attempt < PORT_ATTEMPTS && log_tail.contains("could not bind") =>
+                {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        tracing::debug!(
+            socket_dir = %cluster.root.display(),
+            port = cluster.port,
+            total_ms = started.elapsed().as_millis(),
+            "throwaway PostgreSQL cluster with TLS started"
+        );
+        Ok(cluster)
+    }
+
+    /// A stopped cluster in `root`, with nothing in it yet.
+    fn new(root: PathBuf, postgres: PathBuf, runner: Runner) -> Cluster {
+        Cluster {
+            data_dir: root.join("data"),
+            log_file: root.join("postgres.log"),
+            root,
+            postgres,
+            runner,
+            server: Mutex::new(None),
+            next_database: AtomicU64::new(1),
+            port: PORT,
+            tcp: None,
+        }
+    }
+
     /// [`Cluster::start`] with a given way of running server commands
     /// (separate so tests can exercise each privilege-drop tool).
     fn start_with(runner: Runner) -> Result<Cluster, ClusterError> {
         let started = Instant::now();
         let binaries = find_binaries()?;
         let root = create_private_dir(&runner)?;
-        let cluster = Cluster {
-            data_dir: root.join("data"),
-            log_file: root.join("postgres.log"),
-            root,
-            postgres: binaries.postgres,
-            runner,
-            server: Mutex::new(None),
-            next_database: AtomicU64::new(1),
-        };
+        let cluster = Cluster::new(root, binaries.postgres, runner);
         // From here on, an early return drops `cluster`, which removes the directory.
-        cluster.initdb(&binaries.initdb)?;
+        cluster.initdb(&binaries.initdb, Vec::new())?;
         let initdb_done = started.elapsed();
         {
             let mut server = cluster.lock_server();
@@ -331,9 +401,31 @@ impl Cluster {
         &self.root
     }
 
-    /// The port number; it only names the socket file, no TCP port is opened.
+    /// The port number; it only names the socket file, and no TCP port is opened, unless
+    /// the cluster was started with [`Cluster::start_tls`].
     pub fn port(&self) -> u16 {
-        PORT
+        self.port
+    }
+
+    /// The throwaway CA that signed a TLS cluster's certificate (PEM), for a client to trust;
+    /// `None` for a cluster without TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tcp.as_ref().map(|tcp| tcp.ca_file.as_path())
+    }
+
+    /// A key=value connection string for `dbname` over TCP, for a TLS cluster: host
+    /// `localhost` (the name its certificate holds, besides 127.0.0.1) at `hostaddr` 127.0.0.1
+    /// (where the server listens, whatever else `localhost` resolves to), the port and the
+    /// superuser's password; no `sslmode`, which the caller appends. `None` without TLS.
+    pub fn tcp_conninfo(&self, dbname: &str) -> Option<String> {
+        self.tcp.as_ref().map(|tcp| {
+            format!(
+                "host=localhost hostaddr=127.0.0.1 port={} user={SUPERUSER} password={} dbname={}",
+                self.port,
+                conninfo_value(&tcp.password),
+                conninfo_value(dbname)
+            )
+        })
     }
 
     /// The cluster's data directory (`initdb -D`).
@@ -350,8 +442,9 @@ impl Cluster {
     /// `host=/tmp/keap-pg-1-2-3 port=5432 user=postgres dbname=foo`.
     pub fn conninfo(&self, dbname: &str) -> String {
         format!(
-            "host={} port={PORT} user={SUPERUSER} dbname={}",
+            "host={} port={} user={SUPERUSER} dbname={}",
             conninfo_value(&self.root.to_string_lossy()),
+            self.port,
             conninfo_value(dbname)
         )
     }
@@ -361,8 +454,9 @@ impl Cluster {
     /// `postgresql://postgres@%2Ftmp%2Fkeap-pg-1-2-3:5432/foo`.
     pub fn url(&self, dbname: &str) -> String {
         format!(
-            "postgresql://{SUPERUSER}@{}:{PORT}/{}",
+            "postgresql://{SUPERUSER}@{}:{}/{}",
             percent_encode(&self.root.to_string_lossy()),
+            self.port,
             percent_encode(dbname)
         )
     }
@@ -435,8 +529,8 @@ impl Cluster {
     /// Run `initdb`: trust auth for the local superuser, no fsync, C locale
     /// (fast and independent of the host's locale setup). It runs under the
     /// watchdog too, so a test binary killed during `initdb` leaves nothing.
-    fn initdb(&self, initdb: &Path) -> Result<(), ClusterError> {
-        let args: Vec<OsString> = vec![
+    fn initdb(&self, initdb: &Path, extra_args: Vec<OsString>) -> Result<(), ClusterError> {
+        let mut args: Vec<OsString> = vec![
             "-D".into(),
             self.data_dir.clone().into(),
             "-U".into(),
@@ -447,6 +541,7 @@ impl Cluster {
             "UTF8".into(),
             "--locale=C".into(),
         ];
+        args.extend(extra_args);
         let (mut watchdog, command) = self.spawn_watched(initdb, "TERM", args)?;
         let outcome = match wait_for_exit(&mut watchdog.child, INITDB_TIMEOUT) {
             Some(Ok(status)) if status.success() => return Ok(()),
@@ -475,12 +570,14 @@ impl Cluster {
             "-D".into(),
             self.data_dir.clone().into(),
             "-p".into(),
-            PORT.to_string().into(),
+            self.port.to_string().into(),
             "-c".into(),
             socket_dirs,
         ];
+        let tcp_settings = self.tcp.as_ref().map(Tcp::server_settings).unwrap_or_default();
         for setting in [
-            // Unix socket only: no TCP port to collide with anything.
+            // Unix socket only: no TCP port to collide with anything (a TLS cluster's
+            // settings below listen on loopback).
             "listen_addresses=",
             // Only the owner (or root) may connect, since auth is "trust".
             "unix_socket_permissions=0700",
@@ -494,6 +591,10 @@ impl Cluster {
         ] {
             args.push("-c".into());
             args.push(setting.into());
+        }
+        for setting in tcp_settings {
+            args.push("-c".into());
+            args.push(setting);
         }
         args
     }

@@ -147,7 +147,7 @@ fn failed_initdb_reports_its_output() {
     let cluster = Cluster::start().expect("start cluster");
     let initdb = find_binaries().expect("binaries").initdb;
     // The data directory is in use and not empty: initdb must refuse.
-    let error = cluster.initdb(&initdb).unwrap_err();
+    let error = cluster.initdb(&initdb, Vec::new()).unwrap_err();
     let message = error.to_string();
     assert!(matches!(error, ClusterError::CommandFailed { .. }), "{message}");
     assert!(message.contains("initdb"), "{message}");
@@ -295,4 +295,44 @@ fn server_dies_with_its_owner() {
         dir.display()
     );
     eprintln!("server and dir gone {:?} after SIGKILL", killed.elapsed());
+}
+
+/// The TLS cluster's TCP side as a plain client sees it: `listen_addresses`, `ssl`, and a
+/// refusal for a session without TLS (the daemon's TLS sessions are `tests/it/tls.rs`'s).
+async fn tls_side(cluster: &Cluster) -> (String, String, String) {
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.conninfo("postgres"), NoTls).await.expect("socket");
+    let connection = tokio::spawn(connection);
+    let show = |name: &'static str| {
+        let client = &client;
+        async move { client.query_one(&format!("show {name}"), &[]).await.expect("show").get::<_, String>(0) }
+    };
+    let (listen, ssl) = (show("listen_addresses").await, show("ssl").await);
+    drop(client);
+    let _ = connection.await;
+    let plain = format!("{} sslmode=disable", cluster.tcp_conninfo("postgres").expect("TCP"));
+    let refused = match tokio_postgres::connect(&plain, NoTls).await {
+        Ok(_) => "connected".to_owned(),
+        Err(e) => e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()),
+    };
+    (listen, ssl, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_listens_on_loopback_only_and_keeps_its_rules_across_a_restart() {
+    let cluster = Cluster::start_tls(TlsOptions { reject_plaintext: true }).expect("start a TLS cluster");
+    let ca = cluster.ca_file().expect("a CA file").to_owned();
+    assert!(fs::read_to_string(&ca).expect("read the CA").starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(!cluster.socket_dir().join("ca.key").exists(), "the CA's key is not kept");
+    assert!(!cluster.socket_dir().join("password").exists(), "the password file is not kept");
+    let port = cluster.port();
+    for round in ["started", "restarted"] {
+        let (listen, ssl, refused) = tls_side(&cluster).await;
+        assert_eq!(listen, "127.0.0.1", "{round}");
+        assert_eq!(ssl, "on", "{round}");
+        assert!(refused.contains("no encryption"), "{round}: a session without TLS: {refused}");
+        cluster.restart().expect("restart");
+        assert_eq!(cluster.port(), port, "the same port after a restart");
+    }
+    assert!(Cluster::start().expect("start").ca_file().is_none(), "no TLS unless asked for");
 }
