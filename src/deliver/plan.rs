@@ -18,9 +18,11 @@
 //! Why the real calls are never more than the first plan (checked by the property test
 //! below): a read only ever replaces itself with what it found — a lookup that finds a contact
 //! turns `Create` into `Link` and at most one `Patch`; a contact read turns the `Patch` of
-//! what keap-sync last sent into the `Patch` of what differs, or none. The exception is a
-//! contact deleted in Keap behind keap-sync's back: that costs the lookup and create of a new
-//! link on top (no plan made from keap-sync's records can know it).
+//! what keap-sync last sent into the `Patch` of what differs, or none; the mirror answering a
+//! lookup makes no call, and a read of the contact it named stands in for the lookup. The
+//! exception is a contact deleted (or readdressed) in Keap behind keap-sync's back, mapped or
+//! held by the mirror: that costs the lookup and create of a new link on top (no plan made
+//! from keap-sync's records can know it).
 //!
 //! Invariants (ARCHITECTURE.md): a user is linked before anything is written to a contact
 //! found by email (4, 13); only owned properties that differ are sent, arrays with the slots

@@ -174,21 +174,11 @@ impl Deliverer {
             }
             match step {
                 Step::Settle => return self.settle(claim, payload, facts).await,
-                Step::Link { id, sent, if_taken } => match self.link(claim, *id, sent.clone()).await? {
-                    None => {
-                        (facts.linked, facts.linked_from_mirror) = (Some(*id), *if_taken == IfTaken::AskKeap)
+                Step::Link { id, sent, if_taken } => {
+                    if let Some(flow) = self.link_step(claim, payload, facts, (*id, sent), *if_taken).await? {
+                        return Ok(flow);
                     }
-                    Some(End::Taken { .. }) if *if_taken == IfTaken::Settle => {
-                        // Another user's contact: this user's create made none of its own.
-                        return self.settle(claim, payload, facts).await;
-                    }
-                    Some(End::Taken { .. }) if *if_taken == IfTaken::AskKeap => {
-                        // Another user's, says the mirror: Keap's lookup decides.
-                        facts.ask_keap();
-                        return Ok(Flow::Replan);
-                    }
-                    Some(end) => return Ok(Flow::End(end)),
-                },
+                }
                 Step::Create { body } => {
                     if let Some(end) = self.create(claim, payload, body, facts, deadline).await? {
                         return Ok(Flow::End(end));
@@ -239,6 +229,33 @@ impl Deliverer {
             return Ok(Flow::End(End::Park(format!("user {}: the plan linked no contact", claim.user_key))));
         };
         Ok(Flow::End(End::Synced { contact_id, called: facts.calls > 0, tags: plan.tags(want, &already) }))
+    }
+
+    /// A plan's [`Step::Link`]; `None` when the plan goes on.
+    async fn link_step(
+        &self,
+        claim: &Claim,
+        payload: &ContactPayload,
+        facts: &mut Facts,
+        (id, sent): (i64, &serde_json::Value),
+        if_taken: IfTaken,
+    ) -> Result<Option<Flow>, DbError> {
+        Ok(match self.link(claim, id, sent.clone()).await? {
+            None => {
+                (facts.linked, facts.linked_from_mirror) = (Some(id), if_taken == IfTaken::AskKeap);
+                None
+            }
+            Some(End::Taken { .. }) if if_taken == IfTaken::Settle => {
+                // Another user's contact: this user's create made none of its own.
+                Some(self.settle(claim, payload, facts).await?)
+            }
+            Some(End::Taken { .. }) if if_taken == IfTaken::AskKeap => {
+                // Another user's, says the mirror: Keap's lookup decides.
+                facts.ask_keap();
+                Some(Flow::Replan)
+            }
+            Some(end) => Some(Flow::End(end)),
+        })
     }
 
     /// The contact a step was sent to is gone in Keap: the mapped one is linked again by
