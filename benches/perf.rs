@@ -1,10 +1,14 @@
-//! What each change costs, in one table: capture, drain, latency, coalescing, crash recovery.
+//! What each change costs, in one table: capture, drain, latency, coalescing, crash recovery, and
+//! a reconcile of a million users.
 //!
 //! ```sh
-//! cargo bench --bench perf                        # the full run (about 2 minutes on 2 cores)
+//! cargo bench --bench perf                        # the full run (about 2 minutes on 2 cores, and
+//!                                                 # 1–2 more for the reconcile of 1,000,000 users)
 //! cargo bench --bench perf -- --quick             # a smoke run: 2,000 changes, fewer rows and commits
-//! cargo bench --bench perf -- --only drain,kill   # some scenarios: capture drain latency coalesce kill
+//! cargo bench --bench perf -- --only drain,kill   # some scenarios: capture drain latency coalesce kill reconcile
 //! cargo bench --bench perf -- --changes 50000     # a bigger drain backlog (also used by latency and kill)
+//! cargo bench --bench perf -- --only reconcile --users 1000000   # the reconcile alone (its default size)
+//! cargo bench --bench perf -- --only reconcile --unlinked   # … with no user linked yet (before a first sync)
 //! cargo bench --bench perf -- --profile DIR       # also: pg_stat_statements and `perf record -g` of each
 //!                                                 # drain's daemon and of the machine into DIR (the
 //!                                                 # figures then include the profilers' overhead)
@@ -41,6 +45,24 @@
 //!   quarter of the changes are delivered, and a new one is started as soon as the fake has seen
 //!   the killed one's connections close: the time from that start to its first Keap request,
 //!   and the users whose final row Keap does not hold once the outbox is empty (lost changes).
+//! - **reconcile**: `--users` users (1,000,000; 2,000 with `--quick`) after a prior sync,
+//!   against a fake holding as many contacts, then `keap-sync reconcile` (the release build,
+//!   as a child process, so its peak RSS is its own and not the fake's): wall time, list calls,
+//!   the report's counts and the reconcile's peak RSS and CPU (the "daemon" columns). Users are
+//!   inserted with one `generate_series` statement with capture off (a prior sync left nothing
+//!   queued); the contacts are put in the fake directly (`FakeKeap::seed_contacts`, no HTTP);
+//!   the links are written into `keap_sync.contact_map` as a delivery records them. Of every
+//!   100 users, 99 are linked to a contact holding their email and names, and one has no
+//!   contact (its would-be contact holds another address: a lead of Keap's own); one user in
+//!   1,000 has its given name edited in Keap. So the report must count 98.9 % in sync, 1 % no
+//!   contact and 0.1 % differing; the bench checks the in-sync count, and that `preview` plans
+//!   no call for users 1 and 2 (so the links are what a delivery records). With `--unlinked`
+//!   no user is linked (as before a first sync or backfill): every user is reported, 99 % as
+//!   unlinked and 1 % as no contact, and none in sync. Its peak RSS is the `ru_maxrss` that
+//!   GNU time (`/usr/bin/time`) reports for it, to its last moment (`bench::run_to_end` says
+//!   why; `VmHWM` polled every 5 ms is printed beside it, and is the fallback without GNU
+//!   time); its Postgres CPU includes its own backends, which end with it (the postmaster's
+//!   reaped children's CPU).
 //!
 //! Every wait polls a condition with a deadline. The table is printed as Markdown, with the
 //! date, the load average before and after, and the number of cores; README.md's "Benchmarks"
@@ -55,7 +77,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use keap_sync_testkit::bench::{self, ChildDaemon, ServerCpu};
-use keap_sync_testkit::fake::{FakeKeap, FakeOptions};
+use keap_sync_testkit::fake::{ContactWrite, EmailAddress, EmailField, FakeKeap, FakeOptions};
 use keap_sync_testkit::pg::Cluster;
 use tokio_postgres::Client;
 
@@ -69,6 +91,8 @@ struct Args {
     changes: i64,
     capture_rows: i64,
     commits: i64,
+    users: i64,
+    unlinked: bool,
     only: Vec<String>,
     profile: Option<PathBuf>,
 }
@@ -76,14 +100,17 @@ struct Args {
 impl Args {
     fn parse() -> Args {
         let quick = bench::flag("--quick");
-        let only =
-            bench::arg_text("--only").map(|s| s.split(',').map(str::to_owned).collect()).unwrap_or_else(
-                || ["capture", "drain", "latency", "coalesce", "kill"].map(String::from).to_vec(),
-            );
+        let only = bench::arg_text("--only")
+            .map(|s| s.split(',').map(str::to_owned).collect())
+            .unwrap_or_else(|| {
+                ["capture", "drain", "latency", "coalesce", "kill", "reconcile"].map(String::from).to_vec()
+            });
         Args {
             changes: bench::arg("--changes", if quick { 2_000 } else { 20_000 }),
             capture_rows: bench::arg("--rows", if quick { 5_000 } else { 20_000 }),
             commits: bench::arg("--commits", if quick { 100 } else { 500 }),
+            users: bench::arg("--users", if quick { 2_000 } else { 1_000_000 }),
+            unlinked: bench::flag("--unlinked"),
             only,
             profile: bench::arg_text("--profile").map(PathBuf::from),
         }
@@ -226,6 +253,9 @@ async fn run(args: &Args) {
     }
     if args.runs("coalesce") {
         rows.push(coalesce(&cluster, args).await);
+    }
+    if args.runs("reconcile") {
+        rows.push(reconcile(&cluster, args).await);
     }
     print_table(&rows, args, &load_before);
 }
@@ -530,6 +560,145 @@ async fn coalesce(cluster: &Cluster, args: &Args) -> Row {
     }
 }
 
+/// `keap-sync reconcile` of `--users` users after a prior sync, against as many contacts.
+async fn reconcile(cluster: &Cluster, args: &Args) -> Row {
+    let n = args.users;
+    let fake = FakeOptions {
+        per_minute_limit: Some(100_000_000),
+        daily_quota: Some(1_000_000_000),
+        documented_limits: false,
+        tenant_minute_limit: None,
+        ..FakeOptions::default()
+    };
+    let env = Env::new(cluster, "reconcile", fake, false, args.profile.is_some()).await;
+    // A prior sync delivered every change: nothing is in the change log or the outbox.
+    env.exec("alter table users disable trigger user").await;
+    env.exec(&format!(
+        "insert into users (email, first_name, last_name)
+         select 'user' || g || '@example.com', 'First' || g, 'Last' || g from generate_series(1, {n}) g"
+    ))
+    .await;
+    env.exec(bench::ENABLE_CAPTURE).await;
+    let ids = env.fake.seed_contacts((1..=n).map(|i| {
+        let (email, given) = match (i % 100, i % 1000) {
+            (0, _) => (format!("lead{i}@example.com"), format!("Lead{i}")),
+            (_, 1) => (format!("user{i}@example.com"), format!("Edited in Keap {i}")),
+            _ => (format!("user{i}@example.com"), format!("First{i}")),
+        };
+        ContactWrite {
+            given_name: Some(given),
+            family_name: Some(format!("Last{i}")),
+            email_addresses: Some(vec![EmailAddress { email: Some(email), field: EmailField::Email1 }]),
+            duplicate_option: None,
+        }
+    }));
+    // As autovacuum would have by now: statistics and a visibility map for the planner.
+    env.exec("vacuum analyze users").await;
+    if args.unlinked {
+        return run_reconcile(cluster, &env, args, 0).await;
+    }
+    // User i is contact `ids.start + i - 1`, linked as a delivery records a link: `sent` holds
+    // a hash of each owned value as Keap took it (`mapping::held::hash`: the first 8 bytes of
+    // SHA-256 of "s" and the value, the email lower-cased), `fingerprint` the payload's
+    // (`ContactPayload::fingerprint`: SHA-256 over each path's length as 8 bytes little-endian,
+    // the path and its hash, in path order).
+    env.exec(&format!(
+        "insert into keap_sync.contact_map (user_key, contact_id, fingerprint, sent)
+         select u.id::text, {first} + u.id - 1,
+                left(encode(sha256('\\x0b00000000000000'::bytea || convert_to('family_name' || h.family, 'UTF8')
+                                || '\\x0a00000000000000'::bytea || convert_to('given_name' || h.given, 'UTF8')
+                                || '\\x1600000000000000'::bytea || convert_to('email_addresses.EMAIL1' || h.email, 'UTF8')),
+                            'hex'), 32),
+                jsonb_build_object('v', 2, 'tags', '[]'::jsonb, 'f', jsonb_build_object(
+                    'email_addresses.EMAIL1', h.email, 'given_name', h.given, 'family_name', h.family))
+           from users u,
+                lateral (select left(encode(sha256(convert_to('s' || lower(u.email), 'UTF8')), 'hex'), 16) as email,
+                                left(encode(sha256(convert_to('s' || u.first_name, 'UTF8')), 'hex'), 16) as given,
+                                left(encode(sha256(convert_to('s' || u.last_name, 'UTF8')), 'hex'), 16) as family) h
+          where u.id % 100 <> 0",
+        first = ids.start
+    ))
+    .await;
+    env.exec("vacuum analyze keap_sync.contact_map").await;
+    // The links are what a delivery leaves: a delivery of users 1 (edited in Keap since) and 2
+    // would send nothing (`preview` compares the row with `sent`, as delivery does).
+    let config =
+        keap_sync::config::Config::from_toml(LIFTED, &|k| env.vars().get(k).cloned()).expect("config");
+    let keys = vec!["1".to_owned(), "2".to_owned()];
+    let plans = keap_sync::preview(&config, &keap_sync::Selection::Keys(keys)).await.expect("preview");
+    assert!(
+        plans.iter().all(|p| p.action == "nothing" && p.calls.is_empty()) && plans.len() == 2,
+        "a seeded link is not what a delivery records: {plans:#?}"
+    );
+    run_reconcile(cluster, &env, args, n - n / 100 - (n + 999) / 1000).await
+}
+
+/// Runs `keap-sync reconcile` on `env` as a child process and checks the report's in-sync count.
+async fn run_reconcile(cluster: &Cluster, env: &Env, args: &Args, expected_in_sync: i64) -> Row {
+    let n = args.users;
+    reset_statements(env, args).await;
+    std::fs::create_dir_all(&env.dir).expect("bench dir");
+    let config = env.dir.join("reconcile.toml");
+    std::fs::write(&config, LIFTED).expect("write config");
+    let args_ = ["--config", config.to_str().expect("utf-8 path"), "reconcile"];
+    let (pg_before, reaped_before) = (ServerCpu::read(cluster), bench::reaped_server_cpu_secs(cluster));
+    let run =
+        bench::run_to_end(Path::new(BINARY), &args_, &env.dir, &env.vars(), Duration::from_secs(3600)).await;
+    assert!(
+        run.success,
+        "reconcile failed; its log: {}",
+        std::fs::read_to_string(&run.log).unwrap_or_default()
+    );
+    // The reconcile's own backends end with it: their CPU is in what the postmaster reaped,
+    // once they have gone.
+    let others = "select count(*) from pg_stat_activity
+                   where datname = current_database() and backend_type = 'client backend' and pid <> pg_backend_pid()";
+    let gone = bench::poll_until(Duration::from_secs(10), || async { env.count(others).await == 0 }).await;
+    assert!(gone, "the reconcile's connections close");
+    let pg_cpu =
+        ServerCpu::read(cluster).since(&pg_before) + bench::reaped_server_cpu_secs(cluster) - reaped_before;
+    save_statements(env, args, "reconcile").await;
+    let listed: Vec<Instant> =
+        env.fake.requests().into_iter().filter(|r| r.path == "/crm/rest/v2/contacts").map(|r| r.at).collect();
+    let span = match (listed.first(), listed.last()) {
+        (Some(a), Some(b)) => b.duration_since(*a).as_secs_f64(),
+        _ => 0.0,
+    };
+    // "reconcile: N users, M in sync, K not (mirror refreshed: C contacts in P list calls, …)"
+    let summary = run.stdout.lines().next().unwrap_or_default().to_owned();
+    let words: Vec<&str> = summary.split([' ', ',', '(', ')']).filter(|w| !w.is_empty()).collect();
+    let number_before =
+        |word: &str| words.windows(2).find(|w| w[1] == word).and_then(|w| w[0].parse::<i64>().ok());
+    let (users, in_sync, not) = (number_before("users"), number_before("in"), number_before("not"));
+    assert_eq!((users, in_sync), (Some(n), Some(expected_in_sync)), "the report: {summary}");
+    Row {
+        scenario: format!(
+            "reconcile, {n} users against {n} contacts{}",
+            if args.unlinked { ", no user linked yet" } else { "" }
+        ),
+        result: format!(
+            "{:.1} s; {} list calls (first to last {span:.1} s); report: {n} users, {expected_in_sync} in sync, \
+             {} not; peak RSS {:.1} MiB ({})",
+            run.wall.as_secs_f64(),
+            listed.len(),
+            not.unwrap_or(-1),
+            run.peak_rss_kib as f64 / 1024.0,
+            match run.peak_rss_source {
+                "ru_maxrss" =>
+                    format!("ru_maxrss; VmHWM polled every 5 ms: {:.1} MiB", run.polled_hwm_kib as f64 / 1024.0),
+                other => other.to_owned(),
+            },
+        ),
+        target: match args.unlinked {
+            false => "peak RSS < 40 MiB; about 1,000 list calls per 1,000,000 contacts",
+            true => "none: the report holds every user not in sync",
+        },
+        daemon_ms: Some(run.cpu_secs * 1000.0 / n as f64),
+        pg_ms: Some(pg_cpu * 1000.0 / n as f64),
+        rss_kib: Some(run.peak_rss_kib),
+    }
+}
+
 fn print_table(rows: &[Row], args: &Args, load_before: &str) {
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
@@ -539,11 +708,12 @@ fn print_table(rows: &[Row], args: &Args, load_before: &str) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(
         "keap-sync perf, {date}; {cores} cores; load average {load_before} before, {} after; \
-         changes {}, capture rows {}, latency commits {}{}",
+         changes {}, capture rows {}, latency commits {}, reconcile users {}{}",
         bench::load_average(),
         args.changes,
         args.capture_rows,
         args.commits,
+        args.users,
         if args.profile.is_some() { "; PROFILING (perf record, pg_stat_statements)" } else { "" }
     );
     println!();

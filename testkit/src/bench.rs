@@ -195,6 +195,23 @@ impl ServerCpu {
     }
 }
 
+/// CPU seconds of the cluster's processes that have ended and been reaped by the postmaster
+/// (its `cutime` + `cstime`): the backends of a command's connections, which start and end
+/// between two [`ServerCpu`] readings and so are missing from [`ServerCpu::since`].
+pub fn reaped_server_cpu_secs(cluster: &Cluster) -> f64 {
+    let postmaster = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .expect("postmaster.pid");
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{postmaster}/stat")) else { return 0.0 };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so cutime (16) and cstime (17) are at 13 and 14.
+    let ticks = fields.get(13).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(14).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    ticks as f64 / ticks_per_sec()
+}
+
 /// Polls `condition` every 5 ms until it holds; false if `timeout` passes first.
 pub async fn poll_until<F, Fut>(timeout: Duration, mut condition: F) -> bool
 where
@@ -465,4 +482,133 @@ pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// A command run to its end by [`run_to_end`]: how it ended, what it printed, and what it cost.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Whether it exited 0 (false also when it was killed at the deadline).
+    pub success: bool,
+    /// From the spawn to the exit.
+    pub wall: Duration,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error (the log), in this file.
+    pub log: std::path::PathBuf,
+    /// Peak resident memory in KiB, from [`Finished::peak_rss_source`].
+    pub peak_rss_kib: u64,
+    /// Where [`Finished::peak_rss_kib`] comes from: `ru_maxrss` (GNU time's report of what
+    /// `wait4` returned for the process: the kernel's own high-water mark, to the very end),
+    /// or `VmHWM polled` when `/usr/bin/time` is missing (a lower bound: the last moments
+    /// before the exit are not seen).
+    pub peak_rss_source: &'static str,
+    /// The highest `VmHWM` seen polling `/proc/<pid>/status` every 5 ms while it ran: a
+    /// cross-check (the kernel reports both from the same counters, so they agree to a
+    /// fraction of a MiB unless the peak came in the moments the polling cannot see).
+    pub polled_hwm_kib: u64,
+    /// User + system CPU seconds (GNU time's; else the last `/proc/<pid>/stat` reading).
+    pub cpu_secs: f64,
+}
+
+/// Runs `binary args…` to its end (SIGKILL after `timeout`) with `env` as its whole environment
+/// (plus `PATH`; the log level `KEAP_SYNC_LOG` is `warn` unless set), its standard output read
+/// from a file in `dir` once it exits and its standard error left in another, and measures
+/// its own peak RSS and CPU, not this process's.
+///
+/// No unsafe code and no new dependency: `getrusage`/`wait4` would need one or the other, so
+/// when `/usr/bin/time` (GNU time) is installed the command runs under it, and its `%M` (the
+/// `ru_maxrss` `wait4` reported for the command alone) is the figure. `/proc/<pid>/status`
+/// holds `VmHWM` only while the process lives, so polling it misses the last moments (a
+/// report printed at the end); it is kept as the fallback and as a cross-check. The wait
+/// polls the child's exit every 5 ms, with a deadline.
+pub async fn run_to_end(
+    binary: &Path,
+    args: &[&str],
+    dir: &Path,
+    env: &HashMap<String, String>,
+    timeout: Duration,
+) -> Finished {
+    std::fs::create_dir_all(dir).expect("bench dir");
+    let suffix = crate::app::rand_suffix();
+    let (out, log, rusage) = (
+        dir.join(format!("stdout-{suffix}.txt")),
+        dir.join(format!("stderr-{suffix}.log")),
+        dir.join(format!("time-{suffix}.txt")),
+    );
+    let gnu_time = Path::new("/usr/bin/time");
+    let mut command = if gnu_time.exists() {
+        let mut c = Command::new(gnu_time);
+        c.args(["-f", "%M %U %S", "-o"]).arg(&rusage).arg(binary);
+        c
+    } else {
+        Command::new(binary)
+    };
+    let started = Instant::now();
+    let mut child = command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEAP_SYNC_LOG", std::env::var("KEAP_SYNC_LOG").unwrap_or_else(|_| "warn".into()))
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn the command");
+    let spawned = child.id().to_string();
+    let deadline = started + timeout;
+    let (mut pid, mut polled_hwm_kib, mut ticks) = (None, 0, 0);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        // Under GNU time the command is time's child.
+        if pid.is_none() {
+            pid = if gnu_time.exists() { child_of(&spawned) } else { Some(spawned.clone()) };
+        }
+        if let Some(pid) = &pid {
+            polled_hwm_kib = polled_hwm_kib.max(peak_rss_kib(pid));
+            ticks = ticks.max(cpu_ticks(pid));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let wall = started.elapsed();
+    let reported: Option<(u64, f64)> = std::fs::read_to_string(&rusage).ok().and_then(|text| {
+        let mut f = text.lines().last()?.split_whitespace();
+        let kib = f.next()?.parse().ok()?;
+        let cpu = f.next()?.parse::<f64>().ok()? + f.next()?.parse::<f64>().ok()?;
+        Some((kib, cpu))
+    });
+    let (peak_rss_kib, peak_rss_source, cpu_secs) = match reported {
+        Some((kib, cpu)) => (kib, "ru_maxrss", cpu),
+        None => (polled_hwm_kib, "VmHWM polled", ticks as f64 / ticks_per_sec()),
+    };
+    Finished {
+        success: status.is_some_and(|s| s.success()),
+        wall,
+        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        log,
+        peak_rss_kib,
+        peak_rss_source,
+        polled_hwm_kib,
+        cpu_secs,
+    }
+}
+
+/// The pid of a child process of `parent`, if it has one yet.
+fn child_of(parent: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_owned();
+        (ppid == parent).then_some(pid)
+    })
 }

@@ -211,13 +211,19 @@ impl State {
     }
 
     pub(super) fn insert_new(&mut self, w: &Map<String, Value>) -> Contact {
+        let id = self.store_new(w);
+        self.contacts[&id].clone()
+    }
+
+    /// Stores a new contact from `w` (not validated) under the next id, and returns that id.
+    pub(super) fn store_new(&mut self, w: &Map<String, Value>) -> i64 {
         let id = self.next_id;
         self.next_id += 1;
         let now = Some(rfc3339_ms(unix_ms()));
         let mut c = Contact { id, date_created: now, ..Contact::default() };
         apply(&mut c, w, None);
-        self.contacts.insert(c.clone());
-        c
+        self.contacts.insert(c);
+        id
     }
 
     /// Sending `opt_in_reason` marks EMAIL1 marketable, but only from the statuses Keap's v1

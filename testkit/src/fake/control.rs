@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -191,6 +192,22 @@ impl FakeKeap {
             unreachable!("a ContactWrite is an object")
         };
         self.state().insert_new(&w)
+    }
+
+    /// Seeds many contacts as [`FakeKeap::seed_contact`] seeds one (no auth, not logged, not
+    /// validated), under one lock and without copying them back: a benchmark's million
+    /// contacts without a million HTTP calls. Returns the ids they were given, consecutive and
+    /// in the order of `contacts`.
+    pub fn seed_contacts(&self, contacts: impl IntoIterator<Item = ContactWrite>) -> Range<i64> {
+        let mut st = self.state();
+        let first = st.next_id;
+        for w in contacts {
+            let Ok(Value::Object(w)) = serde_json::to_value(&w) else {
+                unreachable!("a ContactWrite is an object")
+            };
+            st.store_new(&w);
+        }
+        first..st.next_id
     }
 
     /// Seeds a contact from a `CreateOrPatchContact` body, checked as a `POST` would be

@@ -587,3 +587,30 @@ async fn opt_in_reason_lifts_only_the_statuses_the_v1_spec_names() {
     assert_eq!(status(lenient.put(&body)).await, 200);
     assert_eq!(lenient.fake.email_status("u@example.com"), "UnconfirmedMarketable");
 }
+
+#[tokio::test]
+async fn contacts_seeded_in_bulk_get_consecutive_ids_and_are_listed_and_found() {
+    let k = Kit::new(FakeOptions::default()).await;
+    let before =
+        k.fake.seed_contact(ContactWrite { given_name: Some("First".into()), ..ContactWrite::default() });
+    let email =
+        |i: i64| EmailAddress { email: Some(format!("bulk{i}@example.com")), field: EmailField::Email1 };
+    let ids = k.fake.seed_contacts((0..3).map(|i| ContactWrite {
+        family_name: Some(format!("Bulk{i}")),
+        email_addresses: Some(vec![email(i)]),
+        ..ContactWrite::default()
+    }));
+    assert_eq!(ids, before.id + 1..before.id + 4);
+    assert_eq!(k.fake.contacts_with_email("BULK1@example.com")[0].id, ids.start + 1);
+    assert_eq!(k.fake.contact(ids.start + 2).unwrap().family_name.as_deref(), Some("Bulk2"));
+    let page: Value =
+        send(k.http.get(format!("{}/v2/contacts?page_size=2", k.fake.api_url())).bearer_auth(&k.token))
+            .await
+            .json()
+            .await
+            .unwrap();
+    let listed: Vec<&str> =
+        page["contacts"].as_array().unwrap().iter().filter_map(|c| c["id"].as_str()).collect();
+    assert_eq!(listed, [before.id.to_string(), ids.start.to_string()]);
+    assert!(k.fake.requests().iter().all(|r| r.path.starts_with("/crm/rest/v2")), "seeding is not logged");
+}
