@@ -293,7 +293,8 @@ impl Deliverer {
         email: &str,
     ) -> Result<Option<ByEmail>, DbError> {
         let Some(lookups) = &self.lookups else { return Ok(None) };
-        if facts.asked_mirror || facts.in_doubt.is_some() || claim.create_sent.is_some() {
+        // Any create in doubt at the claim (settled since or not) is Keap's to answer.
+        if facts.asked_mirror || claim.create_sent.is_some() {
             return Ok(None);
         }
         facts.asked_mirror = true;

@@ -25,6 +25,7 @@
 //!   between the two calls to at most `confirm_secs`; `lookups = false` closes it at the
 //!   cost of a lookup per new user.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -34,7 +35,7 @@ use tokio_postgres::Client;
 
 use super::{catch_up, Keap, MirrorError};
 use crate::config::MirrorConfig;
-use crate::db::DbError;
+use crate::db::{Db, DbError};
 use crate::keap::model::{ByEmail, Contact};
 use crate::keap::KeapClient;
 use crate::mapping::Mapper;
@@ -50,6 +51,10 @@ pub(crate) struct Lookups {
     confirm: Duration,
     /// Keap's request timeout (a page of a listing must arrive within twice that).
     timeout: Duration,
+    /// A full listing has completed (the mirror has a watermark). Known once, it stays so for
+    /// the session (only a Keap app switch, with no daemon running, takes it away); until
+    /// then each lookup checks with one prepared statement, without waiting on `caught_up`.
+    listed: AtomicBool,
     /// When the last listing of changes started; held while one runs, so that the
     /// deliveries waiting for an answer make one listing, not one each.
     caught_up: Mutex<Option<Instant>>,
@@ -58,7 +63,12 @@ pub(crate) struct Lookups {
 impl Lookups {
     /// The lookups `[mirror]` asks for; `None` when every new user is to be looked up in Keap.
     pub(crate) fn new(config: &MirrorConfig, timeout: Duration) -> Option<Lookups> {
-        config.lookups.then(|| Lookups { confirm: config.confirm, timeout, caught_up: Mutex::new(None) })
+        config.lookups.then(|| Lookups {
+            confirm: config.confirm,
+            timeout,
+            listed: AtomicBool::new(false),
+            caught_up: Mutex::new(None),
+        })
     }
 
     /// What Keap holds for `email`, as the mirror knows it once caught up with Keap's
@@ -67,7 +77,7 @@ impl Lookups {
     /// error there if it lasts).
     pub(crate) async fn find(
         &self,
-        db: &Client,
+        db: &Db,
         (client, tokens): (&KeapClient, &TokenSource),
         mapper: &Mapper,
         email: &str,
@@ -77,7 +87,7 @@ impl Lookups {
             return Ok(None);
         }
         let rows = db
-            .query(
+            .cached_query(
                 "select contact_id, contact from keap_sync.mirror where emails @> array[$1::text]",
                 &[&email.trim().to_ascii_lowercase()],
             )
@@ -88,7 +98,13 @@ impl Lookups {
 
     /// Whether the mirror holds Keap's changes up to at most `confirm` ago, listing them
     /// first if not. One listing at a time: the others wait for it and then use it.
-    async fn caught_up(&self, db: &Client, keap: &Keap<'_>, mapper: &Mapper) -> Result<bool, DbError> {
+    async fn caught_up(&self, db: &Db, keap: &Keap<'_>, mapper: &Mapper) -> Result<bool, DbError> {
+        if !self.listed.load(Ordering::Relaxed) {
+            if !db.cached_query_one(super::LISTED, &[]).await?.get::<_, bool>(0) {
+                return Ok(false);
+            }
+            self.listed.store(true, Ordering::Relaxed);
+        }
         let mut caught_up = self.caught_up.lock().await;
         if caught_up.is_some_and(|at| at.elapsed() < self.confirm) {
             return Ok(true);
@@ -117,11 +133,11 @@ impl Lookups {
 /// Records in the mirror what keap-sync just wrote to contact `id` (a create's body, or a
 /// `PATCH` of its addresses), so that a lookup finds it before the next listing shows it.
 /// Keap's update time is left unknown: any listing of the contact replaces this.
-pub(crate) async fn remember(db: &Client, id: i64, body: &Map<String, Value>) -> Result<(), DbError> {
+pub(crate) async fn remember(db: &Db, id: i64, body: &Map<String, Value>) -> Result<(), DbError> {
     let readdressed = body.contains_key("email_addresses");
     let contact = Value::Object(body.clone());
     let (emails, email1) = super::addresses(&contact);
-    db.execute(
+    db.cached_execute(
         "insert into keap_sync.mirror as m (contact_id, emails, email1, contact)
          values ($1, $2, $3, $4)
          on conflict (contact_id) do update

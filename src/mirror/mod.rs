@@ -219,9 +219,11 @@ pub(crate) async fn by_email1(db: &Client, emails: &[String]) -> Result<HashMap<
 }
 
 /// Whether a full listing has completed: the mirror has a watermark.
+const LISTED: &str = "select watermark is not null from keap_sync.mirror_state";
+
+/// Whether a full listing has completed ([`LISTED`]).
 pub(crate) async fn listed(db: &Client) -> Result<bool, DbError> {
-    let row = db.query_one("select watermark is not null from keap_sync.mirror_state", &[]).await?;
-    Ok(row.get(0))
+    Ok(db.query_one(LISTED, &[]).await?.get(0))
 }
 
 /// How fresh the mirror is, and what the last reconcile found, for `status`.
