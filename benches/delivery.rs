@@ -198,13 +198,7 @@ async fn bench(cluster: &Cluster, a: &Args) {
     let wall = started.elapsed();
 
     // Contact calls as the fake received them (429s included: they show the client's pacing).
-    let mut at: Vec<Instant> = fake
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.starts_with("/crm/rest/v1/contacts"))
-        .map(|r| r.at)
-        .collect();
-    at.sort();
+    let at: Vec<Instant> = fake.contact_call_times();
     let calls = at.len();
     let span = match (at.first(), at.last()) {
         (Some(first), Some(last)) => last.duration_since(*first).as_secs_f64(),

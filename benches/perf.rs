@@ -199,6 +199,20 @@ impl Env {
     }
 }
 
+/// The fake for a run that measures keap-sync, not Keap's limits. Limits the fake does not
+/// enforce are still reported (an API key's 30,000/day), and the daemon pauses when the
+/// reported day is spent: report limits far above the run's calls. No spike arrest or tenant
+/// limit.
+fn lifted_fake() -> FakeOptions {
+    FakeOptions {
+        per_minute_limit: Some(100_000_000),
+        daily_quota: Some(1_000_000_000),
+        documented_limits: false,
+        tenant_minute_limit: None,
+        ..FakeOptions::default()
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -217,16 +231,7 @@ async fn run(args: &Args) {
         rows.extend(capture(&cluster, args).await);
     }
     if args.runs("drain") || args.runs("latency") || args.runs("kill") {
-        // Limits the fake does not enforce are still reported (an API key's 30,000/day), and the
-        // daemon pauses when the reported day is spent: report limits far above the run's calls.
-        // And no spike arrest or tenant limit: the drain measures the daemon, not Keap's limits.
-        let fake = FakeOptions {
-            per_minute_limit: Some(100_000_000),
-            daily_quota: Some(1_000_000_000),
-            documented_limits: false,
-            tenant_minute_limit: None,
-            ..FakeOptions::default()
-        };
+        let fake = lifted_fake();
         let env = Env::new(&cluster, "drain", fake, false, args.profile.is_some()).await;
         let n = args.changes;
         env.exec(&format!(
@@ -563,13 +568,7 @@ async fn coalesce(cluster: &Cluster, args: &Args) -> Row {
 /// `keap-sync reconcile` of `--users` users after a prior sync, against as many contacts.
 async fn reconcile(cluster: &Cluster, args: &Args) -> Row {
     let n = args.users;
-    let fake = FakeOptions {
-        per_minute_limit: Some(100_000_000),
-        daily_quota: Some(1_000_000_000),
-        documented_limits: false,
-        tenant_minute_limit: None,
-        ..FakeOptions::default()
-    };
+    let fake = lifted_fake();
     let env = Env::new(cluster, "reconcile", fake, false, args.profile.is_some()).await;
     // A prior sync delivered every change: nothing is in the change log or the outbox.
     env.exec("alter table users disable trigger user").await;

@@ -41,7 +41,7 @@ async fn no_rolling_minute_holds_more_calls_than_the_per_minute_limit() {
     app.start_daemon().await;
     app.wait_idle_for(Duration::from_secs(150)).await;
 
-    let at = crate::contact_call_times(&app.fake);
+    let at = app.fake.contact_call_times();
     let (most, from) = most_in_any_window(&at, Duration::from_secs(60));
     eprintln!(
         "{} calls; at most {most} in a rolling 60 s (window starting {from:?} after the first)",
@@ -75,19 +75,19 @@ async fn the_days_count_survives_a_restart() {
     })
     .await;
     app.stop_daemon().await;
-    let first = crate::contact_call_times(&app.fake).len();
+    let first = app.fake.contact_call_times().len();
     assert!(first < 20, "the first daemon was meant to stop part-way, but made {first} calls");
 
     app.start_daemon().await;
     app::eventually(Duration::from_secs(60), "the daily pause, or more than 20 calls", || async {
-        crate::contact_call_times(&app.fake).len() > 20
+        app.fake.contact_call_times().len() > 20
             || app
                 .count("select count(*) from keap_sync.instances where paused_reason like '%daily quota%'")
                 .await
                 == 1
     })
     .await;
-    let total = crate::contact_call_times(&app.fake).len();
+    let total = app.fake.contact_call_times().len();
     eprintln!("first daemon: {first} calls; both: {total}");
     assert_eq!(total, 20, "calls in one day with per_day = 20 across a restart ({first} before it)");
     // A first sync is a lookup and a create; the stop may fall between the two for each of the
@@ -124,19 +124,19 @@ async fn a_killed_daemon_never_lets_the_day_exceed_its_count() {
     })
     .await;
     daemon.kill();
-    let first = crate::contact_call_times(&app.fake).len();
+    let first = app.fake.contact_call_times().len();
 
     // The killed daemon's unused reservations are lost with it: the day only ends sooner.
     app.start_daemon().await;
     app::eventually(Duration::from_secs(60), "the daily pause, or more than 20 calls", || async {
-        crate::contact_call_times(&app.fake).len() > 20
+        app.fake.contact_call_times().len() > 20
             || app
                 .count("select count(*) from keap_sync.instances where paused_reason like '%daily quota%'")
                 .await
                 == 1
     })
     .await;
-    let total = crate::contact_call_times(&app.fake).len();
+    let total = app.fake.contact_call_times().len();
     eprintln!("killed daemon: {first} calls; both: {total}");
     assert!(total <= 20, "{total} calls in one day with per_day = 20 across a crash ({first} before it)");
     assert_eq!(app.count("select calls from keap_sync.quota_usage").await, 20, "the day's count is spent");

@@ -30,18 +30,6 @@ mod tls;
 mod tokens;
 mod transport;
 
-/// When each contact call (`/v1/contacts…`) reached the fake, in order.
-pub fn contact_call_times(fake: &keap_sync_testkit::fake::FakeKeap) -> Vec<std::time::Instant> {
-    let mut at: Vec<std::time::Instant> = fake
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.starts_with("/crm/rest/v1/contacts"))
-        .map(|r| r.at)
-        .collect();
-    at.sort();
-    at
-}
-
 /// Applies, in order, every migration in `sql/` that sorts before the one whose name ends in
 /// `suffix`, then runs `between`, then that migration.
 pub async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &str) {

@@ -118,7 +118,9 @@ async fn a_429_pauses_every_sender_and_loses_nothing() {
     let t0 = answered_429[0];
     // Calls already on the wire when the 429 came arrive within a few ms; after that, none
     // until the pause ends.
-    let during: Vec<Duration> = crate::contact_call_times(&app.fake)
+    let during: Vec<Duration> = app
+        .fake
+        .contact_call_times()
         .into_iter()
         .filter(|t| *t > t0)
         .map(|t| t - t0)
@@ -148,7 +150,7 @@ async fn one_user_never_has_two_calls_in_flight() {
     // Checked before the outbox must be empty, so a defect shows as overlapping calls rather
     // than as a delivery that never settles.
     let _ = app::wait_until_empty(&app.db, Duration::from_secs(10)).await;
-    let calls = crate::contact_call_times(&app.fake);
+    let calls = app.fake.contact_call_times();
     eprintln!("{n} updates of one user: {} calls", calls.len());
     assert!(calls.len() >= 4, "several calls were made ({})", calls.len());
     for pair in calls.windows(2) {
@@ -277,7 +279,7 @@ async fn the_retry_schedule_survives_a_restart() {
     assert!(due_in > 1.0, "a retry {due_in:.2} s away");
     app.start_daemon().await;
     app.wait_idle_for(Duration::from_secs(20)).await;
-    let calls = crate::contact_call_times(&app.fake);
+    let calls = app.fake.contact_call_times();
     assert_eq!(calls.len(), 3, "the refused lookup, then the lookup and the create");
     let early = due.saturating_duration_since(calls[1]);
     assert!(early <= Duration::from_millis(100), "retried {early:?} before its time after the restart");

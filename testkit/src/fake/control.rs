@@ -362,6 +362,19 @@ impl FakeKeap {
         self.state().requests.iter().filter(|r| f(r)).count()
     }
 
+    /// When each contact call (`/v1/contacts…`, 429s included) reached the fake, in order.
+    pub fn contact_call_times(&self) -> Vec<std::time::Instant> {
+        let mut at: Vec<std::time::Instant> = self
+            .state()
+            .requests
+            .iter()
+            .filter(|r| r.path.starts_with("/crm/rest/v1/contacts"))
+            .map(|r| r.at)
+            .collect();
+        at.sort();
+        at
+    }
+
     /// Successful refresh-token grants.
     pub fn refresh_count(&self) -> usize {
         self.state().refresh_count
