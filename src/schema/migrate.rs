@@ -98,6 +98,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0017_contact_gone.sql",
         sql: include_str!("../../sql/0017_contact_gone.sql"),
     },
+    Migration {
+        version: 18,
+        name: "0018_mirror_email_index.sql",
+        sql: include_str!("../../sql/0018_mirror_email_index.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.
