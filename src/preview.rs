@@ -377,6 +377,11 @@ impl Plan {
         if mapped {
             self.changed = decided.changed.clone();
         }
+        if let Some(status) = &decided.withheld {
+            self.notes.push(format!(
+                "consent is not sent: Keap holds an opt-out ({status}) for the address (contact.opt_in_reason's over_opt_out lifts it)"
+            ));
+        }
         self.show(decided, names)
     }
 

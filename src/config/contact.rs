@@ -270,6 +270,10 @@ pub struct ContactMapping {
     pub fields: Vec<FieldMapping>,
     /// Tags.
     pub tags: TagsConfig,
+    /// `opt_in_reason = { …, over_opt_out = true }`: consent given in the table is sent even
+    /// over an opt-out Keap holds for the address (a hand opt-out is then lifted). Off by
+    /// default: consent only ever becomes more restrictive through keap-sync (invariant 17).
+    pub consent_over_opt_out: bool,
 }
 
 // ---- the file's shape ---------------------------------------------------------------------------
@@ -289,6 +293,8 @@ pub(super) struct FileSourceTable {
     column: Option<String>,
     sql: Option<String>,
     empty: Option<Empty>,
+    /// Only for `opt_in_reason` ([`ContactMapping::consent_over_opt_out`]).
+    over_opt_out: Option<bool>,
 }
 
 /// `[contact]`: scalar properties by name, plus the array properties as sub-tables.
@@ -367,6 +373,11 @@ impl FileSource {
     fn validate(self, key: &str, default_empty: Empty) -> Result<(Source, Empty), ConfigError> {
         let (column, sql, empty) = match self {
             FileSource::Column(c) => (Some(c), None, None),
+            FileSource::Full(t) if t.over_opt_out.is_some() => {
+                return Err(invalid(format!(
+                "{key}: over_opt_out belongs to contact.opt_in_reason only (it lets consent lift an opt-out)"
+            )))
+            }
             FileSource::Full(t) => (t.column, t.sql, t.empty),
         };
         let source = source(key, column, sql)?;
@@ -413,7 +424,8 @@ impl FileContact {
     /// checked and named by its config key, each Keap property mapped once.
     pub(super) fn validate(self) -> Result<ContactMapping, ConfigError> {
         let mut fields = Vec::new();
-        let FileContact { email_addresses, phone_numbers, addresses, custom_fields, scalars } = self;
+        let FileContact { email_addresses, phone_numbers, addresses, custom_fields, mut scalars } = self;
+        let consent_over_opt_out = over_opt_out(&mut scalars);
         scalar_fields(scalars, &mut fields)?;
         email_fields(email_addresses, &mut fields)?;
         phone_fields(phone_numbers, &mut fields)?;
@@ -425,7 +437,16 @@ impl FileContact {
                 return Err(invalid(format!("{}: this Keap property is mapped twice", f.key)));
             }
         }
-        Ok(ContactMapping { fields, tags: TagsConfig::default() })
+        Ok(ContactMapping { fields, tags: TagsConfig::default(), consent_over_opt_out })
+    }
+}
+
+/// Takes `over_opt_out` off `opt_in_reason` (any other property that has it is refused by
+/// [`FileSource::validate`]).
+fn over_opt_out(scalars: &mut BTreeMap<String, FileSource>) -> bool {
+    match scalars.get_mut("opt_in_reason") {
+        Some(FileSource::Full(t)) => t.over_opt_out.take().unwrap_or(false),
+        _ => false,
     }
 }
 

@@ -330,3 +330,19 @@ fn a_ca_file_that_is_missing_unreadable_or_not_pem_is_an_error_naming_it_and_the
         );
     }
 }
+
+#[test]
+fn over_opt_out_belongs_to_opt_in_reason_only() {
+    let mapping = |line: &str| Config::from_toml(&format!("[contact]\n{line}\n"), &|_| None);
+    let plain = mapping(r#"opt_in_reason = { sql = "case when c then 'Yes' end" }"#).unwrap();
+    assert!(!plain.users.contact.consent_over_opt_out, "consent never lifts an opt-out by default");
+    let asked =
+        mapping(r#"opt_in_reason = { sql = "case when c then 'Yes' end", over_opt_out = true }"#).unwrap();
+    assert!(asked.users.contact.consent_over_opt_out);
+    let elsewhere =
+        mapping(r#"job_title = { column = "job", over_opt_out = true }"#).unwrap_err().to_string();
+    assert!(
+        elsewhere.contains("contact.job_title: over_opt_out belongs to contact.opt_in_reason only"),
+        "{elsewhere}"
+    );
+}

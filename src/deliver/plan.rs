@@ -120,6 +120,9 @@ pub(crate) struct Plan {
     pub(crate) theirs: BTreeSet<i64>,
     /// The owned paths that differ from what Keap holds, as far as known (for logs and preview).
     pub(crate) changed: Vec<String>,
+    /// Consent the row gives that is not sent because Keap holds this opt-out status for the
+    /// address (invariant 17; `over_opt_out` lifts it).
+    pub(crate) withheld: Option<String>,
 }
 
 impl Plan {
@@ -204,10 +207,14 @@ fn update(user: &User<'_>, mapped: &Mapped) -> Plan {
         return plan;
     }
     let mut current = None;
-    if changes.touch_arrays() {
+    // An array is sent whole, and consent only where Keap holds no opt-out: both need the
+    // contact as Keap holds it now.
+    if changes.touch_arrays() || payload.consent_needs_status(&changes) {
         match user.seen {
             Seen::Contact(contact) if contact.id == id => {
-                changes = payload.changes(&Held::from_contact(&contact.json, payload));
+                let held = Held::from_contact(&contact.json, payload).with_consent_of(&mapped.held);
+                changes = payload.changes(&held);
+                plan.withheld = payload.withhold_consent(&mut changes, &contact.json);
                 current = Some(&contact.json);
             }
             _ => plan.steps.push(Step::Read { id }),
@@ -317,14 +324,15 @@ fn adopt_mirrored(user: &User<'_>, contact: &Contact) -> Plan {
 /// Links an existing contact, then sends what differs and applies the rule and `on_create` tags.
 fn adopt(user: &User<'_>, contact: &Contact, if_taken: IfTaken) -> Plan {
     let held = Held::from_contact(&contact.json, user.payload);
-    let changes = user.payload.changes(&held);
+    let mut changes = user.payload.changes(&held);
+    let withheld = user.payload.withhold_consent(&mut changes, &contact.json);
     let mut steps = vec![Step::Link { id: contact.id, sent: held.link_sent(), if_taken }];
     steps.extend(patch(user.payload, contact.id, &changes, Some(&contact.json)));
     let new_tags: BTreeSet<i64> = user.want.union(user.on_create).copied().collect();
     if !new_tags.is_empty() {
         steps.push(Step::ApplyTags { id: Target::Id(contact.id), ids: new_tags });
     }
-    Plan { steps, changed: changes.paths(), ..Plan::default() }
+    Plan { steps, changed: changes.paths(), withheld, ..Plan::default() }
 }
 
 /// The plan for a deleted user whose contact is `id` now: `[delivery] on_delete`. `tag`: the

@@ -20,9 +20,10 @@ impl Deliverer {
     ) -> Result<Outcome, DbError> {
         match end {
             End::Synced { contact_id, called, tags } => {
-                // Keap holds the payload now; an unchanged payload whose `sent` is known needs
-                // no write at all.
-                let done = if !called && claim.sent.is_some() && claim.contact_id == Some(contact_id) {
+                // Keap holds the payload now; a payload its `sent` records already needs no
+                // write at all (one it does not, with no call: a withdrawn consent).
+                let recorded = claim.sent.as_ref().is_some_and(|sent| payload.recorded_in(sent));
+                let done = if !called && recorded && claim.contact_id == Some(contact_id) {
                     Done::Nothing
                 } else {
                     Done::Synced { contact_id, fingerprint: payload.fingerprint(), sent: payload.sent(&tags) }

@@ -145,6 +145,9 @@ impl Deliverer {
                 seen: facts.seen(),
             };
             let plan = plan::present(&user);
+            if let Some(status) = &plan.withheld {
+                tracing::info!(user = %claim.user_key, %status, "consent not sent: Keap holds an opt-out for the address (contact.opt_in_reason's over_opt_out = true would lift it)");
+            }
             match self.run(claim, payload, want, &plan, &mut facts, deadline).await? {
                 Flow::Replan => continue,
                 Flow::End(end) => return Ok(end),

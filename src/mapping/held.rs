@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::consent::CONSENT;
 use super::{slot_key, ContactPayload, Path};
 
 /// A value's hash, the unit of comparison: NULL and "" are the same (both mean "nothing"), and
@@ -106,6 +107,23 @@ impl Held {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_i64).collect());
         Held { hashes, tags, theirs: BTreeSet::new(), fresh: false }
+    }
+
+    /// Whether the last delivery's row gave consent, as its record says ([`super::consent`]).
+    pub(super) fn gave_consent(&self) -> bool {
+        let none = hash(&CONSENT, &Value::Null);
+        self.hashes.get(&CONSENT.key()).is_some_and(|h| *h != none)
+    }
+
+    /// This (read from the contact), with consent as `base` (the mapping's record) has it:
+    /// Keap's reads may not show consent, so only our record says whether it was given.
+    pub(crate) fn with_consent_of(mut self, base: &Held) -> Held {
+        let key = CONSENT.key();
+        match base.hashes.get(&key) {
+            Some(h) => self.hashes.insert(key, h.clone()),
+            None => self.hashes.remove(&key),
+        };
+        self
     }
 
     /// The ids of the tags our rules applied, if known.

@@ -27,6 +27,7 @@
 //! changed ([`Held`], [`Changes`], [`RuleTags`] in `held`), and the checks of Keap's rules
 //! (`validate`, with `countries`).
 
+mod consent;
 mod countries;
 mod held;
 mod payload;
@@ -178,6 +179,8 @@ pub(crate) struct Mapper {
     rules: Vec<(String, TagTemplate)>,
     on_create: Vec<TagRef>,
     create_missing: bool,
+    /// `opt_in_reason`'s `over_opt_out`: consent may be sent over an opt-out Keap holds.
+    over_opt_out: bool,
 }
 
 impl Mapper {
@@ -188,6 +191,7 @@ impl Mapper {
             rules: users.contact.tags.rules.iter().map(|r| (r.key.clone(), r.tag.clone())).collect(),
             on_create: users.contact.tags.on_create.clone(),
             create_missing: users.contact.tags.create_missing,
+            over_opt_out: users.contact.consent_over_opt_out,
         }
     }
 
@@ -295,7 +299,7 @@ impl Mapper {
         let tags = self.rule_tags(key, row)?;
         let email =
             email.ok_or_else(|| MappingError::NoEmail { key: key.to_owned(), what: "users.email".into() })?;
-        Ok(ContactPayload { email, values, tags })
+        Ok(ContactPayload { email, values, tags, over_opt_out: self.over_opt_out })
     }
 
     /// Keap's rules across the parts of one address (`docs/keap-api.md`): a region needs a

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::consent::{self, CONSENT};
 use super::held::{hash, Changes, Held, RuleTags};
 use super::{item_keys, main_part, slot_key, Path};
 use crate::config::{ScalarKind, TagRef};
@@ -19,6 +20,8 @@ pub(crate) struct ContactPayload {
     pub(super) values: BTreeMap<Path, Value>,
     /// The tags the rules derive from the row (names resolved to ids by the caller).
     pub(crate) tags: BTreeSet<TagRef>,
+    /// Consent may be sent over an opt-out Keap holds (`over_opt_out`, [`super::consent`]).
+    pub(super) over_opt_out: bool,
 }
 
 impl ContactPayload {
@@ -60,8 +63,7 @@ impl ContactPayload {
     /// For each owned path whose value differs from `contact`'s (as Keap returned it): the path,
     /// the row's value and Keap's. Personal data: only for `reconcile --show-values`.
     pub(crate) fn differences(&self, contact: &Value) -> Vec<(String, Value, Value)> {
-        let held = Held::from_contact(contact, self);
-        let changed = self.changes(&held);
+        let changed = self.drift(contact);
         self.values
             .iter()
             .filter(|(p, _)| changed.0.contains(*p))
@@ -69,10 +71,48 @@ impl ContactPayload {
             .collect()
     }
 
-    /// The owned paths whose value in Keap differs from this row.
+    /// The owned paths to send, given what Keap holds: each value that differs, and consent
+    /// only when it becomes given ([`super::consent`]): the row gives it and `held` says the
+    /// last delivery's row did not (or nothing is known).
     pub(crate) fn changes(&self, held: &Held) -> Changes {
-        let differs = |(p, v): &(&Path, &Value)| held.hashes.get(&p.key()) != Some(&hash(p, v));
+        let differs = |(p, v): &(&Path, &Value)| match *p == &CONSENT {
+            true => !v.is_null() && !held.gave_consent(),
+            false => held.hashes.get(&p.key()) != Some(&hash(p, v)),
+        };
         Changes(self.values.iter().filter(differs).map(|(p, _)| p.clone()).collect())
+    }
+
+    /// The owned values `contact` (as Keap holds it) does not hold, as `reconcile` reports
+    /// them: consent is Keap's (its reads may not even show it), so it is never drift.
+    pub(crate) fn drift(&self, contact: &Value) -> Changes {
+        let mut changes = self.changes(&Held::from_contact(contact, self));
+        changes.0.remove(&CONSENT);
+        changes
+    }
+
+    /// Takes consent out of `changes` when `contact` (as Keap answered it) shows an opt-out for
+    /// EMAIL1 and the mapping does not say `over_opt_out`. Returns that status: consent is
+    /// then withheld, and recorded as handled like a value sent.
+    pub(crate) fn withhold_consent(&self, changes: &mut Changes, contact: &Value) -> Option<String> {
+        if self.over_opt_out || !changes.0.contains(&CONSENT) {
+            return None;
+        }
+        let status = consent::opt_out(contact)?;
+        changes.0.remove(&CONSENT);
+        Some(status)
+    }
+
+    /// Whether `changes` would send consent and the mapping does not allow it over an opt-out:
+    /// then Keap's status of the address must be known first (a read).
+    pub(crate) fn consent_needs_status(&self, changes: &Changes) -> bool {
+        !self.over_opt_out && changes.0.contains(&CONSENT)
+    }
+
+    /// Whether `sent` (a `contact_map.sent` record) already records exactly this payload's
+    /// values; if not, the record is rewritten even when no call was needed (a withdrawn
+    /// consent sends nothing, but must be recorded so that consent given again is sent).
+    pub(crate) fn recorded_in(&self, sent: &Value) -> bool {
+        Held::from_sent(sent).hashes == self.held_hashes()
     }
 
     /// Body of `PUT /v1/contacts` for a contact that does not exist yet (find by email or

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use crate::mapping::{ContactPayload, Held};
+use crate::mapping::ContactPayload;
 
 /// How a user stands against Keap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -62,7 +62,7 @@ pub(crate) fn classify(f: &Facts<'_>) -> (Class, Vec<String>) {
         };
     };
     let Some((json, tags)) = f.contact else { return (Class::ContactGone, Vec::new()) };
-    let mut differs = payload.changes(&Held::from_contact(json, payload)).paths();
+    let mut differs = payload.drift(json).paths();
     differs.extend(ours.iter().filter(|t| !tags.contains(t)).map(|t| format!("tag {t}")));
     if f.by_email.len() > 1 {
         return (Class::Duplicates, f.by_email.iter().map(|id| format!("contact {id}")).collect());

@@ -15,6 +15,7 @@ mod backlog;
 mod capture;
 mod capture_shapes;
 mod cli;
+mod consent;
 mod contacts;
 mod database;
 mod faults;

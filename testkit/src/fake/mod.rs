@@ -38,7 +38,8 @@
 //! - array properties (`email_addresses`, `phone_numbers`, `addresses`, `custom_fields`) are
 //!   replaced whole when written: a slot left out is gone;
 //! - `custom_fields`, `job_title` and `lead_source_id` are answered only when asked for in
-//!   `optional_properties`; list items carry no `tag_ids` or `opt_in_reason`;
+//!   `optional_properties`; list items carry no `tag_ids` or `opt_in_reason`, and by default
+//!   neither does any other answer ([`FakeOptions::opt_in_reason_on_reads`]);
 //! - the tag catalogue's `name` filter matches by substring (clients must filter exactly), the
 //!   tag-apply answer is an object keyed by tag id (`SUCCESS`, `DUPLICATE`,
 //!   `TAG_ID_NOT_FOUND`), more than 100 ids per call is refused; an opt-out
@@ -139,6 +140,9 @@ pub struct FakeOptions {
     /// Let `opt_in_reason` make an email marketable from every status (lenient); by default
     /// only from the statuses the v1 spec names.
     pub opt_in_from_any_status: bool,
+    /// Answer `opt_in_reason` in a contact read (lenient); by default reads leave it out, as
+    /// list items do, so a client cannot learn from a read whether consent was sent.
+    pub opt_in_reason_on_reads: bool,
 }
 
 /// How the fake's `GET /v1/contacts?email=` filter matches an address (Keap documents neither).
@@ -175,6 +179,7 @@ impl Default for FakeOptions {
             email_filter: EmailFilter::Partial,
             spent_refresh_error: SpentRefreshError::InvalidRequest,
             opt_in_from_any_status: false,
+            opt_in_reason_on_reads: false,
         }
     }
 }
@@ -195,6 +200,7 @@ impl fmt::Debug for FakeOptions {
             .field("email_filter", &self.email_filter)
             .field("spent_refresh_error", &self.spent_refresh_error)
             .field("opt_in_from_any_status", &self.opt_in_from_any_status)
+            .field("opt_in_reason_on_reads", &self.opt_in_reason_on_reads)
             .finish()
     }
 }
