@@ -5,6 +5,7 @@
 
 mod auth;
 mod failures;
+mod generate;
 mod render;
 
 use std::io::IsTerminal;
@@ -113,6 +114,15 @@ enum Command {
     /// See and replay changes Keap rejected (or that could not be mapped).
     #[command(subcommand)]
     Failures(FailuresCommand),
+    /// Print the completion script for a shell, e.g. `keap-sync completions bash >
+    /// /etc/bash_completion.d/keap-sync` (the Debian package installs them).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), keap-sync(1).
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,7 +308,14 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
         }
         Command::Auth(AuthCommand::Status) => auth::status(load(&cli.config)?).await,
         Command::Failures(cmd) => failures::run(load(&cli.config)?, cmd).await,
+        Command::Completions { shell } => generate::completions(shell).map_err(|e| output(&e)),
+        Command::Manpage => generate::manpage().map_err(|e| output(&e)),
     }
+}
+
+/// Standard output could not be written (a closed pipe, a full disk).
+fn output(e: &std::io::Error) -> CliError {
+    CliError::Other(format!("cannot write to standard output: {e}"))
 }
 
 /// `keap-sync backfill`: the daemon, told to stop once the backfill is delivered, and on a

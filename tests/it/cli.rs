@@ -328,3 +328,23 @@ async fn migrate_waits_for_the_advisory_lock() {
         .get(0);
     assert!(applied, "applied once the lock was free");
 }
+
+/// The completions and the man page the package ships come from the binary's own arguments,
+/// and need no configuration or database.
+#[test]
+fn completions_and_the_man_page_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = keap_sync(&["completions", shell], &[]);
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for command in ["migrate", "run", "preview", "reconcile", "backfill", "status", "auth", "failures"] {
+            assert!(script.contains(command), "{shell} completion lacks {command}");
+        }
+    }
+    let man = keap_sync(&["manpage"], &[]);
+    assert!(man.status.success());
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.contains(".TH keap-sync 1") && page.contains("reconcile"), "{page}");
+    let unknown = keap_sync(&["completions", "tcsh"], &[]);
+    assert!(!unknown.status.success(), "an unknown shell is refused");
+}
