@@ -359,7 +359,9 @@ async fn reconcile(
     json: bool,
 ) -> Result<(), CliError> {
     let report = crate::reconcile::reconcile(&config, keys, options).await.map_err(|e| match e {
-        crate::reconcile::ReconcileError::Run(e) => CliError::Run(e),
+        crate::reconcile::ReconcileError::Config(e) => CliError::Config(e),
+        crate::reconcile::ReconcileError::Schema(e) => CliError::Schema(e),
+        crate::reconcile::ReconcileError::Db(e) => CliError::Db(e),
         other => CliError::Other(other.to_string()),
     })?;
     if json {

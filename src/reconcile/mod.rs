@@ -16,15 +16,14 @@ use std::collections::{BTreeSet, HashMap};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::access::KeapAccess;
-use crate::config::Config;
-use crate::daemon::RunError;
+use crate::access::{AccessError, KeapAccess};
+use crate::config::{Config, ConfigError};
 use crate::db::{self, DbError};
 use crate::mapping::{Held, Mapper};
 use crate::mirror::{self, MirrorError};
 use crate::outbox;
 use crate::ratelimit::Reserving;
-use crate::schema::{self, UserTable};
+use crate::schema::{self, SchemaError, UserTable};
 
 pub use crate::mirror::Listing;
 pub use classify::Class;
@@ -32,12 +31,22 @@ pub use classify::Class;
 /// Users read per statement.
 const BATCH: usize = 1_000;
 
-/// Why reconcile could not run.
+/// Why reconcile could not run. Its own variants rather than the daemon's `RunError`, so that
+/// the daemon may run the report (a module of its layer uses another only without a cycle).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// The configuration, schema or database.
+    /// The configuration is incomplete or invalid.
     #[error(transparent)]
-    Run(#[from] RunError),
+    Config(#[from] ConfigError),
+    /// Schema `keap_sync` is missing or outdated, or the users table does not match the config.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The database could not be reached or answered with an error.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Keap's client could not be set up (TLS).
+    #[error("{0}")]
+    Setup(String),
     /// Keap's listing failed; what was stored stays, and the next run resumes the listing.
     #[error("{0}")]
     Mirror(String),
@@ -46,15 +55,18 @@ pub enum ReconcileError {
 impl From<MirrorError> for ReconcileError {
     fn from(e: MirrorError) -> Self {
         match e {
-            MirrorError::Db(e) => ReconcileError::Run(e.into()),
+            MirrorError::Db(e) => ReconcileError::Db(e),
             other => ReconcileError::Mirror(other.to_string()),
         }
     }
 }
 
-impl From<DbError> for ReconcileError {
-    fn from(e: DbError) -> Self {
-        ReconcileError::Run(e.into())
+impl From<AccessError> for ReconcileError {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::Config(e) => ReconcileError::Config(e),
+            AccessError::Setup(message) => ReconcileError::Setup(message),
+        }
     }
 }
 
@@ -126,7 +138,7 @@ pub async fn reconcile(
     options: ReconcileOptions,
 ) -> Result<Report, ReconcileError> {
     let (client, pg) = connect(config).await?;
-    let table = UserTable::resolve(&client, &config.users).await.map_err(RunError::from)?;
+    let table = UserTable::resolve(&client, &config.users).await?;
     let mut report = Report { listing: list(config, &client, &pg).await?, ..Report::default() };
     let mapper = Mapper::new(&config.users);
     let mut after: Option<String> = None;
@@ -155,15 +167,15 @@ pub async fn reconcile(
 /// A connection at this binary's schema version, and the settings it was made from (the
 /// listing's reservations open connections of their own).
 async fn connect(config: &Config) -> Result<(Client, db::Target), ReconcileError> {
-    let pg = db::parse(config.database().map_err(RunError::from)?)?;
+    let pg = db::parse(config.database()?)?;
     let client = db::connect(&pg).await?;
-    schema::ensure_current(&client).await.map_err(RunError::from)?;
+    schema::ensure_current(&client).await?;
     Ok((client, pg))
 }
 
 /// The full listing, with the day's calls reserved like the daemon's and the rest given back.
 async fn list(config: &Config, client: &Client, pg: &db::Target) -> Result<Listing, ReconcileError> {
-    let access = KeapAccess::build(config, pg).map_err(RunError::from)?;
+    let access = KeapAccess::build(config, pg)?;
     let reserving = Reserving::start(&access.limiter, pg);
     let mapper = Mapper::new(&config.users);
     let keap =
