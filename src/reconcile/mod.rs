@@ -165,11 +165,11 @@ pub async fn refresh_mirror(config: &Config) -> Result<Listing, ReconcileError> 
 /// `keap-sync reconcile [KEYS…] [--apply]`: refreshes the mirror, then classifies `keys` (all
 /// users when empty), handing each user not in sync to `sink` as it is found; with `apply`,
 /// queues the repairable ones for delivery. A whole-table run records its counts for `status`.
-pub async fn reconcile(
+pub async fn reconcile<S: ReportSink + ?Sized>(
     config: &Config,
     keys: &[String],
     options: ReconcileOptions,
-    sink: &mut dyn ReportSink,
+    sink: &mut S,
 ) -> Result<Report, ReconcileError> {
     let (client, pg) = connect(config).await?;
     let table = UserTable::resolve(&client, &config.users).await?;

@@ -20,14 +20,14 @@ const BATCH: usize = 1_000;
 /// Compares `keys` (every user, in key order, when empty) with the mirror, adding to `report`'s
 /// counts and handing each user not in sync to `sink` as its batch is compared; with
 /// `options.apply`, queues each batch's repairable users before handing them on.
-pub(super) async fn walk(
+pub(super) async fn walk<S: ReportSink + ?Sized>(
     client: &Client,
     table: &UserTable,
     mapper: &Mapper,
     keys: &[String],
     options: ReconcileOptions,
     report: &mut Report,
-    sink: &mut dyn ReportSink,
+    sink: &mut S,
 ) -> Result<(), DbError> {
     let mut after: Option<String> = None;
     loop {
