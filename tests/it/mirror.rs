@@ -265,6 +265,53 @@ async fn the_reconcile_command_streams_its_report_and_json_is_one_document() {
     );
 }
 
+/// With `[mirror] reconcile_hours` on, the active daemon runs the drift report by itself when
+/// idle: hand edits in Keap (a name changed, a contact deleted, which only a full listing
+/// sees) show in `status --json` as counts by class, its log line gives the counts without a
+/// key or a value, and it makes no write call and changes no table but the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_the_drift_report_on_a_schedule_and_writes_nothing() {
+    let app = spawn_app_with(Options {
+        // The file says hours; a test cannot wait one.
+        tweak: |c| c.mirror.reconcile = Some(Duration::from_millis(200)),
+        ..Options::default()
+    })
+    .await;
+    app.insert_users(20).await;
+    app.wait_idle().await;
+    let (c1, c2) = (linked(&app, "1").await.unwrap(), linked(&app, "2").await.unwrap());
+    let writes = || app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token"));
+    let (writes_before, before) =
+        (writes(), app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, String>(0));
+
+    app.fake.edit_contact(c1, |c| c.given_name = Some("Edited in Keap".into()));
+    app.fake.delete_contact(c2);
+    let counted =
+        "select coalesce(reconciled_users = 20 and drift = '{\"differs\": 1, \"contact_gone\": 1}', false)
+                     from keap_sync.mirror_state";
+    app::eventually(Duration::from_secs(20), "a scheduled report to count the hand edits", || async {
+        app.db.query_one(counted, &[]).await.unwrap().get::<_, bool>(0)
+    })
+    .await;
+
+    let config = app.write_config_file("", "");
+    let out = app.run_cli(&["--config", config.to_str().unwrap(), "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(status["mirror"]["drift"], json!({"differs": 1, "contact_gone": 1}), "{status}");
+    assert_eq!(status["mirror"]["reconciled_users"], 20);
+    assert_eq!(writes(), writes_before, "no write call");
+    assert_eq!(app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, String>(0), before, "nothing queued");
+    let logs = app::captured_logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("drift report: users compared")).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("users=20") && l.contains("differs=1") && l.contains("contact_gone=1")),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().all(|l| !l.contains('@') && !l.contains("Edited")), "{lines:#?}");
+}
+
 /// The daemon's sweep: contacts edited in Keap reach the mirror within one sweep interval plus
 /// the lag, listed in one call (a window on Keap's update time, not a full listing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
