@@ -91,6 +91,7 @@ pub use db::DbError;
 pub use preview::{dry_run, preview, Call, Plan, PreviewError, Selection};
 pub use reconcile::{
     reconcile, refresh_mirror, Class, Difference, Drift, Listing, ReconcileError, ReconcileOptions, Report,
+    ReportSink,
 };
 pub use schema::{migrate, migrate_reporting, uninstall, MigrateReport, SchemaError};
 pub use secret::Secret;

@@ -1,11 +1,12 @@
 //! The `keap-sync` command line, the top layer: `main.rs` calls [`main`]; every command is a
 //! short function that loads the configuration, calls the layers below to do one thing, and
 //! returns an error phrased for the operator. Only this layer prints for people
-//! (`render`); `auth` and `failures` have their own modules.
+//! (`render`); `auth`, `failures` and `reconcile` have their own modules.
 
 mod auth;
 mod failures;
 mod generate;
+mod reconcile;
 mod render;
 
 use std::io::IsTerminal;
@@ -297,7 +298,7 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
         }
         Command::Reconcile { user_keys, apply, show_values, json } => {
             let options = crate::reconcile::ReconcileOptions { apply, show_values };
-            reconcile(load(&cli.config)?, &user_keys, options, json).await
+            reconcile::run(load(&cli.config)?, &user_keys, options, json).await
         }
         Command::Status { json } => status(load(&cli.config)?, json).await,
         Command::Auth(AuthCommand::Import { switch_account }) => {
@@ -368,25 +369,6 @@ async fn preview(config: Config, which: &Selection, json: bool) -> Result<(), Cl
 }
 
 /// A preview's failure as the command's error; a configuration error keeps its exit code.
-/// `keap-sync reconcile`: the report as text or JSON.
-async fn reconcile(
-    config: Config,
-    keys: &[String],
-    options: crate::reconcile::ReconcileOptions,
-    json: bool,
-) -> Result<(), CliError> {
-    let report = crate::reconcile::reconcile(&config, keys, options).await.map_err(|e| match e {
-        crate::reconcile::ReconcileError::Run(e) => CliError::Run(e),
-        other => CliError::Other(other.to_string()),
-    })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.to_string()))?);
-    } else {
-        print!("{}", render::reconcile(&report, options.apply));
-    }
-    Ok(())
-}
-
 fn preview_error(e: PreviewError) -> CliError {
     match e {
         PreviewError::Run(e) => CliError::Run(e),

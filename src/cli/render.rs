@@ -180,42 +180,53 @@ fn mirror(m: &crate::mirror::Freshness) -> String {
     text
 }
 
-/// `keap-sync reconcile`: a summary line, then one line per user not in sync, then (with
-/// `--apply`) what was queued and what only a person can repair.
-pub(crate) fn reconcile(r: &crate::reconcile::Report, apply: bool) -> String {
+/// `keap-sync reconcile`'s first line, once the mirror is up to date.
+pub(crate) fn reconcile_listing(l: &crate::reconcile::Listing) -> String {
+    format!(
+        "reconcile: mirror refreshed: {} contacts in {} list calls, {} gone from Keap\n",
+        l.contacts, l.pages, l.removed
+    )
+}
+
+/// One user not in sync, as `keap-sync reconcile` prints it as it is found: its class, what
+/// differs, and (with `--show-values`) each differing value on a line of its own.
+pub(crate) fn drift(d: &crate::reconcile::Drift) -> String {
     use crate::reconcile::Class;
+    let contact = d.contact_id.map(|id| format!(" (contact {id})")).unwrap_or_default();
+    let what = match d.class {
+        Class::InSync => "in sync",
+        Class::Differs => "differs in Keap",
+        Class::ContactGone => "contact gone from Keap",
+        Class::NoContact => "no contact yet",
+        Class::Unlinked => "not linked yet; Keap has a contact with its address",
+        Class::Parked => "parked (see `keap-sync failures`)",
+        Class::Duplicates => "several contacts have its address as EMAIL1: merge them in Keap",
+    };
+    let differs = if d.differs.is_empty() { String::new() } else { format!(": {}", d.differs.join(", ")) };
+    let mut out = format!("user {}{contact}: {what}{differs}\n", d.user);
+    for v in &d.values {
+        out.push_str(&format!("    {}: table {}, Keap {}\n", v.path, v.table, v.keap));
+    }
+    out
+}
+
+/// `keap-sync reconcile`'s last lines: the counts (by class), then with `--apply` what was
+/// queued and what only a person can repair.
+pub(crate) fn reconcile_summary(r: &crate::reconcile::Report, apply: bool) -> String {
+    let by_class: Vec<String> =
+        r.counts.iter().map(|(class, n)| format!("{n} {}", class.as_str().replace('_', " "))).collect();
     let mut out = format!(
-        "reconcile: {} users, {} in sync, {} not (mirror refreshed: {} contacts in {} list calls, {} gone from Keap)\n",
+        "reconcile: {} users, {} in sync, {} not{}\n",
         r.users,
         r.in_sync,
-        r.drift.len(),
-        r.listing.contacts,
-        r.listing.pages,
-        r.listing.removed
+        r.drifted(),
+        if by_class.is_empty() { String::new() } else { format!(": {}", by_class.join(", ")) }
     );
-    for d in &r.drift {
-        let contact = d.contact_id.map(|id| format!(" (contact {id})")).unwrap_or_default();
-        let what = match d.class {
-            Class::InSync => "in sync",
-            Class::Differs => "differs in Keap",
-            Class::ContactGone => "contact gone from Keap",
-            Class::NoContact => "no contact yet",
-            Class::Unlinked => "not linked yet; Keap has a contact with its address",
-            Class::Parked => "parked (see `keap-sync failures`)",
-            Class::Duplicates => "several contacts have its address as EMAIL1: merge them in Keap",
-        };
-        let differs =
-            if d.differs.is_empty() { String::new() } else { format!(": {}", d.differs.join(", ")) };
-        out.push_str(&format!("user {}{contact}: {what}{differs}\n", d.user));
-        for v in &d.values {
-            out.push_str(&format!("    {}: table {}, Keap {}\n", v.path, v.table, v.keap));
-        }
-    }
     if apply {
-        let left = r.drift.iter().filter(|d| !d.class.repairable()).count();
         out.push_str(&format!(
-            "queued {} users for delivery (the daemon sends the repairs); {left} need a person\n",
-            r.queued
+            "queued {} users for delivery (the daemon sends the repairs); {} need a person\n",
+            r.queued,
+            r.need_a_person()
         ));
     }
     out

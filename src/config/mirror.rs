@@ -7,6 +7,9 @@ use serde::Deserialize;
 
 use super::ConfigError;
 
+/// The longest period of the scheduled report, in hours: 30 days.
+const MAX_RECONCILE_HOURS: u64 = 720;
+
 /// The daemon's sweep of Keap's changes into the mirror (`keap_sync.mirror`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorConfig {
@@ -28,10 +31,13 @@ pub struct MirrorConfig {
     /// by every lookup in that time). This bounds the window in which a contact made in Keap
     /// by someone else can be missed.
     pub confirm: Duration,
+    /// How often the active daemon runs the drift report (`keap-sync reconcile` without
+    /// `--apply`: a full listing, then every user) and logs its counts; `None`: never.
+    pub reconcile: Option<Duration>,
 }
 
 /// Sweep every 5 minutes, 60 s behind now, overlapping the last window by 5 minutes; answer
-/// lookups from the mirror, with Keap's changes listed at most 10 s before.
+/// lookups from the mirror, with Keap's changes listed at most 10 s before; no scheduled report.
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct FileMirror {
@@ -40,17 +46,27 @@ pub(super) struct FileMirror {
     pub(super) overlap_secs: u64,
     pub(super) lookups: bool,
     pub(super) confirm_secs: u64,
+    pub(super) reconcile_hours: u64,
 }
 
 impl Default for FileMirror {
     fn default() -> Self {
-        FileMirror { sweep_secs: 300, lag_secs: 60, overlap_secs: 300, lookups: true, confirm_secs: 10 }
+        FileMirror {
+            sweep_secs: 300,
+            lag_secs: 60,
+            overlap_secs: 300,
+            lookups: true,
+            confirm_secs: 10,
+            reconcile_hours: 0,
+        }
     }
 }
 
 impl FileMirror {
     /// `sweep_secs = 0` turns the sweep off; a day or more of lag would leave the mirror stale,
-    /// and a lookup must not trust a picture of Keap more than an hour old.
+    /// and a lookup must not trust a picture of Keap more than an hour old. `reconcile_hours = 0`
+    /// turns the scheduled report off; each run lists every contact (a call per 1,000), so it
+    /// runs at most hourly, and at least monthly when on.
     pub(super) fn validate(self) -> Result<MirrorConfig, ConfigError> {
         if self.lag_secs >= 86_400 || self.overlap_secs >= 86_400 {
             return Err(ConfigError::Invalid(
@@ -64,12 +80,20 @@ impl FileMirror {
                 self.confirm_secs
             )));
         }
+        if self.reconcile_hours > MAX_RECONCILE_HOURS {
+            return Err(ConfigError::Invalid(format!(
+                "mirror.reconcile_hours = {} is out of range: give 1 to {MAX_RECONCILE_HOURS} hours between \
+                 the daemon's drift reports (24: daily), or 0 to turn them off",
+                self.reconcile_hours
+            )));
+        }
         Ok(MirrorConfig {
             sweep: (self.sweep_secs > 0).then(|| Duration::from_secs(self.sweep_secs)),
             lag: Duration::from_secs(self.lag_secs),
             overlap: Duration::from_secs(self.overlap_secs),
             lookups: self.lookups,
             confirm: Duration::from_secs(self.confirm_secs),
+            reconcile: (self.reconcile_hours > 0).then(|| Duration::from_secs(self.reconcile_hours * 3_600)),
         })
     }
 }

@@ -62,6 +62,21 @@ fn mirror_lookups_are_on_by_default_and_their_confirmation_must_be_in_range() {
 }
 
 #[test]
+fn the_scheduled_reconcile_is_off_by_default_and_its_period_must_be_in_range() {
+    assert_eq!(load_str("", &[]).unwrap().mirror.reconcile, None);
+    let daily = load_str("[mirror]\nreconcile_hours = 24\n", &[]).unwrap();
+    assert_eq!(daily.mirror.reconcile, Some(Duration::from_secs(86_400)));
+    assert_eq!(load_str("[mirror]\nreconcile_hours = 0\n", &[]).unwrap().mirror.reconcile, None);
+    let monthly = load_str("[mirror]\nreconcile_hours = 720\n", &[]).unwrap();
+    assert_eq!(monthly.mirror.reconcile, Some(Duration::from_secs(720 * 3_600)));
+    let err = load_str("[mirror]\nreconcile_hours = 721\n", &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("mirror.reconcile_hours = 721") && err.contains("1 to 720") && err.contains("0 to turn"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_key_is_named() {
     let err = load_str("[delivery]\nconcurency = 3\n", &[]).unwrap_err().to_string();
     assert!(err.contains("concurency"), "{err}");

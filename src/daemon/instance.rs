@@ -109,6 +109,7 @@ impl Context {
             fold_due: true,
             next_fold: Instant::now(),
             next_sweep: Instant::now() + self.config.mirror.sweep.unwrap_or_default(),
+            next_report: Instant::now(),
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);

@@ -11,7 +11,7 @@
 //! - `instance`: one process's sessions, the delivery lock that makes the other instances
 //!   standbys, the heartbeat; `orphans`: claims of instances that are gone;
 //! - `session`: the loop of one connected stretch, and the pause while Keap refuses the
-//!   credential; `backfilling`: `--backfill`.
+//!   credential; `backfilling`: `--backfill`; `report`: the drift report on a schedule.
 //!
 //! [`Daemon::build`] checks everything that can be checked before running (configuration,
 //! database, schema, trigger, the metrics address) so a misconfigured service fails loudly at
@@ -57,6 +57,7 @@ use tokio_util::task::TaskTracker;
 mod backfilling;
 mod instance;
 mod orphans;
+mod report;
 mod session;
 
 use backfilling::backfill_until_done;

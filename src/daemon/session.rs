@@ -101,6 +101,9 @@ pub(super) struct Session<'a> {
     pub(super) next_fold: Instant,
     /// When the next sweep of Keap's changes into the mirror is due (`[mirror] sweep_secs`).
     pub(super) next_sweep: Instant,
+    /// When to look again whether the drift report is due (`[mirror] reconcile_hours`;
+    /// `super::report`).
+    pub(super) next_report: Instant,
 }
 
 impl Session<'_> {
@@ -170,7 +173,8 @@ impl Session<'_> {
         } else {
             self.check_token_when_due();
             let wait = self.claim_when_free(wait).await?;
-            self.sweep_when_idle(wait)
+            let wait = self.sweep_when_idle(wait);
+            self.report_when_idle(wait).await?
         };
         // A fold that filled its batch left more in the log: turn again at once.
         Ok(if self.fold_due {

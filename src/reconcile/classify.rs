@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::mapping::ContactPayload;
 
 /// How a user stands against Keap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
     /// Keap holds what the table says (of what keap-sync owns).
@@ -29,6 +29,30 @@ pub enum Class {
 }
 
 impl Class {
+    /// Every class, in the order the report counts them.
+    pub const ALL: [Class; 7] = [
+        Class::InSync,
+        Class::Differs,
+        Class::ContactGone,
+        Class::NoContact,
+        Class::Unlinked,
+        Class::Parked,
+        Class::Duplicates,
+    ];
+
+    /// Its name in JSON, `status` and `/metrics` (`contact_gone`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::InSync => "in_sync",
+            Class::Differs => "differs",
+            Class::ContactGone => "contact_gone",
+            Class::NoContact => "no_contact",
+            Class::Unlinked => "unlinked",
+            Class::Parked => "parked",
+            Class::Duplicates => "duplicates",
+        }
+    }
+
     /// Whether `reconcile --apply` repairs it (by delivering the user again).
     pub fn repairable(self) -> bool {
         matches!(self, Class::Differs | Class::ContactGone | Class::NoContact | Class::Unlinked)
@@ -71,5 +95,17 @@ pub(crate) fn classify(f: &Facts<'_>) -> (Class, Vec<String>) {
         (Class::InSync, differs)
     } else {
         (Class::Differs, differs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Class;
+
+    #[test]
+    fn a_class_is_named_as_serde_names_it() {
+        for class in Class::ALL {
+            assert_eq!(serde_json::to_value(class).unwrap(), class.as_str());
+        }
     }
 }

@@ -8,36 +8,48 @@
 //! unlinked on the mirror's word (invariant 20): a contact the listing no longer saw is
 //! confirmed gone by Keap's 404 to that delivery, which then links the user again by email;
 //! delivery never makes a duplicate (invariant 4) and sends only owned properties (invariant 12).
+//!
+//! The report streams: each user not in sync is handed to a [`ReportSink`] as its batch is
+//! compared, and the [`Report`] keeps counts only, so memory holds one batch of users whatever
+//! the number of users or of drifts (`scan`). The daemon runs the same report on a schedule
+//! ([`scheduled`], `[mirror] reconcile_hours`), counting only.
 
 mod classify;
+mod scan;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::access::KeapAccess;
-use crate::config::Config;
-use crate::daemon::RunError;
+use crate::access::{AccessError, KeapAccess};
+use crate::config::{Config, ConfigError};
 use crate::db::{self, DbError};
-use crate::mapping::{Held, Mapper};
+use crate::mapping::Mapper;
 use crate::mirror::{self, MirrorError};
-use crate::outbox;
 use crate::ratelimit::Reserving;
-use crate::schema::{self, UserTable};
+use crate::schema::{self, SchemaError, UserTable};
 
 pub use crate::mirror::Listing;
 pub use classify::Class;
 
-/// Users read per statement.
-const BATCH: usize = 1_000;
-
-/// Why reconcile could not run.
+/// Why reconcile could not run. Its own variants rather than the daemon's `RunError`, so that
+/// the daemon may run the report (a module of its layer uses another only without a cycle).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    /// The configuration, schema or database.
+    /// The configuration is incomplete or invalid.
     #[error(transparent)]
-    Run(#[from] RunError),
+    Config(#[from] ConfigError),
+    /// Schema `keap_sync` is missing or outdated, or the users table does not match the config.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The database could not be reached or answered with an error.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// Keap's client could not be set up (TLS).
+    #[error("{0}")]
+    Setup(String),
     /// Keap's listing failed; what was stored stays, and the next run resumes the listing.
     #[error("{0}")]
     Mirror(String),
@@ -46,15 +58,18 @@ pub enum ReconcileError {
 impl From<MirrorError> for ReconcileError {
     fn from(e: MirrorError) -> Self {
         match e {
-            MirrorError::Db(e) => ReconcileError::Run(e.into()),
+            MirrorError::Db(e) => ReconcileError::Db(e),
             other => ReconcileError::Mirror(other.to_string()),
         }
     }
 }
 
-impl From<DbError> for ReconcileError {
-    fn from(e: DbError) -> Self {
-        ReconcileError::Run(e.into())
+impl From<AccessError> for ReconcileError {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::Config(e) => ReconcileError::Config(e),
+            AccessError::Setup(message) => ReconcileError::Setup(message),
+        }
     }
 }
 
@@ -96,7 +111,8 @@ pub struct ReconcileOptions {
     pub show_values: bool,
 }
 
-/// What a reconcile found (and, with `apply`, queued).
+/// What a reconcile found (and, with `apply`, queued), in counts: the users not in sync went
+/// to the [`ReportSink`] one by one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Report {
     /// The listing that refreshed the mirror.
@@ -105,10 +121,40 @@ pub struct Report {
     pub users: u64,
     /// Users in sync.
     pub in_sync: u64,
-    /// Every user that is not, in key order.
-    pub drift: Vec<Drift>,
+    /// Users not in sync, by class (a class no user stood in is absent).
+    pub counts: BTreeMap<Class, u64>,
     /// Users queued for delivery by `--apply`.
     pub queued: u64,
+}
+
+impl Report {
+    /// Users not in sync.
+    pub fn drifted(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// Users not in sync that `--apply` cannot repair (they need a person).
+    pub fn need_a_person(&self) -> u64 {
+        self.counts.iter().filter(|(class, _)| !class.repairable()).map(|(_, n)| n).sum()
+    }
+}
+
+/// Where a reconcile hands what it finds, as it finds it: the listing once, then each user not
+/// in sync, in key order. A closure taking a [`Drift`] is one (it does not see the listing).
+pub trait ReportSink {
+    /// The mirror is up to date; called once, before any drift.
+    fn listed(&mut self, listing: &Listing) {
+        let _ = listing;
+    }
+
+    /// One user not in sync.
+    fn drift(&mut self, drift: Drift);
+}
+
+impl<F: FnMut(Drift)> ReportSink for F {
+    fn drift(&mut self, drift: Drift) {
+        self(drift)
+    }
 }
 
 /// Lists every Keap contact into the mirror (resuming a listing stopped half-way), counting
@@ -119,51 +165,78 @@ pub async fn refresh_mirror(config: &Config) -> Result<Listing, ReconcileError> 
 }
 
 /// `keap-sync reconcile [KEYS…] [--apply]`: refreshes the mirror, then classifies `keys` (all
-/// users when empty); with `apply`, queues the repairable ones for delivery.
-pub async fn reconcile(
+/// users when empty), handing each user not in sync to `sink` as it is found; with `apply`,
+/// queues the repairable ones for delivery. A whole-table run records its counts for `status`.
+pub async fn reconcile<S: ReportSink + ?Sized>(
     config: &Config,
     keys: &[String],
     options: ReconcileOptions,
+    sink: &mut S,
 ) -> Result<Report, ReconcileError> {
     let (client, pg) = connect(config).await?;
-    let table = UserTable::resolve(&client, &config.users).await.map_err(RunError::from)?;
+    let table = UserTable::resolve(&client, &config.users).await?;
     let mut report = Report { listing: list(config, &client, &pg).await?, ..Report::default() };
+    sink.listed(&report.listing);
     let mapper = Mapper::new(&config.users);
-    let mut after: Option<String> = None;
-    loop {
-        let batch = match keys.is_empty() {
-            true => outbox::user_keys(&client, &table, after.as_deref(), BATCH as i64).await?,
-            false if after.is_none() => keys.to_vec(),
-            false => Vec::new(),
-        };
-        let Some(last) = batch.last().cloned() else { break };
-        let found = compare(&client, &table, &mapper, &batch, options.show_values).await?;
-        report.users += batch.len() as u64;
-        report.in_sync += batch.len() as u64 - found.len() as u64;
-        if options.apply {
-            report.queued += repair(&client, &found).await?;
-        }
-        report.drift.extend(found);
-        after = Some(last);
-    }
+    scan::walk(&client, &table, &mapper, keys, options, &mut report, sink).await?;
     if keys.is_empty() {
-        record_counts(&client, &report).await?;
+        scan::record_counts(&client, &report).await?;
     }
     Ok(report)
+}
+
+/// The daemon's scheduled report (`[mirror] reconcile_hours`): the whole table, as
+/// `keap-sync reconcile` without `--apply` runs it, its counts recorded for `status` and
+/// `/metrics`; the users not in sync are counted, not kept. Calls Keap through `keap`, so the
+/// daemon's limiter and reserved day's calls count them.
+///
+/// It starts with a full listing, not the mirror as the sweep keeps it: the sweep lists what
+/// Keap *changed*, and a contact deleted or merged away in Keap is a change no listing by
+/// update time shows, so it would stay in a swept mirror and its user be counted in sync (or
+/// as differing from a contact that is gone) — the drift a person is least likely to notice,
+/// and the one a scheduled report is for. Only a completed full listing removes what it did
+/// not see (from the mirror alone, invariant 20), and the sweep may be off altogether. The
+/// cost is one call per 1,000 contacts a run (1,000 for a million contacts: under 1 % of an
+/// OAuth app's 150,000 calls a day, 3.3 % of an API key's 30,000, at one run a day), and a
+/// listing cut short resumes at the next run.
+pub(crate) async fn scheduled(
+    db: &Client,
+    keap: &mirror::Keap<'_>,
+    mapper: &Mapper,
+    table: &UserTable,
+) -> Result<Report, MirrorError> {
+    let mut report = Report { listing: mirror::list_all(db, keap, mapper).await?, ..Report::default() };
+    let mut counted_only = |_: Drift| {};
+    scan::walk(db, table, mapper, &[], ReconcileOptions::default(), &mut report, &mut counted_only).await?;
+    scan::record_counts(db, &report).await?;
+    Ok(report)
+}
+
+/// How long ago the last whole-table reconcile (the daemon's or the command's) recorded its
+/// counts; `None`: never.
+pub(crate) async fn since_recorded(db: &Client) -> Result<Option<Duration>, DbError> {
+    let secs: Option<f64> = db
+        .query_one(
+            "select extract(epoch from now() - reconciled_at)::float8 from keap_sync.mirror_state",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }
 
 /// A connection at this binary's schema version, and the settings it was made from (the
 /// listing's reservations open connections of their own).
 async fn connect(config: &Config) -> Result<(Client, db::Target), ReconcileError> {
-    let pg = db::parse(config.database().map_err(RunError::from)?)?;
+    let pg = db::parse(config.database()?)?;
     let client = db::connect(&pg).await?;
-    schema::ensure_current(&client).await.map_err(RunError::from)?;
+    schema::ensure_current(&client).await?;
     Ok((client, pg))
 }
 
 /// The full listing, with the day's calls reserved like the daemon's and the rest given back.
 async fn list(config: &Config, client: &Client, pg: &db::Target) -> Result<Listing, ReconcileError> {
-    let access = KeapAccess::build(config, pg).map_err(RunError::from)?;
+    let access = KeapAccess::build(config, pg)?;
     let reserving = Reserving::start(&access.limiter, pg);
     let mapper = Mapper::new(&config.users);
     let keap =
@@ -172,128 +245,4 @@ async fn list(config: &Config, client: &Client, pg: &db::Target) -> Result<Listi
     drop(reserving);
     access.limiter.give_back(client).await;
     Ok(listed?)
-}
-
-/// The users of `keys` that are not in sync, in key order.
-async fn compare(
-    client: &Client,
-    table: &UserTable,
-    mapper: &Mapper,
-    keys: &[String],
-    show_values: bool,
-) -> Result<Vec<Drift>, DbError> {
-    let mut rows = outbox::read_users(client, table, keys).await?;
-    let maps = outbox::mappings(client, keys).await?;
-    let parked = parked(client, keys).await?;
-    let contact_ids: Vec<i64> = maps.values().map(|m| m.contact_id).collect();
-    let contacts = mirror::contacts(client, &contact_ids).await?;
-    let mut drift = Vec::new();
-    let mut payloads = HashMap::new();
-    for key in keys {
-        let Some(row) = rows.remove(key) else { continue };
-        payloads.insert(key.clone(), row.ok().and_then(|row| mapper.payload(key, &row, None).ok()));
-    }
-    let emails: Vec<String> =
-        payloads.values().flatten().map(|p| p.email.trim().to_ascii_lowercase()).collect();
-    let by_email = mirror::by_email1(client, &emails).await?;
-    for key in keys {
-        let Some(payload) = payloads.get(key) else { continue };
-        let mapping = maps.get(key);
-        let mapped = mapping.map(|m| {
-            let held =
-                payload.as_ref().map(|p| Held::of_mapping(m.sent.as_ref(), m.fingerprint.as_deref(), p));
-            (m.contact_id, held.and_then(|h| h.tags().cloned()).unwrap_or_default())
-        });
-        let contact =
-            mapping.and_then(|m| contacts.get(&m.contact_id)).map(|(json, tags)| (json, tags.as_slice()));
-        let email = payload.as_ref().map(|p| p.email.trim().to_ascii_lowercase()).unwrap_or_default();
-        let facts = classify::Facts {
-            payload: payload.as_ref(),
-            mapped,
-            contact,
-            by_email: by_email.get(&email).map_or(&[][..], Vec::as_slice),
-            parked: parked.contains(key),
-        };
-        let (class, differs) = classify::classify(&facts);
-        if class == Class::InSync {
-            continue;
-        }
-        let values = match (show_values, payload, contact) {
-            (true, Some(p), Some((json, _))) => p
-                .differences(json)
-                .into_iter()
-                .map(|(path, table, keap)| Difference { path, table, keap })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let contact_id = mapping.map(|m| m.contact_id);
-        drift.push(Drift { user: key.clone(), class, contact_id, differs, values });
-    }
-    Ok(drift)
-}
-
-/// Keeps a whole-table run's counts by class (no key, no value) for `status`.
-async fn record_counts(client: &Client, report: &Report) -> Result<(), DbError> {
-    let mut counts = serde_json::Map::new();
-    for d in &report.drift {
-        let class = serde_json::to_value(d.class)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let n = counts.get(&class).and_then(serde_json::Value::as_i64).unwrap_or(0);
-        counts.insert(class, n.saturating_add(1).into());
-    }
-    client
-        .execute(
-            "update keap_sync.mirror_state set reconciled_at = now(), reconciled_users = $1, drift = $2",
-            &[&i64::try_from(report.users).unwrap_or(i64::MAX), &serde_json::Value::Object(counts)],
-        )
-        .await?;
-    Ok(())
-}
-
-/// The users of `keys` whose change is parked.
-async fn parked(client: &Client, keys: &[String]) -> Result<BTreeSet<String>, DbError> {
-    let rows = client
-        .query(
-            "select user_key from keap_sync.outbox where user_key = any($1) and parked_at is not null",
-            &[&keys],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Queues the repairable users for delivery, in one statement. The mirror only suggests
-/// (invariant 20): nothing is unlinked here. A differing or gone user's record of what Keap
-/// holds is cleared, so its next delivery sends every owned property to its contact (reading
-/// it first for arrays); Keap then confirms a gone contact with a 404, and only then does
-/// delivery link the user again by email, or create its contact. Users with no contact are
-/// simply queued. Each at the backfill's priority, behind live changes. Returns how many.
-async fn repair(client: &Client, drift: &[Drift]) -> Result<u64, DbError> {
-    let rewrite: Vec<String> = drift
-        .iter()
-        .filter(|d| matches!(d.class, Class::Differs | Class::ContactGone))
-        .map(|d| d.user.clone())
-        .collect();
-    let queue: Vec<String> = drift.iter().filter(|d| d.class.repairable()).map(|d| d.user.clone()).collect();
-    if queue.is_empty() {
-        return Ok(0);
-    }
-    let row = client
-        .query_one(
-            "with cleared as (
-                 update keap_sync.contact_map set sent = null, fingerprint = ''
-                  where user_key = any($1)
-                 returning 1
-             ), queued as (
-                 insert into keap_sync.outbox (user_key, priority)
-                 select k, 2 from unnest($2::text[]) k
-                 on conflict (user_key) do update set version = keap_sync.outbox.version + 1
-                 returning 1
-             )
-             select (select count(*) from queued), pg_notify($3, '')::text is null",
-            &[&rewrite, &queue, &db::NOTIFY_CHANNEL],
-        )
-        .await?;
-    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }

@@ -2,10 +2,10 @@
 //!
 //! Run alone with `cargo test --test it mirror`.
 
-use keap_sync::{Class, Difference, ReconcileOptions};
+use keap_sync::{Class, Difference, Drift, ReconcileOptions, Report};
 use std::time::Duration;
 
-use keap_sync_testkit::app::{self, spawn_app_with, Options};
+use keap_sync_testkit::app::{self, spawn_app, spawn_app_with, Options};
 use keap_sync_testkit::fake::{FaultAction, FaultRule, Route};
 use serde_json::json;
 
@@ -71,6 +71,25 @@ async fn a_full_listing_of_10000_contacts_takes_10_calls_and_mirrors_keap() {
     assert!(state.get::<_, bool>(0), "the listing completed and the watermark reached its start");
 }
 
+/// `reconcile` with the users not in sync collected, in the order they were handed on; checks
+/// that the report's counts are theirs.
+async fn reconcile_collected(
+    app: &keap_sync_testkit::app::TestApp,
+    keys: &[String],
+    options: ReconcileOptions,
+) -> (Report, Vec<Drift>) {
+    let mut found = Vec::new();
+    let report = keap_sync::reconcile(&app.config(), keys, options, &mut |d: Drift| found.push(d))
+        .await
+        .expect("reconcile");
+    assert_eq!(report.drifted(), found.len() as u64, "{report:?}");
+    for class in Class::ALL {
+        let n = found.iter().filter(|d| d.class == class).count() as u64;
+        assert_eq!(report.counts.get(&class).copied().unwrap_or(0), n, "{class:?} in {report:?}");
+    }
+    (report, found)
+}
+
 /// The contact-side tables and the users table, as one hash: what reconcile must not change.
 const SNAPSHOT: &str = "select md5(string_agg(t, '|' order by t)) from (
     select o::text as t from keap_sync.outbox o union all select m::text from keap_sync.contact_map m
@@ -119,8 +138,7 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
     let before = app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, Option<String>>(0);
     let writes_before = app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token"));
 
-    let report =
-        keap_sync::reconcile(&app.config(), &[], ReconcileOptions::default()).await.expect("reconcile");
+    let (report, drift) = reconcile_collected(&app, &[], ReconcileOptions::default()).await;
 
     assert_eq!(
         app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token")),
@@ -132,8 +150,8 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
         before,
         "no table changed"
     );
-    assert_eq!((report.users, report.in_sync), (1000, 995), "{:#?}", report.drift);
-    let class = |key: &str| report.drift.iter().find(|d| d.user == key).map(|d| (d.class, d.differs.clone()));
+    assert_eq!((report.users, report.in_sync), (1000, 995), "{drift:#?}");
+    let class = |key: &str| drift.iter().find(|d| d.user == key).map(|d| (d.class, d.differs.clone()));
     assert_eq!(class("1"), Some((Class::Differs, vec!["given_name".to_owned()])));
     assert_eq!(class("2"), Some((Class::Differs, vec!["tag 77".to_owned()])));
     assert_eq!(class("3").map(|c| c.0), Some(Class::ContactGone));
@@ -146,12 +164,12 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
     );
     assert_eq!(class("6").map(|c| c.0), Some(Class::ContactGone));
 
-    assert!(report.drift.iter().all(|d| d.values.is_empty()), "no value unless asked");
+    assert!(drift.iter().all(|d| d.values.is_empty()), "no value unless asked");
     let only_1 = ["1".to_owned()];
     let asked = ReconcileOptions { show_values: true, ..Default::default() };
-    let shown = keap_sync::reconcile(&app.config(), &only_1, asked).await.expect("reconcile --show-values");
+    let (_, shown) = reconcile_collected(&app, &only_1, asked).await;
     assert_eq!(
-        shown.drift[0].values,
+        shown[0].values,
         [Difference { path: "given_name".into(), table: json!("F1"), keap: json!("Edited in Keap") }]
     );
     // `status` shows the mirror's freshness and the counts, never a key or a value.
@@ -164,11 +182,9 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
             && !text.contains("@example.com"),
         "{text}"
     );
-    let applied =
-        keap_sync::reconcile(&app.config(), &[], ReconcileOptions { apply: true, ..Default::default() })
-            .await
-            .expect("reconcile --apply");
-    assert_eq!(applied.queued, 4, "users 1, 2, 3 and 6; user 4 needs a person: {:#?}", applied.drift);
+    let (applied, applied_drift) =
+        reconcile_collected(&app, &[], ReconcileOptions { apply: true, ..Default::default() }).await;
+    assert_eq!(applied.queued, 4, "users 1, 2, 3 and 6; user 4 needs a person: {applied_drift:#?}");
     app.start_daemon().await;
     let settled = "select (select count(*) from keap_sync.outbox where parked_at is null)
                         + (select count(*) from keap_sync.change)";
@@ -176,9 +192,8 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
         app.count(settled).await == 0
     })
     .await;
-    let after =
-        keap_sync::reconcile(&app.config(), &[], ReconcileOptions::default()).await.expect("reconcile again");
-    let left: Vec<(String, Class)> = after.drift.iter().map(|d| (d.user.clone(), d.class)).collect();
+    let (_, after) = reconcile_collected(&app, &[], ReconcileOptions::default()).await;
+    let left: Vec<(String, Class)> = after.iter().map(|d| (d.user.clone(), d.class)).collect();
     // User 6's address is only another contact's EMAIL2 now: delivery parks it for a person.
     assert_eq!(left, [("4".to_owned(), Class::Duplicates), ("6".to_owned(), Class::Parked)]);
     assert_eq!(app.fake.contact_json(c1).unwrap()["given_name"], "F1", "the table's value is back");
@@ -195,6 +210,106 @@ async fn reconcile_reports_hand_edits_by_class_and_apply_repairs_them() {
             .len(),
         1
     );
+}
+
+/// The `reconcile` command prints each user not in sync as it is found, between the listing's
+/// line and the counts; with `--json` its output is one JSON document: the listing, the
+/// `drift` array in key order, then the counts (by class too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconcile_command_streams_its_report_and_json_is_one_document() {
+    let mut app = spawn_app().await;
+    app.insert_users(30).await;
+    app.wait_idle().await;
+    app.stop_daemon().await;
+    let (c1, c2) = (linked(&app, "1").await.unwrap(), linked(&app, "2").await.unwrap());
+    app.fake.edit_contact(c1, |c| c.given_name = Some("Edited in Keap".into()));
+    app.fake.delete_contact(c2);
+    app.exec("insert into users (email, first_name, last_name) values ('new@example.com', 'New', 'N')").await;
+    let config = app.write_config_file("", "");
+    let config = config.to_str().unwrap();
+
+    let out = app.run_cli(&["--config", config, "reconcile", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not one JSON document ({e}):\n{text}"));
+    // The daemon mirrored the 30 contacts it made; the listing no longer sees user 2's.
+    assert_eq!(doc["listing"], json!({"pages": 1, "contacts": 29, "removed": 1}), "{text}");
+    assert_eq!(
+        (doc["users"].as_u64(), doc["in_sync"].as_u64(), doc["queued"].as_u64()),
+        (Some(31), Some(28), Some(0))
+    );
+    assert_eq!(
+        doc["drift"],
+        json!([
+            {"user": "1", "class": "differs", "contact_id": c1, "differs": ["given_name"]},
+            {"user": "2", "class": "contact_gone", "contact_id": c2},
+            {"user": "31", "class": "no_contact"},
+        ]),
+        "{text}"
+    );
+    assert_eq!(doc["counts"], json!({"differs": 1, "contact_gone": 1, "no_contact": 1}));
+
+    let out = app.run_cli(&["--config", config, "reconcile"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            "reconcile: mirror refreshed: 29 contacts in 1 list calls, 0 gone from Keap",
+            &format!("user 1 (contact {c1}): differs in Keap: given_name"),
+            &format!("user 2 (contact {c2}): contact gone from Keap"),
+            "user 31: no contact yet",
+            "reconcile: 31 users, 28 in sync, 3 not: 1 differs, 1 contact gone, 1 no contact",
+        ]
+    );
+}
+
+/// With `[mirror] reconcile_hours` on, the active daemon runs the drift report by itself when
+/// idle: hand edits in Keap (a name changed, a contact deleted, which only a full listing
+/// sees) show in `status --json` as counts by class, its log line gives the counts without a
+/// key or a value, and it makes no write call and changes no table but the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_the_drift_report_on_a_schedule_and_writes_nothing() {
+    let app = spawn_app_with(Options {
+        // The file says hours; a test cannot wait one.
+        tweak: |c| c.mirror.reconcile = Some(Duration::from_millis(200)),
+        ..Options::default()
+    })
+    .await;
+    app.insert_users(20).await;
+    app.wait_idle().await;
+    let (c1, c2) = (linked(&app, "1").await.unwrap(), linked(&app, "2").await.unwrap());
+    let writes = || app.fake.count(|r| r.method != "GET" && !r.path.ends_with("/token"));
+    let (writes_before, before) =
+        (writes(), app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, String>(0));
+
+    app.fake.edit_contact(c1, |c| c.given_name = Some("Edited in Keap".into()));
+    app.fake.delete_contact(c2);
+    let counted =
+        "select coalesce(reconciled_users = 20 and drift = '{\"differs\": 1, \"contact_gone\": 1}', false)
+                     from keap_sync.mirror_state";
+    app::eventually(Duration::from_secs(20), "a scheduled report to count the hand edits", || async {
+        app.db.query_one(counted, &[]).await.unwrap().get::<_, bool>(0)
+    })
+    .await;
+
+    let config = app.write_config_file("", "");
+    let out = app.run_cli(&["--config", config.to_str().unwrap(), "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(status["mirror"]["drift"], json!({"differs": 1, "contact_gone": 1}), "{status}");
+    assert_eq!(status["mirror"]["reconciled_users"], 20);
+    assert_eq!(writes(), writes_before, "no write call");
+    assert_eq!(app.db.query_one(SNAPSHOT, &[]).await.unwrap().get::<_, String>(0), before, "nothing queued");
+    let logs = app::captured_logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("drift report: users compared")).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("users=20") && l.contains("differs=1") && l.contains("contact_gone=1")),
+        "{lines:#?}"
+    );
+    assert!(lines.iter().all(|l| !l.contains('@') && !l.contains("Edited")), "{lines:#?}");
 }
 
 /// The daemon's sweep: contacts edited in Keap reach the mirror within one sweep interval plus
