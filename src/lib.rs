@@ -43,7 +43,8 @@
 //!    custom field and tag names, resolved once and cached.
 //! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`,
 //!    `preview` (the dry run: the calls a sync would make, with no Keap write and no state change),
-//!    `reconcile` (Keap as it is: the mirror brought up to date).
+//!    `reconcile` (Keap as it is: the mirror brought up to date), `doctor` (every prerequisite
+//!    checked, each with its fix).
 //! 8. [`cli`] — the command line; `main.rs` only calls [`cli::main`].
 //!
 //! Everything is private to the crate except the small embedding API below, which the
@@ -69,6 +70,7 @@ mod catalog;
 mod daemon;
 mod db;
 mod deliver;
+mod doctor;
 mod failures;
 mod keap;
 mod mapping;

@@ -107,6 +107,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check every prerequisite of the sync (configuration, database, the role's privileges,
+    /// schema, capture triggers, the Keap credential, Keap itself, the names the mapping uses)
+    /// and say how to fix what fails. Exits 0 only when no check fails (warnings do not).
+    Doctor {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the Keap OAuth grant.
     #[command(subcommand)]
     Auth(AuthCommand),
@@ -290,6 +298,7 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
             reconcile(load(&cli.config)?, &user_keys, options, json).await
         }
         Command::Status { json } => status(load(&cli.config)?, json).await,
+        Command::Doctor { json } => doctor(load(&cli.config), cli.config.as_deref(), json).await,
         Command::Auth(AuthCommand::Import { switch_account }) => {
             auth::import(load(&cli.config)?, switch_account).await
         }
@@ -419,6 +428,28 @@ async fn status(config: Config, json: bool) -> Result<(), CliError> {
         print!("{}", render::status(&status));
     }
     Ok(())
+}
+
+/// `keap-sync doctor`: a line per check (or one JSON object), and a failure when a check failed.
+async fn doctor(
+    loaded: Result<Config, ConfigError>,
+    file: Option<&std::path::Path>,
+    json: bool,
+) -> Result<(), CliError> {
+    let report = crate::doctor::examine(loaded, file).await;
+    if json {
+        let out = serde_json::json!({ "passed": report.passed(), "checks": report.checks });
+        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| CliError::Other(e.to_string()))?);
+    } else {
+        print!("{}", render::doctor(&report));
+    }
+    if report.passed() {
+        return Ok(());
+    }
+    let failed = report.count(crate::doctor::Outcome::Fail);
+    Err(CliError::Other(format!(
+        "doctor: {failed} check(s) failed; fix the first one first, then run doctor again"
+    )))
 }
 
 /// Connects to the configured database.

@@ -17,6 +17,7 @@ mod capture_shapes;
 mod cli;
 mod contacts;
 mod database;
+mod doctor;
 mod faults;
 mod limits;
 mod mapping;
