@@ -44,7 +44,7 @@
 //! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`,
 //!    `preview` (the dry run: the calls a sync would make, with no Keap write and no state change),
 //!    `reconcile` (Keap as it is: the mirror brought up to date), `doctor` (every prerequisite
-//!    checked, each with its fix).
+//!    checked, each with its fix), `init` (a first configuration proposed from the live table).
 //! 8. [`cli`] — the command line; `main.rs` only calls [`cli::main`].
 //!
 //! Everything is private to the crate except the small embedding API below, which the
@@ -72,6 +72,7 @@ mod db;
 mod deliver;
 mod doctor;
 mod failures;
+mod init;
 mod keap;
 mod mapping;
 mod metrics;

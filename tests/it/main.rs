@@ -19,6 +19,7 @@ mod contacts;
 mod database;
 mod doctor;
 mod faults;
+mod init;
 mod limits;
 mod mapping;
 mod mirror;
