@@ -50,6 +50,10 @@ pub enum DbError {
         target: String,
         /// Why.
         message: String,
+        /// The server's SQLSTATE when the server refused the session (`28P01`: wrong password,
+        /// `3D000`: no such database), so a caller can say what to fix without reading the
+        /// message, which the server may send in another language.
+        sqlstate: Option<SqlState>,
     },
     /// A statement failed.
     #[error("database error: {0}")]
@@ -131,7 +135,7 @@ impl Target {
         if let Some(advice) = rustls_error(error).and_then(|e| self.certificate_advice(e)) {
             message = format!("{advice} ({message})");
         }
-        DbError::Connect { target: self.describe(), message }
+        DbError::Connect { target: self.describe(), message, sqlstate: error.code().cloned() }
     }
 
     /// What to do about a server certificate this client refused; `None` for other TLS errors.

@@ -43,7 +43,8 @@
 //!    custom field and tag names, resolved once and cached.
 //! 7. `daemon` (the run loop and every task it owns), `backfill`, `failures`, `status`,
 //!    `preview` (the dry run: the calls a sync would make, with no Keap write and no state change),
-//!    `reconcile` (Keap as it is: the mirror brought up to date).
+//!    `reconcile` (Keap as it is: the mirror brought up to date), `doctor` (every prerequisite
+//!    checked, each with its fix), `init` (a first configuration proposed from the live table).
 //! 8. [`cli`] — the command line; `main.rs` only calls [`cli::main`].
 //!
 //! Everything is private to the crate except the small embedding API below, which the
@@ -69,7 +70,9 @@ mod catalog;
 mod daemon;
 mod db;
 mod deliver;
+mod doctor;
 mod failures;
+mod init;
 mod keap;
 mod mapping;
 mod metrics;

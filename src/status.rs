@@ -38,6 +38,21 @@ impl InstanceRole {
     }
 }
 
+/// A duration in seconds for people: "45 s", "12 min", "3.5 h", "2.0 days". Here, with the
+/// views that report ages (`status`, `doctor`), for the CLI to print.
+pub(crate) fn human_secs(s: f64) -> String {
+    let s = s.max(0.0);
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7_200.0 {
+        format!("{:.0} min", s / 60.0)
+    } else if s < 172_800.0 {
+        format!("{:.1} h", s / 3_600.0)
+    } else {
+        format!("{:.1} days", s / 86_400.0)
+    }
+}
+
 /// Instances whose heartbeat is older than this are not counted as alive.
 const ALIVE_SECS: f64 = 30.0;
 
@@ -220,4 +235,18 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
         instances_alive: instances.into_iter().map(|(i, _, _)| i).collect(),
         mirror: crate::mirror::freshness(client).await?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_secs;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_secs(45.2), "45 s");
+        assert_eq!(human_secs(720.0), "12 min");
+        assert_eq!(human_secs(12_600.0), "3.5 h");
+        assert_eq!(human_secs(172_800.0), "2.0 days");
+        assert_eq!(human_secs(-3.0), "0 s");
+    }
 }

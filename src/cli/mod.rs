@@ -23,6 +23,7 @@ use crate::daemon::{Daemon, RunError, RunOptions};
 use crate::db::{self, DbError};
 use crate::preview::{PreviewError, Selection};
 use crate::schema::{self, SchemaError};
+use crate::secret::Secret;
 
 #[derive(Debug, Parser)]
 #[command(name = "keap-sync", version, about = "Keeps Keap contacts in step with a Postgres users table")]
@@ -108,6 +109,34 @@ enum Command {
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Check every prerequisite of the sync (configuration, database, the role's privileges,
+    /// schema, capture triggers, the Keap credential, Keap itself, the names the mapping uses)
+    /// and say how to fix what fails. Exits 0 only when no check fails (warnings do not).
+    Doctor {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a first configuration from the live users table: its key, and a proposed mapping
+    /// of its columns to Keap's contact (each a guess, commented with why), the other columns
+    /// listed, commented out. Never overwrites a file without --force; the file written is
+    /// checked as `run` would check it.
+    Init {
+        /// The database (libpq URL or key=value). Better given as DATABASE_URL in the
+        /// environment when it holds a password: process lists show arguments. The password is
+        /// never written to the file.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// The application's users table, as schema.table (names as the database spells them).
+        #[arg(long, default_value = "public.users")]
+        table: String,
+        /// Where to write the configuration.
+        #[arg(long, default_value = "keap-sync.toml")]
+        out: PathBuf,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Manage the Keap OAuth grant.
     #[command(subcommand)]
@@ -301,6 +330,12 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
             reconcile::run(load(&cli.config)?, &user_keys, options, json).await
         }
         Command::Status { json } => status(load(&cli.config)?, json).await,
+        Command::Doctor { json } => doctor(load(&cli.config), cli.config.as_deref(), json).await,
+        Command::Init { database_url, table, out, force } => {
+            let request =
+                crate::init::Request { url: Secret::new(database_url), table: &table, out: &out, force };
+            init(&request).await
+        }
         Command::Auth(AuthCommand::Import { switch_account }) => {
             auth::import(load(&cli.config)?, switch_account).await
         }
@@ -417,6 +452,49 @@ async fn status(config: Config, json: bool) -> Result<(), CliError> {
     } else {
         print!("{}", render::status(&status));
     }
+    Ok(())
+}
+
+/// `keap-sync doctor`: a line per check (or one JSON object), and a failure when a check failed.
+async fn doctor(
+    loaded: Result<Config, ConfigError>,
+    file: Option<&std::path::Path>,
+    json: bool,
+) -> Result<(), CliError> {
+    let report = crate::doctor::examine(loaded, file).await;
+    if json {
+        let out = serde_json::json!({ "passed": report.passed(), "checks": report.checks });
+        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| CliError::Other(e.to_string()))?);
+    } else {
+        print!("{}", render::doctor(&report));
+    }
+    if report.passed() {
+        return Ok(());
+    }
+    let failed = report.count(crate::doctor::Outcome::Fail);
+    Err(CliError::Other(format!(
+        "doctor: {failed} check(s) failed; fix the first one first, then run doctor again"
+    )))
+}
+
+/// `keap-sync init`: writes the proposed configuration and says what was guessed and what to do next.
+async fn init(request: &crate::init::Request<'_>) -> Result<(), CliError> {
+    let written = crate::init::init(request).await.map_err(|e| CliError::Other(e.to_string()))?;
+    println!(
+        "wrote {} for {}: {} guesses ({}); {} other columns listed, commented out",
+        written.path.display(),
+        request.table,
+        written.guesses.len(),
+        written.guesses.join(", "),
+        written.unused
+    );
+    println!("it passes the checks `run` makes on a configuration and the table. Next:");
+    println!("  review each `# guess:` in it (remove what should not reach Keap)");
+    if written.password_elsewhere {
+        println!("  set DATABASE_URL, with its password, in the daemon's environment (the file has none)");
+    }
+    println!("  keap-sync --config {} migrate    (as the table's owner)", written.path.display());
+    println!("  keap-sync --config {} doctor", written.path.display());
     Ok(())
 }
 

@@ -3,23 +3,12 @@
 //! wording change here can never change what the daemon does.
 
 use crate::backfill::Progress;
+use crate::doctor::{Outcome, Report};
 use crate::preview::Plan;
 use crate::status::{InstanceRole, Status};
 use crate::token::GrantState;
 
-/// A duration in seconds for people: "45 s", "12 min", "3.5 h", "2.0 days".
-pub(crate) fn human_secs(s: f64) -> String {
-    let s = s.max(0.0);
-    if s < 120.0 {
-        format!("{s:.0} s")
-    } else if s < 7_200.0 {
-        format!("{:.0} min", s / 60.0)
-    } else if s < 172_800.0 {
-        format!("{:.1} h", s / 3_600.0)
-    } else {
-        format!("{:.1} days", s / 86_400.0)
-    }
-}
+pub(crate) use crate::status::human_secs;
 
 /// "12,345 / 100,000 users (12%), 180/s, about 8 min left" for the terminal.
 pub(crate) fn progress(p: &Progress, rate_per_sec: f64) -> String {
@@ -232,18 +221,63 @@ pub(crate) fn reconcile_summary(r: &crate::reconcile::Report, apply: bool) -> St
     out
 }
 
+/// `keap-sync doctor`: one line per check with its mark (✓ met, ⚠ warning, ✗ failed, - skipped),
+/// the fix under a warning or a failure, then the counts.
+pub(crate) fn doctor(report: &Report) -> String {
+    let mut out = String::new();
+    for c in &report.checks {
+        let mark = match c.outcome {
+            Outcome::Ok => "✓",
+            Outcome::Warn => "⚠",
+            Outcome::Fail => "✗",
+            Outcome::Skipped => "-",
+        };
+        out.push_str(&format!("{mark} {}: {}\n", c.name, c.detail));
+        if let Some(fix) = &c.fix {
+            out.push_str(&format!("    fix: {fix}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "{} checks: {} ok, {} warning(s), {} failed, {} skipped\n",
+        report.checks.len(),
+        report.count(Outcome::Ok),
+        report.count(Outcome::Warn),
+        report.count(Outcome::Fail),
+        report.count(Outcome::Skipped)
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backfill::BackfillState;
 
     #[test]
-    fn durations_read_naturally() {
-        assert_eq!(human_secs(45.2), "45 s");
-        assert_eq!(human_secs(720.0), "12 min");
-        assert_eq!(human_secs(12_600.0), "3.5 h");
-        assert_eq!(human_secs(172_800.0), "2.0 days");
-        assert_eq!(human_secs(-3.0), "0 s");
+    fn doctor_marks_each_line_and_puts_the_fix_under_it() {
+        use crate::doctor::Check;
+        let check = |name, outcome, fix: Option<&str>| Check {
+            name,
+            outcome,
+            detail: format!("{name} detail"),
+            fix: fix.map(str::to_owned),
+        };
+        let report = Report {
+            checks: vec![
+                check("config", Outcome::Ok, None),
+                check("privileges", Outcome::Warn, Some("use a least-privilege role")),
+                check("schema", Outcome::Fail, Some("run `keap-sync migrate`")),
+                check("queue", Outcome::Skipped, None),
+            ],
+        };
+        assert_eq!(
+            doctor(&report),
+            "✓ config: config detail\n\
+             ⚠ privileges: privileges detail\n    fix: use a least-privilege role\n\
+             ✗ schema: schema detail\n    fix: run `keap-sync migrate`\n\
+             - queue: queue detail\n\
+             4 checks: 1 ok, 1 warning(s), 1 failed, 1 skipped\n"
+        );
     }
 
     #[test]

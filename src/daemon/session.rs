@@ -467,6 +467,7 @@ impl Session<'_> {
                 self.lost = Some(DbError::Connect {
                     target: self.ctx.pg.describe(),
                     message: reason.unwrap_or_else(|| "listener ended".into()),
+                    sqlstate: None,
                 });
             }
             _ = stop.cancelled() => {}

@@ -97,6 +97,11 @@ impl Limiter {
         QuotaReport { minute_available: get(&self.minute_available), day_available: get(&self.day_available) }
     }
 
+    /// The per-minute limit in force: the configured one, or the lower one Keap reported.
+    pub(crate) fn minute_limit(&self) -> u32 {
+        self.windows().minute.limit
+    }
+
     /// 429 answers seen by this process.
     pub(crate) fn throttled_total(&self) -> u32 {
         self.throttled_total.load(Ordering::Relaxed)

@@ -112,6 +112,19 @@ impl Limiter {
         }
     }
 
+    /// The calls counted today (UTC) in `keap_sync.quota_usage` for this limiter's credential
+    /// kind, by every instance: reservations, so a little above the calls made.
+    pub(crate) async fn counted_today(&self, db: &Client) -> Result<i64, DbError> {
+        let row = db
+            .query_opt(
+                "select calls from keap_sync.quota_usage
+                  where credential_kind = $1 and day = date '1970-01-01' + $2::int4",
+                &[&self.kind.as_str(), &utc_day()],
+            )
+            .await?;
+        Ok(row.map_or(0, |r| r.get(0)))
+    }
+
     /// Reservations in hand for today, for tests.
     #[cfg(test)]
     pub(super) fn credit_today(&self, n: u32) {

@@ -79,8 +79,10 @@ pub(crate) async fn trigger_installed(
     Ok(trigger_problem(client, table).await?.is_none())
 }
 
-/// What is wrong with the capture triggers, if anything, phrased for the operator.
-async fn trigger_problem(
+/// What is wrong with the capture triggers, if anything, phrased for the operator; the repair
+/// is always `keap-sync migrate`, which callers add in their own words (`doctor` names the role
+/// to run it as).
+pub(crate) async fn trigger_problem(
     client: &impl GenericClient,
     table: &UserTable,
 ) -> Result<Option<String>, SchemaError> {
@@ -91,7 +93,7 @@ async fn trigger_problem(
         {
             return Ok(Some(format!(
                 "the capture function {} captures other columns than the config names: changes to users are \
-                 not all recorded; run `keap-sync migrate`",
+                 not all recorded",
                 t.function
             )));
         }
@@ -117,7 +119,7 @@ async fn trigger_problem(
             " (a partition of the users table)".to_owned()
         };
         return Ok(Some(format!(
-            "the capture trigger {} on {}{whose} {problem}: changes to users are not all recorded; run `keap-sync migrate`",
+            "the capture trigger {} on {}{whose} {problem}: changes to users are not all recorded",
             p.name, p.relation
         )));
     }
@@ -126,7 +128,7 @@ async fn trigger_problem(
     {
         return Ok(Some(format!(
             "the function {FOLD_FUNCTION} is missing or was generated for another configuration: captured \
-             changes of {} are not queued for delivery; run `keap-sync migrate`",
+             changes of {} are not queued for delivery",
             table.qualified
         )));
     }
@@ -153,9 +155,10 @@ pub(crate) async fn capture_problem(
     };
     match trigger_problem(client, &table).await {
         Ok(None) => Ok(None),
-        Ok(Some(message)) => {
-            Ok(Some(CaptureProblem { message: format!("capture is broken: {message}"), blocks_reads: false }))
-        }
+        Ok(Some(message)) => Ok(Some(CaptureProblem {
+            message: format!("capture is broken: {message}; run `keap-sync migrate`"),
+            blocks_reads: false,
+        })),
         Err(SchemaError::Db(e)) => Err(e),
         Err(e) => Ok(Some(CaptureProblem { message: format!("capture is broken: {e}"), blocks_reads: true })),
     }

@@ -266,6 +266,12 @@ async fn migrate_once(client: &mut Client, users: &UsersConfig) -> Result<Migrat
     Ok(report)
 }
 
+/// The newest migration this binary has (version and file name): the one
+/// [`ensure_current`] requires.
+pub(crate) fn newest_migration() -> (i32, &'static str) {
+    MIGRATIONS.last().map_or((0, ""), |m| (m.version, m.name))
+}
+
 /// Checks that every embedded migration is applied, for commands that must not run on an
 /// outdated schema (the daemon checks this before it starts).
 pub(crate) async fn ensure_current(client: &Client) -> Result<(), SchemaError> {

@@ -20,9 +20,9 @@ mod key;
 mod migrate;
 mod table;
 
-pub(crate) use check::{capture_problem, trigger_installed, CaptureProblem};
+pub(crate) use check::{capture_problem, trigger_installed, trigger_problem, CaptureProblem};
 pub use install::uninstall;
-pub(crate) use migrate::ensure_current;
+pub(crate) use migrate::{ensure_current, newest_migration};
 pub use migrate::{migrate, migrate_reporting, MigrateReport};
 pub(crate) use table::UserTable;
 

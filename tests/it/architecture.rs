@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["outbox"],
     &["mapping", "keap", "ratelimit", "metrics", "token", "systemd"],
     &["access", "mirror", "deliver", "catalog"],
-    &["daemon", "backfill", "failures", "status", "preview", "reconcile"],
+    &["daemon", "backfill", "failures", "status", "preview", "reconcile", "doctor", "init"],
     &["cli"],
 ];
 
