@@ -279,7 +279,8 @@ fn every_invariant_names_tests_that_exist() {
         }
         guarded.insert(number);
     }
-    // 17, 18 and 21 are the inbound work's (issue 29): rows come with their code.
-    let built: BTreeSet<u32> = (1..=16).chain([19, 20]).collect();
+    // 18 and 21 are the inbound work's (issue 29): rows come with their code. 17 has its
+    // consent part so far.
+    let built: BTreeSet<u32> = (1..=17).chain([19, 20]).collect();
     assert_eq!(guarded, built, "every invariant built so far has a row");
 }
