@@ -248,16 +248,20 @@ fn session_options(db: &DatabaseConfig) -> String {
     )
 }
 
-/// "host H port P database D user U": what to print instead of the URL, which may hold a password.
-pub(crate) fn describe(cfg: &PgConfig) -> String {
-    let hosts: Vec<String> = cfg
-        .get_hosts()
+/// The hosts of `cfg` as written: a name, an address or a Unix socket's directory.
+pub(crate) fn host_names(cfg: &PgConfig) -> Vec<String> {
+    cfg.get_hosts()
         .iter()
         .map(|h| match h {
             tokio_postgres::config::Host::Tcp(name) => name.clone(),
             tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
         })
-        .collect();
+        .collect()
+}
+
+/// "host H port P database D user U": what to print instead of the URL, which may hold a password.
+pub(crate) fn describe(cfg: &PgConfig) -> String {
+    let hosts = host_names(cfg);
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     format!(
         "host {} port {} database {} user {}",

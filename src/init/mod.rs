@@ -160,14 +160,7 @@ fn database(url: &Secret) -> Database {
 
 /// The connection settings that matter for the file, without the password, as `key=value`.
 fn without_password(c: &tokio_postgres::Config) -> String {
-    let hosts: Vec<String> = c
-        .get_hosts()
-        .iter()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .collect();
+    let hosts = crate::db::host_names(c);
     let ports: Vec<String> = c.get_ports().iter().map(u16::to_string).collect();
     let ssl = match c.get_ssl_mode() {
         tokio_postgres::config::SslMode::Require => Some("require"),

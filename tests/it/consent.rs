@@ -4,11 +4,11 @@
 //! `opt_in_reason`, and an `opt_in_reason` lifts a hand opt-out ("Manual"), as Keap's v1 spec
 //! says it does.
 
-use std::time::Duration;
-
-use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
+use keap_sync_testkit::app::{spawn_app_with, Options, TestApp};
 use keap_sync_testkit::fake::{ContactWrite, EmailAddress, EmailField, RecordedRequest};
 use serde_json::Value;
+
+use crate::wait_settled;
 
 const DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -37,19 +37,6 @@ number = "phone"
 
 async fn consent_app(toml: &'static str) -> TestApp {
     spawn_app_with(Options { users_ddl: DDL, toml, ..Options::default() }).await
-}
-
-/// Waits until nothing is waiting for delivery: every change delivered or parked.
-async fn wait_settled(app: &TestApp) {
-    app::eventually(Duration::from_secs(60), "every change delivered or parked", || async {
-        app.count(
-            "select (select count(*) from keap_sync.outbox where parked_at is null)
-                  + (select count(*) from keap_sync.change)",
-        )
-        .await
-            == 0
-    })
-    .await;
 }
 
 /// The writes (not reads, not the token endpoint) recorded from `from` on.

@@ -33,6 +33,23 @@ mod tls;
 mod tokens;
 mod transport;
 
+/// Waits until nothing is waiting for delivery: every change delivered or parked.
+pub async fn wait_settled(app: &keap_sync_testkit::app::TestApp) {
+    keap_sync_testkit::app::eventually(
+        std::time::Duration::from_secs(60),
+        "every change delivered or parked",
+        || async {
+            app.count(
+                "select (select count(*) from keap_sync.outbox where parked_at is null)
+                  + (select count(*) from keap_sync.change)",
+            )
+            .await
+                == 0
+        },
+    )
+    .await;
+}
+
 /// Applies, in order, every migration in `sql/` that sorts before the one whose name ends in
 /// `suffix`, then runs `between`, then that migration.
 pub async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &str) {

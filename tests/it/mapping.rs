@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 use crate::parked_reason;
 
+use crate::wait_settled;
+
 /// A users table with a column for every kind of value the mapping takes.
 const WIDE_DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -158,19 +160,6 @@ fn masks(r: &RecordedRequest) -> BTreeSet<String> {
 
 fn tag_calls(app: &TestApp, method: &str) -> usize {
     app.fake.count(|r| r.method == method && r.path.contains("/contacts/") && r.path.ends_with("/tags"))
-}
-
-/// Waits until nothing is waiting for delivery: every change delivered or parked.
-async fn wait_settled(app: &TestApp) {
-    app::eventually(Duration::from_secs(60), "every change delivered or parked", || async {
-        app.count(
-            "select (select count(*) from keap_sync.outbox where parked_at is null)
-                  + (select count(*) from keap_sync.change)",
-        )
-        .await
-            == 0
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
