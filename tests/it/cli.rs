@@ -205,7 +205,10 @@ async fn a_killed_daemons_claims_resume_at_once_after_a_restart() {
     );
 }
 
-/// The README's first command: the demo runs on its own throwaway Postgres and fake Keap.
+/// The README's first command: the demo runs on its own throwaway Postgres and fake Keap, and
+/// its narration shows what the product does: `preview`'s plan before the first sync (a phone
+/// and a plan tag mapped), the calls each step cost as the fake counted them, and `reconcile`
+/// finding exactly the hand edits made in the fake, which `--apply` then repairs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_end_to_end() {
     // What `cargo run --release --example demo` runs, in-process (cargo test builds the example
@@ -214,10 +217,78 @@ async fn the_demo_runs_end_to_end() {
     let result = keap_sync_testkit::demo::run(&mut narration, false).await;
     let stdout = String::from_utf8_lossy(&narration);
     assert!(result.is_ok(), "{result:?}\nnarration:\n{stdout}");
-    assert!(stdout.contains("backfill done with 2 contact calls, one create per user"), "{stdout}");
-    assert!(stdout.contains("with 3 calls (two creates"), "{stdout}");
-    assert!(stdout.contains("50 changes cost"), "{stdout}");
+    let between = |from: &str, to: &str| -> Vec<String> {
+        let start = stdout.find(from).unwrap_or_else(|| panic!("no {from:?} in:\n{stdout}"));
+        let rest = &stdout[start..];
+        let end = rest.find(to).unwrap_or_else(|| panic!("no {to:?} after {from:?} in:\n{stdout}"));
+        rest[..end].lines().skip(1).map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()
+    };
+
+    let preview = between("3. keap-sync preview", "4. keap-sync run");
+    for line in [
+        "user 1: create-or-update",
+        "PUT /v1/contacts",
+        r#"{"duplicate_option":"Email","email_addresses":[{"email":"linus@example.com","field":"EMAIL1"}],"family_name":"Pauling","given_name":"Linus","phone_numbers":[{"field":"PHONE1","number":"+1 555 0100"}]}"#,
+        "POST /v1/contacts/{new}/tags",
+        r#"{"tagIds":["Plan: pro"]}"#,
+        "note: tag Plan: pro does not exist in Keap; it would be created",
+        "user 2: create-or-update",
+        r#"{"tagIds":["Plan: free"]}"#,
+        "preview itself made 2 calls: 2 read tags; it writes nothing to Keap and records nothing.",
+    ] {
+        assert!(preview.iter().any(|l| l == line), "preview lacks {line:?}:\n{preview:#?}");
+    }
+
+    let backfill = between("4. keap-sync run", "5. The app inserts");
+    // The calls counted, up to the first full stop: one create and one tag per user, no lookup.
+    let counted = backfill[0].split_once('.').map_or("", |(calls, _)| calls);
+    assert!(counted.ends_with("2 create contact, 2 apply tag"), "{backfill:#?}");
+    assert!(!counted.contains("lookup by email") && !counted.contains("429"), "{backfill:#?}");
+    assert!(
+        backfill[1].ends_with("Linus Pauling <linus@example.com>  +1 555 0100  [Plan: pro]"),
+        "{backfill:#?}"
+    );
+    // Two creates and a tag each; Grace's contact is linked from the mirror at no call. (The
+    // daemon may refresh the mirror first if its last look is over 10 s old: a list call.)
+    assert!(stdout.contains("2 create contact, 3 apply tag (Grace's contact"), "{stdout}");
+    assert!(stdout.contains("50 changes cost 1 call: 1 update contact."), "{stdout}");
+    assert!(
+        stdout.contains("4 calls: 1 read contact, 1 update contact, 1 apply tag, 1 remove tag:"),
+        "{stdout}"
+    );
+
+    // Exactly the two hand edits, each named by user, class and property; nothing else.
+    let drift = between("10. keap-sync reconcile", "keap-sync reconcile --apply");
+    let shape: Vec<String> = drift
+        .iter()
+        .map(|l| {
+            match l.split_once(" (contact ").and_then(|(user, rest)| Some((user, rest.split_once("): ")?.1)))
+            {
+                Some((user, what)) => format!("{user}: {what}"),
+                None => l.clone(),
+            }
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            "user 1: differs: given_name",
+            r#"user 2: differs: tag "Plan: free""#,
+            "5 users: 3 in sync, 2 not; 1 call: 1 list contacts",
+        ],
+        "{stdout}"
+    );
+    let repaired = between("2 users queued;", "In all keap-sync made");
+    assert!(
+        repaired[0].ends_with("Linus Pauling <linus@example.com>  +1 555 0100  [Plan: pro]"),
+        "{repaired:#?}"
+    );
+    assert!(
+        repaired[1].ends_with("Margaret Hamilton <margaret@example.com>  no phone  [Plan: free]"),
+        "{repaired:#?}"
+    );
     assert!(stdout.contains("holds 5 contacts for 5 users"), "{stdout}");
+    assert!(!stdout.contains("429"), "no call was throttled: {stdout}");
 }
 
 /// A log file or pipe gets plain text: no ANSI colour codes unless standard error is a terminal.
