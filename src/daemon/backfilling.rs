@@ -58,8 +58,12 @@ async fn list_first(ctx: &Context, client: &tokio_postgres::Client) -> Result<()
         return Ok(());
     }
     tracing::info!("backfill: listing Keap's contacts into the mirror first");
-    let keap =
-        mirror::Keap { client: &ctx.keap, tokens: &ctx.tokens, timeout: ctx.config.keap.request_timeout };
+    let keap = mirror::Keap {
+        client: &ctx.keap,
+        tokens: &ctx.tokens,
+        timeout: ctx.config.keap.request_timeout,
+        retries: mirror::RETRIES,
+    };
     match mirror::list_all(client, &keap, &ctx.mapper).await {
         Ok(listed) => tracing::info!(
             contacts = listed.contacts,

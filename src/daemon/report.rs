@@ -121,7 +121,12 @@ impl ReportTask {
     /// The report on a connection of its own, then the gauges `/metrics` shows updated.
     async fn report(&self) -> Result<Report, String> {
         let client = db::connect(&self.pg).await.map_err(|e| e.to_string())?;
-        let keap = mirror::Keap { client: &self.keap, tokens: &self.tokens, timeout: self.timeout };
+        let keap = mirror::Keap {
+            client: &self.keap,
+            tokens: &self.tokens,
+            timeout: self.timeout,
+            retries: mirror::RETRIES,
+        };
         let report = reconcile::scheduled(&client, &keap, &self.mapper, &self.table)
             .await
             .map_err(|e| e.to_string())?;

@@ -297,7 +297,7 @@ impl Session<'_> {
         let (timing, timeout) = (self.ctx.config.mirror.clone(), self.ctx.config.keap.request_timeout);
         let metrics = Arc::clone(&self.ctx.metrics);
         self.tasks.spawn(async move {
-            let keap = mirror::Keap { client: &client, tokens: &tokens, timeout };
+            let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
             match mirror::sweep(&db, &keap, &mapper, &timing).await {
                 Ok(swept) => {
                     tracing::debug!(pages = swept.pages, contacts = swept.contacts, full = swept.full, "swept Keap's changes into the mirror");

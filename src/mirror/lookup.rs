@@ -82,7 +82,7 @@ impl Lookups {
         mapper: &Mapper,
         email: &str,
     ) -> Result<Option<ByEmail>, DbError> {
-        let keap = Keap { client, tokens, timeout: self.timeout };
+        let keap = Keap { client, tokens, timeout: self.timeout, retries: 0 };
         if !self.caught_up(db, &keap, mapper).await? {
             return Ok(None);
         }

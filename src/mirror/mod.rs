@@ -178,11 +178,42 @@ pub(crate) struct Keap<'a> {
     pub(crate) tokens: &'a TokenSource,
     /// Keap's request timeout; a page must arrive within twice that.
     pub(crate) timeout: Duration,
+    /// How many times a page Keap throttled (429) is asked again, after `Retry-After` or a
+    /// doubling pause from 1 s (at most 30 s): a listing that shares Keap's limits with a
+    /// running daemon (`reconcile` beside it) still finishes. Any other failure stops the
+    /// listing, which resumes at its next run from the last page stored. 0 where a caller has
+    /// a better way out (a lookup falls back to Keap's own).
+    pub(crate) retries: u32,
 }
 
+/// Retries of a page for a listing with no other way out (pauses of 1, 2, 4, 8, 16 s, or Keap's
+/// `Retry-After`): about half a minute before it gives up, keeping what it stored.
+pub(crate) const RETRIES: u32 = 5;
+/// The pause before the first retry of a page; it doubles, up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+/// The longest pause before a retry of a page, whatever `Retry-After` says.
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+
 impl Keap<'_> {
-    /// One list call with the current credential; after a 401, refreshed once and tried again.
+    /// [`Keap::page_once`], asked again up to `retries` times while Keap answers 429.
     async fn page(&self, db: &Client, route: Route) -> Result<Page, MirrorError> {
+        let mut pause = FIRST_PAUSE;
+        for _ in 0..self.retries {
+            match self.page_once(db, route.clone()).await {
+                Err(MirrorError::Keap(e)) if e.kind == ErrorKind::Throttled => {
+                    let wait = e.retry_after.unwrap_or(pause).min(MAX_PAUSE);
+                    tracing::info!(error = %e, wait_ms = wait.as_millis() as u64, "listing Keap's contacts: asking for the page again");
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                other => return other,
+            }
+        }
+        self.page_once(db, route).await
+    }
+
+    /// One list call with the current credential; after a 401, refreshed once and tried again.
+    async fn page_once(&self, db: &Client, route: Route) -> Result<Page, MirrorError> {
         let deadline = Instant::now() + self.timeout * 2;
         let auth = self.tokens.auth(db).await.map_err(MirrorError::Token)?;
         match self.client.list_contacts(&auth, route.clone(), deadline).await {

@@ -239,8 +239,12 @@ async fn list(config: &Config, client: &Client, pg: &db::Target) -> Result<Listi
     let access = KeapAccess::build(config, pg)?;
     let reserving = Reserving::start(&access.limiter, pg);
     let mapper = Mapper::new(&config.users);
-    let keap =
-        mirror::Keap { client: &access.keap, tokens: &access.tokens, timeout: config.keap.request_timeout };
+    let keap = mirror::Keap {
+        client: &access.keap,
+        tokens: &access.tokens,
+        timeout: config.keap.request_timeout,
+        retries: mirror::RETRIES,
+    };
     let listed = mirror::list_all(client, &keap, &mapper).await;
     drop(reserving);
     access.limiter.give_back(client).await;

@@ -388,6 +388,28 @@ async fn a_listing_cut_short_resumes_where_it_stopped() {
     assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 3_500);
 }
 
+/// A listing beside a busy daemon may meet Keap's 429 (the fake sends no `Retry-After`): the
+/// page is asked again after a pause and the listing finishes, instead of failing the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_page_is_asked_again_and_the_listing_finishes() {
+    let app = spawn_app_with(Options::stopped()).await;
+    for i in 0..1_500 {
+        let email = format!("t{i}@example.com");
+        app.fake.seed_contact_json(
+            json!({"given_name": "T", "email_addresses": [{"field": "EMAIL1", "email": email}]}),
+        );
+    }
+    app.fake.inject(
+        FaultRule::new(Route::Contacts, FaultAction::Status(429, r#"{"message":"Quota Exceeded"}"#.into()))
+            .after(1)
+            .times(2),
+    );
+    let listing = keap_sync::refresh_mirror(&app.config()).await.expect("the listing finishes");
+    assert_eq!((listing.pages, listing.contacts), (2, 1_500));
+    assert_eq!(app.fake.count(|r| r.path.ends_with("/v2/contacts")), 4, "page 2 asked three times");
+    assert_eq!(app.count("select count(*) from keap_sync.mirror").await, 1_500);
+}
+
 /// Seeds a contact whose EMAIL1 is `email`, with other addresses and a phone of its own.
 fn seed_known(app: &keap_sync_testkit::app::TestApp, email: &str, given: &str, n: usize) -> i64 {
     app.fake
