@@ -56,7 +56,12 @@ alter default privileges for role app_owner in schema keap_sync
     grant usage, select on sequences to keap_sync;
 
 -- The users table: read only, and only the key and the synced columns (`users.key`, `email`,
--- `given_name`, `family_name` in keap-sync.toml); the daemon never writes it and never reads
--- another column. Add a column here when you add it to the config.
+-- `given_name`, `family_name` in keap-sync.toml); the daemon never writes it (except the
+-- `[inbound]` columns, below) and never reads another column. Add a column here when you add it
+-- to the config.
 grant usage on schema public to keap_sync;
 grant select (id, email, first_name, last_name) on public.users to keap_sync;
+
+-- With `[inbound]` (README, "Keap talks back"): the daemon writes Keap's data into those
+-- columns, and only those: read and update them, nothing else of the table.
+-- grant select (marketing_opt_out), update (marketing_opt_out) on public.users to keap_sync;

@@ -75,6 +75,7 @@ pub(super) struct FileConfig {
     pub(super) limits: FileLimits,
     pub(super) metrics: FileMetrics,
     pub(super) mirror: super::mirror::FileMirror,
+    pub(super) inbound: super::inbound::FileInbound,
 }
 
 /// Off unless `listen` is set.
@@ -138,6 +139,7 @@ impl FileConfig {
         let mut users = self.users.validate()?;
         users.contact = self.contact.validate()?;
         users.contact.tags = self.tags.validate()?;
+        users.inbound = self.inbound.validate(&users)?;
         let keap = self.keap.validate(credential)?;
         let delivery = self.delivery.validate(&keap)?;
         let limits = self.limits.validate(keap.credential.as_ref())?;

@@ -18,9 +18,10 @@
 //! configuration reference lists the same keys. Keep the three in step (a test checks that the
 //! example's values are the defaults).
 //!
-//! One section a file: `database`, `users` (with the contact mapping in `contact`), `keap`,
-//! `delivery`, `limits`; `load` reads the file and the environment and `secrets` the
-//! credential; `values` holds the checks the sections share.
+//! One section a file: `database`, `users` (with the contact mapping in `contact` and the
+//! columns Keap's data lands in in `inbound`), `keap`, `delivery`, `limits`, `mirror`; `load`
+//! reads the file and the environment and `secrets` the credential; `values` holds the checks
+//! the sections share.
 
 use std::path::PathBuf;
 
@@ -29,6 +30,7 @@ use crate::secret::Secret;
 mod contact;
 mod database;
 mod delivery;
+mod inbound;
 mod keap;
 mod limits;
 mod load;
@@ -43,6 +45,7 @@ pub use contact::{
 };
 pub use database::{CaFile, DatabaseConfig};
 pub use delivery::{DeliveryConfig, OnDelete};
+pub use inbound::{InboundConfig, InboundData};
 pub use keap::{Credential, KeapConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL};
 pub use limits::LimitsConfig;
 pub use mirror::MirrorConfig;

@@ -361,3 +361,26 @@ fn over_opt_out_belongs_to_opt_in_reason_only() {
         "{elsewhere}"
     );
 }
+
+#[test]
+fn inbound_is_off_unless_configured_and_a_column_has_one_owner() {
+    assert!(!load_str("", &[]).unwrap().users.inbound.is_on());
+    let on = load_str("[inbound]\nemail_opt_out = \"marketing_opt_out\"\n", &[]).unwrap();
+    assert_eq!(on.users.inbound.email_opt_out.as_deref(), Some("marketing_opt_out"));
+    assert!(!on.users.synced_columns().contains(&"marketing_opt_out".to_owned()), "never sent out");
+    let err = load_str("[inbound]\nemail_opt_outt = \"x\"\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("email_opt_outt"), "{err}");
+    let both =
+        "[contact]\njob_title = \"marketing_opt_out\"\n[inbound]\nemail_opt_out = \"marketing_opt_out\"\n";
+    let err = load_str(both, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("inbound.email_opt_out")
+            && err.contains("contact.job_title")
+            && err.contains("one owner"),
+        "{err}"
+    );
+    let err = load_str("[inbound]\nemail_opt_out = \"email\"\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("users.email"), "{err}");
+    let err = load_str("[inbound]\nemail_opt_out = \"id\"\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("users.key"), "{err}");
+}

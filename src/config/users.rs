@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 use super::values::validate_identifier;
-use super::{ConfigError, ContactMapping, Empty, Field, FieldMapping, Source, SCALARS};
+use super::{ConfigError, ContactMapping, Empty, Field, FieldMapping, InboundConfig, Source, SCALARS};
 
 /// The application's table and the columns that are synced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub struct UsersConfig {
     pub family_name: Option<String>,
     /// Every other mapped property and the tags (`[contact]`, `[tags]`).
     pub contact: ContactMapping,
+    /// The columns Keap's data lands in (`[inbound]`); none when the section is absent.
+    pub inbound: InboundConfig,
 }
 
 impl UsersConfig {
@@ -119,6 +121,7 @@ impl FileUsers {
             family_name: optional("users.family_name", self.family_name)?,
             table: self.table,
             contact: ContactMapping::default(),
+            inbound: InboundConfig::default(),
         })
     }
 }

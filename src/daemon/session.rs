@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{orphans, Context, HEARTBEAT};
 use crate::db::{self, DbError};
 use crate::deliver::{Deliverer, Outcome};
-use crate::mirror::{self, MirrorError};
+use crate::mirror::{self, InboundError, MirrorError};
 use crate::outbox;
 use crate::schema;
 use crate::status::InstanceRole;
@@ -296,9 +296,10 @@ impl Session<'_> {
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
         let (timing, timeout) = (self.ctx.config.mirror.clone(), self.ctx.config.keap.request_timeout);
         let metrics = Arc::clone(&self.ctx.metrics);
+        let table = (!self.ctx.table.inbound.is_empty()).then(|| self.ctx.table.clone());
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
-            match mirror::sweep(&db, &keap, &mapper, &timing).await {
+            let swept = match mirror::sweep(&db, &keap, &mapper, &timing).await {
                 Ok(swept) => {
                     tracing::debug!(pages = swept.pages, contacts = swept.contacts, full = swept.full, "swept Keap's changes into the mirror");
                     if let Ok((watermark, drift)) = mirror::gauges(&db).await {
@@ -306,11 +307,16 @@ impl Session<'_> {
                     }
                     Outcome::Handled
                 }
-                Err(MirrorError::Db(e)) if e.is_connection_lost() => Outcome::DbLost(e),
+                Err(MirrorError::Db(e)) if e.is_connection_lost() => return Outcome::DbLost(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not sweep Keap's changes into the mirror; trying again at the next sweep");
                     Outcome::Handled
                 }
+            };
+            // What a sweep cut short did store is applied too: every stored row is due.
+            match table {
+                Some(table) => apply_inbound(&db, &table).await.unwrap_or(swept),
+                None => swept,
             }
         });
         wait.min(every)
@@ -516,6 +522,32 @@ impl Session<'_> {
             Err(e) => {
                 tracing::error!(error = %e, "a delivery task failed; its change will be retried when the claim expires")
             }
+        }
+    }
+}
+
+/// Writes what the mirror holds into the `[inbound]` columns (`mirror::apply_inbound`). A
+/// failure is logged and left to the next sweep (the rows stay due); a refused privilege is an
+/// error naming the columns and the grant, and deliveries go on. `Some(DbLost)` ends the session.
+async fn apply_inbound(db: &db::Db, table: &schema::UserTable) -> Option<Outcome> {
+    match mirror::apply_inbound(db, table).await {
+        Ok(applied) => {
+            tracing::debug!(
+                contacts = applied.contacts,
+                rows = applied.rows,
+                events = applied.events,
+                "applied Keap's data to the inbound columns"
+            );
+            None
+        }
+        Err(InboundError::Db(e)) if e.is_connection_lost() => Some(Outcome::DbLost(e)),
+        Err(e @ InboundError::Refused { .. }) => {
+            tracing::error!(error = %e, "Keap's data is not reaching the users table");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not write Keap's data into the inbound columns; trying again at the next sweep");
+            None
         }
     }
 }

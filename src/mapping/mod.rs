@@ -33,6 +33,7 @@ mod held;
 mod payload;
 mod validate;
 
+pub(crate) use consent::email1_opted_out;
 pub(crate) use held::{Changes, Held, RuleTags};
 pub(crate) use payload::ContactPayload;
 

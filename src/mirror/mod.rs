@@ -10,10 +10,15 @@
 //!
 //! Calls go through the configuration's Keap access, so the limiter and the day's quota
 //! count them like deliveries (invariant 15).
+//!
+//! With `[inbound]`, what the mirror stores also lands in the users table's Keap-owned columns
+//! (`inbound`, after each of the daemon's sweeps).
 
+mod inbound;
 mod lookup;
 mod sweep;
 
+pub(crate) use inbound::{apply as apply_inbound, InboundError};
 pub(crate) use lookup::{forget, remember, Lookups};
 pub(crate) use sweep::{catch_up, sweep};
 
@@ -108,7 +113,7 @@ pub(crate) fn upsert_page(guard: &str) -> String {
              on conflict (contact_id) do update
                 set emails = excluded.emails, email1 = excluded.email1, contact = excluded.contact,
                     tag_ids = excluded.tag_ids, opted_in = excluded.opted_in,
-                    updated_at = excluded.updated_at, read_at = excluded.read_at
+                    updated_at = excluded.updated_at, read_at = excluded.read_at, inbound_due = true
               {guard}
          )"
     )

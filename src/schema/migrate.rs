@@ -103,6 +103,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0018_mirror_email_index.sql",
         sql: include_str!("../../sql/0018_mirror_email_index.sql"),
     },
+    Migration { version: 19, name: "0019_inbound.sql", sql: include_str!("../../sql/0019_inbound.sql") },
 ];
 
 /// What `migrate` did, for the operator.

@@ -24,7 +24,7 @@ pub(crate) use check::{capture_problem, trigger_installed, trigger_problem, Capt
 pub use install::uninstall;
 pub(crate) use migrate::{ensure_current, newest_migration};
 pub use migrate::{migrate, migrate_reporting, MigrateReport};
-pub(crate) use table::UserTable;
+pub(crate) use table::{InboundColumn, UserTable};
 
 /// Name of the statement-level insert capture trigger on the users table (the name the single
 /// row trigger had before, so tools that disable it for a bulk load of old users still work).

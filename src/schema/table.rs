@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use super::key::KeyType;
 use super::SchemaError;
-use crate::config::{Field, ScalarKind, Source, TagTemplate, UsersConfig};
+use crate::config::{Field, InboundData, ScalarKind, Source, TagTemplate, UsersConfig};
 use crate::db::quote_ident;
 
 /// The users table as found in the catalog: every name checked and quoted, ready to splice
@@ -35,6 +35,20 @@ pub(crate) struct UserTable {
     /// Unquoted names of the columns whose change must reach Keap: those mapped directly and
     /// those the SQL expressions read, in trigger order.
     pub synced: Vec<String>,
+    /// The columns Keap's data lands in (`[inbound]`), checked: none of them is in `synced`,
+    /// so an inbound write is never captured as a change to send (invariant 18).
+    pub inbound: Vec<InboundColumn>,
+}
+
+/// A column Keap's data lands in.
+#[derive(Debug, Clone)]
+pub(crate) struct InboundColumn {
+    /// What lands in it.
+    pub data: InboundData,
+    /// The column's name, unquoted (for messages and the history).
+    pub name: String,
+    /// Quoted, for the generated SQL.
+    pub quoted: String,
 }
 
 /// One value read from the users table for the mapping.
@@ -175,6 +189,7 @@ impl UserTable {
         for (key, source, kind, when) in sources {
             selects.push(found.select(client, &key, &source, kind, when, &mut synced).await?);
         }
+        let inbound = found.inbound(users, &synced)?;
         Ok(UserTable {
             qualified: found.qualified,
             partitions,
@@ -183,6 +198,7 @@ impl UserTable {
             key_eq: key.eq,
             selects,
             synced,
+            inbound,
         })
     }
 }
@@ -271,6 +287,34 @@ impl Found {
                 key: key.to_owned(),
             }
         })
+    }
+
+    /// The `[inbound]` columns checked against the table: each exists, has the type its data
+    /// takes, and is not read by the outbound mapping (the config refuses a column named by
+    /// both; this finds one read inside an SQL expression): one owner a column (invariant 17).
+    fn inbound(&self, users: &UsersConfig, synced: &[String]) -> Result<Vec<InboundColumn>, SchemaError> {
+        let mut out = Vec::new();
+        for (data, name) in users.inbound.columns() {
+            let key = data.key();
+            let bad = |message: String| SchemaError::BadMapping { key: key.to_owned(), message };
+            let type_name = self.column_type(name, key)?;
+            if type_name != data.sql_type() {
+                return Err(bad(format!(
+                    "column {name} is {type_name}; Keap's email opt-out lands in a boolean column \
+                     (`alter table {} add column {name} boolean`)",
+                    self.shown
+                )));
+            }
+            if synced.iter().any(|c| c == name) {
+                return Err(bad(format!(
+                    "column {name} is Keap's ({key}) but an SQL expression of the outbound mapping reads \
+                     it, so Keap's writes would be sent back to Keap: a column has one owner; read \
+                     another column there"
+                )));
+            }
+            out.push(InboundColumn { data, name: name.to_owned(), quoted: quote_ident(name) });
+        }
+        Ok(out)
     }
 
     /// One mapped value checked against the table (it exists, works, and has a type its

@@ -302,11 +302,18 @@ impl FakeKeap {
 
     /// Puts `email` in Keap status `status` (`ListUnsubscribe`, `HardBounce`, `Manual`, …), as a
     /// person unsubscribing or a bounce would: an `opt_in_reason` lifts only the statuses the
-    /// v1 spec names.
+    /// v1 spec names. The contacts holding the address get a new update time, so a sweep of
+    /// Keap's changes sees them (that Keap moves it for a status change is unverified; without
+    /// it only a full listing would).
     pub fn set_email_status(&self, email: &str, status: &str) {
         let mut st = self.state();
         st.email_opt.remove(&email.to_lowercase());
         st.email_status.insert(email.to_lowercase(), status.to_owned());
+        let ids: Vec<i64> = st.contacts.with_email(email).map(|c| c.id).collect();
+        let now = rfc3339_ms(unix_ms());
+        for id in ids {
+            st.contacts.edit(id, |c| c.last_updated = Some(now.clone()));
+        }
     }
 
     /// The `email_status` Keap would answer for this address now.

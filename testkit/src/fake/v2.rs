@@ -178,12 +178,16 @@ impl State {
             .email_addresses
             .iter()
             .map(|e| {
-                let opted = e
-                    .email
-                    .as_deref()
-                    .and_then(|a| self.email_opt.get(&a.to_lowercase()))
-                    .is_some_and(|(o, _)| *o);
-                let status = if opted { "SINGLE_OPT_IN" } else { "UNENGAGED_MARKETABLE" };
+                let address = e.email.as_deref().map(str::to_lowercase);
+                let set = address.as_deref().and_then(|a| self.email_status.get(a));
+                let opted = address.as_deref().and_then(|a| self.email_opt.get(a)).is_some_and(|(o, _)| *o);
+                // A status a test set (an unsubscribe, a bounce) in v2's spelling; else as the
+                // last opt-in or opt-out left it.
+                let (status, opted) = match set {
+                    Some(set) => (upper_snake(set), false),
+                    None if opted => ("SINGLE_OPT_IN".to_owned(), true),
+                    None => ("UNENGAGED_MARKETABLE".to_owned(), false),
+                };
                 json!({"email": e.email, "field": e.field, "email_opt_status": status, "is_opt_in": opted})
             })
             .collect();
@@ -206,6 +210,18 @@ impl State {
         }
         Value::Object(all.into_iter().filter(|(k, _)| fields.iter().any(|f| f == k)).collect())
     }
+}
+
+/// v1's `ListUnsubscribe` as v2 spells it: `LIST_UNSUBSCRIBE`.
+fn upper_snake(v1: &str) -> String {
+    let mut out = String::new();
+    for (i, ch) in v1.chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
 }
 
 /// A contact's update time in ms since the epoch (its creation time if never updated).

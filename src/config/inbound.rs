@@ -1,0 +1,102 @@
+//! `[inbound]`: the columns of the users table that Keap's data lands in (design invariant
+//! 17: each of them is Keap's, so the outbound mapping may not send it too). Off when the
+//! section is absent: then keap-sync never writes the users table.
+//!
+//! ```toml
+//! [inbound]
+//! email_opt_out = "marketing_opt_out"   # boolean: true while EMAIL1 is opted out in Keap
+//! ```
+
+use serde::Deserialize;
+
+use super::values::validate_identifier;
+use super::{ConfigError, Source, UsersConfig};
+
+/// Where Keap's data lands in the users table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InboundConfig {
+    /// A boolean column set to true while Keap holds an opt-out (a person's unsubscribe, a
+    /// bounce, a spam report…) for the contact's EMAIL1, and to false while it holds a
+    /// marketable or merely non-marketable status; `None`: not written.
+    pub email_opt_out: Option<String>,
+}
+
+/// What of Keap's lands in an inbound column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundData {
+    /// Whether EMAIL1 is opted out (`email_opt_out`): a boolean column.
+    EmailOptOut,
+}
+
+impl InboundData {
+    /// The config key that names its column.
+    pub fn key(self) -> &'static str {
+        match self {
+            InboundData::EmailOptOut => "inbound.email_opt_out",
+        }
+    }
+
+    /// The SQL type its column must have, and the value is cast to.
+    pub fn sql_type(self) -> &'static str {
+        match self {
+            InboundData::EmailOptOut => "boolean",
+        }
+    }
+}
+
+impl InboundConfig {
+    /// Whether anything comes in at all.
+    pub fn is_on(&self) -> bool {
+        self.email_opt_out.is_some()
+    }
+
+    /// Each configured column with what lands in it.
+    pub fn columns(&self) -> Vec<(InboundData, &str)> {
+        self.email_opt_out.iter().map(|c| (InboundData::EmailOptOut, c.as_str())).collect()
+    }
+}
+
+/// Nothing comes in unless a column is named.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct FileInbound {
+    pub(super) email_opt_out: Option<String>,
+}
+
+impl FileInbound {
+    /// Every column a valid name, none of them named twice, and none that the outbound mapping
+    /// also reads by name or that keys the table: one owner a column (invariant 17). A column
+    /// read only inside an SQL expression is refused later, when `schema` resolves the mapping
+    /// against the table.
+    pub(super) fn validate(self, users: &UsersConfig) -> Result<InboundConfig, ConfigError> {
+        let inbound = InboundConfig { email_opt_out: self.email_opt_out };
+        let columns = inbound.columns();
+        for (i, (data, column)) in columns.iter().enumerate() {
+            let key = data.key();
+            validate_identifier(key, column, false)?;
+            if let Some((other, _)) = columns[..i].iter().find(|(_, c)| c == column) {
+                return Err(ConfigError::Invalid(format!(
+                    "{} and {key} both name column {column}: give each its own column",
+                    other.key()
+                )));
+            }
+            if let Some(outbound) = outbound_key(users, column) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} = {column:?} is also {outbound}: a column has one owner, and {key} makes it \
+                     Keap's while {outbound} sends it to Keap; map another column for one of them"
+                )));
+            }
+        }
+        Ok(inbound)
+    }
+}
+
+/// The config key of the outbound mapping (or the table's key) that names `column` directly.
+fn outbound_key(users: &UsersConfig, column: &str) -> Option<String> {
+    if users.key == column {
+        return Some("users.key (the table's key)".into());
+    }
+    let named = |source: &Source| matches!(source, Source::Column(c) if c == column);
+    let field = users.fields().into_iter().find(|f| named(&f.source)).map(|f| f.key);
+    field.or_else(|| users.contact.tags.rules.iter().find(|r| named(&r.source)).map(|r| r.key.clone()))
+}

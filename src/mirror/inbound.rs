@@ -1,0 +1,182 @@
+//! Keap talks back, first part: the `[inbound]` columns of the users table written from the
+//! mirror (design invariants 17, 18, 21).
+//!
+//! Every store of a contact into the mirror marks its row `inbound_due`
+//! (`sql/0019_inbound.sql`), whoever stored it (a sweep, a listing, a lookup's catch-up). After
+//! each sweep the daemon runs [`apply`]: the due rows, 500 at a time, each batch in one
+//! statement that, for the contacts linked to a user (`keap_sync.contact_map`), records what
+//! came in (`keap_sync.inbound_event`), updates only the inbound columns of the rows whose
+//! values differ, and clears the mark of the rows it read (unless stored again meanwhile). A
+//! batch is applied whole or not at all; a failed one stays due for the next sweep, so nothing
+//! is lost. A contact linked to no user changes nothing, and a value Keap did not report (no
+//! EMAIL1, say) is no value: nothing is ever blanked (invariant 21), no row deleted.
+//!
+//! No echo (invariant 18) needs no mark in the transaction: the capture triggers compare only
+//! the synced columns, and an inbound column is never one of them (the config refuses a column
+//! mapped both ways, and `schema` one that an outbound SQL expression reads). So an inbound
+//! write fires the update trigger, which finds no synced column changed and logs nothing.
+
+use serde_json::{json, Value};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Row};
+
+use crate::config::InboundData;
+use crate::db::DbError;
+use crate::mapping::email1_opted_out;
+use crate::schema::{InboundColumn, UserTable};
+
+/// Mirror rows applied per statement.
+const BATCH: i64 = 500;
+
+/// At most this many batches a pass (500,000 contacts); the rest waits for the next sweep.
+const MAX_BATCHES: usize = 1_000;
+
+/// The due rows of the mirror, and the user each contact is linked to, if any.
+const DUE: &str = "select m.contact_id, m.read_at::text, c.user_key, m.contact
+                     from keap_sync.mirror m
+                     left join keap_sync.contact_map c on c.contact_id = m.contact_id
+                    where m.inbound_due
+                    order by m.contact_id
+                    limit $1";
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// Mirror rows read and no longer due.
+    pub(crate) contacts: u64,
+    /// Users rows updated.
+    pub(crate) rows: u64,
+    /// Values recorded in `keap_sync.inbound_event`.
+    pub(crate) events: u64,
+}
+
+/// Why the inbound columns could not be written (they stay due: the next sweep tries again).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InboundError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The daemon's role may not update (or read) an inbound column.
+    #[error(
+        "cannot write Keap's data into {table} ({columns}): {reason}; as the table's owner, run \
+         `{grant}` (the next sweep then applies what waits; deliveries go on meanwhile)"
+    )]
+    Refused { table: String, columns: String, reason: String, grant: String },
+}
+
+/// Applies every due mirror row to the inbound columns of `table`; nothing when there are none.
+pub(crate) async fn apply(db: &Client, table: &UserTable) -> Result<Applied, InboundError> {
+    let mut applied = Applied::default();
+    if table.inbound.is_empty() {
+        return Ok(applied);
+    }
+    let sql = statement(table);
+    for _ in 0..MAX_BATCHES {
+        let due = db.query(DUE, &[&BATCH]).await.map_err(DbError::from)?;
+        let batch: Vec<Value> = due.iter().map(|r| values(&table.inbound, r)).collect();
+        let done = match db.query_one(&sql, &[&Value::Array(batch)]).await {
+            Ok(done) => done,
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                return Err(refused(db, table, &e).await);
+            }
+            Err(e) => return Err(DbError::from(e).into()),
+        };
+        let count = |i: usize| u64::try_from(done.get::<_, i64>(i)).unwrap_or(0);
+        applied.contacts += count(0);
+        applied.rows += count(1);
+        applied.events += count(2);
+        if (due.len() as i64) < BATCH {
+            break;
+        }
+    }
+    Ok(applied)
+}
+
+/// One due row as the statement reads it: `c0`, `c1`… the values of the inbound columns in
+/// order, `null` where Keap said nothing.
+fn values(columns: &[InboundColumn], row: &Row) -> Value {
+    let contact: Value = row.get(3);
+    let mut v = json!({"contact_id": row.get::<_, i64>(0), "read_at": row.get::<_, String>(1),
+                       "user_key": row.get::<_, Option<String>>(2)});
+    for (i, c) in columns.iter().enumerate() {
+        v[format!("c{i}")] = match c.data {
+            InboundData::EmailOptOut => json!(email1_opted_out(&contact)),
+        };
+    }
+    v
+}
+
+/// The statement that applies one batch (`$1`, rows as [`values`] makes them) and answers
+/// how many mirror rows it cleared, users rows it updated and values it recorded.
+fn statement(table: &UserTable) -> String {
+    let cols = &table.inbound;
+    let (t, key, eq, key_type) = (&table.qualified, &table.key, &table.key_eq, &table.key_type);
+    let typed: Vec<String> =
+        cols.iter().enumerate().map(|(i, c)| format!("c{i} {}", c.data.sql_type())).collect();
+    let came: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = c.name.replace('\'', "''");
+            format!("('{name}', to_jsonb(v.c{i}), t.{q} is distinct from v.c{i})", q = c.quoted)
+        })
+        .collect();
+    let set: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{q} = coalesce(v.c{i}, t.{q})", q = c.quoted))
+        .collect();
+    let differ: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("(v.c{i} is not null and t.{q} is distinct from v.c{i})", q = c.quoted))
+        .collect();
+    format!(
+        "with v as (
+             select * from jsonb_to_recordset($1::jsonb)
+                 as v(contact_id bigint, read_at timestamptz, user_key text, {typed})
+         ), cleared as (
+             update keap_sync.mirror m set inbound_due = false
+               from v where m.contact_id = v.contact_id and m.read_at = v.read_at
+             returning 1
+         ), events as (
+             insert into keap_sync.inbound_event (contact_id, user_key, column_name, value, changed)
+             select v.contact_id, v.user_key, x.name, x.value, x.changed
+               from v join {t} t on t.{key} {eq} v.user_key::{key_type}
+               cross join lateral (values {came}) as x(name, value, changed)
+              where x.value is not null
+                and (x.changed or x.value is distinct from
+                     (select e.value from keap_sync.inbound_event e
+                       where e.contact_id = v.contact_id and e.column_name = x.name
+                       order by e.id desc limit 1))
+             returning 1
+         ), changed as (
+             update {t} t set {set}
+               from v where t.{key} {eq} v.user_key::{key_type} and ({differ})
+             returning 1
+         )
+         select (select count(*) from cleared), (select count(*) from changed), (select count(*) from events)",
+        typed = typed.join(", "),
+        came = came.join(", "),
+        set = set.join(", "),
+        differ = differ.join(" or "),
+    )
+}
+
+/// The refusal, with the grant that fixes it (for the role the daemon runs as).
+async fn refused(db: &Client, table: &UserTable, e: &tokio_postgres::Error) -> InboundError {
+    let reason = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
+    let role = match db.query_one("select quote_ident(current_user)", &[]).await {
+        Ok(row) => row.get::<_, String>(0),
+        Err(_) => "<the daemon's role>".to_owned(),
+    };
+    let quoted: Vec<&str> = table.inbound.iter().map(|c| c.quoted.as_str()).collect();
+    let list = quoted.join(", ");
+    let columns =
+        table.inbound.iter().map(|c| format!("column {} ({})", c.name, c.data.key())).collect::<Vec<_>>();
+    InboundError::Refused {
+        table: table.qualified.clone(),
+        columns: columns.join(", "),
+        reason,
+        grant: format!("grant select ({list}), update ({list}) on {} to {role}", table.qualified),
+    }
+}
