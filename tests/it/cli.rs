@@ -243,7 +243,7 @@ async fn the_demo_runs_end_to_end() {
     // The calls counted, up to the first full stop: one create and one tag per user, no lookup.
     let counted = backfill[0].split_once('.').map_or("", |(calls, _)| calls);
     assert!(counted.ends_with("2 create contact, 2 apply tag"), "{backfill:#?}");
-    assert!(!counted.contains("lookup by email") && !counted.contains("429"), "{backfill:#?}");
+    assert!(!counted.contains("lookup by email") && !counted.contains("answered 429"), "{backfill:#?}");
     assert!(
         backfill[1].ends_with("Linus Pauling <linus@example.com>  +1 555 0100  [Plan: pro]"),
         "{backfill:#?}"
@@ -288,7 +288,8 @@ async fn the_demo_runs_end_to_end() {
         "{repaired:#?}"
     );
     assert!(stdout.contains("holds 5 contacts for 5 users"), "{stdout}");
-    assert!(!stdout.contains("429"), "no call was throttled: {stdout}");
+    // The narration's own words for a throttled call; a bare "429" may be part of the port.
+    assert!(!stdout.contains("answered 429"), "no call was throttled: {stdout}");
 }
 
 /// A log file or pipe gets plain text: no ANSI colour codes unless standard error is a terminal.
