@@ -13,6 +13,7 @@
 //! middle_name = "middle_name"                   # a column of the users table
 //! job_title = { sql = "initcap(title)" }        # or an SQL expression over the row
 //! website = { column = "homepage", empty = "clear" }  # NULL/"" clears Keap's value
+//! spouse_name = { column = "spouse", owner = "keap" }  # Keap's: written into the column, never sent
 //! [contact.phone_numbers.PHONE1]
 //! number = "phone"
 //! type = { sql = "'Mobile'" }
@@ -56,6 +57,16 @@ pub enum Empty {
     Keep,
     /// Clear it in Keap (the names of `[users]` do this, as they always have).
     Clear,
+}
+
+/// Who owns a mapped property (design invariant 17): its data flows only from its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// The application (the default): the column's value is sent to Keap, never written back.
+    App,
+    /// Keap (`owner = "keap"`): Keap's value is written into the column (by the sweep's inbound
+    /// pass), never sent, and the column is not watched by capture.
+    Keap,
 }
 
 /// What kind of value a scalar property takes, for the checks before sending.
@@ -266,8 +277,12 @@ pub struct TagsConfig {
 /// The whole contact mapping beyond `[users]`' email and names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContactMapping {
-    /// Mapped properties, in the order of the file.
+    /// Mapped properties the application owns (sent to Keap), in the order of the file.
     pub fields: Vec<FieldMapping>,
+    /// Mapped properties Keap owns (`owner = "keap"`, always a column): written into their
+    /// columns from the mirror, never sent (invariant 17). Not in [`ContactMapping::fields`],
+    /// so nothing outbound (payloads, update masks, the capture trigger) ever sees them.
+    pub keap_owned: Vec<FieldMapping>,
     /// Tags.
     pub tags: TagsConfig,
     /// `opt_in_reason = { …, over_opt_out = true }`: consent given in the table is sent even
@@ -295,6 +310,9 @@ pub(super) struct FileSourceTable {
     empty: Option<Empty>,
     /// Only for `opt_in_reason` ([`ContactMapping::consent_over_opt_out`]).
     over_opt_out: Option<bool>,
+    /// `"app"` (the default) or `"keap"` ([`Owner`]); text here, so that a wrong value is
+    /// refused naming the key and the valid ones (serde's untagged enum would not say).
+    owner: Option<String>,
 }
 
 /// `[contact]`: scalar properties by name, plus the array properties as sub-tables.
@@ -368,21 +386,61 @@ fn invalid(message: String) -> ConfigError {
 }
 
 impl FileSource {
-    /// The column or expression a property reads, and what counts as empty for it: the file's `empty`,
-    /// else `default_empty`.
-    fn validate(self, key: &str, default_empty: Empty) -> Result<(Source, Empty), ConfigError> {
-        let (column, sql, empty) = match self {
-            FileSource::Column(c) => (Some(c), None, None),
+    /// The column or expression a property reads, what counts as empty for it (the file's
+    /// `empty`, else `default_empty`) and its owner. A Keap-owned property needs a plain column:
+    /// Keap's value is written into it, and an expression cannot be written.
+    fn validate(self, key: &str, default_empty: Empty) -> Result<(Source, Empty, Owner), ConfigError> {
+        let (column, sql, empty, owner) = match self {
+            FileSource::Column(c) => (Some(c), None, None, None),
             FileSource::Full(t) if t.over_opt_out.is_some() => {
                 return Err(invalid(format!(
                 "{key}: over_opt_out belongs to contact.opt_in_reason only (it lets consent lift an opt-out)"
             )))
             }
-            FileSource::Full(t) => (t.column, t.sql, t.empty),
+            FileSource::Full(t) => (t.column, t.sql, t.empty, t.owner),
         };
+        let owner = owner_of(key, owner.as_deref())?;
+        if owner == Owner::Keap {
+            if sql.is_some() {
+                return Err(invalid(format!(
+                    "{key}: owner = \"keap\" needs a column (`{{ column = \"…\", owner = \"keap\" }}`), \
+                     not an SQL expression: Keap's value is written into the column, and an expression \
+                     cannot be written"
+                )));
+            }
+            if empty.is_some() {
+                return Err(invalid(format!(
+                    "{key}: empty says what an empty column does to Keap's value, but a property with \
+                     owner = \"keap\" is never sent; remove empty"
+                )));
+            }
+        }
         let source = source(key, column, sql)?;
-        Ok((source, empty.unwrap_or(default_empty)))
+        Ok((source, empty.unwrap_or(default_empty), owner))
     }
+}
+
+/// `owner = "app" | "keap"`; absent is the application.
+fn owner_of(key: &str, owner: Option<&str>) -> Result<Owner, ConfigError> {
+    match owner {
+        None | Some("app") => Ok(Owner::App),
+        Some("keap") => Ok(Owner::Keap),
+        Some(other) => Err(invalid(format!(
+            "{key}: owner = {other:?} is not an owner: use \"app\" (the default: the column is sent to \
+             Keap) or \"keap\" (Keap's value is written into the column)"
+        ))),
+    }
+}
+
+/// Refuses `owner = "keap"` where this slice does not support it yet, naming `what`.
+fn app_only(key: &str, owner: Owner, what: &str) -> Result<(), ConfigError> {
+    if owner == Owner::Keap {
+        return Err(invalid(format!(
+            "{key}: owner = \"keap\" is not supported for {what} yet; Keap-owned properties are the \
+             scalar properties of [contact] and the parts of its phone numbers and addresses"
+        )));
+    }
+    Ok(())
 }
 
 /// Exactly one of a column and an expression.
@@ -423,7 +481,7 @@ impl FileContact {
     /// The mapping of `[contact]`: every scalar property, array slot and part, and custom field
     /// checked and named by its config key, each Keap property mapped once.
     pub(super) fn validate(self) -> Result<ContactMapping, ConfigError> {
-        let mut fields = Vec::new();
+        let mut fields: Vec<(FieldMapping, Owner)> = Vec::new();
         let FileContact { email_addresses, phone_numbers, addresses, custom_fields, mut scalars } = self;
         let consent_over_opt_out = over_opt_out(&mut scalars);
         scalar_fields(scalars, &mut fields)?;
@@ -432,12 +490,18 @@ impl FileContact {
         address_fields(addresses, &mut fields)?;
         custom_field_refs(custom_fields, &mut fields)?;
         let mut seen = HashSet::new();
-        for f in &fields {
+        for (f, _) in &fields {
             if !seen.insert(&f.field) {
                 return Err(invalid(format!("{}: this Keap property is mapped twice", f.key)));
             }
         }
-        Ok(ContactMapping { fields, tags: TagsConfig::default(), consent_over_opt_out })
+        let (app, keap): (Vec<_>, Vec<_>) = fields.into_iter().partition(|(_, o)| *o == Owner::App);
+        Ok(ContactMapping {
+            fields: app.into_iter().map(|(f, _)| f).collect(),
+            keap_owned: keap.into_iter().map(|(f, _)| f).collect(),
+            tags: TagsConfig::default(),
+            consent_over_opt_out,
+        })
     }
 }
 
@@ -453,7 +517,7 @@ fn over_opt_out(scalars: &mut BTreeMap<String, FileSource>) -> bool {
 /// The scalar properties (every other key of `[contact]`), checked against [`SCALARS`].
 fn scalar_fields(
     scalars: BTreeMap<String, FileSource>,
-    fields: &mut Vec<FieldMapping>,
+    fields: &mut Vec<(FieldMapping, Owner)>,
 ) -> Result<(), ConfigError> {
     for (name, src) in scalars {
         let key = format!("contact.{name}");
@@ -471,8 +535,11 @@ fn scalar_fields(
                 known.join(", ")
             )));
         };
-        let (source, empty) = src.validate(&key, Empty::Keep)?;
-        fields.push(FieldMapping { key, field: Field::Scalar(scalar), source, empty });
+        let (source, empty, owner) = src.validate(&key, Empty::Keep)?;
+        if scalar.name == "opt_in_reason" {
+            app_only(&key, owner, "consent (Keap's opt-out lands in [inbound] email_opt_out)")?;
+        }
+        fields.push((FieldMapping { key, field: Field::Scalar(scalar), source, empty }, owner));
     }
     Ok(())
 }
@@ -480,7 +547,7 @@ fn scalar_fields(
 /// `[contact.email_addresses]`: EMAIL2 and EMAIL3 (EMAIL1 is `users.email`).
 fn email_fields(
     email_addresses: BTreeMap<String, FileSource>,
-    fields: &mut Vec<FieldMapping>,
+    fields: &mut Vec<(FieldMapping, Owner)>,
 ) -> Result<(), ConfigError> {
     for (name, src) in email_addresses {
         let key = format!("contact.email_addresses.{name}");
@@ -488,8 +555,9 @@ fn email_fields(
         if n == 1 {
             return Err(invalid(format!("{key}: EMAIL1 is users.email; map EMAIL2 or EMAIL3 here")));
         }
-        let (source, empty) = src.validate(&key, Empty::Keep)?;
-        fields.push(FieldMapping { key, field: Field::Email(n), source, empty });
+        let (source, empty, owner) = src.validate(&key, Empty::Keep)?;
+        app_only(&key, owner, "email addresses")?;
+        fields.push((FieldMapping { key, field: Field::Email(n), source, empty }, owner));
     }
     Ok(())
 }
@@ -497,7 +565,7 @@ fn email_fields(
 /// `[contact.phone_numbers]`: PHONE1 to PHONE5, each with its number mapped.
 fn phone_fields(
     phone_numbers: BTreeMap<String, BTreeMap<String, FileSource>>,
-    fields: &mut Vec<FieldMapping>,
+    fields: &mut Vec<(FieldMapping, Owner)>,
 ) -> Result<(), ConfigError> {
     for (name, parts) in phone_numbers {
         let key = format!("contact.phone_numbers.{name}");
@@ -510,8 +578,8 @@ fn phone_fields(
             let Some((p, _)) = PhonePart::ALL.iter().find(|(_, n)| *n == part) else {
                 return Err(invalid(format!("{key}: a phone number has number, extension and type")));
             };
-            let (source, empty) = src.validate(&key, Empty::Keep)?;
-            fields.push(FieldMapping { key, field: Field::Phone(n, *p), source, empty });
+            let (source, empty, owner) = src.validate(&key, Empty::Keep)?;
+            fields.push((FieldMapping { key, field: Field::Phone(n, *p), source, empty }, owner));
         }
     }
     Ok(())
@@ -520,7 +588,7 @@ fn phone_fields(
 /// `[contact.addresses]`: BILLING, SHIPPING and OTHER, a region only with its country.
 fn address_fields(
     addresses: BTreeMap<String, BTreeMap<String, FileSource>>,
-    fields: &mut Vec<FieldMapping>,
+    fields: &mut Vec<(FieldMapping, Owner)>,
 ) -> Result<(), ConfigError> {
     for (name, parts) in addresses {
         let key = format!("contact.addresses.{name}");
@@ -538,8 +606,8 @@ fn address_fields(
                 let known: Vec<&str> = AddressPart::ALL.iter().map(|(_, n)| *n).collect();
                 return Err(invalid(format!("{key}: an address has {}", known.join(", "))));
             };
-            let (source, empty) = src.validate(&key, Empty::Keep)?;
-            fields.push(FieldMapping { key, field: Field::Address(kind, *p), source, empty });
+            let (source, empty, owner) = src.validate(&key, Empty::Keep)?;
+            fields.push((FieldMapping { key, field: Field::Address(kind, *p), source, empty }, owner));
         }
     }
     Ok(())
@@ -548,7 +616,7 @@ fn address_fields(
 /// `[[contact.custom_fields]]`: each named by id or by name, not both.
 fn custom_field_refs(
     custom_fields: Vec<FileCustomField>,
-    fields: &mut Vec<FieldMapping>,
+    fields: &mut Vec<(FieldMapping, Owner)>,
 ) -> Result<(), ConfigError> {
     for (i, cf) in custom_fields.into_iter().enumerate() {
         let key = format!("contact.custom_fields[{i}]");
@@ -561,8 +629,9 @@ fn custom_field_refs(
                 )))
             }
         };
-        let (source, empty) = cf.value.validate(&key, Empty::Keep)?;
-        fields.push(FieldMapping { key, field: Field::Custom(r), source, empty });
+        let (source, empty, owner) = cf.value.validate(&key, Empty::Keep)?;
+        app_only(&key, owner, "custom fields")?;
+        fields.push((FieldMapping { key, field: Field::Custom(r), source, empty }, owner));
     }
     Ok(())
 }

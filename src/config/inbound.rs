@@ -1,6 +1,7 @@
 //! `[inbound]`: the columns of the users table that Keap's data lands in (design invariant
-//! 17: each of them is Keap's, so the outbound mapping may not send it too). Off when the
-//! section is absent: then keap-sync never writes the users table.
+//! 17: each of them is Keap's, so the outbound mapping may not send it too), and with them the
+//! columns of the `[contact]` properties marked `owner = "keap"` ([`UsersConfig::inbound_columns`]).
+//! Off when neither is configured: then keap-sync never writes the users table.
 //!
 //! ```toml
 //! [inbound]
@@ -10,7 +11,7 @@
 use serde::Deserialize;
 
 use super::values::validate_identifier;
-use super::{ConfigError, Source, UsersConfig};
+use super::{ConfigError, Field, Source, UsersConfig};
 
 /// Where Keap's data lands in the users table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,24 +23,35 @@ pub struct InboundConfig {
 }
 
 /// What of Keap's lands in an inbound column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InboundData {
     /// Whether EMAIL1 is opted out (`email_opt_out`): a boolean column.
     EmailOptOut,
+    /// A `[contact]` property with `owner = "keap"` (its config key and the property): its
+    /// value as Keap holds it, as text, into a text column.
+    Owned {
+        /// The config key, e.g. `contact.phone_numbers.PHONE1.number`.
+        key: String,
+        /// The Keap property (a scalar, a phone part or an address part).
+        field: Field,
+    },
 }
 
 impl InboundData {
     /// The config key that names its column.
-    pub fn key(self) -> &'static str {
+    pub fn key(&self) -> &str {
         match self {
             InboundData::EmailOptOut => "inbound.email_opt_out",
+            InboundData::Owned { key, .. } => key,
         }
     }
 
-    /// The SQL type its column must have, and the value is cast to.
-    pub fn sql_type(self) -> &'static str {
+    /// The SQL type its value is read as and compared in (a Keap-owned property's column is
+    /// of a text type, checked by `schema`).
+    pub fn sql_type(&self) -> &'static str {
         match self {
             InboundData::EmailOptOut => "boolean",
+            InboundData::Owned { .. } => "text",
         }
     }
 }
@@ -50,9 +62,24 @@ impl InboundConfig {
         self.email_opt_out.is_some()
     }
 
-    /// Each configured column with what lands in it.
+    /// Each configured column of `[inbound]` with what lands in it (the Keap-owned properties'
+    /// columns are in [`UsersConfig::inbound_columns`]).
     pub fn columns(&self) -> Vec<(InboundData, &str)> {
         self.email_opt_out.iter().map(|c| (InboundData::EmailOptOut, c.as_str())).collect()
+    }
+}
+
+impl UsersConfig {
+    /// Every column keap-sync writes from Keap, with what lands in it: `[inbound]`'s, then each
+    /// `owner = "keap"` property's, in the order of the file.
+    pub fn inbound_columns(&self) -> Vec<(InboundData, &str)> {
+        let owned = self.contact.keap_owned.iter().filter_map(|f| match &f.source {
+            Source::Column(c) => {
+                Some((InboundData::Owned { key: f.key.clone(), field: f.field.clone() }, c.as_str()))
+            }
+            Source::Sql(_) => None,
+        });
+        self.inbound.columns().into_iter().chain(owned).collect()
     }
 }
 
@@ -64,13 +91,15 @@ pub(super) struct FileInbound {
 }
 
 impl FileInbound {
-    /// Every column a valid name, none of them named twice, and none that the outbound mapping
+    /// Every column a valid name, none of them named twice (by `[inbound]` or a Keap-owned
+    /// property of `[contact]`, which `users` holds already), and none that the outbound mapping
     /// also reads by name or that keys the table: one owner a column (invariant 17). A column
     /// read only inside an SQL expression is refused later, when `schema` resolves the mapping
     /// against the table.
     pub(super) fn validate(self, users: &UsersConfig) -> Result<InboundConfig, ConfigError> {
         let inbound = InboundConfig { email_opt_out: self.email_opt_out };
-        let columns = inbound.columns();
+        let all = UsersConfig { inbound: inbound.clone(), ..users.clone() };
+        let columns = all.inbound_columns();
         for (i, (data, column)) in columns.iter().enumerate() {
             let key = data.key();
             validate_identifier(key, column, false)?;

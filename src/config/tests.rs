@@ -384,3 +384,54 @@ fn inbound_is_off_unless_configured_and_a_column_has_one_owner() {
     let err = load_str("[inbound]\nemail_opt_out = \"id\"\n", &[]).unwrap_err().to_string();
     assert!(err.contains("users.key"), "{err}");
 }
+
+#[test]
+fn a_property_owned_by_keap_is_never_sent_and_needs_a_column() {
+    let mapping = |text: &str| load_str(&format!("[contact]\n{text}\n"), &[]);
+    let c = mapping(
+        "job_title = { column = \"job\", owner = \"keap\" }\nspouse_name = { column = \"spouse\", owner = \"app\" }\n\
+         [contact.phone_numbers.PHONE1]\nnumber = { column = \"phone\", owner = \"keap\" }\ntype = { sql = \"'Mobile'\" }",
+    )
+    .unwrap();
+    let sent: Vec<String> = c.users.fields().into_iter().map(|f| f.key).collect();
+    assert!(
+        sent.contains(&"contact.spouse_name".into())
+            && sent.contains(&"contact.phone_numbers.PHONE1.type".into())
+    );
+    assert!(
+        !sent.iter().any(|k| k == "contact.job_title" || k == "contact.phone_numbers.PHONE1.number"),
+        "{sent:?}"
+    );
+    let synced = c.users.synced_columns();
+    assert!(!synced.contains(&"job".into()) && !synced.contains(&"phone".into()), "not watched: {synced:?}");
+    let inbound: Vec<(String, String)> =
+        c.users.inbound_columns().into_iter().map(|(d, col)| (d.key().to_owned(), col.to_owned())).collect();
+    assert_eq!(
+        inbound,
+        [
+            ("contact.job_title".into(), "job".into()),
+            ("contact.phone_numbers.PHONE1.number".into(), "phone".into())
+        ]
+    );
+    for (text, want) in [
+        ("job_title = { sql = \"upper(job)\", owner = \"keap\" }", "owner = \"keap\" needs a column"),
+        ("job_title = { column = \"job\", owner = \"crm\" }", "use \"app\" (the default"),
+        ("job_title = { column = \"job\", owner = \"keap\", empty = \"clear\" }", "remove empty"),
+        ("opt_in_reason = { column = \"c\", owner = \"keap\" }", "not supported for consent"),
+        ("[contact.email_addresses]\nEMAIL2 = { column = \"e2\", owner = \"keap\" }", "not supported for email"),
+        ("job_title = { column = \"job\", owner = \"keap\" }\nspouse_name = \"job\"", "one owner"),
+        ("job_title = { column = \"email\", owner = \"keap\" }", "users.email"),
+        (
+            "job_title = { column = \"x\", owner = \"keap\" }\nspouse_name = { column = \"x\", owner = \"keap\" }",
+            "both name column x",
+        ),
+    ] {
+        let err = mapping(text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}: {err}");
+        assert!(err.starts_with("contact.") || err.contains("contact."), "names the key: {err}");
+    }
+    let consent = mapping(
+        "opt_in_reason = { sql = \"case when c then 'Yes' end\", over_opt_out = true, owner = \"app\" }",
+    );
+    assert!(consent.unwrap().users.contact.consent_over_opt_out, "over_opt_out still works beside owner");
+}

@@ -182,6 +182,9 @@ pub(crate) struct Mapper {
     create_missing: bool,
     /// `opt_in_reason`'s `over_opt_out`: consent may be sent over an opt-out Keap holds.
     over_opt_out: bool,
+    /// The properties Keap owns (`owner = "keap"`): never sent, but listed into the mirror,
+    /// whose values the inbound pass writes into their columns.
+    keap_owned: Vec<&'static str>,
 }
 
 impl Mapper {
@@ -193,6 +196,7 @@ impl Mapper {
             on_create: users.contact.tags.on_create.clone(),
             create_missing: users.contact.tags.create_missing,
             over_opt_out: users.contact.consent_over_opt_out,
+            keap_owned: users.contact.keap_owned.iter().map(|f| f.field.property()).collect(),
         }
     }
 
@@ -226,9 +230,11 @@ impl Mapper {
         }
     }
 
-    /// Every contact property the mapping reads or writes (v1 names), once each.
+    /// Every contact property the mapping reads or writes (v1 names), once each: those it
+    /// sends and those Keap owns, which the mirror's listing must ask for too.
     pub(crate) fn properties(&self) -> Vec<&'static str> {
-        let mut props: Vec<&'static str> = self.fields.iter().map(|f| f.field.property()).collect();
+        let sent = self.fields.iter().map(|f| f.field.property());
+        let mut props: Vec<&'static str> = sent.chain(self.keap_owned.iter().copied()).collect();
         props.sort_unstable();
         props.dedup();
         props
@@ -389,6 +395,25 @@ fn field_path(f: &FieldMapping, key: &str, model: Option<&CustomModel>) -> Resul
         },
     };
     Ok(path)
+}
+
+/// The value Keap holds for a Keap-owned `field` (`owner = "keap"`) on `contact` (v1 shape, as
+/// the mirror keeps it), as text for its column: `None` when Keap holds none, or an empty or
+/// blank one. An empty value in Keap therefore writes nothing: a column is never blanked from
+/// Keap's side (design invariant 21). A custom field (which needs Keap's model) has none.
+pub(crate) fn keap_value(contact: &Value, field: &Field) -> Option<String> {
+    let path = match field {
+        Field::Scalar(s) => Path::Scalar(s.name),
+        Field::Email(n) => Path::Email(*n),
+        Field::Phone(n, p) => Path::Phone(*n, *p),
+        Field::Address(a, p) => Path::Address(a, *p),
+        Field::Custom(_) => return None,
+    };
+    match held::value_at(contact, &path) {
+        Value::String(s) if !s.trim().is_empty() => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Field `f`'s value `v` checked against Keap's rule for its property, as it is sent; the rule

@@ -1,5 +1,6 @@
-//! Keap talks back, first part: the `[inbound]` columns of the users table written from the
-//! mirror (design invariants 17, 18, 21).
+//! Keap talks back, first part: the `[inbound]` columns of the users table, and the columns
+//! of the properties Keap owns (`owner = "keap"` in `[contact]`), written from the mirror
+//! (design invariants 17, 18, 21).
 //!
 //! Every store of a contact into the mirror marks its row `inbound_due`
 //! (`sql/0019_inbound.sql`), whoever stored it (a sweep, a listing, a lookup's catch-up). After
@@ -9,11 +10,14 @@
 //! values differ, and clears the mark of the rows it read (unless stored again meanwhile). A
 //! batch is applied whole or not at all; a failed one stays due for the next sweep, so nothing
 //! is lost. A contact linked to no user changes nothing, and a value Keap did not report (no
-//! EMAIL1, say) is no value: nothing is ever blanked (invariant 21), no row deleted.
+//! EMAIL1, say) is no value: nothing is ever blanked (invariant 21), no row deleted. For a
+//! Keap-owned property an empty value in Keap (absent, `null`, `""` or blank) is no value
+//! either: it writes nothing, so clearing a phone in Keap leaves the column as it was.
 //!
 //! No echo (invariant 18) needs no mark in the transaction: the capture triggers compare only
 //! the synced columns, and an inbound column is never one of them (the config refuses a column
-//! mapped both ways, and `schema` one that an outbound SQL expression reads). So an inbound
+//! mapped both ways, and `schema` one that an outbound SQL expression reads; a Keap-owned
+//! property is not in `UsersConfig::fields`, so its column is not synced). So an inbound
 //! write fires the update trigger, which finds no synced column changed and logs nothing.
 
 use serde_json::{json, Value};
@@ -22,7 +26,7 @@ use tokio_postgres::{Client, Row};
 
 use crate::config::InboundData;
 use crate::db::DbError;
-use crate::mapping::email1_opted_out;
+use crate::mapping::{email1_opted_out, keap_value};
 use crate::schema::{InboundColumn, UserTable};
 
 /// Mirror rows applied per statement.
@@ -98,8 +102,9 @@ fn values(columns: &[InboundColumn], row: &Row) -> Value {
     let mut v = json!({"contact_id": row.get::<_, i64>(0), "read_at": row.get::<_, String>(1),
                        "user_key": row.get::<_, Option<String>>(2)});
     for (i, c) in columns.iter().enumerate() {
-        v[format!("c{i}")] = match c.data {
+        v[format!("c{i}")] = match &c.data {
             InboundData::EmailOptOut => json!(email1_opted_out(&contact)),
+            InboundData::Owned { field, .. } => json!(keap_value(&contact, field)),
         };
     }
     v
@@ -117,18 +122,28 @@ fn statement(table: &UserTable) -> String {
         .enumerate()
         .map(|(i, c)| {
             let name = c.name.replace('\'', "''");
-            format!("('{name}', to_jsonb(v.c{i}), t.{q} is distinct from v.c{i})", q = c.quoted)
+            format!(
+                "('{name}', to_jsonb(v.c{i}), t.{q}::{ty} is distinct from v.c{i})",
+                q = c.quoted,
+                ty = c.data.sql_type()
+            )
         })
         .collect();
     let set: Vec<String> = cols
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{q} = coalesce(v.c{i}, t.{q})", q = c.quoted))
+        .map(|(i, c)| format!("{q} = coalesce(v.c{i}, t.{q}::{ty})", q = c.quoted, ty = c.data.sql_type()))
         .collect();
     let differ: Vec<String> = cols
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("(v.c{i} is not null and t.{q} is distinct from v.c{i})", q = c.quoted))
+        .map(|(i, c)| {
+            format!(
+                "(v.c{i} is not null and t.{q}::{ty} is distinct from v.c{i})",
+                q = c.quoted,
+                ty = c.data.sql_type()
+            )
+        })
         .collect();
     format!(
         "with v as (

@@ -289,22 +289,17 @@ impl Found {
         })
     }
 
-    /// The `[inbound]` columns checked against the table: each exists, has the type its data
-    /// takes, and is not read by the outbound mapping (the config refuses a column named by
-    /// both; this finds one read inside an SQL expression): one owner a column (invariant 17).
+    /// The columns keap-sync writes from Keap (`[inbound]`'s and the Keap-owned properties')
+    /// checked against the table: each exists, has a type its data fits, and is not read by
+    /// the outbound mapping (the config refuses a column named by both; this finds one read
+    /// inside an SQL expression): one owner a column (invariant 17).
     fn inbound(&self, users: &UsersConfig, synced: &[String]) -> Result<Vec<InboundColumn>, SchemaError> {
         let mut out = Vec::new();
-        for (data, name) in users.inbound.columns() {
+        for (data, name) in users.inbound_columns() {
             let key = data.key();
             let bad = |message: String| SchemaError::BadMapping { key: key.to_owned(), message };
             let type_name = self.column_type(name, key)?;
-            if type_name != data.sql_type() {
-                return Err(bad(format!(
-                    "column {name} is {type_name}; Keap's email opt-out lands in a boolean column \
-                     (`alter table {} add column {name} boolean`)",
-                    self.shown
-                )));
-            }
+            self.inbound_type_fits(&data, name, &type_name).map_err(bad)?;
             if synced.iter().any(|c| c == name) {
                 return Err(bad(format!(
                     "column {name} is Keap's ({key}) but an SQL expression of the outbound mapping reads \
@@ -315,6 +310,27 @@ impl Found {
             out.push(InboundColumn { data, name: name.to_owned(), quoted: quote_ident(name) });
         }
         Ok(out)
+    }
+
+    /// Whether Keap's `data` can land in column `name` of type `type_name`: the opt-out in a
+    /// boolean; a Keap-owned property in a text column of no fixed length, so that whatever
+    /// Keap holds is written as it is (never cut, never refused mid-batch).
+    fn inbound_type_fits(&self, data: &InboundData, name: &str, type_name: &str) -> Result<(), String> {
+        let table = &self.shown;
+        match data {
+            InboundData::EmailOptOut if type_name != "boolean" => Err(format!(
+                "column {name} is {type_name}; Keap's email opt-out lands in a boolean column \
+                 (`alter table {table} add column {name} boolean`)"
+            )),
+            InboundData::Owned { .. } if !["text", "character varying", "citext"].contains(&type_name) => {
+                Err(format!(
+                    "column {name} is {type_name}; a property Keap owns lands in a text column (text, \
+                     varchar without a length or citext), so any value Keap holds fits: `alter table \
+                     {table} alter column {name} type text`, or set owner = \"app\""
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// One mapped value checked against the table (it exists, works, and has a type its

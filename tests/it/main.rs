@@ -26,6 +26,7 @@ mod limits;
 mod mapping;
 mod mirror;
 mod ops;
+mod owned;
 mod pg_restart;
 mod promises;
 mod refusals;
