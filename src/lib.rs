@@ -35,7 +35,8 @@
 //!    in one).
 //! 5. `mapping` (user row → the contact properties and tags we own, checked against Keap's
 //!    rules; per-field fingerprints of what Keap holds), `keap` (REST client and wire types), `ratelimit`,
-//!    `metrics`, `token` (API key or OAuth grant, refreshed under a row lock), `systemd`.
+//!    `metrics`, `token` (API key or OAuth grant, refreshed under a row lock), `systemd`,
+//!    `hooks` (the receiver of Keap's REST hooks: ids queued, never a Keap call).
 //! 6. `access` — the Keap client, credential and limiter of a configuration, built once for
 //!    whoever calls Keap; `mirror` — keap-sync's picture of Keap, listed page by page;
 //!    `deliver` — one change: decide, make the fewest Keap calls (one write per net change,
@@ -72,6 +73,7 @@ mod db;
 mod deliver;
 mod doctor;
 mod failures;
+mod hooks;
 mod init;
 mod keap;
 mod mapping;

@@ -53,7 +53,7 @@ impl Config {
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let file = file.with_env(&env);
         let credential = read_credential(&file.keap, base_dir, &env)?;
-        file.validate(credential, base_dir)
+        file.validate(credential, base_dir, &env)
     }
 }
 
@@ -76,6 +76,7 @@ pub(super) struct FileConfig {
     pub(super) metrics: FileMetrics,
     pub(super) mirror: super::mirror::FileMirror,
     pub(super) inbound: super::inbound::FileInbound,
+    pub(super) hooks: super::hooks::FileHooks,
 }
 
 /// Off unless `listen` is set.
@@ -134,6 +135,7 @@ impl FileConfig {
         self,
         credential: Option<Credential>,
         base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let database = self.database.validate(base_dir)?;
         let mut users = self.users.validate()?;
@@ -145,7 +147,8 @@ impl FileConfig {
         let limits = self.limits.validate(keap.credential.as_ref())?;
         let metrics_listen = self.metrics.validate()?;
         let mirror = self.mirror.validate()?;
-        Ok(Config { metrics_listen, database, users, keap, delivery, limits, mirror })
+        let hooks = self.hooks.validate(base_dir, env)?;
+        Ok(Config { metrics_listen, database, users, keap, delivery, limits, mirror, hooks })
     }
 }
 

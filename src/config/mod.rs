@@ -19,7 +19,7 @@
 //! example's values are the defaults).
 //!
 //! One section a file: `database`, `users` (with the contact mapping in `contact` and the
-//! columns Keap's data lands in in `inbound`), `keap`, `delivery`, `limits`, `mirror`; `load`
+//! columns Keap's data lands in in `inbound`), `keap`, `delivery`, `limits`, `mirror`, `hooks`; `load`
 //! reads the file and the environment and `secrets` the credential; `values` holds the checks
 //! the sections share.
 
@@ -30,6 +30,7 @@ use crate::secret::Secret;
 mod contact;
 mod database;
 mod delivery;
+mod hooks;
 mod inbound;
 mod keap;
 mod limits;
@@ -45,6 +46,7 @@ pub use contact::{
 };
 pub use database::{CaFile, DatabaseConfig};
 pub use delivery::{DeliveryConfig, OnDelete};
+pub use hooks::HooksConfig;
 pub use inbound::{InboundConfig, InboundData};
 pub use keap::{Credential, KeapConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL};
 pub use limits::LimitsConfig;
@@ -95,6 +97,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The daemon's sweep of Keap's changes into keap-sync's mirror.
     pub mirror: MirrorConfig,
+    /// The receiver of Keap's REST hooks; off when `None`.
+    pub hooks: Option<HooksConfig>,
 }
 
 impl Config {

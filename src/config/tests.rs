@@ -190,7 +190,7 @@ fn defaults_are_written_once() {
     let example = toml::from_str::<FileConfig>(include_str!("../../keap-sync.example.toml")).unwrap();
     assert_eq!(example, FileConfig::default());
     // And the file shape's `Default` validated is what an empty file gives.
-    let validated = FileConfig::default().validate(None, std::path::Path::new(".")).unwrap();
+    let validated = FileConfig::default().validate(None, std::path::Path::new("."), &|_| None).unwrap();
     let empty = Config::from_toml("", &|_| None).unwrap();
     assert_eq!(format!("{validated:?}"), format!("{empty:?}"));
 }

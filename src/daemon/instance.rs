@@ -110,6 +110,8 @@ impl Context {
             next_fold: Instant::now(),
             next_sweep: Instant::now() + self.config.mirror.sweep.unwrap_or_default(),
             next_report: Instant::now(),
+            hooks_due: true,
+            next_hook_check: Instant::now(),
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);

@@ -50,6 +50,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -69,6 +70,7 @@ use crate::backfill::BackfillMode;
 use crate::catalog::Catalog;
 use crate::config::{Config, ConfigError, Credential};
 use crate::db::{self, DbError};
+use crate::hooks::Receiver;
 use crate::keap::KeapClient;
 use crate::mapping::Mapper;
 use crate::metrics::Metrics;
@@ -123,6 +125,8 @@ pub struct Daemon {
     first: Client,
     /// Bound at build time, so a taken port fails the start, not some later moment.
     metrics_listener: Option<tokio::net::TcpListener>,
+    /// The hook receiver's listener (`[hooks] listen`), bound at build time too.
+    hooks_listener: Option<tokio::net::TcpListener>,
 }
 
 impl Daemon {
@@ -143,6 +147,15 @@ impl Daemon {
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 RunError::Setup(format!("cannot listen on {addr} for metrics (metrics.listen): {e}"))
+            })?),
+            None => None,
+        };
+        let hooks_listener = match &config.hooks {
+            Some(hooks) => Some(tokio::net::TcpListener::bind(hooks.listen).await.map_err(|e| {
+                RunError::Setup(format!(
+                    "cannot listen on {} for Keap's hooks (hooks.listen): {e}",
+                    hooks.listen
+                ))
             })?),
             None => None,
         };
@@ -173,14 +186,15 @@ impl Daemon {
             config,
             notifier: Notifier::from_env(),
             ready: AtomicBool::new(false),
+            hooked: Arc::new(Notify::new()),
         };
-        Ok(Daemon { context, options, first, metrics_listener })
+        Ok(Daemon { context, options, first, metrics_listener, hooks_listener })
     }
 
     /// Runs until `shutdown` completes (or, with `exit_when_backfilled`, until the backfill is
     /// delivered). Returns once every task it started has ended.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-        let Daemon { context, options, first, metrics_listener } = self;
+        let Daemon { context, options, first, metrics_listener, hooks_listener } = self;
         let context = Arc::new(context);
         tracing::info!(
             table = %context.table.qualified,
@@ -194,6 +208,10 @@ impl Daemon {
         tasks.spawn(cancel_on(shutdown, stop.clone()));
         if let Some(listener) = metrics_listener {
             tasks.spawn(serve_metrics(listener, Arc::clone(&context.metrics), stop.clone()));
+        }
+        if let (Some(listener), Some(hooks)) = (hooks_listener, &context.config.hooks) {
+            let receiver = Receiver::new(hooks.path.clone(), context.pg.clone(), Arc::clone(&context.hooked));
+            tasks.spawn(serve_hooks(listener, Arc::new(receiver), stop.clone()));
         }
         if let Some(mode) = options.backfill {
             tasks.spawn(backfill_until_done(
@@ -249,6 +267,21 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>,
         served = crate::metrics::serve(listener, metrics) => {
             if let Err(e) = served {
                 tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        }
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Serves Keap's hooks until the daemon stops.
+async fn serve_hooks(listener: tokio::net::TcpListener, receiver: Arc<Receiver>, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "receiving Keap's hooks");
+    }
+    tokio::select! {
+        served = crate::hooks::serve(listener, receiver) => {
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the hook receiver stopped");
             }
         }
         _ = stop.cancelled() => {}
@@ -314,4 +347,8 @@ struct Context {
     /// Whether READY was sent. An atomic so both the session loop and the standby wait can
     /// send it, exactly once, through `&self`.
     ready: AtomicBool,
+    /// Notified by the hook receiver after it queued a delivery's ids: the session reads them
+    /// at its next idle turn (it also looks at the queue every `session::HOOK_CHECK`, for ids
+    /// another instance's receiver queued).
+    hooked: Arc<Notify>,
 }

@@ -47,6 +47,10 @@ const LOCKED_RECHECK: Duration = Duration::from_secs(1);
 /// notification was somehow not heard; it stays off the hot path.
 const FOLD_SWEEP: Duration = Duration::from_secs(30);
 
+/// How often the loop looks at the hook queue without a wake-up from its own receiver: ids
+/// queued by another instance's receiver (a standby's) wait this long at most.
+const HOOK_CHECK: Duration = Duration::from_secs(5);
+
 /// Deliveries paused because Keap refuses a credential that should work (a 403, or a 401 even
 /// with a freshly refreshed token): a loop of calls (and refreshes) would only burn the day's
 /// quota, and parking would blame every change for the credential's fault. One probe delivery
@@ -104,6 +108,11 @@ pub(super) struct Session<'a> {
     /// When to look again whether the drift report is due (`[mirror] reconcile_hours`;
     /// `super::report`).
     pub(super) next_report: Instant,
+    /// Whether the hook queue may hold ids: set at the start, by the receiver's wake-up, and
+    /// every [`HOOK_CHECK`]; cleared when a pass is started.
+    pub(super) hooks_due: bool,
+    /// When to look at the hook queue without a wake-up.
+    pub(super) next_hook_check: Instant,
 }
 
 impl Session<'_> {
@@ -173,6 +182,7 @@ impl Session<'_> {
         } else {
             self.check_token_when_due();
             let wait = self.claim_when_free(wait).await?;
+            let wait = self.read_hooked_when_idle(wait);
             let wait = self.sweep_when_idle(wait);
             self.report_when_idle(wait).await?
         };
@@ -322,6 +332,43 @@ impl Session<'_> {
         wait.min(every)
     }
 
+    /// Starts a pass over the hook queue (`mirror::read_hooked`, then the inbound pass) when
+    /// one may be due and no task is in flight: like the sweep, it goes after live changes and
+    /// its calls share the limiter and the day's quota. Returns how long the loop may wait.
+    pub(super) fn read_hooked_when_idle(&mut self, wait: Duration) -> Duration {
+        let now = Instant::now();
+        if !(self.hooks_due || now >= self.next_hook_check) || !self.tasks.is_empty() {
+            return wait.min(self.next_hook_check.saturating_duration_since(now));
+        }
+        self.hooks_due = false;
+        self.next_hook_check = now + HOOK_CHECK;
+        let db = Arc::clone(&self.db);
+        let (client, tokens, mapper) =
+            (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
+        let timeout = self.ctx.config.keap.request_timeout;
+        let table = (!self.ctx.table.inbound.is_empty()).then(|| self.ctx.table.clone());
+        self.tasks.spawn(async move {
+            let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
+            let read = match mirror::read_hooked(&db, &keap, &mapper).await {
+                Ok(read) if read.taken == 0 => return Outcome::Handled,
+                Ok(read) => {
+                    tracing::debug!(calls = read.calls, contacts = read.contacts, taken = read.taken, "read the contacts Keap's hooks named into the mirror");
+                    Outcome::Handled
+                }
+                Err(MirrorError::Db(e)) if e.is_connection_lost() => return Outcome::DbLost(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the contacts Keap's hooks named; they stay queued");
+                    Outcome::Handled
+                }
+            };
+            match table {
+                Some(table) => apply_inbound(&db, &table).await.unwrap_or(read),
+                None => read,
+            }
+        });
+        wait.min(HOOK_CHECK)
+    }
+
     /// Claims as many changes as there are free delivery slots (unless every sender is paused
     /// by Keap's quota or a 429) and returns how long to wait: until the next change is due, at
     /// most `wait`.
@@ -467,6 +514,7 @@ impl Session<'_> {
     pub(super) async fn wait(&mut self, wait: Duration, stop: &CancellationToken) {
         tokio::select! {
             _ = self.wake.notified() => self.fold_due = true,
+            _ = self.ctx.hooked.notified() => self.hooks_due = true,
             Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.handle(joined),
             _ = tokio::time::sleep(wait) => {}
             reason = self.listener.lost.recv() => {

@@ -12,12 +12,15 @@
 //! count them like deliveries (invariant 15).
 //!
 //! With `[inbound]`, what the mirror stores also lands in the users table's Keap-owned columns
-//! (`inbound`, after each of the daemon's sweeps).
+//! (`inbound`, after each of the daemon's sweeps). The contacts Keap's hooks named are read by
+//! id into the mirror (`hooked`) and applied the same way.
 
+mod hooked;
 mod inbound;
 mod lookup;
 mod sweep;
 
+pub(crate) use hooked::read_queued as read_hooked;
 pub(crate) use inbound::{apply as apply_inbound, InboundError};
 pub(crate) use lookup::{forget, remember, Lookups};
 pub(crate) use sweep::{catch_up, sweep};

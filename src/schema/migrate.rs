@@ -104,6 +104,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0018_mirror_email_index.sql"),
     },
     Migration { version: 19, name: "0019_inbound.sql", sql: include_str!("../../sql/0019_inbound.sql") },
+    Migration {
+        version: 20,
+        name: "0020_hook_queue.sql",
+        sql: include_str!("../../sql/0020_hook_queue.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.

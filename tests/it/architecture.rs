@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["db"],
     &["schema"],
     &["outbox"],
-    &["mapping", "keap", "ratelimit", "metrics", "token", "systemd"],
+    &["mapping", "keap", "ratelimit", "metrics", "token", "systemd", "hooks"],
     &["access", "mirror", "deliver", "catalog"],
     &["daemon", "backfill", "failures", "status", "preview", "reconcile", "doctor", "init"],
     &["cli"],

@@ -1,0 +1,23 @@
+//! Keap talks back through REST hooks (issue 29, scope 4): the receiver and its queue.
+//!
+//! ```text
+//!  Keap ──https──▶ reverse proxy ──http──▶ receiver (`[hooks] listen`, POST /<secret path>)
+//!      handshake: echo `X-Hook-Secret`        delivery: ids ─▶ keap_sync.hook_queue ─▶ 200
+//!  daemon (idle, after live changes) ─▶ take queued ids ─▶ read those contacts (v2 listing by
+//!      ids, limiter and quota) ─▶ mirror ─▶ inbound pass ─▶ users' Keap-owned columns
+//! ```
+//!
+//! The receiver never calls Keap: it answers within one short statement (Keap gives up on a
+//! receiver that takes 30 s, and a slow one has made hooks go Inactive). A delivery is a hint,
+//! not data: it names contacts, and the daemon reads them as they are when it gets to them
+//! (design invariant 2), so duplicate, late and out-of-order deliveries converge. A hook that
+//! never comes (Inactive, a legacy action set) is covered by the mirror's sweep.
+//!
+//! - `receiver`: the HTTP side: the secret path, the handshake, the body cap, the answers;
+//! - `queue`: the one table (`sql/0020_hook_queue.sql`): push ids, coalesced per contact.
+
+mod queue;
+mod receiver;
+
+pub(crate) use queue::QUEUED;
+pub(crate) use receiver::{serve, Receiver};

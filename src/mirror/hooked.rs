@@ -1,0 +1,81 @@
+//! The contacts Keap's hooks named (`keap_sync.hook_queue`, filled by `hooks`), read as they
+//! are now and stored in the mirror, which marks them due for the inbound pass.
+//!
+//! Up to [`IDS_PER_CALL`] queued ids a call, one v2 listing filtered by ids (`contact_ids`,
+//! the listing's id filter in Keap's 2025-11-05 v2 OpenAPI file; how a set is spelled is not
+//! documented, a comma-separated list is assumed). Each call's contacts are stored, and their
+//! queue rows removed, in one statement; a row queued again while its contact was being read
+//! stays, and is read again. A contact Keap no longer lists (deleted) is removed from the queue
+//! and left in the mirror for the sweep's full listing to settle.
+
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use super::{record, upsert_page, Keap, MirrorError};
+use crate::db::DbError;
+use crate::hooks::QUEUED;
+use crate::keap::route::Route;
+use crate::keap::v2::{self, Page};
+use crate::mapping::Mapper;
+
+/// Ids in one listing call: a query of about 2 KB, well below any gateway's limit.
+const IDS_PER_CALL: i64 = 200;
+
+/// At most this many calls a pass (20,000 contacts); the rest waits for the next pass.
+const MAX_CALLS: usize = 100;
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Hooked {
+    /// List calls made.
+    pub(crate) calls: u64,
+    /// Contacts stored.
+    pub(crate) contacts: u64,
+    /// Queued ids taken (stored, or gone from Keap).
+    pub(crate) taken: u64,
+}
+
+/// Reads every queued contact into the mirror, oldest first.
+pub(crate) async fn read_queued(
+    db: &Client,
+    keap: &Keap<'_>,
+    mapper: &Mapper,
+) -> Result<Hooked, MirrorError> {
+    let fields = v2::fields(&mapper.properties());
+    let mut done = Hooked::default();
+    for _ in 0..MAX_CALLS {
+        let rows = db.query(QUEUED, &[&IDS_PER_CALL]).await.map_err(DbError::from)?;
+        if rows.is_empty() {
+            break;
+        }
+        let taken: Vec<Value> =
+            rows.iter().map(|r| json!({"id": r.get::<_, i64>(0), "at": r.get::<_, String>(1)})).collect();
+        let ids: Vec<String> = rows.iter().map(|r| r.get::<_, i64>(0).to_string()).collect();
+        let filter = format!("contact_ids=={}", ids.join(","));
+        let page = keap.page(db, Route::list_contacts("id", &filter, &fields, None)).await?;
+        done.calls += 1;
+        done.contacts += page.contacts.len() as u64;
+        done.taken += rows.len() as u64;
+        store(db, &page, taken).await?;
+        if (rows.len() as i64) < IDS_PER_CALL {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+/// Stores a call's contacts (one the mirror holds from a newer read is kept) and removes the
+/// queue rows read, unless queued again since, in one statement.
+async fn store(db: &Client, page: &Page, taken: Vec<Value>) -> Result<(), DbError> {
+    let rows: Vec<Value> = page.contacts.iter().map(record).collect();
+    let newer =
+        "where m.updated_at is null or excluded.updated_at is null or excluded.updated_at >= m.updated_at";
+    let sql = format!(
+        "{} delete from keap_sync.hook_queue q
+              using jsonb_to_recordset($2::jsonb) as x(id bigint, at timestamptz)
+             where q.contact_id = x.id and q.queued_at = x.at",
+        upsert_page(newer)
+    );
+    db.execute(&sql, &[&Value::Array(rows), &Value::Array(taken)]).await?;
+    Ok(())
+}
