@@ -24,6 +24,10 @@ use tokio_postgres::{Client, NoTls};
 /// The API key the test configuration sends and the fake accepts.
 pub const API_KEY: &str = "test-api-key-0123456789";
 
+/// The hook receiver's secret path in every test's environment (`KEAP_SYNC_HOOK_PATH`), read
+/// only when a test's config has `[hooks] listen`.
+pub const HOOK_PATH: &str = "test-hook-path-0123456789abcdef";
+
 /// The application's table as a typical app has it: `plan` is not synced.
 pub const USERS_DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -241,6 +245,7 @@ impl TestApp {
             ("DATABASE_URL".to_owned(), self.conninfo.clone()),
             ("KEAP_API_URL".to_owned(), self.fake.api_url()),
             ("KEAP_TOKEN_URL".to_owned(), self.fake.token_url()),
+            ("KEAP_SYNC_HOOK_PATH".to_owned(), HOOK_PATH.to_owned()),
         ]);
         if self.oauth {
             let opts = FakeOptions::default();

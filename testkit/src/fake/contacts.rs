@@ -65,6 +65,7 @@ impl State {
                 Err(_) => Err(msg(400, "Invalid contact id")),
             },
             (m, ["tags"]) => self.tags_api(m, body, &query),
+            (m, ["hooks", rest @ ..]) => self.hooks_api(m, rest, body),
             (&Method::PUT, ["emailAddresses", email]) => match url_decode(email) {
                 Some(email) => self.opt(&email, body),
                 None => Err(msg(400, "Invalid email address")),

@@ -230,7 +230,8 @@ impl FakeKeap {
     }
 
     /// Edits any stored property of a contact as a person would in Keap's web app (no request
-    /// recorded, not validated). Returns false if there is no such contact.
+    /// recorded, not validated; the `contact.edit` hooks fire). Returns false if there is no
+    /// such contact.
     pub fn edit_contact_json(&self, id: i64, edit: impl FnOnce(&mut Map<String, Value>)) -> bool {
         let mut st = self.state();
         let Some(c) = st.contacts.get(&id) else { return false };
@@ -242,6 +243,9 @@ impl FakeKeap {
                 edited.email_addresses.sort_by_key(|e| slot(e.field));
                 edited.last_updated = Some(rfc3339_ms(unix_ms()));
                 st.contacts.edit(id, |c| *c = edited);
+                st.hooks.fire("contact.edit", id);
+                drop(st);
+                self.kick_hooks();
                 true
             }
             Err(e) => panic!("not a contact after the edit: {e}"),
@@ -313,7 +317,10 @@ impl FakeKeap {
         let now = rfc3339_ms(unix_ms());
         for id in ids {
             st.contacts.edit(id, |c| c.last_updated = Some(now.clone()));
+            st.hooks.fire("contact.edit", id);
         }
+        drop(st);
+        self.kick_hooks();
     }
 
     /// The `email_status` Keap would answer for this address now.
@@ -336,6 +343,11 @@ impl FakeKeap {
             // A person's edit moves the contact's update time, as in Keap.
             c.last_updated = Some(rfc3339_ms(unix_ms()));
         });
+        if edited.is_some() {
+            state.hooks.fire("contact.edit", id);
+            drop(state);
+            self.kick_hooks();
+        }
         edited.is_some()
     }
 
@@ -355,7 +367,13 @@ impl FakeKeap {
     pub fn delete_contact(&self, id: i64) -> bool {
         let mut st = self.state();
         st.applied.remove(&id);
-        st.contacts.remove(&id).is_some()
+        let existed = st.contacts.remove(&id).is_some();
+        if existed {
+            st.hooks.fire("contact.delete", id);
+            drop(st);
+            self.kick_hooks();
+        }
+        existed
     }
 
     /// Every request received, in order of arrival.

@@ -204,6 +204,10 @@ pub(super) async fn serve(state: &Mutex<State>, req: &Req, kind: Kind) -> Result
         }
     }
     let mut answer = lock(state).dispatch(req, kind);
+    if let Some(key) = super::hooks::handshake_due(req, &answer) {
+        let headers = std::mem::take(&mut answer.headers);
+        answer = super::hooks::handshake(state, &key).await.with_headers(headers);
+    }
     if drop_after {
         return Err(DropConnection);
     }

@@ -52,7 +52,8 @@
 //! The files: the server's sockets and connections (`server`), the test's handle on it
 //! ([`FakeKeap`]'s methods, `control`), the HTTP layer (`http`: requests, replies, faults,
 //! dispatch), the token endpoint and authentication (`oauth`), the rate limits (`limits`), the
-//! contact endpoints and store (`contacts`), tags and email opt-outs (`tags`), plus the wire
+//! contact endpoints and store (`contacts`), tags and email opt-outs (`tags`), REST hooks and
+//! their deliveries (`hooks`), plus the wire
 //! types (`wire`), Keap's property rules (`rules`) and the other host of a redirect
 //! (`other_host`).
 
@@ -65,6 +66,7 @@ use serde_json::Value;
 
 mod contacts;
 mod control;
+mod hooks;
 mod http;
 mod limits;
 mod oauth;
@@ -75,6 +77,7 @@ mod tags;
 mod v2;
 mod wire;
 
+pub use hooks::{HookAttempt, HookOptions, RestHook};
 pub use other_host::{Arrival, OtherHost};
 pub use wire::{Contact, ContactList, ContactWrite, DuplicateOption, EmailAddress, EmailField, TokenGrant};
 
@@ -355,6 +358,8 @@ struct State {
     refresh_count: usize,
     spent_reuse: usize,
     throttled: usize,
+    /// REST hook subscriptions, events waiting to be sent, delivery attempts (`hooks`).
+    hooks: hooks::Hooks,
 }
 
 /// Locks, recovering from poisoning: a panicking test thread must not take the server down.

@@ -1,0 +1,178 @@
+//! Keap talks back through hooks (issue 29, scope 4): the receiver answers Keap's handshake,
+//! queues the ids of a delivery and answers at once; the daemon reads the queued contacts
+//! (one v2 listing by ids) into the mirror and the inbound pass writes the Keap-owned columns.
+//! The sweep is effectively off here (`sweep_secs = 3600`), so only a hook can bring a change.
+
+use std::time::Duration;
+
+use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp, HOOK_PATH};
+use keap_sync_testkit::fake::RecordedRequest;
+use serde_json::json;
+
+use crate::wait_settled;
+
+const DDL: &str = "create table public.users (
+    id                 bigserial primary key,
+    email              text,
+    first_name         text,
+    last_name          text,
+    marketing_opt_out  boolean not null default false,
+    phone              text,
+    notes              text
+)";
+
+/// `[inbound]` opt-out and a Keap-owned phone.
+const MAPPING: &str = "[inbound]\nemail_opt_out = \"marketing_opt_out\"\n\
+                       [contact.phone_numbers.PHONE1]\nnumber = { column = \"phone\", owner = \"keap\" }\n";
+
+/// A port of 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The app with its receiver on a free port, the sweep effectively off, `extra` appended;
+/// returns it and the receiver's URL (secret path included).
+async fn hooked_app(extra: &str) -> (TestApp, String) {
+    let port = free_port();
+    let toml = format!("[mirror]\nsweep_secs = 3600\n[hooks]\nlisten = \"127.0.0.1:{port}\"\n{extra}");
+    let toml: &'static str = Box::leak(toml.into_boxed_str());
+    let app = spawn_app_with(Options { users_ddl: DDL, toml, ..Options::default() }).await;
+    receiving(port).await;
+    (app, format!("http://127.0.0.1:{port}/{HOOK_PATH}"))
+}
+
+/// Waits until the daemon (started in the background) accepts connections on `port`.
+async fn receiving(port: u16) {
+    app::eventually(Duration::from_secs(20), "the hook receiver listening", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    })
+    .await;
+}
+
+/// Subscribes the receiver to `contact.edit` in the fake; the handshake must verify it.
+async fn subscribed(app: &TestApp, url: &str) {
+    let hook = app.fake.subscribe_hook("contact.edit", url).await;
+    assert_eq!(hook.status, "Verified", "the receiver answered the handshake");
+}
+
+/// Inserts Ada, waits until her contact exists; returns its id and the requests so far.
+async fn ada_synced(app: &TestApp) -> (i64, usize) {
+    app.exec("insert into users (id, email, first_name) values (1, 'ada@example.com', 'Ada')").await;
+    wait_settled(app).await;
+    let id = app.fake.contacts_with_email("ada@example.com")[0].id;
+    (id, app.fake.requests().len())
+}
+
+/// The writes (not reads, not the token endpoint) recorded from `from` on.
+fn writes_since(app: &TestApp, from: usize) -> Vec<RecordedRequest> {
+    let all = app.fake.requests().into_iter().skip(from);
+    all.filter(|r| r.method != "GET" && !r.path.ends_with("/token")).collect()
+}
+
+/// Nothing captured, queued or waiting to go to Keap.
+async fn nothing_outbound(app: &TestApp) -> i64 {
+    app.count("select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)")
+        .await
+}
+
+/// No listing by update time (a sweep) since `from`: only reads by id.
+fn no_sweep_since(app: &TestApp, from: usize) {
+    let swept =
+        app.fake.requests().into_iter().skip(from).filter(|r| r.query.contains("start_update_time")).count();
+    assert_eq!(swept, 0, "a sweep ran; this test wants the hook alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_in_keap_reaches_the_column_within_seconds_through_a_hook() {
+    let (app, url) = hooked_app(MAPPING).await;
+    subscribed(&app, &url).await;
+    let (_, before) = ada_synced(&app).await;
+    app.fake.set_email_status("ada@example.com", "ListUnsubscribe");
+    app::eventually(Duration::from_secs(5), "the opt-out in users.marketing_opt_out", || async {
+        app.db.query_one("select marketing_opt_out from users where id = 1", &[]).await.unwrap().get(0)
+    })
+    .await;
+    let read: Vec<_> =
+        app.fake.requests().into_iter().skip(before).filter(|r| r.path.ends_with("/v2/contacts")).collect();
+    assert!(read.iter().all(|r| r.query.contains("contact_ids")), "read by id: {read:?}");
+    no_sweep_since(&app, 0);
+    let writes = writes_since(&app, before);
+    assert!(writes.is_empty(), "no Keap write: {writes:?}");
+    assert_eq!(nothing_outbound(&app).await, 0, "nothing enqueued outbound");
+    assert_eq!(app.count("select count(*) from keap_sync.hook_queue").await, 0, "the queue is drained");
+    let attempts = app.fake.hook_attempts();
+    assert!(!attempts.is_empty() && attempts.iter().all(|a| a.status == Some(200)), "{attempts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keap_owned_phone_edited_in_keap_reaches_the_column_through_a_hook() {
+    let (app, url) = hooked_app(MAPPING).await;
+    subscribed(&app, &url).await;
+    let (id, before) = ada_synced(&app).await;
+    assert!(app.fake.edit_contact_json(id, |m| {
+        m.insert(
+            "phone_numbers".into(),
+            json!([{"field": "PHONE1", "number": "+1 555 0199", "type": "Mobile"}]),
+        );
+    }));
+    app::eventually(Duration::from_secs(5), "Keap's phone in users.phone", || async {
+        let phone: Option<String> =
+            app.db.query_one("select phone from users where id = 1", &[]).await.unwrap().get(0);
+        phone.as_deref() == Some("+1 555 0199")
+    })
+    .await;
+    no_sweep_since(&app, 0);
+    assert!(writes_since(&app, before).is_empty(), "no Keap write");
+    assert_eq!(nothing_outbound(&app).await, 0, "nothing enqueued outbound");
+}
+
+/// POSTs `body` to `url` with `headers`; (status, `X-Hook-Secret` answered).
+async fn post(url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, Option<String>) {
+    keap_sync_testkit::install_crypto_provider();
+    let mut req = reqwest::Client::new().post(url).body(body).header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let answer = req.send().await.expect("the receiver answers");
+    let echoed = answer.headers().get("x-hook-secret").map(|v| v.to_str().unwrap().to_owned());
+    (answer.status().as_u16(), echoed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_path_is_404_a_bad_body_400_an_oversized_one_413_and_none_queues_anything() {
+    let (app, url) = hooked_app(MAPPING).await;
+    let base = url.trim_end_matches(HOOK_PATH).to_owned();
+    let delivery = |id: i64| {
+        json!({"event_key": "contact.edit", "object_type": "contact", "object_keys": [{"id": id, "timestamp": "x"}]})
+            .to_string()
+            .into_bytes()
+    };
+    let handshake = [("x-hook-secret", "s3cr3t-handshake")];
+    for wrong in [
+        base.clone(),
+        format!("{base}{}", &HOOK_PATH[..HOOK_PATH.len() - 1]),
+        format!("{url}x"),
+        format!("{url}/"),
+    ] {
+        assert_eq!(post(&wrong, delivery(1), &[]).await, (404, None), "{wrong}");
+        assert_eq!(post(&wrong, Vec::new(), &handshake).await, (404, None), "no handshake on {wrong}");
+    }
+    assert_eq!(post(&url, b"{not json".to_vec(), &[]).await.0, 400);
+    assert_eq!(post(&url, br#"{"event_key":"contact.edit"}"#.to_vec(), &[]).await.0, 400);
+    let mut huge = br#"{"event_key":"contact.edit","object_type":"contact","object_keys":["#.to_vec();
+    while huge.len() <= 1 << 20 {
+        huge.extend_from_slice(br#"{"id":1234567,"timestamp":"2026-01-01T00:00:00.000Z"},"#);
+    }
+    huge.extend_from_slice(br#"{"id":1}]}"#);
+    assert_eq!(post(&url, huge, &[]).await.0, 413);
+    assert_eq!(app.count("select count(*) from keap_sync.hook_queue").await, 0, "nothing queued");
+    // The right path: the handshake is echoed, a delivery queued.
+    assert_eq!(post(&url, Vec::new(), &handshake).await, (200, Some("s3cr3t-handshake".into())));
+    // A contact Keap does not have: queued, then read (not found) and taken off the queue.
+    assert_eq!(post(&url, delivery(999_999), &[]).await.0, 200);
+    app::eventually(Duration::from_secs(10), "the queued id read and taken", || async {
+        app.fake.requests().iter().any(|r| r.query.contains("contact_ids"))
+            && app.count("select count(*) from keap_sync.hook_queue").await == 0
+    })
+    .await;
+}
