@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp, HOOK_PATH};
-use keap_sync_testkit::fake::RecordedRequest;
+use keap_sync_testkit::fake::{HookOptions, RecordedRequest};
 use serde_json::json;
 
 use crate::wait_settled;
@@ -170,9 +170,94 @@ async fn a_wrong_path_is_404_a_bad_body_400_an_oversized_one_413_and_none_queues
     assert_eq!(post(&url, Vec::new(), &handshake).await, (200, Some("s3cr3t-handshake".into())));
     // A contact Keap does not have: queued, then read (not found) and taken off the queue.
     assert_eq!(post(&url, delivery(999_999), &[]).await.0, 200);
+    assert!(!app::captured_logs().contains(HOOK_PATH), "the secret path is never logged");
     app::eventually(Duration::from_secs(10), "the queued id read and taken", || async {
         app.fake.requests().iter().any(|r| r.query.contains("contact_ids"))
             && app.count("select count(*) from keap_sync.hook_queue").await == 0
     })
     .await;
+}
+
+/// Keap's final phone and opt-out of contact `id`, as the fake holds them.
+fn keap_final(app: &TestApp, id: i64, email: &str) -> (Option<String>, bool) {
+    let contact = app.fake.contact_json(id).expect("the contact");
+    let phone = contact["phone_numbers"]
+        .as_array()
+        .and_then(|p| p.first())
+        .map(|p| p["number"].as_str().unwrap().to_owned());
+    (phone, app.fake.email_status(email) == "ListUnsubscribe")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_contacts_edited_three_times_converge_through_reordered_duplicated_batches() {
+    let (app, url) = hooked_app(MAPPING).await;
+    subscribed(&app, &url).await;
+    app.exec(
+        "insert into users (id, email, first_name)
+         select g, 'u' || g || '@example.com', 'U' || g from generate_series(1, 200) g",
+    )
+    .await;
+    wait_settled(&app).await;
+    let before = app.fake.requests().len();
+    let linked: Vec<(i64, i64)> = app
+        .db
+        .query("select user_key::bigint, contact_id from keap_sync.contact_map order by 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(linked.len(), 200);
+    app.fake.set_hook_options(HookOptions {
+        batch: 50,
+        reorder: true,
+        duplicate: 0.2,
+        gather: Duration::from_millis(100),
+        ..HookOptions::default()
+    });
+    for round in 1..=3 {
+        for (user, id) in &linked {
+            let number = format!("+1 555 {user:04} {round}");
+            assert!(app.fake.edit_contact_json(*id, |m| {
+                m.insert(
+                    "phone_numbers".into(),
+                    json!([{"field": "PHONE1", "number": number, "type": "Mobile"}]),
+                );
+            }));
+            if round == 2 && user % 3 == 0 {
+                app.fake.set_email_status(&format!("u{user}@example.com"), "ListUnsubscribe");
+            }
+        }
+    }
+    let rows = || async {
+        let rows =
+            app.db.query("select id, phone, marketing_opt_out from users order by id", &[]).await.unwrap();
+        rows.iter()
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<String>>(1), r.get::<_, bool>(2)))
+            .collect::<Vec<_>>()
+    };
+    let want: Vec<(i64, Option<String>, bool)> = linked
+        .iter()
+        .map(|(user, id)| {
+            let (phone, out) = keap_final(&app, *id, &format!("u{user}@example.com"));
+            (*user, phone, out)
+        })
+        .collect();
+    assert!(want.iter().all(|(user, phone, _)| phone.as_deref() == Some(&*format!("+1 555 {user:04} 3"))));
+    app::eventually(Duration::from_secs(30), "every row equal to Keap's final values", || async {
+        rows().await == want
+    })
+    .await;
+    no_sweep_since(&app, 0);
+    assert!(writes_since(&app, before).is_empty(), "no Keap write");
+    assert_eq!(nothing_outbound(&app).await, 0, "nothing enqueued outbound");
+    let attempts = app.fake.hook_attempts();
+    let sent: usize = attempts.iter().map(|a| a.ids.len()).sum();
+    let events = 3 * 200 + 200 / 3;
+    assert!(attempts.len() >= events / 50, "delivered in batches: {}", attempts.len());
+    assert!(sent > events, "some events were sent twice: {sent} ids for {events} events");
+    for a in &attempts {
+        assert_eq!(a.status, Some(200), "every receiver answer is 200: {a:?}");
+        assert!(a.elapsed < Duration::from_secs(1), "every answer under a second: {a:?}");
+    }
 }
