@@ -69,6 +69,7 @@ mod control;
 mod hooks;
 mod http;
 mod limits;
+mod merges;
 mod oauth;
 mod other_host;
 mod rules;
@@ -360,6 +361,8 @@ struct State {
     throttled: usize,
     /// REST hook subscriptions, events waiting to be sent, delivery attempts (`hooks`).
     hooks: hooks::Hooks,
+    /// Contacts the v2 listing leaves out (`FakeKeap::hide_from_listings`).
+    unlisted: HashSet<i64>,
 }
 
 /// Locks, recovering from poisoning: a panicking test thread must not take the server down.

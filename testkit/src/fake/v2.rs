@@ -141,7 +141,7 @@ impl State {
                     .by_id
                     .range(from..)
                     .map(|(_, c)| c)
-                    .filter(|c| filter.admits(c, updated_ms(c)))
+                    .filter(|c| !self.unlisted.contains(&c.id) && filter.admits(c, updated_ms(c)))
                     .map(|c| ((0, c.id), c))
                     .take(page_size + 1)
                     .collect();
@@ -153,6 +153,7 @@ impl State {
                 let mut rows: Vec<((u64, i64), &Contact)> = self
                     .contacts
                     .values()
+                    .filter(|c| !self.unlisted.contains(&c.id))
                     .filter_map(|c| {
                         let updated = updated_ms(c);
                         filter.admits(c, updated).then_some(((updated, c.id), c))
