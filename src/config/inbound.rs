@@ -6,6 +6,7 @@
 //! ```toml
 //! [inbound]
 //! email_opt_out = "marketing_opt_out"   # boolean: true while EMAIL1 is opted out in Keap
+//! contact_gone_at = "keap_contact_gone_at" # timestamptz: when the linked contact was found gone
 //! ```
 
 use serde::Deserialize;
@@ -20,6 +21,11 @@ pub struct InboundConfig {
     /// bounce, a spam report…) for the contact's EMAIL1, and to false while it holds a
     /// marketable or merely non-marketable status; `None`: not written.
     pub email_opt_out: Option<String>,
+    /// A `timestamptz` column stamped with the time the user's linked contact was found gone
+    /// in Keap (deleted or merged away, confirmed by a 404), in the statement that unlinks it.
+    /// Left as it is afterwards (a relink does not clear it): it says when the contact was
+    /// last lost. `None`: not written.
+    pub contact_gone_at: Option<String>,
 }
 
 /// What of Keap's lands in an inbound column.
@@ -27,6 +33,9 @@ pub struct InboundConfig {
 pub enum InboundData {
     /// Whether EMAIL1 is opted out (`email_opt_out`): a boolean column.
     EmailOptOut,
+    /// When the linked contact was found gone in Keap (`contact_gone_at`): a `timestamptz`
+    /// column, written by the unlink, never by the mirror's inbound pass.
+    ContactGone,
     /// A `[contact]` property with `owner = "keap"` (its config key and the property): its
     /// value as Keap holds it, as text, into a text column.
     Owned {
@@ -42,6 +51,7 @@ impl InboundData {
     pub fn key(&self) -> &str {
         match self {
             InboundData::EmailOptOut => "inbound.email_opt_out",
+            InboundData::ContactGone => "inbound.contact_gone_at",
             InboundData::Owned { key, .. } => key,
         }
     }
@@ -51,21 +61,30 @@ impl InboundData {
     pub fn sql_type(&self) -> &'static str {
         match self {
             InboundData::EmailOptOut => "boolean",
+            InboundData::ContactGone => "timestamptz",
             InboundData::Owned { .. } => "text",
         }
+    }
+
+    /// Whether its value comes from the mirror (the inbound pass writes it); the stamp of a
+    /// contact found gone does not.
+    pub fn from_mirror(&self) -> bool {
+        !matches!(self, InboundData::ContactGone)
     }
 }
 
 impl InboundConfig {
     /// Whether anything comes in at all.
     pub fn is_on(&self) -> bool {
-        self.email_opt_out.is_some()
+        self.email_opt_out.is_some() || self.contact_gone_at.is_some()
     }
 
     /// Each configured column of `[inbound]` with what lands in it (the Keap-owned properties'
     /// columns are in [`UsersConfig::inbound_columns`]).
     pub fn columns(&self) -> Vec<(InboundData, &str)> {
-        self.email_opt_out.iter().map(|c| (InboundData::EmailOptOut, c.as_str())).collect()
+        let opt_out = self.email_opt_out.iter().map(|c| (InboundData::EmailOptOut, c.as_str()));
+        let gone = self.contact_gone_at.iter().map(|c| (InboundData::ContactGone, c.as_str()));
+        opt_out.chain(gone).collect()
     }
 }
 
@@ -88,6 +107,7 @@ impl UsersConfig {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct FileInbound {
     pub(super) email_opt_out: Option<String>,
+    pub(super) contact_gone_at: Option<String>,
 }
 
 impl FileInbound {
@@ -97,7 +117,8 @@ impl FileInbound {
     /// read only inside an SQL expression is refused later, when `schema` resolves the mapping
     /// against the table.
     pub(super) fn validate(self, users: &UsersConfig) -> Result<InboundConfig, ConfigError> {
-        let inbound = InboundConfig { email_opt_out: self.email_opt_out };
+        let inbound =
+            InboundConfig { email_opt_out: self.email_opt_out, contact_gone_at: self.contact_gone_at };
         let all = UsersConfig { inbound: inbound.clone(), ..users.clone() };
         let columns = all.inbound_columns();
         for (i, (data, column)) in columns.iter().enumerate() {

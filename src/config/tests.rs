@@ -386,6 +386,19 @@ fn inbound_is_off_unless_configured_and_a_column_has_one_owner() {
 }
 
 #[test]
+fn the_stamp_of_a_contact_found_gone_is_an_inbound_column_with_one_owner() {
+    let on = load_str("[inbound]\ncontact_gone_at = \"gone_at\"\n", &[]).unwrap();
+    assert_eq!(on.users.inbound.contact_gone_at.as_deref(), Some("gone_at"));
+    assert!(on.users.inbound.is_on());
+    assert!(!on.users.synced_columns().contains(&"gone_at".to_owned()), "never sent out");
+    let err = load_str("[inbound]\ncontact_gone_at = \"email\"\n", &[]).unwrap_err().to_string();
+    assert!(err.contains("inbound.contact_gone_at") && err.contains("users.email"), "{err}");
+    let twice = "[inbound]\nemail_opt_out = \"x\"\ncontact_gone_at = \"x\"\n";
+    let err = load_str(twice, &[]).unwrap_err().to_string();
+    assert!(err.contains("both name column x"), "{err}");
+}
+
+#[test]
 fn a_property_owned_by_keap_is_never_sent_and_needs_a_column() {
     let mapping = |text: &str| load_str(&format!("[contact]\n{text}\n"), &[]);
     let c = mapping(

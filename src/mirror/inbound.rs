@@ -67,9 +67,12 @@ pub(crate) enum InboundError {
     Refused { table: String, columns: String, reason: String, grant: String },
 }
 
-/// Applies every due mirror row to the inbound columns of `table`; nothing when there are none.
+/// Applies every due mirror row to the inbound columns of `table` that the mirror feeds (not
+/// the stamp of a contact found gone, `super::gone`); nothing when there are none.
 pub(crate) async fn apply(db: &Client, table: &UserTable) -> Result<Applied, InboundError> {
     let mut applied = Applied::default();
+    let from_mirror = table.inbound.iter().filter(|c| c.data.from_mirror()).cloned().collect();
+    let table = &UserTable { inbound: from_mirror, ..table.clone() };
     if table.inbound.is_empty() {
         return Ok(applied);
     }
@@ -104,6 +107,7 @@ fn values(columns: &[InboundColumn], row: &Row) -> Value {
     for (i, c) in columns.iter().enumerate() {
         v[format!("c{i}")] = match &c.data {
             InboundData::EmailOptOut => json!(email1_opted_out(&contact)),
+            InboundData::ContactGone => Value::Null,
             InboundData::Owned { field, .. } => json!(keap_value(&contact, field)),
         };
     }

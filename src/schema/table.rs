@@ -313,7 +313,7 @@ impl Found {
     }
 
     /// Whether Keap's `data` can land in column `name` of type `type_name`: the opt-out in a
-    /// boolean; a Keap-owned property in a text column of no fixed length, so that whatever
+    /// boolean; the time a contact was found gone in a timestamptz; a Keap-owned property in a text column of no fixed length, so that whatever
     /// Keap holds is written as it is (never cut, never refused mid-batch).
     fn inbound_type_fits(&self, data: &InboundData, name: &str, type_name: &str) -> Result<(), String> {
         let table = &self.shown;
@@ -322,6 +322,14 @@ impl Found {
                 "column {name} is {type_name}; Keap's email opt-out lands in a boolean column \
                  (`alter table {table} add column {name} boolean`)"
             )),
+            InboundData::ContactGone
+                if !(type_name.starts_with("timestamp") && type_name.ends_with("with time zone")) =>
+            {
+                Err(format!(
+                    "column {name} is {type_name}; the time a contact was found gone lands in a timestamptz \
+                 column (`alter table {table} add column {name} timestamptz`)"
+                ))
+            }
             InboundData::Owned { .. } if !["text", "character varying", "citext"].contains(&type_name) => {
                 Err(format!(
                     "column {name} is {type_name}; a property Keap owns lands in a text column (text, \
