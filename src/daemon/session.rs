@@ -332,7 +332,8 @@ impl Session<'_> {
         wait.min(every)
     }
 
-    /// Starts a pass over the hook queue (`mirror::read_hooked`, then the inbound pass) when
+    /// Starts a pass over the hook queue (`mirror::read_hooked`, then the inbound pass) and
+    /// over the contacts waiting for Keap to confirm them gone (`mirror::confirm_gone`) when
     /// one may be due and no task is in flight: like the sweep, it goes after live changes and
     /// its calls share the limiter and the day's quota. Returns how long the loop may wait.
     pub(super) fn read_hooked_when_idle(&mut self, wait: Duration) -> Duration {
@@ -346,25 +347,28 @@ impl Session<'_> {
         let (client, tokens, mapper) =
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
         let timeout = self.ctx.config.keap.request_timeout;
-        let table = (!self.ctx.table.inbound.is_empty()).then(|| self.ctx.table.clone());
+        let table = self.ctx.table.clone();
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
             let read = match mirror::read_hooked(&db, &keap, &mapper).await {
-                Ok(read) if read.taken == 0 => return Outcome::Handled,
+                Ok(read) if read.taken == 0 => false,
                 Ok(read) => {
                     tracing::debug!(calls = read.calls, contacts = read.contacts, taken = read.taken, "read the contacts Keap's hooks named into the mirror");
-                    Outcome::Handled
+                    true
                 }
                 Err(MirrorError::Db(e)) if e.is_connection_lost() => return Outcome::DbLost(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not read the contacts Keap's hooks named; they stay queued");
-                    Outcome::Handled
+                    // What it did store is applied: every stored row is due.
+                    true
                 }
             };
-            match table {
-                Some(table) => apply_inbound(&db, &table).await.unwrap_or(read),
-                None => read,
+            if read && !table.inbound.is_empty() {
+                if let Some(lost) = apply_inbound(&db, &table).await {
+                    return lost;
+                }
             }
+            confirm_gone(&db, &keap, &table).await.unwrap_or(Outcome::Handled)
         });
         wait.min(HOOK_CHECK)
     }
@@ -570,6 +574,30 @@ impl Session<'_> {
             Err(e) => {
                 tracing::error!(error = %e, "a delivery task failed; its change will be retried when the claim expires")
             }
+        }
+    }
+}
+
+/// Asks Keap about the linked contacts a listing did not return (`mirror::confirm_gone`) and
+/// unlinks those it no longer has. A failure is logged; the rest stay queued for the next
+/// pass. `Some(DbLost)` ends the session.
+async fn confirm_gone(db: &db::Db, keap: &mirror::Keap<'_>, table: &schema::UserTable) -> Option<Outcome> {
+    match mirror::confirm_gone(db, keap, table).await {
+        Ok(done) => {
+            if done.calls > 0 {
+                tracing::debug!(
+                    calls = done.calls,
+                    unlinked = done.unlinked,
+                    kept = done.kept,
+                    "asked Keap about linked contacts a listing did not return"
+                );
+            }
+            None
+        }
+        Err(MirrorError::Db(e)) if e.is_connection_lost() => Some(Outcome::DbLost(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not ask Keap whether linked contacts are gone; asking again at the next pass");
+            None
         }
     }
 }

@@ -5,8 +5,9 @@
 //! the listing's id filter in Keap's 2025-11-05 v2 OpenAPI file; how a set is spelled is not
 //! documented, a comma-separated list is assumed). Each call's contacts are stored, and their
 //! queue rows removed, in one statement; a row queued again while its contact was being read
-//! stays, and is read again. A contact Keap no longer lists (deleted) is removed from the queue
-//! and left in the mirror for the sweep's full listing to settle.
+//! stays, and is read again. A contact Keap no longer lists (deleted, merged away, or missed by
+//! the listing) is removed from the queue; if a user is linked to it, it is queued for Keap to
+//! confirm gone by id (`super::gone`: the listing's word alone unlinks nobody).
 
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -64,17 +65,21 @@ pub(crate) async fn read_queued(
     Ok(done)
 }
 
-/// Stores a call's contacts (one the mirror holds from a newer read is kept) and removes the
-/// queue rows read, unless queued again since, in one statement.
+/// Stores a call's contacts (one the mirror holds from a newer read is kept), queues the linked
+/// ones it did not return for Keap to confirm gone, and removes the queue rows read, unless
+/// queued again since, in one statement.
 async fn store(db: &Client, page: &Page, taken: Vec<Value>) -> Result<(), DbError> {
     let rows: Vec<Value> = page.contacts.iter().map(record).collect();
     let newer =
         "where m.updated_at is null or excluded.updated_at is null or excluded.updated_at >= m.updated_at";
+    let missing = "array(select x.id from jsonb_to_recordset($2::jsonb) as x(id bigint)
+                          where x.id not in (select (r->>'id')::bigint from jsonb_array_elements($1::jsonb) r))";
     let sql = format!(
-        "{} delete from keap_sync.hook_queue q
+        "{}, {} delete from keap_sync.hook_queue q
               using jsonb_to_recordset($2::jsonb) as x(id bigint, at timestamptz)
              where q.contact_id = x.id and q.queued_at = x.at",
-        upsert_page(newer)
+        upsert_page(newer),
+        super::gone::suspects(missing)
     );
     db.execute(&sql, &[&Value::Array(rows), &Value::Array(taken)]).await?;
     Ok(())

@@ -6,7 +6,9 @@
 //! statement that also records the next page's token, so memory holds one page whatever the
 //! number of contacts, and a listing stopped half-way resumes where it was. A listing that
 //! completes removes the contacts it did not see (deleted or merged away in Keap) and moves
-//! the watermark to its start: every change Keap made before then is in the mirror.
+//! the watermark to its start: every change Keap made before then is in the mirror. A linked
+//! contact it did not see is only queued for Keap to confirm gone (`gone`, invariant 20): the
+//! listing itself unlinks nobody.
 //!
 //! Calls go through the configuration's Keap access, so the limiter and the day's quota
 //! count them like deliveries (invariant 15).
@@ -15,11 +17,13 @@
 //! (`inbound`, after each of the daemon's sweeps). The contacts Keap's hooks named are read by
 //! id into the mirror (`hooked`) and applied the same way.
 
+mod gone;
 mod hooked;
 mod inbound;
 mod lookup;
 mod sweep;
 
+pub(crate) use gone::confirm as confirm_gone;
 pub(crate) use hooked::read_queued as read_hooked;
 pub(crate) use inbound::{apply as apply_inbound, InboundError};
 pub(crate) use lookup::{forget, remember, Lookups};
@@ -157,26 +161,26 @@ fn addresses(contact: &Value) -> (Vec<String>, Option<String>) {
     (emails.into_iter().map(|(_, e)| e).collect(), email1)
 }
 
-/// Ends a completed listing: removes the contacts it did not see, and records how far the
-/// mirror reaches. Returns how many were removed.
+/// Ends a completed listing: removes the contacts it did not see (queuing the linked ones for
+/// Keap to confirm gone, `gone::confirm`), and records how far the mirror reaches. Returns how
+/// many were removed.
 async fn finish_listing(db: &Client) -> Result<u64, DbError> {
-    let row = db
-        .query_one(
-            "with gone as (
-                 delete from keap_sync.mirror
-                  where read_at < (select listing_started_at from keap_sync.mirror_state)
-                 returning 1
-             ), done as (
-                 update keap_sync.mirror_state
-                    set listed_at = listing_started_at,
-                        watermark = greatest(watermark, listing_started_at),
-                        listing_token = null, listing_started_at = null
-                 returning 1
-             )
-             select (select count(*) from gone), (select count(*) from done)",
-            &[],
-        )
-        .await?;
+    let sql = format!(
+        "with gone as (
+             delete from keap_sync.mirror
+              where read_at < (select listing_started_at from keap_sync.mirror_state)
+             returning contact_id
+         ), {}, done as (
+             update keap_sync.mirror_state
+                set listed_at = listing_started_at,
+                    watermark = greatest(watermark, listing_started_at),
+                    listing_token = null, listing_started_at = null
+             returning 1
+         )
+         select (select count(*) from gone), (select count(*) from done)",
+        gone::suspects("array(select contact_id from gone)")
+    );
+    let row = db.query_one(&sql, &[]).await?;
     Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 

@@ -168,15 +168,24 @@ pub(crate) async fn mapping_if_unchanged(
 /// (`keap_sync.contact_gone`), and drops it from the mirror: deleted or merged away in Keap.
 /// The user is linked again by email by the delivery that found it.
 pub(crate) async fn record_gone(client: &Client, contact_id: i64, user_key: &str) -> Result<(), DbError> {
-    client
-        .execute(
-            "with gone as (
-                 insert into keap_sync.contact_gone (contact_id, user_key) values ($1, $2)
-                 on conflict (contact_id, user_key) do update set found_at = now()
-             )
-             delete from keap_sync.mirror where contact_id = $1",
-            &[&contact_id, &user_key],
-        )
-        .await?;
+    let sql = format!("with {} select 1", gone_ctes("true"));
+    client.execute(&sql, &[&contact_id, &user_key]).await?;
     Ok(())
+}
+
+/// What [`record_gone`] does, as the CTEs `recorded` and `forgotten` of a larger statement
+/// (`$1` the contact, `$2` the user key), done only `when` that SQL condition holds: the
+/// mirror's unlink of a contact Keap confirmed gone records it the same way, in the statement
+/// that unlinks it.
+pub(crate) fn gone_ctes(when: &str) -> String {
+    format!(
+        "recorded as (
+             insert into keap_sync.contact_gone (contact_id, user_key) select $1, $2 where {when}
+             on conflict (contact_id, user_key) do update set found_at = now()
+             returning 1
+         ), forgotten as (
+             delete from keap_sync.mirror where contact_id = $1 and {when}
+             returning 1
+         )"
+    )
 }

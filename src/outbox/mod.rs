@@ -54,7 +54,7 @@ pub(crate) use create::{begin_create, begin_create_many, settle_create, CreateSl
 pub(crate) use failure::{park, requeue_refused, retry_later, FailureRecord};
 pub(crate) use fold::{fold, FOLD_BATCH};
 pub(crate) use lease::{orphans, release, release_all, release_instances, Orphan};
-pub(crate) use link::{link, link_many, mapping_if_unchanged, record_gone, LinkTo, Linked};
+pub(crate) use link::{gone_ctes, link, link_many, mapping_if_unchanged, record_gone, LinkTo, Linked};
 pub(crate) use queue::{mappings, pending, Mapping};
 pub(crate) use retry::{with_retries, with_retries_after};
 pub(crate) use users::{read_users, user_keys, ReadUser, UserRow};

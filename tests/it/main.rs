@@ -20,6 +20,7 @@ mod contacts;
 mod database;
 mod doctor;
 mod faults;
+mod gone;
 mod hooks;
 mod inbound;
 mod init;
