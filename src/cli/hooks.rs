@@ -59,7 +59,11 @@ pub(super) async fn run(config: Config, cmd: HooksCommand) -> Result<(), CliErro
                 timeout: config.keap.request_timeout,
                 path: &hooks.path,
             };
-            command(&api, &hooks, &cmd).await
+            let result = command(&api, &hooks, &cmd).await;
+            if let Ok(survey) = &result {
+                hooks::record(&client, survey).await?;
+            }
+            result
         }
         Err(e) => Err(HookError::Keap(e.to_string())),
     };

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::db::DbError;
 use crate::keap::model::RestHook;
 use crate::keap::{Auth, KeapClient, KeapError};
 use crate::secret::Secret;
@@ -165,6 +166,39 @@ impl HookApi<'_> {
         }
         Ok(ours.len())
     }
+}
+
+/// Replaces `keap_sync.hook_state` with `survey`'s hooks, in one statement (for `status`).
+pub(crate) async fn record(db: &tokio_postgres::Client, survey: &Survey) -> Result<(), DbError> {
+    let rows = serde_json::to_value(&survey.ours).unwrap_or_default();
+    db.execute(
+        "with x as (select * from jsonb_to_recordset($1::jsonb)
+                           as x(key text, event_key text, status text, url text)),
+              gone as (delete from keap_sync.hook_state where key not in (select key from x))
+         insert into keap_sync.hook_state (key, event_key, status, url)
+         select key, event_key, status, url from x
+         on conflict (key) do update
+            set event_key = excluded.event_key, status = excluded.status, url = excluded.url,
+                checked_at = now()",
+        &[&rows],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Our hooks as last recorded, with the seconds since: what `status` shows.
+pub(crate) async fn recorded(db: &tokio_postgres::Client) -> Result<Vec<(HookView, f64)>, DbError> {
+    let rows = db
+        .query(
+            "select key, event_key, status, url, extract(epoch from now() - checked_at)::float8
+               from keap_sync.hook_state order by event_key, key",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (HookView { key: r.get(0), event_key: r.get(1), status: r.get(2), url: r.get(3) }, r.get(4)))
+        .collect())
 }
 
 /// Whether `url` reaches our receiver: its path ends in `/<secret path>`.

@@ -21,6 +21,6 @@ mod manage;
 mod queue;
 mod receiver;
 
-pub(crate) use manage::{hook_url, probe, HookApi, HookError, Survey};
+pub(crate) use manage::{hook_url, probe, record, recorded, HookApi, HookError, Survey, VERIFIED};
 pub(crate) use queue::QUEUED;
 pub(crate) use receiver::{serve, Receiver};

@@ -109,6 +109,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0020_hook_queue.sql",
         sql: include_str!("../../sql/0020_hook_queue.sql"),
     },
+    Migration {
+        version: 21,
+        name: "0021_hook_state.sql",
+        sql: include_str!("../../sql/0021_hook_state.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.

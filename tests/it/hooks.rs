@@ -275,7 +275,14 @@ async fn stopped_hooked_app() -> (TestApp, u16, std::path::PathBuf) {
 
 /// `keap-sync --config FILE hooks ARGS` with the app's environment, off the runtime's threads.
 async fn hooks_cli(app: &TestApp, file: &std::path::Path, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--config".to_owned(), file.display().to_string(), "hooks".to_owned()];
+    let mut all = vec!["hooks"];
+    all.extend(args);
+    cli(app, file, &all).await
+}
+
+/// `keap-sync --config FILE ARGS`; the secret path must be in none of its output.
+async fn cli(app: &TestApp, file: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--config".to_owned(), file.display().to_string()];
     all.extend(args.iter().map(|a| (*a).to_owned()));
     let env = app.env();
     let out = tokio::task::spawn_blocking(move || {
@@ -384,4 +391,52 @@ async fn hooks_status_shows_states_masked_and_uninstall_keeps_a_hook_someone_els
     assert!(out.status.success(), "{}", text(&out));
     assert!(ours(&app).is_empty(), "ours removed");
     assert_eq!(app.fake.hooks(), vec![theirs], "someone else's hook kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_past_the_retry_schedule_loses_nothing_and_the_watchdog_verifies_again() {
+    let (mut app, port, file) = stopped_hooked_app().await;
+    app.start_daemon().await;
+    receiving(port).await;
+    let out = hooks_cli(&app, &file, &["install", "--base-url", &format!("http://127.0.0.1:{port}")]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    ada_synced(&app).await;
+    // The receiver goes down; Keap's tries (compressed) all fail and the hook goes Inactive.
+    app.stop_daemon().await;
+    app.fake.set_email_status("ada@example.com", "ListUnsubscribe");
+    app::eventually(Duration::from_secs(15), "contact.edit Inactive after the last try", || async {
+        ours(&app).contains(&("contact.edit".to_owned(), "Inactive".to_owned()))
+    })
+    .await;
+    let tries = app.fake.hook_attempts();
+    assert!(tries.len() == 4 && tries.iter().all(|a| a.status.is_none()), "4 failed tries: {tries:?}");
+    let out = hooks_cli(&app, &file, &["status"]).await;
+    assert!(!out.status.success() && text(&out).contains("Inactive"), "{}", text(&out));
+    let out = cli(&app, &file, &["status"]).await;
+    assert!(
+        text(&out).contains("contact.edit Inactive") && text(&out).contains("NOT ALL VERIFIED"),
+        "{}",
+        text(&out)
+    );
+    // Back up: the watchdog verifies it again and brings the sweep forward (it is an hour
+    // away otherwise), which finds the change no hook brought.
+    let before = app.fake.requests().len();
+    app.start_daemon().await;
+    app::eventually(Duration::from_secs(20), "the opt-out in users and every hook Verified", || async {
+        let out: bool =
+            app.db.query_one("select marketing_opt_out from users where id = 1", &[]).await.unwrap().get(0);
+        out && ours(&app) == all_verified()
+    })
+    .await;
+    let since: Vec<_> = app.fake.requests().into_iter().skip(before).collect();
+    assert!(since.iter().any(|r| r.method == "POST" && r.path.ends_with("/verify")), "re-verified");
+    assert!(
+        since.iter().any(|r| r.path.ends_with("/v2/contacts") && !r.query.contains("contact_ids")),
+        "swept"
+    );
+    app::eventually(Duration::from_secs(10), "status shows every hook Verified", || async {
+        let shown = text(&cli(&app, &file, &["status", "--json"]).await);
+        shown.matches("\"Verified\"").count() == 3
+    })
+    .await;
 }
