@@ -199,6 +199,14 @@ struct ClassLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+/// The states Keap gives a hook; each has a series (at zero) once hooks are watched.
+const HOOK_STATES: [&str; 3] = ["Verified", "Unverified", "Inactive"];
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabels {
     kind: QueueKind,
 }
@@ -235,8 +243,12 @@ pub(crate) struct Metrics {
     mirror_watermark: Gauge<f64, AtomicU64>,
     /// The last whole-table reconcile's users by class (only classes other than in sync).
     reconcile_drift: Family<ClassLabels, Gauge>,
+    /// Our hook subscriptions by state, as the watchdog last found them.
+    hooks: Family<StateLabels, Gauge>,
     /// Why delivery stopped; `paused` is written under this lock, see the module docs.
     fatal: Mutex<Option<String>>,
+    /// What works, but not fully (a hook not Verified): `/healthz` still answers 200, saying so.
+    degraded: Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -275,7 +287,9 @@ impl Metrics {
             paused: Gauge::default(),
             mirror_watermark: Gauge::default(),
             reconcile_drift: Family::default(),
+            hooks: Family::default(),
             fatal: Mutex::new(None),
+            degraded: Mutex::new(None),
         };
         // In exposition order. Counters are named without `_total`, which the encoder appends
         // (as it appends a full stop to each help text).
@@ -298,7 +312,34 @@ impl Metrics {
         r.register_with_unit("mirror_watermark", help, Unit::Seconds, m.mirror_watermark.clone());
         let help = "Users not in sync with Keap at the last reconcile, by class";
         r.register("reconcile_drift", help, m.reconcile_drift.clone());
+        r.register("hooks", "Our Keap hook subscriptions by state", m.hooks.clone());
         m
+    }
+
+    /// Sets our hooks' counts by state (`keap_sync_hooks{state}`) and, when one is not Verified,
+    /// the degraded reason `/healthz` shows (cleared otherwise).
+    pub(crate) fn set_hooks(&self, states: &[&str]) {
+        self.hooks.clear();
+        for state in HOOK_STATES.iter().chain(states) {
+            let _ = self.hooks.get_or_create(&StateLabels { state: (*state).to_owned() });
+        }
+        for state in states {
+            self.hooks.get_or_create(&StateLabels { state: (*state).to_owned() }).inc();
+        }
+        let bad: Vec<&str> = states.iter().copied().filter(|s| *s != "Verified").collect();
+        let reason = (!bad.is_empty()).then(|| {
+            format!(
+                "{} of our Keap hooks not Verified ({}); the sweep runs faster meanwhile",
+                bad.len(),
+                bad.join(", ")
+            )
+        });
+        *self.degraded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
+    }
+
+    /// Why the daemon works only in part, if it does (`/healthz` answers 200 with it).
+    pub(crate) fn degraded(&self) -> Option<String> {
+        self.degraded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     /// Counts one finished delivery (`keap_sync_deliveries_total{outcome}`).
@@ -473,9 +514,12 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metric
 fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (StatusCode::OK, CONTENT_TYPE_METRICS, metrics.render()),
-        (&Method::GET, "/healthz") => match metrics.healthy() {
-            Ok(()) => (StatusCode::OK, "text/plain; charset=utf-8", "ok\n".to_string()),
-            Err(reason) => {
+        (&Method::GET, "/healthz") => match (metrics.healthy(), metrics.degraded()) {
+            (Ok(()), None) => (StatusCode::OK, "text/plain; charset=utf-8", "ok\n".to_string()),
+            (Ok(()), Some(why)) => {
+                (StatusCode::OK, "text/plain; charset=utf-8", format!("degraded: {why}\n"))
+            }
+            (Err(reason), _) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", format!("{reason}\n"))
             }
         },
@@ -724,6 +768,17 @@ mod tests {
         m.set_db_connected(true);
         let (status, _, body) = http_get(addr, "/healthz").await;
         assert_eq!((status, body.as_str()), (200, "ok\n"));
+        // A hook not Verified: degraded, not failing; the gauge counts hooks by state.
+        m.set_hooks(&["Verified", "Inactive", "Verified"]);
+        let (status, _, body) = http_get(addr, "/healthz").await;
+        assert_eq!(status, 200);
+        assert!(body.starts_with("degraded: 1 of our Keap hooks not Verified (Inactive)"), "{body}");
+        let metrics = parse(&http_get(addr, "/metrics").await.2);
+        assert_eq!(metrics[r#"keap_sync_hooks{state="Verified"}"#], 2.0);
+        assert_eq!(metrics[r#"keap_sync_hooks{state="Inactive"}"#], 1.0);
+        assert_eq!(metrics[r#"keap_sync_hooks{state="Unverified"}"#], 0.0);
+        m.set_hooks(&["Verified"]);
+        assert_eq!(http_get(addr, "/healthz").await.2, "ok\n");
         assert_eq!(http_get(addr, "/metrics/extra").await.0, 404);
         server.abort();
     }

@@ -167,6 +167,20 @@ pub(crate) struct Status {
     pub instances_alive: Vec<Instance>,
     /// keap-sync's mirror of Keap: how fresh, and the last reconcile's counts.
     pub mirror: crate::mirror::Freshness,
+    /// Our hook subscriptions as last seen in Keap (the watchdog, `keap-sync hooks`), URLs
+    /// masked; empty when none were recorded.
+    pub hooks: Vec<HookHealth>,
+}
+
+/// One of our hooks as last seen in Keap.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct HookHealth {
+    pub event_key: String,
+    /// `Verified`, `Unverified` or `Inactive`.
+    pub status: String,
+    /// The hook's URL, the secret path masked.
+    pub url: String,
+    pub checked_secs_ago: f64,
 }
 
 /// Everything `status` shows: queue depth, backfill, token, live instances, the active one's quota
@@ -234,6 +248,16 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
         last_delivery_secs_ago: last_delivery,
         instances_alive: instances.into_iter().map(|(i, _, _)| i).collect(),
         mirror: crate::mirror::freshness(client).await?,
+        hooks: crate::hooks::recorded(client)
+            .await?
+            .into_iter()
+            .map(|(h, ago)| HookHealth {
+                event_key: h.event_key,
+                status: h.status,
+                url: h.url,
+                checked_secs_ago: ago,
+            })
+            .collect(),
     })
 }
 

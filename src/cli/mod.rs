@@ -1,11 +1,12 @@
 //! The `keap-sync` command line, the top layer: `main.rs` calls [`main`]; every command is a
 //! short function that loads the configuration, calls the layers below to do one thing, and
 //! returns an error phrased for the operator. Only this layer prints for people
-//! (`render`); `auth`, `failures` and `reconcile` have their own modules.
+//! (`render`); `auth`, `failures`, `hooks` and `reconcile` have their own modules.
 
 mod auth;
 mod failures;
 mod generate;
+mod hooks;
 mod reconcile;
 mod render;
 
@@ -144,6 +145,9 @@ enum Command {
     /// See and replay changes Keap rejected (or that could not be mapped).
     #[command(subcommand)]
     Failures(FailuresCommand),
+    /// Keap's REST hooks that feed the receiver (`[hooks]`): install, status, verify, uninstall.
+    #[command(subcommand)]
+    Hooks(hooks::HooksCommand),
     /// Print the completion script for a shell, e.g. `keap-sync completions bash >
     /// /etc/bash_completion.d/keap-sync` (the Debian package installs them).
     Completions {
@@ -344,6 +348,7 @@ async fn dispatch(cli: Cli, progress_bar: bool) -> Result<(), CliError> {
         }
         Command::Auth(AuthCommand::Status) => auth::status(load(&cli.config)?).await,
         Command::Failures(cmd) => failures::run(load(&cli.config)?, cmd).await,
+        Command::Hooks(cmd) => hooks::run(load(&cli.config)?, cmd).await,
         Command::Completions { shell } => generate::completions(shell).map_err(|e| output(&e)),
         Command::Manpage => generate::manpage().map_err(|e| output(&e)),
     }

@@ -59,6 +59,9 @@ pub(crate) fn status(s: &Status) -> String {
         line(format!("backfill: {} — {}", b.state.as_str(), progress(b, 0.0)));
     }
     line(mirror(&s.mirror));
+    if let Some(h) = hooks(&s.hooks) {
+        line(h);
+    }
     if let Some(t) = &s.token {
         line(format!(
             "keap app: {}",
@@ -133,6 +136,24 @@ pub(crate) fn plans(plans: &[Plan]) -> String {
         if summary.is_empty() { "none".into() } else { summary.join(", ") }
     );
     out
+}
+
+/// The hooks' line of `status` (`None` when none are recorded): each of ours with its state,
+/// a warning when one is not Verified.
+fn hooks(hooks: &[crate::status::HookHealth]) -> Option<String> {
+    let oldest = hooks
+        .iter()
+        .map(|h| h.checked_secs_ago)
+        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))))?;
+    let each: Vec<String> = hooks.iter().map(|h| format!("{} {}", h.event_key, h.status)).collect();
+    let bad = hooks.iter().any(|h| h.status != crate::hooks::VERIFIED);
+    let warn = if bad { " (NOT ALL VERIFIED: the sweep runs faster; `keap-sync hooks verify`)" } else { "" };
+    Some(format!(
+        "keap hooks: {}{warn}; at {} (checked {} ago)",
+        each.join(", "),
+        hooks[0].url,
+        human_secs(oldest)
+    ))
 }
 
 /// The mirror's line of `status`: how many contacts, how far behind Keap, the last reconcile.

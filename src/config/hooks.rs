@@ -5,6 +5,7 @@
 //! ```toml
 //! [hooks]
 //! listen = "127.0.0.1:9188"
+//! watch_secs = 300   # the watchdog: re-verify a hook that is not Verified (0: off)
 //! # path: KEAP_SYNC_HOOK_PATH, `path_file`, or the systemd credential `keap-hook-path`
 //! ```
 //!
@@ -13,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -22,6 +24,10 @@ use super::{ConfigError, Secret};
 /// The shortest path secret accepted: 22 characters of `[A-Za-z0-9_-]` carry 128 bits.
 const MIN_PATH_LEN: usize = 22;
 
+/// The watchdog's default period: Keap's last retry comes 30 min after the first, so a hook
+/// that went Inactive is found within a sixth of that.
+const DEFAULT_WATCH_SECS: u64 = 300;
+
 /// The hook receiver.
 #[derive(Debug, Clone)]
 pub struct HooksConfig {
@@ -29,6 +35,9 @@ pub struct HooksConfig {
     pub listen: SocketAddr,
     /// The secret path segment: Keap posts to `https://<proxy>/<path>`. `Debug` shows no value.
     pub path: Secret,
+    /// How often the active daemon, when idle, lists our hooks and verifies again one that is
+    /// not Verified (`watch_secs`, default 300; 0: never). `None`: off.
+    pub watch: Option<Duration>,
 }
 
 /// Off unless `listen` is set.
@@ -37,6 +46,7 @@ pub struct HooksConfig {
 pub(super) struct FileHooks {
     pub(super) listen: Option<String>,
     pub(super) path_file: Option<PathBuf>,
+    pub(super) watch_secs: Option<u64>,
 }
 
 impl FileHooks {
@@ -71,6 +81,8 @@ impl FileHooks {
                  (its value is not shown)"
             )));
         }
-        Ok(Some(HooksConfig { listen, path }))
+        let watch_secs = self.watch_secs.unwrap_or(DEFAULT_WATCH_SECS);
+        let watch = (watch_secs > 0).then(|| Duration::from_secs(watch_secs));
+        Ok(Some(HooksConfig { listen, path, watch }))
     }
 }

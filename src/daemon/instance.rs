@@ -112,6 +112,8 @@ impl Context {
             next_report: Instant::now(),
             hooks_due: true,
             next_hook_check: Instant::now(),
+            next_watch: Instant::now(),
+            hook_watch: Arc::default(),
         };
         let result = session.deliver(stop).await;
         self.metrics.set_db_connected(false);

@@ -60,6 +60,7 @@ mod instance;
 mod orphans;
 mod report;
 mod session;
+mod watch;
 
 use backfilling::backfill_until_done;
 pub use backfilling::enqueue_backfill;

@@ -1,6 +1,7 @@
 //! One connected, delivering stretch: the loop that folds captured changes, claims, spawns
 //! deliveries and reads their outcomes, and pauses while Keap refuses the credential.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,6 +114,10 @@ pub(super) struct Session<'a> {
     pub(super) hooks_due: bool,
     /// When to look at the hook queue without a wake-up.
     pub(super) next_hook_check: Instant,
+    /// When the hook watchdog looks next (`[hooks] watch_secs`; `super::watch`).
+    pub(super) next_watch: Instant,
+    /// What the watchdog found: a hook not Verified, missed deliveries.
+    pub(super) hook_watch: Arc<super::watch::HookWatch>,
 }
 
 impl Session<'_> {
@@ -183,6 +188,7 @@ impl Session<'_> {
             self.check_token_when_due();
             let wait = self.claim_when_free(wait).await?;
             let wait = self.read_hooked_when_idle(wait);
+            let wait = self.watch_hooks_when_idle(wait);
             let wait = self.sweep_when_idle(wait);
             self.report_when_idle(wait).await?
         };
@@ -291,9 +297,15 @@ impl Session<'_> {
     /// flight: no delivery (live changes go first; a sweep's calls share the limiter and the
     /// day's quota) and no sweep (it is one of `tasks`). Returns how long the loop may wait:
     /// until the sweep is due, at most `wait`; while tasks run, the end of one wakes the loop.
+    /// While a hook of ours is not Verified the period is shorter, and missed deliveries make
+    /// it due at once (`super::watch`).
     pub(super) fn sweep_when_idle(&mut self, wait: Duration) -> Duration {
         let Some(every) = self.ctx.config.mirror.sweep else { return wait };
+        let every = super::watch::sweep_period(every, self.hook_watch.unverified.load(Ordering::Relaxed));
         let now = Instant::now();
+        if self.hook_watch.sweep_now.swap(false, Ordering::Relaxed) {
+            self.next_sweep = now;
+        }
         if now < self.next_sweep {
             return wait.min(self.next_sweep - now);
         }

@@ -14,10 +14,13 @@
 //! never comes (Inactive, a legacy action set) is covered by the mirror's sweep.
 //!
 //! - `receiver`: the HTTP side: the secret path, the handshake, the body cap, the answers;
+//! - `manage`: Keap's side: the subscriptions (`keap-sync hooks …`, the daemon's watchdog);
 //! - `queue`: the one table (`sql/0020_hook_queue.sql`): push ids, coalesced per contact.
 
+mod manage;
 mod queue;
 mod receiver;
 
+pub(crate) use manage::{hook_url, probe, record, recorded, HookApi, HookError, Survey, VERIFIED};
 pub(crate) use queue::QUEUED;
 pub(crate) use receiver::{serve, Receiver};

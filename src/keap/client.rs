@@ -19,7 +19,7 @@ use reqwest::StatusCode;
 
 use serde_json::{Map, Value};
 
-use super::model::{ByEmail, Contact, ContactList, ErrorBody, ObjectModel, Tag, TagPage};
+use super::model::{ByEmail, Contact, ContactList, ErrorBody, ObjectModel, RestHook, Tag, TagPage};
 use super::route::{self, Route};
 use super::TagsApplied;
 use crate::metrics::Metrics;
@@ -293,6 +293,78 @@ impl KeapClient {
     ) -> Result<(), KeapError> {
         let req = Request { route: Route::opt_out(Some(email)), deadline };
         self.send(auth, req, Some(&route::opt_out(reason))).await.map(|_| ())
+    }
+
+    /// Every hook subscription of the app (`GET /v1/hooks`), ours and others'.
+    pub(crate) async fn list_hooks(
+        &self,
+        auth: &Auth,
+        deadline: Instant,
+    ) -> Result<Vec<RestHook>, KeapError> {
+        self.read_json(auth, Route::list_hooks(), None, deadline).await
+    }
+
+    /// The event keys a hook may subscribe to (`GET /v1/hooks/event_keys`).
+    pub(crate) async fn hook_event_keys(
+        &self,
+        auth: &Auth,
+        deadline: Instant,
+    ) -> Result<Vec<String>, KeapError> {
+        self.read_json(auth, Route::hook_event_keys(), None, deadline).await
+    }
+
+    /// Subscribes `hook_url` to `event_key` (`POST /v1/hooks`); Keap runs the handshake before
+    /// it answers, so the hook comes back Verified when the receiver echoed it.
+    pub(crate) async fn create_hook(
+        &self,
+        auth: &Auth,
+        event_key: &str,
+        hook_url: &str,
+        deadline: Instant,
+    ) -> Result<RestHook, KeapError> {
+        let body = route::new_hook(event_key, hook_url);
+        self.read_json(auth, Route::create_hook(), Some(&body), deadline).await
+    }
+
+    /// Runs the handshake of hook `key` again (`POST /v1/hooks/{key}/verify`).
+    pub(crate) async fn verify_hook(
+        &self,
+        auth: &Auth,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<RestHook, KeapError> {
+        // No body is defined, but Keap wants a POST's content type to be JSON.
+        let empty = Value::Object(Map::new());
+        self.read_json(auth, Route::verify_hook(key), Some(&empty), deadline).await
+    }
+
+    /// Deletes hook `key` (`DELETE /v1/hooks/{key}`); one already gone counts as deleted.
+    pub(crate) async fn delete_hook(
+        &self,
+        auth: &Auth,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<(), KeapError> {
+        let req = Request { route: Route::delete_hook(key), deadline };
+        match self.send(auth, req, None::<&()>).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `route` (with `body`) and reads the answer as `T`.
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        auth: &Auth,
+        route: Route,
+        body: Option<&Value>,
+        deadline: Instant,
+    ) -> Result<T, KeapError> {
+        let req = Request { route, deadline };
+        let name = req.name();
+        let text = self.send(auth, req, body).await?;
+        serde_json::from_str(&text).map_err(|e| unreadable(name, &e, &text))
     }
 
     /// Sends a request whose answer is a contact and reads it; an answer that is not one is an error

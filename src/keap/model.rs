@@ -130,6 +130,22 @@ pub(crate) struct TagPage {
 ///
 /// Deliberately no `Debug` derive: it holds live credentials. Convert it into the token
 /// store's redacting types at once.
+/// A REST hook subscription (`RestHook` of the v1 OpenAPI file): Keap's key, the event key,
+/// where deliveries go, and `Unverified`, `Verified` or `Inactive`. `hook_url` holds the
+/// receiver's secret path: never print it whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RestHook {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub event_key: String,
+    #[serde(default)]
+    pub hook_url: String,
+    #[serde(default)]
+    pub status: String,
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct TokenResponse {
     pub access_token: String,

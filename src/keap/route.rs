@@ -121,6 +121,32 @@ impl Route {
         }
     }
 
+    /// `GET /v1/hooks`: every REST hook subscription of the app.
+    pub(crate) fn list_hooks() -> Route {
+        Route::new(Method::GET, "/v1/hooks")
+    }
+
+    /// `GET /v1/hooks/event_keys`: the event keys a hook may subscribe to.
+    pub(crate) fn hook_event_keys() -> Route {
+        Route::new(Method::GET, "/v1/hooks/event_keys")
+    }
+
+    /// `POST /v1/hooks`, body [`new_hook`]: subscribes a URL to one event key (Keap then runs
+    /// the handshake).
+    pub(crate) fn create_hook() -> Route {
+        Route::new(Method::POST, "/v1/hooks")
+    }
+
+    /// `POST /v1/hooks/{key}/verify`: runs the handshake again (the way out of Inactive).
+    pub(crate) fn verify_hook(key: &str) -> Route {
+        Route::new(Method::POST, format!("/v1/hooks/{}/verify", segment(key)))
+    }
+
+    /// `DELETE /v1/hooks/{key}`.
+    pub(crate) fn delete_hook(key: &str) -> Route {
+        Route::new(Method::DELETE, format!("/v1/hooks/{}", segment(key)))
+    }
+
     /// `PATCH /v1/contacts/7`, for messages (no query: it may hold an address).
     pub(crate) fn name(&self) -> String {
         format!("{} {}", self.method, self.path)
@@ -158,6 +184,20 @@ pub(crate) fn opt_out(reason: &str) -> Value {
     json!({"opted_in": false, "reason": reason})
 }
 
+/// Body of [`Route::create_hook`] (`RestHookRequest`).
+pub(crate) fn new_hook(event_key: &str, hook_url: &str) -> Value {
+    json!({"eventKey": event_key, "hookUrl": hook_url})
+}
+
+/// `text` percent-encoded as one path segment (a hook key is Keap's, so not trusted to be plain).
+fn segment(text: &str) -> String {
+    let mut url = reqwest::Url::parse("http://x/").expect("a constant URL");
+    if let Ok(mut segments) = url.path_segments_mut() {
+        segments.pop_if_empty().push(text);
+    }
+    url.path().trim_start_matches('/').to_owned()
+}
+
 /// Body of [`Route::create_tag`].
 pub(crate) fn new_tag(name: &str) -> Value {
     json!({"name": name, "description": "Created by keap-sync"})
@@ -180,5 +220,7 @@ mod tests {
         assert_eq!(Route::opt_out(Some("a b/c@x.io")).path, "/v1/emailAddresses/a%20b%2Fc@x.io");
         assert_eq!(Route::find_by_email("a+b@x.io", &[]).path_and_query(), "/v1/contacts?email=a%2Bb%40x.io");
         assert_eq!(Route::get_contact(3, &["custom_fields"]).name(), "GET /v1/contacts/3");
+        assert_eq!(Route::verify_hook("k1").name(), "POST /v1/hooks/k1/verify");
+        assert_eq!(Route::delete_hook("a/b").path, "/v1/hooks/a%2Fb");
     }
 }

@@ -114,6 +114,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0021_gone_check.sql",
         sql: include_str!("../../sql/0021_gone_check.sql"),
     },
+    Migration {
+        version: 22,
+        name: "0022_hook_state.sql",
+        sql: include_str!("../../sql/0022_hook_state.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.

@@ -261,3 +261,182 @@ async fn two_hundred_contacts_edited_three_times_converge_through_reordered_dupl
         assert!(a.elapsed < Duration::from_secs(1), "every answer under a second: {a:?}");
     }
 }
+
+/// The app's receiver on a free port, the sweep effectively off, no daemon started yet;
+/// returns it, the port and the config file a CLI run reads.
+async fn stopped_hooked_app() -> (TestApp, u16, std::path::PathBuf) {
+    let port = free_port();
+    let toml = format!("[mirror]\nsweep_secs = 3600\n[hooks]\nlisten = \"127.0.0.1:{port}\"\n{MAPPING}");
+    let toml: &'static str = Box::leak(toml.into_boxed_str());
+    let app = spawn_app_with(Options { users_ddl: DDL, toml, ..Options::stopped() }).await;
+    let file = app.write_config_file("", "");
+    (app, port, file)
+}
+
+/// `keap-sync --config FILE hooks ARGS` with the app's environment, off the runtime's threads.
+async fn hooks_cli(app: &TestApp, file: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["hooks"];
+    all.extend(args);
+    cli(app, file, &all).await
+}
+
+/// `keap-sync --config FILE ARGS`; the secret path must be in none of its output.
+async fn cli(app: &TestApp, file: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--config".to_owned(), file.display().to_string()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let env = app.env();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(app::keap_sync_binary())
+            .args(&all)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env)
+            .output()
+            .expect("run keap-sync")
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !stdout.contains(HOOK_PATH) && !stderr.contains(HOOK_PATH),
+        "the secret path shown: {stdout}{stderr}"
+    );
+    out
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Our hooks in the fake: (event key, status), sorted.
+fn ours(app: &TestApp) -> Vec<(String, String)> {
+    let mut ours: Vec<_> = app
+        .fake
+        .hooks()
+        .into_iter()
+        .filter(|h| h.hook_url.ends_with(HOOK_PATH))
+        .map(|h| (h.event_key, h.status))
+        .collect();
+    ours.sort();
+    ours
+}
+
+fn all_verified() -> Vec<(String, String)> {
+    ["contact.add", "contact.delete", "contact.edit"]
+        .iter()
+        .map(|k| ((*k).to_owned(), "Verified".to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_install_is_refused_while_the_receiver_is_down_and_idempotent_once_it_answers() {
+    let (mut app, port, file) = stopped_hooked_app().await;
+    let base = format!("http://127.0.0.1:{port}");
+    let out = hooks_cli(&app, &file, &["install", "--base-url", &base]).await;
+    assert!(!out.status.success(), "refused: {}", text(&out));
+    assert!(text(&out).contains("does not answer a handshake"), "{}", text(&out));
+    assert!(app.fake.hooks().is_empty(), "no hook created: {:?}", app.fake.hooks());
+    // Keap's event keys are checked first: a missing one is named, nothing subscribed.
+    app.start_daemon().await;
+    receiving(port).await;
+    app.fake.set_hook_event_keys(&["contact.add", "contact.edit"]);
+    let out = hooks_cli(&app, &file, &["install", "--base-url", &base]).await;
+    assert!(!out.status.success() && text(&out).contains("contact.delete"), "{}", text(&out));
+    assert!(app.fake.hooks().is_empty(), "no hook created: {:?}", app.fake.hooks());
+    app.fake.set_hook_event_keys(&["contact.add", "contact.edit", "contact.delete", "order.add"]);
+    for run in 1..=2 {
+        let out = hooks_cli(&app, &file, &["install", "--base-url", &base]).await;
+        assert!(out.status.success(), "install #{run}: {}", text(&out));
+        assert_eq!(ours(&app), all_verified(), "install #{run}");
+        assert_eq!(app.fake.hooks().len(), 3, "exactly 3 hooks after install #{run}");
+    }
+    // Not https and not loopback: refused before any call.
+    let out = hooks_cli(&app, &file, &["install", "--base-url", "http://hooks.example.com"]).await;
+    assert!(!out.status.success() && text(&out).contains("https"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_status_shows_states_masked_and_uninstall_keeps_a_hook_someone_else_made() {
+    let (mut app, port, file) = stopped_hooked_app().await;
+    app.start_daemon().await;
+    receiving(port).await;
+    let theirs = app.fake.subscribe_hook("contact.edit", "http://127.0.0.1:9/someone-elses-receiver").await;
+    let out = hooks_cli(&app, &file, &["status"]).await;
+    assert!(!out.status.success(), "none of ours yet: {}", text(&out));
+    let out = hooks_cli(&app, &file, &["install", "--base-url", &format!("http://127.0.0.1:{port}")]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let out = hooks_cli(&app, &file, &["status"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = text(&out);
+    for needle in
+        ["contact.add", "contact.edit", "contact.delete", "Verified", "<secret path>", "1 other hook"]
+    {
+        assert!(shown.contains(needle), "{needle:?} in {shown}");
+    }
+    // An Inactive hook: status says so and fails; verify brings it back.
+    let edit =
+        app.fake.hooks().into_iter().find(|h| h.event_key == "contact.add" && h.key != theirs.key).unwrap();
+    app.fake.set_hook_status(&edit.key, "Inactive");
+    let out = hooks_cli(&app, &file, &["status", "--json"]).await;
+    assert!(!out.status.success(), "an Inactive hook fails status: {}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let states: Vec<&str> =
+        json["ours"].as_array().unwrap().iter().map(|h| h["status"].as_str().unwrap()).collect();
+    assert!(states.contains(&"Inactive") && states.len() == 3, "{json}");
+    assert_eq!(json["others"], 1);
+    let out = hooks_cli(&app, &file, &["verify"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(ours(&app), all_verified());
+    let out = hooks_cli(&app, &file, &["uninstall"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(ours(&app).is_empty(), "ours removed");
+    assert_eq!(app.fake.hooks(), vec![theirs], "someone else's hook kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_past_the_retry_schedule_loses_nothing_and_the_watchdog_verifies_again() {
+    let (mut app, port, file) = stopped_hooked_app().await;
+    app.start_daemon().await;
+    receiving(port).await;
+    let out = hooks_cli(&app, &file, &["install", "--base-url", &format!("http://127.0.0.1:{port}")]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    ada_synced(&app).await;
+    // The receiver goes down; Keap's tries (compressed) all fail and the hook goes Inactive.
+    app.stop_daemon().await;
+    app.fake.set_email_status("ada@example.com", "ListUnsubscribe");
+    app::eventually(Duration::from_secs(15), "contact.edit Inactive after the last try", || async {
+        ours(&app).contains(&("contact.edit".to_owned(), "Inactive".to_owned()))
+    })
+    .await;
+    let tries = app.fake.hook_attempts();
+    assert!(tries.len() == 4 && tries.iter().all(|a| a.status.is_none()), "4 failed tries: {tries:?}");
+    let out = hooks_cli(&app, &file, &["status"]).await;
+    assert!(!out.status.success() && text(&out).contains("Inactive"), "{}", text(&out));
+    let out = cli(&app, &file, &["status"]).await;
+    assert!(
+        text(&out).contains("contact.edit Inactive") && text(&out).contains("NOT ALL VERIFIED"),
+        "{}",
+        text(&out)
+    );
+    // Back up: the watchdog verifies it again and brings the sweep forward (it is an hour
+    // away otherwise), which finds the change no hook brought.
+    let before = app.fake.requests().len();
+    app.start_daemon().await;
+    app::eventually(Duration::from_secs(20), "the opt-out in users and every hook Verified", || async {
+        let out: bool =
+            app.db.query_one("select marketing_opt_out from users where id = 1", &[]).await.unwrap().get(0);
+        out && ours(&app) == all_verified()
+    })
+    .await;
+    let since: Vec<_> = app.fake.requests().into_iter().skip(before).collect();
+    assert!(since.iter().any(|r| r.method == "POST" && r.path.ends_with("/verify")), "re-verified");
+    assert!(
+        since.iter().any(|r| r.path.ends_with("/v2/contacts") && !r.query.contains("contact_ids")),
+        "swept"
+    );
+    app::eventually(Duration::from_secs(10), "status shows every hook Verified", || async {
+        let shown = text(&cli(&app, &file, &["status", "--json"]).await);
+        shown.matches("\"Verified\"").count() == 3
+    })
+    .await;
+}

@@ -355,6 +355,11 @@ impl FakeKeap {
         self.state().hooks.subs.clone()
     }
 
+    /// Sets hook `key`'s state as Keap would after failed deliveries (`Inactive`), say.
+    pub fn set_hook_status(&self, key: &str, status: &str) {
+        self.state().hooks.set_status(key, status);
+    }
+
     /// Every delivery attempt so far.
     pub fn hook_attempts(&self) -> Vec<HookAttempt> {
         self.state().hooks.attempts.clone()
