@@ -8,7 +8,7 @@ use keap_sync_testkit::app::{spawn_app_with, Options, TestApp};
 use keap_sync_testkit::fake::{ContactWrite, EmailAddress, EmailField, RecordedRequest};
 use serde_json::Value;
 
-use crate::wait_settled;
+use crate::{wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -37,16 +37,6 @@ number = "phone"
 
 async fn consent_app(toml: &'static str) -> TestApp {
     spawn_app_with(Options { users_ddl: DDL, toml, ..Options::default() }).await
-}
-
-/// The writes (not reads, not the token endpoint) recorded from `from` on.
-fn writes_since(app: &TestApp, from: usize) -> Vec<RecordedRequest> {
-    app.fake
-        .requests()
-        .into_iter()
-        .skip(from)
-        .filter(|r| r.method != "GET" && !r.path.ends_with("/token"))
-        .collect()
 }
 
 fn carries_consent(r: &RecordedRequest) -> bool {

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp, HOOK_PATH};
-use keap_sync_testkit::fake::{HookOptions, RecordedRequest};
+use keap_sync_testkit::fake::HookOptions;
 use serde_json::json;
 
-use crate::wait_settled;
+use crate::{wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id                 bigserial primary key,
@@ -61,12 +61,6 @@ async fn ada_synced(app: &TestApp) -> (i64, usize) {
     wait_settled(app).await;
     let id = app.fake.contacts_with_email("ada@example.com")[0].id;
     (id, app.fake.requests().len())
-}
-
-/// The writes (not reads, not the token endpoint) recorded from `from` on.
-fn writes_since(app: &TestApp, from: usize) -> Vec<RecordedRequest> {
-    let all = app.fake.requests().into_iter().skip(from);
-    all.filter(|r| r.method != "GET" && !r.path.ends_with("/token")).collect()
 }
 
 /// Nothing captured, queued or waiting to go to Keap.

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use keap_sync::config::Config;
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
-use keap_sync_testkit::fake::RecordedRequest;
 
-use crate::wait_settled;
+use crate::{wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id                 bigserial primary key,
@@ -31,30 +30,12 @@ async fn inbound_app(toml: &'static str) -> TestApp {
     spawn_app_with(Options { users_ddl: DDL, toml, ..Options::default() }).await
 }
 
-/// The writes (not reads, not the token endpoint) recorded from `from` on.
-fn writes_since(app: &TestApp, from: usize) -> Vec<RecordedRequest> {
-    app.fake
-        .requests()
-        .into_iter()
-        .skip(from)
-        .filter(|r| r.method != "GET" && !r.path.ends_with("/token"))
-        .collect()
-}
-
 /// Inserts Ada, waits until her contact exists and the mirror has her, and returns the number
 /// of requests so far.
 async fn ada_synced(app: &TestApp) -> usize {
     app.exec("insert into users (id, email, first_name) values (1, 'ada@example.com', 'Ada')").await;
     wait_settled(app).await;
-    app::eventually(Duration::from_secs(20), "Ada's contact in the mirror", || async {
-        app.count(
-            "select count(*) from keap_sync.mirror m join keap_sync.contact_map c using (contact_id)
-              where c.user_key = '1'",
-        )
-        .await
-            == 1
-    })
-    .await;
+    crate::wait_mirrored(app, "1").await;
     app.fake.requests().len()
 }
 

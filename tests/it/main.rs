@@ -54,6 +54,39 @@ pub async fn wait_settled(app: &keap_sync_testkit::app::TestApp) {
     .await;
 }
 
+/// The writes (not reads, not the token endpoint) the fake recorded from request `from` on.
+pub fn writes_since(
+    app: &keap_sync_testkit::app::TestApp,
+    from: usize,
+) -> Vec<keap_sync_testkit::fake::RecordedRequest> {
+    app.fake
+        .requests()
+        .into_iter()
+        .skip(from)
+        .filter(|r| r.method != "GET" && !r.path.ends_with("/token"))
+        .collect()
+}
+
+/// Waits until the contact `user_key` is linked to is in the mirror.
+pub async fn wait_mirrored(app: &keap_sync_testkit::app::TestApp, user_key: &str) {
+    keap_sync_testkit::app::eventually(
+        std::time::Duration::from_secs(20),
+        "the user's contact in the mirror",
+        || async {
+            app.db
+                .query_one(
+                    "select count(*) from keap_sync.mirror m join keap_sync.contact_map c using (contact_id)
+                  where c.user_key = $1",
+                    &[&user_key],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
 /// Applies, in order, every migration in `sql/` that sorts before the one whose name ends in
 /// `suffix`, then runs `between`, then that migration.
 pub async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &str) {

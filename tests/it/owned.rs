@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use keap_sync::config::Config;
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
-use keap_sync_testkit::fake::RecordedRequest;
 use serde_json::{json, Value};
 
-use crate::wait_settled;
+use crate::{wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -33,16 +32,6 @@ async fn owned_app() -> TestApp {
     spawn_app_with(Options { users_ddl: DDL, toml: TOML, ..Options::default() }).await
 }
 
-/// The writes (not reads, not the token endpoint) recorded from `from` on.
-fn writes_since(app: &TestApp, from: usize) -> Vec<RecordedRequest> {
-    app.fake
-        .requests()
-        .into_iter()
-        .skip(from)
-        .filter(|r| r.method != "GET" && !r.path.ends_with("/token"))
-        .collect()
-}
-
 /// Inserts Ada with the app's own phone, waits until her contact exists and the mirror has
 /// her, and returns her contact's id and the number of requests so far.
 async fn ada_synced(app: &TestApp) -> (i64, usize) {
@@ -52,15 +41,7 @@ async fn ada_synced(app: &TestApp) -> (i64, usize) {
     )
     .await;
     wait_settled(app).await;
-    app::eventually(Duration::from_secs(20), "Ada's contact in the mirror", || async {
-        app.count(
-            "select count(*) from keap_sync.mirror m join keap_sync.contact_map c using (contact_id)
-              where c.user_key = '1'",
-        )
-        .await
-            == 1
-    })
-    .await;
+    crate::wait_mirrored(app, "1").await;
     let id = app.fake.contacts_with_email("ada@example.com")[0].id;
     (id, app.fake.requests().len())
 }
