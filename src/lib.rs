@@ -26,8 +26,9 @@
 //! Each module uses only modules in the layers above it in this list, never one below (checked
 //! by `tests/it/architecture.rs`):
 //!
-//! 1. `config`, `secret`, `tls` — the TOML file and environment; credentials that never print;
-//!    the one TLS configuration of every connection (and one per `[database] ca_file`).
+//! 1. `config`, `secret`, `tls`, `http` — the TOML file and environment; credentials that never
+//!    print; the one TLS configuration of every connection (and one per `[database] ca_file`);
+//!    the one HTTP/1 server loop behind `/metrics` and the hook receiver.
 //! 2. `db` — connections (TLS, LISTEN), identifier quoting, the NOTIFY channel.
 //! 3. `schema` — migrations in `sql/`, the capture triggers and the fold they feed, catalog checks.
 //! 4. `outbox` — fold captured changes in, claim with a lease, record results; every function
@@ -74,6 +75,7 @@ mod deliver;
 mod doctor;
 mod failures;
 mod hooks;
+mod http;
 mod init;
 mod keap;
 mod mapping;

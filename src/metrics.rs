@@ -28,23 +28,19 @@
 //!   delivery path. The `paused` gauge is set while the lock is held, so it always agrees with
 //!   the last reason written.
 
-use std::convert::Infallible;
 use std::fmt::{self, Write as _};
 use std::future::ready;
 use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{body::Bytes, body::Incoming, server::conn::http1, service::service_fn};
+use hyper::{body::Bytes, body::Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::{text::encode, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
 use prometheus_client::registry::{Registry, Unit};
-use tokio::task::JoinSet;
 
 /// Upper bounds (seconds) of the Keap request duration histogram; `+Inf` is implicit.
 pub(crate) const DURATION_BUCKETS: [f64; 12] =
@@ -482,31 +478,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metric
         let msg = format!("metrics listener must be on a loopback address (127.0.0.1 or ::1), not {addr}");
         return Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
     }
-    // Connections live in the JoinSet, so dropping this future aborts them all.
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let metrics = Arc::clone(&metrics);
-                    connections.spawn(async move {
-                        let svc = service_fn(move |req| ready(Ok::<_, Infallible>(respond(&metrics, &req))));
-                        let conn = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(Duration::from_secs(10))
-                            .serve_connection(TokioIo::new(stream), svc);
-                        let _ = conn.await;
-                    });
-                }
-                // Out of descriptors and the like: back off instead of spinning.
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
+    crate::http::serve(listener, "metrics", move |req| ready(respond(&metrics, &req))).await
 }
 
 /// Answers `GET /metrics` and `GET /healthz` (503 with the reasons when unhealthy); anything else is

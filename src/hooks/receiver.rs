@@ -7,7 +7,6 @@
 //! not the ids' contacts, only counts.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +14,9 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_LENGTH};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::Value;
 use tokio::sync::{Mutex, Notify};
-use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
 use crate::db::{self, DbError};
@@ -76,33 +71,11 @@ impl Receiver {
 
 /// Serves the receiver on `listener` until the future is dropped (the daemon's stop).
 pub(crate) async fn serve(listener: tokio::net::TcpListener, receiver: Arc<Receiver>) -> io::Result<()> {
-    // Connections live in the JoinSet, so dropping this future aborts them all.
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let receiver = Arc::clone(&receiver);
-                    connections.spawn(async move {
-                        let svc = service_fn(move |req| {
-                            let receiver = Arc::clone(&receiver);
-                            async move { Ok::<_, Infallible>(answer(&receiver, req).await) }
-                        });
-                        let conn = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(Duration::from_secs(10))
-                            .serve_connection(TokioIo::new(stream), svc);
-                        let _ = conn.await;
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "hook receiver: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
+    crate::http::serve(listener, "hook receiver", move |req| {
+        let receiver = Arc::clone(&receiver);
+        async move { answer(&receiver, req).await }
+    })
+    .await
 }
 
 /// One request's answer, within [`REQUEST_DEADLINE`].

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// The layers of `src/lib.rs`, lowest first. A module may use any module of a lower layer, and
 /// one of its own layer as long as no cycle forms.
 const LAYERS: &[&[&str]] = &[
-    &["config", "secret", "tls"],
+    &["config", "secret", "tls", "http"],
     &["db"],
     &["schema"],
     &["outbox"],
