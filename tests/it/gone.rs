@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp, HOOK_PATH};
 
-use crate::wait_settled;
+use crate::{free_port, wait_settled};
 
 const DDL: &str = "create table public.users (
     id                    bigserial primary key,
@@ -22,11 +22,6 @@ const DDL: &str = "create table public.users (
 /// The users rows, every column but the stamp, in key order.
 const ROWS: &str = "select coalesce(jsonb_agg(to_jsonb(u) - 'keap_contact_gone_at' order by id), '[]')::text
                       from users u";
-
-/// A port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// The app with its receiver on a free port, the sweep effectively off and the stamp column
 /// configured, subscribed to `contact.delete` and `contact.edit` in the fake.

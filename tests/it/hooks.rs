@@ -9,7 +9,7 @@ use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp, HOOK_PATH};
 use keap_sync_testkit::fake::HookOptions;
 use serde_json::json;
 
-use crate::{wait_settled, writes_since};
+use crate::{free_port, nothing_outbound, wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id                 bigserial primary key,
@@ -24,11 +24,6 @@ const DDL: &str = "create table public.users (
 /// `[inbound]` opt-out and a Keap-owned phone.
 const MAPPING: &str = "[inbound]\nemail_opt_out = \"marketing_opt_out\"\n\
                        [contact.phone_numbers.PHONE1]\nnumber = { column = \"phone\", owner = \"keap\" }\n";
-
-/// A port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// The app with its receiver on a free port, the sweep effectively off, `extra` appended;
 /// returns it and the receiver's URL (secret path included).
@@ -61,12 +56,6 @@ async fn ada_synced(app: &TestApp) -> (i64, usize) {
     wait_settled(app).await;
     let id = app.fake.contacts_with_email("ada@example.com")[0].id;
     (id, app.fake.requests().len())
-}
-
-/// Nothing captured, queued or waiting to go to Keap.
-async fn nothing_outbound(app: &TestApp) -> i64 {
-    app.count("select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)")
-        .await
 }
 
 /// No listing by update time (a sweep) since `from`: only reads by id.

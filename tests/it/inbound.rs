@@ -8,7 +8,7 @@ use std::time::Duration;
 use keap_sync::config::Config;
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
 
-use crate::{wait_settled, writes_since};
+use crate::{nothing_outbound, wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id                 bigserial primary key,
@@ -41,12 +41,6 @@ async fn ada_synced(app: &TestApp) -> usize {
 
 async fn opt_out(app: &TestApp) -> bool {
     app.db.query_one("select marketing_opt_out from users where id = 1", &[]).await.unwrap().get(0)
-}
-
-/// Nothing captured, queued or waiting to go to Keap.
-async fn nothing_outbound(app: &TestApp) -> i64 {
-    app.count("select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)")
-        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

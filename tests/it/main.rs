@@ -87,6 +87,17 @@ pub async fn wait_mirrored(app: &keap_sync_testkit::app::TestApp, user_key: &str
     .await;
 }
 
+/// Nothing captured, queued or waiting to go to Keap.
+pub async fn nothing_outbound(app: &keap_sync_testkit::app::TestApp) -> i64 {
+    app.count("select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)")
+        .await
+}
+
+/// A port of 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Applies, in order, every migration in `sql/` that sorts before the one whose name ends in
 /// `suffix`, then runs `between`, then that migration.
 pub async fn migrate_up_to(db: &tokio_postgres::Client, suffix: &str, between: &str) {

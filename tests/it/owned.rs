@@ -10,7 +10,7 @@ use keap_sync::config::Config;
 use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
 use serde_json::{json, Value};
 
-use crate::{wait_settled, writes_since};
+use crate::{nothing_outbound, wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -48,12 +48,6 @@ async fn ada_synced(app: &TestApp) -> (i64, usize) {
 
 async fn phone(app: &TestApp) -> Option<String> {
     app.db.query_one("select phone from users where id = 1", &[]).await.unwrap().get(0)
-}
-
-/// Nothing captured, queued or waiting to go to Keap.
-async fn nothing_outbound(app: &TestApp) -> i64 {
-    app.count("select (select count(*) from keap_sync.change) + (select count(*) from keap_sync.outbox)")
-        .await
 }
 
 /// Sets Keap's PHONE1 of contact `id` as a person would in Keap's web app (its update time moves).
