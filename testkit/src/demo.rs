@@ -379,7 +379,8 @@ impl Demo {
     /// its calls to the credential's per-second limit within one process; `preview` and
     /// `reconcile` pace themselves apart from the daemon, so the demo runs them once the
     /// daemon's last calls are out of Keap's one-second window, as a busy daemon beside them
-    /// could otherwise have Keap answer 429.
+    /// could otherwise have Keap answer 429. A listing asks a throttled page again, so this
+    /// only keeps the calls the demo counts and prints exact.
     async fn quiet_second(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
