@@ -265,9 +265,14 @@ async fn two_hundred_contacts_edited_three_times_converge_through_reordered_dupl
 /// change made in the last minute waits for a later sweep, and whether a first sweep had
 /// already set the watermark (then a window is used, not a full listing) depends on timing.
 async fn stopped_hooked_app() -> (TestApp, u16, std::path::PathBuf) {
+    stopped_hooked_app_with("").await
+}
+
+/// [`stopped_hooked_app`] with `hooks` appended to its `[hooks]` table.
+async fn stopped_hooked_app_with(hooks: &str) -> (TestApp, u16, std::path::PathBuf) {
     let port = free_port();
     let toml = format!(
-        "[mirror]\nsweep_secs = 3600\nlag_secs = 0\n[hooks]\nlisten = \"127.0.0.1:{port}\"\n{MAPPING}"
+        "[mirror]\nsweep_secs = 3600\nlag_secs = 0\n[hooks]\nlisten = \"127.0.0.1:{port}\"\n{hooks}{MAPPING}"
     );
     let toml: &'static str = Box::leak(toml.into_boxed_str());
     let app = spawn_app_with(Options { users_ddl: DDL, toml, ..Options::stopped() }).await;
@@ -359,7 +364,9 @@ async fn hooks_install_is_refused_while_the_receiver_is_down_and_idempotent_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_status_shows_states_masked_and_uninstall_keeps_a_hook_someone_else_made() {
-    let (mut app, port, file) = stopped_hooked_app().await;
+    // The watchdog off: its first pass, late under load, could verify the hook this test makes
+    // Inactive before `status` looks (seen once in a full run).
+    let (mut app, port, file) = stopped_hooked_app_with("watch_secs = 0\n").await;
     app.start_daemon().await;
     receiving(port).await;
     let theirs = app.fake.subscribe_hook("contact.edit", "http://127.0.0.1:9/someone-elses-receiver").await;
