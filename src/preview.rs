@@ -285,6 +285,7 @@ impl Planner {
             want: &want,
             on_create: &on_create,
             seen: Seen::Nothing,
+            keap_moved: false,
         };
         shown.present(mapped.is_some(), &plan::present(&user), names)
     }

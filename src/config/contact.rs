@@ -67,6 +67,29 @@ pub enum Owner {
     /// Keap (`owner = "keap"`): Keap's value is written into the column (by the sweep's inbound
     /// pass), never sent, and the column is not watched by capture.
     Keap,
+    /// Both (`owner = "shared"`, with `prefer`): a change on either side reaches the other; a
+    /// change on both sides since they last agreed is a conflict, settled by [`Prefer`].
+    Shared(Prefer),
+}
+
+/// Which side wins a conflict over a shared property (`prefer = "app" | "keap"`): never the
+/// later clock (Keap's and the database's are not comparable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Prefer {
+    /// The row's value is sent over Keap's.
+    App,
+    /// Keap's value is written into the column, and nothing is sent.
+    Keap,
+}
+
+impl Prefer {
+    /// As the config and `keap_sync.conflict.winner` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prefer::App => "app",
+            Prefer::Keap => "keap",
+        }
+    }
 }
 
 /// What kind of value a scalar property takes, for the checks before sending.
@@ -283,6 +306,10 @@ pub struct ContactMapping {
     /// columns from the mirror, never sent (invariant 17). Not in [`ContactMapping::fields`],
     /// so nothing outbound (payloads, update masks, the capture trigger) ever sees them.
     pub keap_owned: Vec<FieldMapping>,
+    /// Mapped properties both sides may change (`owner = "shared"`, always a column), with the
+    /// side that wins a conflict. Each is also in [`ContactMapping::fields`]: sent like the
+    /// application's, and Keap's changes of it written into its column by delivery.
+    pub shared: Vec<(FieldMapping, Prefer)>,
     /// Tags.
     pub tags: TagsConfig,
     /// `opt_in_reason = { …, over_opt_out = true }`: consent given in the table is sent even
@@ -310,9 +337,11 @@ pub(super) struct FileSourceTable {
     empty: Option<Empty>,
     /// Only for `opt_in_reason` ([`ContactMapping::consent_over_opt_out`]).
     over_opt_out: Option<bool>,
-    /// `"app"` (the default) or `"keap"` ([`Owner`]); text here, so that a wrong value is
-    /// refused naming the key and the valid ones (serde's untagged enum would not say).
+    /// `"app"` (the default), `"keap"` or `"shared"` ([`Owner`]); text here, so that a wrong
+    /// value is refused naming the key and the valid ones (serde's untagged enum would not say).
     owner: Option<String>,
+    /// With `owner = "shared"` only: `"app"` or `"keap"` ([`Prefer`]).
+    prefer: Option<String>,
 }
 
 /// `[contact]`: scalar properties by name, plus the array properties as sub-tables.
@@ -390,54 +419,73 @@ impl FileSource {
     /// `empty`, else `default_empty`) and its owner. A Keap-owned property needs a plain column:
     /// Keap's value is written into it, and an expression cannot be written.
     fn validate(self, key: &str, default_empty: Empty) -> Result<(Source, Empty, Owner), ConfigError> {
-        let (column, sql, empty, owner) = match self {
-            FileSource::Column(c) => (Some(c), None, None, None),
+        let (column, sql, empty, owner, prefer) = match self {
+            FileSource::Column(c) => (Some(c), None, None, None, None),
             FileSource::Full(t) if t.over_opt_out.is_some() => {
                 return Err(invalid(format!(
                 "{key}: over_opt_out belongs to contact.opt_in_reason only (it lets consent lift an opt-out)"
             )))
             }
-            FileSource::Full(t) => (t.column, t.sql, t.empty, t.owner),
+            FileSource::Full(t) => (t.column, t.sql, t.empty, t.owner, t.prefer),
         };
-        let owner = owner_of(key, owner.as_deref())?;
-        if owner == Owner::Keap {
-            if sql.is_some() {
-                return Err(invalid(format!(
-                    "{key}: owner = \"keap\" needs a column (`{{ column = \"…\", owner = \"keap\" }}`), \
-                     not an SQL expression: Keap's value is written into the column, and an expression \
-                     cannot be written"
-                )));
-            }
-            if empty.is_some() {
-                return Err(invalid(format!(
-                    "{key}: empty says what an empty column does to Keap's value, but a property with \
-                     owner = \"keap\" is never sent; remove empty"
-                )));
-            }
+        let owner = owner_of(key, owner.as_deref(), prefer.as_deref())?;
+        if owner != Owner::App && sql.is_some() {
+            let name = if owner == Owner::Keap { "keap" } else { "shared" };
+            return Err(invalid(format!(
+                "{key}: owner = \"{name}\" needs a column (`{{ column = \"…\", owner = \"{name}\" }}`), \
+                 not an SQL expression: Keap's value is written into the column, and an expression \
+                 cannot be written"
+            )));
+        }
+        if owner == Owner::Keap && empty.is_some() {
+            return Err(invalid(format!(
+                "{key}: empty says what an empty column does to Keap's value, but a property with \
+                 owner = \"keap\" is never sent; remove empty"
+            )));
         }
         let source = source(key, column, sql)?;
         Ok((source, empty.unwrap_or(default_empty), owner))
     }
 }
 
-/// `owner = "app" | "keap"`; absent is the application.
-fn owner_of(key: &str, owner: Option<&str>) -> Result<Owner, ConfigError> {
-    match owner {
-        None | Some("app") => Ok(Owner::App),
-        Some("keap") => Ok(Owner::Keap),
-        Some(other) => Err(invalid(format!(
-            "{key}: owner = {other:?} is not an owner: use \"app\" (the default: the column is sent to \
-             Keap) or \"keap\" (Keap's value is written into the column)"
-        ))),
+/// `owner = "app" | "keap" | "shared"`; absent is the application. `prefer` goes with
+/// `shared`, and only with it.
+fn owner_of(key: &str, owner: Option<&str>, prefer: Option<&str>) -> Result<Owner, ConfigError> {
+    let owner = match owner {
+        None | Some("app") => Owner::App,
+        Some("keap") => Owner::Keap,
+        Some("shared") => match prefer {
+            Some("app") => return Ok(Owner::Shared(Prefer::App)),
+            Some("keap") => return Ok(Owner::Shared(Prefer::Keap)),
+            other => {
+                return Err(invalid(format!(
+                    "{key}: owner = \"shared\" needs prefer = \"app\" or \"keap\" (found {other:?}): \
+                     the side whose value wins when both changed the property since they last agreed"
+                )))
+            }
+        },
+        Some(other) => {
+            return Err(invalid(format!(
+                "{key}: owner = {other:?} is not an owner: use \"app\" (the default: the column is sent \
+                 to Keap), \"keap\" (Keap's value is written into the column) or \"shared\" (both, with \
+                 prefer)"
+            )))
+        }
+    };
+    match prefer {
+        Some(_) => Err(invalid(format!("{key}: prefer goes with owner = \"shared\" only; remove prefer"))),
+        None => Ok(owner),
     }
 }
 
-/// Refuses `owner = "keap"` where this slice does not support it yet, naming `what`.
+/// Refuses `owner = "keap"` or `"shared"` where this slice does not support it yet, naming `what`.
 fn app_only(key: &str, owner: Owner, what: &str) -> Result<(), ConfigError> {
-    if owner == Owner::Keap {
+    if owner != Owner::App {
+        let name = if owner == Owner::Keap { "keap" } else { "shared" };
         return Err(invalid(format!(
-            "{key}: owner = \"keap\" is not supported for {what} yet; Keap-owned properties are the \
-             scalar properties of [contact] and the parts of its phone numbers and addresses"
+            "{key}: owner = \"{name}\" is not supported for {what} yet; Keap-owned and shared \
+             properties are the scalar properties of [contact] and the parts of its phone numbers and \
+             addresses"
         )));
     }
     Ok(())
@@ -495,10 +543,18 @@ impl FileContact {
                 return Err(invalid(format!("{}: this Keap property is mapped twice", f.key)));
             }
         }
-        let (app, keap): (Vec<_>, Vec<_>) = fields.into_iter().partition(|(_, o)| *o == Owner::App);
+        let shared = fields
+            .iter()
+            .filter_map(|(f, o)| match o {
+                Owner::Shared(prefer) => Some((f.clone(), *prefer)),
+                _ => None,
+            })
+            .collect();
+        let (keap, sent): (Vec<_>, Vec<_>) = fields.into_iter().partition(|(_, o)| *o == Owner::Keap);
         Ok(ContactMapping {
-            fields: app.into_iter().map(|(f, _)| f).collect(),
+            fields: sent.into_iter().map(|(f, _)| f).collect(),
             keap_owned: keap.into_iter().map(|(f, _)| f).collect(),
+            shared,
             tags: TagsConfig::default(),
             consent_over_opt_out,
         })

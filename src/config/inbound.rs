@@ -12,7 +12,7 @@
 use serde::Deserialize;
 
 use super::values::validate_identifier;
-use super::{ConfigError, Field, Source, UsersConfig};
+use super::{ConfigError, Field, Prefer, Source, UsersConfig};
 
 /// Where Keap's data lands in the users table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,6 +44,17 @@ pub enum InboundData {
         /// The Keap property (a scalar, a phone part or an address part).
         field: Field,
     },
+    /// A `[contact]` property with `owner = "shared"`: sent like the application's, and Keap's
+    /// changes of it written into its text column by delivery, which reads the contact first
+    /// (`deliver::plan`). The inbound pass only notices that the mirror shows one changed.
+    Shared {
+        /// The config key.
+        key: String,
+        /// The Keap property (a scalar, a phone part or an address part).
+        field: Field,
+        /// The side that wins a conflict.
+        prefer: Prefer,
+    },
 }
 
 impl InboundData {
@@ -52,7 +63,7 @@ impl InboundData {
         match self {
             InboundData::EmailOptOut => "inbound.email_opt_out",
             InboundData::ContactGone => "inbound.contact_gone_at",
-            InboundData::Owned { key, .. } => key,
+            InboundData::Owned { key, .. } | InboundData::Shared { key, .. } => key,
         }
     }
 
@@ -62,7 +73,7 @@ impl InboundData {
         match self {
             InboundData::EmailOptOut => "boolean",
             InboundData::ContactGone => "timestamptz",
-            InboundData::Owned { .. } => "text",
+            InboundData::Owned { .. } | InboundData::Shared { .. } => "text",
         }
     }
 
@@ -90,7 +101,7 @@ impl InboundConfig {
 
 impl UsersConfig {
     /// Every column keap-sync writes from Keap, with what lands in it: `[inbound]`'s, then each
-    /// `owner = "keap"` property's, in the order of the file.
+    /// `owner = "keap"` property's, then each `owner = "shared"` one's, in the order of the file.
     pub fn inbound_columns(&self) -> Vec<(InboundData, &str)> {
         let owned = self.contact.keap_owned.iter().filter_map(|f| match &f.source {
             Source::Column(c) => {
@@ -98,7 +109,14 @@ impl UsersConfig {
             }
             Source::Sql(_) => None,
         });
-        self.inbound.columns().into_iter().chain(owned).collect()
+        let shared = self.contact.shared.iter().filter_map(|(f, prefer)| match &f.source {
+            Source::Column(c) => Some((
+                InboundData::Shared { key: f.key.clone(), field: f.field.clone(), prefer: *prefer },
+                c.as_str(),
+            )),
+            Source::Sql(_) => None,
+        });
+        self.inbound.columns().into_iter().chain(owned).chain(shared).collect()
     }
 }
 
@@ -130,7 +148,7 @@ impl FileInbound {
                     other.key()
                 )));
             }
-            if let Some(outbound) = outbound_key(users, column) {
+            if let Some(outbound) = outbound_key(users, column, key) {
                 return Err(ConfigError::Invalid(format!(
                     "{key} = {column:?} is also {outbound}: a column has one owner, and {key} makes it \
                      Keap's while {outbound} sends it to Keap; map another column for one of them"
@@ -141,12 +159,13 @@ impl FileInbound {
     }
 }
 
-/// The config key of the outbound mapping (or the table's key) that names `column` directly.
-fn outbound_key(users: &UsersConfig, column: &str) -> Option<String> {
+/// The config key of the outbound mapping (or the table's key) that names `column` directly,
+/// other than `inbound` itself (a shared property is both).
+fn outbound_key(users: &UsersConfig, column: &str, inbound: &str) -> Option<String> {
     if users.key == column {
         return Some("users.key (the table's key)".into());
     }
     let named = |source: &Source| matches!(source, Source::Column(c) if c == column);
-    let field = users.fields().into_iter().find(|f| named(&f.source)).map(|f| f.key);
+    let field = users.fields().into_iter().find(|f| named(&f.source) && f.key != inbound).map(|f| f.key);
     field.or_else(|| users.contact.tags.rules.iter().find(|r| named(&r.source)).map(|r| r.key.clone()))
 }

@@ -41,8 +41,8 @@ mod users;
 mod values;
 
 pub use contact::{
-    AddressPart, ContactMapping, CustomFieldRef, Empty, Field, FieldMapping, Owner, PhonePart, Scalar,
-    ScalarKind, Source, TagRef, TagRule, TagTemplate, TagsConfig, ADDRESS_FIELDS, SCALARS,
+    AddressPart, ContactMapping, CustomFieldRef, Empty, Field, FieldMapping, Owner, PhonePart, Prefer,
+    Scalar, ScalarKind, Source, TagRef, TagRule, TagTemplate, TagsConfig, ADDRESS_FIELDS, SCALARS,
 };
 pub use database::{CaFile, DatabaseConfig};
 pub use delivery::{DeliveryConfig, OnDelete};

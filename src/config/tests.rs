@@ -448,3 +448,40 @@ fn a_property_owned_by_keap_is_never_sent_and_needs_a_column() {
     );
     assert!(consent.unwrap().users.contact.consent_over_opt_out, "over_opt_out still works beside owner");
 }
+
+#[test]
+fn a_shared_property_is_sent_and_written_from_keap_with_a_preference() {
+    let mapping = |text: &str| load_str(&format!("[contact]\n{text}\n"), &[]);
+    let c = mapping("job_title = { column = \"job\", owner = \"shared\", prefer = \"keap\" }").unwrap();
+    let sent: Vec<String> = c.users.fields().into_iter().map(|f| f.key).collect();
+    assert!(sent.contains(&"contact.job_title".into()), "sent like the app's: {sent:?}");
+    assert!(c.users.synced_columns().contains(&"job".into()), "and watched by capture");
+    let shared: Vec<(String, Prefer)> =
+        c.users.contact.shared.iter().map(|(f, p)| (f.key.clone(), *p)).collect();
+    assert_eq!(shared, [("contact.job_title".to_owned(), Prefer::Keap)]);
+    let inbound: Vec<(String, String)> =
+        c.users.inbound_columns().into_iter().map(|(d, col)| (d.key().to_owned(), col.to_owned())).collect();
+    assert_eq!(inbound, [("contact.job_title".to_owned(), "job".to_owned())], "one owner check passes");
+    for (text, want) in [
+        ("job_title = { column = \"job\", owner = \"shared\" }", "needs prefer = \"app\" or \"keap\""),
+        ("job_title = { column = \"job\", owner = \"shared\", prefer = \"later\" }", "needs prefer"),
+        ("job_title = { column = \"job\", prefer = \"app\" }", "prefer goes with owner = \"shared\" only"),
+        ("job_title = { column = \"job\", owner = \"keap\", prefer = \"app\" }", "prefer goes with"),
+        (
+            "job_title = { sql = \"upper(job)\", owner = \"shared\", prefer = \"app\" }",
+            "owner = \"shared\" needs a column",
+        ),
+        (
+            "[contact.email_addresses]\nEMAIL2 = { column = \"e2\", owner = \"shared\", prefer = \"app\" }",
+            "owner = \"shared\" is not supported for email",
+        ),
+        (
+            "job_title = { column = \"job\", owner = \"shared\", prefer = \"app\" }\nspouse_name = \"job\"",
+            "one owner",
+        ),
+    ] {
+        let err = mapping(text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}: {err}");
+        assert!(err.contains("contact."), "names the key: {err}");
+    }
+}

@@ -35,7 +35,7 @@ use crate::catalog::{Catalog, Tags};
 use crate::config::{DeliveryConfig, TagRef};
 use crate::db::DbError;
 use crate::keap::{Auth, ErrorKind, KeapClient, KeapError};
-use crate::mapping::{CustomModel, Mapper, RuleTags};
+use crate::mapping::{CustomModel, Mapper, RuleTags, Settled};
 use crate::metrics::Metrics;
 use crate::outbox::recorder::Recorder;
 use crate::outbox::{Claim, ReadUser};
@@ -44,6 +44,7 @@ use crate::token::{TokenError, TokenSource};
 pub(crate) mod plan;
 mod record;
 mod run;
+mod take;
 
 /// What the delivery loop needs to know about one finished delivery.
 #[derive(Debug)]
@@ -80,6 +81,8 @@ pub(crate) struct Deliverer {
     pub catalog: Arc<Catalog>,
     /// New users' lookups answered from the mirror (`[mirror] lookups`), or `None`: by Keap.
     pub lookups: Option<crate::mirror::Lookups>,
+    /// The users table, into whose columns Keap's values of shared properties are written.
+    pub table: Arc<crate::schema::UserTable>,
 }
 
 impl Deliverer {
@@ -222,7 +225,7 @@ enum Failure {
 enum End {
     /// Keap holds the payload and the rule tags `tags` on this contact; `called` is false
     /// when no call was needed.
-    Synced { contact_id: i64, called: bool, tags: RuleTags },
+    Synced { contact_id: i64, called: bool, tags: RuleTags, settled: Settled },
     /// A call or the credential failed; `sent` is the body of the failed write.
     Failed { failure: Failure, sent: Option<serde_json::Value>, settles_create: bool },
     /// Cannot succeed as things stand: park with this reason.

@@ -36,7 +36,7 @@ use serde_json::{Map, Value};
 
 use crate::config::OnDelete;
 use crate::keap::model::{ByEmail, Contact};
-use crate::mapping::{Changes, ContactPayload, Held, RuleTags};
+use crate::mapping::{Changes, ContactPayload, Held, RuleTags, Settled};
 
 /// The contact a step acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +123,9 @@ pub(crate) struct Plan {
     /// Consent the row gives that is not sent because Keap holds this opt-out status for the
     /// address (invariant 17; `over_opt_out` lifts it).
     pub(crate) withheld: Option<String>,
+    /// Shared properties Keap changed: its values to write into their columns, and the
+    /// conflicts `prefer` settled (`mapping::shared`; known once the contact is read).
+    pub(crate) settled: Settled,
 }
 
 impl Plan {
@@ -174,6 +177,9 @@ pub(crate) struct User<'a> {
     /// `on_create` tag ids; only read when [`needs_on_create`] says so.
     pub(crate) on_create: &'a BTreeSet<i64>,
     pub(crate) seen: Seen<'a>,
+    /// The mirror shows a shared property changed in Keap since the base
+    /// (`ContactPayload::keap_moved`): the contact is read even with nothing to send.
+    pub(crate) keap_moved: bool,
 }
 
 /// Whether a plan for this user may apply the `on_create` tags, so their ids must be known:
@@ -203,18 +209,20 @@ fn update(user: &User<'_>, mapped: &Mapped) -> Plan {
     let on_create = if mapped.held.is_fresh() { user.on_create.clone() } else { BTreeSet::new() };
     let mut changes = payload.changes(&mapped.held);
     let mut plan = Plan { theirs: wanted.theirs.clone(), ..Plan::default() };
-    if !changes.any() && had == wanted.ours && on_create.is_empty() {
+    if !changes.any() && had == wanted.ours && on_create.is_empty() && !user.keap_moved {
         return plan;
     }
     let mut current = None;
-    // An array is sent whole, and consent only where Keap holds no opt-out: both need the
-    // contact as Keap holds it now.
-    if changes.touch_arrays() || payload.consent_needs_status(&changes) {
+    // An array is sent whole, consent only where Keap holds no opt-out, and a shared property
+    // only once Keap's side is known: all need the contact as Keap holds it now.
+    let shared = payload.shared_changed(&changes) || user.keap_moved;
+    if changes.touch_arrays() || payload.consent_needs_status(&changes) || shared {
         match user.seen {
             Seen::Contact(contact) if contact.id == id => {
                 let held = Held::from_contact(&contact.json, payload).with_consent_of(&mapped.held);
                 changes = payload.changes(&held);
                 plan.withheld = payload.withhold_consent(&mut changes, &contact.json);
+                plan.settled = payload.settle_shared(&mapped.held, &contact.json, &mut changes);
                 current = Some(&contact.json);
             }
             _ => plan.steps.push(Step::Read { id }),

@@ -19,7 +19,17 @@ impl Deliverer {
         end: End,
     ) -> Result<Outcome, DbError> {
         match end {
-            End::Synced { contact_id, called, tags } => {
+            End::Synced { contact_id, called, tags, settled } => {
+                // Keap's values of shared properties go into their columns first; then both
+                // sides hold the payload with them taken in.
+                let taken;
+                let payload = if settled.any() {
+                    self.take(claim, contact_id, &settled).await?;
+                    taken = payload.with_taken(&settled);
+                    &taken
+                } else {
+                    payload
+                };
                 // Keap holds the payload now; a payload its `sent` records already needs no
                 // write at all (one it does not, with no call: a withdrawn consent).
                 let recorded = claim.sent.as_ref().is_some_and(|sent| payload.recorded_in(sent));

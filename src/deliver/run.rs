@@ -126,6 +126,7 @@ impl Deliverer {
         deadline: Instant,
     ) -> Result<End, DbError> {
         let mut facts = Facts::of(claim, payload);
+        let keap_moved = self.keap_moved(payload, facts.mapped.as_ref()).await?;
         let none = BTreeSet::new();
         for _ in 0..MAX_PLANS {
             if facts.on_create.is_none() && plan::needs_on_create(facts.mapped.as_ref()) {
@@ -143,6 +144,7 @@ impl Deliverer {
                 want,
                 on_create: facts.on_create.as_ref().unwrap_or(&none),
                 seen: facts.seen(),
+                keap_moved,
             };
             let plan = plan::present(&user);
             if let Some(status) = &plan.withheld {
@@ -231,7 +233,12 @@ impl Deliverer {
         let Some(contact_id) = facts.contact_id() else {
             return Ok(Flow::End(End::Park(format!("user {}: the plan linked no contact", claim.user_key))));
         };
-        Ok(Flow::End(End::Synced { contact_id, called: facts.calls > 0, tags: plan.tags(want, &already) }))
+        Ok(Flow::End(End::Synced {
+            contact_id,
+            called: facts.calls > 0,
+            tags: plan.tags(want, &already),
+            settled: plan.settled.clone(),
+        }))
     }
 
     /// A plan's [`Step::Link`]; `None` when the plan goes on.

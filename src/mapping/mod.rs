@@ -31,11 +31,13 @@ mod consent;
 mod countries;
 mod held;
 mod payload;
+mod shared;
 mod validate;
 
 pub(crate) use consent::email1_opted_out;
 pub(crate) use held::{Changes, Held, RuleTags};
 pub(crate) use payload::ContactPayload;
+pub(crate) use shared::{moved_in_keap, Settled, SharedValue};
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -185,6 +187,8 @@ pub(crate) struct Mapper {
     /// The properties Keap owns (`owner = "keap"`): never sent, but listed into the mirror,
     /// whose values the inbound pass writes into their columns.
     keap_owned: Vec<&'static str>,
+    /// The shared properties (`owner = "shared"`) by config key: who wins, and the column.
+    shared: BTreeMap<String, (crate::config::Prefer, String)>,
 }
 
 impl Mapper {
@@ -197,6 +201,15 @@ impl Mapper {
             create_missing: users.contact.tags.create_missing,
             over_opt_out: users.contact.consent_over_opt_out,
             keap_owned: users.contact.keap_owned.iter().map(|f| f.field.property()).collect(),
+            shared: users
+                .contact
+                .shared
+                .iter()
+                .filter_map(|(f, prefer)| match &f.source {
+                    crate::config::Source::Column(c) => Some((f.key.clone(), (*prefer, c.clone()))),
+                    crate::config::Source::Sql(_) => None,
+                })
+                .collect(),
         }
     }
 
@@ -278,6 +291,7 @@ impl Mapper {
         model: Option<&CustomModel>,
     ) -> Result<ContactPayload, MappingError> {
         let mut values = BTreeMap::new();
+        let mut shared = BTreeMap::new();
         let mut email = None;
         for (i, f) in self.fields.iter().enumerate() {
             let raw = row.values.get(i).cloned().flatten();
@@ -285,6 +299,10 @@ impl Mapper {
             let invalid =
                 |rule: String| MappingError::Invalid { key: key.to_owned(), what: what.clone(), rule };
             let path = field_path(f, key, model)?;
+            if let Some((prefer, column)) = self.shared.get(&f.key) {
+                let value = SharedValue { prefer: *prefer, column: column.clone(), row: raw.clone() };
+                shared.insert(path.clone(), value);
+            }
             let empty = raw.as_deref().is_none_or(|v| v.trim().is_empty());
             if f.field == Field::Email(1) {
                 if empty {
@@ -306,7 +324,7 @@ impl Mapper {
         let tags = self.rule_tags(key, row)?;
         let email =
             email.ok_or_else(|| MappingError::NoEmail { key: key.to_owned(), what: "users.email".into() })?;
-        Ok(ContactPayload { email, values, tags, over_opt_out: self.over_opt_out })
+        Ok(ContactPayload { email, values, tags, over_opt_out: self.over_opt_out, shared })
     }
 
     /// Keap's rules across the parts of one address (`docs/keap-api.md`): a region needs a
@@ -402,18 +420,23 @@ fn field_path(f: &FieldMapping, key: &str, model: Option<&CustomModel>) -> Resul
 /// blank one. An empty value in Keap therefore writes nothing: a column is never blanked from
 /// Keap's side (design invariant 21). A custom field (which needs Keap's model) has none.
 pub(crate) fn keap_value(contact: &Value, field: &Field) -> Option<String> {
-    let path = match field {
-        Field::Scalar(s) => Path::Scalar(s.name),
-        Field::Email(n) => Path::Email(*n),
-        Field::Phone(n, p) => Path::Phone(*n, *p),
-        Field::Address(a, p) => Path::Address(a, *p),
-        Field::Custom(_) => return None,
-    };
+    let path = path_of(field)?;
     match held::value_at(contact, &path) {
         Value::String(s) if !s.trim().is_empty() => Some(s),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// The path of a property that needs no contact model (not a custom field).
+fn path_of(field: &Field) -> Option<Path> {
+    Some(match field {
+        Field::Scalar(s) => Path::Scalar(s.name),
+        Field::Email(n) => Path::Email(*n),
+        Field::Phone(n, p) => Path::Phone(*n, *p),
+        Field::Address(a, p) => Path::Address(a, *p),
+        Field::Custom(_) => return None,
+    })
 }
 
 /// Field `f`'s value `v` checked against Keap's rule for its property, as it is sent; the rule

@@ -22,6 +22,8 @@ pub(crate) struct ContactPayload {
     pub(crate) tags: BTreeSet<TagRef>,
     /// Consent may be sent over an opt-out Keap holds (`over_opt_out`, [`super::consent`]).
     pub(super) over_opt_out: bool,
+    /// The shared properties (`owner = "shared"`, [`super::shared`]) among `values`' paths.
+    pub(super) shared: super::shared::SharedPaths,
 }
 
 impl ContactPayload {

@@ -24,9 +24,9 @@ use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Row};
 
-use crate::config::InboundData;
+use crate::config::{Field, InboundData};
 use crate::db::DbError;
-use crate::mapping::{email1_opted_out, keap_value};
+use crate::mapping::{email1_opted_out, keap_value, moved_in_keap};
 use crate::schema::{InboundColumn, UserTable};
 
 /// Mirror rows applied per statement.
@@ -36,7 +36,7 @@ const BATCH: i64 = 500;
 const MAX_BATCHES: usize = 1_000;
 
 /// The due rows of the mirror, and the user each contact is linked to, if any.
-const DUE: &str = "select m.contact_id, m.read_at::text, c.user_key, m.contact
+const DUE: &str = "select m.contact_id, m.read_at::text, c.user_key, m.contact, c.sent
                      from keap_sync.mirror m
                      left join keap_sync.contact_map c on c.contact_id = m.contact_id
                     where m.inbound_due
@@ -52,6 +52,8 @@ pub(crate) struct Applied {
     pub(crate) rows: u64,
     /// Values recorded in `keap_sync.inbound_event`.
     pub(crate) events: u64,
+    /// Users whose shared properties Keap changed, queued for delivery to settle.
+    pub(crate) settle: u64,
 }
 
 /// Why the inbound columns could not be written (they stay due: the next sweep tries again).
@@ -71,14 +73,24 @@ pub(crate) enum InboundError {
 /// the stamp of a contact found gone, `super::gone`); nothing when there are none.
 pub(crate) async fn apply(db: &Client, table: &UserTable) -> Result<Applied, InboundError> {
     let mut applied = Applied::default();
-    let from_mirror = table.inbound.iter().filter(|c| c.data.from_mirror()).cloned().collect();
+    let shared: Vec<Field> = table
+        .inbound
+        .iter()
+        .filter_map(|c| match &c.data {
+            InboundData::Shared { field, .. } => Some(field.clone()),
+            _ => None,
+        })
+        .collect();
+    let written = |c: &&InboundColumn| c.data.from_mirror() && !matches!(c.data, InboundData::Shared { .. });
+    let from_mirror = table.inbound.iter().filter(written).cloned().collect();
     let table = &UserTable { inbound: from_mirror, ..table.clone() };
-    if table.inbound.is_empty() {
+    if table.inbound.is_empty() && shared.is_empty() {
         return Ok(applied);
     }
-    let sql = statement(table);
+    let sql = if table.inbound.is_empty() { CLEAR.to_owned() } else { statement(table) };
     for _ in 0..MAX_BATCHES {
         let due = db.query(DUE, &[&BATCH]).await.map_err(DbError::from)?;
+        applied.settle += settle_shared(db, &shared, &due).await?;
         let batch: Vec<Value> = due.iter().map(|r| values(&table.inbound, r)).collect();
         let done = match db.query_one(&sql, &[&Value::Array(batch)]).await {
             Ok(done) => done,
@@ -98,6 +110,39 @@ pub(crate) async fn apply(db: &Client, table: &UserTable) -> Result<Applied, Inb
     Ok(applied)
 }
 
+/// With shared properties only: the due rows read are no longer due (unless stored again).
+const CLEAR: &str = "with v as (
+                         select * from jsonb_to_recordset($1::jsonb) as v(contact_id bigint, read_at timestamptz)
+                     ), cleared as (
+                         update keap_sync.mirror m set inbound_due = false
+                           from v where m.contact_id = v.contact_id and m.read_at = v.read_at
+                         returning 1
+                     )
+                     select (select count(*) from cleared), 0::bigint, 0::bigint";
+
+/// Queues for delivery the linked users of `due` whose mirror copy shows a shared property
+/// changed in Keap since both sides last agreed: delivery reads the contact (the mirror's
+/// word decides nothing alone, invariant 20), writes Keap's value into the column or settles
+/// a conflict by `prefer` (`deliver::take`). Answers how many were queued.
+async fn settle_shared(db: &Client, shared: &[Field], due: &[Row]) -> Result<u64, DbError> {
+    if shared.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<String> = due
+        .iter()
+        .filter_map(|r| {
+            let (key, sent) = (r.get::<_, Option<String>>(2)?, r.get::<_, Option<Value>>(4)?);
+            moved_in_keap(shared, &sent, &r.get::<_, Value>(3)).then_some(key)
+        })
+        .collect();
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    db.execute("insert into keap_sync.change (user_key) select unnest($1::text[])", &[&keys]).await?;
+    crate::db::wake_daemons(db).await?;
+    Ok(keys.len() as u64)
+}
+
 /// One due row as the statement reads it: `c0`, `c1`… the values of the inbound columns in
 /// order, `null` where Keap said nothing.
 fn values(columns: &[InboundColumn], row: &Row) -> Value {
@@ -109,6 +154,7 @@ fn values(columns: &[InboundColumn], row: &Row) -> Value {
             InboundData::EmailOptOut => json!(email1_opted_out(&contact)),
             InboundData::ContactGone => Value::Null,
             InboundData::Owned { field, .. } => json!(keap_value(&contact, field)),
+            InboundData::Shared { .. } => Value::Null,
         };
     }
     v

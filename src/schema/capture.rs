@@ -233,7 +233,8 @@ fn update_trigger(table: &UserTable) -> CaptureTrigger {
         function: "keap_sync.capture_update",
         body: log_body(&format!(
             "select n.{key}::text from keap_sync_new n join keap_sync_old o on o.{key}::text = n.{key}::text
-      where n.{key} is not null and ({changed})"
+      where n.{key} is not null and ({changed}){origin}",
+            origin = not_from_keap(table)
         )),
         definition: format!(
             "after update on {t} referencing old table as keap_sync_old new table as keap_sync_new for each statement"
@@ -241,6 +242,20 @@ fn update_trigger(table: &UserTable) -> CaptureTrigger {
         settings: &[PINNED_PATH, NO_NESTED_LOOP],
         enabled: b'A',
         per_statement: true,
+    }
+}
+
+/// With a shared property (`owner = "shared"`), its column is both synced and written from
+/// Keap: delivery writes Keap's value in a transaction that sets `keap_sync.origin = 'keap'`
+/// (`deliver::take`), and the update trigger logs nothing for it, so that Keap's change is
+/// never sent back (invariant 18, Heroku Connect's way). Without one, nothing is added: the
+/// trigger is exactly what it was.
+fn not_from_keap(table: &UserTable) -> &'static str {
+    let shared = table.inbound.iter().any(|c| matches!(c.data, crate::config::InboundData::Shared { .. }));
+    if shared {
+        "\n        and pg_catalog.current_setting('keap_sync.origin', true) is distinct from 'keap'"
+    } else {
+        ""
     }
 }
 

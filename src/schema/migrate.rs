@@ -119,6 +119,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0022_hook_state.sql",
         sql: include_str!("../../sql/0022_hook_state.sql"),
     },
+    Migration { version: 23, name: "0023_conflict.sql", sql: include_str!("../../sql/0023_conflict.sql") },
 ];
 
 /// What `migrate` did, for the operator.

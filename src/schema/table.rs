@@ -300,7 +300,8 @@ impl Found {
             let bad = |message: String| SchemaError::BadMapping { key: key.to_owned(), message };
             let type_name = self.column_type(name, key)?;
             self.inbound_type_fits(&data, name, &type_name).map_err(bad)?;
-            if synced.iter().any(|c| c == name) {
+            let shared = matches!(data, InboundData::Shared { .. });
+            if !shared && synced.iter().any(|c| c == name) {
                 return Err(bad(format!(
                     "column {name} is Keap's ({key}) but an SQL expression of the outbound mapping reads \
                      it, so Keap's writes would be sent back to Keap: a column has one owner; read \
@@ -330,7 +331,9 @@ impl Found {
                  column (`alter table {table} add column {name} timestamptz`)"
                 ))
             }
-            InboundData::Owned { .. } if !["text", "character varying", "citext"].contains(&type_name) => {
+            InboundData::Owned { .. } | InboundData::Shared { .. }
+                if !["text", "character varying", "citext"].contains(&type_name) =>
+            {
                 Err(format!(
                     "column {name} is {type_name}; a property Keap owns lands in a text column (text, \
                      varchar without a length or citext), so any value Keap holds fits: `alter table \

@@ -32,6 +32,7 @@ mod owned;
 mod pg_restart;
 mod promises;
 mod refusals;
+mod shared;
 mod sync;
 mod tls;
 mod tokens;

@@ -54,7 +54,16 @@ fn user<'a>(
     want: &'a BTreeSet<i64>,
     on_create: &'a BTreeSet<i64>,
 ) -> User<'a> {
-    User { key: "7", payload, mapped, in_doubt: None, want, on_create, seen: Seen::Nothing }
+    User {
+        key: "7",
+        payload,
+        mapped,
+        in_doubt: None,
+        want,
+        on_create,
+        seen: Seen::Nothing,
+        keap_moved: false,
+    }
 }
 
 fn kinds(plan: &Plan) -> Vec<&'static str> {
@@ -462,4 +471,76 @@ fn delivery_never_makes_a_call_the_first_plan_did_not_list() {
             panic!("case {case}: {why}\nfacts: {facts:?}\nfirst plan: {first:?}\nmade: {made:?}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A shared property (`owner = "shared"`): settled against the base and a read of the contact.
+
+/// The row is (email, first, last, job); the job title is shared, `prefer` wins a conflict.
+fn shared_payload(prefer: &str, job: &str) -> ContactPayload {
+    let toml =
+        format!("[contact]\njob_title = {{ column = \"job\", owner = \"shared\", prefer = \"{prefer}\" }}\n");
+    let mapper = Mapper::new(&Config::from_toml(&toml, &|_| None).expect("config").users);
+    let values = [Some("ada@x.io"), Some("Ada"), Some("Lovelace"), Some(job)];
+    let row = UserRow { values: values.iter().map(|v| v.map(str::to_owned)).collect() };
+    mapper.payload("7", &row, None).expect("a valid row")
+}
+
+fn with_job(id: i64, job: &str) -> Contact {
+    Contact::from_json(json!({
+        "id": id, "given_name": "Ada", "family_name": "Lovelace", "job_title": job,
+        "email_addresses": [{"field": "EMAIL1", "email": "ada@x.io"}],
+    }))
+    .expect("a contact")
+}
+
+/// The plan for the row's `job` after both sides last agreed on "Engineer", Keap holding
+/// `keap` now: (the kinds of steps, the values taken from Keap, the conflicts' winners).
+fn settle(prefer: &str, job: &str, keap: &str) -> (Vec<&'static str>, Vec<Value>, Vec<&'static str>) {
+    let m = mapped(9, &shared_payload(prefer, "Engineer"), &[], &[], false);
+    let now = shared_payload(prefer, job);
+    let none = BTreeSet::new();
+    let read = with_job(9, keap);
+    let facts = User { keap_moved: keap != "Engineer", ..user(&now, Some(&m), &none, &none) };
+    let first = present(&facts);
+    if first.steps.is_empty() {
+        return (vec![], vec![], vec![]);
+    }
+    assert_eq!(kinds(&first)[0], "read", "Keap's side is read before a shared property is settled");
+    let plan = present(&User { seen: Seen::Contact(&read), ..facts });
+    let taken = plan.settled.taken.iter().map(|t| t.value.clone()).collect();
+    let winners = plan.settled.conflicts.iter().map(|c| c.winner.as_str()).collect();
+    (kinds(&plan), taken, winners)
+}
+
+#[test]
+fn a_shared_property_follows_the_side_that_changed_and_prefer_settles_a_conflict() {
+    let nothing: (Vec<&str>, Vec<Value>, Vec<&str>) = (vec![], vec![], vec![]);
+    assert_eq!(settle("keap", "Engineer", "Engineer"), nothing, "neither side changed: no call");
+    assert_eq!(
+        settle("keap", "Manager", "Engineer"),
+        (vec!["patch"], vec![], vec![]),
+        "the row's change is sent"
+    );
+    assert_eq!(
+        settle("app", "Engineer", "Director"),
+        (vec![], vec![json!("Director")], vec![]),
+        "Keap's change is taken, nothing sent, no conflict"
+    );
+    assert_eq!(settle("app", "Director", "Director"), nothing.clone(), "both changed alike: nothing");
+    assert_eq!(
+        settle("app", "Manager", "Director"),
+        (vec!["patch"], vec![], vec!["app"]),
+        "both changed: the app's value is sent, one conflict"
+    );
+    assert_eq!(
+        settle("keap", "Manager", "Director"),
+        (vec![], vec![json!("Director")], vec!["keap"]),
+        "both changed: Keap's value is taken, one conflict"
+    );
+    assert_eq!(
+        settle("keap", "Engineer", ""),
+        nothing,
+        "a value Keap cleared is neither taken nor overwritten"
+    );
 }
