@@ -62,6 +62,7 @@ alter default privileges for role app_owner in schema keap_sync
 grant usage on schema public to keap_sync;
 grant select (id, email, first_name, last_name) on public.users to keap_sync;
 
--- With `[inbound]` (README, "Keap talks back"): the daemon writes Keap's data into those
--- columns, and only those: read and update them, nothing else of the table.
+-- With `[inbound]`, or a property mapped with owner = "keap" or "shared" (README, "Keap talks
+-- back", "Ownership"): the daemon writes Keap's data into those columns, and only those: read
+-- and update them, nothing else of the table (`keap-sync doctor` names any missing).
 -- grant select (marketing_opt_out), update (marketing_opt_out) on public.users to keap_sync;

@@ -1,6 +1,7 @@
 //! The daemon role's privileges: what it needs (`SELECT` on the key and every column the
-//! mapping reads; the use of schema keap_sync, as `sql/role.example.sql` grants it) is a
-//! failure when missing, and what it does not need but could do harm with (superuser and the
+//! mapping reads; `SELECT` and `UPDATE` on the columns Keap's data lands in, `[inbound]`'s and
+//! the Keap-owned and shared properties'; the use of schema keap_sync, as
+//! `sql/role.example.sql` grants it) is a failure when missing, and what it does not need but could do harm with (superuser and the
 //! other role attributes, writing or owning the users table) is a warning.
 //!
 //! Why both: a missing column grant does not stop the daemon from starting (the catalog is
@@ -68,8 +69,12 @@ fn verdict(role: &str, users: &UsersConfig, table: &UserTable, f: Findings) -> S
         return Step::found(Check::fail(PRIVILEGES, detail, f.fixes.join("; then ")), grants);
     }
     let columns = 1 + table.synced.iter().filter(|c| **c != users.key).count();
+    let writes = match table.inbound.len() {
+        0 => String::new(),
+        n => format!(", writes the {n} column{} Keap's data lands in", if n == 1 { "" } else { "s" }),
+    };
     let needs = format!(
-        "role {role} reads the {columns} columns of {} the mapping needs and uses schema keap_sync",
+        "role {role} reads the {columns} columns of {} the mapping needs{writes} and uses schema keap_sync",
         users.table
     );
     if f.excess.is_empty() {
@@ -103,8 +108,10 @@ async fn attributes(client: &Client, found: &mut Findings) -> Result<String, DbE
     Ok(r.get(0))
 }
 
-/// `SELECT` on the key and every mapped column (and `USAGE` on the table's schema); writing or
-/// owning the table is noted as more than needed.
+/// `SELECT` on the key and every mapped column, `SELECT` and `UPDATE` on every inbound column
+/// (and `USAGE` on the table's schema); writing or owning the table is noted as more than
+/// needed (a column grant for the inbound columns is not: `has_table_privilege` sees only
+/// table-wide grants).
 async fn users_table(
     client: &Client,
     users: &UsersConfig,
@@ -114,6 +121,7 @@ async fn users_table(
 ) -> Result<(), DbError> {
     let mut columns = vec![users.key.clone()];
     columns.extend(table.synced.iter().cloned());
+    let inbound: Vec<String> = table.inbound.iter().map(|c| c.name.clone()).collect();
     let r = client
         .query_one(
             "select pg_catalog.has_schema_privilege(c.relnamespace, 'USAGE'),
@@ -124,14 +132,22 @@ async fn users_table(
                                where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
                                  and a.attname::text = any($2)
                                  and not pg_catalog.has_column_privilege(c.oid, a.attnum, 'SELECT')),
+                             '{}'),
+                    coalesce((select pg_catalog.array_agg(a.attname::text order by a.attnum)
+                                from pg_catalog.pg_attribute a
+                               where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+                                 and a.attname::text = any($3)
+                                 and not (pg_catalog.has_column_privilege(c.oid, a.attnum, 'SELECT')
+                                          and pg_catalog.has_column_privilege(c.oid, a.attnum, 'UPDATE'))),
                              '{}')
                from pg_catalog.pg_class c where c.oid = pg_catalog.to_regclass($1)",
-            &[&table.qualified, &columns],
+            &[&table.qualified, &columns, &inbound],
         )
         .await?;
     let (schema, _) = users.schema_and_table();
     let (usage, writes, owns, unreadable): (bool, bool, bool, Vec<String>) =
         (r.get(0), r.get(1), r.get(2), r.get(3));
+    let unwritable: Vec<String> = r.get(4);
     let (to, shown) = (quote_ident(role), &users.table);
     if !usage {
         found.missing.push(format!("may not use schema {schema}, which holds {shown}"));
@@ -144,6 +160,18 @@ async fn users_table(
             "as the owner of {shown}: grant select ({}) on {} to {to}",
             list.join(", "),
             table.qualified
+        ));
+    }
+    if !unwritable.is_empty() {
+        let list: Vec<String> = unwritable.iter().map(|c| quote_ident(c)).collect();
+        found.missing.push(format!(
+            "cannot read and write column {} of {shown}, where Keap's data lands ([inbound], owner = \"keap\" or \"shared\")",
+            unwritable.join(", ")
+        ));
+        found.fixes.push(format!(
+            "as the owner of {shown}: grant select ({list}), update ({list}) on {} to {to}",
+            table.qualified,
+            list = list.join(", "),
         ));
     }
     if owns {

@@ -427,3 +427,30 @@ async fn a_schema_one_migration_behind_fails_the_schema_check_and_migrate_fixes_
     keap_sync(&["migrate"], &env_as_owner(&app), "");
     doctor(None, &env).assert_statuses(&[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_column_without_update_fails_the_privileges_check_and_the_grant_fixes_it() {
+    const DDL: &str = "create table public.users (
+        id bigserial primary key, email text, first_name text, last_name text,
+        marketing_opt_out boolean, job text)";
+    let toml = "[inbound]\nemail_opt_out = \"marketing_opt_out\"\n\
+                [contact]\njob_title = { column = \"job\", owner = \"shared\", prefer = \"app\" }\n";
+    let app = stopped_app(toml, DDL, false).await;
+    let role = daemon_role(&app, &format!("{SYNCED}, job"), None).await;
+    let env = env_as(&app, &role);
+    let config = app.write_config_file("", "");
+
+    let run = doctor(Some(&config), &env);
+    run.assert_statuses(&[("privileges", "fail")]);
+    let detail = &run.check("privileges").1;
+    assert!(detail.contains("cannot read and write column marketing_opt_out, job"), "{detail}");
+    let fix = run.fix("privileges");
+    assert!(
+        fix.contains(r#"grant select ("marketing_opt_out", "job"), update ("marketing_opt_out", "job")"#),
+        "{fix}"
+    );
+    app.exec(&statements_in(fix)).await;
+    let run = doctor(Some(&config), &env);
+    run.assert_statuses(&[]);
+    assert!(run.check("privileges").1.contains("writes the 2 columns"), "{}", run.check("privileges").1);
+}
