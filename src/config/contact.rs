@@ -450,7 +450,7 @@ impl FileSource {
 
 /// `owner = "app" | "keap" | "shared"`; absent is the application. `prefer` goes with
 /// `shared`, and only with it.
-fn owner_of(key: &str, owner: Option<&str>, prefer: Option<&str>) -> Result<Owner, ConfigError> {
+pub(super) fn owner_of(key: &str, owner: Option<&str>, prefer: Option<&str>) -> Result<Owner, ConfigError> {
     let owner = match owner {
         None | Some("app") => Owner::App,
         Some("keap") => Owner::Keap,

@@ -138,8 +138,9 @@ impl FileConfig {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let database = self.database.validate(base_dir)?;
-        let mut users = self.users.validate()?;
+        let (mut users, owned_names) = self.users.validate()?;
         users.contact = self.contact.validate()?;
+        users.own_names(owned_names);
         users.contact.tags = self.tags.validate()?;
         users.inbound = self.inbound.validate(&users)?;
         let keap = self.keap.validate(credential)?;

@@ -485,3 +485,37 @@ fn a_shared_property_is_sent_and_written_from_keap_with_a_preference() {
         assert!(err.contains("contact."), "names the key: {err}");
     }
 }
+
+#[test]
+fn a_name_of_users_may_be_keaps_or_shared() {
+    let c = load_str(
+        "[users]\ngiven_name = { column = \"first_name\", owner = \"shared\", prefer = \"app\" }\n\
+         family_name = { column = \"last_name\", owner = \"keap\" }\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.users.given_name.as_deref(), Some("first_name"), "a shared name is sent");
+    assert_eq!(c.users.family_name, None, "a Keap-owned name is not");
+    let sent: Vec<String> = c.users.fields().into_iter().map(|f| f.key).collect();
+    assert!(sent.contains(&"users.given_name".into()) && !sent.contains(&"users.family_name".into()));
+    let inbound: Vec<(String, String)> =
+        c.users.inbound_columns().into_iter().map(|(d, col)| (d.key().to_owned(), col.to_owned())).collect();
+    assert_eq!(
+        inbound,
+        [
+            ("users.family_name".to_owned(), "last_name".to_owned()),
+            ("users.given_name".to_owned(), "first_name".to_owned())
+        ]
+    );
+    for (text, want) in [
+        ("given_name = { column = \"first_name\", owner = \"shared\" }", "needs prefer"),
+        ("given_name = { column = \"\", owner = \"keap\" }", "an owner needs a column"),
+        (
+            "given_name = { column = \"first_name\", owner = \"keap\" }\nfamily_name = \"first_name\"",
+            "one owner",
+        ),
+    ] {
+        let err = load_str(&format!("[users]\n{text}\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("users."), "{text}: {err}");
+    }
+}

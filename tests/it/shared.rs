@@ -31,6 +31,13 @@ async fn shared_app(prefer: &str) -> TestApp {
 /// Inserts Ada, an engineer, and waits until her contact exists and the mirror has her; her
 /// contact's id and the number of requests so far.
 async fn ada_synced(app: &TestApp) -> (i64, usize) {
+    let (id, requests) = ada_inserted(app).await;
+    assert_eq!(keap_job(app, id).as_deref(), Some("Engineer"), "the first sync sends the shared property");
+    (id, requests)
+}
+
+/// [`ada_synced`] for any mapping.
+async fn ada_inserted(app: &TestApp) -> (i64, usize) {
     app.exec(
         "insert into users (id, email, first_name, job) values (1, 'ada@example.com', 'Ada', 'Engineer')",
     )
@@ -38,7 +45,6 @@ async fn ada_synced(app: &TestApp) -> (i64, usize) {
     wait_settled(app).await;
     crate::wait_mirrored(app, "1").await;
     let id = app.fake.contacts_with_email("ada@example.com")[0].id;
-    assert_eq!(keap_job(app, id).as_deref(), Some("Engineer"), "the first sync sends the shared property");
     (id, app.fake.requests().len())
 }
 
@@ -157,4 +163,24 @@ async fn a_change_on_one_side_reaches_the_other_with_no_conflict_and_no_echo() {
     assert_eq!(writes.len(), 1, "one PATCH: {writes:?}");
     assert_eq!(job(&app).await.as_deref(), Some("Lead"), "our own write does not come back");
     assert!(conflicts(&app).await.is_empty(), "changes one after the other are no conflict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_name_shared_under_users_follows_a_correction_in_keap() {
+    let toml = "[mirror]\nsweep_secs = 1\nlag_secs = 0\noverlap_secs = 1\n\
+                [users]\ngiven_name = { column = \"first_name\", owner = \"shared\", prefer = \"app\" }\n";
+    let app = spawn_app_with(Options { users_ddl: DDL, toml, ..Options::default() }).await;
+    let (id, before) = ada_inserted(&app).await;
+    assert!(app.fake.edit_contact_json(id, |m| {
+        m.insert("given_name".into(), json!("Augusta"));
+    }));
+    app::eventually(Duration::from_secs(20), "Keap's correction in users.first_name", || async {
+        let row = app.db.query_one("select first_name from users where id = 1", &[]).await.unwrap();
+        row.get::<_, Option<String>>(0).as_deref() == Some("Augusta")
+    })
+    .await;
+    sweeps(&app, 3).await;
+    assert!(writes_since(&app, before).is_empty(), "no Keap write: {:?}", writes_since(&app, before));
+    assert_eq!(nothing_outbound(&app).await, 0);
+    assert!(conflicts(&app).await.is_empty());
 }
