@@ -119,6 +119,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0022_hook_state.sql",
         sql: include_str!("../../sql/0022_hook_state.sql"),
     },
+    Migration {
+        version: 23,
+        name: "0023_hook_changed_at.sql",
+        sql: include_str!("../../sql/0023_hook_changed_at.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.
