@@ -89,6 +89,7 @@ impl Context {
             mapper: Arc::clone(&self.mapper),
             catalog: Arc::clone(&self.catalog),
             lookups: crate::mirror::Lookups::new(&self.config.mirror, self.config.keap.request_timeout),
+            remember_writes: self.config.hooks.is_some(),
         });
         self.metrics.set_db_connected(true);
         tracing::info!("listening for changes; draining the outbox");

@@ -80,6 +80,9 @@ pub(crate) struct Deliverer {
     pub catalog: Arc<Catalog>,
     /// New users' lookups answered from the mirror (`[mirror] lookups`), or `None`: by Keap.
     pub lookups: Option<crate::mirror::Lookups>,
+    /// Every write Keap accepts is recorded in the mirror with Keap's stamp of it (`[hooks]`
+    /// configured: the hooks Keap fires for the write then cost no call, `mirror::remember`).
+    pub remember_writes: bool,
 }
 
 impl Deliverer {
