@@ -200,11 +200,13 @@ async fn a_hand_edit_in_keap_right_after_our_write_is_still_read_and_applied() {
     wait_settled(&app).await;
     assert_eq!(patches_since(&app, before, id), 1, "our write");
     // A person edits the contact in Keap right after it: its hook must not pass for our echo.
+    // The name they also change is the app's: read back, it writes nothing to the table.
     assert!(app.fake.edit_contact_json(id, |m| {
         m.insert(
             "phone_numbers".into(),
             json!([{"field": "PHONE1", "number": "+1 555 0142", "type": "Mobile"}]),
         );
+        m.insert("given_name".into(), json!("Ada K."));
     }));
     app.fake.set_email_status("ada@example.com", "ListUnsubscribe");
     app::eventually(Duration::from_secs(10), "Keap's phone and opt-out in the users row", || async {
@@ -214,6 +216,18 @@ async fn a_hand_edit_in_keap_right_after_our_write_is_still_read_and_applied() {
     })
     .await;
     assert!(app.fake.requests().iter().skip(before).any(|r| r.query.contains("contact_ids")), "read by id");
+    let first: String =
+        app.db.query_one("select first_name from users where id = 1", &[]).await.unwrap().get(0);
+    assert_eq!(first, "Augusta", "an app-owned name read back from Keap writes nothing");
+    let columns: Vec<String> = app
+        .db
+        .query("select distinct column_name from keap_sync.inbound_event order by 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(columns, ["marketing_opt_out", "phone"], "only the inbound columns came in");
     no_sweep_since(&app, before);
     assert_eq!(writes_since(&app, before).len(), 1, "no Keap write but ours");
     assert_eq!(nothing_outbound(&app).await, 0, "nothing enqueued outbound");
