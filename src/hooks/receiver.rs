@@ -167,8 +167,10 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
 
-    /// (id, first, last) of each contact a delivery names.
-    fn named(body: &[u8]) -> Result<Vec<(i64, Option<i64>, Option<i64>)>, &'static str> {
+    /// (id, earliest change, latest change) of a contact a delivery names.
+    type Times = (i64, Option<i64>, Option<i64>);
+
+    fn named(body: &[u8]) -> Result<Vec<Times>, &'static str> {
         contacts(body).map(|n| n.into_iter().map(|n| (n.id, n.first, n.last)).collect())
     }
 

@@ -214,8 +214,8 @@ impl Hooks {
         self.subs.iter().any(|s| s.event_key == event_key && s.status == "Verified")
     }
 
-    /// The deliveries due now: (hook key, url, event key, (id, timestamp) of each event).
-    fn take(&mut self) -> Vec<(String, String, String, Vec<(i64, String)>)> {
+    /// The deliveries due now.
+    fn take(&mut self) -> Vec<Due> {
         if self.held {
             return Vec::new();
         }
@@ -234,7 +234,12 @@ impl Hooks {
                 .map(|(_, id, at)| (*id, at.clone()))
                 .collect();
             for chunk in ids.chunks(self.options.batch.max(1)) {
-                out.push((sub.key.clone(), sub.hook_url.clone(), sub.event_key.clone(), chunk.to_vec()));
+                out.push(Due {
+                    key: sub.key.clone(),
+                    url: sub.hook_url.clone(),
+                    event_key: sub.event_key.clone(),
+                    events: chunk.to_vec(),
+                });
             }
         }
         out
@@ -312,20 +317,24 @@ async fn worker(state: Weak<Mutex<State>>, wake: Arc<tokio::sync::Notify>) {
         let Some(st) = state.upgrade() else { return };
         let due = lock(&st).hooks.take();
         drop(st);
-        for (key, url, event_key, ids) in due {
-            sending.spawn(deliver(Weak::clone(&state), key, url, event_key, ids));
+        for due in due {
+            sending.spawn(deliver(Weak::clone(&state), due));
         }
     }
 }
 
-/// One delivery and its retries, then its copy if [`HookOptions::resend`] asks for one.
-async fn deliver(
-    state: Weak<Mutex<State>>,
+/// A delivery due to one hook.
+struct Due {
     key: String,
     url: String,
     event_key: String,
+    /// (contact id, timestamp) of each event.
     events: Vec<(i64, String)>,
-) {
+}
+
+/// One delivery and its retries, then its copy if [`HookOptions::resend`] asks for one.
+async fn deliver(state: Weak<Mutex<State>>, due: Due) {
+    let Due { key, url, event_key, events } = due;
     let keys: Vec<Value> = events.iter().map(|(id, at)| json!({"id": id, "timestamp": at})).collect();
     let body = json!({"event_key": event_key, "object_type": "contact", "object_keys": keys}).to_string();
     let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
