@@ -90,6 +90,7 @@ impl Context {
             catalog: Arc::clone(&self.catalog),
             lookups: crate::mirror::Lookups::new(&self.config.mirror, self.config.keap.request_timeout),
             table: Arc::new(self.table.clone()),
+            remember_writes: self.config.hooks.is_some(),
         });
         self.metrics.set_db_connected(true);
         tracing::info!("listening for changes; draining the outbox");

@@ -363,9 +363,14 @@ impl Session<'_> {
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
             let read = match mirror::read_hooked(&db, &keap, &mapper).await {
-                Ok(read) if read.taken == 0 => false,
+                Ok(read) if read.taken == 0 => {
+                    if read.skipped > 0 {
+                        tracing::debug!(skipped = read.skipped, "Keap's hooks named only changes the mirror holds (our own writes' echoes); no call");
+                    }
+                    false
+                }
                 Ok(read) => {
-                    tracing::debug!(calls = read.calls, contacts = read.contacts, taken = read.taken, "read the contacts Keap's hooks named into the mirror");
+                    tracing::debug!(calls = read.calls, contacts = read.contacts, taken = read.taken, skipped = read.skipped, "read the contacts Keap's hooks named into the mirror");
                     true
                 }
                 Err(MirrorError::Db(e)) if e.is_connection_lost() => return Outcome::DbLost(e),

@@ -83,6 +83,9 @@ pub(crate) struct Deliverer {
     pub lookups: Option<crate::mirror::Lookups>,
     /// The users table, into whose columns Keap's values of shared properties are written.
     pub table: Arc<crate::schema::UserTable>,
+    /// Every write Keap accepts is recorded in the mirror with Keap's stamp of it (`[hooks]`
+    /// configured: the hooks Keap fires for the write then cost no call, `mirror::remember`).
+    pub remember_writes: bool,
 }
 
 impl Deliverer {

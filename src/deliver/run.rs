@@ -27,6 +27,8 @@ enum Answer {
     Found(String, ByEmail),
     Contact(Contact),
     Tagged(TagsApplied),
+    /// A `PATCH` Keap accepted, with its stamp of the write (`last_updated`), if it gave one.
+    Patched(Option<i64>),
     Done,
 }
 
@@ -199,7 +201,7 @@ impl Deliverer {
                         }
                         Err(failure) => return Ok(Flow::End(End::failed(failure, patch_body(step)))),
                     };
-                    self.answered(step, facts).await?;
+                    self.answered(step, &answer, facts).await?;
                     match answer {
                         Answer::Found(email, found) => {
                             (facts.found, facts.mirrored) = (Some((email, found)), false);
@@ -225,7 +227,7 @@ impl Deliverer {
                                 facts.contact_id().unwrap_or_default(),
                             ))))
                         }
-                        Answer::Done => {}
+                        Answer::Patched(_) | Answer::Done => {}
                     }
                 }
             }
@@ -312,18 +314,27 @@ impl Deliverer {
     }
 
     /// After a call Keap accepted: a contact linked from the mirror is confirmed (every step
-    /// after a link is a call to that contact), and after a `PATCH` of a contact's addresses
-    /// the mirror learns them, for the lookups it answers.
-    async fn answered(&self, step: &Step, facts: &mut Facts) -> Result<(), DbError> {
+    /// after a link is a call to that contact), and after a `PATCH` the mirror learns what
+    /// was sent ([`Deliverer::remembers`]).
+    async fn answered(&self, step: &Step, answer: &Answer, facts: &mut Facts) -> Result<(), DbError> {
         if facts.linked.is_some() {
             facts.linked_from_mirror = false;
         }
-        if let (Some(_), Step::Patch { id, body, .. }) = (&self.lookups, step) {
-            if body.contains_key("email_addresses") {
-                mirror::remember(&self.db, *id, body).await?;
+        if let (Step::Patch { id, body, .. }, Answer::Patched(written)) = (step, answer) {
+            if self.remembers(body) {
+                mirror::remember(&self.db, *id, body, *written).await?;
             }
         }
         Ok(())
+    }
+
+    /// Whether a write Keap accepted (`body`) is recorded in the mirror: every one with
+    /// `[hooks]` (Keap's stamp of it then makes the hooks it fires cost no call), and those
+    /// carrying addresses (a create, a readdress) with `[mirror] lookups` (a second user with
+    /// the same address finds the contact before the next listing). Otherwise the mirror is
+    /// not read between sweeps and a write costs no statement here.
+    fn remembers(&self, body: &serde_json::Map<String, serde_json::Value>) -> bool {
+        self.remember_writes || (self.lookups.is_some() && body.contains_key("email_addresses"))
     }
 
     /// An in-doubt create made no contact of this user's: clear its record for good, so that
@@ -401,8 +412,8 @@ impl Deliverer {
             .await?;
         match result {
             Ok(contact) => {
-                if self.lookups.is_some() {
-                    mirror::remember(&self.db, contact.id, body).await?;
+                if self.remembers(body) {
+                    mirror::remember(&self.db, contact.id, body, contact.last_updated()).await?;
                 }
                 let end = self.link(claim, contact.id, payload.as_held().link_sent()).await?;
                 facts.linked = Some(contact.id);
@@ -455,7 +466,7 @@ impl Deliverer {
                     keap.update_contact(&auth, *id, body, mask, deadline).await
                 })
                 .await?
-                .map(|_| Answer::Done),
+                .map(|contact| Answer::Patched(contact.last_updated())),
             Step::ApplyTags { id, ids } => {
                 let (id, ids) = (target(id), &ids.iter().copied().collect::<Vec<i64>>());
                 self.with_auth(claim, |auth| async move { keap.apply_tags(&auth, id, ids, deadline).await })

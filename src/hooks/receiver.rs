@@ -6,7 +6,7 @@
 //! (Keap tries again later). Nothing the request holds is logged: not the path (the secret),
 //! not the ids' contacts, only counts.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,9 @@ use serde_json::Value;
 use tokio::sync::{Mutex, Notify};
 use tokio_postgres::Client;
 
+use super::queue::Named;
 use crate::db::{self, DbError};
+use crate::keap::stamp;
 use crate::secret::Secret;
 
 /// The largest body read: Keap sends at most 1,000 ids a delivery, which fit in a tenth of it.
@@ -54,14 +56,14 @@ impl Receiver {
             && got[1..].iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 
-    /// Queues `ids` on the receiver's connection, connecting first if need be.
-    async fn queue(&self, ids: &[i64]) -> Result<u64, DbError> {
+    /// Queues `named` on the receiver's connection, connecting first if need be.
+    async fn queue(&self, named: &[Named]) -> Result<u64, DbError> {
         let mut conn = self.conn.lock().await;
         if conn.as_ref().is_none_or(Client::is_closed) {
             *conn = Some(db::connect(&self.pg).await?);
         }
         let Some(client) = conn.as_ref() else { unreachable!("connected above") };
-        let pushed = super::queue::push(client, ids).await;
+        let pushed = super::queue::push(client, named).await;
         if pushed.is_err() {
             *conn = None;
         }
@@ -107,7 +109,7 @@ async fn respond(receiver: &Receiver, req: Request<Incoming>) -> Response<Full<B
         }
         Err(_) => return plain(StatusCode::BAD_REQUEST, "unreadable body\n"),
     };
-    let ids = match contact_ids(&body) {
+    let ids = match contacts(&body) {
         Ok(ids) => ids,
         Err(why) => {
             tracing::info!(reason = why, "refused a hook delivery that is not one (400)");
@@ -130,26 +132,28 @@ async fn respond(receiver: &Receiver, req: Request<Incoming>) -> Response<Full<B
     }
 }
 
-/// The contact ids of a delivery (`{"event_key", "object_type", "object_keys": [{"id"}, …]}`),
-/// each once; none for a delivery about something else than contacts. `Err` says why the body
-/// is not a delivery (no contact data in it).
-fn contact_ids(body: &[u8]) -> Result<Vec<i64>, &'static str> {
+/// The contacts of a delivery (`{"event_key", "object_type", "object_keys": [{"id",
+/// "timestamp"}, …]}`), each once, by id; none for a delivery about something else than
+/// contacts. `Err` says why the body is not a delivery (no contact data in it).
+fn contacts(body: &[u8]) -> Result<Vec<Named>, &'static str> {
     let v: Value = serde_json::from_slice(body).map_err(|_| "not JSON")?;
     let keys = v.get("object_keys").and_then(Value::as_array).ok_or("no object_keys array")?;
     let kind = v.get("object_type").and_then(Value::as_str).unwrap_or("contact");
     if !kind.eq_ignore_ascii_case("contact") {
         return Ok(Vec::new());
     }
-    let mut ids = BTreeSet::new();
+    let mut named: BTreeMap<i64, Named> = BTreeMap::new();
     for key in keys {
         let id = match key.get("id") {
             Some(Value::Number(n)) => n.as_i64(),
             Some(Value::String(s)) => s.trim().parse().ok(),
             _ => None,
         };
-        ids.insert(id.filter(|id| *id > 0).ok_or("an object key without a usable id")?);
+        let id = id.filter(|id| *id > 0).ok_or("an object key without a usable id")?;
+        let at = key.get("timestamp").and_then(Value::as_str).and_then(stamp::micros);
+        named.entry(id).and_modify(|n| n.add(at)).or_insert(Named { id, first: at, last: at });
     }
-    Ok(ids.into_iter().collect())
+    Ok(named.into_values().collect())
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -163,14 +167,39 @@ fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
 
+    /// (id, earliest change, latest change) of a contact a delivery names.
+    type Times = (i64, Option<i64>, Option<i64>);
+
+    fn named(body: &[u8]) -> Result<Vec<Times>, &'static str> {
+        contacts(body).map(|n| n.into_iter().map(|n| (n.id, n.first, n.last)).collect())
+    }
+
     #[test]
     fn a_delivery_reads_as_its_contact_ids_each_once() {
         let body = br#"{"event_key":"contact.edit","object_type":"contact",
             "object_keys":[{"id":12,"timestamp":"x"},{"id":"7","apiUrl":""},{"id":12}]}"#;
-        assert_eq!(contact_ids(body), Ok(vec![7, 12]));
-        assert_eq!(contact_ids(br#"{"object_type":"invoice","object_keys":[{"id":1}]}"#), Ok(vec![]));
-        assert!(contact_ids(b"nope").is_err());
-        assert!(contact_ids(br#"{"event_key":"contact.edit"}"#).is_err());
-        assert!(contact_ids(br#"{"object_keys":[{"id":"x"}]}"#).is_err());
+        assert_eq!(named(body), Ok(vec![(7, None, None), (12, None, None)]));
+        assert_eq!(named(br#"{"object_type":"invoice","object_keys":[{"id":1}]}"#), Ok(vec![]));
+        assert!(named(b"nope").is_err());
+        assert!(named(br#"{"event_key":"contact.edit"}"#).is_err());
+        assert!(named(br#"{"object_keys":[{"id":"x"}]}"#).is_err());
+    }
+
+    #[test]
+    fn each_contact_keeps_its_earliest_and_latest_change_and_no_stamp_wins_over_any() {
+        let (t1, t2, t3) =
+            ("2026-12-07T03:00:00.001Z", "2026-12-07T03:00:00.002Z", "2026-12-07T03:00:00.003Z");
+        let us = |t: &str| stamp::micros(t);
+        let body = format!(
+            r#"{{"event_key":"contact.edit","object_type":"contact","object_keys":[
+                {{"id":1,"timestamp":"{t2}"}},{{"id":1,"timestamp":"{t3}"}},{{"id":1,"timestamp":"{t1}"}},
+                {{"id":2,"timestamp":"{t2}"}},{{"id":2,"timestamp":"not a time"}},
+                {{"id":3,"timestamp":"{t1}"}},{{"id":3}},
+                {{"id":4,"timestamp":"{t3}"}}]}}"#
+        );
+        assert_eq!(
+            named(body.as_bytes()),
+            Ok(vec![(1, us(t1), us(t3)), (2, None, None), (3, None, None), (4, us(t3), us(t3))])
+        );
     }
 }

@@ -5,6 +5,7 @@
 mod client;
 pub(crate) mod model;
 pub(crate) mod route;
+pub(crate) mod stamp;
 mod tags_applied;
 mod transport;
 pub(crate) mod v2;

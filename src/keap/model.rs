@@ -28,6 +28,12 @@ impl Contact {
         }
     }
 
+    /// Keap's update stamp of the contact (`last_updated`), as microseconds since the epoch;
+    /// `None` when the answer has none that reads as a time ([`super::stamp::micros`]).
+    pub(crate) fn last_updated(&self) -> Option<i64> {
+        self.json.get("last_updated").and_then(serde_json::Value::as_str).and_then(super::stamp::micros)
+    }
+
     /// The address in slot EMAIL1.
     pub(crate) fn email1(&self) -> Option<&str> {
         let items = self.json.get("email_addresses").and_then(serde_json::Value::as_array)?;

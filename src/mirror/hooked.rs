@@ -8,6 +8,27 @@
 //! stays, and is read again. A contact Keap no longer lists (deleted, merged away, or missed by
 //! the listing) is removed from the queue; if a user is linked to it, it is queued for Keap to
 //! confirm gone by id (`super::gone`: the listing's word alone unlinks nobody).
+//!
+//! **A hook about a change the mirror already holds costs no call** (design invariant 18: our
+//! own writes never come back in). Keap fires `contact.edit`/`contact.add` for every write,
+//! keap-sync's included, and may deliver an event more than once; the receiver keeps, per
+//! queued contact, the earliest and latest change time the deliveries gave
+//! (`object_keys[].timestamp`, `sql/0024_hook_changed_at.sql`). Before each call, the rows
+//! whose changes the mirror holds are removed from the queue, in one statement (a row queued
+//! again while it runs is checked again as it is then, so a newer change keeps it):
+//!
+//! - every change at or before the mirror row's `updated_at`, Keap's update time as last read
+//!   (by a sweep, a listing or a hook's read): the read would find nothing new;
+//! - every change exactly at the row's `written_at`, Keap's stamp of keap-sync's own last write
+//!   (`super::remember`): the echo of that write, whose values the mirror holds.
+//!
+//! The others are read as before: a change after our write, one whose time is unknown, and
+//! one made between the row's last read and our write (the write's stamp does not cover it:
+//! the mirror merged only what we sent). The skip is tolerant by construction: if Keap's
+//! `timestamp` is the time of sending rather than of the change, it is later than every
+//! stamp the mirror holds, and the contact is read (one call, still correct), as it is when
+//! Keap's answer carried no stamp. A change stamped the very instant of our write is taken
+//! for its echo; the sweep, which lists by update time, still finds it.
 
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -34,7 +55,15 @@ pub(crate) struct Hooked {
     pub(crate) contacts: u64,
     /// Queued ids taken (stored, or gone from Keap).
     pub(crate) taken: u64,
+    /// Queued ids removed without a call: changes the mirror already holds.
+    pub(crate) skipped: u64,
 }
+
+/// Removes the queued contacts whose every change the mirror holds (see the module's docs).
+const SEEN: &str = "delete from keap_sync.hook_queue q using keap_sync.mirror m
+                     where m.contact_id = q.contact_id
+                       and (q.changed_at <= m.updated_at
+                            or (q.first_changed_at = q.changed_at and q.changed_at = m.written_at))";
 
 /// Reads every queued contact into the mirror, oldest first.
 pub(crate) async fn read_queued(
@@ -45,6 +74,7 @@ pub(crate) async fn read_queued(
     let fields = v2::fields(&mapper.properties());
     let mut done = Hooked::default();
     for _ in 0..MAX_CALLS {
+        done.skipped += db.execute(SEEN, &[]).await.map_err(DbError::from)?;
         let rows = db.query(QUEUED, &[&IDS_PER_CALL]).await.map_err(DbError::from)?;
         if rows.is_empty() {
             break;

@@ -13,7 +13,8 @@
 //!   it right after (the `PATCH` or tag apply that follows the link, else a read before it);
 //!   Keap's 404 removes it from the mirror ([`forget`]) and the user is looked up in Keap.
 //! - **Contacts keap-sync creates or readdresses** are written here as it goes ([`remember`]),
-//!   so that a second user with the same address finds them before the next listing.
+//!   so that a second user with the same address finds them before the next listing (with
+//!   `[hooks]`, every write Keap accepts is, with Keap's stamp of it: `super::hooked`).
 //! - **Another user's contact, or an address held only in another slot**: the mirror's word
 //!   would park the user; Keap is asked instead, and its answer decides, as without a mirror.
 //! - **A contact made in Keap after the last listing of changes** (at most `confirm_secs`
@@ -37,6 +38,7 @@ use super::{catch_up, Keap, MirrorError};
 use crate::config::MirrorConfig;
 use crate::db::{Db, DbError};
 use crate::keap::model::{ByEmail, Contact};
+use crate::keap::stamp;
 use crate::keap::KeapClient;
 use crate::mapping::Mapper;
 use crate::token::TokenSource;
@@ -131,23 +133,40 @@ impl Lookups {
 }
 
 /// Records in the mirror what keap-sync just wrote to contact `id` (a create's body, or a
-/// `PATCH` of its addresses), so that a lookup finds it before the next listing shows it.
-/// Keap's update time is left unknown: any listing of the contact replaces this.
-pub(crate) async fn remember(db: &Db, id: i64, body: &Map<String, Value>) -> Result<(), DbError> {
-    let readdressed = body.contains_key("email_addresses");
+/// `PATCH`), so that a lookup finds it before the next listing shows it, with `written`,
+/// Keap's stamp of the write (`last_updated` in its answer, microseconds since the epoch), so
+/// that the hooks Keap fires for it cost no call (`super::hooked`). Keap's update time as read
+/// is left unknown: the row now holds what was sent, not a change someone made in Keap since
+/// its last read; any listing of the contact replaces this. A write that carries addresses (a
+/// create, a readdress) adds the contact if the mirror lacks it; another one only updates a
+/// row the mirror has (a row holding one property would be a wrong picture of the contact).
+pub(crate) async fn remember(
+    db: &Db,
+    id: i64,
+    body: &Map<String, Value>,
+    written: Option<i64>,
+) -> Result<(), DbError> {
     let contact = Value::Object(body.clone());
+    if !body.contains_key("email_addresses") {
+        let sql = format!(
+            "update keap_sync.mirror m
+                set contact = m.contact || $2, updated_at = null, read_at = now(), written_at = {}
+              where contact_id = $1",
+            stamp::sql("$3::bigint")
+        );
+        db.cached_execute(&sql, &[&id, &contact, &written]).await?;
+        return Ok(());
+    }
     let (emails, email1) = super::addresses(&contact);
-    db.cached_execute(
-        "insert into keap_sync.mirror as m (contact_id, emails, email1, contact)
-         values ($1, $2, $3, $4)
+    let sql = format!(
+        "insert into keap_sync.mirror as m (contact_id, emails, email1, contact, written_at)
+         values ($1, $2, $3, $4, {})
          on conflict (contact_id) do update
-            set contact = m.contact || excluded.contact,
-                emails = case when $5 then excluded.emails else m.emails end,
-                email1 = case when $5 then excluded.email1 else m.email1 end,
-                updated_at = null, read_at = now()",
-        &[&id, &emails, &email1, &contact, &readdressed],
-    )
-    .await?;
+            set contact = m.contact || excluded.contact, emails = excluded.emails, email1 = excluded.email1,
+                updated_at = null, read_at = now(), written_at = excluded.written_at",
+        stamp::sql("$5::bigint")
+    );
+    db.cached_execute(&sql, &[&id, &emails, &email1, &contact, &written]).await?;
     Ok(())
 }
 

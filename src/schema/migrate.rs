@@ -120,6 +120,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0022_hook_state.sql"),
     },
     Migration { version: 23, name: "0023_conflict.sql", sql: include_str!("../../sql/0023_conflict.sql") },
+    Migration {
+        version: 24,
+        name: "0024_hook_changed_at.sql",
+        sql: include_str!("../../sql/0024_hook_changed_at.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.

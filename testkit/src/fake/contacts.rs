@@ -137,10 +137,15 @@ impl State {
         let (id, status) = match self.find_duplicate(&w) {
             Some(id) => {
                 self.contacts.edit(id, |c| apply(c, &w, None));
+                self.fire_for_api_write("contact.edit", id);
                 (id, 200)
             }
             // The spec declares 200 only; a create answering 201 is the stricter reading.
-            None => (self.create(&w)?.id, 201),
+            None => {
+                let id = self.create(&w)?.id;
+                self.fire_for_api_write("contact.add", id);
+                (id, 201)
+            }
         };
         self.after_write(id, &w);
         Ok(json_reply(status, &self.answer_json(&self.contacts[&id], &[], false)))
@@ -150,6 +155,7 @@ impl State {
     pub(super) fn create_from(&mut self, body: &[u8]) -> Result<Reply, Reply> {
         let w = rules::parse_write(body, Write::Create, &self.model).map_err(|e| msg(400, &e))?;
         let c = self.create(&w)?;
+        self.fire_for_api_write("contact.add", c.id);
         self.after_write(c.id, &w);
         Ok(json_reply(201, &self.answer_json(&c, &[], false)))
     }
@@ -192,6 +198,7 @@ impl State {
         }
         let w = rules::parse_write(body, Write::Patch, &self.model).map_err(|e| msg(400, &e))?;
         self.contacts.edit(id, |c| apply(c, &w, (!mask.is_empty()).then_some(mask.as_slice())));
+        self.fire_for_api_write("contact.edit", id);
         if mask.is_empty() || mask.iter().any(|m| m == "opt_in_reason") {
             self.after_write(id, &w);
         }

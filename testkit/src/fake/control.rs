@@ -243,7 +243,7 @@ impl FakeKeap {
                 edited.email_addresses.sort_by_key(|e| slot(e.field));
                 edited.last_updated = Some(rfc3339_ms(unix_ms()));
                 st.contacts.edit(id, |c| *c = edited);
-                st.hooks.fire("contact.edit", id);
+                st.fire("contact.edit", id);
                 drop(st);
                 self.kick_hooks();
                 true
@@ -317,7 +317,7 @@ impl FakeKeap {
         let now = rfc3339_ms(unix_ms());
         for id in ids {
             st.contacts.edit(id, |c| c.last_updated = Some(now.clone()));
-            st.hooks.fire("contact.edit", id);
+            st.fire("contact.edit", id);
         }
         drop(st);
         self.kick_hooks();
@@ -344,7 +344,7 @@ impl FakeKeap {
             c.last_updated = Some(rfc3339_ms(unix_ms()));
         });
         if edited.is_some() {
-            state.hooks.fire("contact.edit", id);
+            state.fire("contact.edit", id);
             drop(state);
             self.kick_hooks();
         }
@@ -369,7 +369,7 @@ impl FakeKeap {
         st.applied.remove(&id);
         let existed = st.contacts.remove(&id).is_some();
         if existed {
-            st.hooks.fire("contact.delete", id);
+            st.fire("contact.delete", id);
             drop(st);
             self.kick_hooks();
         }

@@ -4,7 +4,13 @@
 //! is Verified only when the receiver answers 200 echoing the header); and deliveries.
 //!
 //! A test's edit through the control API (`edit_contact`, `edit_contact_json`,
-//! `set_email_status`, `delete_contact`, [`FakeKeap::fire_hook`]) queues an event; after
+//! `set_email_status`, `delete_contact`, [`FakeKeap::fire_hook`]) queues an event, and so does
+//! a write through the API, as in Keap (which fires hooks for every change, its API's included):
+//! a create, or an upsert that creates, `contact.add`; an upsert that updates an existing contact,
+//! or a `PATCH`, `contact.edit`. Each event's `object_keys[].timestamp` is the contact's
+//! `last_updated` after the change (what Keap's `timestamp` means is unverified; this is the
+//! reading that lets a receiver tell a change it has seen); a deleted contact's, and a
+//! [`FakeKeap::fire_hook`]'s, is the time it fired. After
 //! [`HookOptions::gather`] the events of each key are sent to every Verified hook of that key,
 //! [`HookOptions::batch`] ids a delivery, optionally reordered and duplicated. A delivery that
 //! gets no 2xx/3xx answer within [`HookOptions::timeout`] is tried again after each of
@@ -54,6 +60,9 @@ pub struct HookOptions {
     pub retry: Vec<Duration>,
     /// How long a receiver may take to answer (Keap: 30 s).
     pub timeout: Duration,
+    /// Send every delivery the receiver accepted once more, this long after its answer, as a
+    /// delivery of its own (recorded as a first try); `None`: once.
+    pub resend: Option<Duration>,
 }
 
 impl Default for HookOptions {
@@ -65,6 +74,7 @@ impl Default for HookOptions {
             duplicate: 0.0,
             retry: vec![Duration::from_millis(300), Duration::from_millis(600), Duration::from_secs(1)],
             timeout: Duration::from_secs(5),
+            resend: None,
         }
     }
 }
@@ -100,7 +110,7 @@ pub struct HookAttempt {
     pub event_key: String,
     /// The ids it carried, in order (duplicates included).
     pub ids: Vec<i64>,
-    /// 1 for the first try.
+    /// 1 for the first try (and for the copy [`HookOptions::resend`] sends).
     pub attempt: usize,
     /// The status answered; `None`: no answer in time, or no connection.
     pub status: Option<u16>,
@@ -116,6 +126,8 @@ pub(super) struct Hooks {
     /// (event key, contact id, when) not yet sent.
     pending: Vec<(String, i64, String)>,
     attempts: Vec<HookAttempt>,
+    /// Events wait, unsent, while held ([`FakeKeap::hold_hooks`]).
+    held: bool,
     worker: bool,
     wake: Arc<tokio::sync::Notify>,
     pub(super) options: HookOptions,
@@ -164,6 +176,23 @@ impl State {
     }
 }
 
+impl State {
+    /// Queues `event_key` for contact `id` as a change made now: its timestamp is the
+    /// contact's `last_updated` (the time it fired when the contact is gone or has none).
+    pub(super) fn fire(&mut self, event_key: &str, id: i64) {
+        let at = self.contacts.get(&id).and_then(|c| c.last_updated.clone());
+        self.hooks.fire(event_key, id, at.unwrap_or_else(|| rfc3339_ms(unix_ms())));
+    }
+
+    /// [`State::fire`] for a write through the API, only while a hook of `event_key` is
+    /// Verified (Keap sends nothing for an event no hook subscribes to).
+    pub(super) fn fire_for_api_write(&mut self, event_key: &str, id: i64) {
+        if self.hooks.subscribed(event_key) {
+            self.fire(event_key, id);
+        }
+    }
+}
+
 impl Hooks {
     fn keys(&self) -> Vec<String> {
         self.event_keys.clone().unwrap_or_else(|| EVENT_KEYS.iter().map(|k| (*k).to_owned()).collect())
@@ -175,13 +204,21 @@ impl Hooks {
         }
     }
 
-    /// Queues an event for the hooks of `event_key`.
-    pub(super) fn fire(&mut self, event_key: &str, id: i64) {
-        self.pending.push((event_key.to_owned(), id, rfc3339_ms(unix_ms())));
+    /// Queues an event for the hooks of `event_key`, about a change at `at` (RFC 3339).
+    pub(super) fn fire(&mut self, event_key: &str, id: i64, at: String) {
+        self.pending.push((event_key.to_owned(), id, at));
     }
 
-    /// The deliveries due now: (hook key, url, event key, ids).
-    fn take(&mut self) -> Vec<(String, String, String, Vec<i64>)> {
+    /// Whether events of `event_key` have a Verified hook to go to.
+    fn subscribed(&self, event_key: &str) -> bool {
+        self.subs.iter().any(|s| s.event_key == event_key && s.status == "Verified")
+    }
+
+    /// The deliveries due now.
+    fn take(&mut self) -> Vec<Due> {
+        if self.held {
+            return Vec::new();
+        }
         let mut events = std::mem::take(&mut self.pending);
         let dups: Vec<_> =
             events.iter().filter(|_| rand::random::<f64>() < self.options.duplicate).cloned().collect();
@@ -191,10 +228,18 @@ impl Hooks {
         }
         let mut out = Vec::new();
         for sub in self.subs.iter().filter(|s| s.status == "Verified") {
-            let ids: Vec<i64> =
-                events.iter().filter(|(k, _, _)| *k == sub.event_key).map(|(_, id, _)| *id).collect();
+            let ids: Vec<(i64, String)> = events
+                .iter()
+                .filter(|(k, _, _)| *k == sub.event_key)
+                .map(|(_, id, at)| (*id, at.clone()))
+                .collect();
             for chunk in ids.chunks(self.options.batch.max(1)) {
-                out.push((sub.key.clone(), sub.hook_url.clone(), sub.event_key.clone(), chunk.to_vec()));
+                out.push(Due {
+                    key: sub.key.clone(),
+                    url: sub.hook_url.clone(),
+                    event_key: sub.event_key.clone(),
+                    events: chunk.to_vec(),
+                });
             }
         }
         out
@@ -272,79 +317,136 @@ async fn worker(state: Weak<Mutex<State>>, wake: Arc<tokio::sync::Notify>) {
         let Some(st) = state.upgrade() else { return };
         let due = lock(&st).hooks.take();
         drop(st);
-        for (key, url, event_key, ids) in due {
-            sending.spawn(deliver(Weak::clone(&state), key, url, event_key, ids));
+        for due in due {
+            sending.spawn(deliver(Weak::clone(&state), due));
         }
     }
 }
 
-/// One delivery and its retries; the hook goes Inactive after the last failure or a 410.
-async fn deliver(state: Weak<Mutex<State>>, key: String, url: String, event_key: String, ids: Vec<i64>) {
-    let Some(st) = state.upgrade() else { return };
-    let (retry, timeout) = {
-        let st = lock(&st);
-        (st.hooks.options.retry.clone(), st.hooks.options.timeout)
-    };
-    drop(st);
-    let now = rfc3339_ms(unix_ms());
-    let keys: Vec<Value> = ids.iter().map(|id| json!({"id": id, "timestamp": now})).collect();
+/// A delivery due to one hook.
+struct Due {
+    key: String,
+    url: String,
+    event_key: String,
+    /// (contact id, timestamp) of each event.
+    events: Vec<(i64, String)>,
+}
+
+/// One delivery and its retries, then its copy if [`HookOptions::resend`] asks for one.
+async fn deliver(state: Weak<Mutex<State>>, due: Due) {
+    let Due { key, url, event_key, events } = due;
+    let keys: Vec<Value> = events.iter().map(|(id, at)| json!({"id": id, "timestamp": at})).collect();
     let body = json!({"event_key": event_key, "object_type": "contact", "object_keys": keys}).to_string();
-    for attempt in 1..=retry.len() + 1 {
-        if attempt > 1 {
-            tokio::time::sleep(retry[attempt - 2]).await;
-        }
-        let Some(st) = state.upgrade() else { return };
-        let live = lock(&st).hooks.subs.iter().any(|s| s.key == key && s.status == "Verified");
-        drop(st);
-        if !live {
-            return;
-        }
-        let started = Instant::now();
-        let answer = tokio::time::timeout(timeout, post(&url, &body, None)).await;
-        let status = answer.ok().and_then(Result::ok).map(|(s, _)| s);
-        let Some(st) = state.upgrade() else { return };
-        let mut st = lock(&st);
-        let (elapsed, ids) = (started.elapsed(), ids.clone());
-        st.hooks.attempts.push(HookAttempt {
-            key: key.clone(),
-            event_key: event_key.clone(),
-            ids,
-            attempt,
-            status,
-            elapsed,
-        });
-        match status {
-            Some(410) => return st.hooks.set_status(&key, "Inactive"),
-            Some(s) if (200..400).contains(&s) => return,
-            _ => {}
-        }
+    let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
+    let sending = Sending { state, key, url, event_key, ids, body };
+    if !sending.with_retries().await {
+        return;
     }
-    if let Some(st) = state.upgrade() {
-        lock(&st).hooks.set_status(&key, "Inactive");
+    let Some(st) = sending.state.upgrade() else { return };
+    let resend = lock(&st).hooks.options.resend;
+    drop(st);
+    if let Some(after) = resend {
+        tokio::time::sleep(after).await;
+        sending.with_retries().await;
+    }
+}
+
+/// A delivery on its way to one hook.
+struct Sending {
+    state: Weak<Mutex<State>>,
+    key: String,
+    url: String,
+    event_key: String,
+    ids: Vec<i64>,
+    body: String,
+}
+
+impl Sending {
+    /// Sends the delivery until the receiver accepts it (true), or gives up: the hook goes
+    /// Inactive after the last failure or a 410.
+    async fn with_retries(&self) -> bool {
+        let Some(st) = self.state.upgrade() else { return false };
+        let (retry, timeout) = {
+            let st = lock(&st);
+            (st.hooks.options.retry.clone(), st.hooks.options.timeout)
+        };
+        drop(st);
+        for attempt in 1..=retry.len() + 1 {
+            if attempt > 1 {
+                tokio::time::sleep(retry[attempt - 2]).await;
+            }
+            let Some(st) = self.state.upgrade() else { return false };
+            let live = lock(&st).hooks.subs.iter().any(|s| s.key == self.key && s.status == "Verified");
+            drop(st);
+            if !live {
+                return false;
+            }
+            let started = Instant::now();
+            let answer = tokio::time::timeout(timeout, post(&self.url, &self.body, None)).await;
+            let status = answer.ok().and_then(Result::ok).map(|(s, _)| s);
+            let Some(st) = self.state.upgrade() else { return false };
+            let mut st = lock(&st);
+            st.hooks.attempts.push(HookAttempt {
+                key: self.key.clone(),
+                event_key: self.event_key.clone(),
+                ids: self.ids.clone(),
+                attempt,
+                status,
+                elapsed: started.elapsed(),
+            });
+            match status {
+                Some(410) => {
+                    st.hooks.set_status(&self.key, "Inactive");
+                    return false;
+                }
+                Some(s) if (200..400).contains(&s) => return true,
+                _ => {}
+            }
+        }
+        if let Some(st) = self.state.upgrade() {
+            lock(&st).hooks.set_status(&self.key, "Inactive");
+        }
+        false
+    }
+}
+
+/// Wakes the delivery worker, starting it on `rt` first if need be: events are queued.
+pub(super) fn kick(state: &Arc<Mutex<State>>, rt: &tokio::runtime::Handle) {
+    let mut st = lock(state);
+    let wake = Arc::clone(&st.hooks.wake);
+    if !st.hooks.worker {
+        st.hooks.worker = true;
+        #[allow(clippy::disallowed_methods, reason = "the worker ends when the fake's state is dropped")]
+        rt.spawn(worker(Arc::downgrade(state), Arc::clone(&wake)));
+    }
+    drop(st);
+    wake.notify_one();
+}
+
+/// After a request through the API: wakes the worker when the request queued events.
+pub(super) fn kick_after_request(state: &Arc<Mutex<State>>) {
+    if lock(state).hooks.pending.is_empty() {
+        return;
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        kick(state, &rt);
     }
 }
 
 impl FakeKeap {
     /// Starts the delivery worker if need be and wakes it: events are queued.
     pub(super) fn kick_hooks(&self) {
-        let mut st = self.state();
-        let wake = Arc::clone(&st.hooks.wake);
-        if !st.hooks.worker {
-            st.hooks.worker = true;
-            let weak = Arc::downgrade(&self.inner.state);
-            #[allow(clippy::disallowed_methods, reason = "the worker ends when the fake's state is dropped")]
-            self.inner.rt.spawn(worker(weak, Arc::clone(&wake)));
-        }
-        drop(st);
-        wake.notify_one();
+        kick(&self.inner.state, &self.inner.rt);
     }
 
-    /// Queues `event_key` events for `ids`, as Keap would after those changes.
+    /// Queues `event_key` events for `ids`, as Keap would after changes made now (each
+    /// event's timestamp is now, not the contact's `last_updated`).
     pub fn fire_hook(&self, event_key: &str, ids: &[i64]) {
         {
             let mut st = self.state();
+            let now = rfc3339_ms(unix_ms());
             for id in ids {
-                st.hooks.fire(event_key, *id);
+                st.hooks.fire(event_key, *id, now.clone());
             }
         }
         self.kick_hooks();
@@ -373,6 +475,15 @@ impl FakeKeap {
     /// How deliveries are gathered, cut, shuffled, duplicated and retried from now on.
     pub fn set_hook_options(&self, options: HookOptions) {
         self.state().hooks.options = options;
+    }
+
+    /// Holds every event unsent (`true`), as Keap's 30-60 s before a delivery would, until
+    /// released (`false`): then what waited goes out together.
+    pub fn hold_hooks(&self, held: bool) {
+        self.state().hooks.held = held;
+        if !held {
+            self.kick_hooks();
+        }
     }
 
     /// Subscribes `url` to `event_key` and runs the handshake, as `POST /v1/hooks` does.

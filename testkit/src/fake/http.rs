@@ -165,6 +165,9 @@ pub(super) async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> 
     } else {
         serve(&state, &req, kind).await
     };
+    if kind == Kind::Rest {
+        super::hooks::kick_after_request(&state);
+    }
     let result = result.map(Reply::into_response);
     if let (Ok(resp), Some(r)) = (&result, lock(&state).requests.get_mut(idx)) {
         r.status = resp.status().as_u16();

@@ -38,8 +38,8 @@ impl FakeKeap {
         });
         let tags = st.applied.remove(&gone).unwrap_or_default();
         st.applied.entry(keep).or_default().extend(tags);
-        st.hooks.fire("contact.delete", gone);
-        st.hooks.fire("contact.edit", keep);
+        st.fire("contact.delete", gone);
+        st.fire("contact.edit", keep);
         drop(st);
         self.kick_hooks();
         true
