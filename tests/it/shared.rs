@@ -95,6 +95,13 @@ async fn sweeps(app: &TestApp, n: usize) {
     wait_settled(app).await;
 }
 
+/// The calls to Keap since request `from` other than the sweeps' listings (and token refreshes).
+fn calls_but_sweeps(app: &TestApp, from: usize) -> Vec<String> {
+    let requests = app.fake.requests().into_iter().skip(from);
+    let other = requests.filter(|r| !r.path.contains("/v2/contacts") && !r.path.ends_with("/token"));
+    other.map(|r| format!("{} {}", r.method, r.path)).collect()
+}
+
 /// Both sides converge on `want`, with exactly one conflict recorded, won by `winner`.
 async fn converged(app: &TestApp, id: i64, want: &str, winner: &str) {
     app::eventually(Duration::from_secs(20), "both sides hold the preferred value, one conflict", || async {
@@ -115,7 +122,9 @@ async fn edited_on_both_sides_keap_wins_where_preferred_with_one_conflict_and_th
     let (id, before) = ada_synced(&app).await;
     edit_both(&app, id).await;
     converged(&app, id, "Director", "keap").await;
+    let settled = app.fake.requests().len();
     sweeps(&app, 5).await;
+    assert_eq!(calls_but_sweeps(&app, settled), Vec::<String>::new(), "quiet: only the sweeps call Keap");
     assert_eq!(job(&app).await.as_deref(), Some("Director"));
     assert_eq!(keap_job(&app, id).as_deref(), Some("Director"));
     assert_eq!(conflicts(&app).await.len(), 1, "no second conflict");
@@ -130,7 +139,9 @@ async fn edited_on_both_sides_the_app_wins_where_preferred_with_one_conflict_and
     let (id, before) = ada_synced(&app).await;
     edit_both(&app, id).await;
     converged(&app, id, "Manager", "app").await;
+    let settled = app.fake.requests().len();
     sweeps(&app, 5).await;
+    assert_eq!(calls_but_sweeps(&app, settled), Vec::<String>::new(), "quiet: only the sweeps call Keap");
     assert_eq!(job(&app).await.as_deref(), Some("Manager"));
     assert_eq!(keap_job(&app, id).as_deref(), Some("Manager"));
     assert_eq!(conflicts(&app).await.len(), 1, "no second conflict");
