@@ -213,6 +213,14 @@ impl Mapper {
         }
     }
 
+    /// The `contact_map.sent` keys of the shared properties (`owner = "shared"`): their base is
+    /// what both sides last agreed on, which `reconcile --apply` must keep when it clears the
+    /// rest of the record (without it, the row's value would be sent over Keap's correction).
+    pub(crate) fn shared_path_keys(&self) -> Vec<String> {
+        let shared = self.fields.iter().filter(|f| self.shared.contains_key(&f.key));
+        shared.filter_map(|f| path_of(&f.field)).map(|p| p.key()).collect()
+    }
+
     /// Whether any custom field is mapped (then Keap's model must be known, and contact reads
     /// ask for `custom_fields`).
     pub(crate) fn needs_model(&self) -> bool {

@@ -41,7 +41,7 @@ pub(super) async fn walk<S: ReportSink + ?Sized>(
         report.users += batch.len() as u64;
         report.in_sync += batch.len() as u64 - found.len() as u64;
         if options.apply {
-            report.queued += repair(client, &found).await?;
+            report.queued += repair(client, &found, &mapper.shared_path_keys()).await?;
         }
         for drift in found {
             *report.counts.entry(drift.class).or_default() += 1;
@@ -144,7 +144,9 @@ async fn parked(client: &Client, keys: &[String]) -> Result<BTreeSet<String>, Db
 /// it first for arrays); Keap then confirms a gone contact with a 404, and only then does
 /// delivery link the user again by email, or create its contact. Users with no contact are
 /// simply queued. Each at the backfill's priority, behind live changes. Returns how many.
-async fn repair(client: &Client, drift: &[Drift]) -> Result<u64, DbError> {
+/// The base of each shared property (`shared`, its `sent` keys) is kept: it says which side
+/// changed, and without it the row's value would be sent over a correction made in Keap.
+async fn repair(client: &Client, drift: &[Drift], shared: &[String]) -> Result<u64, DbError> {
     let rewrite: Vec<String> = drift
         .iter()
         .filter(|d| matches!(d.class, Class::Differs | Class::ContactGone))
@@ -157,7 +159,13 @@ async fn repair(client: &Client, drift: &[Drift]) -> Result<u64, DbError> {
     let row = client
         .query_one(
             "with cleared as (
-                 update keap_sync.contact_map set sent = null, fingerprint = ''
+                 update keap_sync.contact_map
+                    set fingerprint = '',
+                        sent = case when cardinality($4::text[]) = 0 or sent->>'v' is distinct from '2' then null
+                                    else jsonb_build_object('v', 2, 'f',
+                                         (select coalesce(jsonb_object_agg(e.key, e.value), '{}')
+                                            from jsonb_each(sent->'f') e where e.key = any($4)))
+                               end
                   where user_key = any($1)
                  returning 1
              ), queued as (
@@ -167,7 +175,7 @@ async fn repair(client: &Client, drift: &[Drift]) -> Result<u64, DbError> {
                  returning 1
              )
              select (select count(*) from queued), pg_notify($3, '')::text is null",
-            &[&rewrite, &queue, &db::NOTIFY_CHANNEL],
+            &[&rewrite, &queue, &db::NOTIFY_CHANNEL, &shared],
         )
         .await?;
     Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))

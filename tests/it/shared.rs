@@ -195,3 +195,31 @@ async fn a_first_name_shared_under_users_follows_a_correction_in_keap() {
     assert_eq!(nothing_outbound(&app).await, 0);
     assert!(conflicts(&app).await.is_empty());
 }
+
+/// `reconcile --apply` repairs drift by delivering again, having cleared keap-sync's record of
+/// what Keap holds; a shared property keeps its base, so Keap's correction made while no daemon
+/// ran is taken into the column, not overwritten with the row's older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_apply_keeps_a_shared_propertys_base_and_takes_keaps_correction() {
+    let mut app = shared_app("app").await;
+    let (id, _) = ada_synced(&app).await;
+    app.stop_daemon().await;
+    edit_in_keap(&app, id, "Architect");
+    let before = app.fake.requests().len();
+    let options = keap_sync::ReconcileOptions { apply: true, ..Default::default() };
+    let report = keap_sync::reconcile(&app.config(), &[], options, &mut |_| {}).await.expect("reconcile");
+    assert_eq!(report.queued, 1, "{report:?}");
+    app.start_daemon().await;
+    app::eventually(Duration::from_secs(20), "Keap's correction in users.job", || async {
+        job(&app).await.as_deref() == Some("Architect")
+    })
+    .await;
+    wait_settled(&app).await;
+    assert_eq!(keap_job(&app, id).as_deref(), Some("Architect"), "Keap's correction stands");
+    let writes = writes_since(&app, before);
+    assert!(
+        writes.iter().all(|w| !w.query.contains("job_title") && !w.body.contains("job_title")),
+        "the row's older title is not sent: {writes:?}"
+    );
+    assert!(conflicts(&app).await.is_empty(), "one side changed: no conflict");
+}
