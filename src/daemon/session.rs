@@ -52,6 +52,12 @@ const FOLD_SWEEP: Duration = Duration::from_secs(30);
 /// queued by another instance's receiver (a standby's) wait this long at most.
 const HOOK_CHECK: Duration = Duration::from_secs(5);
 
+/// Without `[hooks]` (no receiver queues anything) the same pass only confirms the contacts a
+/// full listing suspected gone: it runs after each of the daemon's sweeps (the first may list
+/// all), and every this long for those the drift report or another process (`reconcile`)
+/// queued.
+const GONE_CHECK: Duration = Duration::from_secs(60);
+
 /// Deliveries paused because Keap refuses a credential that should work (a 403, or a 401 even
 /// with a freshly refreshed token): a loop of calls (and refreshes) would only burn the day's
 /// quota, and parking would blame every change for the credential's fault. One probe delivery
@@ -109,8 +115,9 @@ pub(super) struct Session<'a> {
     /// When to look again whether the drift report is due (`[mirror] reconcile_hours`;
     /// `super::report`).
     pub(super) next_report: Instant,
-    /// Whether the hook queue may hold ids: set at the start, by the receiver's wake-up, and
-    /// every [`HOOK_CHECK`]; cleared when a pass is started.
+    /// Whether the hook queue may hold ids, or contacts wait to be confirmed gone: set at the
+    /// start, by the receiver's wake-up, when a sweep starts, and every
+    /// [`HOOK_CHECK`] (with `[hooks]`) or [`GONE_CHECK`]; cleared when a pass is started.
     pub(super) hooks_due: bool,
     /// When to look at the hook queue without a wake-up.
     pub(super) next_hook_check: Instant,
@@ -313,6 +320,7 @@ impl Session<'_> {
             return wait;
         }
         self.next_sweep = now + every;
+        self.hooks_due = true;
         let db = Arc::clone(&self.db);
         let (client, tokens, mapper) =
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
@@ -354,7 +362,8 @@ impl Session<'_> {
             return wait.min(self.next_hook_check.saturating_duration_since(now));
         }
         self.hooks_due = false;
-        self.next_hook_check = now + HOOK_CHECK;
+        let every = if self.ctx.config.hooks.is_some() { HOOK_CHECK } else { GONE_CHECK };
+        self.next_hook_check = now + every;
         let db = Arc::clone(&self.db);
         let (client, tokens, mapper) =
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
@@ -387,7 +396,7 @@ impl Session<'_> {
             }
             confirm_gone(&db, &keap, &table).await.unwrap_or(Outcome::Handled)
         });
-        wait.min(HOOK_CHECK)
+        wait.min(every)
     }
 
     /// Claims as many changes as there are free delivery slots (unless every sender is paused
