@@ -37,7 +37,7 @@ async fn hooked_app(extra: &str) -> (TestApp, String) {
 }
 
 /// Waits until the daemon (started in the background) accepts connections on `port`.
-async fn receiving(port: u16) {
+pub(crate) async fn receiving(port: u16) {
     app::eventually(Duration::from_secs(20), "the hook receiver listening", || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
     })
@@ -281,7 +281,7 @@ async fn stopped_hooked_app_with(hooks: &str) -> (TestApp, u16, std::path::PathB
 }
 
 /// `keap-sync --config FILE hooks ARGS` with the app's environment, off the runtime's threads.
-async fn hooks_cli(app: &TestApp, file: &std::path::Path, args: &[&str]) -> std::process::Output {
+pub(crate) async fn hooks_cli(app: &TestApp, file: &std::path::Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["hooks"];
     all.extend(args);
     cli(app, file, &all).await
@@ -311,7 +311,7 @@ async fn cli(app: &TestApp, file: &std::path::Path, args: &[&str]) -> std::proce
     out
 }
 
-fn text(out: &std::process::Output) -> String {
+pub(crate) fn text(out: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 

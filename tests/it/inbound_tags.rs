@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use keap_sync::config::Config;
-use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp};
+use keap_sync_testkit::app::{self, spawn_app_with, Options, TestApp, HOOK_PATH};
 
-use crate::{nothing_outbound, wait_settled, writes_since};
+use crate::{free_port, nothing_outbound, wait_settled, writes_since};
 
 const DDL: &str = "create table public.users (
     id          bigserial primary key,
@@ -151,4 +151,56 @@ async fn a_tags_column_that_is_not_a_text_array_is_refused_with_the_fix() {
     let err =
         keap_sync::Daemon::build(config, keap_sync::RunOptions::default()).await.err().expect("refused");
     assert!(err.to_string().contains("text[]"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_install_subscribes_the_tag_events_and_a_tag_arrives_through_a_hook() {
+    let port = free_port();
+    let toml = format!(
+        "[mirror]\nsweep_secs = 3600\nlag_secs = 0\n[hooks]\nlisten = \"127.0.0.1:{port}\"\n\
+         [inbound]\ntags = {{ column = \"keap_tags\", category = \"Churn signals\" }}\n"
+    );
+    let toml: &'static str = Box::leak(toml.into_boxed_str());
+    let mut app = spawn_app_with(Options { users_ddl: DDL, toml, ..Options::stopped() }).await;
+    let file = app.write_config_file("", "");
+    let churn = app.fake.create_tag_category("Churn signals");
+    let risk = app.fake.create_tag_in("Churn risk", churn);
+    app.start_daemon().await;
+    crate::hooks::receiving(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    // Keap without the tag events: the missing one is named, nothing subscribed.
+    app.fake.set_hook_event_keys(&["contact.add", "contact.edit", "contact.delete", "contactGroup.applied"]);
+    let out = crate::hooks::hooks_cli(&app, &file, &["install", "--base-url", &base]).await;
+    let said = crate::hooks::text(&out);
+    assert!(!out.status.success() && said.contains("contactGroup.removed"), "{said}");
+    assert!(app.fake.hooks().is_empty(), "no hook created: {:?}", app.fake.hooks());
+    app.fake.set_hook_event_keys(&[
+        "contact.add",
+        "contact.edit",
+        "contact.delete",
+        "contactGroup.applied",
+        "contactGroup.removed",
+    ]);
+    let out = crate::hooks::hooks_cli(&app, &file, &["install", "--base-url", &base]).await;
+    assert!(out.status.success(), "{}", crate::hooks::text(&out));
+    let mut keys: Vec<String> = app
+        .fake
+        .hooks()
+        .into_iter()
+        .filter(|h| h.hook_url.ends_with(HOOK_PATH))
+        .map(|h| h.event_key)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["contact.add", "contact.delete", "contact.edit", "contactGroup.applied", "contactGroup.removed"]
+    );
+    let (id, before) = ada_synced(&app).await;
+    let swept = app.fake.count(|r| r.query.contains("start_update_time"));
+    assert!(app.fake.apply_tag_by_hand(id, risk));
+    wait_tags(&app, &["Churn risk"]).await;
+    assert_eq!(app.fake.count(|r| r.query.contains("start_update_time")), swept, "the hook, not a sweep");
+    let writes = writes_since(&app, before);
+    assert!(writes.is_empty(), "no Keap write: {writes:?}");
+    assert_eq!(nothing_outbound(&app).await, 0);
 }
