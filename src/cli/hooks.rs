@@ -58,6 +58,7 @@ pub(super) async fn run(config: Config, cmd: HooksCommand) -> Result<(), CliErro
                 auth: &auth,
                 timeout: config.keap.request_timeout,
                 path: &hooks.path,
+                tags: config.users.inbound.tags.is_some(),
             };
             let result = command(&api, &hooks, &cmd).await;
             if let Ok(survey) = &result {

@@ -7,7 +7,12 @@
 //! [inbound]
 //! email_opt_out = "marketing_opt_out"   # boolean: true while EMAIL1 is opted out in Keap
 //! contact_gone_at = "keap_contact_gone_at" # timestamptz: when the linked contact was found gone
+//! tags = { column = "keap_tags", category = "Churn signals" } # text[]: the category's tags applied
 //! ```
+//!
+//! `tags` names a tag category by name (`category`) or by Keap's id (`category_id`), exactly
+//! one of them; its column holds the sorted names of the tags of that category applied to the
+//! contact, `{}` when none is (`mirror::inbound`, `mirror::tag_book`).
 
 use serde::Deserialize;
 
@@ -26,6 +31,36 @@ pub struct InboundConfig {
     /// Left as it is afterwards (a relink does not clear it): it says when the contact was
     /// last lost. `None`: not written.
     pub contact_gone_at: Option<String>,
+    /// A `text[]` column holding the names of the tags of one category applied to the contact
+    /// (sorted; `{}` when none is); `None`: not written.
+    pub tags: Option<InboundTags>,
+}
+
+/// `[inbound] tags`: which category's tags land in which column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundTags {
+    /// The `text[]` column.
+    pub column: String,
+    /// The tag category, as Keap's tag list names it.
+    pub category: TagCategory,
+}
+
+/// A tag category of Keap, by name or by id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TagCategory {
+    /// The category's name, exactly as Keap spells it.
+    Name(String),
+    /// Keap's id of the category.
+    Id(i64),
+}
+
+impl std::fmt::Display for TagCategory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TagCategory::Name(name) => write!(f, "category {name:?}"),
+            TagCategory::Id(id) => write!(f, "category id {id}"),
+        }
+    }
 }
 
 /// What of Keap's lands in an inbound column.
@@ -36,6 +71,9 @@ pub enum InboundData {
     /// When the linked contact was found gone in Keap (`contact_gone_at`): a `timestamptz`
     /// column, written by the unlink, never by the mirror's inbound pass.
     ContactGone,
+    /// The names of the tags of this category applied to the contact (`tags`), sorted: a
+    /// `text[]` column.
+    Tags(TagCategory),
     /// A `[contact]` property with `owner = "keap"` (its config key and the property): its
     /// value as Keap holds it, as text, into a text column.
     Owned {
@@ -63,6 +101,7 @@ impl InboundData {
         match self {
             InboundData::EmailOptOut => "inbound.email_opt_out",
             InboundData::ContactGone => "inbound.contact_gone_at",
+            InboundData::Tags(_) => "inbound.tags",
             InboundData::Owned { key, .. } | InboundData::Shared { key, .. } => key,
         }
     }
@@ -73,6 +112,7 @@ impl InboundData {
         match self {
             InboundData::EmailOptOut => "boolean",
             InboundData::ContactGone => "timestamptz",
+            InboundData::Tags(_) => "text[]",
             InboundData::Owned { .. } | InboundData::Shared { .. } => "text",
         }
     }
@@ -87,7 +127,7 @@ impl InboundData {
 impl InboundConfig {
     /// Whether anything comes in at all.
     pub fn is_on(&self) -> bool {
-        self.email_opt_out.is_some() || self.contact_gone_at.is_some()
+        self.email_opt_out.is_some() || self.contact_gone_at.is_some() || self.tags.is_some()
     }
 
     /// Each configured column of `[inbound]` with what lands in it (the Keap-owned properties'
@@ -95,7 +135,8 @@ impl InboundConfig {
     pub fn columns(&self) -> Vec<(InboundData, &str)> {
         let opt_out = self.email_opt_out.iter().map(|c| (InboundData::EmailOptOut, c.as_str()));
         let gone = self.contact_gone_at.iter().map(|c| (InboundData::ContactGone, c.as_str()));
-        opt_out.chain(gone).collect()
+        let tags = self.tags.iter().map(|t| (InboundData::Tags(t.category.clone()), t.column.as_str()));
+        opt_out.chain(gone).chain(tags).collect()
     }
 }
 
@@ -126,6 +167,46 @@ impl UsersConfig {
 pub(super) struct FileInbound {
     pub(super) email_opt_out: Option<String>,
     pub(super) contact_gone_at: Option<String>,
+    pub(super) tags: Option<FileInboundTags>,
+}
+
+/// `tags = { column = "…", category = "…" }` (or `category_id = N`).
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileInboundTags {
+    column: String,
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(default)]
+    category_id: Option<i64>,
+}
+
+impl FileInboundTags {
+    /// Exactly one category, by a name that is not blank or by a positive id.
+    fn validate(self) -> Result<InboundTags, ConfigError> {
+        let category = match (self.category, self.category_id) {
+            (Some(name), None) if !name.trim().is_empty() => TagCategory::Name(name),
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "inbound.tags: category is blank: give the tag category's name as Keap shows it".into(),
+                ))
+            }
+            (None, Some(id)) if id > 0 => TagCategory::Id(id),
+            (None, Some(id)) => {
+                return Err(ConfigError::Invalid(format!(
+                    "inbound.tags: category_id = {id} is not a Keap id (a positive number)"
+                )))
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "inbound.tags: give exactly one of category (the tag category's name) or \
+                     category_id (its id in Keap)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(InboundTags { column: self.column, category })
+    }
 }
 
 impl FileInbound {
@@ -135,8 +216,9 @@ impl FileInbound {
     /// read only inside an SQL expression is refused later, when `schema` resolves the mapping
     /// against the table.
     pub(super) fn validate(self, users: &UsersConfig) -> Result<InboundConfig, ConfigError> {
+        let tags = self.tags.map(FileInboundTags::validate).transpose()?;
         let inbound =
-            InboundConfig { email_opt_out: self.email_opt_out, contact_gone_at: self.contact_gone_at };
+            InboundConfig { email_opt_out: self.email_opt_out, contact_gone_at: self.contact_gone_at, tags };
         let all = UsersConfig { inbound: inbound.clone(), ..users.clone() };
         let columns = all.inbound_columns();
         for (i, (data, column)) in columns.iter().enumerate() {

@@ -47,7 +47,7 @@ pub use contact::{
 pub use database::{CaFile, DatabaseConfig};
 pub use delivery::{DeliveryConfig, OnDelete};
 pub use hooks::HooksConfig;
-pub use inbound::{InboundConfig, InboundData};
+pub use inbound::{InboundConfig, InboundData, InboundTags, TagCategory};
 pub use keap::{Credential, KeapConfig, DEFAULT_API_URL, DEFAULT_TOKEN_URL};
 pub use limits::LimitsConfig;
 pub use mirror::MirrorConfig;

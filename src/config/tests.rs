@@ -399,6 +399,51 @@ fn the_stamp_of_a_contact_found_gone_is_an_inbound_column_with_one_owner() {
 }
 
 #[test]
+fn inbound_tags_name_one_category_and_a_column_with_one_owner() {
+    let by_name =
+        load_str("[inbound]\ntags = { column = \"keap_tags\", category = \"Churn signals\" }\n", &[])
+            .unwrap();
+    let tags = by_name.users.inbound.tags.clone().expect("tags configured");
+    assert_eq!(tags.column, "keap_tags");
+    assert_eq!(tags.category, TagCategory::Name("Churn signals".into()));
+    assert!(by_name.users.inbound.is_on());
+    assert!(!by_name.users.synced_columns().contains(&"keap_tags".to_owned()), "never sent out");
+    let inbound: Vec<(String, String)> = by_name
+        .users
+        .inbound_columns()
+        .into_iter()
+        .map(|(d, col)| (d.key().to_owned(), col.to_owned()))
+        .collect();
+    assert_eq!(inbound, [("inbound.tags".to_owned(), "keap_tags".to_owned())]);
+    let by_id = load_str("[inbound]\ntags = { column = \"keap_tags\", category_id = 12 }\n", &[]).unwrap();
+    assert_eq!(by_id.users.inbound.tags.unwrap().category, TagCategory::Id(12));
+    for (text, want) in [
+        ("tags = { column = \"t\", category = \"C\", category_id = 3 }", "exactly one of category"),
+        ("tags = { column = \"t\" }", "exactly one of category"),
+        ("tags = { column = \"t\", category = \" \" }", "category"),
+        ("tags = { column = \"t\", category_id = 0 }", "category_id"),
+        ("tags = { category = \"C\" }", "column"),
+        ("tags = { column = \"t\", category = \"C\", colour = 1 }", "colour"),
+        ("tags = { column = \"email\", category = \"C\" }", "users.email"),
+        ("tags = { column = \"id\", category = \"C\" }", "users.key"),
+        ("email_opt_out = \"t\"\ntags = { column = \"t\", category = \"C\" }", "both name column t"),
+    ] {
+        let err = load_str(&format!("[inbound]\n{text}\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    let both = "[contact]\njob_title = \"keap_tags\"\n[inbound]\ntags = { column = \"keap_tags\", category = \"C\" }\n";
+    let err = load_str(both, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("inbound.tags") && err.contains("contact.job_title") && err.contains("one owner"),
+        "{err}"
+    );
+    let rule = "[[tags.from]]\ncolumn = \"keap_tags\"\ntag = \"VIP\"\n\
+                [inbound]\ntags = { column = \"keap_tags\", category = \"C\" }\n";
+    let err = load_str(rule, &[]).unwrap_err().to_string();
+    assert!(err.contains("inbound.tags") && err.contains("one owner"), "{err}");
+}
+
+#[test]
 fn a_property_owned_by_keap_is_never_sent_and_needs_a_column() {
     let mapping = |text: &str| load_str(&format!("[contact]\n{text}\n"), &[]);
     let c = mapping(

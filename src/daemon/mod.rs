@@ -180,6 +180,7 @@ impl Daemon {
             tokens: Arc::new(tokens),
             mapper,
             catalog,
+            tag_book: Arc::default(),
             credential_kind: match credential {
                 Credential::ApiKey(_) => "api key",
                 Credential::OAuth { .. } => "oauth",
@@ -337,6 +338,8 @@ struct Context {
     mapper: Arc<Mapper>,
     /// Keap's custom fields and tag ids once looked up; outlives database sessions.
     catalog: Arc<Catalog>,
+    /// Keap's tag list by id, for `[inbound] tags`; outlives database sessions.
+    tag_book: Arc<crate::mirror::TagBook>,
     config: Config,
     /// Names this process's claims: host, pid and a random part.
     instance: String,

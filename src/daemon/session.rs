@@ -327,6 +327,7 @@ impl Session<'_> {
         let (timing, timeout) = (self.ctx.config.mirror.clone(), self.ctx.config.keap.request_timeout);
         let metrics = Arc::clone(&self.ctx.metrics);
         let table = (!self.ctx.table.inbound.is_empty()).then(|| self.ctx.table.clone());
+        let book = Arc::clone(&self.ctx.tag_book);
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
             let swept = match mirror::sweep(&db, &keap, &mapper, &timing).await {
@@ -345,7 +346,10 @@ impl Session<'_> {
             };
             // What a sweep cut short did store is applied too: every stored row is due.
             match table {
-                Some(table) => apply_inbound(&db, &table).await.unwrap_or(swept),
+                Some(table) => {
+                    let tags = mirror::Tagging { book: &book, keap: &keap };
+                    apply_inbound(&db, &table, tags).await.unwrap_or(swept)
+                }
                 None => swept,
             }
         });
@@ -369,6 +373,7 @@ impl Session<'_> {
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
         let timeout = self.ctx.config.keap.request_timeout;
         let table = self.ctx.table.clone();
+        let book = Arc::clone(&self.ctx.tag_book);
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
             let read = match mirror::read_hooked(&db, &keap, &mapper).await {
@@ -390,7 +395,7 @@ impl Session<'_> {
                 }
             };
             if read && !table.inbound.is_empty() {
-                if let Some(lost) = apply_inbound(&db, &table).await {
+                if let Some(lost) = apply_inbound(&db, &table, mirror::Tagging { book: &book, keap: &keap }).await {
                     return lost;
                 }
             }
@@ -631,8 +636,8 @@ async fn confirm_gone(db: &db::Db, keap: &mirror::Keap<'_>, table: &schema::User
 /// Writes what the mirror holds into the `[inbound]` columns (`mirror::apply_inbound`). A
 /// failure is logged and left to the next sweep (the rows stay due); a refused privilege is an
 /// error naming the columns and the grant, and deliveries go on. `Some(DbLost)` ends the session.
-async fn apply_inbound(db: &db::Db, table: &schema::UserTable) -> Option<Outcome> {
-    match mirror::apply_inbound(db, table).await {
+async fn apply_inbound(db: &db::Db, table: &schema::UserTable, tags: mirror::Tagging<'_>) -> Option<Outcome> {
+    match mirror::apply_inbound(db, table, Some(tags)).await {
         Ok(applied) => {
             tracing::debug!(
                 contacts = applied.contacts,
@@ -642,7 +647,9 @@ async fn apply_inbound(db: &db::Db, table: &schema::UserTable) -> Option<Outcome
             );
             None
         }
-        Err(InboundError::Db(e)) if e.is_connection_lost() => Some(Outcome::DbLost(e)),
+        Err(InboundError::Db(e) | InboundError::Mirror(MirrorError::Db(e))) if e.is_connection_lost() => {
+            Some(Outcome::DbLost(e))
+        }
         Err(e @ InboundError::Refused { .. }) => {
             tracing::error!(error = %e, "Keap's data is not reaching the users table");
             None

@@ -101,7 +101,9 @@ impl Look {
                 return Outcome::Handled;
             }
         };
-        let api = HookApi { keap: &self.keap, auth: &auth, timeout: self.timeout, path: &self.path };
+        // Lists and verifies only: which keys to subscribe is `install`'s business.
+        let api =
+            HookApi { keap: &self.keap, auth: &auth, timeout: self.timeout, path: &self.path, tags: false };
         let survey = match self.look(&api).await {
             Ok(survey) => survey,
             Err(e) => {

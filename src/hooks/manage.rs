@@ -4,7 +4,10 @@
 //! Which hooks are ours: those whose URL's path ends in `/<secret path>` (the receiver's
 //! unguessable segment, `[hooks]`), whatever host reaches it; any other hook of the Keap app
 //! (another integration's) is counted, never touched. `install` subscribes [`EVENT_KEYS`] at
-//! `<base URL>/<secret path>`, each once: a hook with the same event key and URL is kept.
+//! `<base URL>/<secret path>`, each once: a hook with the same event key and URL is kept; with
+//! `[inbound] tags` also [`TAG_EVENT_KEYS`] (a tag applied to or removed from a contact; Keap
+//! sends these 5–10 minutes late, and their delivery's shape is unverified: the receiver
+//! queues the ids of a delivery about contacts only, so the sweep stays the backstop).
 //!
 //! The secret path is never printed: every URL shown goes through [`mask`], and every error
 //! through [`scrub`] (Keap's own error text may quote the URL it refused).
@@ -24,6 +27,9 @@ use crate::secret::Secret;
 /// The event keys keap-sync subscribes to: a contact added, edited, deleted.
 pub(crate) const EVENT_KEYS: [&str; 3] = ["contact.add", "contact.edit", "contact.delete"];
 
+/// The event keys subscribed besides, with `[inbound] tags`: a tag applied, a tag removed.
+pub(crate) const TAG_EVENT_KEYS: [&str; 2] = ["contactGroup.applied", "contactGroup.removed"];
+
 /// What a masked URL shows instead of the secret path.
 const MASK: &str = "<secret path>";
 
@@ -40,6 +46,8 @@ pub(crate) struct HookApi<'a> {
     pub(crate) timeout: Duration,
     /// The receiver's secret path: what makes a hook ours.
     pub(crate) path: &'a Secret,
+    /// `[inbound] tags` is configured: [`TAG_EVENT_KEYS`] are subscribed too.
+    pub(crate) tags: bool,
 }
 
 /// One of our hooks, as shown: its URL masked.
@@ -105,12 +113,18 @@ impl HookApi<'_> {
         }
     }
 
-    /// Checks that Keap offers every key of [`EVENT_KEYS`].
+    /// The event keys to subscribe: [`EVENT_KEYS`], and [`TAG_EVENT_KEYS`] with `tags`.
+    pub(crate) fn event_keys(&self) -> Vec<&'static str> {
+        let tags = if self.tags { &TAG_EVENT_KEYS[..] } else { &[] };
+        EVENT_KEYS.iter().chain(tags).copied().collect()
+    }
+
+    /// Checks that Keap offers every key of [`HookApi::event_keys`].
     pub(crate) async fn check_event_keys(&self) -> Result<(), HookError> {
         let offered =
             self.keap.hook_event_keys(self.auth, self.deadline()).await.map_err(|e| self.keap_error(&e))?;
         let missing: Vec<&str> =
-            EVENT_KEYS.iter().copied().filter(|k| !offered.iter().any(|o| o == k)).collect();
+            self.event_keys().into_iter().filter(|k| !offered.iter().any(|o| o == k)).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -120,11 +134,11 @@ impl HookApi<'_> {
         )))
     }
 
-    /// Subscribes `url` to each of [`EVENT_KEYS`] that has no hook with that URL yet, then
+    /// Subscribes `url` to each of [`HookApi::event_keys`] that has no hook with that URL yet, then
     /// verifies every one of ours with that URL that is not Verified. Returns the survey after.
     pub(crate) async fn install(&self, url: &str) -> Result<Survey, HookError> {
         let (ours, _) = self.survey().await?;
-        for key in EVENT_KEYS {
+        for key in self.event_keys() {
             let existing = ours.iter().find(|h| h.event_key == key && h.hook_url == url);
             let hook = match existing {
                 Some(h) => h.clone(),

@@ -238,6 +238,20 @@ impl KeapClient {
         Ok(exact)
     }
 
+    /// One page of the tag catalogue ([`Route::list_tags`]), categories included.
+    pub(crate) async fn list_tags(
+        &self,
+        auth: &Auth,
+        limit: usize,
+        offset: usize,
+        deadline: Instant,
+    ) -> Result<TagPage, KeapError> {
+        let req = Request { route: Route::list_tags(limit, offset), deadline };
+        let what = req.name();
+        let text = self.send(auth, req, None::<&()>).await?;
+        serde_json::from_str(&text).map_err(|e| unreadable(what, &e, &text))
+    }
+
     /// Creates a tag (`POST /v1/tags`) and returns its id.
     pub(crate) async fn create_tag(
         &self,

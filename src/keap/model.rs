@@ -117,12 +117,31 @@ pub(crate) struct ObjectModel {
     pub custom_fields: Vec<CustomFieldMeta>,
 }
 
-/// `Tag` (`GET /v1/tags`, `POST /v1/tags`); only id and name are read.
+/// `Tag` (`GET /v1/tags`, `POST /v1/tags`); id, name and category are read.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub(crate) struct Tag {
     pub id: i64,
     #[serde(default)]
     pub name: Option<String>,
+    /// `TagCategory` (`{id, name, description}`), or `null`; kept as sent (the contact's tag
+    /// list, `SimpleTag`, spells it as a bare name), read by [`Tag::category`].
+    #[serde(default)]
+    pub category: Option<serde_json::Value>,
+}
+
+impl Tag {
+    /// The tag's category as (id, name), each if Keap sent it: from a `TagCategory` object, or
+    /// a bare name.
+    pub(crate) fn category(&self) -> (Option<i64>, Option<String>) {
+        match &self.category {
+            Some(serde_json::Value::Object(c)) => (
+                c.get("id").and_then(|v| v.as_i64().or_else(|| v.as_str()?.trim().parse().ok())),
+                c.get("name").and_then(serde_json::Value::as_str).map(str::to_owned),
+            ),
+            Some(serde_json::Value::String(name)) => (None, Some(name.clone())),
+            _ => (None, None),
+        }
+    }
 }
 
 /// `Tags`: a page of the tag catalogue.
@@ -130,6 +149,9 @@ pub(crate) struct Tag {
 pub(crate) struct TagPage {
     #[serde(default)]
     pub tags: Vec<Tag>,
+    /// The URL of the next page; absent, `null` or empty on the last.
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// A successful answer of the token endpoint (authorization-code or refresh grant).

@@ -74,6 +74,13 @@ impl Route {
         Route::new(Method::GET, "/v1/tags").with("name", name).with("limit", "1000")
     }
 
+    /// `GET /v1/tags?limit=…&offset=…`: a page of the whole catalogue.
+    pub(crate) fn list_tags(limit: usize, offset: usize) -> Route {
+        Route::new(Method::GET, "/v1/tags")
+            .with("limit", limit.to_string())
+            .with("offset", offset.to_string())
+    }
+
     /// `POST /v1/tags`.
     pub(crate) fn create_tag() -> Route {
         Route::new(Method::POST, "/v1/tags")

@@ -14,6 +14,12 @@
 //! Keap-owned property an empty value in Keap (absent, `null`, `""` or blank) is no value
 //! either: it writes nothing, so clearing a phone in Keap leaves the column as it was.
 //!
+//! `[inbound] tags`: the sorted names of the contact's tags of one category, `{}` when it has
+//! none (Keap's word that none is applied, so it is written); a copy with no tag ids at all
+//! writes nothing. Names come from Keap's tag list (`super::tag_book`, read when an id is
+//! new); a contact carrying an id whose name is still unknown is not written and its row stays
+//! due (the batches move on by contact id, so held rows never stall a pass).
+//!
 //! No echo (invariant 18) needs no mark in the transaction: the capture triggers compare only
 //! the synced columns, and an inbound column is never one of them (the config refuses a column
 //! mapped both ways, and `schema` one that an outbound SQL expression reads; a Keap-owned
@@ -24,7 +30,9 @@ use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Row};
 
-use crate::config::{Field, InboundData};
+use super::tag_book::{self, Names, TagBook};
+use super::{Keap, MirrorError};
+use crate::config::{Field, InboundData, TagCategory};
 use crate::db::DbError;
 use crate::mapping::{email1_opted_out, keap_value, moved_in_keap};
 use crate::schema::{InboundColumn, UserTable};
@@ -39,7 +47,7 @@ const MAX_BATCHES: usize = 1_000;
 const DUE: &str = "select m.contact_id, m.read_at::text, c.user_key, m.contact, c.sent
                      from keap_sync.mirror m
                      left join keap_sync.contact_map c on c.contact_id = m.contact_id
-                    where m.inbound_due
+                    where m.inbound_due and m.contact_id > $2
                     order by m.contact_id
                     limit $1";
 
@@ -61,6 +69,9 @@ pub(crate) struct Applied {
 pub(crate) enum InboundError {
     #[error(transparent)]
     Db(#[from] DbError),
+    /// Keap's tag list could not be read for want of a credential.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
     /// The daemon's role may not update (or read) an inbound column.
     #[error(
         "cannot write Keap's data into {table} ({columns}): {reason}; as the table's owner, run \
@@ -69,9 +80,21 @@ pub(crate) enum InboundError {
     Refused { table: String, columns: String, reason: String, grant: String },
 }
 
+/// Where `[inbound] tags` finds tag names: the daemon's catalogue, read through its client.
+#[derive(Clone, Copy)]
+pub(crate) struct Tagging<'a> {
+    pub(crate) book: &'a TagBook,
+    pub(crate) keap: &'a Keap<'a>,
+}
+
 /// Applies every due mirror row to the inbound columns of `table` that the mirror feeds (not
-/// the stamp of a contact found gone, `super::gone`); nothing when there are none.
-pub(crate) async fn apply(db: &Client, table: &UserTable) -> Result<Applied, InboundError> {
+/// the stamp of a contact found gone, `super::gone`); nothing when there are none. `tags`
+/// resolves tag names for an `[inbound] tags` column (without it, such a column waits).
+pub(crate) async fn apply(
+    db: &Client,
+    table: &UserTable,
+    tags: Option<Tagging<'_>>,
+) -> Result<Applied, InboundError> {
     let mut applied = Applied::default();
     let shared: Vec<Field> = table
         .inbound
@@ -88,10 +111,17 @@ pub(crate) async fn apply(db: &Client, table: &UserTable) -> Result<Applied, Inb
         return Ok(applied);
     }
     let sql = if table.inbound.is_empty() { CLEAR.to_owned() } else { statement(table) };
+    let category = table.inbound.iter().find_map(|c| match &c.data {
+        InboundData::Tags(category) => Some(category),
+        _ => None,
+    });
+    let mut after = 0_i64;
     for _ in 0..MAX_BATCHES {
-        let due = db.query(DUE, &[&BATCH]).await.map_err(DbError::from)?;
+        let due = db.query(DUE, &[&BATCH, &after]).await.map_err(DbError::from)?;
+        after = due.last().map_or(after, |r| r.get(0));
         applied.settle += settle_shared(db, &shared, &due).await?;
-        let batch: Vec<Value> = due.iter().map(|r| values(&table.inbound, r)).collect();
+        let names = tag_names(db, tags, category, &due).await?;
+        let batch: Vec<Value> = due.iter().map(|r| values(&table.inbound, r, &names)).collect();
         let done = match db.query_one(&sql, &[&Value::Array(batch)]).await {
             Ok(done) => done,
             Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
@@ -110,12 +140,26 @@ pub(crate) async fn apply(db: &Client, table: &UserTable) -> Result<Applied, Inb
     Ok(applied)
 }
 
+/// The names of the category's tags among the due contacts' tag ids (none without an
+/// `[inbound] tags` column).
+async fn tag_names(
+    db: &Client,
+    tags: Option<Tagging<'_>>,
+    category: Option<&TagCategory>,
+    due: &[Row],
+) -> Result<Names, MirrorError> {
+    let (Some(tags), Some(category)) = (tags, category) else { return Ok(Names::default()) };
+    let contacts: Vec<Value> = due.iter().map(|r| r.get(3)).collect();
+    let ids = tag_book::ids_of(contacts.iter());
+    tags.book.names(db, tags.keap, category, &ids).await
+}
+
 /// With shared properties only: the due rows read are no longer due (unless stored again).
 const CLEAR: &str = "with v as (
-                         select * from jsonb_to_recordset($1::jsonb) as v(contact_id bigint, read_at timestamptz)
+                         select * from jsonb_to_recordset($1::jsonb) as v(contact_id bigint, read_at timestamptz, hold boolean)
                      ), cleared as (
                          update keap_sync.mirror m set inbound_due = false
-                           from v where m.contact_id = v.contact_id and m.read_at = v.read_at
+                           from v where m.contact_id = v.contact_id and m.read_at = v.read_at and not v.hold
                          returning 1
                      )
                      select (select count(*) from cleared), 0::bigint, 0::bigint";
@@ -144,13 +188,19 @@ async fn settle_shared(db: &Client, shared: &[Field], due: &[Row]) -> Result<u64
 }
 
 /// One due row as the statement reads it: `c0`, `c1`… the values of the inbound columns in
-/// order, `null` where Keap said nothing.
-fn values(columns: &[InboundColumn], row: &Row) -> Value {
+/// order, `null` where Keap said nothing; `hold` when it must stay due (a tag whose name is
+/// not known yet).
+fn values(columns: &[InboundColumn], row: &Row, names: &Names) -> Value {
     let contact: Value = row.get(3);
     let mut v = json!({"contact_id": row.get::<_, i64>(0), "read_at": row.get::<_, String>(1),
-                       "user_key": row.get::<_, Option<String>>(2)});
+                       "user_key": row.get::<_, Option<String>>(2), "hold": false});
     for (i, c) in columns.iter().enumerate() {
         v[format!("c{i}")] = match &c.data {
+            InboundData::Tags(_) => {
+                let (value, hold) = names.value(&contact);
+                v["hold"] = json!(hold);
+                value
+            }
             InboundData::EmailOptOut => json!(email1_opted_out(&contact)),
             InboundData::ContactGone => Value::Null,
             InboundData::Owned { field, .. } => json!(keap_value(&contact, field)),
@@ -198,10 +248,10 @@ fn statement(table: &UserTable) -> String {
     format!(
         "with v as (
              select * from jsonb_to_recordset($1::jsonb)
-                 as v(contact_id bigint, read_at timestamptz, user_key text, {typed})
+                 as v(contact_id bigint, read_at timestamptz, user_key text, hold boolean, {typed})
          ), cleared as (
              update keap_sync.mirror m set inbound_due = false
-               from v where m.contact_id = v.contact_id and m.read_at = v.read_at
+               from v where m.contact_id = v.contact_id and m.read_at = v.read_at and not v.hold
              returning 1
          ), events as (
              insert into keap_sync.inbound_event (contact_id, user_key, column_name, value, changed)

@@ -14,7 +14,7 @@
 //! count them like deliveries (invariant 15).
 //!
 //! With `[inbound]`, what the mirror stores also lands in the users table's Keap-owned columns
-//! (`inbound`, after each of the daemon's sweeps). The contacts Keap's hooks named are read by
+//! (`inbound`, after each of the daemon's sweeps; tag names from Keap's tag list, `tag_book`). The contacts Keap's hooks named are read by
 //! id into the mirror (`hooked`) and applied the same way.
 
 mod gone;
@@ -22,12 +22,14 @@ mod hooked;
 mod inbound;
 mod lookup;
 mod sweep;
+mod tag_book;
 
 pub(crate) use gone::confirm as confirm_gone;
 pub(crate) use hooked::read_queued as read_hooked;
-pub(crate) use inbound::{apply as apply_inbound, InboundError};
+pub(crate) use inbound::{apply as apply_inbound, InboundError, Tagging};
 pub(crate) use lookup::{forget, remember, Lookups};
 pub(crate) use sweep::{catch_up, sweep};
+pub(crate) use tag_book::TagBook;
 
 use std::collections::HashMap;
 use std::time::Duration;

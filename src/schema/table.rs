@@ -314,7 +314,8 @@ impl Found {
     }
 
     /// Whether Keap's `data` can land in column `name` of type `type_name`: the opt-out in a
-    /// boolean; the time a contact was found gone in a timestamptz; a Keap-owned property in a text column of no fixed length, so that whatever
+    /// boolean; the time a contact was found gone in a timestamptz; a category's tag names in
+    /// a text array; a Keap-owned property in a text column of no fixed length, so that whatever
     /// Keap holds is written as it is (never cut, never refused mid-batch).
     fn inbound_type_fits(&self, data: &InboundData, name: &str, type_name: &str) -> Result<(), String> {
         let table = &self.shown;
@@ -329,6 +330,13 @@ impl Found {
                 Err(format!(
                     "column {name} is {type_name}; the time a contact was found gone lands in a timestamptz \
                  column (`alter table {table} add column {name} timestamptz`)"
+                ))
+            }
+            InboundData::Tags(_) if !["text[]", "character varying[]", "citext[]"].contains(&type_name) => {
+                Err(format!(
+                    "column {name} is {type_name}; the names of a category's tags land in a text array \
+                     column (`alter table {table} alter column {name} type text[] using \
+                     array[{name}]::text[]`, or `alter table {table} add column {name} text[]`)"
                 ))
             }
             InboundData::Owned { .. } | InboundData::Shared { .. }

@@ -23,6 +23,7 @@ mod faults;
 mod gone;
 mod hooks;
 mod inbound;
+mod inbound_tags;
 mod init;
 mod limits;
 mod mapping;

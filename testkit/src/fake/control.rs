@@ -289,7 +289,39 @@ impl FakeKeap {
         self.state().tags.iter().map(|(id, n)| (*id, n.clone())).collect()
     }
 
-    /// Applies a tag to a contact as a person would (not logged).
+    /// Creates a tag category (as a person would); returns its id.
+    pub fn create_tag_category(&self, name: &str) -> i64 {
+        self.state().add_tag_category(name)
+    }
+
+    /// Creates a tag in category `category` (an id of [`FakeKeap::create_tag_category`]);
+    /// returns its id.
+    pub fn create_tag_in(&self, name: &str, category: i64) -> i64 {
+        let mut st = self.state();
+        let id = st.add_tag(name);
+        st.tag_category.insert(id, category);
+        id
+    }
+
+    /// Applies a tag to a contact as a person (or a campaign) would in Keap's web app: the
+    /// contact's update time moves, so a sweep sees it, and `contactGroup.applied` fires
+    /// (unverified for real Keap). Whether it was not applied before.
+    pub fn apply_tag_by_hand(&self, contact_id: i64, tag_id: i64) -> bool {
+        let changed = self.state().tag_by_hand(contact_id, tag_id, true);
+        self.kick_hooks();
+        changed
+    }
+
+    /// Removes a tag as [`FakeKeap::apply_tag_by_hand`] applies one (`contactGroup.removed`
+    /// fires). Whether it was applied.
+    pub fn remove_tag_by_hand(&self, contact_id: i64, tag_id: i64) -> bool {
+        let changed = self.state().tag_by_hand(contact_id, tag_id, false);
+        self.kick_hooks();
+        changed
+    }
+
+    /// Applies a tag to a contact as a person would (not logged; the contact's update time
+    /// stays and no hook fires: see [`FakeKeap::apply_tag_by_hand`]).
     pub fn apply_tag(&self, contact_id: i64, tag_id: i64) {
         self.state().applied.entry(contact_id).or_default().insert(tag_id, unix_ms());
     }

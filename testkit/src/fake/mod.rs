@@ -344,6 +344,10 @@ struct State {
     /// Tag id -> name.
     tags: BTreeMap<i64, String>,
     next_tag_id: i64,
+    /// Tag category id -> name.
+    tag_categories: BTreeMap<i64, String>,
+    /// Tag id -> its category's id, for the tags that have one.
+    tag_category: HashMap<i64, i64>,
     /// Contact id -> applied tag id -> when (ms since the epoch).
     applied: HashMap<i64, BTreeMap<i64, u64>>,
     /// Lower-cased email address -> (opted in, reason of the last change).

@@ -28,7 +28,8 @@ impl State {
                     .iter()
                     .map(|(t, at)| {
                         let name = self.tags.get(t).cloned().unwrap_or_default();
-                        json!({"date_applied": rfc3339_ms(*at), "tag": {"id": t, "name": name, "category": null}})
+                        let category = self.tag_category.get(t).and_then(|c| self.tag_categories.get(c));
+                        json!({"date_applied": rfc3339_ms(*at), "tag": {"id": t, "name": name, "category": category}})
                     })
                     .collect();
                 Ok(json_reply(
@@ -103,19 +104,7 @@ impl State {
         query: &[(String, String)],
     ) -> Result<Reply, Reply> {
         match *method {
-            Method::GET => {
-                let name = field(query, "name").map(str::to_lowercase);
-                let found: Vec<Value> = self
-                    .tags
-                    .iter()
-                    .filter(|(_, n)| name.as_deref().is_none_or(|want| n.to_lowercase().contains(want)))
-                    .map(|(id, n)| json!({"id": id, "name": n, "description": null, "category": null}))
-                    .collect();
-                Ok(json_reply(
-                    200,
-                    &json!({"tags": found, "count": found.len(), "next": null, "previous": null}),
-                ))
-            }
+            Method::GET => self.list_tags(query),
             Method::POST => {
                 let Ok(Value::Object(b)) = serde_json::from_slice::<Value>(body) else {
                     return Err(msg(400, BAD_INPUT));
@@ -127,10 +116,18 @@ impl State {
                 }
                 match b.get("name").and_then(Value::as_str).map(str::trim) {
                     Some(n) if !n.is_empty() && n.chars().count() <= 100 => {
+                        let category = b.get("category").and_then(|c| c.get("id")).and_then(Value::as_i64);
+                        if category.is_some_and(|c| !self.tag_categories.contains_key(&c)) {
+                            return Err(msg(400, "Invalid tag category"));
+                        }
                         let id = self.add_tag(n);
+                        if let Some(c) = category {
+                            self.tag_category.insert(id, c);
+                        }
                         Ok(json_reply(
                             201,
-                            &json!({"id": id, "name": n, "description": b.get("description"), "category": null}),
+                            &json!({"id": id, "name": n, "description": b.get("description"),
+                                    "category": self.category_json(id)}),
                         ))
                     }
                     _ => Err(msg(400, "name is required (at most 100 characters)")),
@@ -138,6 +135,62 @@ impl State {
             }
             _ => Err(msg(405, "Method Not Allowed")),
         }
+    }
+
+    /// `GET /v1/tags`: `name` (contained, as above), `category` (its id), `limit` (default
+    /// 1000, Keap's is not documented), `offset`; `next` is set while more follow. Each tag with
+    /// its category (`{id, name, description}`) or `null`.
+    fn list_tags(&self, query: &[(String, String)]) -> Result<Reply, Reply> {
+        let number = |key: &str| -> Result<Option<usize>, Reply> {
+            field(query, key)
+                .map(|v| v.parse::<usize>().map_err(|_| msg(400, &format!("Invalid {key}"))))
+                .transpose()
+        };
+        let (limit, offset) =
+            (number("limit")?.unwrap_or(1000).clamp(1, 1000), number("offset")?.unwrap_or(0));
+        let category = field(query, "category").map(|c| c.parse::<i64>().unwrap_or(-1));
+        let name = field(query, "name").map(str::to_lowercase);
+        let all: Vec<Value> = self
+            .tags
+            .iter()
+            .filter(|(_, n)| name.as_deref().is_none_or(|want| n.to_lowercase().contains(want)))
+            .filter(|(id, _)| category.is_none_or(|c| self.tag_category.get(id) == Some(&c)))
+            .map(|(id, n)| json!({"id": id, "name": n, "description": null, "category": self.category_json(*id)}))
+            .collect();
+        let page: Vec<Value> = all.iter().skip(offset).take(limit).cloned().collect();
+        let next = (offset + page.len() < all.len())
+            .then(|| format!("/v1/tags?limit={limit}&offset={}", offset + limit));
+        Ok(json_reply(200, &json!({"tags": page, "count": page.len(), "next": next, "previous": null})))
+    }
+
+    /// Tag `id`'s category as the tag list shows it, or `null`.
+    fn category_json(&self, id: i64) -> Value {
+        match self.tag_category.get(&id).and_then(|c| Some((c, self.tag_categories.get(c)?))) {
+            Some((c, name)) => json!({"id": c, "name": name, "description": null}),
+            None => Value::Null,
+        }
+    }
+
+    /// Adds a tag category; returns its id.
+    pub(super) fn add_tag_category(&mut self, name: &str) -> i64 {
+        let id = self.tag_categories.keys().next_back().map_or(1, |last| last + 1);
+        self.tag_categories.insert(id, name.to_owned());
+        id
+    }
+
+    /// Applies (`on`) or removes a tag as a person would in Keap's web app: the contact's update
+    /// time moves and `contactGroup.applied` / `contactGroup.removed` fires (both unverified
+    /// for real Keap: a listing by update time may not see a tag change there). Whether the
+    /// contact's tags changed.
+    pub(super) fn tag_by_hand(&mut self, contact: i64, tag: i64, on: bool) -> bool {
+        let now = unix_ms();
+        let applied = self.applied.entry(contact).or_default();
+        let changed = if on { applied.insert(tag, now).is_none() } else { applied.remove(&tag).is_some() };
+        if changed && self.contacts.edit(contact, |c| c.last_updated = Some(rfc3339_ms(now))).is_some() {
+            let key = if on { "contactGroup.applied" } else { "contactGroup.removed" };
+            self.hooks.fire(key, contact, rfc3339_ms(now));
+        }
+        changed
     }
 
     pub(super) fn add_tag(&mut self, name: &str) -> i64 {
