@@ -15,7 +15,9 @@
 //!   `deliver::plan` apply) or creates its contact. The users row is never deleted, and no
 //!   other column of it is written (invariant 21).
 //! - A user whose delivery holds a live lease is left to that delivery (its own call meets the
-//!   404); the check stays queued for the next pass.
+//!   404): its contact is not asked (at most one Keap call per contact in flight, across both
+//!   directions, invariant 18), and the check stays queued for the next pass. The unlink checks
+//!   the lease again, for a delivery claimed while Keap was being asked.
 //! - Any other failure leaves the rest queued for the next pass.
 
 use tokio::time::Instant;
@@ -66,6 +68,9 @@ pub(crate) async fn confirm(
         .query(
             "select g.contact_id, m.user_key from keap_sync.gone_check g
                left join keap_sync.contact_map m on m.contact_id = g.contact_id
+              where not exists (select from keap_sync.outbox o
+                                 where o.user_key = m.user_key and o.leased_by is not null
+                                   and o.lease_until > now())
               order by g.noticed_at, g.contact_id limit $1",
             &[&MAX_CHECKS],
         )

@@ -179,3 +179,47 @@ async fn a_listing_that_misses_a_linked_contact_unlinks_nothing_while_keap_still
     assert_eq!(rows(&app).await, before);
     assert_eq!(app.count("select count(*) from keap_sync.outbox").await, 0, "nothing queued");
 }
+
+/// At most one Keap call per contact in flight, across both directions (invariant 18): while
+/// a delivery of the user holds a live lease, the contact it suspects gone is not asked of
+/// Keap; once the lease is gone, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_whose_user_is_being_delivered_is_not_asked_of_keap_until_the_delivery_ends() {
+    let app = hooked_app().await;
+    app.exec(
+        "insert into users (id, email, first_name) values (1, 'ada@example.com', 'Ada'), (2, 'bob@example.com', 'Bob')",
+    )
+    .await;
+    wait_settled(&app).await;
+    let (ada, bob) = (linked(&app, "1").await.unwrap(), linked(&app, "2").await.unwrap());
+    // A delivery of Ada in flight elsewhere: a live lease on her outbox row.
+    app.exec(
+        "insert into keap_sync.outbox (user_key, leased_by, lease_until)
+         values ('1', 'another instance', now() + interval '1 hour')",
+    )
+    .await;
+    assert!(app.fake.delete_contact(ada));
+    app::eventually(Duration::from_secs(20), "Ada's contact suspected gone", || async {
+        app.count(&format!("select count(*) from keap_sync.gone_check where contact_id = {ada}")).await == 1
+    })
+    .await;
+    // Two more passes of the hook queue (each read of Bob's edits is followed by the gone checks).
+    for name in ["Bob B", "Bob C"] {
+        assert!(app.fake.edit_contact(bob, |c| c.given_name = Some(name.into())));
+        app::eventually(Duration::from_secs(20), "Bob's edit read through the hook", || async {
+            app.count(&format!(
+                "select count(*) from keap_sync.mirror where contact_id = {bob} and contact->>'given_name' = '{name}'"
+            ))
+            .await
+                == 1
+        })
+        .await;
+    }
+    let asked = |app: &TestApp| {
+        app.fake.count(|r| r.method == "GET" && r.path.ends_with(&format!("/v1/contacts/{ada}")))
+    };
+    assert_eq!(asked(&app), 0, "Ada's contact is not asked while her delivery holds its lease");
+    app.exec("delete from keap_sync.outbox where user_key = '1'").await;
+    recorded_gone(&app, ada, "1").await;
+    assert!(asked(&app) >= 1, "asked once the lease is gone");
+}
