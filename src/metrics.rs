@@ -228,6 +228,8 @@ pub(crate) struct Metrics {
     keap_requests: Family<RequestLabels, Counter>,
     keap_durations: Family<MethodLabels, Histogram, fn() -> Histogram>,
     throttled: Counter,
+    /// Shared properties changed on both sides, settled by `prefer` (`deliver::take`).
+    conflicts: Counter,
     token_refreshes: Family<ResultLabels, Counter>,
     outbox_depth: Family<KindLabels, Gauge>,
     oldest_pending_age: Gauge<f64, AtomicU64>,
@@ -275,6 +277,7 @@ impl Metrics {
             keap_requests: Family::default(),
             keap_durations: Family::new_with_constructor(duration_histogram),
             throttled: Counter::default(),
+            conflicts: Counter::default(),
             token_refreshes,
             outbox_depth,
             oldest_pending_age: Gauge::default(),
@@ -295,6 +298,8 @@ impl Metrics {
         let help = "Duration of Keap HTTP calls, including failed ones";
         r.register_with_unit("keap_request_duration", help, Unit::Seconds, m.keap_durations.clone());
         r.register("keap_throttled", "Keap answers with status 429", m.throttled.clone());
+        let help = "Shared properties changed on both sides and settled by prefer (keap_sync.conflict)";
+        r.register("conflicts", help, m.conflicts.clone());
         r.register("token_refreshes", "OAuth token refreshes by result", m.token_refreshes.clone());
         r.register("outbox_depth", "Outbox rows by kind", m.outbox_depth.clone());
         let help = "Age of the oldest undelivered change";
@@ -358,6 +363,11 @@ impl Metrics {
     /// Counts one 429 answer from Keap (`keap_sync_keap_throttled_total`).
     pub(crate) fn throttled(&self) {
         self.throttled.inc();
+    }
+
+    /// Counts conflicts settled over shared properties (`keap_sync_conflicts_total`).
+    pub(crate) fn conflicts(&self, n: u64) {
+        self.conflicts.inc_by(n);
     }
 
     /// Counts one OAuth token refresh (`keap_sync_token_refreshes_total{result="ok|failed"}`).

@@ -170,6 +170,16 @@ pub(crate) struct Status {
     /// Our hook subscriptions as last seen in Keap (the watchdog, `keap-sync hooks`), URLs
     /// masked; empty when none were recorded.
     pub hooks: Vec<HookHealth>,
+    /// Conflicts over shared properties recorded in `keap_sync.conflict`.
+    pub conflicts: Conflicts,
+}
+
+/// The conflicts `prefer` settled (`owner = "shared"`), as `keap_sync.conflict` records them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(crate) struct Conflicts {
+    pub total: i64,
+    pub last_day: i64,
+    pub last_secs_ago: Option<f64>,
 }
 
 /// One of our hooks as last seen in Keap.
@@ -248,6 +258,7 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
         last_delivery_secs_ago: last_delivery,
         instances_alive: instances.into_iter().map(|(i, _, _)| i).collect(),
         mirror: crate::mirror::freshness(client).await?,
+        conflicts: conflicts(client).await?,
         hooks: crate::hooks::recorded(client)
             .await?
             .into_iter()
@@ -259,6 +270,19 @@ pub(crate) async fn read(client: &Client) -> Result<Status, DbError> {
             })
             .collect(),
     })
+}
+
+/// How many conflicts were recorded, in all and in the last day, and how long ago the last.
+async fn conflicts(client: &Client) -> Result<Conflicts, DbError> {
+    let r = client
+        .query_one(
+            "select count(*), count(*) filter (where at > now() - interval '1 day'),
+                    extract(epoch from now() - max(at))::float8
+               from keap_sync.conflict",
+            &[],
+        )
+        .await?;
+    Ok(Conflicts { total: r.get(0), last_day: r.get(1), last_secs_ago: r.get(2) })
 }
 
 #[cfg(test)]

@@ -62,6 +62,14 @@ pub(crate) fn status(s: &Status) -> String {
     if let Some(h) = hooks(&s.hooks) {
         line(h);
     }
+    if let (c, Some(ago)) = (s.conflicts, s.conflicts.last_secs_ago) {
+        line(format!(
+            "conflicts over shared properties: {} ({} in the last day, the last {} ago): keap_sync.conflict",
+            c.total,
+            c.last_day,
+            human_secs(ago)
+        ));
+    }
     if let Some(t) = &s.token {
         line(format!(
             "keap app: {}",

@@ -43,6 +43,7 @@ impl Deliverer {
         contact_id: i64,
         settled: &Settled,
     ) -> Result<(), DbError> {
+        self.metrics.conflicts(settled.conflicts.len() as u64);
         for c in &settled.conflicts {
             tracing::info!(
                 user = %claim.user_key, contact = contact_id, column = %c.column, winner = c.winner.as_str(),

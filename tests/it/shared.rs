@@ -131,6 +131,17 @@ async fn edited_on_both_sides_keap_wins_where_preferred_with_one_conflict_and_th
     let writes = writes_since(&app, before);
     assert!(writes.is_empty(), "Keap's value wins: nothing is written to Keap: {writes:?}");
     assert_eq!(nothing_outbound(&app).await, 0);
+    // `status` shows it, in text and JSON.
+    let config = app.write_config_file("", "");
+    let text = app.run_cli(&["--config", config.to_str().unwrap(), "status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("conflicts over shared properties: 1 (1 in the last day"), "{text}");
+    let json = app.run_cli(&["--config", config.to_str().unwrap(), "status", "--json"]);
+    let json: Value = serde_json::from_slice(&json.stdout).expect("status --json");
+    assert_eq!(
+        (json["conflicts"]["total"].as_i64(), json["conflicts"]["last_day"].as_i64()),
+        (Some(1), Some(1))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
