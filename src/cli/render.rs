@@ -62,13 +62,8 @@ pub(crate) fn status(s: &Status) -> String {
     if let Some(h) = hooks(&s.hooks) {
         line(h);
     }
-    if let (c, Some(ago)) = (s.conflicts, s.conflicts.last_secs_ago) {
-        line(format!(
-            "conflicts over shared properties: {} ({} in the last day, the last {} ago): keap_sync.conflict",
-            c.total,
-            c.last_day,
-            human_secs(ago)
-        ));
+    if let Some(c) = conflicts(&s.conflicts) {
+        line(c);
     }
     if let Some(t) = &s.token {
         line(format!(
@@ -161,6 +156,17 @@ fn hooks(hooks: &[crate::status::HookHealth]) -> Option<String> {
         each.join(", "),
         hooks[0].url,
         human_secs(oldest)
+    ))
+}
+
+/// The conflicts' line of `status`, once there was one.
+fn conflicts(c: &crate::status::Conflicts) -> Option<String> {
+    let ago = c.last_secs_ago?;
+    Some(format!(
+        "conflicts over shared properties: {} ({} in the last day, the last {} ago): keap_sync.conflict",
+        c.total,
+        c.last_day,
+        human_secs(ago)
     ))
 }
 

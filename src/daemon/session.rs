@@ -654,6 +654,10 @@ async fn apply_inbound(db: &db::Db, table: &schema::UserTable, tags: mirror::Tag
             tracing::error!(error = %e, "Keap's data is not reaching the users table");
             None
         }
+        Err(InboundError::Db(e)) => {
+            tracing::warn!(error = %e, detail = %e.server_message(), "could not write Keap's data into the inbound columns; trying again at the next sweep");
+            None
+        }
         Err(e) => {
             tracing::warn!(error = %e, "could not write Keap's data into the inbound columns; trying again at the next sweep");
             None

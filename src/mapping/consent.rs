@@ -50,7 +50,7 @@ pub(crate) fn email1_opted_out(contact: &Value) -> Option<bool> {
 
 /// The status of EMAIL1: v1's account-level `email_status`, or v2's `email_opt_status` of the
 /// EMAIL1 item.
-fn email1_status(contact: &Value) -> Option<&str> {
+pub(crate) fn email1_status(contact: &Value) -> Option<&str> {
     let v1 = contact.get("email_status").and_then(Value::as_str);
     let v2 = || {
         let items = contact.get("email_addresses")?.as_array()?;

@@ -34,7 +34,7 @@ mod payload;
 mod shared;
 mod validate;
 
-pub(crate) use consent::email1_opted_out;
+pub(crate) use consent::{email1_opted_out, email1_status};
 pub(crate) use held::{Changes, Held, RuleTags};
 pub(crate) use payload::ContactPayload;
 pub(crate) use shared::{moved_in_keap, Settled, SharedValue};
@@ -434,6 +434,12 @@ pub(crate) fn keap_value(contact: &Value, field: &Field) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// How history names `field` (its `contact_map.sent` path, `phone_numbers.PHONE1.number`);
+/// `None` for a custom field, whose id needs Keap's model.
+pub(crate) fn property_key(field: &Field) -> Option<String> {
+    path_of(field).map(|p| p.key())
 }
 
 /// The path of a property that needs no contact model (not a custom field).

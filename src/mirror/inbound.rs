@@ -62,6 +62,8 @@ pub(crate) struct Applied {
     pub(crate) events: u64,
     /// Users whose shared properties Keap changed, queued for delivery to settle.
     pub(crate) settle: u64,
+    /// Keap's values kept as history (`super::history`).
+    pub(crate) observed: u64,
 }
 
 /// Why the inbound columns could not be written (they stay due: the next sweep tries again).
@@ -104,6 +106,7 @@ pub(crate) async fn apply(
             _ => None,
         })
         .collect();
+    let observed = table.observed.clone();
     let written = |c: &&InboundColumn| c.data.from_mirror() && !matches!(c.data, InboundData::Shared { .. });
     let from_mirror = table.inbound.iter().filter(written).cloned().collect();
     let table = &UserTable { inbound: from_mirror, ..table.clone() };
@@ -120,6 +123,7 @@ pub(crate) async fn apply(
         let due = db.query(DUE, &[&BATCH, &after]).await.map_err(DbError::from)?;
         after = due.last().map_or(after, |r| r.get(0));
         applied.settle += settle_shared(db, &shared, &due).await?;
+        applied.observed += super::history::observe(db, &observed, &due).await?;
         let names = tag_names(db, tags, category, &due).await?;
         let batch: Vec<Value> = due.iter().map(|r| values(&table.inbound, r, &names)).collect();
         let done = match db.query_one(&sql, &[&Value::Array(batch)]).await {

@@ -18,6 +18,7 @@
 //! id into the mirror (`hooked`) and applied the same way.
 
 mod gone;
+mod history;
 mod hooked;
 mod inbound;
 mod lookup;

@@ -125,6 +125,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "0024_hook_changed_at.sql",
         sql: include_str!("../../sql/0024_hook_changed_at.sql"),
     },
+    Migration {
+        version: 25,
+        name: "0025_inbound_history.sql",
+        sql: include_str!("../../sql/0025_inbound_history.sql"),
+    },
 ];
 
 /// What `migrate` did, for the operator.

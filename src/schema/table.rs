@@ -35,9 +35,25 @@ pub(crate) struct UserTable {
     /// Unquoted names of the columns whose change must reach Keap: those mapped directly and
     /// those the SQL expressions read, in trigger order.
     pub synced: Vec<String>,
-    /// The columns Keap's data lands in (`[inbound]`), checked: none of them is in `synced`,
-    /// so an inbound write is never captured as a change to send (invariant 18).
+    /// The columns Keap's data lands in (`[inbound]`), checked: none of them is in `synced`
+    /// (but a shared property's, whose write from Keap capture skips), so an inbound write is
+    /// never captured as a change to send (invariant 18).
     pub inbound: Vec<InboundColumn>,
+    /// Every mapped property (sent, Keap's or shared), once each: what the inbound pass keeps
+    /// as history of Keap's values (`mirror::history`), whether or not a column receives it.
+    pub observed: Vec<Field>,
+}
+
+/// The properties of [`UserTable::observed`]: every mapped one, in the order of the file.
+fn observed(users: &UsersConfig) -> Vec<Field> {
+    let mut all: Vec<Field> = Vec::new();
+    let mapped = users.fields().into_iter().chain(users.contact.keap_owned.iter().cloned());
+    for f in mapped {
+        if !all.contains(&f.field) {
+            all.push(f.field);
+        }
+    }
+    all
 }
 
 /// A column Keap's data lands in.
@@ -199,6 +215,7 @@ impl UserTable {
             selects,
             synced,
             inbound,
+            observed: observed(users),
         })
     }
 }

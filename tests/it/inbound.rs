@@ -203,3 +203,58 @@ async fn a_role_without_update_on_the_column_gets_the_grant_to_run_and_deliverie
     app::eventually(Duration::from_secs(10), "the opt-out in once granted", || async { opt_out(&app).await })
         .await;
 }
+
+/// The last value history recorded of `property` for Ada's contact, and how many it recorded.
+async fn history(app: &TestApp, property: &str) -> (Option<serde_json::Value>, i64) {
+    let row = app
+        .db
+        .query_one(
+            "select (select value from keap_sync.inbound_event
+                      where user_key = '1' and property = $1 order by id desc limit 1),
+                    (select count(*) from keap_sync.inbound_event where user_key = '1' and property = $1)",
+            &[&property],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Everything that came in is kept, whether or not a column receives it: a hand edit of a
+/// property the application owns (no column receives it; the row keeps the app's value), the
+/// email status and the tags, each recorded once per value, with no Keap write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_came_in_is_kept_as_history_whether_or_not_a_column_receives_it() {
+    let app = inbound_app(TOML).await;
+    let before = ada_synced(&app).await;
+    let id = app.fake.contacts_with_email("ada@example.com")[0].id;
+    app::eventually(Duration::from_secs(10), "Ada's first values on record", || async {
+        history(&app, "given_name").await.0 == Some(serde_json::json!("Ada"))
+    })
+    .await;
+    assert!(app.fake.edit_contact(id, |c| c.given_name = Some("Augusta".into())));
+    app.fake.set_email_status("ada@example.com", "ListUnsubscribe");
+    let tag = app.fake.create_tag("Webinar attended");
+    assert!(app.fake.apply_tag_by_hand(id, tag));
+    app::eventually(Duration::from_secs(10), "the hand edit, the status and the tag on record", || async {
+        history(&app, "given_name").await.0 == Some(serde_json::json!("Augusta"))
+            && history(&app, "tag_ids").await.0 == Some(serde_json::json!([tag]))
+            && history(&app, "email1_status").await.1 >= 2
+    })
+    .await;
+    let counts = (history(&app, "given_name").await.1, history(&app, "tag_ids").await.1);
+    let swept = app.fake.requests().len();
+    app::eventually(Duration::from_secs(10), "two more sweeps", || async {
+        app.fake.requests().iter().skip(swept).filter(|r| r.path.contains("/v2/contacts")).count() >= 2
+    })
+    .await;
+    assert_eq!(
+        (history(&app, "given_name").await.1, history(&app, "tag_ids").await.1),
+        counts,
+        "once per value"
+    );
+    assert_eq!(counts.0, 2, "Ada, then Augusta");
+    let first: String =
+        app.db.query_one("select first_name from users where id = 1", &[]).await.unwrap().get(0);
+    assert_eq!(first, "Ada", "history writes no column");
+    assert!(writes_since(&app, before).is_empty(), "no Keap write");
+}
