@@ -172,8 +172,21 @@ async fn a_change_on_one_side_reaches_the_other_with_no_conflict_and_no_echo() {
         job(&app).await.as_deref() == Some("Architect")
     })
     .await;
-    assert_eq!(nothing_outbound(&app).await, 0, "the inbound write was captured as a change to send");
     sweeps(&app, 3).await;
+    assert_eq!(nothing_outbound(&app).await, 0, "nothing left to send");
+    // The mark itself: an update with keap_sync.origin = 'keap' is not captured, another is.
+    for (origin, captured) in [("keap", 0), ("", 1)] {
+        app.db
+            .batch_execute(&format!(
+                "begin; select set_config('keap_sync.origin', '{origin}', true);
+                 update users set job = 'Marked' where id = 1"
+            ))
+            .await
+            .unwrap();
+        let logged = app.count("select count(*) from keap_sync.change").await;
+        app.db.batch_execute("rollback").await.unwrap();
+        assert_eq!(logged, captured, "origin {origin:?}: captured {logged}");
+    }
     assert!(writes_since(&app, before).is_empty(), "no Keap write: {:?}", writes_since(&app, before));
     // The app's side alone, later: one PATCH of it.
     let mid = app.fake.requests().len();
