@@ -219,17 +219,11 @@ async fn a_hand_edit_in_keap_right_after_our_write_is_still_read_and_applied() {
     let first: String =
         app.db.query_one("select first_name from users where id = 1", &[]).await.unwrap().get(0);
     assert_eq!(first, "Augusta", "an app-owned name read back from Keap writes nothing");
-    let columns: Vec<String> = app
-        .db
-        .query(
-            "select distinct column_name from keap_sync.inbound_event where column_name is not null order by 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let columns = crate::texts(
+        &app,
+        "select distinct column_name from keap_sync.inbound_event where column_name is not null order by 1",
+    )
+    .await;
     assert_eq!(columns, ["marketing_opt_out", "phone"], "only the inbound columns came in");
     no_sweep_since(&app, before);
     assert_eq!(writes_since(&app, before).len(), 1, "no Keap write but ours");

@@ -89,17 +89,11 @@ async fn opting_in_again_in_keap_sets_the_column_back_to_false() {
     let writes = writes_since(&app, before);
     assert!(writes.is_empty(), "no Keap write: {writes:?}");
     assert_eq!(nothing_outbound(&app).await, 0);
-    let values: Vec<String> = app
-        .db
-        .query(
-            "select value::text from keap_sync.inbound_event where user_key = '1' and changed order by id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let values = crate::texts(
+        &app,
+        "select value::text from keap_sync.inbound_event where user_key = '1' and changed order by id",
+    )
+    .await;
     assert_eq!(values, ["true", "false"]);
 }
 

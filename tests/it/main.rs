@@ -152,3 +152,8 @@ pub async fn parked_reason(app: &keap_sync_testkit::app::TestApp, key: &str) -> 
         .expect("outbox")
         .and_then(|r| r.get(0))
 }
+
+/// The first column of every row `sql` returns, as text.
+pub async fn texts(app: &keap_sync_testkit::app::TestApp, sql: &str) -> Vec<String> {
+    app.db.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
