@@ -14,6 +14,8 @@
 //! job_title = { sql = "initcap(title)" }        # or an SQL expression over the row
 //! website = { column = "homepage", empty = "clear" }  # NULL/"" clears Keap's value
 //! spouse_name = { column = "spouse", owner = "keap" }  # Keap's: written into the column, never sent
+//! [contact.email_addresses]
+//! EMAIL2 = { column = "work_email", owner = "shared", prefer = "keap" }  # both ways
 //! [contact.phone_numbers.PHONE1]
 //! number = "phone"
 //! type = { sql = "'Mobile'" }
@@ -478,14 +480,14 @@ pub(super) fn owner_of(key: &str, owner: Option<&str>, prefer: Option<&str>) -> 
     }
 }
 
-/// Refuses `owner = "keap"` or `"shared"` where this slice does not support it yet, naming `what`.
+/// Refuses `owner = "keap"` or `"shared"` for `what`, which stays the application's.
 fn app_only(key: &str, owner: Owner, what: &str) -> Result<(), ConfigError> {
     if owner != Owner::App {
         let name = if owner == Owner::Keap { "keap" } else { "shared" };
         return Err(invalid(format!(
-            "{key}: owner = \"{name}\" is not supported for {what} yet; Keap-owned and shared \
-             properties are the scalar properties of [contact] and the parts of its phone numbers and \
-             addresses"
+            "{key}: owner = \"{name}\" is not supported for {what}; every other property of \
+             [contact] (scalars, EMAIL2 and EMAIL3, the parts of phone numbers and addresses, custom \
+             fields) may be Keap's or shared"
         )));
     }
     Ok(())
@@ -612,7 +614,6 @@ fn email_fields(
             return Err(invalid(format!("{key}: EMAIL1 is users.email; map EMAIL2 or EMAIL3 here")));
         }
         let (source, empty, owner) = src.validate(&key, Empty::Keep)?;
-        app_only(&key, owner, "email addresses")?;
         fields.push((FieldMapping { key, field: Field::Email(n), source, empty }, owner));
     }
     Ok(())
@@ -686,7 +687,6 @@ fn custom_field_refs(
             }
         };
         let (source, empty, owner) = cf.value.validate(&key, Empty::Keep)?;
-        app_only(&key, owner, "custom fields")?;
         fields.push((FieldMapping { key, field: Field::Custom(r), source, empty }, owner));
     }
     Ok(())

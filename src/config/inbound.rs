@@ -79,7 +79,7 @@ pub enum InboundData {
     Owned {
         /// The config key, e.g. `contact.phone_numbers.PHONE1.number`.
         key: String,
-        /// The Keap property (a scalar, a phone part or an address part).
+        /// The Keap property (a scalar, EMAIL2/EMAIL3, a phone or address part, a custom field).
         field: Field,
     },
     /// A `[contact]` property with `owner = "shared"`: sent like the application's, and Keap's
@@ -88,7 +88,7 @@ pub enum InboundData {
     Shared {
         /// The config key.
         key: String,
-        /// The Keap property (a scalar, a phone part or an address part).
+        /// The Keap property (a scalar, EMAIL2/EMAIL3, a phone or address part, a custom field).
         field: Field,
         /// The side that wins a conflict.
         prefer: Prefer,

@@ -476,7 +476,6 @@ fn a_property_owned_by_keap_is_never_sent_and_needs_a_column() {
         ("job_title = { column = \"job\", owner = \"crm\" }", "use \"app\" (the default"),
         ("job_title = { column = \"job\", owner = \"keap\", empty = \"clear\" }", "remove empty"),
         ("opt_in_reason = { column = \"c\", owner = \"keap\" }", "not supported for consent"),
-        ("[contact.email_addresses]\nEMAIL2 = { column = \"e2\", owner = \"keap\" }", "not supported for email"),
         ("job_title = { column = \"job\", owner = \"keap\" }\nspouse_name = \"job\"", "one owner"),
         ("job_title = { column = \"email\", owner = \"keap\" }", "users.email"),
         (
@@ -517,11 +516,70 @@ fn a_shared_property_is_sent_and_written_from_keap_with_a_preference() {
             "owner = \"shared\" needs a column",
         ),
         (
-            "[contact.email_addresses]\nEMAIL2 = { column = \"e2\", owner = \"shared\", prefer = \"app\" }",
-            "owner = \"shared\" is not supported for email",
+            "job_title = { column = \"job\", owner = \"shared\", prefer = \"app\" }\nspouse_name = \"job\"",
+            "one owner",
+        ),
+    ] {
+        let err = mapping(text).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}: {err}");
+        assert!(err.contains("contact."), "names the key: {err}");
+    }
+}
+
+#[test]
+fn email2_email3_and_custom_fields_may_be_keaps_or_shared_but_consent_stays_the_apps() {
+    let c = load_str(
+        "[contact.email_addresses]\nEMAIL2 = { column = \"e2\", owner = \"keap\" }\n\
+         EMAIL3 = { column = \"e3\", owner = \"shared\", prefer = \"app\" }\n\
+         [[contact.custom_fields]]\nname = \"Plan\"\nvalue = { column = \"plan\", owner = \"keap\" }\n\
+         [[contact.custom_fields]]\nid = 12\nvalue = { column = \"seats\", owner = \"shared\", prefer = \"keap\" }\n",
+        &[],
+    )
+    .unwrap();
+    let sent: Vec<String> = c.users.fields().into_iter().map(|f| f.key).collect();
+    assert!(
+        sent.contains(&"contact.email_addresses.EMAIL3".into())
+            && sent.contains(&"contact.custom_fields[1]".into()),
+        "the shared ones are sent: {sent:?}"
+    );
+    assert!(
+        !sent.contains(&"contact.email_addresses.EMAIL2".into())
+            && !sent.contains(&"contact.custom_fields[0]".into()),
+        "the Keap-owned ones are not: {sent:?}"
+    );
+    let synced = c.users.synced_columns();
+    assert!(!synced.contains(&"e2".into()) && !synced.contains(&"plan".into()), "not watched: {synced:?}");
+    assert!(synced.contains(&"e3".into()) && synced.contains(&"seats".into()), "watched: {synced:?}");
+    let inbound: Vec<(String, String)> =
+        c.users.inbound_columns().into_iter().map(|(d, col)| (d.key().to_owned(), col.to_owned())).collect();
+    assert_eq!(
+        inbound,
+        [
+            ("contact.email_addresses.EMAIL2".to_owned(), "e2".to_owned()),
+            ("contact.custom_fields[0]".to_owned(), "plan".to_owned()),
+            ("contact.email_addresses.EMAIL3".to_owned(), "e3".to_owned()),
+            ("contact.custom_fields[1]".to_owned(), "seats".to_owned()),
+        ]
+    );
+    let mapping = |text: &str| load_str(&format!("[contact]\n{text}\n"), &[]);
+    for (text, want) in [
+        ("opt_in_reason = { column = \"c\", owner = \"keap\" }", "not supported for consent"),
+        ("opt_in_reason = { column = \"c\", owner = \"shared\", prefer = \"app\" }", "not supported for consent"),
+        ("[contact.email_addresses]\nEMAIL2 = { sql = \"lower(e)\", owner = \"keap\" }", "needs a column"),
+        ("[contact.email_addresses]\nEMAIL2 = { column = \"e\", owner = \"keap\", empty = \"clear\" }", "remove empty"),
+        ("[contact.email_addresses]\nEMAIL3 = { column = \"e\", owner = \"shared\" }", "needs prefer"),
+        (
+            "[[contact.custom_fields]]\nname = \"Plan\"\nvalue = { sql = \"upper(p)\", owner = \"shared\", prefer = \"app\" }",
+            "needs a column",
+        ),
+        ("[[contact.custom_fields]]\nname = \"Plan\"\nvalue = { column = \"p\", owner = \"keap\", empty = \"keep\" }", "remove empty"),
+        (
+            "[contact.email_addresses]\nEMAIL2 = { column = \"x\", owner = \"keap\" }\n\
+             [[contact.custom_fields]]\nid = 3\nvalue = { column = \"x\", owner = \"keap\" }",
+            "both name column x",
         ),
         (
-            "job_title = { column = \"job\", owner = \"shared\", prefer = \"app\" }\nspouse_name = \"job\"",
+            "job_title = \"x\"\n[[contact.custom_fields]]\nid = 3\nvalue = { column = \"x\", owner = \"keap\" }",
             "one owner",
         ),
     ] {

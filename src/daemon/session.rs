@@ -327,7 +327,7 @@ impl Session<'_> {
         let (timing, timeout) = (self.ctx.config.mirror.clone(), self.ctx.config.keap.request_timeout);
         let metrics = Arc::clone(&self.ctx.metrics);
         let table = (!self.ctx.table.inbound.is_empty()).then(|| self.ctx.table.clone());
-        let book = Arc::clone(&self.ctx.tag_book);
+        let (book, catalog) = (Arc::clone(&self.ctx.tag_book), Arc::clone(&self.ctx.catalog));
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
             let swept = match mirror::sweep(&db, &keap, &mapper, &timing).await {
@@ -347,7 +347,7 @@ impl Session<'_> {
             // What a sweep cut short did store is applied too: every stored row is due.
             match table {
                 Some(table) => {
-                    let tags = mirror::Tagging { book: &book, keap: &keap };
+                    let tags = mirror::Tagging { book: &book, catalog: &catalog, keap: &keap };
                     apply_inbound(&db, &table, tags).await.unwrap_or(swept)
                 }
                 None => swept,
@@ -373,7 +373,7 @@ impl Session<'_> {
             (self.ctx.keap.clone(), Arc::clone(&self.ctx.tokens), Arc::clone(&self.ctx.mapper));
         let timeout = self.ctx.config.keap.request_timeout;
         let table = self.ctx.table.clone();
-        let book = Arc::clone(&self.ctx.tag_book);
+        let (book, catalog) = (Arc::clone(&self.ctx.tag_book), Arc::clone(&self.ctx.catalog));
         self.tasks.spawn(async move {
             let keap = mirror::Keap { client: &client, tokens: &tokens, timeout, retries: mirror::RETRIES };
             let read = match mirror::read_hooked(&db, &keap, &mapper).await {
@@ -395,7 +395,8 @@ impl Session<'_> {
                 }
             };
             if read && !table.inbound.is_empty() {
-                if let Some(lost) = apply_inbound(&db, &table, mirror::Tagging { book: &book, keap: &keap }).await {
+                let tags = mirror::Tagging { book: &book, catalog: &catalog, keap: &keap };
+                if let Some(lost) = apply_inbound(&db, &table, tags).await {
                     return lost;
                 }
             }
@@ -650,7 +651,7 @@ async fn apply_inbound(db: &db::Db, table: &schema::UserTable, tags: mirror::Tag
         Err(InboundError::Db(e) | InboundError::Mirror(MirrorError::Db(e))) if e.is_connection_lost() => {
             Some(Outcome::DbLost(e))
         }
-        Err(e @ InboundError::Refused { .. }) => {
+        Err(e @ (InboundError::Refused { .. } | InboundError::UnknownCustomField { .. })) => {
             tracing::error!(error = %e, "Keap's data is not reaching the users table");
             None
         }

@@ -186,7 +186,7 @@ pub(crate) struct Mapper {
     over_opt_out: bool,
     /// The properties Keap owns (`owner = "keap"`): never sent, but listed into the mirror,
     /// whose values the inbound pass writes into their columns.
-    keap_owned: Vec<&'static str>,
+    keap_owned: Vec<FieldMapping>,
     /// The shared properties (`owner = "shared"`) by config key: who wins, and the column.
     shared: BTreeMap<String, (crate::config::Prefer, String)>,
 }
@@ -200,7 +200,7 @@ impl Mapper {
             on_create: users.contact.tags.on_create.clone(),
             create_missing: users.contact.tags.create_missing,
             over_opt_out: users.contact.consent_over_opt_out,
-            keap_owned: users.contact.keap_owned.iter().map(|f| f.field.property()).collect(),
+            keap_owned: users.contact.keap_owned.clone(),
             shared: users
                 .contact
                 .shared
@@ -216,22 +216,26 @@ impl Mapper {
     /// The `contact_map.sent` keys of the shared properties (`owner = "shared"`): their base is
     /// what both sides last agreed on, which `reconcile --apply` must keep when it clears the
     /// rest of the record (without it, the row's value would be sent over Keap's correction).
+    /// `reconcile` reads no contact model, so the base of a shared custom field is kept only
+    /// when the field is named by id (by name it is cleared like the rest, as before).
     pub(crate) fn shared_path_keys(&self) -> Vec<String> {
         let shared = self.fields.iter().filter(|f| self.shared.contains_key(&f.key));
-        shared.filter_map(|f| path_of(&f.field)).map(|p| p.key()).collect()
+        shared.filter_map(|f| path(&f.field, None)).map(|p| p.key()).collect()
     }
 
-    /// Whether any custom field is mapped (then Keap's model must be known, and contact reads
-    /// ask for `custom_fields`).
+    /// Whether any custom field is mapped, sent or Keap's (then Keap's model must be known,
+    /// and contact reads ask for `custom_fields`).
     pub(crate) fn needs_model(&self) -> bool {
-        self.fields.iter().any(|f| matches!(f.field, Field::Custom(_)))
+        self.fields.iter().chain(&self.keap_owned).any(|f| matches!(f.field, Field::Custom(_)))
     }
 
-    /// The configured custom fields Keap's model lacks, as a message for the operator.
+    /// The configured custom fields (sent or Keap's) Keap's model lacks, as a message for the
+    /// operator naming each by its config key.
     pub(crate) fn check_model(&self, model: &CustomModel) -> Result<(), String> {
         let missing: Vec<String> = self
             .fields
             .iter()
+            .chain(&self.keap_owned)
             .filter_map(|f| match &f.field {
                 Field::Custom(r) if model.resolve(r).is_none() => Some(match r {
                     CustomFieldRef::Id(id) => format!("{} (id {id})", f.key),
@@ -254,8 +258,8 @@ impl Mapper {
     /// Every contact property the mapping reads or writes (v1 names), once each: those it
     /// sends and those Keap owns, which the mirror's listing must ask for too.
     pub(crate) fn properties(&self) -> Vec<&'static str> {
-        let sent = self.fields.iter().map(|f| f.field.property());
-        let mut props: Vec<&'static str> = sent.chain(self.keap_owned.iter().copied()).collect();
+        let sent = self.fields.iter().chain(&self.keap_owned).map(|f| f.field.property());
+        let mut props: Vec<&'static str> = sent.collect();
         props.sort_unstable();
         props.dedup();
         props
@@ -400,56 +404,46 @@ impl Mapper {
 /// Where field `f`'s value goes on the contact; a custom field Keap's `model` lacks is a
 /// [`MappingError`].
 fn field_path(f: &FieldMapping, key: &str, model: Option<&CustomModel>) -> Result<Path, MappingError> {
-    let what = f.source.describe(&f.key);
-    let path = match &f.field {
-        Field::Scalar(s) => Path::Scalar(s.name),
-        Field::Email(n) => Path::Email(*n),
-        Field::Phone(n, p) => Path::Phone(*n, *p),
-        Field::Address(a, p) => Path::Address(a, *p),
-        Field::Custom(r) => match model.and_then(|m| m.resolve(r)) {
-            Some((id, _)) => Path::Custom(id),
-            None => {
-                return Err(MappingError::UnknownCustomField {
-                    key: key.to_owned(),
-                    what,
-                    field: match r {
-                        CustomFieldRef::Id(id) => id.to_string(),
-                        CustomFieldRef::Name(n) => format!("{n:?}"),
-                    },
-                })
-            }
-        },
+    // A payload's custom field needs the model even when named by id: its type says how its
+    // value is sent.
+    let placed = match (&f.field, model) {
+        (Field::Custom(_), None) => None,
+        (field, model) => path(field, model),
     };
-    Ok(path)
+    placed.ok_or_else(|| MappingError::UnknownCustomField {
+        key: key.to_owned(),
+        what: f.source.describe(&f.key),
+        field: match &f.field {
+            Field::Custom(CustomFieldRef::Id(id)) => id.to_string(),
+            Field::Custom(CustomFieldRef::Name(n)) => format!("{n:?}"),
+            other => format!("{other:?}"),
+        },
+    })
 }
 
-/// The value Keap holds for a Keap-owned `field` (`owner = "keap"`) on `contact` (v1 shape, as
-/// the mirror keeps it), as text for its column: `None` when Keap holds none, or an empty or
-/// blank one. An empty value in Keap therefore writes nothing: a column is never blanked from
-/// Keap's side (design invariant 21). A custom field (which needs Keap's model) has none.
-pub(crate) fn keap_value(contact: &Value, field: &Field) -> Option<String> {
-    let path = path_of(field)?;
-    match held::value_at(contact, &path) {
+/// The value Keap holds at `path` (a Keap-owned property's, `owner = "keap"`) on `contact` (v1
+/// shape, as the mirror keeps it), as text for its column: `None` when Keap holds none, or an
+/// empty or blank one. An empty value in Keap therefore writes nothing: a column is never
+/// blanked from Keap's side (design invariant 21).
+pub(crate) fn keap_value(contact: &Value, path: &Path) -> Option<String> {
+    match held::value_at(contact, path) {
         Value::String(s) if !s.trim().is_empty() => Some(s),
         Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
 }
 
-/// How history names `field` (its `contact_map.sent` path, `phone_numbers.PHONE1.number`);
-/// `None` for a custom field, whose id needs Keap's model.
-pub(crate) fn property_key(field: &Field) -> Option<String> {
-    path_of(field).map(|p| p.key())
-}
-
-/// The path of a property that needs no contact model (not a custom field).
-fn path_of(field: &Field) -> Option<Path> {
+/// Where `field` is on a contact. A custom field named by id needs no model; one named by name
+/// is looked up in Keap's `model`: `None` without it, or when the model has no such field.
+pub(crate) fn path(field: &Field, model: Option<&CustomModel>) -> Option<Path> {
     Some(match field {
         Field::Scalar(s) => Path::Scalar(s.name),
         Field::Email(n) => Path::Email(*n),
         Field::Phone(n, p) => Path::Phone(*n, *p),
         Field::Address(a, p) => Path::Address(a, *p),
-        Field::Custom(_) => return None,
+        Field::Custom(CustomFieldRef::Id(id)) if model.is_none() => Path::Custom(*id),
+        Field::Custom(r) => Path::Custom(model?.resolve(r)?.0),
     })
 }
 

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use super::held::{hash, value_at, Changes, Held};
 use super::{ContactPayload, Path};
-use crate::config::{Field, Prefer};
+use crate::config::Prefer;
 
 /// A shared property's place in a payload: the side that wins, and the row's text as read (what
 /// delivery expects the column still to hold when it writes Keap's value into it).
@@ -137,12 +137,13 @@ impl ContactPayload {
     }
 }
 
-/// Whether `contact` (the mirror's copy) shows any of the shared `fields` changed in Keap
-/// since the base `sent` (a `contact_map.sent` record): the inbound pass then has delivery
-/// read the contact and settle them.
-pub(crate) fn moved_in_keap(fields: &[Field], sent: &Value, contact: &Value) -> bool {
+/// Whether `contact` (the mirror's copy) shows any of the shared properties at `paths` (custom
+/// fields placed through Keap's model, `super::path`) changed in Keap since the base `sent` (a
+/// `contact_map.sent` record): the inbound pass then has delivery read the contact and settle
+/// them. An email address compares without case, as everywhere ([`hash`]).
+pub(crate) fn moved_in_keap(paths: &[Path], sent: &Value, contact: &Value) -> bool {
     let base = Held::from_sent(sent);
-    fields.iter().filter_map(super::path_of).any(|p| moved(&base, contact, &p).is_some())
+    paths.iter().any(|p| moved(&base, contact, p).is_some())
 }
 
 /// Keap's value at `path` when it differs from the base; `None` when it does not, or when

@@ -158,3 +158,48 @@ fn tags_follow_their_rules() {
     let p = payload(&m, &[Some("a@x.io"), None, None, None, Some("false")]);
     assert!(p.tags.is_empty());
 }
+
+#[test]
+fn a_shared_email_compares_without_case_and_a_shared_custom_field_is_placed_by_its_id() {
+    let m = mapper(
+        "[contact.email_addresses]\nEMAIL2 = { column = \"e2\", owner = \"shared\", prefer = \"keap\" }\n\
+         [[contact.custom_fields]]\nname = \"Plan\"\nvalue = { column = \"plan\", owner = \"shared\", prefer = \"app\" }\n",
+    );
+    let agreed = payload(&m, &[Some("a@x.io"), Some("A"), Some("B"), Some("Ada@Work.io"), Some("Basic")]);
+    let sent = agreed.sent(&RuleTags::default());
+    let base = Held::from_sent(&sent);
+    let keap = |e2: &str, plan: &str| {
+        json!({"email_addresses": [{"field": "EMAIL1", "email": "a@x.io"}, {"field": "EMAIL2", "email": e2}],
+               "custom_fields": [{"id": 12, "content": plan}]})
+    };
+    let plan = path(&Field::Custom(CustomFieldRef::Name("Plan".into())), Some(&model()));
+    assert_eq!(plan, Some(Path::Custom(12)), "a name is placed through Keap's model");
+    assert_eq!(path(&Field::Custom(CustomFieldRef::Name("Tier".into())), Some(&model())), None);
+    let shared = [Path::Email(2), Path::Custom(12)];
+    // Keap holding EMAIL2 in other letters has not moved; the row in other letters sends nothing.
+    assert!(!moved_in_keap(&shared, &sent, &keap("ada@WORK.io", "Basic")));
+    assert!(!agreed.keap_moved(&base, &keap("ada@WORK.io", "Basic")));
+    let recased = payload(&m, &[Some("a@x.io"), Some("A"), Some("B"), Some("ADA@work.io"), Some("Basic")]);
+    assert!(!recased.changes(&base).any());
+    // The custom field changed in Keap: the inbound pass and delivery both see it.
+    assert!(moved_in_keap(&shared, &sent, &keap("Ada@Work.io", "Pro")));
+    assert!(!moved_in_keap(&shared[..1], &sent, &keap("Ada@Work.io", "Pro")));
+    assert!(agreed.keap_moved(&base, &keap("Ada@Work.io", "Pro")));
+    assert_eq!(keap_value(&keap("x@y.io", "Pro"), &Path::Custom(12)).as_deref(), Some("Pro"));
+    assert_eq!(keap_value(&keap("x@y.io", " "), &Path::Custom(12)), None, "a blank value is none");
+    // Both changed EMAIL2 to the same address but for case: no conflict, nothing taken or sent.
+    let both = payload(&m, &[Some("a@x.io"), Some("A"), Some("B"), Some("new@X.io"), Some("Basic")]);
+    let mut changes = both.changes(&base);
+    let settled = both.settle_shared(&base, &keap("NEW@x.io", "Basic"), &mut changes);
+    assert!(!settled.any() && !changes.any(), "{settled:?} {changes:?}");
+    // Both changed the custom field differently: prefer = "app" sends the row's, one conflict.
+    let pro = payload(&m, &[Some("a@x.io"), Some("A"), Some("B"), Some("Ada@Work.io"), Some("Pro")]);
+    let mut changes = pro.changes(&base);
+    let settled = pro.settle_shared(&base, &keap("Ada@Work.io", "Max"), &mut changes);
+    assert_eq!(changes.paths(), ["custom_fields.12"]);
+    assert_eq!(settled.conflicts.len(), 1);
+    assert_eq!(
+        (settled.conflicts[0].app.as_deref(), settled.conflicts[0].keap.as_deref()),
+        (Some("Pro"), Some("Max"))
+    );
+}

@@ -7,8 +7,8 @@
 //! (`sql/0025_inbound_history.sql`), a value recorded only when it differs from the last one
 //! recorded for that contact and property, so overlapping sweeps and repeated reads add
 //! nothing. A property Keap holds no value for is recorded as JSON `null` only once something
-//! was recorded for it (a clearing), never on first sight. Custom fields are left out (their
-//! ids need Keap's model). Kept only while two-way sync is on (`[inbound]` or a Keap-owned or
+//! was recorded for it (a clearing), never on first sight. Custom fields named by name are left
+//! out (their ids need Keap's model); those named by id are kept. Kept only while two-way sync is on (`[inbound]` or a Keap-owned or
 //! shared property): the pass does not run otherwise.
 
 use serde_json::{json, Value};
@@ -16,13 +16,12 @@ use tokio_postgres::{Client, Row};
 
 use crate::config::Field;
 use crate::db::DbError;
-use crate::mapping::{email1_status, keap_value, property_key};
+use crate::mapping::{email1_status, keap_value, path};
 
 /// Records what `due` (rows of the inbound pass: contact id, read time, user key, contact)
 /// shows of `observed` for its linked contacts; answers how many values were recorded.
 pub(super) async fn observe(db: &Client, observed: &[Field], due: &[Row]) -> Result<u64, DbError> {
-    let names: Vec<(String, &Field)> =
-        observed.iter().filter_map(|f| property_key(f).map(|k| (k, f))).collect();
+    let paths: Vec<_> = observed.iter().filter_map(|f| path(f, None)).collect();
     let mut values = Vec::new();
     for row in due {
         let Some(user_key) = row.get::<_, Option<String>>(2) else { continue };
@@ -32,8 +31,8 @@ pub(super) async fn observe(db: &Client, observed: &[Field], due: &[Row]) -> Res
                 json!({"contact_id": contact_id, "user_key": user_key, "property": property, "value": value}),
             );
         };
-        for (name, field) in &names {
-            seen(name, json!(keap_value(&contact, field)));
+        for p in &paths {
+            seen(&p.key(), json!(keap_value(&contact, p)));
         }
         seen("email1_status", json!(email1_status(&contact)));
         seen("tag_ids", sorted_ids(&contact));

@@ -14,6 +14,13 @@
 //! Keap-owned property an empty value in Keap (absent, `null`, `""` or blank) is no value
 //! either: it writes nothing, so clearing a phone in Keap leaves the column as it was.
 //!
+//! A Keap-owned or shared custom field is placed on the contact by its id in Keap's contact
+//! model (`GET /v1/contacts/model`, read once per process through the daemon's
+//! [`Catalog`], as deliveries read it): a field named by name that the model lacks is an error
+//! naming its config key ([`InboundError::UnknownCustomField`]), and the rows stay due, so
+//! nothing is skipped silently. The daemon refuses to start with such a field when it can ask
+//! Keap at start-up; this catches the start that could not.
+//!
 //! `[inbound] tags`: the sorted names of the contact's tags of one category, `{}` when it has
 //! none (Keap's word that none is applied, so it is written); a copy with no tag ids at all
 //! writes nothing. Names come from Keap's tag list (`super::tag_book`, read when an id is
@@ -32,9 +39,11 @@ use tokio_postgres::{Client, Row};
 
 use super::tag_book::{self, Names, TagBook};
 use super::{Keap, MirrorError};
-use crate::config::{Field, InboundData, TagCategory};
+use crate::catalog::Catalog;
+use crate::config::{CustomFieldRef, Field, InboundData, TagCategory};
 use crate::db::DbError;
-use crate::mapping::{email1_opted_out, keap_value, moved_in_keap};
+use crate::keap::KeapError;
+use crate::mapping::{email1_opted_out, keap_value, moved_in_keap, path, CustomModel, Path};
 use crate::schema::{InboundColumn, UserTable};
 
 /// Mirror rows applied per statement.
@@ -74,6 +83,18 @@ pub(crate) enum InboundError {
     /// Keap's tag list could not be read for want of a credential.
     #[error(transparent)]
     Mirror(#[from] MirrorError),
+    /// Keap's contact model could not be read, to place a custom field on the contact.
+    #[error(
+        "cannot read Keap's contact model (GET /v1/contacts/model) to place the mapped custom fields: {0}"
+    )]
+    Model(KeapError),
+    /// A Keap-owned or shared custom field Keap's contact model does not have.
+    #[error(
+        "{key}: Keap's contact model has no custom field {field}, so Keap's values of it cannot \
+         be written into column {column}; create the field in Keap (then restart the daemon: the \
+         model is read once) or fix the mapping (names match a field's label or field_name exactly)"
+    )]
+    UnknownCustomField { key: String, field: String, column: String },
     /// The daemon's role may not update (or read) an inbound column.
     #[error(
         "cannot write Keap's data into {table} ({columns}): {reason}; as the table's owner, run \
@@ -82,37 +103,36 @@ pub(crate) enum InboundError {
     Refused { table: String, columns: String, reason: String, grant: String },
 }
 
-/// Where `[inbound] tags` finds tag names: the daemon's catalogue, read through its client.
+/// Where the inbound pass finds what Keap names by id: tag names for `[inbound] tags` (the tag
+/// book) and custom fields (Keap's contact model, in the catalog), read through the client.
 #[derive(Clone, Copy)]
 pub(crate) struct Tagging<'a> {
     pub(crate) book: &'a TagBook,
+    pub(crate) catalog: &'a Catalog,
     pub(crate) keap: &'a Keap<'a>,
 }
 
 /// Applies every due mirror row to the inbound columns of `table` that the mirror feeds (not
 /// the stamp of a contact found gone, `super::gone`); nothing when there are none. `tags`
-/// resolves tag names for an `[inbound] tags` column (without it, such a column waits).
+/// resolves tag names for an `[inbound] tags` column (without it, such a column waits) and
+/// custom fields (without it, a Keap-owned or shared custom field is an error).
 pub(crate) async fn apply(
     db: &Client,
     table: &UserTable,
     tags: Option<Tagging<'_>>,
 ) -> Result<Applied, InboundError> {
     let mut applied = Applied::default();
-    let shared: Vec<Field> = table
-        .inbound
-        .iter()
-        .filter_map(|c| match &c.data {
-            InboundData::Shared { field, .. } => Some(field.clone()),
-            _ => None,
-        })
-        .collect();
-    let observed = table.observed.clone();
-    let written = |c: &&InboundColumn| c.data.from_mirror() && !matches!(c.data, InboundData::Shared { .. });
-    let from_mirror = table.inbound.iter().filter(written).cloned().collect();
-    let table = &UserTable { inbound: from_mirror, ..table.clone() };
-    if table.inbound.is_empty() && shared.is_empty() {
+    let fed: Vec<InboundColumn> = table.inbound.iter().filter(|c| c.data.from_mirror()).cloned().collect();
+    if fed.is_empty() {
         return Ok(applied);
     }
+    let places = places(&fed, model(db, &fed, tags).await?)?;
+    let is_shared = |c: &InboundColumn| matches!(c.data, InboundData::Shared { .. });
+    let shared: Vec<Path> =
+        fed.iter().zip(&places).filter(|(c, _)| is_shared(c)).filter_map(|(_, p)| p.clone()).collect();
+    let (written, places): (Vec<InboundColumn>, Vec<Option<Path>>) =
+        fed.into_iter().zip(places).filter(|(c, _)| !is_shared(c)).unzip();
+    let table = &UserTable { inbound: written, ..table.clone() };
     let sql = if table.inbound.is_empty() { CLEAR.to_owned() } else { statement(table) };
     let category = table.inbound.iter().find_map(|c| match &c.data {
         InboundData::Tags(category) => Some(category),
@@ -123,9 +143,9 @@ pub(crate) async fn apply(
         let due = db.query(DUE, &[&BATCH, &after]).await.map_err(DbError::from)?;
         after = due.last().map_or(after, |r| r.get(0));
         applied.settle += settle_shared(db, &shared, &due).await?;
-        applied.observed += super::history::observe(db, &observed, &due).await?;
+        applied.observed += super::history::observe(db, &table.observed, &due).await?;
         let names = tag_names(db, tags, category, &due).await?;
-        let batch: Vec<Value> = due.iter().map(|r| values(&table.inbound, r, &names)).collect();
+        let batch: Vec<Value> = due.iter().map(|r| values(&table.inbound, &places, r, &names)).collect();
         let done = match db.query_one(&sql, &[&Value::Array(batch)]).await {
             Ok(done) => done,
             Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
@@ -142,6 +162,55 @@ pub(crate) async fn apply(
         }
     }
     Ok(applied)
+}
+
+/// Keap's contact model, when a Keap-owned or shared custom field is among `columns` (read once
+/// per process, `Catalog::model`); `None` when none is.
+async fn model<'a>(
+    db: &Client,
+    columns: &[InboundColumn],
+    tags: Option<Tagging<'a>>,
+) -> Result<Option<&'a CustomModel>, InboundError> {
+    let custom = columns.iter().any(|c| {
+        matches!(
+            &c.data,
+            InboundData::Owned { field: Field::Custom(_), .. }
+                | InboundData::Shared { field: Field::Custom(_), .. }
+        )
+    });
+    let Some(tags) = tags.filter(|_| custom) else { return Ok(None) };
+    if let Some(model) = tags.catalog.model_if_known() {
+        return Ok(Some(model));
+    }
+    let auth = tags.keap.tokens.auth(db).await.map_err(MirrorError::Token)?;
+    let deadline = tokio::time::Instant::now() + tags.keap.timeout * 2;
+    let model = tags.catalog.model(tags.keap.client, &auth, deadline).await.map_err(InboundError::Model)?;
+    Ok(Some(model))
+}
+
+/// Where each of `columns`' properties is on a contact (`None` for the columns of `[inbound]`):
+/// a custom field through Keap's `model`, which must have it.
+fn places(columns: &[InboundColumn], model: Option<&CustomModel>) -> Result<Vec<Option<Path>>, InboundError> {
+    columns
+        .iter()
+        .map(|c| match &c.data {
+            InboundData::Owned { key, field } | InboundData::Shared { key, field, .. } => {
+                let placed = match field {
+                    Field::Custom(_) if model.is_none() => None,
+                    field => path(field, model),
+                };
+                let field = match field {
+                    Field::Custom(CustomFieldRef::Name(n)) => format!("named {n:?}"),
+                    Field::Custom(CustomFieldRef::Id(id)) => format!("with id {id}"),
+                    other => format!("{other:?}"),
+                };
+                let unknown =
+                    || InboundError::UnknownCustomField { key: key.clone(), field, column: c.name.clone() };
+                placed.map(Some).ok_or_else(unknown)
+            }
+            _ => Ok(None),
+        })
+        .collect()
 }
 
 /// The names of the category's tags among the due contacts' tag ids (none without an
@@ -172,7 +241,7 @@ const CLEAR: &str = "with v as (
 /// changed in Keap since both sides last agreed: delivery reads the contact (the mirror's
 /// word decides nothing alone, invariant 20), writes Keap's value into the column or settles
 /// a conflict by `prefer` (`deliver::take`). Answers how many were queued.
-async fn settle_shared(db: &Client, shared: &[Field], due: &[Row]) -> Result<u64, DbError> {
+async fn settle_shared(db: &Client, shared: &[Path], due: &[Row]) -> Result<u64, DbError> {
     if shared.is_empty() {
         return Ok(0);
     }
@@ -192,9 +261,9 @@ async fn settle_shared(db: &Client, shared: &[Field], due: &[Row]) -> Result<u64
 }
 
 /// One due row as the statement reads it: `c0`, `c1`… the values of the inbound columns in
-/// order, `null` where Keap said nothing; `hold` when it must stay due (a tag whose name is
-/// not known yet).
-fn values(columns: &[InboundColumn], row: &Row, names: &Names) -> Value {
+/// order (a Keap-owned property's at its place in `places`), `null` where Keap said nothing;
+/// `hold` when it must stay due (a tag whose name is not known yet).
+fn values(columns: &[InboundColumn], places: &[Option<Path>], row: &Row, names: &Names) -> Value {
     let contact: Value = row.get(3);
     let mut v = json!({"contact_id": row.get::<_, i64>(0), "read_at": row.get::<_, String>(1),
                        "user_key": row.get::<_, Option<String>>(2), "hold": false});
@@ -207,7 +276,7 @@ fn values(columns: &[InboundColumn], row: &Row, names: &Names) -> Value {
             }
             InboundData::EmailOptOut => json!(email1_opted_out(&contact)),
             InboundData::ContactGone => Value::Null,
-            InboundData::Owned { field, .. } => json!(keap_value(&contact, field)),
+            InboundData::Owned { .. } => json!(places[i].as_ref().and_then(|p| keap_value(&contact, p))),
             InboundData::Shared { .. } => Value::Null,
         };
     }

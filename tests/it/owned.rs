@@ -190,3 +190,188 @@ async fn owner_keap_on_an_sql_expression_a_fixed_length_or_an_outbound_read_colu
     let err = keap_sync::migrate(&mut db, &read.unwrap().users).await.unwrap_err().to_string();
     assert!(err.contains("contact.job_title") && err.contains("one owner"), "{err}");
 }
+
+const SLOTS_DDL: &str = "create table public.users (
+    id          bigserial primary key,
+    email       text,
+    first_name  text,
+    last_name   text,
+    middle      text,
+    work_email  text,
+    plan        text
+)";
+
+/// EMAIL2 and the custom field "Plan" (named by name) are Keap's, the middle name the app's.
+const SLOTS_TOML: &str = "[mirror]\nsweep_secs = 1\nlag_secs = 0\noverlap_secs = 1\n\
+                          [contact]\nmiddle_name = \"middle\"\n\
+                          [contact.email_addresses]\nEMAIL2 = { column = \"work_email\", owner = \"keap\" }\n\
+                          [[contact.custom_fields]]\nname = \"Plan\"\nvalue = { column = \"plan\", owner = \"keap\" }\n";
+
+/// The app with Keap-owned EMAIL2 and custom field, Keap's model having "Plan"; its id.
+async fn slots_app() -> (TestApp, i64) {
+    let mut app = spawn_app_with(Options {
+        users_ddl: SLOTS_DDL,
+        toml: SLOTS_TOML,
+        start_daemon: false,
+        ..Options::default()
+    })
+    .await;
+    let plan = app.fake.add_custom_field("Plan", "Text");
+    app.start_daemon().await;
+    (app, plan)
+}
+
+/// Inserts Ada with the app's own EMAIL2 and plan, waits until her contact exists and the
+/// mirror has her; her contact's id and the number of requests so far.
+async fn ada_with_slots(app: &TestApp) -> (i64, usize) {
+    app.exec(
+        "insert into users (id, email, first_name, middle, work_email, plan)
+         values (1, 'ada@example.com', 'Ada', 'M', 'ada@app.example', 'Basic')",
+    )
+    .await;
+    wait_settled(app).await;
+    crate::wait_mirrored(app, "1").await;
+    let id = app.fake.contacts_with_email("ada@example.com")[0].id;
+    (id, app.fake.requests().len())
+}
+
+async fn column(app: &TestApp, name: &str) -> Option<String> {
+    let sql = format!("select {name} from users where id = 1");
+    app.db.query_one(&sql, &[]).await.unwrap().get(0)
+}
+
+/// The last listing the daemon's sweep asked Keap for, once there is one.
+async fn a_listing(app: &TestApp) -> String {
+    app::eventually(Duration::from_secs(10), "a sweep", || async {
+        app.fake.requests().iter().any(|r| r.path.contains("/v2/contacts"))
+    })
+    .await;
+    app.fake.requests().into_iter().rfind(|r| r.path.contains("/v2/contacts")).unwrap().query
+}
+
+/// The rows recorded in `keap_sync.inbound_event` for `column` with `value`, that changed the row.
+async fn events(app: &TestApp, column: &str, value: &str) -> i64 {
+    let value = json!(value).to_string().replace('\'', "''");
+    app.count(&format!(
+        "select count(*) from keap_sync.inbound_event
+          where user_key = '1' and column_name = '{column}' and value = '{value}' and changed"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keap_owned_email2_edited_in_keap_reaches_its_column_within_a_sweep_with_no_write_and_no_echo() {
+    let (app, _) = slots_app().await;
+    let (id, before) = ada_with_slots(&app).await;
+    assert!(a_listing(&app).await.contains("email_addresses"));
+    assert!(app.fake.edit_contact_json(id, |m| {
+        m.insert(
+            "email_addresses".into(),
+            json!([{"field": "EMAIL1", "email": "ada@example.com"}, {"field": "EMAIL2", "email": "Ada@Work.example"}]),
+        );
+    }));
+    app::eventually(Duration::from_secs(10), "Keap's EMAIL2 in users.work_email", || async {
+        column(&app, "work_email").await.as_deref() == Some("Ada@Work.example")
+    })
+    .await;
+    assert_eq!(nothing_outbound(&app).await, 0, "the inbound write was captured as a change to send");
+    assert_eq!(events(&app, "work_email", "Ada@Work.example").await, 1, "what came in is kept as history");
+    let writes = writes_since(&app, before);
+    assert!(writes.is_empty(), "no Keap write: {writes:?}");
+    assert_eq!(
+        (column(&app, "email").await, column(&app, "plan").await, column(&app, "middle").await),
+        (Some("ada@example.com".into()), Some("Basic".into()), Some("M".into())),
+        "no other column touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keap_owned_custom_field_named_by_name_reaches_its_column_within_a_sweep_with_no_write_and_no_echo()
+{
+    let (app, plan) = slots_app().await;
+    let (id, before) = ada_with_slots(&app).await;
+    let listing = a_listing(&app).await;
+    assert!(listing.contains("custom_fields"), "the listing asks for Keap's custom fields: {listing}");
+    assert!(app.fake.edit_contact_json(id, |m| {
+        m.insert("custom_fields".into(), json!([{"id": plan, "content": "Enterprise"}]));
+    }));
+    app::eventually(Duration::from_secs(10), "Keap's Plan in users.plan", || async {
+        column(&app, "plan").await.as_deref() == Some("Enterprise")
+    })
+    .await;
+    assert_eq!(nothing_outbound(&app).await, 0, "the inbound write was captured as a change to send");
+    assert_eq!(events(&app, "plan", "Enterprise").await, 1, "what came in is kept as history");
+    // Keap's field emptied: nothing is blanked.
+    assert!(app.fake.edit_contact_json(id, |m| {
+        m.insert("custom_fields".into(), json!([{"id": plan, "content": ""}]));
+    }));
+    let from = app.fake.requests().len();
+    app::eventually(Duration::from_secs(10), "two more sweeps", || async {
+        app.fake.requests().iter().skip(from).filter(|r| r.path.contains("/v2/contacts")).count() >= 2
+    })
+    .await;
+    assert_eq!(
+        column(&app, "plan").await.as_deref(),
+        Some("Enterprise"),
+        "an empty value in Keap writes nothing"
+    );
+    let writes = writes_since(&app, before);
+    assert!(writes.is_empty(), "no Keap write: {writes:?}");
+    assert_eq!(nothing_outbound(&app).await, 0);
+    assert_eq!(
+        column(&app, "work_email").await.as_deref(),
+        Some("ada@app.example"),
+        "no other column touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_changing_a_keap_owned_email2_or_custom_field_sends_nothing() {
+    let (app, _) = slots_app().await;
+    let (id, before) = ada_with_slots(&app).await;
+    let create = app.fake.requests().into_iter().find(|r| r.method == "PUT").expect("the create");
+    assert!(
+        !create.body.contains("ada@app.example") && !create.body.contains("custom_fields"),
+        "the create carries Keap's properties: {}",
+        create.body
+    );
+    app.db
+        .batch_execute("begin; update users set work_email = 'x@app.example', plan = 'Pro' where id = 1")
+        .await
+        .unwrap();
+    let captured = app.count("select count(*) from keap_sync.change").await;
+    app.db.batch_execute("commit").await.unwrap();
+    assert_eq!(captured, 0, "a change of a Keap-owned column is not watched");
+    app.exec("update users set middle = 'Q', work_email = 'y@app.example', plan = 'Max' where id = 1").await;
+    wait_settled(&app).await;
+    let writes = writes_since(&app, before);
+    assert_eq!(writes.len(), 1, "one call, for the middle name: {writes:?}");
+    assert!(writes[0].query.contains("update_mask=middle_name"), "{}", writes[0].query);
+    assert!(
+        !writes[0].query.contains("email_addresses") && !writes[0].query.contains("custom_fields"),
+        "{:?}",
+        writes[0]
+    );
+    assert!(!writes[0].body.contains("app.example") && !writes[0].body.contains("Max"), "{:?}", writes[0]);
+    let c = app.fake.contact_json(id).unwrap();
+    assert_eq!(c["middle_name"], json!("Q"));
+    let emails: Vec<&str> =
+        c["email_addresses"].as_array().unwrap().iter().filter_map(|e| e["email"].as_str()).collect();
+    assert_eq!(emails, ["ada@example.com"], "Keap's addresses untouched: {c}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keap_owned_custom_field_keaps_model_lacks_is_refused_at_start_up_naming_its_key() {
+    let app = spawn_app_with(Options {
+        users_ddl: SLOTS_DDL,
+        toml: SLOTS_TOML,
+        start_daemon: false,
+        ..Options::default()
+    })
+    .await;
+    let err = match keap_sync::Daemon::build(app.config(), keap_sync::RunOptions::default()).await {
+        Ok(_) => panic!("a daemon started with a Keap-owned custom field Keap does not have"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("contact.custom_fields[0]") && err.contains("Plan"), "{err}");
+}

@@ -104,9 +104,14 @@ fn calls_but_sweeps(app: &TestApp, from: usize) -> Vec<String> {
 
 /// Both sides converge on `want`, with exactly one conflict recorded, won by `winner`.
 async fn converged(app: &TestApp, id: i64, want: &str, winner: &str) {
+    converged_on(app, || keap_job(app, id), want, winner).await;
+}
+
+/// [`converged`], with Keap's side read by `keap`.
+async fn converged_on(app: &TestApp, keap: impl Fn() -> Option<String>, want: &str, winner: &str) {
     app::eventually(Duration::from_secs(20), "both sides hold the preferred value, one conflict", || async {
         job(app).await.as_deref() == Some(want)
-            && keap_job(app, id).as_deref() == Some(want)
+            && keap().as_deref() == Some(want)
             && !conflicts(app).await.is_empty()
     })
     .await;
@@ -245,5 +250,71 @@ async fn reconcile_apply_keeps_a_shared_propertys_base_and_takes_keaps_correctio
         writes.iter().all(|w| !w.query.contains("job_title") && !w.body.contains("job_title")),
         "the row's older title is not sent: {writes:?}"
     );
+    assert!(conflicts(&app).await.is_empty(), "one side changed: no conflict");
+}
+
+/// The job mapped to the custom field "Role" (named by name) instead of `job_title`, shared;
+/// the app and the id of the field in Keap's model.
+async fn shared_custom_app(prefer: &str) -> (TestApp, i64) {
+    let toml = format!(
+        "[mirror]\nsweep_secs = 1\nlag_secs = 0\noverlap_secs = 1\n\
+         [[contact.custom_fields]]\nname = \"Role\"\n\
+         value = {{ column = \"job\", owner = \"shared\", prefer = \"{prefer}\" }}\n"
+    );
+    let toml = Box::leak(toml.into_boxed_str());
+    let mut app =
+        spawn_app_with(Options { users_ddl: DDL, toml, start_daemon: false, ..Options::default() }).await;
+    let role = app.fake.add_custom_field("Role", "Text");
+    app.start_daemon().await;
+    (app, role)
+}
+
+/// The content of custom field `field` on contact `id` in Keap.
+fn keap_custom(app: &TestApp, id: i64, field: i64) -> Option<String> {
+    let contact = app.fake.contact_json(id)?;
+    let fields = contact.get("custom_fields")?.as_array()?.clone();
+    let item = fields.into_iter().find(|f| f.get("id") == Some(&json!(field)))?;
+    item.get("content")?.as_str().map(str::to_owned)
+}
+
+/// Sets custom field `field` in Keap as a person would in Keap's web app.
+fn edit_custom_in_keap(app: &TestApp, id: i64, field: i64, content: &str) {
+    assert!(app.fake.edit_contact_json(id, |m| {
+        m.insert("custom_fields".into(), json!([{"id": field, "content": content}]));
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_field_edited_on_both_sides_keap_wins_where_preferred_with_one_conflict_and_then_quiet() {
+    let (app, role) = shared_custom_app("keap").await;
+    let (id, before) = ada_inserted(&app).await;
+    assert_eq!(keap_custom(&app, id, role).as_deref(), Some("Engineer"), "the first sync sends it");
+    app.db.batch_execute("begin; update users set job = 'Manager' where id = 1").await.unwrap();
+    edit_custom_in_keap(&app, id, role, "Director");
+    app.db.batch_execute("commit").await.unwrap();
+    converged_on(&app, || keap_custom(&app, id, role), "Director", "keap").await;
+    let settled = app.fake.requests().len();
+    sweeps(&app, 5).await;
+    assert_eq!(calls_but_sweeps(&app, settled), Vec::<String>::new(), "quiet: only the sweeps call Keap");
+    assert_eq!(job(&app).await.as_deref(), Some("Director"));
+    assert_eq!(keap_custom(&app, id, role).as_deref(), Some("Director"));
+    assert_eq!(conflicts(&app).await.len(), 1, "no second conflict");
+    let writes = writes_since(&app, before);
+    assert!(writes.is_empty(), "Keap's value wins: nothing is written to Keap: {writes:?}");
+    assert_eq!(nothing_outbound(&app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_field_changed_in_keap_alone_reaches_its_column_with_no_conflict_and_no_echo() {
+    let (app, role) = shared_custom_app("app").await;
+    let (id, before) = ada_inserted(&app).await;
+    edit_custom_in_keap(&app, id, role, "Architect");
+    app::eventually(Duration::from_secs(20), "Keap's role in users.job", || async {
+        job(&app).await.as_deref() == Some("Architect")
+    })
+    .await;
+    sweeps(&app, 3).await;
+    assert!(writes_since(&app, before).is_empty(), "no Keap write: {:?}", writes_since(&app, before));
+    assert_eq!(nothing_outbound(&app).await, 0, "the inbound write was captured as a change to send");
     assert!(conflicts(&app).await.is_empty(), "one side changed: no conflict");
 }
