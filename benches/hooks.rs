@@ -12,7 +12,8 @@
 //! ```text
 //! cargo bench --bench hooks -- [--contacts N] [--rounds N] [--batch N]
 //! ```
-//! Defaults: `--contacts 5000 --rounds 3 --batch 1000`. Figures only, no pass/fail.
+//! Defaults: `--contacts 5000 --rounds 3 --batch 1000`. Figures only, no pass/fail. The users
+//! are first synced by the daemon (about 40 s for 5,000); much larger `--contacts` take minutes.
 
 #![allow(
     clippy::disallowed_methods,

@@ -60,10 +60,18 @@ pub(crate) struct Hooked {
 }
 
 /// Removes the queued contacts whose every change the mirror holds (see the module's docs).
-const SEEN: &str = "delete from keap_sync.hook_queue q using keap_sync.mirror m
-                     where m.contact_id = q.contact_id
-                       and (q.changed_at <= m.updated_at
-                            or (q.first_changed_at = q.changed_at and q.changed_at = m.written_at))";
+///
+/// Rows the receiver is queueing again right now are skipped, not waited for (`skip locked`,
+/// here and in [`store`]): the receiver locks its rows in id order and these statements in
+/// whatever order they meet them, so waiting could close a cycle that Postgres breaks only
+/// after `deadlock_timeout` (1 s), with a receiver answer held that long (seen in
+/// `cargo bench --bench hooks`). A skipped row was queued again: it is read next pass.
+const SEEN: &str = "delete from keap_sync.hook_queue where contact_id in (
+                        select q.contact_id from keap_sync.hook_queue q
+                          join keap_sync.mirror m on m.contact_id = q.contact_id
+                         where q.changed_at <= m.updated_at
+                            or (q.first_changed_at = q.changed_at and q.changed_at = m.written_at)
+                           for update of q skip locked)";
 
 /// Reads every queued contact into the mirror, oldest first.
 pub(crate) async fn read_queued(
@@ -105,9 +113,11 @@ async fn store(db: &Client, page: &Page, taken: Vec<Value>) -> Result<(), DbErro
     let missing = "array(select x.id from jsonb_to_recordset($2::jsonb) as x(id bigint)
                           where x.id not in (select (r->>'id')::bigint from jsonb_array_elements($1::jsonb) r))";
     let sql = format!(
-        "{}, {} delete from keap_sync.hook_queue q
-              using jsonb_to_recordset($2::jsonb) as x(id bigint, at timestamptz)
-             where q.contact_id = x.id and q.queued_at = x.at",
+        "{}, {} delete from keap_sync.hook_queue where contact_id in (
+             select q.contact_id from keap_sync.hook_queue q
+               join jsonb_to_recordset($2::jsonb) as x(id bigint, at timestamptz)
+                 on q.contact_id = x.id and q.queued_at = x.at
+                for update of q skip locked)",
         upsert_page(newer),
         super::gone::suspects(missing)
     );

@@ -401,18 +401,20 @@ async fn two_hundred_contacts_edited_three_times_converge_through_reordered_dupl
     let events = 3 * 200 + 200 / 3;
     assert!(attempts.len() >= events / 50, "delivered in batches: {}", attempts.len());
     assert!(sent > events, "some events were sent twice: {sent} ids for {events} events");
-    // Answer times: printed (`-- --nocapture`), and bounded so that a test beside fifteen others
-    // on two cores stays green: alone, every answer takes milliseconds (the issue's "under a
-    // second"); under the full suite's load one answer once took 1.04 s, a scheduling delay.
-    // Keap waits 30 s before it counts a try as failed.
+    // Answer times, printed (`-- --nocapture`). One answer once took 1.04 s under the full
+    // suite: the receiver's statement had waited out a deadlock with the daemon's removal of
+    // read rows, broken by Postgres after deadlock_timeout (the removals now skip locked rows).
     let mut times: Vec<Duration> = attempts.iter().map(|a| a.elapsed).collect();
     times.sort();
-    let (median, max) = (times[times.len() / 2], times[times.len() - 1]);
-    eprintln!("hook receiver: {} answers, median {median:?}, slowest {max:?}", times.len());
-    assert!(median < Duration::from_secs(1), "answers under a second: median {median:?}");
+    eprintln!(
+        "hook receiver: {} answers, median {:?}, slowest {:?}",
+        times.len(),
+        times[times.len() / 2],
+        times.last()
+    );
     for a in &attempts {
         assert_eq!(a.status, Some(200), "every receiver answer is 200: {a:?}");
-        assert!(a.elapsed < Duration::from_secs(5), "every answer well within Keap's 30 s: {a:?}");
+        assert!(a.elapsed < Duration::from_secs(1), "every answer under a second: {a:?}");
     }
 }
 
