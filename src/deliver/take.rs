@@ -15,7 +15,7 @@ use tokio_postgres::types::ToSql;
 use super::plan::Mapped;
 use super::Deliverer;
 use crate::db::{quote_ident, DbError};
-use crate::mapping::{ContactPayload, Settled};
+use crate::mapping::{value_text, ContactPayload, Settled};
 use crate::outbox::{self, Claim};
 
 impl Deliverer {
@@ -60,7 +60,7 @@ impl Deliverer {
             .collect();
         let conflicts = Value::Array(conflicts);
         let values: Vec<(Option<String>, Option<String>)> =
-            settled.taken.iter().map(|t| (text(&t.value), t.expected.clone())).collect();
+            settled.taken.iter().map(|t| (value_text(&t.value), t.expected.clone())).collect();
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&claim.user_key, &contact_id, &conflicts];
         for (value, expected) in &values {
             params.push(value);
@@ -121,14 +121,5 @@ impl Deliverer {
              )
              select (select count(*) from recorded), (select o from origin)"
         )
-    }
-}
-
-/// A value Keap holds as the text written into a column.
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
     }
 }

@@ -426,8 +426,14 @@ fn field_path(f: &FieldMapping, key: &str, model: Option<&CustomModel>) -> Resul
 /// empty or blank one. An empty value in Keap therefore writes nothing: a column is never
 /// blanked from Keap's side (design invariant 21).
 pub(crate) fn keap_value(contact: &Value, path: &Path) -> Option<String> {
-    match held::value_at(contact, path) {
-        Value::String(s) if !s.trim().is_empty() => Some(s),
+    value_text(&held::value_at(contact, path))
+}
+
+/// A value Keap holds as text for a column (or the conflict record): `None` when it is empty
+/// or blank, or not a string, number or boolean.
+pub(crate) fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
         _ => None,

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::held::{hash, value_at, Changes, Held};
-use super::{ContactPayload, Path};
+use super::{value_text, ContactPayload, Path};
 use crate::config::Prefer;
 
 /// A shared property's place in a payload: the side that wins, and the row's text as read (what
@@ -50,8 +50,7 @@ pub(crate) struct Conflict {
 /// What a delivery does with the shared properties beyond its calls.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Settled {
-    /// Keap's values to write into their columns: (path, column, the row's text expected
-    /// there, Keap's value).
+    /// Keap's values to write into their columns.
     pub(crate) taken: Vec<Taken>,
     pub(crate) conflicts: Vec<Conflict>,
 }
@@ -97,7 +96,7 @@ impl ContactPayload {
         for (path, shared) in &self.shared {
             let Some(keap) = moved(base, contact, path) else { continue };
             changes.0.remove(path);
-            let Some(text) = text_of(&keap) else { continue };
+            let Some(text) = value_text(&keap) else { continue };
             let ours = self.values.get(path);
             let app_moved = ours.is_some_and(|v| Some(&hash(path, v)) != base.hashes.get(&path.key()));
             let same = ours.is_some_and(|v| hash(path, v) == hash(path, &keap));
@@ -106,7 +105,7 @@ impl ContactPayload {
                     path: path.clone(),
                     column: shared.column.clone(),
                     winner: shared.prefer,
-                    app: ours.and_then(text_of),
+                    app: ours.and_then(value_text),
                     keap: Some(text),
                 });
                 if shared.prefer == Prefer::App {
@@ -152,16 +151,6 @@ fn moved(base: &Held, contact: &Value, path: &Path) -> Option<Value> {
     let was = base.hashes.get(&path.key())?;
     let keap = value_at(contact, path);
     (hash(path, &keap) != *was).then_some(keap)
-}
-
-/// A value as text for a column or the conflict record; `None` when empty or blank.
-fn text_of(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
 }
 
 /// The shared properties of a mapping, by path.
